@@ -1,0 +1,1 @@
+"""Self-contained tasks with a ground-truth reward (nothing downloaded at run time)."""
