@@ -1,0 +1,693 @@
+"""Preference and SFT data: read and validate JSONL, tokenize, truncate, pad, mask, batch.
+
+The DPO loss (eq. 7) needs, for every preference pair (x, y_w, y_l), the summed log-probability
+log pi(y|x) of each response given its prompt. This module turns files into the arrays that the
+training code feeds to ``sequence_logps(logits, input_ids, loss_mask)``:
+
+    row  = prompt tokens | response tokens | EOS | pad ... pad
+    mask =   False ...   |   True  ...     | True| False ... False
+
+where the token at position t+1 is scored by the logits at t, so ``loss_mask`` marks *label*
+positions and ``loss_mask[:, 0]`` is always False (the first token has no logits before it).
+
+Pitfalls handled here (DESIGN.md, "Pitfalls we refuse"):
+- BPE merging across the prompt/response join: prompt and responses are encoded SEPARATELY
+  and the id lists concatenated, so the response's tokens are the same whatever the prompt.
+- EOS masked out because pad == eos: the mask is built from positions, never from token values.
+- A response with zero unmasked tokens (loss frozen at log 2 = 0.693): such pairs, and pairs
+  whose chosen and rejected become identical after truncation, are dropped, counted and warned
+  about with their "file:line".
+- An empty prompt (nothing for the first response token to be predicted from): EOS is
+  prepended as a beginning-of-sequence token, as GPT-2 does for unconditional text.
+
+Data formats (one JSON object a line; blank lines skipped):
+
+    {"prompt": str, "chosen": str, "rejected": str}         the common convention
+    {"chosen": str, "rejected": str}                         Anthropic HH: full transcripts,
+        prompt = text up to and including the last "\\n\\nAssistant:" (must agree in both)
+    SFT: {"prompt": str, "response": str} or {"text": str}   (prompt "" for "text"),
+         or a .txt file with one document a line.
+
+Every bad line is reported as ``file:line: reason`` (:class:`DataError`); with
+``on_error="warn"`` bad lines are skipped with that message as a warning and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .backend import get_backend
+
+HH_ASSISTANT = "\n\nAssistant:"
+TRUNCATION_MODES = ("keep_end", "keep_start")
+_MAX_LISTED = 20  # dropped/bad sources named one by one in a summary warning
+
+
+# ============================================================================ errors
+
+
+class DataError(ValueError):
+    """A bad input line (or file). ``str(err)`` reads ``data.jsonl:17: missing key 'rejected'``.
+
+    Attributes:
+        file: the path as given by the caller.
+        line: 1-based line number, or None for a whole-file problem (e.g. no examples).
+        reason: what was wrong, without the location.
+    """
+
+    def __init__(self, file: str | os.PathLike, line: int | None, reason: str):
+        self.file = str(file)
+        self.line = line
+        self.reason = reason
+        where = self.file if line is None else f"{self.file}:{line}"
+        super().__init__(f"{where}: {reason}")
+
+
+class DataWarning(UserWarning):
+    """Category of the warnings this module emits (skipped lines, dropped pairs)."""
+
+
+class _Tokenizer(Protocol):  # what the tokenization functions need (BPETokenizer has it)
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+# ============================================================================ reading
+
+
+@dataclass
+class PreferenceExample:
+    """One preference pair: ``chosen`` (y_w) is preferred to ``rejected`` (y_l) given ``prompt`` (x).
+
+    ``chosen``/``rejected`` are the responses only (for HH data, the text after the prompt).
+    ``source`` is "file:line", carried along so every later warning can say where a pair came from.
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str
+
+
+class PreferenceData(list):
+    """The list of :class:`PreferenceExample` returned by :func:`read_preferences`, plus
+    ``skipped`` (number of bad lines left out with ``on_error="warn"``; 0 otherwise) and
+    ``errors`` (the :class:`DataError` of each of them)."""
+
+    def __init__(self, items=(), skipped: int = 0, errors: list[DataError] | None = None):
+        super().__init__(items)
+        self.skipped = skipped
+        self.errors = errors or []
+
+
+class SFTData(list):
+    """The list of (prompt, response) pairs from :func:`read_sft_corpus`, with ``skipped``,
+    ``errors`` (as :class:`PreferenceData`) and ``sources`` ("file:line" of each pair)."""
+
+    def __init__(self, items=(), skipped: int = 0, errors: list[DataError] | None = None, sources=None):
+        super().__init__(items)
+        self.skipped = skipped
+        self.errors = errors or []
+        self.sources = list(sources or [])
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "warn"):
+        raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
+
+
+def _iter_lines(path: Path, display: str):
+    """Yield (line_no, text or DataError) for every non-blank line; utf-8, a leading BOM ignored."""
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {display}")
+    if path.is_dir():
+        raise IsADirectoryError(f"expected a data file, got a directory: {display}")
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield i, DataError(display, i, f"not valid UTF-8 ({err.reason} at byte {err.start})")
+                continue
+            if i == 1 and text.startswith("\ufeff"):
+                text = text[1:]
+            if text.strip():
+                yield i, text
+
+
+def _parse_object(display: str, i: int, text: str) -> dict:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(display, i, f"invalid JSON: {err.msg} (column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(display, i, f"expected a JSON object, got {_json_type(obj)}")
+    return obj
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _get_str(obj: dict, key: str, display: str, i: int) -> str:
+    if key not in obj:
+        raise DataError(display, i, f"missing key {key!r}")
+    v = obj[key]
+    if not isinstance(v, str):
+        raise DataError(display, i, f"key {key!r} must be a string, got {_json_type(v)}")
+    return v
+
+
+def split_hh(transcript: str) -> tuple[str, str]:
+    """Anthropic-HH transcript -> (prompt, response), prompt ending with the last "\\n\\nAssistant:".
+
+    >>> split_hh("\\n\\nHuman: hi\\n\\nAssistant: hello")
+    ('\\n\\nHuman: hi\\n\\nAssistant:', ' hello')
+
+    Raises ValueError when the marker is absent.
+    """
+    k = transcript.rfind(HH_ASSISTANT)
+    if k < 0:
+        raise ValueError(f"no {HH_ASSISTANT!r} marker in the transcript")
+    cut = k + len(HH_ASSISTANT)
+    return transcript[:cut], transcript[cut:]
+
+
+def _preference_from_object(obj: dict, display: str, i: int) -> PreferenceExample:
+    source = f"{display}:{i}"
+    if "prompt" in obj:  # {"prompt", "chosen", "rejected"}
+        prompt = _get_str(obj, "prompt", display, i)
+        chosen = _get_str(obj, "chosen", display, i)
+        rejected = _get_str(obj, "rejected", display, i)
+    else:  # Anthropic HH: {"chosen", "rejected"} full transcripts
+        chosen_t = _get_str(obj, "chosen", display, i)
+        rejected_t = _get_str(obj, "rejected", display, i)
+        try:
+            prompt, chosen = split_hh(chosen_t)
+        except ValueError:
+            raise DataError(display, i, f"no 'prompt' key, and the 'chosen' transcript has no {HH_ASSISTANT!r} "
+                                        "marker (Anthropic-HH format)") from None
+        try:
+            prompt_r, rejected = split_hh(rejected_t)
+        except ValueError:
+            raise DataError(display, i, f"no 'prompt' key, and the 'rejected' transcript has no {HH_ASSISTANT!r} "
+                                        "marker (Anthropic-HH format)") from None
+        if prompt_r != prompt:
+            raise DataError(display, i, "the prompts of the 'chosen' and 'rejected' transcripts differ "
+                                        f"(text up to the last {HH_ASSISTANT!r})")
+    for key, resp in (("chosen", chosen), ("rejected", rejected)):
+        if not resp.strip():
+            raise DataError(display, i, f"the {key!r} response is empty")
+    if chosen == rejected:
+        raise DataError(display, i, "chosen and rejected responses are identical")
+    return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, source=source)
+
+
+def _read_records(path, on_error: str, parse_line, kind: str):
+    """Shared loop of the readers: parse every line, raise or warn on bad ones."""
+    _check_on_error(on_error)
+    display = str(path)
+    path = Path(path)
+    good, sources, errors = [], [], []
+    for i, text in _iter_lines(path, display):
+        try:
+            if isinstance(text, DataError):
+                raise text
+            item = parse_line(display, i, text)
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            errors.append(err)
+            warnings.warn(str(err), DataWarning, stacklevel=3)
+            continue
+        good.append(item)
+        sources.append(f"{display}:{i}")
+    if not good:
+        why = f"{len(errors)} bad line(s) skipped, none valid" if errors else "the file is empty"
+        raise DataError(display, None, f"no {kind} examples ({why})")
+    return good, sources, errors
+
+
+def read_preferences(path: str | os.PathLike, on_error: str = "raise") -> PreferenceData:
+    """Read and validate a preference JSONL file.
+
+    Each non-blank line is one JSON object, either ``{"prompt", "chosen", "rejected"}`` or the
+    Anthropic-HH ``{"chosen", "rejected"}`` transcripts (prompt = text up to and including the
+    last "\\n\\nAssistant:"; both transcripts must share it). Extra keys are ignored.
+
+    A line is bad when it is not UTF-8, not JSON, not an object, misses a key, has a non-string
+    value, has an empty (or whitespace-only) response, has chosen == rejected, or (HH) lacks the
+    marker or has differing prompts.
+
+    Args:
+        path: the .jsonl file.
+        on_error: "raise" -> the first bad line raises :class:`DataError` ("file:line: reason");
+            "warn" -> each bad line emits a :class:`DataWarning` with that message and is skipped.
+    Returns:
+        :class:`PreferenceData`, a list of :class:`PreferenceExample` in file order, with
+        ``.skipped`` (count of bad lines) and ``.errors``.
+    Raises:
+        DataError (line None) when no valid example is left, in either mode; FileNotFoundError.
+    """
+    good, _, errors = _read_records(
+        path, on_error, lambda d, i, t: _preference_from_object(_parse_object(d, i, t), d, i), "preference"
+    )
+    return PreferenceData(good, skipped=len(errors), errors=errors)
+
+
+def _sft_from_object(obj: dict, display: str, i: int) -> tuple[str, str]:
+    if "text" in obj and "response" not in obj:
+        prompt, response = "", _get_str(obj, "text", display, i)
+        key = "text"
+    elif "text" in obj:
+        raise DataError(display, i, "has both 'text' and 'response': use one shape per line")
+    elif "response" in obj or "prompt" in obj:
+        prompt = _get_str(obj, "prompt", display, i)
+        response = _get_str(obj, "response", display, i)
+        key = "response"
+    else:
+        raise DataError(display, i, "missing key 'text' (or 'prompt' and 'response')")
+    if not response.strip():
+        raise DataError(display, i, f"the {key!r} is empty")
+    return prompt, response
+
+
+def read_sft_corpus(path: str | os.PathLike, on_error: str = "raise") -> SFTData:
+    """Read a supervised fine-tuning corpus as (prompt, response) pairs.
+
+    Formats, chosen by extension:
+      - ``.txt``: ONE DOCUMENT A LINE (a document cannot contain a newline; blank lines are
+        skipped). Each gives ("", line without its line break); the text is trained on whole.
+      - anything else: JSONL, ``{"prompt": str, "response": str}`` or ``{"text": str}``
+        (prompt "" then). Bad lines as in :func:`read_preferences`.
+
+    Returns:
+        :class:`SFTData`: list of (prompt, response) with ``.skipped``, ``.errors``, ``.sources``.
+    """
+    if Path(path).suffix.lower() == ".txt":
+        parse = lambda d, i, t: ("", t.rstrip("\r\n"))  # noqa: E731 - blank lines never get here
+    else:
+        parse = lambda d, i, t: _sft_from_object(_parse_object(d, i, t), d, i)  # noqa: E731
+    good, sources, errors = _read_records(path, on_error, parse, "SFT")
+    return SFTData(good, skipped=len(errors), errors=errors, sources=sources)
+
+
+# ============================================================================ tokenization
+
+
+@dataclass
+class TokenizedPair:
+    """A tokenized preference pair, ready for :func:`collate_preferences`.
+
+    Attributes:
+        prompt_ids: x, >= 1 token (EOS as BOS when the prompt text is empty).
+        chosen_ids: y_w followed by EOS (the EOS is absent when truncation cut the end).
+        rejected_ids: y_l likewise.
+        source: "file:line" of the example.
+        prompt_truncated, chosen_truncated, rejected_truncated: whether truncation removed tokens.
+    """
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    source: str = ""
+    prompt_truncated: bool = False
+    chosen_truncated: bool = False
+    rejected_truncated: bool = False
+
+    @property
+    def chosen_length(self) -> int:
+        """Tokens in the prompt+chosen row."""
+        return len(self.prompt_ids) + len(self.chosen_ids)
+
+    @property
+    def rejected_length(self) -> int:
+        return len(self.prompt_ids) + len(self.rejected_ids)
+
+
+@dataclass
+class TokenizedSFT:
+    """A tokenized SFT item: ``prompt_ids`` (>= 1 token; EOS as BOS when the prompt is empty),
+    ``response_ids`` (the response, then EOS unless truncation cut it), ``source``, ``truncated``."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    source: str = ""
+    truncated: bool = False
+
+
+@dataclass
+class PreferenceStats:
+    """What :func:`build_preference_dataset` did.
+
+    n_examples: pairs in; n_kept: pairs out; n_dropped = dropped_empty + dropped_identical;
+    dropped_empty: a response encoded to zero tokens; dropped_identical: chosen and rejected
+    equal after truncation (DPO gradient exactly 0); prompts_truncated: kept pairs whose prompt
+    was cut; responses_truncated: kept pairs with at least one response cut; eos_cut: kept
+    responses (chosen and rejected counted separately) whose EOS was cut off;
+    dropped_sources: (source, reason) of each dropped pair.
+    """
+
+    n_examples: int = 0
+    n_kept: int = 0
+    dropped_empty: int = 0
+    dropped_identical: int = 0
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+    eos_cut: int = 0
+    dropped_sources: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def n_dropped(self) -> int:
+        return self.dropped_empty + self.dropped_identical
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "n_examples", "n_kept", "n_dropped", "dropped_empty", "dropped_identical",
+            "prompts_truncated", "responses_truncated", "eos_cut")}
+
+
+def _check_lengths(max_length: int, max_prompt_length: int, truncation_mode: str) -> None:
+    if not isinstance(max_length, (int, np.integer)) or max_length < 2:
+        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    if not isinstance(max_prompt_length, (int, np.integer)) or not 1 <= max_prompt_length < max_length:
+        raise ValueError(
+            f"max_prompt_length must be an int with 1 <= max_prompt_length < max_length={max_length} "
+            f"(a response needs at least one token), got {max_prompt_length!r}"
+        )
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+
+
+def _assemble_pair(prompt_ids, chosen_ids, rejected_ids, eos_id, max_length, max_prompt_length,
+                   truncation_mode, source) -> tuple[TokenizedPair | None, str]:
+    """Truncate separately-encoded ids (see tokenize_preference); returns (pair or None, reason)."""
+    if not chosen_ids or not rejected_ids:
+        which = "chosen" if not chosen_ids else "rejected"
+        return None, f"the {which} response has zero tokens"
+    prompt = list(prompt_ids) or [eos_id]  # EOS doubles as BOS: the first response token needs a context
+    chosen = list(chosen_ids) + [eos_id]
+    rejected = list(rejected_ids) + [eos_id]
+    n_c, n_r = len(chosen), len(rejected)
+
+    prompt_cut = False
+    longer = max(n_c, n_r)
+    if len(prompt) + longer > max_length and len(prompt) > max_prompt_length:
+        prompt = prompt[-max_prompt_length:] if truncation_mode == "keep_end" else prompt[:max_prompt_length]
+        prompt_cut = True
+    if len(prompt) + longer > max_length:
+        budget = max_length - len(prompt)  # >= max_length - max_prompt_length >= 1
+        chosen, rejected = chosen[:budget], rejected[:budget]
+    pair = TokenizedPair(prompt, chosen, rejected, source, prompt_cut, len(chosen) < n_c, len(rejected) < n_r)
+    if chosen == rejected:
+        return None, "chosen and rejected are identical after truncation"
+    return pair, ""
+
+
+def tokenize_preference(
+    example: PreferenceExample,
+    tokenizer: _Tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    truncation_mode: str = "keep_end",
+) -> TokenizedPair | None:
+    """Tokenize one pair and truncate it to ``max_length`` tokens per row, as the official DPO code.
+
+    1. prompt, chosen and rejected are encoded SEPARATELY; BPE never merges across the
+       prompt/response join, so ``prompt_ids + chosen_ids`` is exactly what is trained on.
+       An empty prompt becomes [EOS] (EOS as BOS). EOS is appended to each response.
+    2. If len(prompt) + len(longer response) > max_length, the prompt is cut to
+       ``max_prompt_length`` tokens: "keep_end" keeps its END (the turn right before the
+       response), "keep_start" its beginning.
+    3. If still too long, both responses are cut to ``max_length - len(prompt)`` tokens, keeping
+       their beginnings. The EOS is then cut too: a response stopped mid-way must not teach
+       the model to stop there, so a truncated response carries no end-of-sequence signal.
+
+    Returns None (the caller counts it) when a response encodes to zero tokens (before EOS),
+    or when chosen and rejected are identical after truncation (their DPO gradient, eq. 9, is 0).
+
+    Args:
+        example: the pair; its ``source`` is kept for reports.
+        tokenizer: anything with ``encode(str) -> list[int]`` and ``eos_id``.
+        max_length: the most tokens in a prompt+response row, >= 2.
+        max_prompt_length: the prompt's length after step 2, 1 <= max_prompt_length < max_length.
+        truncation_mode: "keep_end" or "keep_start".
+    """
+    _check_lengths(max_length, max_prompt_length, truncation_mode)
+    pair, _ = _assemble_pair(
+        tokenizer.encode(example.prompt), tokenizer.encode(example.chosen), tokenizer.encode(example.rejected),
+        tokenizer.eos_id, max_length, max_prompt_length, truncation_mode, example.source,
+    )
+    return pair
+
+
+def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+    if hasattr(tokenizer, "encode_batch"):
+        return tokenizer.encode_batch(texts)
+    return [tokenizer.encode(t) for t in texts]
+
+
+def _warn_dropped(what: str, dropped: list[tuple[str, str]], n_total: int) -> None:
+    if not dropped:
+        return
+    listed = "; ".join(f"{s}: {r}" for s, r in dropped[:_MAX_LISTED])
+    more = f"; ... and {len(dropped) - _MAX_LISTED} more" if len(dropped) > _MAX_LISTED else ""
+    warnings.warn(f"dropped {len(dropped)} of {n_total} {what}: {listed}{more}", DataWarning, stacklevel=3)
+
+
+def build_preference_dataset(
+    examples: list[PreferenceExample],
+    tokenizer: _Tokenizer,
+    max_length: int = 512,
+    max_prompt_length: int = 128,
+    truncation_mode: str = "keep_end",
+) -> tuple[list[TokenizedPair], PreferenceStats]:
+    """Tokenize every example as :func:`tokenize_preference` (batched encoding), drop and count
+    the unusable ones, and warn once (a :class:`DataWarning`) naming each dropped pair's source.
+
+    Returns:
+        (pairs in input order, :class:`PreferenceStats`).
+    Raises:
+        ValueError when ``examples`` is empty or every pair was dropped.
+    """
+    _check_lengths(max_length, max_prompt_length, truncation_mode)
+    examples = list(examples)
+    if not examples:
+        raise ValueError("build_preference_dataset: no examples given")
+    n = len(examples)
+    ids = _encode_many(tokenizer, [e.prompt for e in examples] + [e.chosen for e in examples]
+                       + [e.rejected for e in examples])
+    stats = PreferenceStats(n_examples=n)
+    pairs: list[TokenizedPair] = []
+    for k, ex in enumerate(examples):
+        pair, reason = _assemble_pair(ids[k], ids[n + k], ids[2 * n + k], tokenizer.eos_id,
+                                      max_length, max_prompt_length, truncation_mode, ex.source)
+        if pair is None:
+            if "identical" in reason:
+                stats.dropped_identical += 1
+            else:
+                stats.dropped_empty += 1
+            stats.dropped_sources.append((ex.source or f"example {k}", reason))
+            continue
+        pairs.append(pair)
+        stats.prompts_truncated += pair.prompt_truncated
+        stats.responses_truncated += pair.chosen_truncated or pair.rejected_truncated
+        # truncation keeps a response's beginning, so a cut response always lost its EOS
+        stats.eos_cut += pair.chosen_truncated + pair.rejected_truncated
+    stats.n_kept = len(pairs)
+    _warn_dropped("preference pairs", stats.dropped_sources, n)
+    if not pairs:
+        raise ValueError(f"all {n} preference pairs were dropped: {stats.dropped_sources[:_MAX_LISTED]}")
+    return pairs, stats
+
+
+def tokenize_sft(
+    prompt: str,
+    response: str,
+    tokenizer: _Tokenizer,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    source: str = "",
+) -> TokenizedSFT | None:
+    """Tokenize one SFT item: prompt and response encoded separately, EOS appended to the response.
+
+    An empty prompt (a {"text"} item or a .txt line) becomes [EOS] (EOS as BOS), so the text's
+    first token is a label. Truncation when len(prompt) + len(response) > max_length: the
+    prompt is cut to ``max_prompt_length`` (default max_length // 2) keeping its END, then the
+    response is cut to ``max_length - len(prompt)`` keeping its beginning (EOS cut then, as in
+    :func:`tokenize_preference`). Returns None when the response encodes to zero tokens.
+    """
+    if max_prompt_length is None:
+        max_prompt_length = max(1, max_length // 2) if isinstance(max_length, int) else max_length
+    _check_lengths(max_length, max_prompt_length, "keep_end")
+    return _assemble_sft(tokenizer.encode(prompt), tokenizer.encode(response), tokenizer.eos_id,
+                         max_length, max_prompt_length, source)
+
+
+def _assemble_sft(prompt_ids, response_ids, eos_id, max_length, max_prompt_length, source):
+    if not response_ids:
+        return None
+    prompt = list(prompt_ids) or [eos_id]
+    response = list(response_ids) + [eos_id]
+    n = len(response)
+    if len(prompt) + n > max_length and len(prompt) > max_prompt_length:
+        prompt = prompt[-max_prompt_length:]
+    cut = len(prompt) < max(1, len(prompt_ids))
+    if len(prompt) + n > max_length:
+        response = response[: max_length - len(prompt)]
+    return TokenizedSFT(prompt, response, source, cut or len(response) < n)
+
+
+def build_sft_dataset(
+    items: list[tuple[str, str]],
+    tokenizer: _Tokenizer,
+    max_length: int = 512,
+    max_prompt_length: int | None = None,
+    sources: list[str] | None = None,
+) -> tuple[list[TokenizedSFT], dict]:
+    """Tokenize (prompt, response) pairs (e.g. :func:`read_sft_corpus`'s) as :func:`tokenize_sft`.
+
+    ``sources`` defaults to ``items.sources`` when items is an :class:`SFTData`. Returns
+    (items kept, {"n_examples", "n_kept", "dropped_empty", "truncated"}); dropped items are
+    warned about with their source.
+    """
+    if max_prompt_length is None:
+        max_prompt_length = max(1, max_length // 2)
+    _check_lengths(max_length, max_prompt_length, "keep_end")
+    items = list(items) if not isinstance(items, SFTData) else items
+    if not items:
+        raise ValueError("build_sft_dataset: no items given")
+    if sources is None:
+        sources = getattr(items, "sources", None) or [f"item {k}" for k in range(len(items))]
+    n = len(items)
+    ids = _encode_many(tokenizer, [p for p, _ in items] + [r for _, r in items])
+    out, dropped, truncated = [], [], 0
+    for k in range(n):
+        t = _assemble_sft(ids[k], ids[n + k], tokenizer.eos_id, max_length, max_prompt_length, sources[k])
+        if t is None:
+            dropped.append((sources[k], "the response has zero tokens"))
+            continue
+        truncated += t.truncated
+        out.append(t)
+    _warn_dropped("SFT items", dropped, n)
+    if not out:
+        raise ValueError(f"all {n} SFT items were dropped")
+    return out, {"n_examples": n, "n_kept": len(out), "dropped_empty": len(dropped), "truncated": truncated}
+
+
+# ============================================================================ collation
+
+
+def _pad_rows(prefixes: list[list[int]], suffixes: list[list[int]], pad_id: int, pad_to_multiple: int):
+    """Rows prefix|suffix right-padded with pad_id; mask True exactly on suffix positions.
+
+    Built without a Python loop over positions: the rows' tokens are concatenated, and each
+    token's (row, column) comes from the row lengths.
+    Returns input_ids (R, T) int64, loss_mask (R, T) bool.
+    """
+    if not isinstance(pad_id, (int, np.integer)) or pad_id < 0:
+        raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
+    if not isinstance(pad_to_multiple, (int, np.integer)) or pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be a positive int, got {pad_to_multiple!r}")
+    p_len = np.array([len(p) for p in prefixes], dtype=np.int64)                  # (R,)
+    s_len = np.array([len(s) for s in suffixes], dtype=np.int64)                  # (R,)
+    if (p_len < 1).any():
+        raise ValueError("every row needs a non-empty prompt (loss_mask[:, 0] must be False)")
+    if (s_len < 1).any():
+        raise ValueError("every row needs at least one response token")
+    lengths = p_len + s_len                                                       # (R,)
+    R = len(prefixes)
+    T = int(lengths.max())
+    T = -(-T // pad_to_multiple) * pad_to_multiple
+    flat = np.fromiter((t for p, s in zip(prefixes, suffixes) for part in (p, s) for t in part),
+                       dtype=np.int64, count=int(lengths.sum()))                   # (sum L,)
+    rows = np.repeat(np.arange(R, dtype=np.int64), lengths)                       # (sum L,)
+    starts = np.cumsum(lengths) - lengths                                         # (R,)
+    cols = np.arange(flat.size, dtype=np.int64) - np.repeat(starts, lengths)      # (sum L,)
+    input_ids = np.full((R, T), pad_id, dtype=np.int64)                           # (R, T)
+    input_ids[rows, cols] = flat
+    loss_mask = np.zeros((R, T), dtype=bool)                                      # (R, T)
+    loss_mask[rows, cols] = cols >= np.repeat(p_len, lengths)                     # response + EOS
+    return input_ids, loss_mask
+
+
+def _to_backend(arrays: dict, backend) -> dict:
+    if backend is None:
+        return arrays
+    be = get_backend(backend)
+    return {k: be.asarray(v, dtype=v.dtype) for k, v in arrays.items()}
+
+
+def collate_preferences(pairs: list[TokenizedPair], pad_id: int, backend=None, pad_to_multiple: int = 1) -> dict:
+    """Stack N pairs into one policy batch of 2N rows: chosen first, then rejected.
+
+        rows 0 .. N-1   : prompt_i + chosen_i      (y_w)
+        rows N .. 2N-1  : prompt_i + rejected_i    (y_l)
+
+    Right-padded with ``pad_id``. ``loss_mask`` is True exactly on the response tokens including
+    the EOS, False on the prompt and on padding, built from positions (so pad_id == eos_id is
+    safe). The token at t+1 is scored by logits at t, hence ``loss_mask[:, 0]`` is False.
+
+    Args:
+        pairs: N >= 1 :class:`TokenizedPair`.
+        pad_id: padding token id (its value never affects the loss: padded positions are masked,
+            and causal attention keeps real tokens from seeing later pads).
+        backend: None -> NumPy arrays; else a Backend or device string, arrays go there.
+        pad_to_multiple: T is rounded up to a multiple of this (e.g. 8 or 64 for kernels); 1 = none.
+    Returns:
+        {"input_ids": (2N, T) int64, "loss_mask": (2N, T) bool}, T = the longest row (rounded).
+    """
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("collate_preferences: no pairs given")
+    prefixes = [p.prompt_ids for p in pairs] * 2
+    suffixes = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    input_ids, loss_mask = _pad_rows(prefixes, suffixes, pad_id, pad_to_multiple)  # (2N, T) each
+    return _to_backend({"input_ids": input_ids, "loss_mask": loss_mask}, backend)
+
+
+def collate_sft(items: list[TokenizedSFT], pad_id: int, backend=None, pad_to_multiple: int = 1) -> dict:
+    """Stack B SFT items: {"input_ids": (B, T) int64, "loss_mask": (B, T) bool}, mask True on the
+    response tokens + EOS (same convention as :func:`collate_preferences`)."""
+    items = list(items)
+    if not items:
+        raise ValueError("collate_sft: no items given")
+    input_ids, loss_mask = _pad_rows([t.prompt_ids for t in items], [t.response_ids for t in items],
+                                     pad_id, pad_to_multiple)                      # (B, T) each
+    return _to_backend({"input_ids": input_ids, "loss_mask": loss_mask}, backend)
+
+
+# ============================================================================ batching
+
+
+def batch_indices(n_items: int, batch_size: int, rng: np.random.Generator, shuffle: bool = True,
+                  drop_last: bool = False) -> list[np.ndarray]:
+    """One epoch of index batches over ``range(n_items)``.
+
+    With ``shuffle`` the order is ``rng.permutation(n_items)`` (deterministic given the rng's
+    state, which advances); without it the rng is not touched. The last batch is smaller when
+    batch_size does not divide n_items, or left out with ``drop_last`` (then n_items <
+    batch_size gives no batch at all).
+
+    Returns:
+        list of int64 arrays, each (batch_size,) except perhaps the last.
+    """
+    if not isinstance(n_items, (int, np.integer)) or n_items < 0:
+        raise ValueError(f"n_items must be a non-negative int, got {n_items!r}")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if shuffle and not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    order = rng.permutation(n_items).astype(np.int64) if shuffle else np.arange(n_items, dtype=np.int64)
+    n_batches = n_items // batch_size if drop_last else math.ceil(n_items / batch_size)
+    return [order[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
