@@ -1,0 +1,594 @@
+"""GPT-2: configuration, parameters keyed by GPT-2 checkpoint names, forward and backward.
+
+The model is the composition of the layers in layers.py; its backward calls their backwards in
+exact reverse order. Parameters are one flat dict keyed by the names of a GPT-2 checkpoint
+(``transformer.h.0.attn.c_attn.weight`` ...), in GPT-2's Conv1D layout (in, out), with the
+output projection tied to ``transformer.wte.weight`` (there is no ``lm_head.weight`` key), so a
+GPT-2 checkpoint loads without renames.
+
+One block (pre-norm, as GPT-2):
+
+    x = x + c_proj(attn(c_attn(ln_1(x))))          (B, T, C)
+    x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))    (B, T, C)
+
+Residual gradients add: for ``x_out = x + f(x)``, ``dx = dx_out + (df/dx)^T dx_out``; the
+backward computes the branch's input gradient and adds it into the residual gradient in place.
+
+Shape letters: B batch, T time, C channels (n_embd), V vocabulary, H heads, D head size,
+L keys in a KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from .backend import get_array_module, get_backend
+from .layers import (
+    attention_backward,
+    attention_bias,
+    attention_forward,
+    attention_forward_kv,
+    embedding_backward,
+    embedding_forward,
+    gelu_backward,
+    gelu_forward,
+    layernorm_backward,
+    layernorm_forward,
+    linear_backward,
+    linear_forward,
+    unembed_backward,
+    unembed_forward,
+)
+
+__all__ = [
+    "GPTConfig",
+    "param_shapes",
+    "param_names",
+    "init_params",
+    "num_params",
+    "check_params",
+    "gpt_forward",
+    "gpt_backward",
+    "KVCache",
+    "init_kv_cache",
+    "gpt_forward_kv",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GPTConfig:
+    """Size of a GPT-2 model.
+
+    Attributes:
+        vocab_size: V, number of token ids.
+        n_ctx: longest sequence (rows of the position embedding).
+        n_layer: number of transformer blocks.
+        n_head: H, attention heads per block.
+        n_embd: C, channels; must be divisible by n_head (head size D = C / H).
+        layer_norm_epsilon: added to every layernorm's variance.
+    """
+
+    vocab_size: int
+    n_ctx: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"GPTConfig.{name} must be an int, got {type(v).__name__} {v!r}")
+            if v <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {v}")
+            setattr(self, name, int(v))
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)):
+            raise TypeError(f"GPTConfig.layer_norm_epsilon must be a float, got {eps!r}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"GPTConfig.layer_norm_epsilon must be positive and finite, got {eps}")
+        self.layer_norm_epsilon = float(eps)
+
+    @property
+    def head_size(self) -> int:
+        """D = n_embd / n_head."""
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly dict (plain ints and a float)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> GPTConfig:
+        """Inverse of :meth:`to_dict`. Unknown or missing keys are errors."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"GPTConfig.from_dict needs a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig.from_dict: unknown keys {unknown}; known keys are {sorted(known)}")
+        required = {f.name for f in fields(cls) if f.name != "layer_norm_epsilon"}
+        missing = sorted(required - set(d))
+        if missing:
+            raise ValueError(f"GPTConfig.from_dict: missing keys {missing}")
+        return cls(**dict(d))
+
+    @classmethod
+    def gpt2_small(cls) -> GPTConfig:
+        """The 124M-parameter GPT-2: V 50257, n_ctx 1024, 12 layers, 12 heads, C 768."""
+        return cls(vocab_size=50257, n_ctx=1024, n_layer=12, n_head=12, n_embd=768)
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters
+# ---------------------------------------------------------------------------------------------
+
+
+def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's GPT-2 checkpoint name and shape, in checkpoint order."""
+    V, C, n = config.vocab_size, config.n_embd, config.n_ctx
+    shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (n, C)}
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}."
+        shapes.update({
+            p + "ln_1.weight": (C,),
+            p + "ln_1.bias": (C,),
+            p + "attn.c_attn.weight": (C, 3 * C),
+            p + "attn.c_attn.bias": (3 * C,),
+            p + "attn.c_proj.weight": (C, C),
+            p + "attn.c_proj.bias": (C,),
+            p + "ln_2.weight": (C,),
+            p + "ln_2.bias": (C,),
+            p + "mlp.c_fc.weight": (C, 4 * C),
+            p + "mlp.c_fc.bias": (4 * C,),
+            p + "mlp.c_proj.weight": (4 * C, C),
+            p + "mlp.c_proj.bias": (C,),
+        })
+    shapes["transformer.ln_f.weight"] = (C,)
+    shapes["transformer.ln_f.bias"] = (C,)
+    return shapes
+
+
+def param_names(config: GPTConfig) -> list[str]:
+    """The parameter names of :func:`param_shapes`, in checkpoint order."""
+    return list(param_shapes(config))
+
+
+def init_params(config: GPTConfig, backend="cpu", seed: int = 0, dtype=None) -> dict:
+    """GPT-2 initialisation, keyed by checkpoint names.
+
+    Weights ~ Normal(0, 0.02^2); the two residual projections of every block
+    (``attn.c_proj.weight``, ``mlp.c_proj.weight``) ~ Normal(0, (0.02 / sqrt(2 n_layer))^2) so the
+    residual stream's variance does not grow with depth; biases 0; layernorm gains 1.
+
+    Numbers are drawn by the backend's seeded host generator in :func:`param_names` order and
+    copied to the device, so CPU and CUDA get identical parameters for the same seed and dtype.
+
+    Args:
+        config: the model size.
+        backend: 'cpu', 'cuda[:N]' or a Backend.
+        seed: generator seed.
+        dtype: floating dtype (default: the backend's, float32).
+
+    Returns:
+        dict name -> array of :func:`param_shapes`' shape, on the backend's device.
+    """
+    be = get_backend(backend)
+    dt = np.dtype(dtype) if dtype is not None else be.dtype
+    if dt.kind != "f":
+        raise TypeError(f"init_params: dtype must be floating, got {dt}")
+    rng = be.rng(seed)
+    std = 0.02
+    proj_std = 0.02 / math.sqrt(2 * config.n_layer)
+    params = {}
+    for name, shape in param_shapes(config).items():
+        if name.endswith(".bias"):
+            params[name] = be.xp.zeros(shape, dtype=dt)
+        elif ".ln_" in name:  # ln_1, ln_2, ln_f gains
+            params[name] = be.xp.ones(shape, dtype=dt)
+        elif name.endswith("c_proj.weight"):
+            params[name] = be.normal(rng, shape, std=proj_std, dtype=dt)
+        else:
+            params[name] = be.normal(rng, shape, std=std, dtype=dt)
+    return params
+
+
+def num_params(params: Mapping) -> int:
+    """Total number of scalars (the tied wte counted once: it is stored once)."""
+    return int(sum(int(np.prod(a.shape)) for a in params.values()))
+
+
+def check_params(params: Mapping, config: GPTConfig):
+    """Validate names, shapes, dtypes and device of ``params``; return (xp, dtype).
+
+    All arrays must be floating, of one dtype, on one array module (numpy or cupy).
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+    if not isinstance(config, GPTConfig):
+        raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+    expected = param_shapes(config)
+    missing = [n for n in expected if n not in params]
+    unexpected = [n for n in params if n not in expected]
+    if missing or unexpected:
+        msg = []
+        if missing:
+            msg.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
+        if unexpected:
+            msg.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
+            if "lm_head.weight" in unexpected:
+                msg.append("(lm_head.weight is not used: the output projection is tied to transformer.wte.weight)")
+        raise KeyError(f"params do not match the config: {'; '.join(msg)}")
+    wte = params["transformer.wte.weight"]
+    if not hasattr(wte, "dtype") or not hasattr(wte, "shape"):
+        raise TypeError(f"params['transformer.wte.weight'] must be an array, got {type(wte).__name__}")
+    xp = get_array_module(wte)
+    dtype = wte.dtype
+    if dtype.kind != "f":
+        raise TypeError(f"params must be floating arrays, got transformer.wte.weight of dtype {dtype}")
+    for name, shape in expected.items():
+        a = params[name]
+        if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+            raise TypeError(f"params[{name!r}] must be an array, got {type(a).__name__}")
+        if tuple(a.shape) != shape:
+            raise ValueError(f"params[{name!r}] has shape {tuple(a.shape)}, expected {shape} for this config")
+        if a.dtype != dtype:
+            raise TypeError(
+                f"params[{name!r}] has dtype {a.dtype} but transformer.wte.weight has {dtype}: "
+                f"all parameters must share one dtype"
+            )
+        if get_array_module(a) is not xp:
+            raise TypeError(
+                f"params[{name!r}] is a {type(a).__module__} array but transformer.wte.weight is not: "
+                f"all parameters must live on one device"
+            )
+    return xp, dtype
+
+
+def _as_int_array(a, name, xp, ndims):
+    """Check an integer index array's dtype and rank; return it on ``xp``'s device."""
+    if a is None:
+        return None
+    if get_array_module(a) is not np and xp is np:
+        raise TypeError(f"{name} is a GPU array but the parameters are NumPy arrays")
+    if not hasattr(a, "dtype"):
+        a = np.asarray(a)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
+    if a.ndim not in ndims:
+        raise ValueError(f"{name} must have {' or '.join(str(n) for n in ndims)} dimensions, got shape {tuple(a.shape)}")
+    return xp.asarray(a)
+
+
+def _check_range(a, name, upper, what):
+    """Raise ValueError unless 0 <= a < upper (one device-to-host read for a GPU array)."""
+    xp = get_array_module(a)
+    if a.size == 0:
+        return
+    if xp is np:
+        lo, hi = int(a.min()), int(a.max())
+        bad = lo < 0 or hi >= upper
+    else:  # pragma: no cover - needs a GPU
+        bad = bool(((a < 0) | (a >= upper)).any())
+        if bad:
+            lo, hi = int(a.min()), int(a.max())
+    if bad:
+        raise ValueError(f"{name} must lie in [0, {upper}) ({what}), got values in [{lo}, {hi}]")
+
+
+def _check_inputs(idx, config, xp, attention_mask, position_ids, validate, mask_len=None):
+    """Validate and move to the device: idx (B, T), attention_mask (B, mask_len or T),
+    position_ids (T,) or (B, T)."""
+    idx = _as_int_array(idx, "idx", xp, (2,))
+    B, T = idx.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"idx must have at least one row and one token, got shape {(B, T)}")
+    if validate:
+        _check_range(idx, "idx", config.vocab_size, "vocab_size")
+    if position_ids is not None:
+        position_ids = _as_int_array(position_ids, "position_ids", xp, (1, 2))
+        if position_ids.shape not in ((T,), (B, T)):
+            raise ValueError(f"position_ids must have shape ({T},) or ({B}, {T}), got {tuple(position_ids.shape)}")
+        if validate:
+            _check_range(position_ids, "position_ids", config.n_ctx, "n_ctx")
+    if attention_mask is not None:
+        if get_array_module(attention_mask) is not np and xp is np:
+            raise TypeError("attention_mask is a GPU array but the parameters are NumPy arrays")
+        if not hasattr(attention_mask, "dtype"):
+            attention_mask = np.asarray(attention_mask)
+        if attention_mask.dtype.kind not in "biuf":
+            raise TypeError(f"attention_mask must be a 0/1 array, got dtype {attention_mask.dtype}")
+        want = (B, T if mask_len is None else mask_len)
+        if tuple(attention_mask.shape) != want:
+            raise ValueError(f"attention_mask must have shape {want}, got {tuple(attention_mask.shape)}")
+        attention_mask = xp.asarray(attention_mask)
+    return idx, attention_mask, position_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# forward and backward
+# ---------------------------------------------------------------------------------------------
+
+
+def gpt_forward(params, idx, config: GPTConfig, attention_mask=None, position_ids=None, *, validate=True):
+    """Logits of every position, and the cache :func:`gpt_backward` needs.
+
+        x = wte[idx] + wpe[pos]                                   (B, T, C)
+        for each block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
+        logits = ln_f(x) @ wte^T                                  (B, T, V)
+
+    Padding. Training batches are right-padded and the loss is masked: causal attention already
+    keeps every real token from attending to the pad tokens after it, so no attention mask is
+    needed (pad positions produce logits that the loss mask ignores, and their gradient is 0).
+    ``attention_mask`` and ``position_ids`` exist for left-padded batches (generation): a
+    key-padding mask hides the pads, and position ids restart at 0 on each row's first real token.
+
+    Args:
+        params: dict of :func:`param_shapes`, one floating dtype, one device.
+        idx: (B, T) integer token ids in [0, V), T <= n_ctx (NumPy or on the params' device).
+        config: the model size.
+        attention_mask: None, or (B, T) with 1 = real token, 0 = pad.
+        position_ids: None for 0..T-1, or (T,) or (B, T) integers in [0, n_ctx).
+        validate: check idx / position_ids ranges (on a GPU array this reads one value back
+            from the device; pass False in a hot loop over inputs already checked).
+
+    Returns:
+        logits: (B, T, V), the params' dtype.
+        cache: everything :func:`gpt_backward` needs (references into this forward).
+    """
+    xp, dtype = check_params(params, config)
+    idx, attention_mask, position_ids = _check_inputs(idx, config, xp, attention_mask, position_ids, validate)
+    B, T = idx.shape
+    if position_ids is None and T > config.n_ctx:
+        raise ValueError(f"idx has T={T} tokens, more than n_ctx={config.n_ctx}")
+    H, eps = config.n_head, config.layer_norm_epsilon
+    p = params
+    # the (B, 1, T, T) key-padding bias is built once and shared by every block
+    bias = None if attention_mask is None else attention_bias(xp, dtype, T, T, 0, attention_mask)
+
+    x, emb_cache = embedding_forward(idx, p["transformer.wte.weight"], p["transformer.wpe.weight"], position_ids)
+    blocks = []
+    for i in range(config.n_layer):
+        n = f"transformer.h.{i}."
+        # x = x + c_proj(attn(c_attn(ln_1(x))))
+        h, c_ln1 = layernorm_forward(x, p[n + "ln_1.weight"], p[n + "ln_1.bias"], eps)  # (B, T, C)
+        h, c_attn = linear_forward(h, p[n + "attn.c_attn.weight"], p[n + "attn.c_attn.bias"])  # (B, T, 3C)
+        h, c_att = attention_forward(h, H, bias=bias)  # (B, T, C)
+        h, c_aproj = linear_forward(h, p[n + "attn.c_proj.weight"], p[n + "attn.c_proj.bias"])  # (B, T, C)
+        h += x  # residual; the old x stays alive in c_ln1
+        x = h
+        # x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))
+        h, c_ln2 = layernorm_forward(x, p[n + "ln_2.weight"], p[n + "ln_2.bias"], eps)  # (B, T, C)
+        h, c_fc = linear_forward(h, p[n + "mlp.c_fc.weight"], p[n + "mlp.c_fc.bias"])  # (B, T, 4C)
+        h, c_gelu = gelu_forward(h)  # (B, T, 4C)
+        h, c_mproj = linear_forward(h, p[n + "mlp.c_proj.weight"], p[n + "mlp.c_proj.bias"])  # (B, T, C)
+        h += x  # residual; the old x stays alive in c_ln2
+        x = h
+        blocks.append((c_ln1, c_attn, c_att, c_aproj, c_ln2, c_fc, c_gelu, c_mproj))
+    x, c_lnf = layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], eps)  # (B, T, C)
+    logits, c_unembed = unembed_forward(x, p["transformer.wte.weight"])  # (B, T, V)
+    cache = {
+        "config": config,
+        "shapes": {k: tuple(v.shape) for k, v in params.items()},
+        "dtype": dtype,
+        "logits_shape": logits.shape,
+        "emb": emb_cache,
+        "blocks": blocks,
+        "ln_f": c_lnf,
+        "unembed": c_unembed,
+    }
+    return logits, cache
+
+
+def gpt_backward(dlogits, cache) -> dict:
+    """Gradient of a scalar loss with respect to every parameter, given dloss/dlogits.
+
+    Calls the layers' backwards in exact reverse order of :func:`gpt_forward`. The residual
+    gradient ``dx`` flows straight through each block and each branch's input gradient is added
+    into it. The tied ``transformer.wte.weight`` gradient is the SUM of its two uses: the output
+    projection's ``dlogits^T @ ln_f(x)`` plus the embedding's scatter-add of ``dx`` at the input ids
+    (repeated ids accumulate).
+
+    Args:
+        dlogits: (B, T, V), same dtype and device as the forward's logits.
+        cache: from :func:`gpt_forward`.
+
+    Returns:
+        dict with exactly the keys of params (in the params' order), each gradient of the
+        parameter's shape and dtype.
+    """
+    config = cache["config"]
+    dtype = cache["dtype"]
+    if not hasattr(dlogits, "shape") or tuple(dlogits.shape) != tuple(cache["logits_shape"]):
+        got = tuple(dlogits.shape) if hasattr(dlogits, "shape") else type(dlogits).__name__
+        raise ValueError(f"dlogits must have the logits' shape {tuple(cache['logits_shape'])}, got {got}")
+    if dlogits.dtype != dtype:
+        raise TypeError(f"dlogits has dtype {dlogits.dtype} but the model runs in {dtype}; cast it first")
+    grads = {}
+
+    # logits = ln_f(x) @ wte^T
+    dx, g = unembed_backward(dlogits, cache["unembed"])  # (B, T, C)
+    dwte = g["wte"]  # (V, C): the output projection's share; the embedding's is added below
+    dx, g = layernorm_backward(dx, cache["ln_f"])  # (B, T, C)
+    grads["transformer.ln_f.weight"], grads["transformer.ln_f.bias"] = g["w"], g["b"]
+
+    for i in reversed(range(config.n_layer)):
+        n = f"transformer.h.{i}."
+        c_ln1, c_attn, c_att, c_aproj, c_ln2, c_fc, c_gelu, c_mproj = cache["blocks"][i]
+        # x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))  ->  dx += d(branch)/dx^T dx
+        dh, g = linear_backward(dx, c_mproj)  # (B, T, 4C)
+        grads[n + "mlp.c_proj.weight"], grads[n + "mlp.c_proj.bias"] = g["w"], g["b"]
+        dh, _ = gelu_backward(dh, c_gelu)  # (B, T, 4C)
+        dh, g = linear_backward(dh, c_fc)  # (B, T, C)
+        grads[n + "mlp.c_fc.weight"], grads[n + "mlp.c_fc.bias"] = g["w"], g["b"]
+        dh, g = layernorm_backward(dh, c_ln2)  # (B, T, C)
+        grads[n + "ln_2.weight"], grads[n + "ln_2.bias"] = g["w"], g["b"]
+        dx += dh
+        # x = x + c_proj(attn(c_attn(ln_1(x))))  ->  dx += d(branch)/dx^T dx
+        dh, g = linear_backward(dx, c_aproj)  # (B, T, C)
+        grads[n + "attn.c_proj.weight"], grads[n + "attn.c_proj.bias"] = g["w"], g["b"]
+        dh, _ = attention_backward(dh, c_att)  # (B, T, 3C)
+        dh, g = linear_backward(dh, c_attn)  # (B, T, C)
+        grads[n + "attn.c_attn.weight"], grads[n + "attn.c_attn.bias"] = g["w"], g["b"]
+        dh, g = layernorm_backward(dh, c_ln1)  # (B, T, C)
+        grads[n + "ln_1.weight"], grads[n + "ln_1.bias"] = g["w"], g["b"]
+        dx += dh
+
+    # x = wte[idx] + wpe[pos]: scatter-add into the output projection's dwte (tied weight: sum)
+    _, g = embedding_backward(dx, cache["emb"], dwte=dwte)
+    grads["transformer.wte.weight"], grads["transformer.wpe.weight"] = g["wte"], g["wpe"]
+    return {name: grads[name] for name in cache["shapes"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# inference with a key/value cache
+# ---------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Every layer's keys and values for the tokens seen so far, preallocated to ``capacity``.
+
+    Attributes:
+        keys, values: lists (one per layer) of (B, H, capacity, D) arrays; the first ``length``
+            positions are filled.
+        key_mask: (B, capacity) bool, True = real token (the attention_mask of every token fed).
+        length: number of tokens fed so far.
+        masked: whether any attention_mask was given (else no key-padding bias is built).
+    """
+
+    def __init__(self, keys, values, key_mask, length: int = 0, masked: bool = False):
+        self.keys = keys
+        self.values = values
+        self.key_mask = key_mask
+        self.length = length
+        self.masked = masked
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_mask.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.key_mask.shape[1]
+
+    def __repr__(self) -> str:
+        return f"KVCache(batch_size={self.batch_size}, length={self.length}, capacity={self.capacity})"
+
+
+def init_kv_cache(params, config: GPTConfig, batch_size: int, capacity: int | None = None) -> KVCache:
+    """An empty :class:`KVCache` on the params' device and dtype.
+
+    Args:
+        params: the model's parameters (device and dtype are taken from them).
+        config: the model size.
+        batch_size: B.
+        capacity: most tokens the cache will hold (default n_ctx).
+    """
+    xp, dtype = check_params(params, config)
+    capacity = config.n_ctx if capacity is None else int(capacity)
+    if batch_size < 1 or capacity < 1:
+        raise ValueError(f"init_kv_cache: batch_size and capacity must be positive, got {batch_size}, {capacity}")
+    shape = (batch_size, config.n_head, capacity, config.head_size)  # (B, H, capacity, D)
+    keys = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layer)]
+    values = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layer)]
+    key_mask = xp.ones((batch_size, capacity), dtype=bool)
+    return KVCache(keys, values, key_mask)
+
+
+def gpt_forward_kv(
+    params,
+    idx_new,
+    config: GPTConfig,
+    kv_cache: KVCache | None = None,
+    attention_mask=None,
+    position_ids=None,
+    *,
+    last_only: bool = False,
+    validate: bool = True,
+):
+    """Inference forward for new tokens, reusing the keys and values of the tokens before them.
+
+    Keeps no backward caches. On the same tokens, feeding them in any number of chunks gives the
+    logits that :func:`gpt_forward` gives in one call (same attention mask, same positions).
+
+    Args:
+        params: as for :func:`gpt_forward`.
+        idx_new: (B, T_new) integer token ids.
+        config: the model size.
+        kv_cache: from :func:`init_kv_cache` or a previous call; None starts an empty one of
+            capacity n_ctx. It is updated in place and also returned.
+        attention_mask: None, or (B, T_new): the key-padding mask of the NEW tokens only (the
+            cache remembers the earlier ones). 1 = real, 0 = pad.
+        position_ids: None for positions ``length .. length + T_new - 1``, or (T_new,) or
+            (B, T_new) integers in [0, n_ctx).
+        last_only: compute logits for the last new position only (generation's case).
+        validate: as for :func:`gpt_forward`.
+
+    Returns:
+        logits: (B, T_new, V), or (B, 1, V) when last_only.
+        kv_cache: the updated cache.
+    """
+    xp, dtype = check_params(params, config)
+    idx_new, attention_mask, position_ids = _check_inputs(
+        idx_new, config, xp, attention_mask, position_ids, validate
+    )
+    B, Tn = idx_new.shape
+    if kv_cache is None:
+        kv_cache = init_kv_cache(params, config, B)
+    if not isinstance(kv_cache, KVCache):
+        raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+    if kv_cache.batch_size != B:
+        raise ValueError(f"idx_new has batch size {B} but the kv_cache was made for {kv_cache.batch_size}")
+    start = kv_cache.length
+    L = start + Tn
+    if L > kv_cache.capacity:
+        raise ValueError(f"kv_cache holds {start} tokens; {Tn} more exceed its capacity {kv_cache.capacity}")
+    if position_ids is None:
+        if L > config.n_ctx:
+            raise ValueError(f"positions {start}..{L - 1} exceed n_ctx={config.n_ctx}")
+        if start > 0:
+            position_ids = xp.arange(start, L)  # (T_new,)
+    if attention_mask is not None:
+        kv_cache.key_mask[:, start:L] = attention_mask != 0
+        kv_cache.masked = True
+    key_mask = kv_cache.key_mask[:, :L] if kv_cache.masked else None  # (B, L)
+    # built once, shared by every block; a single unpadded query sees every earlier key: no bias
+    bias = None if key_mask is None and Tn == 1 else attention_bias(xp, dtype, Tn, L, start, key_mask)
+
+    H, eps = config.n_head, config.layer_norm_epsilon
+    p = params
+    x, _ = embedding_forward(idx_new, p["transformer.wte.weight"], p["transformer.wpe.weight"], position_ids)
+    for i in range(config.n_layer):
+        n = f"transformer.h.{i}."
+        h, _ = layernorm_forward(x, p[n + "ln_1.weight"], p[n + "ln_1.bias"], eps)  # (B, Tn, C)
+        h, _ = linear_forward(h, p[n + "attn.c_attn.weight"], p[n + "attn.c_attn.bias"])  # (B, Tn, 3C)
+        h = attention_forward_kv(h, H, kv_cache.keys[i], kv_cache.values[i], start, bias=bias)  # (B, Tn, C)
+        h, _ = linear_forward(h, p[n + "attn.c_proj.weight"], p[n + "attn.c_proj.bias"])  # (B, Tn, C)
+        h += x
+        x = h
+        h, _ = layernorm_forward(x, p[n + "ln_2.weight"], p[n + "ln_2.bias"], eps)  # (B, Tn, C)
+        h, _ = linear_forward(h, p[n + "mlp.c_fc.weight"], p[n + "mlp.c_fc.bias"])  # (B, Tn, 4C)
+        h, _ = gelu_forward(h)  # (B, Tn, 4C)
+        h, _ = linear_forward(h, p[n + "mlp.c_proj.weight"], p[n + "mlp.c_proj.bias"])  # (B, Tn, C)
+        h += x
+        x = h
+    if last_only:
+        x = x[:, -1:]  # (B, 1, C)
+    x, _ = layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], eps)
+    logits, _ = unembed_forward(x, p["transformer.wte.weight"])  # (B, Tn or 1, V)
+    kv_cache.length = L
+    return logits, kv_cache
