@@ -1,0 +1,379 @@
+"""Checkpoints: safetensors for arrays, JSON for everything else, written atomically. No pickle.
+
+A checkpoint is a directory:
+
+    <path>/
+      model.safetensors      the parameters, host NumPy copies, dtypes as given (float32 in training)
+      optimizer.safetensors  the optimizer's array state ("m.<name>", "v.<name>"), when given
+      trainer_state.json     {"format", "version", "step", "config", "optimizer" (its scalars),
+                              "rng_state" (numpy bit_generator.state: big ints are plain JSON),
+                              "extra", "tensors": {"model": [names], "optimizer": [names]}}
+
+Atomic replacement. ``save_checkpoint`` writes everything into a sibling temporary directory,
+fsyncs each file and the directory, then swaps it in with two renames:
+
+    <path>  -> <path>.old       (only when a previous checkpoint exists)
+    tmp     -> <path>
+    remove <path>.old
+
+A crash or exception before the first rename leaves the previous checkpoint untouched (the temp
+directory is removed on exceptions; a killed process leaves a ``.<name>.tmp-*`` that the next
+save removes). A crash between the renames leaves only ``<path>.old``: :func:`load_checkpoint`
+and the next save move it back. One writer per path is assumed.
+
+Run layout used by :func:`checkpoint_dir` / :func:`latest_checkpoint`:
+
+    run_dir/step_00000100/   run_dir/step_00000200/   ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from .backend import get_backend, is_cuda_array, to_numpy
+
+FORMAT = "minidpo-checkpoint"
+VERSION = 1
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that exists but cannot be read: corrupt JSON or safetensors, missing tensors."""
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns.
+
+    params: {name: array} on the requested backend, dtypes as saved.
+    config: the JSON config dict given to save_checkpoint.
+    step: the training step saved.
+    optimizer_state: None, or {"m.<name>": array (on the backend), ..., "step": int, "lr": float,
+        ...} -- ready for ``AdamW.load_state_dict``.
+    rng_state: None, or a numpy ``bit_generator.state`` dict (see :func:`rng_from_state`).
+    extra: the JSON dict given as ``extra`` ({} when none).
+    path: the directory read.
+    """
+
+    params: dict
+    config: dict
+    step: int
+    optimizer_state: dict | None = None
+    rng_state: dict | None = None
+    extra: dict = field(default_factory=dict)
+    path: Path | None = None
+
+
+# ============================================================================ saving
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, np.ndarray) or is_cuda_array(x)
+
+
+def _host_tensors(tensors: dict, what: str) -> dict[str, np.ndarray]:
+    out = {}
+    for name, a in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{what}: tensor names must be strings, got {name!r}")
+        if not _is_array(a):
+            raise TypeError(f"{what}: {name!r} is a {type(a).__name__}, expected a NumPy/CuPy array")
+        h = to_numpy(a)
+        if h.dtype == object or h.dtype.kind not in "biuf":
+            raise TypeError(f"{what}: {name!r} has dtype {h.dtype}, which safetensors cannot store")
+        out[name] = np.ascontiguousarray(h)
+    return out
+
+
+def _jsonable(x: Any, where: str) -> Any:
+    """Plain-JSON copy of x: numpy scalars become Python numbers, tuples lists, dataclasses dicts."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        x = dataclasses.asdict(x)
+    if isinstance(x, dict):
+        out = {}
+        for k, v in x.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: JSON keys must be strings, got {k!r}")
+            out[k] = _jsonable(v, f"{where}.{k}")
+        return out
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, (np.generic,)) and x.dtype.kind in "biuf":
+        return x.item()
+    if isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "biuf":
+        return x.item()
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    raise TypeError(f"{where}: {type(x).__name__} is not JSON-serialisable (arrays belong in tensors)")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _old_path(path: Path) -> Path:
+    return path.with_name(path.name + ".old")
+
+
+def _recover(path: Path) -> None:
+    """Finish an interrupted swap: only <path>.old left -> move it back; both -> drop .old."""
+    old = _old_path(path)
+    if old.is_dir():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, path)
+            _fsync_dir(path.parent)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    params: dict,
+    config: dict,
+    step: int,
+    optimizer_state: dict | None = None,
+    rng_state: dict | np.random.Generator | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a checkpoint directory at ``path`` atomically (see the module docstring).
+
+    Args:
+        path: the checkpoint directory (its parent is created if needed). An existing checkpoint
+            there is replaced only once the new one is completely written.
+        params: {name: array}, NumPy or CuPy; copied to the host, dtype kept.
+        config: JSON-able dict (a dataclass is accepted and converted) describing the run/model.
+        step: the training step, an int >= 0.
+        optimizer_state: e.g. ``AdamW.state_dict()``: array values -> optimizer.safetensors,
+            the rest (JSON-able scalars) -> trainer_state.json["optimizer"].
+        rng_state: a numpy Generator's ``bit_generator.state`` (or the Generator itself).
+        extra: any JSON-able dict (metrics, data position, ...).
+    Returns:
+        the checkpoint directory as a Path.
+    """
+    path = Path(path)
+    if int(step) != step or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if not params:
+        raise ValueError("save_checkpoint: params is empty")
+    if isinstance(rng_state, np.random.Generator):
+        rng_state = rng_state.bit_generator.state
+    if rng_state is not None and not isinstance(rng_state, dict):
+        raise TypeError(f"rng_state must be a bit_generator.state dict or a Generator, got {type(rng_state).__name__}")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"checkpoint path exists and is not a directory: {path}")
+
+    # Everything that can fail on bad input is checked before the disk is touched.
+    model_tensors = _host_tensors(params, "params")
+    opt_tensors, opt_scalars = None, None
+    if optimizer_state is not None:
+        arrays = {k: v for k, v in optimizer_state.items() if _is_array(v) and v.ndim > 0}
+        opt_tensors = _host_tensors(arrays, "optimizer_state")
+        scalars = {k: (to_numpy(v).item() if _is_array(v) else v)  # 0-d arrays -> Python numbers
+                   for k, v in optimizer_state.items() if k not in arrays}
+        opt_scalars = _jsonable(scalars, "optimizer_state")
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": int(step),
+        "config": _jsonable(config if config is not None else {}, "config"),
+        "optimizer": opt_scalars,
+        "rng_state": _jsonable(rng_state, "rng_state"),
+        "extra": _jsonable(extra or {}, "extra"),
+        "tensors": {"model": list(model_tensors),
+                    "optimizer": list(opt_tensors) if opt_tensors is not None else None},
+    }
+    json.dumps(state)  # fail here, not half-way, on anything the checks above missed
+
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _recover(path)
+    for stale in parent.glob(f".{path.name}.tmp-*"):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
+
+    tmp = parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": "np", "writer": FORMAT})
+        _fsync_file(tmp / MODEL_FILE)
+        if opt_tensors is not None:
+            save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "np", "writer": FORMAT})
+            _fsync_file(tmp / OPTIMIZER_FILE)
+        _write_json(tmp / STATE_FILE, state)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    old = _old_path(path)
+    if path.exists():
+        os.replace(path, old)           # previous checkpoint kept as <path>.old
+    os.replace(tmp, path)               # the new one in place
+    _fsync_dir(parent)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+# ============================================================================ loading
+
+
+def _read_tensors(file: Path, expected: list[str] | None, what: str) -> dict[str, np.ndarray]:
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file missing: {file}")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: cannot read safetensors ({err})") from err
+    if expected is not None:
+        missing = [n for n in expected if n not in tensors]
+        if missing:
+            raise CheckpointError(f"{file}: missing {what} tensors {missing[:8]}"
+                                  f"{' ...' if len(missing) > 8 else ''} ({len(missing)} of {len(expected)})")
+    return tensors
+
+
+def load_checkpoint(path: str | os.PathLike, backend="cpu") -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: the checkpoint directory. If it is missing but ``<path>.old`` exists (a save
+            stopped between its two renames), the .old one is moved back and read.
+        backend: "cpu", "cuda[:N]" or a Backend; tensors are placed there with their saved dtype.
+    Returns:
+        :class:`Checkpoint`.
+    Raises:
+        FileNotFoundError for a missing directory or file; CheckpointError for corrupt JSON or
+        safetensors, a wrong format, or tensors listed in trainer_state.json but absent.
+    """
+    path = Path(path)
+    old = _old_path(path)
+    if not path.exists() and old.is_dir():
+        try:
+            _recover(path)
+        except OSError:  # read-only location: read the .old copy in place
+            path = old
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint directory")
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"checkpoint file missing: {state_file}")
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{state_file}: corrupt JSON ({err})") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{state_file}: not a {FORMAT} file")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{state_file}: version {state.get('version')!r}, this code reads {VERSION}")
+    for key in ("step", "config", "tensors"):
+        if key not in state:
+            raise CheckpointError(f"{state_file}: missing key {key!r}")
+    names = state["tensors"] if isinstance(state["tensors"], dict) else {}
+
+    be = get_backend(backend)
+    host = _read_tensors(path / MODEL_FILE, names.get("model"), "model")
+    params = {k: be.asarray(v, dtype=v.dtype) for k, v in host.items()}
+
+    optimizer_state = None
+    if state.get("optimizer") is not None:
+        opt_host = _read_tensors(path / OPTIMIZER_FILE, names.get("optimizer"), "optimizer")
+        optimizer_state = {k: be.asarray(v, dtype=v.dtype) for k, v in opt_host.items()}
+        optimizer_state.update(state["optimizer"])
+
+    return Checkpoint(
+        params=params,
+        config=state["config"],
+        step=int(state["step"]),
+        optimizer_state=optimizer_state,
+        rng_state=state.get("rng_state"),
+        extra=state.get("extra") or {},
+        path=path,
+    )
+
+
+def rng_from_state(rng_state: dict) -> np.random.Generator:
+    """A numpy Generator continuing exactly where the saved ``bit_generator.state`` left off."""
+    if not isinstance(rng_state, dict) or "bit_generator" not in rng_state:
+        raise ValueError("rng_state must be a numpy bit_generator.state dict")
+    name = rng_state["bit_generator"]
+    bitgen_cls = getattr(np.random, name, None)
+    if not (isinstance(bitgen_cls, type) and issubclass(bitgen_cls, np.random.BitGenerator)):
+        raise ValueError(f"unknown bit generator {name!r}")
+    bg = bitgen_cls()
+    bg.state = rng_state
+    return np.random.Generator(bg)
+
+
+# ============================================================================ run directories
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """``run_dir/step_{step:08d}``: the directory :func:`latest_checkpoint` looks for."""
+    if int(step) != step or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    return Path(run_dir) / f"step_{int(step):08d}"
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The ``step_N`` subdirectory of ``run_dir`` with the largest N that holds a
+    trainer_state.json (a ``step_N.old`` left by an interrupted save counts as step_N);
+    None when there is none (or run_dir does not exist)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for child in run_dir.iterdir():
+        name = child.name[:-4] if child.name.endswith(".old") else child.name
+        m = _STEP_DIR.match(name)
+        if not m or not child.is_dir() or not (child / STATE_FILE).is_file():
+            continue
+        n = int(m.group(1))
+        target = run_dir / name
+        if best is None or n > best[0]:
+            best = (n, target)
+    return None if best is None else best[1]
+
+
+__all__ = [
+    "Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "rng_from_state",
+    "checkpoint_dir", "latest_checkpoint", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE",
+]
