@@ -1,0 +1,488 @@
+"""The preference losses: eq. (2) reward modelling, eq. (7) DPO and its variants, eq. (9) gradient.
+
+Equation numbers are those of Rafailov et al. 2023 (arXiv:2305.18290):
+
+    (1)  p*(y1 > y2 | x) = sigma(r*(x, y1) - r*(x, y2))                       Bradley-Terry
+    (2)  L_R(r) = -E[ log sigma(r(x, y_w) - r(x, y_l)) ]                       reward modelling
+    (7)  L_DPO  = -E[ log sigma( beta log pi(y_w|x)/pi_ref(y_w|x)
+                                - beta log pi(y_l|x)/pi_ref(y_l|x) ) ]
+    (8)  r_hat(x, y) = beta log pi(y|x)/pi_ref(y|x)                           implicit reward
+    (9)  grad L_DPO = -beta E[ sigma(r_hat(x, y_l) - r_hat(x, y_w))
+                               (grad log pi(y_w|x) - grad log pi(y_l|x)) ]
+
+Everything here is a free function of per-example log-probs, which logprobs.sequence_logps
+computes. The losses see the policy only through two numbers per pair; their gradients with
+respect to those two numbers are returned alongside the losses, and sequence_logps_backward
+carries them into the model. Reference log-probs are constants: no gradient flows to them.
+
+Notation used in every docstring below (N = number of preference pairs, shapes (N,)):
+
+    h = log pi(y_w|x)/pi_ref(y_w|x) - log pi(y_l|x)/pi_ref(y_l|x)     the log-ratio margin
+    z = beta * h = r_hat_w - r_hat_l                                   the reward margin
+
+so eq. (7) is -log sigma(z), and the official code computes it in this beta-factored form.
+All gradients are of the MEAN loss over the N pairs (hence the 1/N factors).
+
+Numerics. log_sigmoid and sigmoid are stable for |x| up to the dtype's range, with no
+overflow, underflow or invalid-value floating-point events (they pass under
+``np.errstate(all="raise")``). Float32 in gives float32 out; float64 in gives float64 out;
+array-valued hyper-parameters are never mixed in, only Python floats.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import get_array_module, to_numpy
+
+__all__ = [
+    "LOSS_TYPES",
+    "IPO_CONVENTIONS",
+    "log_sigmoid",
+    "sigmoid",
+    "reward_model_loss",
+    "implicit_reward",
+    "DPOOutput",
+    "dpo_loss",
+    "nll_loss",
+    "sft_loss",
+    "average_logps_for",
+    "preference_metrics",
+]
+
+LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
+IPO_CONVENTIONS = ("per_token", "summed")
+
+
+# ----------------------------------------------------------------------------------------------
+# stable sigmoid and log-sigmoid
+
+
+def _exp_neg_abs(x):
+    """exp(-|x|) in (0, 1], computed without an underflow event.
+
+    Past |x| > c = log(1/tiny) - 1 (about 86 in float32, 707 in float64) the value is below the
+    smallest normal number; it is returned as exactly 0, which is what the exp would round to
+    (give or take a subnormal) but without raising the underflow flag.
+    """
+    xp = get_array_module(x)
+    cap = x.dtype.type(-math.log(float(np.finfo(x.dtype).tiny)) - 1.0)
+    a = xp.abs(x)
+    e = xp.exp(-xp.minimum(a, cap))  # never below exp(-cap), a normal number
+    return xp.where(a > cap, x.dtype.type(0), e)
+
+
+def _as_float_array(x):
+    xp = get_array_module(x)
+    x = xp.asarray(x)
+    if x.dtype.kind != "f":
+        x = x.astype(np.float64)  # ints or Python numbers: compute in float64
+    return x
+
+
+def log_sigmoid(x):
+    """log sigma(x) = -log(1 + exp(-x)), stable for any finite x.
+
+        log sigma(x) = min(x, 0) - log(1 + exp(-|x|))
+
+    Both branches of the naive formula are folded into one: for x >= 0 it is
+    -log1p(exp(-x)), for x < 0 it is x - log1p(exp(x)); exp never sees a positive argument.
+
+    Args:
+        x: float array of any shape (int input is promoted to float64).
+    Returns:
+        array of x's shape and dtype, every entry <= 0.
+    """
+    x = _as_float_array(x)
+    xp = get_array_module(x)
+    return xp.minimum(x, x.dtype.type(0)) - xp.log1p(_exp_neg_abs(x))
+
+
+def sigmoid(x):
+    """sigma(x) = 1 / (1 + exp(-x)), stable for any finite x.
+
+        sigma(x) = 1 / (1 + e)   if x >= 0,      e / (1 + e)   if x < 0,      e = exp(-|x|)
+
+    Args:
+        x: float array of any shape (int input is promoted to float64).
+    Returns:
+        array of x's shape and dtype, in [0, 1].
+    """
+    x = _as_float_array(x)
+    xp = get_array_module(x)
+    e = _exp_neg_abs(x)
+    one = x.dtype.type(1)
+    return xp.where(x >= 0, one / (one + e), e / (one + e))
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks
+
+
+def _vector(x, name: str, n: int | None = None):
+    xp = get_array_module(x)
+    x = xp.asarray(x)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of per-example values (N,), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty: need at least one example")
+    if n is not None and x.shape[0] != n:
+        raise ValueError(f"{name} has {x.shape[0]} entries but the chosen log-probs have {n}")
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+    return x
+
+
+def _beta(beta) -> float:
+    try:
+        b = float(beta)
+    except (TypeError, ValueError):
+        raise TypeError(f"beta must be a positive number, got {beta!r}") from None
+    if not (math.isfinite(b) and b > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    return b
+
+
+# ----------------------------------------------------------------------------------------------
+# eq. (2): the reward-model loss
+
+
+def reward_model_loss(reward_chosen, reward_rejected):
+    """Eq. (2): the Bradley-Terry negative log-likelihood of the observed preferences.
+
+        loss_i = -log sigma(r_w,i - r_l,i)                                     eq. (2)
+        d mean(loss) / d r_w,i = -sigma(r_l,i - r_w,i) / N
+        d mean(loss) / d r_l,i = +sigma(r_l,i - r_w,i) / N
+
+    Args:
+        reward_chosen: (N,) float, r(x, y_w).
+        reward_rejected: (N,) float, r(x, y_l).
+    Returns:
+        losses (N,), grad_chosen (N,), grad_rejected (N,), all in the inputs' dtype.
+    """
+    r_w = _vector(reward_chosen, "reward_chosen")
+    r_l = _vector(reward_rejected, "reward_rejected", r_w.shape[0])
+    if r_l.dtype != r_w.dtype:
+        raise TypeError(f"reward_chosen is {r_w.dtype} but reward_rejected is {r_l.dtype}; pass one dtype")
+    n = r_w.shape[0]
+    losses = -log_sigmoid(r_w - r_l)  # (N,)
+    p_wrong = sigmoid(r_l - r_w)  # (N,) the model's probability of the opposite preference
+    return losses, -p_wrong / n, p_wrong / n
+
+
+# ----------------------------------------------------------------------------------------------
+# eq. (8): the implicit reward
+
+
+def implicit_reward(policy_logps, ref_logps, beta):
+    """Eq. (8): r_hat(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)).
+
+    By eq. (5) the true reward of the policy that is optimal for it is r_hat + beta log Z(x);
+    the per-prompt term beta log Z(x) cancels from every preference (eq. 6), so r_hat is
+    the reward "up to a function of x", which is all Bradley-Terry can see.
+
+    Args:
+        policy_logps: (N,) or any shape, log pi(y|x).
+        ref_logps: same shape, log pi_ref(y|x) (cast to policy_logps' dtype).
+        beta: the KL coefficient, > 0.
+    Returns:
+        array of policy_logps' shape and dtype.
+    """
+    b = _beta(beta)
+    xp = get_array_module(policy_logps, ref_logps)
+    pi = xp.asarray(policy_logps)
+    ref = xp.asarray(ref_logps).astype(pi.dtype, copy=False)
+    return b * (pi - ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# eq. (7) and its family, with the eq. (9) gradient
+
+
+@dataclass(frozen=True)
+class DPOOutput:
+    """What dpo_loss returns. All arrays are (N,) in the policy log-probs' dtype, on their device.
+
+    Attributes:
+        losses: per-pair losses (including the rpo_alpha NLL term when used).
+        chosen_rewards: r_hat_w = beta (log pi_w - log pi_ref_w), eq. (8); a constant (no gradient).
+        rejected_rewards: r_hat_l = beta (log pi_l - log pi_ref_l), eq. (8).
+        grad_policy_chosen_logps: d mean(losses) / d log pi(y_w|x).
+        grad_policy_rejected_logps: d mean(losses) / d log pi(y_l|x).
+        weight: the per-pair weight of eq. (9), generalised to every variant:
+            d loss_i / d h_i = -beta * weight_i, so without the NLL term
+            grad_policy_chosen_logps = -beta * weight / N and grad_policy_rejected_logps = +beta * weight / N.
+            For plain DPO weight = sigma(r_hat_l - r_hat_w) in (0, 1): large when the
+            implicit reward model orders the pair wrongly, small when it is already right.
+        h: the log-ratio margin log pi_w/pi_ref_w - log pi_l/pi_ref_l (z = beta h is the reward margin).
+        nll_losses: per-pair per-token NLL of the chosen response when rpo_alpha > 0, else None.
+    """
+
+    losses: Any
+    chosen_rewards: Any
+    rejected_rewards: Any
+    grad_policy_chosen_logps: Any
+    grad_policy_rejected_logps: Any
+    weight: Any
+    h: Any
+    nll_losses: Any = None
+
+    @property
+    def loss(self):
+        """The mean loss, a 0-d array on the device (no host sync)."""
+        xp = get_array_module(self.losses)
+        return xp.mean(self.losses)
+
+
+def dpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    rpo_alpha: float = 0.0,
+    chosen_token_counts=None,
+) -> DPOOutput:
+    """Eq. (7), the DPO loss, and its variants; each with its own analytic gradient.
+
+    With h = log pi_w/pi_ref_w - log pi_l/pi_ref_l, z = beta h, eps = label_smoothing:
+
+    ``"sigmoid"``   DPO, eq. (7); with eps > 0 conservative DPO (cDPO, the official code's form,
+                    which assumes each label is flipped with probability eps):
+                        loss = -(1 - eps) log sigma(z) - eps log sigma(-z)
+                        weight = (1 - eps) sigma(-z) - eps sigma(z)
+                    eps = 0 is eq. (7) and weight = sigma(-z) = sigma(r_hat_l - r_hat_w), eq. (9).
+                    eps in [0, 0.5]; at 0.5 the loss is symmetric in z and minimised at z = 0.
+    ``"robust"``    robust DPO (Chowdhury et al. 2024), an unbiased loss under flip rate eps:
+                        loss = ((1 - eps)(-log sigma(z)) - eps(-log sigma(-z))) / (1 - 2 eps)
+                        weight = ((1 - eps) sigma(-z) + eps sigma(z)) / (1 - 2 eps)
+                    eps in [0, 0.5). For eps > 0 the loss is unbounded below (~ -eps z / (1 - 2 eps)).
+    ``"ipo"``       IPO (Azar et al. 2023), a squared loss that pulls h to 1 / (2 beta):
+                        loss = (h - 1/(2 beta))^2
+                        weight = 2 (1/(2 beta) - h) / beta
+                    The paper scores sequences with summed log-probs; the official DPO code
+                    passes per-token averaged ones. Pick with average_logps_for("ipo", ...).
+    ``"hinge"``     SLiC (Zhao et al. 2023), a hinge on the reward margin:
+                        loss = max(0, 1 - z),     weight = 1[z < 1]   (subgradient 0 at z = 1)
+
+    In every case d loss_i / d h_i = -beta weight_i, hence the eq. (9) form of the gradient:
+        grad_policy_chosen_logps = -beta * weight / N,   grad_policy_rejected_logps = +beta * weight / N.
+
+    ``reference_free=True`` takes log pi_ref = 0 for both responses (ref log-probs may then
+    be None); the reported rewards are then beta log pi.
+
+    ``rpo_alpha > 0`` adds the RPO term (Pang et al. 2024): the per-token NLL of the chosen
+    response, loss_i += alpha * (-log pi(y_w|x) / n_w,i), with its gradient
+    -alpha / (n_w,i N) added to grad_policy_chosen_logps. It needs ``chosen_token_counts``
+    (the n_w of sequence_logps' cache; pass ones if the chosen log-probs are already
+    per-token means). The preference part of the gradient (``weight``) is unchanged.
+
+    Args:
+        policy_chosen_logps: (N,) float, log pi(y_w|x).
+        policy_rejected_logps: (N,) float, log pi(y_l|x).
+        ref_chosen_logps: (N,) float, log pi_ref(y_w|x), a constant (cast to the policy's dtype).
+        ref_rejected_logps: (N,) float, log pi_ref(y_l|x), a constant.
+        beta: KL coefficient, > 0 (the paper's 0.1 by default).
+        loss_type: one of LOSS_TYPES.
+        label_smoothing: eps, the assumed label-flip rate ("sigmoid" and "robust" only).
+        reference_free: treat the reference log-probs as 0.
+        rpo_alpha: weight of the chosen-response NLL term, >= 0.
+        chosen_token_counts: (N,) counted tokens of each chosen response (needed for rpo_alpha).
+    Returns:
+        DPOOutput (see its docstring); all (N,) arrays in the policy's dtype, on its device.
+    """
+    pi_w = _vector(policy_chosen_logps, "policy_chosen_logps")
+    n = pi_w.shape[0]
+    pi_l = _vector(policy_rejected_logps, "policy_rejected_logps", n)
+    if pi_l.dtype != pi_w.dtype:
+        raise TypeError(
+            f"policy_chosen_logps is {pi_w.dtype} but policy_rejected_logps is {pi_l.dtype}; pass one dtype"
+        )
+    xp = get_array_module(pi_w, pi_l)
+    dt = pi_w.dtype
+    b = _beta(beta)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(map(repr, LOSS_TYPES))}")
+    eps = float(label_smoothing)
+    if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
+        raise ValueError(f"label_smoothing (the label-flip rate eps) must lie in [0, 0.5] for 'sigmoid', got {label_smoothing!r}")
+    if loss_type == "robust" and not 0.0 <= eps < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5) for 'robust' (it divides by 1 - 2 eps), got {label_smoothing!r}")
+    if loss_type in ("ipo", "hinge") and eps != 0.0:
+        raise ValueError(f"label_smoothing applies to 'sigmoid' (cDPO) and 'robust' only, not {loss_type!r}; got {label_smoothing!r}")
+    alpha = float(rpo_alpha)
+    if not (math.isfinite(alpha) and alpha >= 0.0):
+        raise ValueError(f"rpo_alpha must be a finite number >= 0, got {rpo_alpha!r}")
+
+    # the reference: constants, or 0 when reference-free
+    if reference_free:
+        ref_w = xp.zeros(n, dtype=dt)  # (N,)
+        ref_l = xp.zeros(n, dtype=dt)  # (N,)
+    else:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError("ref_chosen_logps and ref_rejected_logps are required unless reference_free=True")
+        ref_w = _vector(ref_chosen_logps, "ref_chosen_logps", n).astype(dt, copy=False)
+        ref_l = _vector(ref_rejected_logps, "ref_rejected_logps", n).astype(dt, copy=False)
+
+    # eq. (8): implicit rewards (reported; constants for the gradient)
+    chosen_rewards = b * (pi_w - ref_w)  # (N,) r_hat_w
+    rejected_rewards = b * (pi_l - ref_l)  # (N,) r_hat_l
+
+    # the log-ratio margin and the reward margin
+    h = (pi_w - ref_w) - (pi_l - ref_l)  # (N,) log pi_w/pi_ref_w - log pi_l/pi_ref_l
+    z = b * h  # (N,) = r_hat_w - r_hat_l
+
+    if loss_type == "sigmoid":
+        # eq. (7), label-smoothed (cDPO); eps = 0 is eq. (7) exactly
+        losses = -(1.0 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
+        # eq. (9): d loss / d z = -[(1 - eps) sigma(-z) - eps sigma(z)];  eps = 0: weight = sigma(r_hat_l - r_hat_w)
+        weight = (1.0 - eps) * sigmoid(-z) - eps * sigmoid(z)
+    elif loss_type == "robust":
+        # ((1 - eps) * (-log sigma(z)) - eps * (-log sigma(-z))) / (1 - 2 eps)
+        losses = ((1.0 - eps) * -log_sigmoid(z) - eps * -log_sigmoid(-z)) / (1.0 - 2.0 * eps)
+        # d/dz -log sigma(z) = -sigma(-z);  d/dz -log sigma(-z) = sigma(z)
+        weight = ((1.0 - eps) * sigmoid(-z) + eps * sigmoid(z)) / (1.0 - 2.0 * eps)
+    elif loss_type == "ipo":
+        # (h - 1/(2 beta))^2 ;  d loss / d h = 2 (h - 1/(2 beta)) = -beta * weight
+        gap = h - 1.0 / (2.0 * b)
+        losses = gap * gap
+        weight = (-2.0 / b) * gap
+    else:  # "hinge"
+        # max(0, 1 - z) ;  d loss / d z = -1[z < 1]
+        losses = xp.maximum(1.0 - z, dt.type(0))
+        weight = (z < 1.0).astype(dt)
+
+    # d mean(loss) / d log pi_w = (1/N) d loss / d h = -beta * weight / N;  for log pi_l the opposite
+    grad_chosen = (-b / n) * weight  # (N,)
+    grad_rejected = (b / n) * weight  # (N,)
+
+    nll_losses = None
+    if alpha > 0.0:
+        if chosen_token_counts is None:
+            raise ValueError("rpo_alpha > 0 needs chosen_token_counts (the chosen responses' counted tokens)")
+        # counts come from sequence_logps, which refuses empty rows; no second host sync here
+        # (a zero count would still show up loudly, as an infinite loss)
+        nll_losses, nll_grad = nll_loss(pi_w, chosen_token_counts, validate=False)
+        losses = losses + alpha * nll_losses  # (N,)
+        grad_chosen = grad_chosen + alpha * nll_grad  # (N,) the two gradients add
+
+    return DPOOutput(
+        losses=losses,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        grad_policy_chosen_logps=grad_chosen,
+        grad_policy_rejected_logps=grad_rejected,
+        weight=weight,
+        h=h,
+        nll_losses=nll_losses,
+    )
+
+
+def average_logps_for(loss_type: str, ipo_convention: str = "per_token") -> bool:
+    """The ``average`` argument to give sequence_logps for a loss type: make the choice explicit.
+
+    Eq. (7) and its sigmoid/robust/hinge relatives score a response by its summed log-prob,
+    log pi(y|x), so they get False. IPO is where conventions differ:
+
+    - ``"summed"``: the IPO paper (Azar et al. 2023) defines its loss on sequence
+      log-probabilities, h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l), summed over tokens.
+    - ``"per_token"`` (default): the official DPO repository (and TRL) feed IPO per-token
+      averaged log-probs, which makes the target 1/(2 beta) independent of response length
+      (and means a suitable beta is larger than with summed log-probs).
+
+    Args:
+        loss_type: one of LOSS_TYPES.
+        ipo_convention: "per_token" or "summed"; only consulted for "ipo".
+    Returns:
+        True if the log-probs should be per-token means, False for sums.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(map(repr, LOSS_TYPES))}")
+    if ipo_convention not in IPO_CONVENTIONS:
+        raise ValueError(f"unknown ipo_convention {ipo_convention!r}; choose 'per_token' or 'summed'")
+    return loss_type == "ipo" and ipo_convention == "per_token"
+
+
+# ----------------------------------------------------------------------------------------------
+# the SFT term
+
+
+def nll_loss(policy_chosen_logps, chosen_token_counts, *, validate: bool = True):
+    """Per-token negative log-likelihood of each response, and the gradient of its mean.
+
+        loss_i = -log pi(y_i|x) / n_i                      (n_i = the response's counted tokens)
+        d mean(loss) / d log pi(y_i|x) = -1 / (n_i N)
+
+    Used alone it is the SFT loss (see sft_loss); scaled by alpha and added to a DPO loss it is
+    RPO (dpo_loss(..., rpo_alpha=alpha)). If the log-probs are already per-token means
+    (sequence_logps(average=True)), pass counts of ones.
+
+    Args:
+        policy_chosen_logps: (N,) float, summed log-probs log pi(y|x).
+        chosen_token_counts: (N,) positive ints (or floats), the counts from sequence_logps'
+            cache["token_counts"].
+        validate: check the counts are all > 0 (one host sync on a GPU).
+    Returns:
+        losses (N,), grad (N,), in the log-probs' dtype.
+    """
+    logps = _vector(policy_chosen_logps, "policy_chosen_logps")
+    xp = get_array_module(logps)
+    n = logps.shape[0]
+    counts = xp.asarray(chosen_token_counts)
+    if counts.shape != (n,):
+        raise ValueError(f"chosen_token_counts must be ({n},) to match the log-probs, got shape {tuple(counts.shape)}")
+    if validate and bool(xp.any(counts <= 0)):
+        raise ValueError("chosen_token_counts must all be > 0: a response with no counted token has no NLL to train on")
+    counts = counts.astype(logps.dtype)  # (N,)
+    losses = -logps / counts  # (N,)
+    grad = -1.0 / (counts * n)  # (N,)
+    return losses, grad
+
+
+sft_loss = nll_loss  # the SFT stage minimises exactly this: mean per-token NLL of the responses
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+
+def preference_metrics(out: DPOOutput, policy_chosen_logps, policy_rejected_logps, *, to_host: bool = False) -> dict:
+    """Batch means to log: the implicit rewards, how often they rank the pair right, the log-probs.
+
+    Keys: "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies" (fraction of pairs
+    with r_hat_w > r_hat_l), "rewards/margins" (mean r_hat_w - r_hat_l), "logps/chosen",
+    "logps/rejected".
+
+    The values are 0-d arrays on the inputs' device: computing them queues device work but does
+    not wait for it, so a training loop can keep them and read them once per log interval
+    (e.g. with ``{k: float(v) for k, v in m.items()}``). ``to_host=True`` returns Python floats
+    instead, which on a GPU waits for the device.
+
+    Args:
+        out: the DPOOutput of this batch.
+        policy_chosen_logps: (N,) the log pi(y_w|x) given to dpo_loss.
+        policy_rejected_logps: (N,) the log pi(y_l|x).
+    Returns:
+        dict of str -> 0-d array (or float with to_host=True).
+    """
+    xp = get_array_module(out.losses)
+    dt = out.losses.dtype
+    metrics = {
+        "loss": xp.mean(out.losses),
+        "rewards/chosen": xp.mean(out.chosen_rewards),
+        "rewards/rejected": xp.mean(out.rejected_rewards),
+        "rewards/accuracies": xp.mean((out.chosen_rewards > out.rejected_rewards).astype(dt)),
+        "rewards/margins": xp.mean(out.chosen_rewards - out.rejected_rewards),
+        "logps/chosen": xp.mean(policy_chosen_logps),
+        "logps/rejected": xp.mean(policy_rejected_logps),
+    }
+    if to_host:
+        return {k: float(to_numpy(v)) for k, v in metrics.items()}
+    return metrics
