@@ -244,7 +244,15 @@ def save_checkpoint(
     old = _old_path(path)
     if path.exists():
         os.replace(path, old)           # previous checkpoint kept as <path>.old
-    os.replace(tmp, path)               # the new one in place
+    try:
+        os.replace(tmp, path)           # the new one in place
+    except BaseException:
+        try:                            # put the previous one back (load_checkpoint would too)
+            if old.exists() and not path.exists():
+                os.replace(old, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync_dir(parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
