@@ -246,7 +246,7 @@ def test_argmax_pairs_are_best_against_worst():
     prompts = S.make_prompts(150, 0)
     pairs, stats = S.build_preference_pairs(prompts, pool_sampler(0), REWARD, n_samples=4, mode="argmax")
     assert stats["candidates"] == 150
-    assert stats["pairs"] + stats["ties"] + stats["identical"] == 150
+    assert stats["pairs"] + stats["ties"] + stats["identical"] + stats["empty"] == 150
     assert stats["pairs"] > 120 and stats["flipped"] == 0
     for p in pairs:
         assert p["chosen_reward"] > p["rejected_reward"]
@@ -338,6 +338,17 @@ def test_ties_and_identical_continuations_are_skipped_and_counted():
         pairs, st_ = S.build_preference_pairs(prompts, sampler, coded_reward, mode=mode, rng=0, skip_ties=False)
         assert (st_["identical"], st_["ties"], st_["pairs"]) == (10, 0, 20), (mode, st_)
         assert all(p["chosen"] != p["rejected"] for p in pairs)
+    # empty continuations: skipped and counted unless asked to keep them
+    def with_empty(prompts, n):
+        return [[" r=0.9 hi", "  "] if i % 2 else [" r=0.9 hi", " r=-0.9 lo"] for i in range(len(prompts))]
+
+    def reward_empty(texts):
+        return np.array([coded_reward([t])[0] if "r=" in t else 0.0 for t in texts])
+
+    _, st_ = S.build_preference_pairs(prompts, with_empty, reward_empty, mode="argmax")
+    assert (st_["empty"], st_["pairs"]) == (15, 15)
+    pairs, st_ = S.build_preference_pairs(prompts, with_empty, reward_empty, mode="argmax", skip_empty=False)
+    assert (st_["empty"], st_["pairs"]) == (0, 30) and pairs[1]["rejected"] == "  "
     # a tolerance widens what counts as a tie
     _, st_ = S.build_preference_pairs(prompts, sampler, coded_reward, mode="argmax", tie_tol=2.0)
     assert (st_["identical"], st_["ties"], st_["pairs"]) == (10, 20, 0)

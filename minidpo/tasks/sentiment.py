@@ -23,8 +23,9 @@ CPU cores in minutes:
   byte-level BPE of ~500 tokens trained on the corpus, fitted in a minute or two on a CPU.
   So the world is regular (a handful of templates, each word frequent), reviews are
   ``MIN_REVIEW_WORDS``..``MAX_REVIEW_WORDS`` (12..24) words, and the vocabulary is small
-  enough that a 500-token BPE makes most words one or two tokens: a review is ~29 tokens
-  on average and under 50 (see the README for the measured distribution). Sentiment lives
+  enough that a 500-token BPE makes most words one or two tokens (measured with
+  :class:`minidpo.tokenizer.BPETokenizer` trained on 3000 reviews at 500 tokens: a review
+  is 13-51 tokens, median 29, 99th percentile 44; at 700 tokens, at most 39). Sentiment lives
   in a few dozen interchangeable words in fixed slots, so the SFT model's samples differ
   mainly in the words DPO must learn to prefer.
 - **The ground truth** (:class:`SentimentReward`). Instead of a RoBERTa classifier the
@@ -189,7 +190,7 @@ def _opener(rng: np.random.Generator) -> tuple[list[str], str]:
         return _words("my", _pick(rng, _RELATIVES), "and i", watch) + _film_np(rng) + ["and"], "clause"
     if k == 4:  # this movie came out last year and
         return _film_np(rng) + _words("came out", _pick(rng, _WHEN_RELEASED), "and"), "clause"
-    if k == 5:  # so i finally caught this picture and
+    if k == 5:  # so i finally caught this sequel and
         return _words("so i finally", watch) + _film_np(rng) + ["and"], "clause"
     if k == 6:  # this musical is set in paris and
         return _film_np(rng) + _words("is set in", _pick(rng, _PLACES), "and"), "clause"
@@ -225,7 +226,7 @@ def _sentiment_clause(rng: np.random.Generator, sign: int) -> list[str]:
     plural = rng.random() < 0.25
     subject = _pick(rng, _SUBJECTS_PLURAL if plural else _SUBJECTS_SINGULAR)
     k = int(rng.integers(10))
-    if k <= 4:  # the acting was very superb
+    if k <= 4:  # the acting was really superb
         return _words(subject) + _predicate(rng, sign, plural)
     if k == 5:  # i loved the soundtrack
         return _words("i", _pick(rng, lex["verbs_past"]), subject)
@@ -550,6 +551,7 @@ def build_preference_pairs(
     temperature: float = 1.0,
     pairing: str = "all",
     tie_tol: float = 0.0,
+    skip_empty: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Label continuations sampled from the SFT policy with the ground-truth reward.
 
@@ -570,7 +572,10 @@ def build_preference_pairs(
     A candidate pair whose two continuations are the same string is always skipped
     (``stats["identical"]``: it carries no preference, and chosen == rejected gives DPO a
     zero gradient). A pair with ``|r_a - r_b| <= tie_tol`` is skipped when ``skip_ties``
-    (``stats["ties"]``); otherwise it is kept (in "bt" it is then a fair coin).
+    (``stats["ties"]``); otherwise it is kept (in "bt" it is then a fair coin). A pair with
+    an empty (whitespace-only) continuation is skipped when ``skip_empty``
+    (``stats["empty"]``): such a response has no token to train on, and
+    :mod:`minidpo.data` refuses it. Checks run in that order; each skipped pair is counted once.
 
     Args:
         prompts: N prompt strings.
@@ -585,13 +590,14 @@ def build_preference_pairs(
         temperature: > 0, the Bradley-Terry scale ("bt" only).
         pairing: "all" or "disjoint" ("bt" only).
         tie_tol: >= 0; rewards closer than this count as a tie.
+        skip_empty: drop pairs with a whitespace-only continuation.
 
     Returns:
         ``(pairs, stats)``. pairs: list of dicts ``{"prompt", "chosen", "rejected",
         "chosen_reward", "rejected_reward"}`` (chosen/rejected are continuations, without the
         prompt; rewards are Python floats), in prompt order. stats (JSON-ready): ``mode``,
         ``temperature``, ``n_prompts``, ``n_samples``, ``candidates`` (pairs considered),
-        ``pairs`` (kept), ``identical``, ``ties``, ``flipped`` (kept pairs whose chosen reward
+        ``pairs`` (kept), ``identical``, ``ties``, ``empty``, ``flipped`` (kept pairs whose chosen reward
         is lower: label noise), ``mean_reward`` (all samples), ``mean_chosen_reward``,
         ``mean_rejected_reward`` (None if no pair was kept).
     """
@@ -655,7 +661,7 @@ def build_preference_pairs(
             cand.append((i, a, b))
 
     pairs: list[dict[str, Any]] = []
-    identical = ties = flipped = 0
+    identical = ties = empty = flipped = 0
     for c, (i, a, b) in enumerate(cand):
         ya, yb, ra, rb = samples[i][a], samples[i][b], float(r[i, a]), float(r[i, b])
         if ya == yb:
@@ -663,6 +669,9 @@ def build_preference_pairs(
             continue
         if abs(ra - rb) <= tie_tol and skip_ties:
             ties += 1
+            continue
+        if skip_empty and not (ya.strip() and yb.strip()):
+            empty += 1
             continue
         if mode == "bt":
             p_a = float(_sigmoid(np.float64((ra - rb) / temperature)))  # eq. (1)
@@ -683,6 +692,7 @@ def build_preference_pairs(
         "pairs": len(pairs),
         "identical": identical,
         "ties": ties,
+        "empty": empty,
         "flipped": int(flipped),
         "mean_reward": float(r.mean()) if r.size else None,
         "mean_chosen_reward": float(np.mean([p["chosen_reward"] for p in pairs])) if pairs else None,
