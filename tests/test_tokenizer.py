@@ -147,3 +147,21 @@ def test_bad_arguments():
         t.encode(b"bytes")
     with pytest.raises(ValueError, match="out of range"):
         t.decode([t.vocab_size])
+
+
+@pytest.fixture(scope="module")
+def hf_slow_gpt2(tmp_path_factory):
+    """transformers' pure-Python GPT2Tokenizer on the same vocab.json + merges.txt: an independent
+    implementation of GPT-2's byte-level BPE (its byte map, its regex, its merge loop)."""
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("gpt2files")
+    _ROUNDTRIP_TOK.backend_tokenizer.model.save(str(d))
+    ours = BPETokenizer.from_vocab_merges(d / "vocab.json", d / "merges.txt")
+    return ours, transformers.GPT2Tokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
+
+
+@given(st.text(max_size=80).filter(lambda s: "<|" not in s))  # HF parses special-token text; we do not
+def test_matches_independent_gpt2_implementation(hf_slow_gpt2, s):
+    ours, theirs = hf_slow_gpt2
+    assert ours.encode(s) == theirs.encode(s)
+    assert ours.decode(ours.encode(s)) == theirs.decode(theirs.encode(s)) == s
