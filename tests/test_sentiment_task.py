@@ -125,7 +125,8 @@ def test_reward_contract():
     assert r[0] > 0.3 and r[1] < -0.3 and r[2] == 0.0 and r[3] == 0.0 and r[4] == 0.0
     assert np.array_equal(r, REWARD(texts))  # deterministic
     assert REWARD([]).shape == (0,) and REWARD([]).dtype == np.float64
-    assert np.array_equal(REWARD.score(["the plot was", "x"], [" superb.", " y"]), REWARD(["the plot was superb.", "x y"]))
+    joined = REWARD.score(["the plot was", "x"], [" superb.", " y"])
+    assert np.array_equal(joined, REWARD(["the plot was superb.", "x y"]))
     with pytest.raises(TypeError, match="single str"):
         REWARD("the plot was superb.")
     with pytest.raises(TypeError, match=r"texts\[1\]"):
@@ -185,7 +186,7 @@ def test_split_review_on_generated_text():
 
 
 @given(
-    st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=8), min_size=1, max_size=12),
+    st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=8), min_size=1, max_size=12),
     st.integers(1, 12),
 )
 def test_split_review_property(chunks, k):
@@ -235,7 +236,8 @@ def pool_sampler(seed):
 
 def coded_sampler(prompts, n):
     """Continuations that spell their reward: " r=<value> #<index>"."""
-    return [[f" r={(i * 7 + j * 3) % 11 / 5 - 1:.1f} #{j}" for j in range(n)] for i in range(len(prompts))]
+    return [[f" r={(i * 7 + j * 3) % 11 / 5 - 1:.1f} #{j}" for j in range(n)]
+            for i in range(len(prompts))]
 
 
 def coded_reward(texts):
@@ -290,7 +292,8 @@ def test_bt_at_high_temperature_is_a_coin_flip():
 def test_bt_follows_eq1_at_unit_temperature():
     # every pair has reward gap |r1 - r2| = 1.2 exactly: p(higher chosen) = sigma(1.2)
     def sampler(prompts, n):
-        return [[" r=0.6 a", " r=-0.6 b"] if i % 2 else [" r=-0.6 b", " r=0.6 a"] for i in range(len(prompts))]
+        rows = ([" r=0.6 a", " r=-0.6 b"], [" r=-0.6 b", " r=0.6 a"])
+        return [list(rows[i % 2]) for i in range(len(prompts))]
 
     pairs, stats = S.build_preference_pairs(
         [f"p{i}" for i in range(6000)], sampler, coded_reward, mode="bt", temperature=1.0, rng=7
@@ -332,10 +335,11 @@ def test_ties_and_identical_continuations_are_skipped_and_counted():
 
     prompts = [f"p{i}" for i in range(30)]
     for mode in ("bt", "argmax"):
-        pairs, st_ = S.build_preference_pairs(prompts, sampler, coded_reward, mode=mode, rng=0, temperature=1e-9)
+        kw = dict(mode=mode, rng=0)
+        pairs, st_ = S.build_preference_pairs(prompts, sampler, coded_reward, temperature=1e-9, **kw)
         assert (st_["identical"], st_["ties"], st_["pairs"]) == (10, 10, 10), (mode, st_)
         assert all(p["chosen"] == " r=0.9 hi" for p in pairs)
-        pairs, st_ = S.build_preference_pairs(prompts, sampler, coded_reward, mode=mode, rng=0, skip_ties=False)
+        pairs, st_ = S.build_preference_pairs(prompts, sampler, coded_reward, skip_ties=False, **kw)
         assert (st_["identical"], st_["ties"], st_["pairs"]) == (10, 0, 20), (mode, st_)
         assert all(p["chosen"] != p["rejected"] for p in pairs)
     # empty continuations: skipped and counted unless asked to keep them

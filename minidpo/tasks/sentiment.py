@@ -347,7 +347,7 @@ def _prompt_lengths(n_prompt_words: int | tuple[int, int], n: int, rng: np.rando
     if isinstance(n_prompt_words, (tuple, list)):
         if len(n_prompt_words) != 2:
             raise ValueError(f"n_prompt_words range must be (lo, hi), got {n_prompt_words!r}")
-        lo, hi = (int(v) for v in n_prompt_words)
+        lo, hi = (_check_count("n_prompt_words", v) for v in n_prompt_words)
     else:
         lo = hi = _check_count("n_prompt_words", n_prompt_words)
     if not 1 <= lo <= hi <= MAX_PROMPT_WORDS:
@@ -372,7 +372,8 @@ def split_review(text: str, n_prompt_words: int) -> tuple[str, str]:
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if isinstance(n_prompt_words, bool) or not isinstance(n_prompt_words, (int, np.integer)) or n_prompt_words < 1:
+    k = n_prompt_words
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"n_prompt_words must be an int >= 1, got {n_prompt_words!r}")
     spans = [m.end() for m in re.finditer(r"\S+", text)]
     if len(spans) <= n_prompt_words:
