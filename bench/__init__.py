@@ -1,0 +1,1 @@
+"""Benchmarks and the PyTorch reference model (torch is used here only, never in minidpo/)."""
