@@ -351,6 +351,14 @@ def rng_from_state(rng_state: dict) -> np.random.Generator:
     return np.random.Generator(bg)
 
 
+def has_checkpoint(path: str | os.PathLike) -> bool:
+    """True when :func:`load_checkpoint` would find a checkpoint at ``path``: its
+    trainer_state.json exists, or an interrupted save left ``<path>.old`` holding one.
+    (Use this rather than testing for trainer_state.json, which misses the .old case.)"""
+    path = Path(path)
+    return (path / STATE_FILE).is_file() or (not path.exists() and (_old_path(path) / STATE_FILE).is_file())
+
+
 # ============================================================================ run directories
 
 
@@ -382,6 +390,6 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "rng_from_state",
+    "Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "has_checkpoint", "rng_from_state",
     "checkpoint_dir", "latest_checkpoint", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE",
 ]

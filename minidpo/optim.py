@@ -100,6 +100,14 @@ class AdamW:
         lr = self.lr if lr is None else float(lr)
         if not (lr >= 0.0 and math.isfinite(lr)):
             raise ValueError(f"lr must be finite and >= 0, got {lr}")
+        for name, m in self.m.items():  # check everything first: a bad entry updates nothing
+            p, g = params[name], grads[name]
+            if p.shape != m.shape or g.shape != m.shape:
+                raise ValueError(f"AdamW.step: {name!r} has param {p.shape}, grad {g.shape}, "
+                                 f"expected {m.shape}")
+            if p.dtype != m.dtype or g.dtype != m.dtype:
+                raise TypeError(f"AdamW.step: {name!r} has param {p.dtype}, grad {g.dtype}; expected "
+                                f"{m.dtype} for both (no silent casts)")
         self.t += 1
         b1, b2, eps, t = self.beta1, self.beta2, self.eps, self.t
         bc1 = 1.0 - b1**t                     # bias corrections, host floats: no device sync
@@ -107,17 +115,11 @@ class AdamW:
         step_size = lr / bc1                  # lr * m_hat = (lr / bc1) * m
         for name, m in self.m.items():
             p, g, v = params[name], grads[name], self.v[name]
-            if p.shape != m.shape or g.shape != m.shape:
-                raise ValueError(f"AdamW.step: {name!r} has param {p.shape}, grad {g.shape}, "
-                                 f"expected {m.shape}")
-            if p.dtype != m.dtype:
-                raise TypeError(f"AdamW.step: {name!r} is {p.dtype} but its moments are {m.dtype}")
-            wd = self.weight_decay if self.decay[name] else 0.0
-            xp = get_array_module(p)
-            if xp is not np:  # pragma: no cover - needs a GPU
-                _adamw_kernel(xp)(g, b1, b2, eps, step_size, sqrt_bc2, lr * wd, p, m, v)
+            lr_wd = lr * self.weight_decay if self.decay[name] else 0.0
+            if get_array_module(p) is not np:  # pragma: no cover - needs a GPU
+                _adamw_kernel(get_array_module(p))(g, b1, b2, eps, step_size, sqrt_bc2, lr_wd, p, m, v)
             else:
-                _adamw_array(p, g, m, v, b1, b2, eps, step_size, sqrt_bc2, lr * wd)
+                _adamw_array(p, g, m, v, b1, b2, eps, step_size, sqrt_bc2, lr_wd)
 
     # ------------------------------------------------------------------ state
 
@@ -275,7 +277,8 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, schedu
                                  min = min_lr_ratio * base_lr      (reached at total_steps; kept after)
 
     Args:
-        step: >= 0; base_lr: >= 0; warmup_steps: W >= 0; total_steps: >= W (cosine: > 0);
+        step: >= 0; base_lr: >= 0; warmup_steps: W >= 0; total_steps: >= 0 (when it is <= W the
+        run ends during or right after warmup; cosine then drops to min after step W);
         schedule: "constant" or "cosine"; min_lr_ratio: in [0, 1].
     Returns:
         a Python float.
@@ -286,8 +289,8 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, schedu
         raise ValueError(f"step must be an int >= 0, got {step!r}")
     if int(warmup_steps) != warmup_steps or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-    if int(total_steps) != total_steps or total_steps < warmup_steps or (schedule == "cosine" and total_steps < 1):
-        raise ValueError(f"total_steps must be an int >= warmup_steps ({warmup_steps}), got {total_steps!r}")
+    if int(total_steps) != total_steps or total_steps < 0:
+        raise ValueError(f"total_steps must be an int >= 0, got {total_steps!r}")
     if not (base_lr >= 0.0 and math.isfinite(base_lr)):
         raise ValueError(f"base_lr must be finite and >= 0, got {base_lr}")
     if not 0.0 <= min_lr_ratio <= 1.0:

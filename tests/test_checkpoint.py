@@ -11,6 +11,7 @@ from minidpo import checkpoint as ck
 from minidpo.checkpoint import (
     CheckpointError,
     checkpoint_dir,
+    has_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     rng_from_state,
@@ -138,6 +139,7 @@ def test_crash_between_renames_recovers_old(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert calls["n"] == 3  # the save did try to put the old checkpoint back
     assert not path.exists() and (tmp_path / "ck.old").is_dir()
+    assert has_checkpoint(path) and not (path / "trainer_state.json").exists()
     assert any(p.name.startswith(".ck.tmp-") for p in tmp_path.iterdir())
     assert latest_checkpoint(tmp_path) is None  # not a step_N layout here
     c = load_checkpoint(path)  # recovers ck.old -> ck
@@ -169,6 +171,7 @@ def test_failed_final_rename_rolls_back(tmp_path, monkeypatch):
 def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing")
+    assert not has_checkpoint(tmp_path / "missing")
     path = save_checkpoint(tmp_path / "ck", make_params(0), CONFIG, step=1,
                            optimizer_state=AdamW(make_params(0)).state_dict())
     state_file = path / "trainer_state.json"

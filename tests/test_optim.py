@@ -123,11 +123,14 @@ def test_step_errors():
     rng = np.random.default_rng(4)
     params = make_params(rng, np.float32)
     opt = AdamW(params)
-    grads = {k: np.zeros_like(v) for k, v in params.items()}
+    grads = {k: np.ones_like(v) for k, v in params.items()}
     with pytest.raises(KeyError, match="missing"):
         opt.step(params, {k: v for k, v in grads.items() if k != "wte.weight"})
     with pytest.raises(ValueError, match="shape|expected"):
         opt.step(params, dict(grads, **{"wte.weight": np.zeros((2, 5), np.float32)}))
+    with pytest.raises(TypeError, match="no silent casts"):
+        opt.step(params, dict(grads, **{"wte.weight": np.zeros((5, 2), np.float64)}))
+    assert opt.step_count == 0 and all(not m.any() for m in opt.m.values())  # failed steps changed nothing
     with pytest.raises(ValueError, match="betas"):
         AdamW(params, betas=(0.9, 1.0))
     with pytest.raises(TypeError, match="floating"):
@@ -238,7 +241,9 @@ def test_lr_schedule_values():
     assert lr_at(20, base, 4, 20, "cosine", min_lr_ratio=0.1) == pytest.approx(0.2)
     assert lr_at(50, base, 4, 20, "cosine", min_lr_ratio=0.1) == pytest.approx(0.2)
     assert lr_at(20, base, 4, 20, "cosine") == pytest.approx(0.0, abs=1e-15)
-    for bad in [dict(schedule="linear"), dict(step=-1), dict(warmup_steps=30), dict(min_lr_ratio=2.0)]:
+    # a run shorter than its warmup: still warming up when it ends (no error)
+    assert [lr_at(s, base, 10, 3, "cosine") for s in range(3)] == [0.2, 0.4, pytest.approx(0.6)]
+    for bad in [dict(schedule="linear"), dict(step=-1), dict(total_steps=-1), dict(warmup_steps=-2), dict(base_lr=math.nan), dict(min_lr_ratio=2.0)]:
         kw = dict(step=0, base_lr=1.0, warmup_steps=4, total_steps=20)
         kw.update(bad)
         with pytest.raises(ValueError):
