@@ -57,8 +57,8 @@ def logsumexp(x, axis: int = -1, keepdims: bool = False):
         logsumexp(x) = m + log(sum(exp(x - m))),   m = max(x)
 
     Subtracting the max keeps every exponent <= 0, so nothing overflows; the largest term is
-    exp(0) = 1, so the log never sees 0. A slice that is entirely -inf gives -inf (its m is
-    replaced by 0 so that no -inf - -inf = nan appears). Terms far below the max underflow to 0
+    exp(0) = 1, so the log never sees 0. A slice whose max is not finite returns that max: an
+    all -inf slice gives -inf (log 0) with no -inf - -inf = nan and no divide-by-zero event. Terms far below the max underflow to 0
     in ``exp``, which is harmless: they are below the result's precision.
 
     Args:
@@ -70,9 +70,10 @@ def logsumexp(x, axis: int = -1, keepdims: bool = False):
     """
     xp = get_array_module(x)
     m = xp.max(x, axis=axis, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, x.dtype.type(0))  # all -inf slice -> m = 0, not nan
-    s = xp.sum(xp.exp(x - m), axis=axis, keepdims=True)
-    out = m + xp.log(s)
+    finite = xp.isfinite(m)
+    m0 = xp.where(finite, m, x.dtype.type(0))  # an all -inf slice: shift by 0, not by -inf (nan)
+    s = xp.sum(xp.exp(x - m0), axis=axis, keepdims=True)  # >= 1 wherever m is finite
+    out = xp.where(finite, m0 + xp.log(xp.where(finite, s, x.dtype.type(1))), m)  # else the max itself
     return out if keepdims else xp.squeeze(out, axis=axis)
 
 

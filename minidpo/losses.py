@@ -474,15 +474,17 @@ def preference_metrics(out: DPOOutput, policy_chosen_logps, policy_rejected_logp
     """
     xp = get_array_module(out.losses)
     dt = out.losses.dtype
-    metrics = {
-        "loss": xp.mean(out.losses),
-        "rewards/chosen": xp.mean(out.chosen_rewards),
-        "rewards/rejected": xp.mean(out.rejected_rewards),
-        "rewards/accuracies": xp.mean((out.chosen_rewards > out.rejected_rewards).astype(dt)),
-        "rewards/margins": xp.mean(out.chosen_rewards - out.rejected_rewards),
-        "logps/chosen": xp.mean(policy_chosen_logps),
-        "logps/rejected": xp.mean(policy_rejected_logps),
+    means = {
+        "loss": out.losses,
+        "rewards/chosen": out.chosen_rewards,
+        "rewards/rejected": out.rejected_rewards,
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).astype(dt),
+        "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+        "logps/chosen": xp.asarray(policy_chosen_logps),
+        "logps/rejected": xp.asarray(policy_rejected_logps),
     }
+    # xp.asarray: NumPy reductions return scalars, CuPy's 0-d arrays; give 0-d arrays on both
+    metrics = {k: xp.asarray(xp.mean(v)) for k, v in means.items()}
     if to_host:
         return {k: float(to_numpy(v)) for k, v in metrics.items()}
     return metrics
