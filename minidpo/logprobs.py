@@ -72,7 +72,9 @@ def logsumexp(x, axis: int = -1, keepdims: bool = False):
     m = xp.max(x, axis=axis, keepdims=True)
     finite = xp.isfinite(m)
     m0 = xp.where(finite, m, x.dtype.type(0))  # an all -inf slice: shift by 0, not by -inf (nan)
-    s = xp.sum(xp.exp(x - m0), axis=axis, keepdims=True)  # >= 1 wherever m is finite
+    e = x - m0  # one temporary of x's size ...
+    xp.exp(e, out=e)  # ... exponentiated in place
+    s = xp.sum(e, axis=axis, keepdims=True)  # >= 1 wherever m is finite
     out = xp.where(finite, m0 + xp.log(xp.where(finite, s, x.dtype.type(1))), m)  # else the max itself
     return out if keepdims else xp.squeeze(out, axis=axis)
 

@@ -328,8 +328,9 @@ def dpo_loss(
     else:
         if ref_chosen_logps is None or ref_rejected_logps is None:
             raise ValueError("ref_chosen_logps and ref_rejected_logps are required unless reference_free=True")
-        ref_w = _vector(ref_chosen_logps, "ref_chosen_logps", n).astype(dt, copy=False)
-        ref_l = _vector(ref_rejected_logps, "ref_rejected_logps", n).astype(dt, copy=False)
+        # xp.asarray: cached reference log-probs may live on the host while the policy is on the GPU
+        ref_w = xp.asarray(_vector(ref_chosen_logps, "ref_chosen_logps", n)).astype(dt, copy=False)
+        ref_l = xp.asarray(_vector(ref_rejected_logps, "ref_rejected_logps", n)).astype(dt, copy=False)
 
     # eq. (8): implicit rewards (reported; constants for the gradient)
     chosen_rewards = b * (pi_w - ref_w)  # (N,) r_hat_w
