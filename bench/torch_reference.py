@@ -72,7 +72,8 @@ class TorchGPT(torch.nn.Module):
         for name, t in torch_params_from_numpy(params_numpy, device, dtype).items():
             self.register_parameter(name.replace(".", "__"), torch.nn.Parameter(t))
         C, L = self.config["n_embd"], self.config["n_layer"]
-        needed = ["transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"]
+        needed = ["transformer.wte.weight", "transformer.wpe.weight"]
+        needed += ["transformer.ln_f.weight", "transformer.ln_f.bias"]
         needed += [f"transformer.h.{i}.{s}" for i in range(L) for s in (
             "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
             "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",

@@ -325,7 +325,7 @@ def attention_bias(xp, dtype, t_q, t_k, offset=0, key_mask=None):
     queries never see pad keys.
 
     Built with ``xp`` on the device. Without a key mask the (t_q, t_k) array is computed once
-    per (device, dtype, shape, offset) and reused.
+    per (device, dtype, shape, offset) and reused: treat it as read-only.
 
     Args:
         xp: numpy or cupy.
@@ -345,6 +345,8 @@ def attention_bias(xp, dtype, t_q, t_k, offset=0, key_mask=None):
                 _BIAS_CACHE.clear()
             allowed = xp.arange(t_k)[None, :] <= (offset + xp.arange(t_q))[:, None]  # (t_q, t_k)
             bias = xp.where(allowed, np.dtype(dtype).type(0), np.dtype(dtype).type(-math.inf)).astype(dtype)
+            if xp is np:
+                bias.flags.writeable = False  # shared by every call: read-only
             _BIAS_CACHE[key] = bias
         return bias
     j = xp.arange(t_k)[None, :]  # (1, t_k)
@@ -358,6 +360,10 @@ def attention_bias(xp, dtype, t_q, t_k, offset=0, key_mask=None):
 
 def _split_heads(qkv, n_head):
     """(B, T, 3C) -> three (B, H, T, D) views of q, k, v (no copy)."""
+    if qkv.ndim != 3 or qkv.shape[-1] % 3 or (qkv.shape[-1] // 3) % n_head:
+        raise ValueError(
+            f"qkv must have shape (B, T, 3C) with C divisible by n_head={n_head}, got {tuple(qkv.shape)}"
+        )
     B, T, C3 = qkv.shape
     C = C3 // 3
     qkv5 = qkv.reshape(B, T, 3, n_head, C // n_head)  # (B, T, 3, H, D)

@@ -270,7 +270,8 @@ def _as_int_array(a, name, xp, ndims):
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got dtype {a.dtype}")
     if a.ndim not in ndims:
-        raise ValueError(f"{name} must have {' or '.join(str(n) for n in ndims)} dimensions, got shape {tuple(a.shape)}")
+        want = " or ".join(str(n) for n in ndims)
+        raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(a.shape)}")
     return xp.asarray(a)
 
 

@@ -207,10 +207,18 @@ def test_attention_kv_chunks_equal_full_attention(B, T, H, D, masked, seed, data
     close(np.concatenate(outs, axis=1), y_full, rtol=1e-12, atol=1e-12)
 
 
+def test_attention_rejects_badly_shaped_qkv():
+    with pytest.raises(ValueError, match="n_head=4"):
+        L.attention_forward(np.zeros((1, 2, 18)), 4)
+    with pytest.raises(ValueError, match="3C"):
+        L.attention_forward(np.zeros((1, 2, 10)), 1)
+
+
 def test_attention_bias_is_reused_and_typed():
     b1 = L.attention_bias(np, np.float32, 5, 5)
     b2 = L.attention_bias(np, np.float32, 5, 5)
     assert b1 is b2 and b1.dtype == np.float32 and b1.shape == (5, 5)
+    assert not b1.flags.writeable
     assert (b1[np.tril_indices(5)] == 0).all() and np.isneginf(b1[np.triu_indices(5, 1)]).all()
     bm = L.attention_bias(np, np.float64, 3, 5, offset=2, key_mask=np.array([[0, 1, 1, 0, 1]]))
     assert bm.shape == (1, 1, 3, 5) and bm.dtype == np.float64
