@@ -194,7 +194,8 @@ def token_logps(logits, labels, loss_mask=None, *, validate: bool = True):
         logits: (B, T, V) float32 or float64.
         labels: (B, T) int, the input ids.
         loss_mask: optional (B, T) bool or 0/1 over label positions (see the module docstring).
-        validate: check that every counted label lies in [0, V) (one host sync on a GPU).
+        validate: check that every counted label lies in [0, V) (one host sync on a GPU);
+            unchecked, out-of-range labels are clipped into [0, V) rather than reported.
     Returns:
         (B, T-1) array of logits' dtype.
     """
@@ -208,12 +209,16 @@ def token_logps(logits, labels, loss_mask=None, *, validate: bool = True):
                 f"token_logps: labels at positions 1..T-1 must lie in [0, V={V}) when no loss_mask is "
                 f"given; rows {_first_bad_rows(bad)} do not (pass loss_mask to ignore -100/padding)"
             )
+        if not validate:
+            shifted = xp.clip(shifted, 0, V - 1)  # never read outside the vocabulary, even unchecked
         lp, _ = _token_logps(logits, shifted)
         return lp
     mask = _shifted_mask(loss_mask, B, T, xp)  # (B, T-1) bool
     if validate:
         _check_counted_labels(shifted, mask, V, xp)
     safe = xp.where(mask, shifted, 0)  # (B, T-1) never index with an ignored label
+    if not validate:
+        safe = xp.clip(safe, 0, V - 1)
     lp, _ = _token_logps(logits, safe)
     return xp.where(mask, lp, logits.dtype.type(0))
 
@@ -318,8 +323,8 @@ def sequence_logps_backward(dlogps, cache, *, overwrite_logits: bool = False):
         cache: from sequence_logps.
         overwrite_logits: reuse the forward's logits array as the output buffer, saving one
             (B, T, V) allocation. The logits are destroyed: use only when nothing else reads them
-            afterwards (e.g. the model keeps no reference to them), call at most once per cache,
-            and note that the logits must be a writable, contiguous array the caller owns.
+            afterwards (e.g. the model keeps no reference to them) and call at most once per
+            cache; the logits must be a writable array the caller owns.
     Returns:
         dlogits: (B, T, V), the logits' dtype.
     """
