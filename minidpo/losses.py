@@ -235,7 +235,7 @@ class DPOOutput:
     def loss(self):
         """The mean loss, a 0-d array on the device (no host sync)."""
         xp = get_array_module(self.losses)
-        return xp.mean(self.losses)
+        return xp.asarray(xp.mean(self.losses))
 
 
 def dpo_loss(
