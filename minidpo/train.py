@@ -175,25 +175,29 @@ def dpo_step(params: dict, model_config: GPTConfig, batch: dict, ref_chosen, ref
     Returns (loss (0-d device array), metrics dict of 0-d device arrays, grads dict)."""
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     n = input_ids.shape[0] // 2
-    logits, model_cache = gpt_forward(params, input_ids, model_config)  # (2N, T, V)
-    logps, lp_cache = sequence_logps(logits, input_ids, loss_mask, average=tc.average_logps)  # (2N,)
+    # token ids and non-empty responses were checked once for the whole dataset
+    # (check_token_ids), so the per-step value checks, a host sync each on a GPU, are skipped
+    logits, model_cache = gpt_forward(params, input_ids, model_config, validate=False)  # (2N, T, V)
+    logps, lp_cache = sequence_logps(logits, input_ids, loss_mask, average=tc.average_logps, validate=False)  # (2N,)
     del logits
     policy_chosen, policy_rejected = logps[:n], logps[n:]  # (N,), (N,)
+    xp = get_array_module(logps)
     kwargs = {}
     if tc.rpo_alpha:
+        # the NLL term is a per-token mean: summed log-probs are divided by their token counts;
+        # per-token-mean log-probs (average_logps) already are, so their counts are ones
+        counts = lp_cache["token_counts"][:n]
         kwargs["rpo_alpha"] = tc.rpo_alpha
-        kwargs["chosen_token_counts"] = loss_mask[:n, 1:].sum(axis=1)
+        kwargs["chosen_token_counts"] = xp.ones_like(counts) if tc.average_logps else counts
     out = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=tc.beta,
                    loss_type=tc.loss_type, label_smoothing=tc.label_smoothing,
                    reference_free=tc.reference_free, **kwargs)
-    xp = get_array_module(logps)
     # eq. 9: the gradient reaches the two log-probs with weight sigma(r_l - r_w), opposite signs
     dlogps = xp.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps])  # (2N,)
     dlogits = sequence_logps_backward(dlogps.astype(logps.dtype, copy=False), lp_cache)  # (2N, T, V)
     grads = gpt_backward(dlogits, model_cache)
     metrics = preference_metrics(out, policy_chosen, policy_rejected)
-    loss = out.losses.mean()
-    return loss, metrics, grads
+    return out.loss, metrics, grads
 
 
 def sft_step(params: dict, model_config: GPTConfig, batch: dict):
@@ -202,8 +206,8 @@ def sft_step(params: dict, model_config: GPTConfig, batch: dict):
     batch: ``input_ids`` (B, T) int, ``loss_mask`` (B, T) bool over response tokens.
     Returns (loss (0-d device array), grads dict)."""
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-    logits, model_cache = gpt_forward(params, input_ids, model_config)  # (B, T, V)
-    logps, lp_cache = sequence_logps(logits, input_ids, loss_mask)  # (B,) summed
+    logits, model_cache = gpt_forward(params, input_ids, model_config, validate=False)  # (B, T, V)
+    logps, lp_cache = sequence_logps(logits, input_ids, loss_mask, validate=False)  # (B,) summed
     del logits
     xp = get_array_module(logps)
     # per-token mean over the whole batch: L = -sum_b logps_b / sum_b n_b
@@ -371,6 +375,22 @@ def _global_norm(grads: dict):
     return xp.sqrt(total)
 
 
+def check_token_ids(rows, vocab_size: int, what: str) -> None:
+    """Once per dataset, on the host: every token id fits the model's vocabulary and every
+    response has at least one token (what the training step then no longer checks).
+
+    rows: TokenizedSFT items or TokenizedPair items."""
+    for i, r in enumerate(rows):
+        seqs = [r.prompt_ids, r.response_ids] if hasattr(r, "response_ids") else [r.prompt_ids, r.chosen_ids, r.rejected_ids]
+        if any(len(s) == 0 for s in seqs[1:]):
+            raise ValueError(f"{what} item {i} ({getattr(r, 'source', '')}): empty response")
+        hi = max(max(s) for s in seqs if s)
+        lo = min(min(s) for s in seqs if s)
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{what} item {i} ({getattr(r, 'source', '')}): token id {hi if hi >= vocab_size else lo} "
+                             f"outside the model's vocabulary [0, {vocab_size}); was it tokenized with another tokenizer?")
+
+
 # ---------------------------------------------------------------------------------------------
 # the two stages
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +408,9 @@ def train_sft(
     backend = get_backend(backend)
     if not items:
         raise ValueError("SFT needs at least one example")
+    check_token_ids(items, model_config.vocab_size, "SFT")
+    if eval_items:
+        check_token_ids(eval_items, model_config.vocab_size, "held-out SFT")
 
     def make_batch(idx):
         return collate_sft([items[i] for i in idx], pad_id, backend=backend)
@@ -426,6 +449,9 @@ def train_dpo(
     backend = get_backend(backend)
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
+    check_token_ids(pairs, model_config.vocab_size, "preference pair")
+    if eval_pairs:
+        check_token_ids(eval_pairs, model_config.vocab_size, "held-out preference pair")
     if tc.cache_reference:
         ref_c, ref_r = batched_sequence_logps(reference, model_config, pairs, pad_id, tc.eval_batch_size,
                                               backend, tc.average_logps)
