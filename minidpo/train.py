@@ -314,6 +314,10 @@ def _run_loop(
                 f"try a lower learning rate or a smaller beta."
             )
 
+    if eval_fn is not None and step == 0 and tc.steps > 0:  # the starting point, for the curves
+        rec = {"stage": stage, "step": 0, **eval_fn(params)}
+        _append_jsonl(metrics_path, rec)
+        history.append(rec)
     with _StopRequested() as stop:
         try:
             while step < tc.steps:
