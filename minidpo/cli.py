@@ -55,9 +55,9 @@ def load_model(path: str | Path, backend):
     path = Path(path)
     if not path.exists():
         _die(f"{path}: no such model folder")
-    if (path / "config.json").exists():
-        from .pretrained import load_pretrained
+    from .pretrained import is_pretrained_dir, load_pretrained
 
+    if is_pretrained_dir(path):
         params, config, tokenizer = load_pretrained(path, backend=backend)
         if tokenizer is None:
             _die(f"{path}: GPT-2 directory without tokenizer files (tokenizer.json or vocab.json + merges.txt)")
@@ -199,7 +199,14 @@ def cmd_sample(args) -> None:
         prompts += [l.rstrip("\n") for l in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if l.strip()]
     if not prompts:
         _die("give --prompt TEXT (repeatable) or --prompts-file FILE")
-    s = sample_continuations(params, config, tokenizer, prompts, args.n, max_new_tokens=args.max_new_tokens,
+    longest = max(len(tokenizer.encode(p)) for p in prompts)
+    max_new = min(args.max_new_tokens, config.n_ctx - longest)
+    if max_new < 1:
+        _die(f"the longest prompt has {longest} tokens; the model's context is {config.n_ctx}")
+    if max_new < args.max_new_tokens:
+        print(f"note: --max-new-tokens lowered to {max_new} to fit the model's context of {config.n_ctx}",
+              file=sys.stderr)
+    s = sample_continuations(params, config, tokenizer, prompts, args.n, max_new_tokens=max_new,
                              temperature=args.temperature, top_k=args.top_k, greedy=args.greedy,
                              rng=np.random.default_rng(args.seed), backend=backend)
     for p, t in zip(s.prompts, s.texts):
