@@ -46,10 +46,10 @@ from minidpo.train import TrainConfig, batched_sequence_logps, train_dpo, train_
 PRESETS = {
     "default": dict(n_reviews=4000, vocab=512, n_layer=4, n_head=4, n_embd=128, n_ctx=64,
                     sft_steps=700, sft_batch=32, sft_lr=2e-3, n_train_prompts=1600, n_eval_prompts=256,
-                    n_samples=2, dpo_steps=300, dpo_batch=16, dpo_lr=1e-4, max_new_tokens=40),
+                    n_samples=2, dpo_steps=300, dpo_batch=16, dpo_lr=5e-5, max_new_tokens=40),
     "quick": dict(n_reviews=1200, vocab=384, n_layer=2, n_head=2, n_embd=64, n_ctx=64,
-                  sft_steps=200, sft_batch=32, sft_lr=3e-3, n_train_prompts=400, n_eval_prompts=128,
-                  n_samples=2, dpo_steps=120, dpo_batch=16, dpo_lr=3e-4, max_new_tokens=40),
+                  sft_steps=160, sft_batch=32, sft_lr=3e-3, n_train_prompts=400, n_eval_prompts=96,
+                  n_samples=2, dpo_steps=60, dpo_batch=16, dpo_lr=2e-4, max_new_tokens=32),
 }
 
 
