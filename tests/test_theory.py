@@ -160,8 +160,8 @@ def test_objective_is_expected_reward_minus_beta_kl(world, beta):
 def test_objective_handles_zero_probabilities():
     """0 log 0 = 0: a policy may put no mass on a response; mass where pi_ref has none is -inf."""
     reward = np.array([[1.0, 2.0, 3.0]])
-    log_pi_ref = np.log(np.array([[0.5, 0.5, 0.0]]))  # the third response is impossible under pi_ref
     with np.errstate(divide="ignore"):
+        log_pi_ref = np.log(np.array([[0.5, 0.5, 0.0]]))  # the third response is impossible under pi_ref
         log_pi = np.log(np.array([[0.25, 0.75, 0.0]]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
