@@ -37,6 +37,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -261,6 +262,10 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.flush()
 
 
+# options that may change between an interrupted run and its resumption without a warning
+_RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "save_every", "eval_batch_size"}
+
+
 @dataclass
 class StageResult:
     params: dict
@@ -272,7 +277,7 @@ class StageResult:
 def _run_loop(
     stage: str, params: dict, model_config: GPTConfig, tc: TrainConfig, n_items: int,
     make_batch: Callable[[np.ndarray], dict], step_fn: Callable, out_dir: Path, backend: Backend,
-    eval_fn: Callable[[dict], dict] | None = None, resume: bool = True, extra_state: dict | None = None,
+    eval_fn: Callable[[dict], dict] | None = None, resume: bool = True,
 ) -> StageResult:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -284,17 +289,27 @@ def _run_loop(
         ck = load_checkpoint(ckpt_dir, backend=backend)
         if ck.config.get("model") != model_config.to_dict():
             raise ValueError(f"{ckpt_dir}: checkpoint model config differs from this run's; use a new --out")
+        saved_tc = ck.config.get("train", {})
+        changed = sorted(k for k, v in tc.to_dict().items()
+                         if k not in _RESUMABLE_CHANGES and k in saved_tc and saved_tc[k] != v)
+        if changed:
+            warnings.warn(f"{ckpt_dir}: resuming with training options that differ from the checkpoint's: "
+                          + ", ".join(f"{k} {saved_tc[k]!r} -> {tc.to_dict()[k]!r}" for k in changed), stacklevel=3)
         for k in params:
             params[k][...] = ck.params[k]
         if ck.optimizer_state is not None:
             opt.load_state_dict(ck.optimizer_state)
         step = int(ck.step)
+        if metrics_path.exists():  # drop records logged after the checkpoint: they will be redone
+            kept = [l for l in metrics_path.read_text(encoding="utf-8").splitlines()
+                    if l.strip() and json.loads(l).get("step", 0) <= step]
+            metrics_path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
     elif metrics_path.exists():
         metrics_path.unlink()  # a fresh run starts a fresh log
 
     def save(at_step: int) -> None:
         save_checkpoint(ckpt_dir, params, {"model": model_config.to_dict(), "train": tc.to_dict(), "stage": stage},
-                        step=at_step, optimizer_state=opt.state_dict(), extra=extra_state)
+                        step=at_step, optimizer_state=opt.state_dict())
 
     xp = backend.xp
     history = []

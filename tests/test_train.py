@@ -195,3 +195,31 @@ def test_padded_concatenated_batch_equals_one_at_a_time(seed):
         lg, _ = gpt_forward(params, ids, cfg)
         alone, _ = sequence_logps(lg, ids, mask)
         np.testing.assert_allclose(batched[row], alone[0], rtol=1e-10, atol=1e-10)
+
+
+def test_crash_then_resume_keeps_one_metrics_record_per_step_and_warns_on_changed_options(world, tmp_path):
+    tok, cfg, pairs, _, sft_items = world
+    import minidpo.train as T
+
+    original = T.sft_step
+    calls = {"n": 0}
+
+    def crashing_step(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise MemoryError("simulated crash in step 7")
+        return original(*a, **kw)
+
+    T.sft_step = crashing_step
+    try:
+        with pytest.raises(MemoryError):
+            train_sft(init_params(cfg, "cpu", seed=4), cfg, sft_items, tok.pad_id,
+                      small_tc(steps=10, log_every=2, save_every=4), tmp_path)
+    finally:
+        T.sft_step = original
+    assert load_checkpoint(tmp_path / "checkpoint").step == 4
+    with pytest.warns(UserWarning, match="lr 0.003 -> 0.001"):
+        train_sft(init_params(cfg, "cpu", seed=4), cfg, sft_items, tok.pad_id,
+                  small_tc(steps=10, log_every=2, save_every=4, lr=1e-3), tmp_path)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10]
