@@ -165,7 +165,9 @@ def cmd_dpo(args) -> None:
 
     backend = get_backend(args.device)
     out = Path(args.out)
-    reference, config, tokenizer = load_model(args.ref, backend)
+    if bool(args.ref) == bool(args.model):
+        _die("dpo needs exactly one of --ref or --model (the frozen reference and starting point)")
+    reference, config, tokenizer = load_model(args.ref or args.model, backend)
     if args.policy:
         policy, pconfig, _ = load_model(args.policy, backend)
         if pconfig != config:
@@ -295,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("dpo", help="Direct Preference Optimization against a frozen reference (eq. 7)")
     common(sp, train=True)
     sp.add_argument("--data", required=True, help='preference JSONL: {"prompt","chosen","rejected"} or HH {"chosen","rejected"}')
-    sp.add_argument("--ref", required=True, help="the frozen reference pi_ref (usually the SFT run)")
-    sp.add_argument("--policy", help="initial policy (default: a copy of --ref)")
+    sp.add_argument("--ref", help="the frozen reference pi_ref (usually the SFT run)")
+    sp.add_argument("--model", help="the starting point, used as both pi_ref and the initial policy (same as --ref)")
+    sp.add_argument("--policy", help="initial policy (default: a copy of the reference)")
     _dpo_options(sp)
     sp.add_argument("--recompute-reference", action="store_true",
                     help="run the reference forward every step instead of caching its log-probs once")

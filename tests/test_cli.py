@@ -80,6 +80,11 @@ def test_full_pipeline(files, tmp_path, capsys):
     code, out, _ = run(["dpo", "--data", d / "prefs.jsonl", "--ref", tmp_path / "hf", "--policy", tmp_path / "sft2",
                         "--out", tmp_path / "dpo2", *TRAIN], capsys)
     assert code == 0, out
+    code, out, _ = run(["dpo", "--data", d / "prefs.jsonl", "--model", tmp_path / "hf", "--out", tmp_path / "dpo3",
+                        *TRAIN], capsys)
+    assert code == 0, out
+    code, out, _ = run(["sample", "--model", tmp_path / "hf", "--prompt", "the film", "--greedy"], capsys)
+    assert code == 0 and out.startswith("the film")
 
 
 def test_bad_data_line_is_named(files, tmp_path, capsys):
