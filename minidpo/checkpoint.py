@@ -28,6 +28,7 @@ Run layout used by :func:`checkpoint_dir` / :func:`latest_checkpoint`:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -155,6 +156,50 @@ def _recover(path: Path) -> None:
             _fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike):
+    """Write the directory ``path`` all or nothing (the swap described in the module docstring).
+
+    Yields a sibling temporary directory to fill. On a normal exit its files and the directory
+    are fsynced and it replaces ``path`` (the previous ``path`` moved aside to ``<path>.old``
+    first and removed last); on an exception the temporary directory is removed and ``path`` is
+    left as it was. Used for checkpoints and for GPT-2 model directories alike.
+    """
+    path = Path(path)
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _recover(path)
+    for stale in parent.glob(f".{path.name}.tmp-*"):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                _fsync_file(f)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    old = _old_path(path)
+    if path.exists():
+        os.replace(path, old)           # the previous directory kept as <path>.old
+    try:
+        os.replace(tmp, path)           # the new one in place
+    except BaseException:
+        try:                            # put the previous one back (load_checkpoint would too)
+            if old.exists() and not path.exists():
+                os.replace(old, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _write_json(path: Path, obj: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
@@ -221,41 +266,11 @@ def save_checkpoint(
     }
     json.dumps(state)  # fail here, not half-way, on anything the checks above missed
 
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    _recover(path)
-    for stale in parent.glob(f".{path.name}.tmp-*"):  # left by a killed writer
-        shutil.rmtree(stale, ignore_errors=True)
-
-    tmp = parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(path) as tmp:
         save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": "np", "writer": FORMAT})
-        _fsync_file(tmp / MODEL_FILE)
         if opt_tensors is not None:
             save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "np", "writer": FORMAT})
-            _fsync_file(tmp / OPTIMIZER_FILE)
         _write_json(tmp / STATE_FILE, state)
-        _fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-    old = _old_path(path)
-    if path.exists():
-        os.replace(path, old)           # previous checkpoint kept as <path>.old
-    try:
-        os.replace(tmp, path)           # the new one in place
-    except BaseException:
-        try:                            # put the previous one back (load_checkpoint would too)
-            if old.exists() and not path.exists():
-                os.replace(old, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(parent)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
     return path
 
 

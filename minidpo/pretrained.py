@@ -43,8 +43,6 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import get_backend, to_numpy
+from .checkpoint import atomic_directory
 from .model import GPTConfig, check_params, param_shapes
 
 __all__ = [
@@ -620,19 +619,6 @@ def is_pretrained_dir(path: str | os.PathLike) -> bool:
 # ============================================================================ save
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(file: Path, d: dict) -> None:
     file.write_text(json.dumps(d, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
@@ -674,8 +660,9 @@ def save_pretrained(path: str | os.PathLike, params: Mapping, config: GPTConfig,
     keys, and :func:`load_pretrained` reads float32 params back bit-identically (float64 params
     are rounded to float32).
 
-    Atomicity: the files go into a sibling temporary directory that then replaces ``path`` by
-    rename (the old directory is moved aside first and removed last). An error before the swap
+    Atomicity: :func:`minidpo.checkpoint.atomic_directory`, the same swap as checkpoints: the
+    files go into a sibling temporary directory that then replaces ``path`` by rename (the old
+    directory is moved aside first and removed last). An error before the swap
     leaves ``path`` as it was. An existing ``path`` is replaced only when it is empty or holds
     nothing but model-directory files (config.json, model.safetensors, tokenizer files,
     generation_config.json, vocab.json, merges.txt): other files are never deleted.
@@ -720,38 +707,13 @@ def save_pretrained(path: str | os.PathLike, params: Mapping, config: GPTConfig,
                 f"{path} exists and holds files that are not model-directory files ({_list(foreign)}); "
                 f"refusing to replace it: choose another path or remove them"
             )
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    for stale in parent.glob(f".{path.name}.tmp-*"):  # left by a killed save (one writer per path)
-        shutil.rmtree(stale, ignore_errors=True)
-
     from safetensors.numpy import save_file
 
-    tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(path) as tmp:
         _write_json(tmp / CONFIG_FILE, config_to_hf(config, eos_id, pad_id))
         save_file(host, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
-            _fsync(f)
-        _fsync(tmp)
-        old = None
-        if path.exists():
-            old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.replace(old, path)  # put the previous directory back
-            raise
-        _fsync(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
