@@ -1,0 +1,836 @@
+"""Peak memory of one DPO training step, measured and predicted from shapes.
+
+The step is minidpo's own (the calls of minidpo.train's training loop, in its order):
+
+    [recompute]  log pi_ref(y|x) of the 2N rows by the frozen reference   gpt_forward + sequence_logps
+    dpo_step     policy logits (2N, T, V) -> log-probs (2N,) -> DPO loss, eq. (7) ->
+                 dlogits (2N, T, V), eq. (9) -> gpt_backward -> grads
+    clip_grad_norm, AdamW.step
+
+in two modes:
+
+    cached     reference log-probs computed once before training by
+               minidpo.train.batched_sequence_logps (train_dpo's default, cache_reference=True);
+               the step sees them as constants. The reference parameters are freed once the cache
+               is built, which is what caching allows (train_dpo itself keeps them: see MEMORY.md).
+    recompute  the reference parameters stay in memory and every step runs the reference forward
+               on its batch first, as train_dpo does with cache_reference=False.
+
+What is measured: on the CPU, tracemalloc (NumPy reports every array buffer to it), so "bytes" are
+the bytes of live arrays plus a few Python objects; the process's peak resident set (Linux VmHWM,
+reset before each mode; ru_maxrss otherwise) is reported beside it. On CUDA, a CuPy memory hook
+adds up the (512-byte rounded) blocks handed out by the memory pool, the exact analogue; the
+pool's reserved size and the device's used memory (cudaMemGetInfo) are reported beside it.
+Phase boundaries come from a profile hook on the return of minidpo's functions (gpt_forward,
+sequence_logps, dpo_loss, ...), so the step measured is the library's code, not a copy of it.
+
+The analytic breakdown (:func:`analytic_breakdown`) counts every array minidpo keeps, from the
+shapes alone, and predicts each peak; the report compares the two.
+
+    python bench/memory_dpo.py                                # GPT-2 small, 8 pairs x 512 tokens, CPU
+    python bench/memory_dpo.py --device cuda --json $OUT/memory_cuda.json
+    python bench/memory_dpo.py --n-layer 2 --n-embd 64 --n-head 2 --vocab 512 --pairs 2 --seq 32
+
+Shape letters: N preference pairs, B = 2N rows, T time, C channels, V vocabulary, H heads,
+D = C / H head size, L layers, P parameters. Sizes are printed in GB = 10^9 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+import tracemalloc
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from minidpo.backend import Backend, to_numpy  # noqa: E402
+from minidpo.data import TokenizedPair, collate_preferences  # noqa: E402
+from minidpo.logprobs import sequence_logps, sequence_logps_backward  # noqa: E402
+from minidpo.losses import dpo_loss, preference_metrics  # noqa: E402
+from minidpo.model import GPTConfig, gpt_backward, gpt_forward, init_params, param_shapes  # noqa: E402
+from minidpo.optim import AdamW, clip_grad_norm, lr_at  # noqa: E402
+from minidpo.train import TrainConfig, batched_sequence_logps, dpo_step  # noqa: E402
+
+MODES = ("cached", "recompute")
+GB = 1e9
+PAD_ID = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the synthetic preference batch
+# ---------------------------------------------------------------------------------------------
+
+
+def synthetic_pairs(pairs: int, seq: int, prompt: int, vocab: int, seed: int = 0) -> list[TokenizedPair]:
+    """N preference pairs of random token ids in [1, V) (0 is the pad id).
+
+    Every prompt has ``prompt`` tokens; every chosen response fills the row to exactly ``seq``
+    tokens and every rejected one is shorter (between half and all of seq - prompt tokens), so
+    collate_preferences gives T = seq with right-padded rejected rows, the padding convention of
+    real batches. Any chunk of these pairs collates to T = seq as well.
+    """
+    rng = np.random.default_rng(seed)
+    resp = seq - prompt
+    out = []
+    for i in range(pairs):
+        rejected_len = int(rng.integers(max(1, resp // 2), resp + 1))
+        out.append(TokenizedPair(
+            prompt_ids=rng.integers(1, vocab, prompt).tolist(),
+            chosen_ids=rng.integers(1, vocab, resp).tolist(),
+            rejected_ids=rng.integers(1, vocab, rejected_len).tolist(),
+            source=f"synthetic:{i}",
+        ))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the analytic model: every array minidpo keeps, from the shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_cache_elems(config: GPTConfig, rows: int, T: int) -> dict[str, int]:
+    """Elements one transformer block leaves in gpt_forward's cache for ``rows`` x ``T`` tokens
+    (what minidpo.model.gpt_forward keeps alive for the backward):
+
+        ln_1 out (B, T, C); qkv (B, T, 3C), kept whole by the k, v views; q / sqrt(D) (B, H, T, D);
+        softmax probabilities (B, H, T, T); attention output (B, T, C); residual after attention
+        (B, T, C); ln_2 out (B, T, C); c_fc out (B, T, 4C); gelu out (B, T, 4C); residual after
+        the MLP (B, T, C); two layernorms' mean and rstd, 4 x (B, T).
+    """
+    B, C, H = rows, config.n_embd, config.n_head
+    BTC = B * T * C
+    return {
+        "ln_1 output (B,T,C)": BTC,
+        "qkv (B,T,3C), kept by the k, v views": 3 * BTC,
+        "q / sqrt(D) (B,H,T,D)": BTC,
+        "attention probabilities (B,H,T,T)": B * H * T * T,
+        "attention output (B,T,C)": BTC,
+        "residual after attention (B,T,C)": BTC,
+        "ln_2 output (B,T,C)": BTC,
+        "mlp.c_fc output (B,T,4C)": 4 * BTC,
+        "gelu output (B,T,4C)": 4 * BTC,
+        "residual after the MLP (B,T,C)": BTC,
+        "layernorm mean, rstd (4 x (B,T))": 4 * B * T,
+    }
+
+
+def forward_cache_bytes(config: GPTConfig, rows: int, T: int, itemsize: int = 4) -> int:
+    """Bytes of gpt_forward's whole cache: the embedding output (B, T, C), L blocks, and ln_f's
+    output plus its mean and rstd. The logits are not included."""
+    BT, C = rows * T, config.n_embd
+    per_layer = sum(layer_cache_elems(config, rows, T).values())
+    return itemsize * (BT * C + config.n_layer * per_layer + BT * C + 2 * BT)
+
+
+def logits_bytes(config: GPTConfig, rows: int, T: int, itemsize: int = 4) -> int:
+    """(B, T, V) x itemsize: the logits, and likewise dlogits."""
+    return rows * T * config.vocab_size * itemsize
+
+
+def backward_workspace_bytes(config: GPTConfig, rows: int, T: int, itemsize: int = 4) -> int:
+    """The largest set of temporaries alive at once inside gpt_backward (besides dlogits, the
+    caches and the grads), the larger of:
+
+        gelu_backward:       residual dx (B,T,C) + its input dh (B,T,4C) + x^2, tanh, sech^2 (3 x (B,T,4C))
+        attention_backward:  dx, dh (2 x (B,T,C)) + dqkv (B,T,3C) + dq, a matmul result (2 x (B,T,C))
+                             + ds (B,H,T,T)
+    """
+    BTC = rows * T * config.n_embd
+    gelu = 17 * BTC
+    attention = 7 * BTC + rows * config.n_head * T * T
+    return itemsize * max(gelu, attention)
+
+
+def logps_cache_bytes(rows: int, T: int, itemsize: int = 4) -> int:
+    """sequence_logps' cache besides the logits: int64 labels, lse and weights (B, T-1) each."""
+    return rows * (T - 1) * (8 + 2 * itemsize)
+
+
+def reference_pass_peak_bytes(config: GPTConfig, pairs: int, chunk_pairs: int, T: int, itemsize: int = 4) -> int:
+    """Peak above the parameters of batched_sequence_logps over ``pairs`` pairs in chunks of
+    ``chunk_pairs`` (every chunk padded to T), as it is written today:
+
+        chunk k:  logits, _ = gpt_forward(...)     the full backward cache is built (no no-grad path)
+                  logps, _ = sequence_logps(...)   the model cache dies here; ``_`` now holds the
+                                                   log-prob cache, which references the logits
+        chunk k+1's forward therefore runs while chunk k's logits are still alive.
+
+    One chunk peaks in sequence_logps at cache + logits + the (B, T-1, V) exp temporary of its
+    logsumexp; a later chunk at the previous chunk's logits + cache + logits.
+    """
+    sizes = [min(chunk_pairs, pairs - s) for s in range(0, pairs, chunk_pairs)]
+    peak, prev_logits = 0, 0
+    for n in sizes:
+        rows = 2 * n
+        cache, lg = forward_cache_bytes(config, rows, T, itemsize), logits_bytes(config, rows, T, itemsize)
+        lse_temp = rows * (T - 1) * config.vocab_size * itemsize
+        peak = max(peak, prev_logits + cache + lg, cache + lg + lse_temp + logps_cache_bytes(rows, T, itemsize))
+        prev_logits = lg + logps_cache_bytes(rows, T, itemsize)
+    return peak
+
+
+def analytic_breakdown(config: GPTConfig, pairs: int, seq: int, *, ref_batch_pairs: int | None = None,
+                       eval_batch_pairs: int | None = None, itemsize: int = 4) -> dict:
+    """Where the memory of one DPO step goes, from the shapes alone.
+
+    Args:
+        config: the model (P parameters, L layers, C, H, V).
+        pairs: N; the step's batch has B = 2N rows of T = ``seq`` tokens.
+        seq: T.
+        ref_batch_pairs: chunk size of the measured reference cache pass (default N).
+        eval_batch_pairs: train_dpo's chunk size for the cache pass (default
+            TrainConfig().eval_batch_size); predicted only.
+        itemsize: bytes per float (4 for float32).
+
+    Returns:
+        dict with
+          "bytes": {term: bytes} for parameters, grads, AdamW moments, the reference copy, the
+              previous step's grads, the activation cache, the logits, the log-softmax
+              temporary, dlogits, the log-prob cache and the backward workspace;
+          "per_layer_bytes": {array: bytes} of one block's cache;
+          "peaks": predicted peak bytes: "cached" and "recompute" for the first step,
+              "cached_steady" and "recompute_steady" for later steps (the training loop holds
+              the previous step's grads while the next step runs), "cached_as_train_dpo" (train_dpo
+              keeps the reference parameters), "forward_side" (the forward + log-softmax part of
+              the first cached step), and the reference cache passes "reference_pass" (chunks of
+              ref_batch_pairs over N pairs) and "reference_pass_train_dpo" (chunks of
+              eval_batch_pairs over a dataset of many pairs);
+          "shapes": the letters' values.
+    """
+    if pairs < 1 or seq < 2:
+        raise ValueError(f"need pairs >= 1 and seq >= 2, got pairs={pairs}, seq={seq}")
+    ref_batch_pairs = pairs if ref_batch_pairs is None else ref_batch_pairs
+    eval_batch_pairs = TrainConfig().eval_batch_size if eval_batch_pairs is None else eval_batch_pairs
+    B, T = 2 * pairs, seq
+    P = sum(math.prod(s) for s in param_shapes(config).values())
+    p_bytes = P * itemsize
+    per_layer = {k: v * itemsize for k, v in layer_cache_elems(config, B, T).items()}
+    cache = forward_cache_bytes(config, B, T, itemsize)
+    terms = {
+        "parameters": p_bytes,
+        "gradients": p_bytes,
+        "AdamW moments m, v": 2 * p_bytes,
+        "reference parameters": p_bytes,
+        "previous step's gradients": p_bytes,
+        "activation cache (embedding, L blocks, ln_f)": cache,
+        "logits (B,T,V)": logits_bytes(config, B, T, itemsize),
+        "logsumexp temporary (B,T-1,V)": B * (T - 1) * config.vocab_size * itemsize,
+        "dlogits (B,T,V)": logits_bytes(config, B, T, itemsize),
+        "log-prob cache (labels, lse, weights)": logps_cache_bytes(B, T, itemsize),
+        "backward workspace": backward_workspace_bytes(config, B, T, itemsize),
+        "batch (input_ids int64, loss_mask bool)": B * T * 9,
+    }
+    t = terms
+    resident = t["parameters"] + t["AdamW moments m, v"]
+    step = (resident + t["gradients"] + t["activation cache (embedding, L blocks, ln_f)"] + t["logits (B,T,V)"]
+            + t["dlogits (B,T,V)"] + t["log-prob cache (labels, lse, weights)"] + t["backward workspace"]
+            + t["batch (input_ids int64, loss_mask bool)"])
+    forward_side = (resident + t["activation cache (embedding, L blocks, ln_f)"] + t["logits (B,T,V)"]
+                    + t["logsumexp temporary (B,T-1,V)"] + t["log-prob cache (labels, lse, weights)"])
+    ref = t["reference parameters"]
+    peaks = {
+        "cached": step,
+        "recompute": step + ref,  # the reference forward peaks below the policy's backward
+        "cached_steady": step + t["previous step's gradients"],
+        "recompute_steady": step + ref + t["previous step's gradients"],
+        "cached_as_train_dpo": step + ref + t["previous step's gradients"],
+        "forward_side": forward_side,
+        "reference_pass": 2 * p_bytes + reference_pass_peak_bytes(config, pairs, ref_batch_pairs, T, itemsize),
+        # a real dataset has many chunks of eval_batch_pairs: the hand-over case applies
+        "reference_pass_train_dpo": 2 * p_bytes + reference_pass_peak_bytes(
+            config, 2 * eval_batch_pairs, eval_batch_pairs, T, itemsize),
+    }
+    return {
+        "bytes": terms,
+        "per_layer_bytes": per_layer,
+        "peaks": peaks,
+        "shapes": {"N": pairs, "B": B, "T": T, "C": config.n_embd, "V": config.vocab_size, "H": config.n_head,
+                   "D": config.head_size, "L": config.n_layer, "P": P, "itemsize": itemsize,
+                   "ref_batch_pairs": ref_batch_pairs, "eval_batch_pairs": eval_batch_pairs},
+    }
+
+
+def max_pairs_that_fit(config: GPTConfig, seq: int, capacity_bytes: float, key: str = "cached_steady",
+                       limit: int = 4096) -> int:
+    """Largest N whose predicted peak ``key`` (see :func:`analytic_breakdown`) fits in
+    ``capacity_bytes``; 0 if none. For the reference pass, N is its chunk size."""
+    def peak(n):
+        if key == "reference_pass_train_dpo":
+            return analytic_breakdown(config, n, seq, eval_batch_pairs=n)["peaks"][key]
+        return analytic_breakdown(config, n, seq)["peaks"][key]
+
+    lo, hi = 0, limit
+    while lo < hi:  # the peaks grow with N: bisect
+        mid = (lo + hi + 1) // 2
+        if peak(mid) <= capacity_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# ---------------------------------------------------------------------------------------------
+# meters: bytes of live arrays now and at their peak
+# ---------------------------------------------------------------------------------------------
+
+
+class TracemallocMeter:
+    """NumPy's array buffers (and Python objects) allocated since :meth:`start`, via tracemalloc.
+
+    NumPy reports every data buffer it allocates to tracemalloc, so ``current()`` is the bytes of
+    live arrays created since the start, and ``read()`` gives it with its high-water mark since
+    the last ``reset_peak()``."""
+
+    name = "tracemalloc (NumPy array buffers + Python objects)"
+
+    def start(self) -> None:
+        if tracemalloc.is_tracing():
+            tracemalloc.stop()
+        tracemalloc.start()
+
+    def stop(self) -> None:
+        tracemalloc.stop()
+
+    def current(self) -> int:
+        return tracemalloc.get_traced_memory()[0]
+
+    def read(self) -> tuple[int, int]:
+        """(current, peak since the last reset), read together."""
+        return tracemalloc.get_traced_memory()
+
+    def reset_peak(self) -> None:
+        tracemalloc.reset_peak()
+
+    def extra(self) -> dict:
+        return {}
+
+
+class CupyPoolMeter:  # pragma: no cover - needs a GPU
+    """Bytes handed out by CuPy's memory pool since :meth:`start` (512-byte rounded blocks), via a
+    ``cupy.cuda.MemoryHook`` on every pool malloc and free. Frees of blocks handed out before the
+    start are ignored. ``extra()`` adds the pool's reserved bytes and the device's used bytes."""
+
+    name = "CuPy memory hook (pool blocks in use)"
+
+    def __init__(self):
+        import cupy
+
+        self.cp = cupy
+        meter = self
+
+        class _Hook(cupy.cuda.MemoryHook):
+            name = "minidpo_memory_meter"
+
+            def malloc_postprocess(self, **kw):
+                meter._sizes[kw["mem_ptr"]] = kw["mem_size"]
+                meter._live += kw["mem_size"]
+                if meter._live > meter._peak:
+                    meter._peak = meter._live
+
+            def free_postprocess(self, **kw):
+                size = meter._sizes.pop(kw["mem_ptr"], None)
+                if size is not None:
+                    meter._live -= size
+
+        self._hook = _Hook()
+        self._sizes: dict[int, int] = {}
+        self._live = self._peak = 0
+        self._device_used_max = 0
+
+    def start(self) -> None:
+        self.cp.get_default_memory_pool().free_all_blocks()
+        self._sizes.clear()
+        self._live = self._peak = 0
+        self._device_used_max = self._device_used()
+        self._hook.__enter__()
+
+    def stop(self) -> None:
+        self._hook.__exit__(None, None, None)
+
+    def _device_used(self) -> int:
+        free, total = self.cp.cuda.runtime.memGetInfo()
+        return int(total - free)
+
+    def current(self) -> int:
+        return self._live
+
+    def read(self) -> tuple[int, int]:
+        """(current, peak since the last reset); also samples the device's used memory."""
+        self._device_used_max = max(self._device_used_max, self._device_used())
+        return self._live, self._peak
+
+    def reset_peak(self) -> None:
+        self._peak = self._live
+
+    def extra(self) -> dict:
+        pool = self.cp.get_default_memory_pool()
+        free, total = self.cp.cuda.runtime.memGetInfo()
+        return {"pool_reserved_bytes": int(pool.total_bytes()), "device_used_max_bytes": self._device_used_max,
+                "device_total_bytes": int(total)}
+
+
+# ---------------------------------------------------------------------------------------------
+# phases: boundaries at the return of minidpo's functions
+# ---------------------------------------------------------------------------------------------
+
+WATCHED = {
+    collate_preferences: "collate_preferences",
+    batched_sequence_logps: "batched_sequence_logps",
+    gpt_forward: "gpt_forward",
+    sequence_logps: "sequence_logps",
+    dpo_loss: "dpo_loss",
+    sequence_logps_backward: "sequence_logps_backward",
+    gpt_backward: "gpt_backward",
+    preference_metrics: "preference_metrics",
+    dpo_step: "dpo_step (return)",
+    clip_grad_norm: "clip_grad_norm",
+    AdamW.step: "AdamW.step",
+}
+
+
+class PhaseRecorder:
+    """Split a run into phases, each ending when one of :data:`WATCHED` returns (a profile hook,
+    ``sys.setprofile``), or at :meth:`mark`. Each phase records the meter's peak during it and
+    its value at the end; ``stage`` (set by the caller) tags the phases of one step.
+
+    Use as a context manager around the code to measure."""
+
+    def __init__(self, meter):
+        self.meter = meter
+        self.stage = ""
+        self.phases: list[dict] = []
+        self._labels = {f.__code__: name for f, name in WATCHED.items()}
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = sys.getprofile()
+        self.meter.reset_peak()
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc):
+        sys.setprofile(self._previous)
+        return False
+
+    def _profile(self, frame, event, arg):
+        if event == "return":
+            label = self._labels.get(frame.f_code)
+            if label is not None:
+                self.mark(label)
+
+    def mark(self, label: str) -> None:
+        current, peak = self.meter.read()
+        self.phases.append({"stage": self.stage, "phase": label, "peak_bytes": peak, "end_bytes": current})
+        self.meter.reset_peak()
+
+    def peak_of(self, *stages: str) -> int:
+        """Highest peak over the phases tagged with one of ``stages``."""
+        return max(p["peak_bytes"] for p in self.phases if p["stage"] in stages)
+
+
+# ---------------------------------------------------------------------------------------------
+# process memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset Linux's peak resident set (VmHWM) to the current RSS; False where impossible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kb("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def peak_rss_bytes(reset_ok: bool) -> tuple[int, str]:
+    """(bytes, what): VmHWM since the last reset, else ru_maxrss over the process's life."""
+    if reset_ok:
+        kb = _status_kb("VmHWM")
+        if kb is not None:
+            return kb * 1024, "VmHWM since this mode began"
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (r if sys.platform == "darwin" else r * 1024), "ru_maxrss over the whole process"
+
+
+# ---------------------------------------------------------------------------------------------
+# one mode: the training loop's lines, measured
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSpec:
+    """What one measurement runs (see :func:`measure`)."""
+
+    config: GPTConfig
+    pairs: int
+    seq: int
+    prompt: int
+    steps: int
+    ref_batch_pairs: int
+    seed: int
+
+
+def _nbytes(tree: dict) -> int:
+    return int(sum(a.nbytes for a in tree.values()))
+
+
+def run_mode(mode: str, spec: RunSpec, backend: Backend, meter) -> dict:
+    """Measure ``spec.steps`` training steps in ``mode`` ('cached' or 'recompute').
+
+    The lines follow minidpo.train: train_dpo builds the reference cache (cached mode), then
+    _run_loop makes AdamW and, each step, collates the batch (plus, in recompute mode, runs the
+    reference forward as train_dpo's make_batch does), calls dpo_step, clip_grad_norm, lr_at and
+    AdamW.step. As in _run_loop, a step's grads stay bound until the next step's dpo_step returns.
+    """
+    cfg, tc = spec.config, TrainConfig(batch_size=spec.pairs)
+    pairs = synthetic_pairs(spec.pairs, spec.seq, spec.prompt, cfg.vocab_size, seed=spec.seed)
+    gc.collect()
+    rss_reset = reset_peak_rss()
+    meter.start()
+    rec = PhaseRecorder(meter)
+    out: dict = {"mode": mode}
+    xp = backend.xp
+    with rec:
+        rec.stage = "setup"
+        policy = init_params(cfg, backend, seed=spec.seed)
+        reference = {k: v.copy() for k, v in policy.items()}  # DPO starts at pi = pi_ref
+        rec.mark("parameters")
+        if mode == "cached":
+            rec.stage = "reference cache pass"
+            ref_c, ref_r = batched_sequence_logps(reference, cfg, pairs, PAD_ID, spec.ref_batch_pairs, backend)
+            ref_c = backend.asarray(ref_c.astype(np.float32))  # (N,) as train_dpo stores them
+            ref_r = backend.asarray(ref_r.astype(np.float32))  # (N,)
+            out["reference_pass_peak_bytes"] = rec.peak_of("reference cache pass")
+            del reference  # what caching allows (train_dpo keeps it: see the report)
+        rec.stage = "setup"
+        opt = AdamW(policy, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        rec.mark("AdamW moments")
+        out["resident_before_step_bytes"] = meter.current()
+        grads = None
+        steps = []
+        for step in range(spec.steps):
+            rec.stage = f"step {step + 1}"
+            backend.synchronize()
+            t0 = time.perf_counter()
+            batch = collate_preferences(pairs, PAD_ID, backend=backend)  # (2N, T) ids and mask
+            if mode == "cached":
+                ref_chosen, ref_rejected = ref_c, ref_r  # train_dpo indexes its cache: ref_c[idx]
+            else:  # train_dpo's make_batch with cache_reference=False
+                rec.stage = f"step {step + 1} reference"
+                logits, _ = gpt_forward(reference, batch["input_ids"], cfg)  # (2N, T, V)
+                logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=tc.average_logps)
+                ref_chosen, ref_rejected = logps[:spec.pairs], logps[spec.pairs:]  # (N,), (N,)
+                del logits, logps, _
+                rec.stage = f"step {step + 1}"
+            loss, metrics, grads = dpo_step(policy, cfg, batch, ref_chosen, ref_rejected, tc)
+            gnorm = clip_grad_norm(grads, tc.grad_clip)
+            opt.step(policy, grads, lr=lr_at(step, tc.lr, tc.warmup_steps, spec.steps, tc.schedule))
+            finite = bool(xp.isfinite(loss)) and bool(xp.isfinite(gnorm))
+            backend.synchronize()
+            wall = time.perf_counter() - t0
+            peak = rec.peak_of(f"step {step + 1}", f"step {step + 1} reference")
+            steps.append({"peak_bytes": peak, "wall_s": wall, "loss": float(to_numpy(loss)), "finite": finite})
+        out["grads_bytes"] = _nbytes(grads)
+        out["params_bytes"] = _nbytes(policy)
+        out["moments_bytes"] = _nbytes(opt.m) + _nbytes(opt.v)
+        out["reference_params_bytes"] = _nbytes(reference) if mode == "recompute" else 0
+        rec.stage = "end"
+        rec.mark("after the last step")
+    out["meter_extra"] = meter.extra()
+    meter.stop()
+    rss, rss_what = peak_rss_bytes(rss_reset)
+    out["steps"] = steps
+    out["phases"] = rec.phases
+    out["step1_peak_bytes"] = steps[0]["peak_bytes"]
+    out["peak_bytes"] = max(s["peak_bytes"] for s in steps)
+    # "state" = params + grads + AdamW moments (+ the reference copy when it is held)
+    out["state_bytes"] = out["params_bytes"] + out["grads_bytes"] + out["moments_bytes"] + out["reference_params_bytes"]
+    out["activation_peak_bytes"] = out["step1_peak_bytes"] - out["state_bytes"]
+    out["process_peak_rss_bytes"] = rss
+    out["process_peak_rss_what"] = rss_what
+    return out
+
+
+def measure(config: GPTConfig, pairs: int = 8, seq: int = 512, *, prompt: int | None = None, device: str = "cpu",
+            steps: int = 2, ref_batch_pairs: int | None = None, modes=MODES, seed: int = 0,
+            eval_batch_pairs: int | None = None) -> dict:
+    """Measure the peak memory of DPO training steps in each mode, and the analytic breakdown.
+
+    Args:
+        config: the model (GPTConfig.gpt2_small() for GPT-2 small).
+        pairs: N preference pairs per step (B = 2N rows).
+        seq: T, tokens per row (every chunk of pairs pads to it).
+        prompt: prompt tokens per pair (default min(128, T // 4), at least 1).
+        device: 'cpu' (tracemalloc) or 'cuda[:N]' (CuPy memory hook).
+        steps: training steps per mode; from step 2 on the previous step's grads are alive.
+        ref_batch_pairs: chunk size of the cached mode's reference pass (default N // 2, so the
+            pass runs two chunks and the hand-over between chunks is measured).
+        modes: a subset of ('cached', 'recompute').
+        seed: parameters and tokens.
+        eval_batch_pairs: train_dpo's chunk size for the predicted cache pass (default
+            TrainConfig().eval_batch_size).
+
+    Returns:
+        {"config", "machine", "meter", "analytic" (see :func:`analytic_breakdown`),
+         "measured": {mode: {...}}} with byte counts; each mode has
+         state_bytes (params + grads + moments [+ reference]), step1_peak_bytes, peak_bytes (over
+         all steps), activation_peak_bytes (step 1 peak - state), resident_before_step_bytes,
+         process_peak_rss_bytes, per-step peaks and wall times, and the phase table;
+         the cached mode also reference_pass_peak_bytes.
+    """
+    if not isinstance(config, GPTConfig):
+        raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+    for name, v in (("pairs", pairs), ("seq", seq), ("steps", steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if seq < 2:
+        raise ValueError(f"seq must be >= 2 (a prompt token and a response token), got {seq}")
+    if seq > config.n_ctx:
+        raise ValueError(f"seq={seq} exceeds the model's n_ctx={config.n_ctx}")
+    prompt = max(1, min(128, seq // 4)) if prompt is None else prompt
+    if not 1 <= prompt < seq:
+        raise ValueError(f"prompt must be in [1, seq) = [1, {seq}), got {prompt}")
+    ref_batch_pairs = max(1, pairs // 2) if ref_batch_pairs is None else ref_batch_pairs
+    if not 1 <= ref_batch_pairs <= pairs:
+        raise ValueError(f"ref_batch_pairs must be in [1, pairs={pairs}], got {ref_batch_pairs}")
+    modes = tuple(modes)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
+
+    backend = Backend(device)
+    meter = TracemallocMeter() if not backend.is_cuda else CupyPoolMeter()
+    spec = RunSpec(config, pairs, seq, prompt, steps, ref_batch_pairs, seed)
+    measured = {}
+    for mode in modes:
+        measured[mode] = run_mode(mode, spec, backend, meter)
+        gc.collect()  # the mode's arrays are gone before the next one starts
+    analytic = analytic_breakdown(config, pairs, seq, ref_batch_pairs=ref_batch_pairs,
+                                  eval_batch_pairs=eval_batch_pairs)
+    return {
+        "config": {"model": config.to_dict(), "pairs": pairs, "rows": 2 * pairs, "seq": seq, "prompt": prompt,
+                   "steps": steps, "ref_batch_pairs": ref_batch_pairs, "device": backend.device, "dtype": "float32",
+                   "seed": seed, "num_params": analytic["shapes"]["P"]},
+        "machine": machine_info(backend),
+        "meter": meter.name,
+        "analytic": analytic,
+        "measured": measured,
+    }
+
+
+def machine_info(backend: Backend) -> dict:
+    """CPU model (as lscpu prints it), cores, RAM, NumPy and Python versions; CuPy and the GPU."""
+    info = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "ram_bytes": _ram_bytes(),
+            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    if backend.is_cuda:  # pragma: no cover - needs a GPU
+        cp = backend.xp
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        name = props["name"]
+        info.update(cupy=cp.__version__, gpu=name.decode() if isinstance(name, bytes) else str(name),
+                    gpu_memory_bytes=int(props["totalGlobalMem"]))
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_bytes() -> int | None:
+    kb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                kb = int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None if kb is None else kb * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+# ---------------------------------------------------------------------------------------------
+
+
+def _unit(nbytes: float) -> tuple[float, str]:
+    """GB for GPT-2-sized runs, MB or kB for small ones: (divisor, name)."""
+    for div, name in ((1e9, "GB"), (1e6, "MB")):
+        if nbytes >= div:
+            return div, name
+    return 1e3, "kB"
+
+
+def format_report(res: dict, gpu_gb: float = 80.0) -> str:
+    """The analytic breakdown, the measurements and their comparison, as text."""
+    c, a, m = res["config"], res["analytic"], res["measured"]
+    s, t, pk = a["shapes"], a["bytes"], a["peaks"]
+    mc, mach = c["model"], res["machine"]
+    div, unit = _unit(pk["recompute_steady"])
+
+    def num(b, width=10):
+        return f"{'-':>{width}}" if b is None else f"{b / div:{width}.3f}"
+
+    lines = [
+        f"DPO step memory: GPT-2 L={mc['n_layer']} C={mc['n_embd']} H={mc['n_head']} V={mc['vocab_size']} "
+        f"(P = {s['P']:,} parameters), {c['pairs']} pairs = {c['rows']} rows x {c['seq']} tokens "
+        f"(prompt {c['prompt']}), float32, {c['device']}",
+        f"machine: {mach['cpu']} ({mach['cpu_count']} cores, {(mach['ram_bytes'] or 0) / 1e9:.1f} GB RAM), "
+        f"numpy {mach['numpy']}, python {mach['python']}"
+        + (f"; {mach['gpu']}, cupy {mach['cupy']}" if "gpu" in mach else ""),
+        f"meter: {res['meter']}; sizes in {unit} (1 GB = 1e9 bytes)",
+        "",
+        f"Analytic breakdown from the shapes (B={s['B']} T={s['T']} C={s['C']} H={s['H']} V={s['V']} "
+        f"L={s['L']}), {unit}",
+    ]
+    rows = [
+        ("parameters, P x 4 bytes", t["parameters"]),
+        ("gradients", t["gradients"]),
+        ("AdamW moments m, v", t["AdamW moments m, v"]),
+        ("reference parameters (a second copy)", t["reference parameters"]),
+        ("previous step's gradients (held by the loop)", t["previous step's gradients"]),
+        (f"activation cache: embedding + {s['L']} blocks + ln_f", t["activation cache (embedding, L blocks, ln_f)"]),
+    ]
+    for label, b in rows:
+        lines.append(f"  {label:<56}{num(b)}")
+    lines.append(f"    {'one block:':<54}{num(sum(a['per_layer_bytes'].values()))}")
+    for label, b in a["per_layer_bytes"].items():
+        lines.append(f"      {label:<52}{num(b)}")
+    for key in ("logits (B,T,V)", "logsumexp temporary (B,T-1,V)", "dlogits (B,T,V)",
+                "log-prob cache (labels, lse, weights)", "backward workspace",
+                "batch (input_ids int64, loss_mask bool)"):
+        lines.append(f"  {key:<56}{num(t[key])}")
+
+    lines += ["", f"Predicted peaks, {unit}"]
+    for label, key in (
+        ("cached, step 1 (state + cache + logits + dlogits + ...)", "cached"),
+        ("cached, later steps (+ previous step's grads)", "cached_steady"),
+        ("cached as train_dpo runs it (+ reference kept)", "cached_as_train_dpo"),
+        ("recompute, step 1 (+ reference parameters)", "recompute"),
+        ("recompute, later steps", "recompute_steady"),
+        (f"reference cache pass, chunks of {s['ref_batch_pairs']} pairs", "reference_pass"),
+        (f"reference cache pass, train_dpo's chunks of {s['eval_batch_pairs']} pairs", "reference_pass_train_dpo"),
+    ):
+        lines.append(f"  {label:<56}{num(pk[key])}")
+
+    modes = list(m)
+    lines += ["", f"Measured, {unit}", f"  {'':<50}" + "".join(f"{mode:>12}" for mode in modes)]
+
+    def row(label, get):
+        lines.append(f"  {label:<50}" + "".join(num(get(m[mode]), 12) for mode in modes))
+
+    row("state: params + grads + moments (+ reference)", lambda r: r["state_bytes"])
+    row("step 1 peak", lambda r: r["step1_peak_bytes"])
+    row("  activation peak = step 1 peak - state", lambda r: r["activation_peak_bytes"])
+    row("  predicted step 1 peak", lambda r: pk[r["mode"]])
+    for i in range(1, c["steps"]):
+        row(f"step {i + 1} peak", lambda r, i=i: r["steps"][i]["peak_bytes"])
+    if c["steps"] > 1:
+        row("  predicted later-step peak", lambda r: pk[r["mode"] + "_steady"])
+    row("reference cache pass peak", lambda r: r.get("reference_pass_peak_bytes"))
+    row("  predicted", lambda r: pk["reference_pass"] if r["mode"] == "cached" else None)
+    row("process peak RSS", lambda r: r["process_peak_rss_bytes"])
+    if any(r["meter_extra"] for r in m.values()):
+        row("CuPy pool reserved at the end", lambda r: r["meter_extra"].get("pool_reserved_bytes"))
+        row("device memory used, max at phase ends", lambda r: r["meter_extra"].get("device_used_max_bytes"))
+    lines.append(f"  {'step 1 wall time, s':<50}" + "".join(f"{m[x]['steps'][0]['wall_s']:12.1f}" for x in modes))
+    lines.append(f"  (process RSS: {m[modes[0]]['process_peak_rss_what']})")
+
+    for mode in modes:
+        lines += ["", f"Phases of the {mode} mode up to step 1 ({unit}: peak during the phase, live at its end)"]
+        for p in m[mode]["phases"]:
+            if p["stage"] in ("setup", "reference cache pass", "step 1 reference", "step 1"):
+                lines.append(f"  {p['stage']:<22}{p['phase']:<26}{num(p['peak_bytes'])}{num(p['end_bytes'])}")
+
+    cap = gpu_gb * 1e9
+    cfg = GPTConfig(**mc)
+    fits = "fits" if pk["reference_pass_train_dpo"] <= cap else "does NOT fit"
+    lines += [
+        "",
+        f"On a GPU with {gpu_gb:g} GB (predicted: the same arrays; CuPy's AdamW is one fused kernel, no temporaries)",
+        f"  training step (later steps): {pk['cached_steady'] / 1e9:.2f} GB cached, "
+        f"{pk['recompute_steady'] / 1e9:.2f} GB recompute; at T={c['seq']} up to "
+        f"{max_pairs_that_fit(cfg, c['seq'], cap, 'cached_steady')} pairs fit (cached), "
+        f"{max_pairs_that_fit(cfg, c['seq'], cap, 'recompute_steady')} (recompute)",
+        f"  train_dpo's reference cache pass in chunks of {s['eval_batch_pairs']} pairs: "
+        f"{pk['reference_pass_train_dpo'] / 1e9:.2f} GB, {fits}; chunks of up to "
+        f"{max_pairs_that_fit(cfg, c['seq'], cap, 'reference_pass_train_dpo')} pairs fit",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--pairs", type=int, default=8, help="N preference pairs per step (B = 2N rows)")
+    ap.add_argument("--seq", type=int, default=512, help="T tokens per row")
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens per pair (default min(128, T/4))")
+    ap.add_argument("--n-layer", type=int, default=None, help="layers (default GPT-2 small's 12)")
+    ap.add_argument("--n-embd", type=int, default=None, help="channels C (default 768)")
+    ap.add_argument("--n-head", type=int, default=None, help="heads H (default 12)")
+    ap.add_argument("--vocab", type=int, default=None, help="vocabulary V (default 50257)")
+    ap.add_argument("--n-ctx", type=int, default=None, help="context length (default 1024)")
+    ap.add_argument("--steps", type=int, default=2, help="steps per mode (from step 2 the loop holds the previous grads)")
+    ap.add_argument("--modes", default=",".join(MODES), help="cached, recompute or both")
+    ap.add_argument("--ref-batch-pairs", type=int, default=None,
+                    help="chunk size of the measured reference cache pass (default pairs // 2: two chunks)")
+    ap.add_argument("--eval-batch-pairs", type=int, default=None,
+                    help="train_dpo's reference chunk size, for the prediction (default TrainConfig's eval_batch_size)")
+    ap.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory for the fit prediction, in GB")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write the results to this JSON file")
+    args = ap.parse_args(argv)
+
+    base = GPTConfig.gpt2_small().to_dict()
+    for key, val in (("n_layer", args.n_layer), ("n_embd", args.n_embd), ("n_head", args.n_head),
+                     ("vocab_size", args.vocab), ("n_ctx", args.n_ctx)):
+        if val is not None:
+            base[key] = val
+    try:
+        config = GPTConfig(**base)
+        modes = tuple(x.strip() for x in args.modes.split(",") if x.strip())
+        res = measure(config, args.pairs, args.seq, prompt=args.prompt, device=args.device, steps=args.steps,
+                      ref_batch_pairs=args.ref_batch_pairs, modes=modes, seed=args.seed,
+                      eval_batch_pairs=args.eval_batch_pairs)
+    except (ValueError, TypeError, RuntimeError) as err:
+        print(f"memory_dpo.py: {err}", file=sys.stderr)
+        return 2
+    print(format_report(res, gpu_gb=args.gpu_gb))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+        print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
