@@ -69,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--n-samples", type=int, default=None, help="continuations sampled per prompt to build pairs")
     p.add_argument("--sft-steps", type=int, default=None)
     p.add_argument("--dpo-steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU BLAS threads (default 1: this model's matrices are small, and idle BLAS threads "
+                        "spinning on a busy machine can slow every matmul several-fold); 0 = the library default")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return p.parse_args(argv)
 
@@ -79,6 +82,15 @@ def log(msg: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads > 0:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=args.threads, user_api="blas"):
+            return run(args)
+    return run(args)
+
+
+def run(args) -> dict:
     cfg = dict(PRESETS["quick" if args.quick else "default"])
     for key, val in (("sft_steps", args.sft_steps), ("dpo_steps", args.dpo_steps), ("n_samples", args.n_samples)):
         if val is not None:

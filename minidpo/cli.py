@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--on-error", choices=["raise", "warn"], default="raise",
                         help="bad data lines: stop with file:line (raise) or skip them with a warning (warn)")
         sp.add_argument("--max-length", type=int, default=512, help="longest prompt+response in tokens")
+        sp.add_argument("--threads", type=int, default=0,
+                        help="CPU BLAS threads (0: the library default; 1 is often fastest for small models)")
         if not train:
             return
         sp.add_argument("--out", required=True, help="run folder (checkpoint/, metrics.jsonl); re-use it to resume")
@@ -357,7 +359,13 @@ def main(argv=None) -> int:
     if getattr(args, "lr", "absent") is None:
         args.lr = args.lr_default
     try:
-        args.func(args)
+        if getattr(args, "threads", 0):
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=args.threads, user_api="blas"):
+                args.func(args)
+        else:
+            args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
