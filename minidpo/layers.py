@@ -14,6 +14,11 @@ Shape letters: B batch, T time, C channels, V vocabulary, H heads, D head size (
 N = B * T flattened rows. Weight matmuls run on (N, C) views: a 2-D matmul is faster than a 3-D
 broadcast in NumPy, and CuPy's TF32 path only applies to 2-D.
 
+GPU: on CuPy arrays, GELU, layernorm and the attention softmax run as fused kernels
+(minidpo/kernels.py). Each such layer says so in one line at its top, ``if kernels.use(x):``;
+the array code below that line is the kernel's twin (the CPU path, and the reference that
+tests/test_kernels.py compares the kernel with).
+
 Residual connections need no layer: ``x = x + f(x)`` has gradient ``dx = dout + f'(x)^T dout``,
 so the model adds each branch's input gradient into the residual gradient (see model.py).
 """
@@ -24,6 +29,7 @@ import math
 
 import numpy as np
 
+from . import kernels
 from .backend import get_array_module, scatter_add
 
 __all__ = [
@@ -182,6 +188,9 @@ def layernorm_forward(x, w, b, eps=1e-5):
     C = x.shape[-1]
     xp = get_array_module(x)
     x2 = x.reshape(-1, C)  # (N, C)
+    if kernels.use(x):  # CuPy: one fused kernel, one block per row; the lines below are its twin
+        y, mean, rstd = kernels.layernorm_forward(x2, w, b, eps)  # (N, C), (N, 1), (N, 1)
+        return y.reshape(x.shape), (x, w, mean, rstd)
     mean = x2.mean(axis=-1, keepdims=True)  # (N, 1)
     y = x2 - mean  # (N, C) centred; becomes the output in place below
     var = xp.mean(y * y, axis=-1, keepdims=True)  # (N, 1)
@@ -213,6 +222,9 @@ def layernorm_backward(dy, cache):
     C = x.shape[-1]
     x2 = x.reshape(-1, C)  # (N, C)
     dy2 = dy.reshape(-1, C)  # (N, C)
+    if kernels.use(dy):  # CuPy: fused kernels (dx per row, dw as one reduction); twin below
+        dx, dw, db = kernels.layernorm_backward(dy2, x2, w, mean, rstd)
+        return dx.reshape(x.shape), {"w": dw, "b": db}
     xhat = x2 - mean  # (N, C)
     xhat *= rstd
     db = dy2.sum(axis=0)  # (C,)
@@ -248,6 +260,8 @@ def gelu_forward(x):
         y: same shape and dtype as x.
         cache: x (referenced; the backward recomputes the tanh rather than storing it).
     """
+    if kernels.use(x):  # CuPy: one fused elementwise kernel; the lines below are its twin
+        return kernels.gelu_forward(x), x
     xp = get_array_module(x)
     t = x.dtype.type
     u = x * x  # x^2
@@ -277,6 +291,8 @@ def gelu_backward(dy, cache):
         grads: {} (GELU has no parameters).
     """
     x = cache
+    if kernels.use(x):  # CuPy: one fused elementwise kernel; the lines below are its twin
+        return kernels.gelu_backward(dy, x), {}
     xp = get_array_module(x)
     t = x.dtype.type
     x2 = x * x  # x^2
@@ -408,9 +424,14 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
     D = C // n_head
     q, k, v = _split_heads(qkv, n_head)  # (B, H, T, D) views
     qs = q * qkv.dtype.type(1.0 / math.sqrt(D))  # (B, H, T, D)
-    att = qs @ k.transpose(0, 1, 3, 2)  # (B, H, T, T)
-    att += attention_bias(xp, qkv.dtype, T, T, 0, attention_mask) if bias is None else bias
-    _softmax_lastaxis_(att)
+    if bias is None and attention_mask is None and kernels.use(qkv):
+        # CuPy: softmax(q k^T / sqrt(D) + causal mask) in one kernel pass; the twin is the else
+        att = q @ k.transpose(0, 1, 3, 2)  # (B, H, T, T) unscaled scores
+        kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
+    else:
+        att = qs @ k.transpose(0, 1, 3, 2)  # (B, H, T, T)
+        att += attention_bias(xp, qkv.dtype, T, T, 0, attention_mask) if bias is None else bias
+        _softmax_lastaxis_(att)
     y = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, H, T, D) -> (B, T, C)
     return y, (qs, k, v, att, y)
 
@@ -446,8 +467,11 @@ def attention_backward(dy, cache):
     d = dqkv.transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D) view
     d[2] = att.transpose(0, 1, 3, 2) @ dyh  # dv (B, H, T, D)
     ds = dyh @ v.transpose(0, 1, 3, 2)  # datt (B, H, T, T)
-    ds -= delta
-    ds *= att  # ds (B, H, T, T)
+    if kernels.use(ds):  # CuPy: the two lines below in one kernel pass
+        kernels.softmax_backward_(ds, att, delta)
+    else:
+        ds -= delta
+        ds *= att  # ds (B, H, T, T)
     d[1] = ds.transpose(0, 1, 3, 2) @ qs  # dk (B, H, T, D)
     dq = ds @ k  # dqs (B, H, T, D)
     dq *= dy.dtype.type(1.0 / math.sqrt(D))

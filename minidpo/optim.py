@@ -14,9 +14,10 @@ Adam step), and tests/test_optim.py checks the two agree.
 
 Device rules: the array module comes from the arrays (NumPy or CuPy); scalars are Python floats
 computed on the host from the integer step count, so ``step`` never waits for the GPU. On CuPy
-each tensor's update is one fused elementwise kernel (moments and parameter in one pass); on
-NumPy the same lines run as array code (the kernel's twin, compared in a CUDA test). Moments
-have the parameter's dtype: float32 parameters keep float32 moments.
+all tensors are updated by one fused kernel launch (kernels.adamw_multi_tensor: moments and
+parameter in one pass); on NumPy the same lines run as array code, tensor by tensor (the
+kernel's twin, compared in a CUDA test). Moments have the parameter's dtype: float32 parameters
+keep float32 moments.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from . import kernels
 from .backend import get_array_module
 
 _SCALAR_KEYS = ("step", "lr", "beta1", "beta2", "eps", "weight_decay")
@@ -113,13 +115,19 @@ class AdamW:
         bc1 = 1.0 - b1**t                     # bias corrections, host floats: no device sync
         sqrt_bc2 = math.sqrt(1.0 - b2**t)
         step_size = lr / bc1                  # lr * m_hat = (lr / bc1) * m
+        on_gpu: dict = {}
         for name, m in self.m.items():
             p, g, v = params[name], grads[name], self.v[name]
+            if kernels.use(p):  # CuPy: collected here, updated below in one launch per dtype
+                on_gpu.setdefault(p.dtype, []).append(name)
+                continue
             lr_wd = lr * self.weight_decay if self.decay[name] else 0.0
-            if get_array_module(p) is not np:  # pragma: no cover - needs a GPU
-                _adamw_kernel(get_array_module(p))(g, b1, b2, eps, step_size, sqrt_bc2, lr_wd, p, m, v)
-            else:
-                _adamw_array(p, g, m, v, b1, b2, eps, step_size, sqrt_bc2, lr_wd)
+            _adamw_array(p, g, m, v, b1, b2, eps, step_size, sqrt_bc2, lr_wd)
+        for names in on_gpu.values():  # pragma: no cover - needs a GPU
+            kernels.adamw_multi_tensor([params[n] for n in names], [grads[n] for n in names],
+                                       [self.m[n] for n in names], [self.v[n] for n in names],
+                                       [self.decay[n] for n in names], b1, b2, eps, step_size, sqrt_bc2,
+                                       lr * self.weight_decay)
 
     # ------------------------------------------------------------------ state
 
@@ -199,29 +207,6 @@ def _adamw_array(p, g, m, v, b1, b2, eps, step_size, sqrt_bc2, lr_wd) -> None:
     denom = np.divide(m, denom, out=denom)    # m / (sqrt(v_hat) + eps)
     denom *= step_size                        # lr m_hat / (sqrt(v_hat) + eps)
     p -= denom
-
-
-_KERNELS: dict = {}
-
-
-def _adamw_kernel(cp):  # pragma: no cover - needs a GPU
-    """(A) as one CuPy elementwise kernel: reads g, updates p, m, v in place in a single pass.
-    Python-float arguments are cast to T (the parameter dtype)."""
-    k = _KERNELS.get("adamw")
-    if k is None:
-        k = cp.ElementwiseKernel(
-            "T g, T b1, T b2, T eps, T step_size, T sqrt_bc2, T lr_wd",
-            "T p, T m, T v",
-            """
-            m = b1 * m + (1 - b1) * g;
-            v = b2 * v + (1 - b2) * g * g;
-            T denom = sqrt(v) / sqrt_bc2 + eps;
-            p = p * (1 - lr_wd) - step_size * (m / denom);
-            """,
-            "minidpo_adamw",
-        )
-        _KERNELS["adamw"] = k
-    return k
 
 
 def clip_grad_norm(grads: Mapping[str, object], max_norm: float):

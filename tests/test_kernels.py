@@ -1,0 +1,319 @@
+"""The fused CuPy kernels (minidpo/kernels.py) and their array-code twins.
+
+Without a GPU: the twins are checked against independent definitions, the module is shown not
+to import CuPy, and every CUDA source is compiled with nvcc (skipped when nvcc is absent).
+With a GPU (@requires_cuda): every kernel against its twin, both run on CuPy arrays, in float32
+and float64, and the model with kernels against the model without.
+"""
+
+import math
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from minidpo import kernels
+from minidpo.layers import attention_forward, gelu_forward, layernorm_forward
+from minidpo.logprobs import sequence_logps, sequence_logps_backward
+from minidpo.optim import AdamW
+from tests.conftest import requires_cuda
+
+# ------------------------------------------------------------------------------- no GPU needed
+
+
+def test_importing_minidpo_does_not_import_cupy():
+    code = ("import sys, minidpo.kernels, minidpo.layers, minidpo.model, minidpo.optim, minidpo.logprobs; "
+            "assert 'cupy' not in sys.modules, 'cupy imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_use_is_false_for_numpy_and_disabled_restores_itself():
+    x = np.ones(3, dtype=np.float32)
+    assert not kernels.use(x)
+    assert kernels._ENABLED
+    with pytest.raises(RuntimeError, match="boom"):
+        with kernels.disabled():
+            assert not kernels._ENABLED
+            raise RuntimeError("boom")
+    assert kernels._ENABLED
+
+
+def test_every_kernel_has_a_twin_and_a_source_for_both_dtypes():
+    srcs = kernels.cuda_sources()
+    for name in list(kernels.RAW_SOURCES) + list(kernels.ELEMENTWISE_SOURCES) + list(kernels.REDUCTION_SOURCES):
+        assert f"{name}_f32" in srcs and f"{name}_f64" in srcs
+    assert "typedef float real;" in srcs["causal_softmax_f32"] and "typedef double real;" in srcs["causal_softmax_f64"]
+    for kernel, twin in kernels.TWINS.values():
+        assert callable(kernel) and callable(twin)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_twin_causal_softmax_is_a_masked_softmax(dtype):
+    rng = np.random.default_rng(0)
+    B, H, Tq, Tk = 2, 3, 4, 6  # queries at positions 2..5 (a KV-cache chunk)
+    s = rng.standard_normal((B, H, Tq, Tk)).astype(dtype)
+    scale = 0.37
+    want = np.zeros_like(s, dtype=np.float64)
+    for i in range(Tq):
+        last = i + Tk - Tq
+        z = scale * s[..., i, : last + 1].astype(np.float64)
+        e = np.exp(z - z.max(-1, keepdims=True))
+        want[..., i, : last + 1] = e / e.sum(-1, keepdims=True)
+    got = kernels._twin_causal_softmax_(s.copy(), scale)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-7)
+
+
+def test_twin_logsoftmax_backward_is_sequence_logps_backward():
+    rng = np.random.default_rng(1)
+    B, T, V = 3, 5, 11
+    logits = rng.standard_normal((B, T, V))
+    labels = rng.integers(0, V, (B, T))
+    mask = rng.random((B, T)) < 0.8
+    mask[:, 1] = True
+    dlogps = rng.standard_normal(B)
+    _, cache = sequence_logps(logits, labels, mask)
+    want = sequence_logps_backward(dlogps, cache)
+    g = dlogps[:, None] * cache["weights"]
+    got = kernels._twin_logsoftmax_gather_backward(logits, cache["lse"], cache["labels"], g)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    lp, lse = kernels._twin_logsoftmax_gather(logits, cache["labels"])
+    np.testing.assert_allclose(lse, cache["lse"], rtol=1e-13)
+    ref = logits[:, :-1] - np.log(np.exp(logits[:, :-1]).sum(-1, keepdims=True))
+    np.testing.assert_allclose(lp, np.take_along_axis(ref, cache["labels"][..., None], -1)[..., 0], rtol=1e-12)
+
+
+def test_twin_adamw_is_the_optimizer_step():
+    rng = np.random.default_rng(2)
+    params = {"w": rng.standard_normal((4, 3)).astype(np.float32), "b": rng.standard_normal(3).astype(np.float32)}
+    grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+    opt = AdamW({k: v.copy() for k, v in params.items()}, lr=1e-2, weight_decay=0.1)
+    p1 = {k: v.copy() for k, v in params.items()}
+    opt.step(p1, grads)
+    p2 = {k: v.copy() for k, v in params.items()}
+    ms = [np.zeros_like(v) for v in p2.values()]
+    vs = [np.zeros_like(v) for v in p2.values()]
+    b1, b2 = opt.beta1, opt.beta2
+    kernels._twin_adamw_multi_tensor(list(p2.values()), list(grads.values()), ms, vs, [True, False], b1, b2,
+                                     opt.eps, 1e-2 / (1 - b1), math.sqrt(1 - b2), 1e-2 * 0.1)
+    for k in params:
+        np.testing.assert_array_equal(p2[k], p1[k])
+        assert not np.array_equal(p2[k], params[k])
+
+
+def test_elementwise_and_reduction_wrappers_bind_params_like_cupy():
+    src = kernels._elementwise_unit(kernels.SOFTMAX_BACKWARD, "float")
+    assert "const T att = _in_att[i];" in src and "T& ds = _out_ds[i];" in src
+    src = kernels._reduction_unit(kernels.LAYERNORM_DW, "double")
+    assert "typedef double T;" in src and "a = (a + b)" in src and "dw = a" in src
+
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+def test_every_cuda_source_compiles_with_nvcc(tmp_path):
+    """Every RawKernel source as it is, and every ElementwiseKernel/ReductionKernel body wrapped
+    in an equivalent __global__ function, in float and double; warnings are errors."""
+    srcs = kernels.cuda_sources()
+
+    def compile_one(item):
+        name, src = item
+        path = tmp_path / f"{name}.cu"
+        path.write_text(src)
+        r = subprocess.run([NVCC, "-c", "-arch=sm_80", "-Werror", "all-warnings", "-o", str(tmp_path / f"{name}.o"),
+                            str(path)], capture_output=True, text=True)
+        return name, r.returncode, r.stdout + r.stderr
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(compile_one, sorted(srcs.items())))
+    failed = [f"{name}:\n{log}" for name, rc, log in results if rc != 0]
+    assert not failed, "\n\n".join(failed)
+    assert len(results) == len(srcs) >= 18
+
+
+# ------------------------------------------------------------------------------- on a GPU
+
+
+def _cp():
+    import cupy
+
+    return cupy
+
+
+def _close(a, b, dtype, rtol32=2e-5, atol32=2e-6):
+    a, b = _cp().asnumpy(a), _cp().asnumpy(b)
+    assert a.dtype == b.dtype == dtype
+    if dtype == np.float64:
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-12)
+    else:
+        np.testing.assert_allclose(a, b, rtol=rtol32, atol=atol32)
+
+
+DTYPES = [np.float32, np.float64]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 64), (2, 33, 3072)])
+def test_cuda_gelu_matches_twin(dtype, shape):  # pragma: no cover - needs a GPU
+    cp = _cp()
+    rng = np.random.default_rng(0)
+    x = cp.asarray((3 * rng.standard_normal(shape)).astype(dtype))
+    dy = cp.asarray(rng.standard_normal(shape).astype(dtype))
+    _close(kernels.gelu_forward(x), kernels._twin_gelu_forward(x), dtype)
+    _close(kernels.gelu_backward(dy, x), kernels._twin_gelu_backward(dy, x), dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,C", [(1, 5), (37, 128), (300, 768), (4, 1500)])
+def test_cuda_layernorm_matches_twin(dtype, N, C):  # pragma: no cover - needs a GPU
+    cp = _cp()
+    rng = np.random.default_rng(1)
+    x = cp.asarray((rng.standard_normal((N, C)) * 3 + 1).astype(dtype))
+    w = cp.asarray(rng.standard_normal(C).astype(dtype))
+    b = cp.asarray(rng.standard_normal(C).astype(dtype))
+    dy = cp.asarray(rng.standard_normal((N, C)).astype(dtype))
+    y, mean, rstd = kernels.layernorm_forward(x, w, b, 1e-5)
+    y2, mean2, rstd2 = kernels._twin_layernorm_forward(x, w, b, 1e-5)
+    for a, b_ in ((y, y2), (mean, mean2), (rstd, rstd2)):
+        _close(a, b_, dtype, rtol32=1e-4, atol32=1e-5)
+    out = kernels.layernorm_backward(dy, x, w, mean2, rstd2)
+    want = kernels._twin_layernorm_backward(dy, x, w, mean2, rstd2)
+    for a, b_ in zip(out, want):
+        _close(a, b_, dtype, rtol32=1e-4, atol32=1e-4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,H,Tq,Tk", [(2, 3, 1, 1), (2, 4, 17, 17), (1, 2, 5, 40), (2, 12, 300, 300)])
+def test_cuda_causal_softmax_and_backward_match_twins(dtype, B, H, Tq, Tk):  # pragma: no cover - needs a GPU
+    cp = _cp()
+    rng = np.random.default_rng(2)
+    s = cp.asarray((4 * rng.standard_normal((B, H, Tq, Tk))).astype(dtype))
+    scale = 1 / math.sqrt(64)
+    att = kernels.causal_softmax_(s.copy(), scale)
+    _close(att, kernels._twin_causal_softmax_(s.copy(), scale), dtype)
+    upper = cp.triu(cp.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)
+    assert bool((cp.where(upper, att, 0) == 0).all())  # exactly zero above the causal diagonal
+    datt = cp.asarray(rng.standard_normal((B, H, Tq, Tk)).astype(dtype))
+    delta = (datt * att).sum(-1, keepdims=True)
+    _close(kernels.softmax_backward_(datt.copy(), att, delta),
+           kernels._twin_softmax_backward_(datt.copy(), att, delta), dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,V", [(1, 2, 1), (3, 9, 50), (2, 17, 50257)])
+def test_cuda_logsoftmax_gather_and_backward_match_twins(dtype, B, T, V):  # pragma: no cover - needs a GPU
+    cp = _cp()
+    rng = np.random.default_rng(3)
+    logits = cp.asarray((5 * rng.standard_normal((B, T, V))).astype(dtype))
+    labels = cp.asarray(rng.integers(0, V, (B, T - 1)))
+    g = cp.asarray(rng.standard_normal((B, T - 1)).astype(dtype))
+    lp, lse = kernels.logsoftmax_gather(logits, labels)
+    lp2, lse2 = kernels._twin_logsoftmax_gather(logits, labels)
+    _close(lse, lse2, dtype, rtol32=1e-5, atol32=1e-5)
+    _close(lp, lp2, dtype, rtol32=1e-5, atol32=1e-5)
+    want = kernels._twin_logsoftmax_gather_backward(logits, lse2, labels, g)
+    _close(kernels.logsoftmax_gather_backward(logits, lse2, labels, g), want, dtype)
+    inplace = logits.copy()
+    out = kernels.logsoftmax_gather_backward(inplace, lse2, labels, g, out=inplace)
+    assert out is inplace
+    _close(out, want, dtype)
+
+
+@requires_cuda
+def test_cuda_logsoftmax_gather_handles_masked_rows():  # pragma: no cover - needs a GPU
+    cp = _cp()
+    logits = cp.zeros((1, 3, 4), dtype=np.float32)
+    logits[0, 0] = -np.inf
+    logits[0, 1, 2] = np.inf
+    labels = cp.zeros((1, 2), dtype=cp.int64)
+    lp, lse = kernels.logsoftmax_gather(logits, labels)
+    lp2, lse2 = kernels._twin_logsoftmax_gather(logits, labels)
+    np.testing.assert_array_equal(cp.asnumpy(lse), cp.asnumpy(lse2))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_adamw_multi_tensor_matches_twin(dtype):  # pragma: no cover - needs a GPU
+    cp = _cp()
+    rng = np.random.default_rng(4)
+    shapes = [(1,), (7, 3), (513,), (64, 65), (2, 3, 4)]
+    p = [cp.asarray(rng.standard_normal(s).astype(dtype)) for s in shapes]
+    p2 = [a.copy() for a in p]
+    ms = [cp.asarray(rng.standard_normal(s).astype(dtype)) for s in shapes]
+    vs = [cp.asarray(rng.random(s).astype(dtype)) for s in shapes]
+    ms2, vs2 = [a.copy() for a in ms], [a.copy() for a in vs]
+    g = [cp.asarray(rng.standard_normal(s).astype(dtype)) for s in shapes]
+    g[1] = cp.asfortranarray(g[1])  # a non-contiguous gradient is accepted
+    decay = [True, False, True, False, True]
+    args = (0.9, 0.95, 1e-8, 3e-3, 0.7, 1e-3)
+    kernels.adamw_multi_tensor(p, g, ms, vs, decay, *args)
+    kernels._twin_adamw_multi_tensor(p2, g, ms2, vs2, decay, *args)
+    for a, b in zip(p + ms + vs, p2 + ms2 + vs2):
+        _close(a, b, dtype, rtol32=1e-5, atol32=1e-6)
+
+
+@requires_cuda
+def test_cuda_layers_dispatch_to_kernels(monkeypatch):  # pragma: no cover - needs a GPU
+    cp = _cp()
+    calls = []
+    for name in ("gelu_forward", "layernorm_forward", "causal_softmax_"):
+        f = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=f, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    x = cp.ones((2, 4, 6), dtype=np.float32)
+    gelu_forward(x)
+    layernorm_forward(x, cp.ones(6, np.float32), cp.zeros(6, np.float32))
+    attention_forward(cp.ones((2, 4, 18), dtype=np.float32), 2)
+    assert calls == ["gelu_forward", "layernorm_forward", "causal_softmax_"]
+    calls.clear()
+    with kernels.disabled():
+        gelu_forward(x)
+    assert calls == []
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-9), (np.float32, 2e-4)])
+def test_cuda_model_with_kernels_matches_array_code(dtype, tol):  # pragma: no cover - needs a GPU
+    """gpt_forward -> sequence_logps -> backward -> gpt_backward -> AdamW, kernels on vs off."""
+    cp = _cp()
+    from minidpo.model import GPTConfig, gpt_backward, gpt_forward, init_params
+
+    cfg = GPTConfig(vocab_size=97, n_ctx=24, n_layer=2, n_head=3, n_embd=48)
+    rng = np.random.default_rng(5)
+    idx = cp.asarray(rng.integers(0, cfg.vocab_size, (4, 24)))
+    mask = cp.asarray(rng.random((4, 24)) < 0.7)
+    mask[:, 1] = True
+    dlogps = cp.asarray(rng.standard_normal(4).astype(dtype))
+    out = []
+    for enabled in (True, False):
+        params = init_params(cfg, "cuda", seed=1, dtype=dtype)
+        opt = AdamW(params, lr=1e-3, weight_decay=0.1)
+        ctx = kernels.disabled() if not enabled else _null()
+        with ctx:
+            logits, cache = gpt_forward(params, idx, cfg)
+            logps, lpc = sequence_logps(logits, idx, mask)
+            grads = gpt_backward(sequence_logps_backward(dlogps, lpc), cache)
+            opt.step(params, grads)
+        out.append((logps, grads, params))
+    (l1, g1, p1), (l2, g2, p2) = out
+    np.testing.assert_allclose(cp.asnumpy(l1), cp.asnumpy(l2), rtol=tol, atol=tol)
+    for k in g1:
+        scale = float(cp.abs(g2[k]).max()) + 1e-12
+        np.testing.assert_allclose(cp.asnumpy(g1[k]) / scale, cp.asnumpy(g2[k]) / scale, atol=tol, err_msg=k)
+        if dtype == np.float64:  # AdamW's first step is ~lr * sign(g): float32 round-off may flip a tiny g
+            np.testing.assert_allclose(cp.asnumpy(p1[k]), cp.asnumpy(p2[k]), rtol=tol, atol=tol, err_msg=k)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
