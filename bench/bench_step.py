@@ -30,6 +30,7 @@ Shape letters: N preference pairs, B = 2N rows, T time, C channels, V vocabulary
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -151,10 +152,11 @@ def make_batch(cfg: BenchConfig, seed: int = 0):
 class Device:
     """The pieces of the run that depend on CPU vs CUDA: array module, syncs, memory."""
 
-    def __init__(self, kind: str, mode: str):
+    def __init__(self, kind: str, mode: str, kernels: bool = True):
         import torch
 
         self.kind, self.mode = kind, mode
+        self.kernels = kernels and kind == "cuda"  # the fused kernels only exist on CuPy
         self.torch = torch
         if kind == "cuda":
             if mode == "tf32":
@@ -223,10 +225,22 @@ def _read_status_kb(key: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _malloc_trim():
+    """glibc keeps freed small blocks in its heap (resident); malloc_trim(0) returns them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_peak_mb(fn):
     """Peak resident memory during ``fn()`` above the resident memory before it, for both
     implementations alike: Linux's VmHWM (peak RSS) is reset to the current RSS by writing 5 to
     /proc/self/clear_refs. Elsewhere, tracemalloc (which sees NumPy's buffers, not torch's)."""
+    gc.collect()
+    _malloc_trim()  # hand freed heap pages back, so the baseline is what is live now
     rss0 = _read_status_kb("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -493,9 +507,14 @@ def correctness_gate(cfg: BenchConfig, device: Device, attn_impl: str = "sdpa", 
         if name in m_grads_host:
             _compare(f"grad {name}", m_grads_host[name], t_grads[name], rtol, atol_scale, failures, worst)
 
-    if check_train_step:
+    try:
         from minidpo.train import TrainConfig, dpo_step
-
+    except ImportError as err:  # e.g. safetensors missing on a bare GPU machine
+        check_train_step = False
+        failures_note = f"train.dpo_step not checked: {err}"
+    else:
+        failures_note = None
+    if check_train_step:
         n = cfg.pairs
         tc = TrainConfig(beta=HPARAMS["beta"], progress=False)
         params_before = {k: v.copy() for k, v in mini.params.items()}
@@ -526,7 +545,9 @@ def correctness_gate(cfg: BenchConfig, device: Device, attn_impl: str = "sdpa", 
             k = int(np.argmax(err - tol))
             failures.append(f"param {name} after AdamW: {int(np.sum(err > tol))} of {err.size} entries off; "
                             f"worst minidpo {a.flat[k]:.8g} vs torch {b.flat[k]:.8g}")
-    result = {"config": cfg.name, "atol_scale": atol_scale}
+    result = {"config": cfg.name, "atol_scale": atol_scale, "train_step_checked": check_train_step}
+    if failures_note:
+        result["note"] = failures_note
     if f64_check:
         result["f64"] = _f64_errors(cfg, policy, reference, ids, mask, m_grads_host, t_grads)
         if result["f64"]["minidpo"] > 4 * result["f64"]["torch"] + 1e-7:
@@ -713,7 +734,7 @@ def results_path(out_dir: Path, device: Device) -> Path:
     return Path(out_dir) / f"{device.kind}-{_slug(device.name())}.json"
 
 
-ROW_KEYS = ("config", "device", "mode", "step")
+ROW_KEYS = ("config", "device", "mode", "step", "kernels")
 
 
 def write_results(path: Path, machine: dict, rows: list[dict], gates: list[dict]) -> dict:
@@ -730,8 +751,9 @@ def write_results(path: Path, machine: dict, rows: list[dict], gates: list[dict]
             pass
     new_keys = {tuple(r[k] for k in ROW_KEYS) for r in rows}
     doc["rows"] = [r for r in doc["rows"] if tuple(r.get(k) for k in ROW_KEYS) not in new_keys] + rows
-    gate_keys = {(g["config"], g["device"], g["mode"]) for g in gates}
-    doc["gates"] = [g for g in doc["gates"] if (g.get("config"), g.get("device"), g.get("mode")) not in gate_keys]
+    gk = ("config", "device", "mode", "kernels")
+    gate_keys = {tuple(g.get(k) for k in gk) for g in gates}
+    doc["gates"] = [g for g in doc["gates"] if tuple(g.get(k) for k in gk) not in gate_keys]
     doc["gates"] += gates
     doc["machine"] = machine
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -742,14 +764,15 @@ def write_results(path: Path, machine: dict, rows: list[dict], gates: list[dict]
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'config':6} {'device':6} {'mode':5} {'step':10} {'minidpo ms':>11} {'(p10-p90)':>15} "
+    head = (f"{'config':6} {'device':6} {'mode':5} {'kern':4} {'step':10} {'minidpo ms':>11} {'(p10-p90)':>15} "
             f"{'torch ms':>9} {'(p10-p90)':>15} {'ratio':>6} {'mini tok/s':>10} {'torch tok/s':>11} "
             f"{'mini %peak':>10} {'torch %peak':>11} {'mini MB':>8} {'torch MB':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         m, t = r["minidpo"], r["torch"]
         lines.append(
-            f"{r['config']:6} {r['device']:6} {r['mode']:5} {r['step']:10} {r['minidpo_ms']:11.1f} "
+            f"{r['config']:6} {r['device']:6} {r['mode']:5} {('on' if r['kernels'] else 'off') if r['device'] == 'cuda' else '-':4} "
+            f"{r['step']:10} {r['minidpo_ms']:11.1f} "
             f"{'(%.1f-%.1f)' % (m['p10_ms'], m['p90_ms']):>15} {r['torch_ms']:9.1f} "
             f"{'(%.1f-%.1f)' % (t['p10_ms'], t['p90_ms']):>15} {r['ratio']:6.2f} {m['tokens_per_s']:10.0f} "
             f"{t['tokens_per_s']:11.0f} {100 * m['frac_of_ceiling']:10.1f} {100 * t['frac_of_ceiling']:11.1f} "
@@ -770,6 +793,7 @@ def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params
     flops = step_flops(cfg, n_params, variant)
     row = {
         "config": cfg.name, "device": device.kind, "mode": device.mode, "step": variant,
+        "kernels": device.kernels,
         "minidpo_ms": res["minidpo"]["median_ms"], "torch_ms": res["torch"]["median_ms"],
         "ratio": res["minidpo"]["median_ms"] / res["torch"]["median_ms"],
         "shape": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head, "T": cfg.T,
@@ -809,9 +833,13 @@ def parse_args(argv=None):
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "math"], help="torch's attention")
     ap.add_argument("--out", default=str(RESULTS_DIR), help="directory for the JSON results")
     ap.add_argument("--gate-only", action="store_true", help="run the correctness gate and stop")
+    ap.add_argument("--ceiling-n", type=int, default=None,
+                    help="size n of the (n, n) @ (n, n) ceiling matmul (default 2048 cpu, 8192 cuda)")
     ap.add_argument("--gate-f64", action="store_true",
                     help="also measure both float32 gradients against a float64 torch run")
     ap.add_argument("--no-json", action="store_true", help="print the table only")
+    ap.add_argument("--no-kernels", action="store_true",
+                    help="cuda: run minidpo's array code instead of its fused kernels (rows get kernels=false)")
     args = ap.parse_args(argv)
     names = (args.configs or ("C0,C1,C2" if args.device == "cuda" else "C0,C1")).split(",")
     bad = [n for n in names if n not in CONFIGS]
@@ -846,9 +874,13 @@ def run(args) -> int:
         limiter = None
         print("note: threadpoolctl is not installed; NumPy's BLAS threads are not pinned "
               "(pip install threadpoolctl)", file=sys.stderr)
-    device = Device(args.device, args.mode)
+    device = Device(args.device, args.mode, kernels=not args.no_kernels)
+    if args.no_kernels:
+        from minidpo import kernels
+
+        kernels._ENABLED = False  # the whole run uses the array code (the kernels' twins)
     machine = machine_info(device, threads)
-    print(f"# {device.kind} {device.mode}: {device.name()} | numpy {np.__version__} | torch {torch.__version__} | "
+    print(f"# {device.kind} {device.mode}{'' if device.kind == 'cpu' else ' kernels ' + ('on' if device.kernels else 'off')}: {device.name()} | numpy {np.__version__} | torch {torch.__version__} | "
           f"threads {threads} (torch {torch.get_num_threads()}) | load {machine['load_avg_1m']}")
     if isinstance(machine["threadpools"], list):
         print("# threadpools: " + "; ".join(f"{d['prefix']} {d['version'] or ''} x{d['num_threads']}"
@@ -862,7 +894,7 @@ def run(args) -> int:
         # the 1e-4 gate is the fp32 run's (bench/gpu_check.sh runs fp32 first)
         gate = correctness_gate(cfg, device, attn_impl=args.attn, rtol=5e-2 if tf32 else GATE_RTOL,
                                 atol_scale=5e-2 if tf32 else None, f64_check=args.gate_f64)
-        gate.update(device=device.kind, mode=device.mode, rtol=5e-2 if tf32 else GATE_RTOL)
+        gate.update(device=device.kind, mode=device.mode, kernels=device.kernels, rtol=5e-2 if tf32 else GATE_RTOL)
         gates.append(gate)
         worst = ", ".join(f"{n} {r:.2f}" for r, n in gate["worst"][:3])
         print(f"# gate {cfg.name}: {'PASS' if gate['passed'] else 'FAIL'} ({gate['n_checked']} checks, rtol "
@@ -870,6 +902,8 @@ def run(args) -> int:
         if "f64" in gate:
             print(f"#   vs float64 torch: worst gradient error / max|g|: minidpo {gate['f64']['minidpo']:.2e}, "
                   f"torch float32 {gate['f64']['torch']:.2e}")
+        if gate.get("note"):
+            print(f"#   note: {gate['note']}")
         if not gate["passed"]:
             for f in gate["failures"][:20]:
                 print("#   " + f)
@@ -881,7 +915,7 @@ def run(args) -> int:
         return 0
 
     # 2. the matmul ceiling, measured in this run
-    ceiling = matmul_ceiling(device)
+    ceiling = matmul_ceiling(device, n=args.ceiling_n)
     print(f"# matmul ceiling ({ceiling['n']}^3 fp32{'/tf32' if device.mode == 'tf32' else ''}): "
           f"{'numpy' if device.kind == 'cpu' else 'cupy'} {ceiling['array_flops'] / 1e9:.1f} GFLOP/s, "
           f"torch {ceiling['torch_flops'] / 1e9:.1f} GFLOP/s")
