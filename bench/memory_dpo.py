@@ -140,16 +140,18 @@ def logits_bytes(config: GPTConfig, rows: int, T: int, itemsize: int = 4) -> int
     return rows * T * config.vocab_size * itemsize
 
 
-def backward_workspace_bytes(config: GPTConfig, rows: int, T: int, itemsize: int = 4) -> int:
+def backward_workspace_bytes(config: GPTConfig, rows: int, T: int, itemsize: int = 4, gpu: bool = False) -> int:
     """The largest set of temporaries alive at once inside gpt_backward (besides dlogits, the
     caches and the grads), the larger of:
 
-        gelu_backward:       residual dx (B,T,C) + its input dh (B,T,4C) + x^2, tanh, sech^2 (3 x (B,T,4C))
+        gelu_backward:       residual dx (B,T,C) + its input dh (B,T,4C) + x^2, tanh, sech^2
+                             (3 x (B,T,4C)) in the array code; on CuPy the fused kernel
+                             (minidpo.kernels) writes only its output (B,T,4C)
         attention_backward:  dx, dh (2 x (B,T,C)) + dqkv (B,T,3C) + dq, a matmul result (2 x (B,T,C))
                              + ds (B,H,T,T)
     """
     BTC = rows * T * config.n_embd
-    gelu = 17 * BTC
+    gelu = (9 if gpu else 17) * BTC
     attention = 7 * BTC + rows * config.n_head * T * T
     return itemsize * max(gelu, attention)
 
@@ -183,7 +185,7 @@ def reference_pass_peak_bytes(config: GPTConfig, pairs: int, chunk_pairs: int, T
 
 
 def analytic_breakdown(config: GPTConfig, pairs: int, seq: int, *, ref_batch_pairs: int | None = None,
-                       eval_batch_pairs: int | None = None, itemsize: int = 4) -> dict:
+                       eval_batch_pairs: int | None = None, itemsize: int = 4, gpu: bool = False) -> dict:
     """Where the memory of one DPO step goes, from the shapes alone.
 
     Args:
@@ -194,6 +196,7 @@ def analytic_breakdown(config: GPTConfig, pairs: int, seq: int, *, ref_batch_pai
         eval_batch_pairs: train_dpo's chunk size for the cache pass (default
             TrainConfig().eval_batch_size); predicted only.
         itemsize: bytes per float (4 for float32).
+        gpu: count the CuPy path's temporaries (its fused GELU backward keeps fewer).
 
     Returns:
         dict with
@@ -207,7 +210,8 @@ def analytic_breakdown(config: GPTConfig, pairs: int, seq: int, *, ref_batch_pai
               keeps the reference parameters), "forward_side" (the forward + log-softmax part of
               the first cached step), and the reference cache passes "reference_pass" (chunks of
               ref_batch_pairs over N pairs) and "reference_pass_train_dpo" (chunks of
-              eval_batch_pairs over a dataset of many pairs);
+              eval_batch_pairs over a dataset of many pairs), and "evaluation_pass_train_dpo"
+              (train_dpo's held-out evaluation between steps, same chunks);
           "shapes": the letters' values.
     """
     if pairs < 1 or seq < 2:
@@ -230,7 +234,7 @@ def analytic_breakdown(config: GPTConfig, pairs: int, seq: int, *, ref_batch_pai
         "logsumexp temporary (B,T-1,V)": B * (T - 1) * config.vocab_size * itemsize,
         "dlogits (B,T,V)": logits_bytes(config, B, T, itemsize),
         "log-prob cache (labels, lse, weights)": logps_cache_bytes(B, T, itemsize),
-        "backward workspace": backward_workspace_bytes(config, B, T, itemsize),
+        "backward workspace": backward_workspace_bytes(config, B, T, itemsize, gpu),
         "batch (input_ids int64, loss_mask bool)": B * T * 9,
     }
     t = terms
@@ -252,6 +256,10 @@ def analytic_breakdown(config: GPTConfig, pairs: int, seq: int, *, ref_batch_pai
         # a real dataset has many chunks of eval_batch_pairs: the hand-over case applies
         "reference_pass_train_dpo": 2 * p_bytes + reference_pass_peak_bytes(
             config, 2 * eval_batch_pairs, eval_batch_pairs, T, itemsize),
+        # held-out evaluation inside the loop: the same pass over the policy, with the training
+        # state (params, moments, the last grads) and the kept reference alive
+        "evaluation_pass_train_dpo": 5 * p_bytes + reference_pass_peak_bytes(
+            config, 2 * eval_batch_pairs, eval_batch_pairs, T, itemsize),
     }
     return {
         "bytes": terms,
@@ -264,13 +272,13 @@ def analytic_breakdown(config: GPTConfig, pairs: int, seq: int, *, ref_batch_pai
 
 
 def max_pairs_that_fit(config: GPTConfig, seq: int, capacity_bytes: float, key: str = "cached_steady",
-                       limit: int = 4096) -> int:
-    """Largest N whose predicted peak ``key`` (see :func:`analytic_breakdown`) fits in
-    ``capacity_bytes``; 0 if none. For the reference pass, N is its chunk size."""
+                       limit: int = 4096, gpu: bool = True) -> int:
+    """Largest N <= ``limit`` whose predicted peak ``key`` (see :func:`analytic_breakdown`) fits
+    in ``capacity_bytes``; 0 if none. For the reference and evaluation passes, N is the chunk size."""
     def peak(n):
-        if key == "reference_pass_train_dpo":
-            return analytic_breakdown(config, n, seq, eval_batch_pairs=n)["peaks"][key]
-        return analytic_breakdown(config, n, seq)["peaks"][key]
+        if key in ("reference_pass_train_dpo", "evaluation_pass_train_dpo"):
+            return analytic_breakdown(config, n, seq, eval_batch_pairs=n, gpu=gpu)["peaks"][key]
+        return analytic_breakdown(config, n, seq, gpu=gpu)["peaks"][key]
 
     lo, hi = 0, limit
     while lo < hi:  # the peaks grow with N: bisect
@@ -510,57 +518,59 @@ def run_mode(mode: str, spec: RunSpec, backend: Backend, meter) -> dict:
     gc.collect()
     rss_reset = reset_peak_rss()
     meter.start()
-    rec = PhaseRecorder(meter)
-    out: dict = {"mode": mode}
-    xp = backend.xp
-    with rec:
-        rec.stage = "setup"
-        policy = init_params(cfg, backend, seed=spec.seed)
-        reference = {k: v.copy() for k, v in policy.items()}  # DPO starts at pi = pi_ref
-        rec.mark("parameters")
-        if mode == "cached":
-            rec.stage = "reference cache pass"
-            ref_c, ref_r = batched_sequence_logps(reference, cfg, pairs, PAD_ID, spec.ref_batch_pairs, backend)
-            ref_c = backend.asarray(ref_c.astype(np.float32))  # (N,) as train_dpo stores them
-            ref_r = backend.asarray(ref_r.astype(np.float32))  # (N,)
-            out["reference_pass_peak_bytes"] = rec.peak_of("reference cache pass")
-            del reference  # what caching allows (train_dpo keeps it: see the report)
-        rec.stage = "setup"
-        opt = AdamW(policy, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-        rec.mark("AdamW moments")
-        out["resident_before_step_bytes"] = meter.current()
-        grads = None
-        steps = []
-        for step in range(spec.steps):
-            rec.stage = f"step {step + 1}"
-            backend.synchronize()
-            t0 = time.perf_counter()
-            batch = collate_preferences(pairs, PAD_ID, backend=backend)  # (2N, T) ids and mask
+    try:
+        rec = PhaseRecorder(meter)
+        out: dict = {"mode": mode}
+        xp = backend.xp
+        with rec:
+            rec.stage = "setup"
+            policy = init_params(cfg, backend, seed=spec.seed)
+            reference = {k: v.copy() for k, v in policy.items()}  # DPO starts at pi = pi_ref
+            rec.mark("parameters")
             if mode == "cached":
-                ref_chosen, ref_rejected = ref_c, ref_r  # train_dpo indexes its cache: ref_c[idx]
-            else:  # train_dpo's make_batch with cache_reference=False
-                rec.stage = f"step {step + 1} reference"
-                logits, _ = gpt_forward(reference, batch["input_ids"], cfg)  # (2N, T, V)
-                logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=tc.average_logps)
-                ref_chosen, ref_rejected = logps[:spec.pairs], logps[spec.pairs:]  # (N,), (N,)
-                del logits, logps, _
+                rec.stage = "reference cache pass"
+                ref_c, ref_r = batched_sequence_logps(reference, cfg, pairs, PAD_ID, spec.ref_batch_pairs, backend)
+                ref_c = backend.asarray(ref_c.astype(np.float32))  # (N,) as train_dpo stores them
+                ref_r = backend.asarray(ref_r.astype(np.float32))  # (N,)
+                out["reference_pass_peak_bytes"] = rec.peak_of("reference cache pass")
+                del reference  # what caching allows (train_dpo keeps it: see the report)
+            rec.stage = "setup"
+            opt = AdamW(policy, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+            rec.mark("AdamW moments")
+            out["resident_before_step_bytes"] = meter.current()
+            grads = None
+            steps = []
+            for step in range(spec.steps):
                 rec.stage = f"step {step + 1}"
-            loss, metrics, grads = dpo_step(policy, cfg, batch, ref_chosen, ref_rejected, tc)
-            gnorm = clip_grad_norm(grads, tc.grad_clip)
-            opt.step(policy, grads, lr=lr_at(step, tc.lr, tc.warmup_steps, spec.steps, tc.schedule))
-            finite = bool(xp.isfinite(loss)) and bool(xp.isfinite(gnorm))
-            backend.synchronize()
-            wall = time.perf_counter() - t0
-            peak = rec.peak_of(f"step {step + 1}", f"step {step + 1} reference")
-            steps.append({"peak_bytes": peak, "wall_s": wall, "loss": float(to_numpy(loss)), "finite": finite})
-        out["grads_bytes"] = _nbytes(grads)
-        out["params_bytes"] = _nbytes(policy)
-        out["moments_bytes"] = _nbytes(opt.m) + _nbytes(opt.v)
-        out["reference_params_bytes"] = _nbytes(reference) if mode == "recompute" else 0
-        rec.stage = "end"
-        rec.mark("after the last step")
-    out["meter_extra"] = meter.extra()
-    meter.stop()
+                backend.synchronize()
+                t0 = time.perf_counter()
+                batch = collate_preferences(pairs, PAD_ID, backend=backend)  # (2N, T) ids and mask
+                if mode == "cached":
+                    ref_chosen, ref_rejected = ref_c, ref_r  # train_dpo indexes its cache: ref_c[idx]
+                else:  # train_dpo's make_batch with cache_reference=False
+                    rec.stage = f"step {step + 1} reference"
+                    logits, _ = gpt_forward(reference, batch["input_ids"], cfg)  # (2N, T, V)
+                    logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=tc.average_logps)
+                    ref_chosen, ref_rejected = logps[:spec.pairs], logps[spec.pairs:]  # (N,), (N,)
+                    del logits, logps, _
+                    rec.stage = f"step {step + 1}"
+                loss, metrics, grads = dpo_step(policy, cfg, batch, ref_chosen, ref_rejected, tc)
+                gnorm = clip_grad_norm(grads, tc.grad_clip)
+                opt.step(policy, grads, lr=lr_at(step, tc.lr, tc.warmup_steps, spec.steps, tc.schedule))
+                finite = bool(xp.isfinite(loss)) and bool(xp.isfinite(gnorm))
+                backend.synchronize()
+                wall = time.perf_counter() - t0
+                peak = rec.peak_of(f"step {step + 1}", f"step {step + 1} reference")
+                steps.append({"peak_bytes": peak, "wall_s": wall, "loss": float(to_numpy(loss)), "finite": finite})
+            out["grads_bytes"] = _nbytes(grads)
+            out["params_bytes"] = _nbytes(policy)
+            out["moments_bytes"] = _nbytes(opt.m) + _nbytes(opt.v)
+            out["reference_params_bytes"] = _nbytes(reference) if mode == "recompute" else 0
+            rec.stage = "end"
+            rec.mark("after the last step")
+        out["meter_extra"] = meter.extra()
+    finally:
+        meter.stop()
     rss, rss_what = peak_rss_bytes(rss_reset)
     out["steps"] = steps
     out["phases"] = rec.phases
@@ -629,7 +639,7 @@ def measure(config: GPTConfig, pairs: int = 8, seq: int = 512, *, prompt: int | 
         measured[mode] = run_mode(mode, spec, backend, meter)
         gc.collect()  # the mode's arrays are gone before the next one starts
     analytic = analytic_breakdown(config, pairs, seq, ref_batch_pairs=ref_batch_pairs,
-                                  eval_batch_pairs=eval_batch_pairs)
+                                  eval_batch_pairs=eval_batch_pairs, gpu=backend.is_cuda)
     return {
         "config": {"model": config.to_dict(), "pairs": pairs, "rows": 2 * pairs, "seq": seq, "prompt": prompt,
                    "steps": steps, "ref_batch_pairs": ref_batch_pairs, "device": backend.device, "dtype": "float32",
@@ -737,6 +747,7 @@ def format_report(res: dict, gpu_gb: float = 80.0) -> str:
         ("recompute, later steps", "recompute_steady"),
         (f"reference cache pass, chunks of {s['ref_batch_pairs']} pairs", "reference_pass"),
         (f"reference cache pass, train_dpo's chunks of {s['eval_batch_pairs']} pairs", "reference_pass_train_dpo"),
+        (f"held-out evaluation in train_dpo, chunks of {s['eval_batch_pairs']} pairs", "evaluation_pass_train_dpo"),
     ):
         lines.append(f"  {label:<56}{num(pk[key])}")
 
@@ -771,17 +782,28 @@ def format_report(res: dict, gpu_gb: float = 80.0) -> str:
 
     cap = gpu_gb * 1e9
     cfg = GPTConfig(**mc)
-    fits = "fits" if pk["reference_pass_train_dpo"] <= cap else "does NOT fit"
+    g = analytic_breakdown(cfg, c["pairs"], c["seq"], ref_batch_pairs=s["ref_batch_pairs"],
+                           eval_batch_pairs=s["eval_batch_pairs"], gpu=True)["peaks"]
+
+    def verdict(b):
+        return "fits" if b <= cap else "does NOT fit"
+
+    def most(key):
+        n = max_pairs_that_fit(cfg, c["seq"], cap, key)
+        return f"{n}+" if n == 4096 else str(n)
+
     lines += [
         "",
-        f"On a GPU with {gpu_gb:g} GB (predicted: the same arrays; CuPy's AdamW is one fused kernel, no temporaries)",
-        f"  training step (later steps): {pk['cached_steady'] / 1e9:.2f} GB cached, "
-        f"{pk['recompute_steady'] / 1e9:.2f} GB recompute; at T={c['seq']} up to "
-        f"{max_pairs_that_fit(cfg, c['seq'], cap, 'cached_steady')} pairs fit (cached), "
-        f"{max_pairs_that_fit(cfg, c['seq'], cap, 'recompute_steady')} (recompute)",
+        f"Predicted for a GPU with {gpu_gb:g} GB (CuPy: the same arrays; fused GELU and AdamW keep fewer temporaries)",
+        f"  training step, later steps: {g['cached_steady'] / 1e9:.2f} GB cached, "
+        f"{g['cached_as_train_dpo'] / 1e9:.2f} GB as train_dpo runs it, {g['recompute_steady'] / 1e9:.2f} GB "
+        f"recompute: {verdict(g['recompute_steady'])}; at T={c['seq']} up to {most('cached_steady')} pairs "
+        f"(cached) / {most('recompute_steady')} (recompute) fit",
         f"  train_dpo's reference cache pass in chunks of {s['eval_batch_pairs']} pairs: "
-        f"{pk['reference_pass_train_dpo'] / 1e9:.2f} GB, {fits}; chunks of up to "
-        f"{max_pairs_that_fit(cfg, c['seq'], cap, 'reference_pass_train_dpo')} pairs fit",
+        f"{g['reference_pass_train_dpo'] / 1e9:.2f} GB, {verdict(g['reference_pass_train_dpo'])}; "
+        f"its held-out evaluation: {g['evaluation_pass_train_dpo'] / 1e9:.2f} GB, "
+        f"{verdict(g['evaluation_pass_train_dpo'])}; chunks of up to {most('evaluation_pass_train_dpo')} pairs "
+        f"fit both",
     ]
     return "\n".join(lines)
 
@@ -798,7 +820,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-head", type=int, default=None, help="heads H (default 12)")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary V (default 50257)")
     ap.add_argument("--n-ctx", type=int, default=None, help="context length (default 1024)")
-    ap.add_argument("--steps", type=int, default=2, help="steps per mode (from step 2 the loop holds the previous grads)")
+    ap.add_argument("--steps", type=int, default=2,
+                    help="steps per mode (from step 2 on, the loop holds the previous step's grads)")
     ap.add_argument("--modes", default=",".join(MODES), help="cached, recompute or both")
     ap.add_argument("--ref-batch-pairs", type=int, default=None,
                     help="chunk size of the measured reference cache pass (default pairs // 2: two chunks)")

@@ -126,14 +126,26 @@ def test_gpt2_small_logits_size():
     assert an["bytes"]["logits (B,T,V)"] == 16 * 512 * 50257 * 4
 
 
-def test_max_pairs_that_fit_is_the_largest_that_fits():
+@pytest.mark.parametrize("gpu", [False, True])
+def test_max_pairs_that_fit_is_the_largest_that_fits(gpu):
     cfg = MICRO
     for cap in (2e6, 5e6, 2e7):
-        n = max_pairs_that_fit(cfg, 16, cap)
+        n = max_pairs_that_fit(cfg, 16, cap, gpu=gpu)
         assert n >= 1
-        assert analytic_breakdown(cfg, n, 16)["peaks"]["cached_steady"] <= cap
-        assert analytic_breakdown(cfg, n + 1, 16)["peaks"]["cached_steady"] > cap
-    assert max_pairs_that_fit(cfg, 16, 1.0) == 0
+        assert analytic_breakdown(cfg, n, 16, gpu=gpu)["peaks"]["cached_steady"] <= cap
+        assert analytic_breakdown(cfg, n + 1, 16, gpu=gpu)["peaks"]["cached_steady"] > cap
+        m = max_pairs_that_fit(cfg, 16, cap, "evaluation_pass_train_dpo", gpu=gpu)
+        assert analytic_breakdown(cfg, 1, 16, eval_batch_pairs=m, gpu=gpu)["peaks"]["evaluation_pass_train_dpo"] <= cap
+        assert analytic_breakdown(cfg, 1, 16, eval_batch_pairs=m + 1, gpu=gpu)["peaks"][
+            "evaluation_pass_train_dpo"] > cap
+    assert max_pairs_that_fit(cfg, 16, 1.0, gpu=gpu) == 0
+
+
+def test_gpu_count_keeps_fewer_temporaries():
+    cpu = analytic_breakdown(GPTConfig.gpt2_small(), 8, 512)
+    gpu = analytic_breakdown(GPTConfig.gpt2_small(), 8, 512, gpu=True)
+    assert gpu["bytes"]["backward workspace"] < cpu["bytes"]["backward workspace"]
+    assert gpu["bytes"]["logits (B,T,V)"] == cpu["bytes"]["logits (B,T,V)"]
 
 
 def test_synthetic_pairs_collate_to_the_asked_length():
