@@ -191,11 +191,16 @@ def layernorm_forward(x, w, b, eps=1e-5):
     if kernels.use(x):  # CuPy: one fused kernel, one block per row; the lines below are its twin
         y, mean, rstd = kernels.layernorm_forward(x2, w, b, eps)  # (N, C), (N, 1), (N, 1)
         return y.reshape(x.shape), (x, w, mean, rstd)
-    mean = x2.mean(axis=-1, keepdims=True)  # (N, 1)
+    t = x.dtype.type
+    # row sums as einsum: one read of the rows, no (N, C) temporary for y * y
+    mean = xp.einsum("nc->n", x2)[:, None]  # (N, 1)
+    mean *= t(1.0 / C)
     y = x2 - mean  # (N, C) centred; becomes the output in place below
-    var = xp.mean(y * y, axis=-1, keepdims=True)  # (N, 1)
-    var += x.dtype.type(eps)
-    rstd = 1 / xp.sqrt(var)  # (N, 1)
+    var = xp.einsum("nc,nc->n", y, y)[:, None]  # (N, 1) sum_c (x - mean)^2
+    var *= t(1.0 / C)
+    var += t(eps)
+    rstd = xp.sqrt(var)
+    xp.reciprocal(rstd, out=rstd)  # (N, 1) 1 / sqrt(var + eps)
     y *= rstd  # x_hat
     y *= w
     y += b
@@ -225,15 +230,19 @@ def layernorm_backward(dy, cache):
     if kernels.use(dy):  # CuPy: fused kernels (dx per row, dw as one reduction); twin below
         dx, dw, db = kernels.layernorm_backward(dy2, x2, w, mean, rstd)
         return dx.reshape(x.shape), {"w": dw, "b": db}
+    xp = get_array_module(dy)
+    t = dy.dtype.type
     xhat = x2 - mean  # (N, C)
     xhat *= rstd
+    # the four reductions as einsum: each one read, no (N, C) product temporaries
     db = dy2.sum(axis=0)  # (C,)
-    tmp = dy2 * xhat  # (N, C)
-    dw = tmp.sum(axis=0)  # (C,)
+    dw = xp.einsum("nc,nc->c", dy2, xhat)  # (C,) sum_n dy * x_hat
     g = dy2 * w  # (N, C)
-    get_array_module(g).multiply(g, xhat, out=tmp)
-    m_gx = tmp.mean(axis=-1, keepdims=True)  # (N, 1) mean_c(g * x_hat)
-    g -= g.mean(axis=-1, keepdims=True)
+    m_g = xp.einsum("nc->n", g)[:, None]  # (N, 1)
+    m_g *= t(1.0 / C)  # mean_c(g)
+    m_gx = xp.einsum("nc,nc->n", g, xhat)[:, None]  # (N, 1)
+    m_gx *= t(1.0 / C)  # mean_c(g * x_hat)
+    g -= m_g
     xhat *= m_gx
     g -= xhat
     g *= rstd
