@@ -32,7 +32,8 @@ shapes alone, and predicts each peak; the report compares the two.
     python bench/memory_dpo.py --n-layer 2 --n-embd 64 --n-head 2 --vocab 512 --pairs 2 --seq 32
 
 Shape letters: N preference pairs, B = 2N rows, T time, C channels, V vocabulary, H heads,
-D = C / H head size, L layers, P parameters. Sizes are printed in GB = 10^9 bytes.
+D = C / H head size, L layers, P parameters. Sizes are printed in GB = 10^9 bytes (MB or kB for
+small models); the JSON has bytes.
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ from minidpo.optim import AdamW, clip_grad_norm, lr_at  # noqa: E402
 from minidpo.train import TrainConfig, batched_sequence_logps, dpo_step  # noqa: E402
 
 MODES = ("cached", "recompute")
-GB = 1e9
 PAD_ID = 0
 
 
