@@ -78,7 +78,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 50
     save_every: int = 100
-    eval_batch_size: int = 64
+    eval_batch_size: int = 16  # pairs (or sequences) per no-gradient forward: reference cache, eval
     # DPO
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -142,6 +142,7 @@ def batched_sequence_logps(
         batch = collate_preferences(chunk, pad_id, backend=backend)
         logits, _ = gpt_forward(params, batch["input_ids"], model_config)  # (2n, T, V)
         logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average)  # (2n,)
+        del logits, _  # free this chunk's (2n, T, V) logits before the next chunk's forward
         logps = to_numpy(logps).astype(np.float64)
         n = len(chunk)
         chosen.append(logps[:n])
@@ -195,7 +196,8 @@ def dpo_step(params: dict, model_config: GPTConfig, batch: dict, ref_chosen, ref
                    reference_free=tc.reference_free, **kwargs)
     # eq. 9: the gradient reaches the two log-probs with weight sigma(r_l - r_w), opposite signs
     dlogps = xp.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps])  # (2N,)
-    dlogits = sequence_logps_backward(dlogps.astype(logps.dtype, copy=False), lp_cache)  # (2N, T, V)
+    # the logits are not needed again: their buffer becomes dlogits (one (2N, T, V) array, not two)
+    dlogits = sequence_logps_backward(dlogps.astype(logps.dtype, copy=False), lp_cache, overwrite_logits=True)
     grads = gpt_backward(dlogits, model_cache)
     metrics = preference_metrics(out, policy_chosen, policy_rejected)
     return out.loss, metrics, grads
@@ -215,7 +217,7 @@ def sft_step(params: dict, model_config: GPTConfig, batch: dict):
     n_tokens = xp.maximum(loss_mask[:, 1:].sum(), 1).astype(logps.dtype)
     loss = -logps.sum() / n_tokens
     dlogps = xp.full(logps.shape, -1.0, dtype=logps.dtype) / n_tokens  # (B,)
-    dlogits = sequence_logps_backward(dlogps, lp_cache)
+    dlogits = sequence_logps_backward(dlogps, lp_cache, overwrite_logits=True)  # reuses the logits buffer
     return loss, gpt_backward(dlogits, model_cache)
 
 
@@ -343,6 +345,7 @@ def _run_loop(
                 finite = finite & xp.isfinite(loss) & xp.isfinite(gnorm)
                 lr = lr_at(step, tc.lr, tc.warmup_steps, tc.steps, tc.schedule, tc.min_lr_ratio)
                 opt.step(params, grads, lr=lr)
+                del grads, batch  # free them before the next step's forward, not after it
                 step += 1
                 # accumulate device scalars; read them back once per log interval
                 for k, v in {"loss": loss, "grad_norm": gnorm, **metrics}.items():
