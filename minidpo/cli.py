@@ -77,7 +77,7 @@ def _train_config(args, **extra):
     kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
               schedule=args.schedule, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
               log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
-              progress=not args.no_progress)
+              eval_batch_size=args.eval_batch_size, progress=not args.no_progress)
     kw.update(extra)
     return TrainConfig(**kw)
 
@@ -276,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--save-every", type=int, default=200)
         sp.add_argument("--eval-data", default=None, help="held-out file (default: the last --eval-fraction of --data)")
         sp.add_argument("--eval-fraction", type=float, default=0.05)
+        sp.add_argument("--eval-batch-size", type=int, default=16,
+                        help="pairs (or sequences) per no-gradient forward pass: reference log-probs, held-out eval")
         sp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sp = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on text/JSONL files")
