@@ -28,12 +28,20 @@ Letters: B batch rows, T time (sequence length), V vocabulary size.
 
 One code path serves NumPy and CuPy: every function finds its array module from its inputs.
 Dtypes are preserved: float32 logits give float32 log-probs and gradients, float64 give float64.
+
+Speed. The (B, T, V) logits are the largest array of a step. On NumPy the log-softmax passes over
+them run in pieces of about 1 MiB (a few scoring rows at a time), so each pass after the first
+reads the cache, not memory, and no (B, T, V) temporary is made; every row is computed exactly as
+in one whole-array pass. On CuPy, one fused kernel reads each scoring row once for the forward,
+and one writes the (B, T, V) gradient once for the backward (minidpo/kernels.py); the array
+code here is their twin.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import kernels
 from .backend import get_array_module
 
 __all__ = [
@@ -155,14 +163,34 @@ def _token_logps(logits, safe_labels):
         lp: (B, T-1) log-probs, logits' dtype.
         lse: (B, T-1) log-sum-exp of each scoring row (kept for the backward).
     """
+    if kernels.use(logits):  # CuPy: one fused kernel, one read of each row; the lines below are its twin
+        return kernels.logsoftmax_gather(logits, safe_labels)
     xp = get_array_module(logits)
     B, T, V = logits.shape
     scoring = logits[:, :-1]  # (B, T-1, V) a view: the rows that score a next token
-    lse = logsumexp(scoring, axis=-1)  # (B, T-1)
+    lse = xp.empty((B, T - 1), dtype=logits.dtype)  # (B, T-1)
+    for bs, ts in _row_pieces(B, T - 1, V, xp):  # logsumexp's temporary: one piece, not (B, T-1, V)
+        lse[bs, ts] = logsumexp(scoring[bs, ts], axis=-1)
     b_idx = xp.arange(B)[:, None]  # (B, 1)
     t_idx = xp.arange(T - 1)[None, :]  # (1, T-1)
     picked = scoring[b_idx, t_idx, safe_labels]  # (B, T-1) the logit of each label
     return picked - lse, lse
+
+
+_PIECE = 1 << 18  # elements (1 MiB of float32) per piece of the (B, T-1, V) loops
+
+
+def _row_pieces(B: int, rows: int, V: int, xp):
+    """(batch slice, row slice) pieces covering the (B, rows) scoring rows, each about _PIECE
+    elements of the (B, rows, V) logits: several batch rows when a whole row of the batch is
+    small, else some of one batch row's positions. On CuPy: one piece, the whole array."""
+    if xp is not np or B * rows * V <= _PIECE:
+        return [(slice(None), slice(None))]
+    if rows * V <= _PIECE:
+        nb = _PIECE // (rows * V)
+        return [(slice(b, b + nb), slice(None)) for b in range(0, B, nb)]
+    nt = max(1, _PIECE // V)
+    return [(slice(b, b + 1), slice(t, t + nt)) for b in range(B) for t in range(0, rows, nt)]
 
 
 def count_response_tokens(loss_mask):
@@ -335,6 +363,9 @@ def sequence_logps_backward(dlogps, cache, *, overwrite_logits: bool = False):
     if dlogps.shape != (B,):
         raise ValueError(f"dlogps must be (B,) = ({B},), got {tuple(dlogps.shape)}")
     g = xp.asarray(dlogps).astype(dt, copy=False)[:, None] * cache["weights"]  # (B, T-1) dlogps * w
+    if kernels.use(logits) and logits.flags.c_contiguous:  # CuPy: (B, T, V) written in one pass
+        return kernels.logsoftmax_gather_backward(logits, cache["lse"], cache["labels"], g,
+                                                  out=logits if overwrite_logits else None)
 
     if overwrite_logits:
         if xp is np and not logits.flags.writeable:
@@ -343,15 +374,16 @@ def sequence_logps_backward(dlogps, cache, *, overwrite_logits: bool = False):
     else:
         dlogits = xp.empty_like(logits)  # (B, T, V) the one buffer
 
-    body = dlogits[:, :-1]  # (B, T-1, V) view of the scoring rows
-    # p = softmax(logits) = exp(logits - lse), written into the buffer (in place when reused)
-    xp.subtract(logits[:, :-1], cache["lse"][:, :, None], out=body)  # (B, T-1, V) log p
-    xp.exp(body, out=body)  # (B, T-1, V) p
-    # p - onehot(y): subtract 1 at the label of every scoring row (each (b, t) appears once)
-    b_idx = xp.arange(B)[:, None]  # (B, 1)
-    t_idx = xp.arange(T - 1)[None, :]  # (1, T-1)
-    dlogits[b_idx, t_idx, cache["labels"]] -= dt.type(1)
-    # times -g:  g * (onehot - p)
-    body *= (-g)[:, :, None]  # (B, T-1, V)
+    lse, labels = cache["lse"], cache["labels"]
+    for bs, ts in _row_pieces(B, T - 1, V, xp):  # ~1 MiB pieces: each is written once, then cached
+        body = dlogits[:, :-1][bs, ts]  # (b, t, V) view of some scoring rows
+        # p = softmax(logits) = exp(logits - lse), written into the buffer (in place when reused)
+        xp.subtract(logits[:, :-1][bs, ts], lse[bs, ts][:, :, None], out=body)  # log p
+        xp.exp(body, out=body)  # p
+        # p - onehot(y): subtract 1 at the label of every scoring row (each (b, t) appears once)
+        nb, nt = body.shape[:2]
+        body[xp.arange(nb)[:, None], xp.arange(nt)[None, :], labels[bs, ts]] -= dt.type(1)
+        # times -g:  g * (onehot - p)
+        body *= (-g[bs, ts])[:, :, None]
     dlogits[:, -1] = 0  # (B, V) the last position's logits score no token
     return dlogits

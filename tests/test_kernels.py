@@ -317,3 +317,55 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+# ------------------------------------------------ the CPU paths' cache blocking changes no number
+
+
+@pytest.mark.parametrize("piece", [1, 24, 64, 128, 10**9])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logprobs_pieces_give_identical_numbers(monkeypatch, piece, dtype):
+    """sequence_logps / its backward process the (B, T-1, V) rows in pieces of _PIECE elements:
+    every piece size (one row, part of a row's positions, several batch rows, everything) gives
+    bit-identical results."""
+    from minidpo import logprobs
+
+    rng = np.random.default_rng(6)
+    B, T, V = 3, 9, 8
+    logits = (3 * rng.standard_normal((B, T, V))).astype(dtype)
+    labels = rng.integers(0, V, (B, T))
+    mask = rng.random((B, T)) < 0.7
+    mask[:, 2] = True
+    dlogps = rng.standard_normal(B).astype(dtype)
+    results = []
+    for size in (10**9, piece):
+        monkeypatch.setattr(logprobs, "_PIECE", size)
+        lp, cache = sequence_logps(logits, labels, mask, average=True)
+        d = sequence_logps_backward(dlogps, cache)
+        d2 = sequence_logps_backward(dlogps, {**cache, "logits": logits.copy()}, overwrite_logits=True)
+        results.append((lp, cache["lse"], d, d2))
+    for a, b in zip(*results):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(results[0][2], results[0][3])  # overwrite_logits: the same numbers
+
+
+@pytest.mark.parametrize("block", [1, 5, 64])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_blocks_give_identical_numbers(monkeypatch, block, dtype):
+    from minidpo import layers
+
+    rng = np.random.default_rng(7)
+    x = (3 * rng.standard_normal((4, 7, 11))).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    xt = x.transpose(2, 0, 1)  # a non-contiguous input too
+    dyt = dy.transpose(2, 0, 1)
+    want = [layers.gelu_forward(x)[0], layers.gelu_backward(dy, x)[0], layers.gelu_forward(xt)[0],
+            layers.gelu_backward(dyt, xt)[0]]
+    monkeypatch.setattr(layers, "_BLOCK", block)
+    got = [layers.gelu_forward(x)[0], layers.gelu_backward(dy, x)[0], layers.gelu_forward(xt)[0],
+           layers.gelu_backward(dyt, xt)[0]]
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got[2], got[0].transpose(2, 0, 1))
