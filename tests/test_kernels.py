@@ -369,3 +369,34 @@ def test_gelu_blocks_give_identical_numbers(monkeypatch, block, dtype):
         assert a.dtype == dtype
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(got[2], got[0].transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("blocks", [[(0, 3), (3, 4), (4, 9)], [(0, 1), (1, 9)], [(0, 5), (5, 9)]])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_query_blocks_give_the_same_numbers(monkeypatch, blocks, masked):
+    """The causal skip (queries in blocks, each scored only against the keys it can see) gives
+    the whole-matrix attention's output and gradient (float64, to round-off)."""
+    from minidpo import layers
+
+    rng = np.random.default_rng(8)
+    B, T, H, D = 2, 9, 3, 4
+    qkv = rng.standard_normal((B, T, 3 * H * D))
+    dy = rng.standard_normal((B, T, H * D))
+    mask = (np.arange(T)[None, :] >= np.array([[0], [3]])).astype(np.int64) if masked else None
+    y1, c1 = layers.attention_forward(qkv, H, mask)
+    d1, _ = layers.attention_backward(dy, c1)
+    monkeypatch.setattr(layers, "_query_blocks", lambda t: blocks if t == T else [(0, t)])
+    y2, c2 = layers.attention_forward(qkv, H, mask)
+    d2, _ = layers.attention_backward(dy, c2)
+    assert [a.shape[2:] for a in c2[3]] == [(i1 - i0, i1) for i0, i1 in blocks]
+    np.testing.assert_allclose(y2, y1, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(d2, d1, rtol=1e-12, atol=1e-13)
+
+
+def test_query_blocks_cover_every_query():
+    from minidpo.layers import _query_blocks
+
+    for T in (1, 2, 127, 128, 255, 256, 257, 300, 512, 1024, 1025):
+        bl = _query_blocks(T)
+        assert bl[0][0] == 0 and bl[-1][1] == T and all(a[1] == b[0] for a, b in zip(bl, bl[1:]))
+        assert all(i1 > i0 for i0, i1 in bl) and len(bl) == max(1, min(4, T // 128))
