@@ -26,7 +26,8 @@ from .backend import Backend, get_backend, to_numpy
 from .data import TokenizedSFT, collate_sft
 from .generate import generate
 from .logprobs import sequence_logps
-from .model import GPTConfig, gpt_forward
+from .model import GPTConfig
+from .train import inference_logits
 
 
 @dataclass
@@ -87,8 +88,9 @@ def continuation_logps(
         chunk = rows[s : s + batch_size]
         items = [TokenizedSFT(prompt_ids=list(samples.prompt_ids[i]), response_ids=list(samples.ids[i])) for i in chunk]
         batch = collate_sft(items, pad_id, backend=backend)
-        logits, _ = gpt_forward(params, batch["input_ids"], config)  # (b, T, V)
+        logits = inference_logits(params, batch["input_ids"], config)  # (b, T, V)
         logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])  # (b,)
+        del logits
         out[chunk] = to_numpy(logps).astype(np.float64)
     return out
 

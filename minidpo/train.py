@@ -49,7 +49,7 @@ from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .data import collate_preferences, collate_sft
 from .logprobs import sequence_logps, sequence_logps_backward
 from .losses import dpo_loss, nll_loss, preference_metrics
-from .model import GPTConfig, gpt_backward, gpt_forward
+from .model import GPTConfig, gpt_backward, gpt_forward, gpt_forward_kv, init_kv_cache
 from .optim import AdamW, clip_grad_norm, lr_at
 
 
@@ -129,6 +129,16 @@ def batch_for_step(step: int, n_items: int, batch_size: int, seed: int) -> np.nd
 # ---------------------------------------------------------------------------------------------
 
 
+def inference_logits(params: dict, idx, model_config: GPTConfig):
+    """The logits of :func:`minidpo.model.gpt_forward` for a forward pass that will not be
+    differentiated (reference log-probs, evaluation): through the KV-cache forward, which keeps
+    only each layer's keys and values (2 of the ~20 (B, T, C)-sized arrays a layer's backward
+    cache holds). idx (B, T) int -> logits (B, T, V)."""
+    kv = init_kv_cache(params, model_config, idx.shape[0], capacity=idx.shape[1])
+    logits, _ = gpt_forward_kv(params, idx, model_config, kv)  # (B, T, V)
+    return logits
+
+
 def batched_sequence_logps(
     params: dict, model_config: GPTConfig, pairs: Sequence, pad_id: int, batch_size: int,
     backend: Backend, average: bool = False,
@@ -140,7 +150,7 @@ def batched_sequence_logps(
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         batch = collate_preferences(chunk, pad_id, backend=backend)
-        logits, _ = gpt_forward(params, batch["input_ids"], model_config)  # (2n, T, V)
+        logits = inference_logits(params, batch["input_ids"], model_config)  # (2n, T, V)
         logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average)  # (2n,)
         del logits, _  # free this chunk's (2n, T, V) logits before the next chunk's forward
         logps = to_numpy(logps).astype(np.float64)
@@ -447,8 +457,9 @@ def train_sft(
             tot, ntok = 0.0, 0
             for s in range(0, len(eval_items), tc.eval_batch_size):
                 batch = collate_sft(list(eval_items[s : s + tc.eval_batch_size]), pad_id, backend=backend)
-                logits, _ = gpt_forward(p, batch["input_ids"], model_config)
+                logits = inference_logits(p, batch["input_ids"], model_config)
                 logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+                del logits
                 tot += float(to_numpy(logps).sum())
                 ntok += int(to_numpy(batch["loss_mask"][:, 1:]).sum())
             nll = -tot / max(ntok, 1)
@@ -486,8 +497,10 @@ def train_dpo(
             didx = backend.asarray(idx)
             batch["ref_chosen"], batch["ref_rejected"] = ref_c[didx], ref_r[didx]
         else:
-            logits, _ = gpt_forward(reference, batch["input_ids"], model_config)
-            logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=tc.average_logps)
+            logits = inference_logits(reference, batch["input_ids"], model_config)
+            logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=tc.average_logps,
+                                      validate=False)
+            del logits
             n = len(idx)
             batch["ref_chosen"], batch["ref_rejected"] = logps[:n], logps[n:]
         return batch

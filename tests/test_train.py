@@ -223,3 +223,13 @@ def test_crash_then_resume_keeps_one_metrics_record_per_step_and_warns_on_change
                   small_tc(steps=10, log_every=2, save_every=4, lr=1e-3), tmp_path)
     steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8, 10]
+
+
+def test_inference_logits_equal_the_training_forward(world):
+    from minidpo.train import inference_logits
+
+    tok, cfg, pairs, _, _ = world
+    params = init_params(cfg, "cpu", seed=5, dtype=np.float64)
+    batch = collate_preferences(pairs[:5], pad_id=tok.pad_id)
+    full, _ = gpt_forward(params, batch["input_ids"], cfg)
+    np.testing.assert_allclose(inference_logits(params, batch["input_ids"], cfg), full, rtol=1e-12, atol=1e-12)
