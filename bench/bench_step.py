@@ -596,7 +596,8 @@ def make_params(cfg: BenchConfig, seed: int = 0):
 
 def matmul_ceiling(device: Device, n: int | None = None, repeats: int = 5) -> dict:
     """The machine's fp32 (or TF32) matmul rate, measured now: median of ``repeats`` (n, n) @ (n, n)
-    products (2 n^3 FLOPs each) in NumPy/CuPy and in torch."""
+    products (2 n^3 FLOPs each) in NumPy/CuPy and in torch, into a preallocated output (the rate
+    of the multiply itself, not of allocating its result)."""
     torch = device.torch
     n = n or (8192 if device.kind == "cuda" else 2048)
     rng = np.random.default_rng(0)
@@ -604,8 +605,10 @@ def matmul_ceiling(device: Device, n: int | None = None, repeats: int = 5) -> di
     b = rng.standard_normal((n, n), dtype=np.float32)
     out = {}
     xa, xb = device.asarray(a), device.asarray(b)
+    xc = device.xp.empty((n, n), dtype=np.float32)
     ta, tb = torch.as_tensor(a, device=device.torch_device), torch.as_tensor(b, device=device.torch_device)
-    for name, f in (("array", lambda: xa @ xb), ("torch", lambda: ta @ tb)):
+    tc = torch.empty((n, n), dtype=torch.float32, device=device.torch_device)
+    for name, f in (("array", lambda: device.xp.matmul(xa, xb, out=xc)), ("torch", lambda: torch.matmul(ta, tb, out=tc))):
         f()
         ts = []
         for _ in range(repeats):
@@ -685,6 +688,12 @@ def time_pair(cfg: BenchConfig, device: Device, variant: str, steps: int, warmup
 # ---------------------------------------------------------------------------------------------
 
 
+def numpy_hugepage() -> str:
+    """NumPy's transparent-hugepage advice for its large arrays, as the environment sets it:
+    "default" (on, on Linux) or "off" (NUMPY_MADVISE_HUGEPAGE=0 before NumPy was imported)."""
+    return "off" if os.environ.get("NUMPY_MADVISE_HUGEPAGE", "").strip() == "0" else "default"
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -708,7 +717,13 @@ def machine_info(device: Device, threads: int | None) -> dict:
         "threads": threads,
         "torch_threads": torch.get_num_threads(),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "numpy_hugepage": numpy_hugepage(),
     }
+    try:
+        thp = Path("/sys/kernel/mm/transparent_hugepage")
+        info["thp"] = {k: (thp / k).read_text().strip() for k in ("enabled", "defrag")}
+    except OSError:
+        pass
     try:
         from threadpoolctl import threadpool_info
 
@@ -734,7 +749,7 @@ def results_path(out_dir: Path, device: Device) -> Path:
     return Path(out_dir) / f"{device.kind}-{_slug(device.name())}.json"
 
 
-ROW_KEYS = ("config", "device", "mode", "step", "kernels")
+ROW_KEYS = ("config", "device", "mode", "step", "kernels", "numpy_hugepage")
 
 
 def write_results(path: Path, machine: dict, rows: list[dict], gates: list[dict]) -> dict:
@@ -751,7 +766,7 @@ def write_results(path: Path, machine: dict, rows: list[dict], gates: list[dict]
             pass
     new_keys = {tuple(r[k] for k in ROW_KEYS) for r in rows}
     doc["rows"] = [r for r in doc["rows"] if tuple(r.get(k) for k in ROW_KEYS) not in new_keys] + rows
-    gk = ("config", "device", "mode", "kernels")
+    gk = ("config", "device", "mode", "kernels", "numpy_hugepage")
     gate_keys = {tuple(g.get(k) for k in gk) for g in gates}
     doc["gates"] = [g for g in doc["gates"] if tuple(g.get(k) for k in gk) not in gate_keys]
     doc["gates"] += gates
@@ -793,7 +808,7 @@ def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params
     flops = step_flops(cfg, n_params, variant)
     row = {
         "config": cfg.name, "device": device.kind, "mode": device.mode, "step": variant,
-        "kernels": device.kernels,
+        "kernels": device.kernels, "numpy_hugepage": numpy_hugepage(),
         "minidpo_ms": res["minidpo"]["median_ms"], "torch_ms": res["torch"]["median_ms"],
         "ratio": res["minidpo"]["median_ms"] / res["torch"]["median_ms"],
         "shape": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head, "T": cfg.T,
@@ -880,7 +895,8 @@ def run(args) -> int:
 
         kernels._ENABLED = False  # the whole run uses the array code (the kernels' twins)
     machine = machine_info(device, threads)
-    print(f"# {device.kind} {device.mode}{'' if device.kind == 'cpu' else ' kernels ' + ('on' if device.kernels else 'off')}: {device.name()} | numpy {np.__version__} | torch {torch.__version__} | "
+    print(f"# {device.kind} {device.mode}{'' if device.kind == 'cpu' else ' kernels ' + ('on' if device.kernels else 'off')}"
+          f"{' NUMPY_MADVISE_HUGEPAGE=0' if numpy_hugepage() == 'off' else ''}: {device.name()} | numpy {np.__version__} | torch {torch.__version__} | "
           f"threads {threads} (torch {torch.get_num_threads()}) | load {machine['load_avg_1m']}")
     if isinstance(machine["threadpools"], list):
         print("# threadpools: " + "; ".join(f"{d['prefix']} {d['version'] or ''} x{d['num_threads']}"
@@ -894,7 +910,8 @@ def run(args) -> int:
         # the 1e-4 gate is the fp32 run's (bench/gpu_check.sh runs fp32 first)
         gate = correctness_gate(cfg, device, attn_impl=args.attn, rtol=5e-2 if tf32 else GATE_RTOL,
                                 atol_scale=5e-2 if tf32 else None, f64_check=args.gate_f64)
-        gate.update(device=device.kind, mode=device.mode, kernels=device.kernels, rtol=5e-2 if tf32 else GATE_RTOL)
+        gate.update(device=device.kind, mode=device.mode, kernels=device.kernels, numpy_hugepage=numpy_hugepage(),
+                    rtol=5e-2 if tf32 else GATE_RTOL)
         gates.append(gate)
         worst = ", ".join(f"{n} {r:.2f}" for r, n in gate["worst"][:3])
         print(f"# gate {cfg.name}: {'PASS' if gate['passed'] else 'FAIL'} ({gate['n_checked']} checks, rtol "

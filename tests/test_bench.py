@@ -86,7 +86,8 @@ def test_run_writes_the_table_and_json_rows(tmp_path, capsys):
 
 def test_results_merge_by_row_key(tmp_path):
     path = tmp_path / "r.json"
-    row = {"config": "C0", "device": "cuda", "mode": "fp32", "step": "full", "kernels": True, "minidpo_ms": 1.0}
+    row = {"config": "C0", "device": "cuda", "mode": "fp32", "step": "full", "kernels": True,
+           "numpy_hugepage": "default", "minidpo_ms": 1.0}
     bs.write_results(path, {"m": 1}, [row, {**row, "mode": "tf32"}], [])
     doc = bs.write_results(path, {"m": 2}, [{**row, "minidpo_ms": 3.0}], [])
     assert doc["machine"] == {"m": 2}
