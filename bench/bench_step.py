@@ -313,11 +313,18 @@ class MinidpoStep:
         return self.device.asarray(ids), self.device.asarray(mask)
 
     def reference_logps(self, ids, mask):
-        """(2N,) log pi_ref(y|x): a forward pass of the frozen reference, nothing kept."""
+        """(2N,) log pi_ref(y|x): a forward pass of the frozen reference, nothing kept, as
+        minidpo.train computes it (train.inference_logits, the KV-cache forward, when present)."""
         from minidpo.logprobs import sequence_logps
-        from minidpo.model import gpt_forward
 
-        logits, _ = gpt_forward(self.reference, ids, self.mc)
+        try:
+            from minidpo.train import inference_logits
+        except ImportError:  # an older train.py, or safetensors missing
+            from minidpo.model import gpt_forward
+
+            logits, _ = gpt_forward(self.reference, ids, self.mc)
+        else:
+            logits = inference_logits(self.reference, ids, self.mc)
         logps, _ = sequence_logps(logits, ids, mask)
         return logps
 

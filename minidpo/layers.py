@@ -565,11 +565,25 @@ def attention_forward_kv(qkv, n_head, k_cache, v_cache, start, key_mask=None, *,
     k_cache[:, :, start:L] = k
     v_cache[:, :, start:L] = v
     qs = q * qkv.dtype.type(1.0 / math.sqrt(D))  # (B, H, Tn, D)
+    if bias is None and key_mask is None:
+        # causal only: query i (position start + i) sees keys 0 .. start + i. As in
+        # attention_forward, blocks of queries are scored against the keys they can see only,
+        # and on CuPy the fused causal softmax runs (the array code is its twin).
+        yh = xp.empty((B, Tn, n_head, D), dtype=qkv.dtype)
+        for i0, i1 in _query_blocks(Tn):
+            kt = k_cache[:, :, : start + i1].transpose(0, 1, 3, 2)  # (B, H, D, start + i1)
+            if kernels.use(qkv):
+                att = q[:, :, i0:i1] @ kt  # (B, H, i1 - i0, start + i1) unscaled scores
+                kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
+            else:
+                att = qs[:, :, i0:i1] @ kt
+                if i1 - i0 > 1:  # one query sees every key before it: no bias
+                    att += attention_bias(xp, qkv.dtype, i1 - i0, start + i1, start + i0)
+                _softmax_lastaxis_(att)
+            yh[:, i0:i1] = (att @ v_cache[:, :, : start + i1]).transpose(0, 2, 1, 3)
+        return yh.reshape(B, Tn, C)  # (B, Tn, C)
     att = qs @ k_cache[:, :, :L].transpose(0, 1, 3, 2)  # (B, H, Tn, L)
-    if bias is not None:
-        att += bias
-    elif key_mask is not None or Tn > 1:  # one unpadded query sees every earlier key: no bias
-        att += attention_bias(xp, qkv.dtype, Tn, L, start, key_mask)
+    att += attention_bias(xp, qkv.dtype, Tn, L, start, key_mask) if bias is None else bias
     _softmax_lastaxis_(att)
     return (att @ v_cache[:, :, :L]).transpose(0, 2, 1, 3).reshape(B, Tn, C)  # (B, Tn, C)
 

@@ -567,8 +567,9 @@ def gpt_forward_kv(
         kv_cache.key_mask[:, start:L] = attention_mask != 0
         kv_cache.masked = True
     key_mask = kv_cache.key_mask[:, :L] if kv_cache.masked else None  # (B, L)
-    # built once, shared by every block; a single unpadded query sees every earlier key: no bias
-    bias = None if key_mask is None and Tn == 1 else attention_bias(xp, dtype, Tn, L, start, key_mask)
+    # a key-padding bias is built once, shared by every block; without padding the attention is
+    # causal only, which attention_forward_kv handles itself (bias None: the causal skip)
+    bias = None if key_mask is None else attention_bias(xp, dtype, Tn, L, start, key_mask)
 
     H, eps = config.n_head, config.layer_norm_epsilon
     p = params

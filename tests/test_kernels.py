@@ -400,3 +400,20 @@ def test_query_blocks_cover_every_query():
         bl = _query_blocks(T)
         assert bl[0][0] == 0 and bl[-1][1] == T and all(a[1] == b[0] for a, b in zip(bl, bl[1:]))
         assert all(i1 > i0 for i0, i1 in bl) and len(bl) == max(1, min(4, T // 128))
+
+
+def test_kv_forward_with_query_blocks_matches_the_full_forward(monkeypatch):
+    """The KV-cache forward takes the causal skip too (chunks fed after a cached prefix)."""
+    from minidpo import layers
+    from minidpo.model import GPTConfig, gpt_forward, gpt_forward_kv, init_params
+
+    cfg = GPTConfig(vocab_size=31, n_ctx=12, n_layer=2, n_head=2, n_embd=8)
+    params = init_params(cfg, seed=4, dtype=np.float64)
+    idx = np.random.default_rng(9).integers(0, cfg.vocab_size, (3, 11))
+    want, _ = gpt_forward(params, idx, cfg)
+    monkeypatch.setattr(layers, "_query_blocks", lambda t: [(0, 1), (1, 3), (3, t)] if t >= 4 else [(0, t)])
+    first, kv = gpt_forward_kv(params, idx[:, :6], cfg)
+    second, kv = gpt_forward_kv(params, idx[:, 6:], cfg, kv)
+    third, _ = gpt_forward_kv(params, idx, cfg)
+    np.testing.assert_allclose(np.concatenate([first, second], axis=1), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(third, want, rtol=1e-10, atol=1e-12)
