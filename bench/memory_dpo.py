@@ -2,19 +2,24 @@
 
 The step is minidpo's own (the calls of minidpo.train's training loop, in its order):
 
-    [recompute]  log pi_ref(y|x) of the 2N rows by the frozen reference   gpt_forward + sequence_logps
+    [recompute]  log pi_ref(y|x) of the 2N rows by the frozen reference     inference_logits +
+                 (the KV-cache forward: keys and values only, no backward cache)  sequence_logps
     dpo_step     policy logits (2N, T, V) -> log-probs (2N,) -> DPO loss, eq. (7) ->
-                 dlogits (2N, T, V), eq. (9) -> gpt_backward -> grads
-    clip_grad_norm, AdamW.step
+                 dlogits, eq. (9), written into the logits' own buffer -> gpt_backward -> grads
+    clip_grad_norm, AdamW.step, then ``del grads, batch`` (as _run_loop does)
 
 in two modes:
 
     cached     reference log-probs computed once before training by
                minidpo.train.batched_sequence_logps (train_dpo's default, cache_reference=True);
-               the step sees them as constants. The reference parameters are freed once the cache
-               is built, which is what caching allows (train_dpo itself keeps them: see MEMORY.md).
+               the step sees them as constants. The reference parameters are freed once the caches
+               are built, which is what caching allows (train_dpo itself keeps them: see MEMORY.md).
     recompute  the reference parameters stay in memory and every step runs the reference forward
                on its batch first, as train_dpo does with cache_reference=False.
+
+Around the steps, as train_dpo does with held-out pairs: the held-out pairs' reference log-probs
+(batched_sequence_logps in chunks of eval_batch_size) before training, and after the last step
+one held-out evaluation of the policy (evaluate_preferences, the same chunks).
 
 What is measured: on the CPU, tracemalloc (NumPy reports every array buffer to it), so "bytes" are
 the bytes of live arrays plus a few Python objects; the process's peak resident set (Linux VmHWM,
@@ -45,6 +50,7 @@ import math
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -59,11 +65,23 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from minidpo.backend import Backend, to_numpy  # noqa: E402
 from minidpo.data import TokenizedPair, collate_preferences  # noqa: E402
+# the analytic model follows two blockings of the array code: attention's query blocks (the causal
+# skip) and the size of the NumPy log-softmax pieces and GELU blocks (a rename fails loudly here)
+from minidpo.layers import _BLOCK as GELU_BLOCK  # noqa: E402
+from minidpo.layers import _query_blocks  # noqa: E402
+from minidpo.logprobs import _PIECE as LOGSOFTMAX_PIECE  # noqa: E402
 from minidpo.logprobs import sequence_logps, sequence_logps_backward  # noqa: E402
 from minidpo.losses import dpo_loss, preference_metrics  # noqa: E402
 from minidpo.model import GPTConfig, gpt_backward, gpt_forward, init_params, param_shapes  # noqa: E402
 from minidpo.optim import AdamW, clip_grad_norm, lr_at  # noqa: E402
-from minidpo.train import TrainConfig, batched_sequence_logps, dpo_step  # noqa: E402
+from minidpo.train import (  # noqa: E402
+    TrainConfig,
+    batch_for_step,
+    batched_sequence_logps,
+    dpo_step,
+    evaluate_preferences,
+    inference_logits,
+)
 
 MODES = ("cached", "recompute")
 PAD_ID = 0
@@ -101,14 +119,21 @@ def synthetic_pairs(pairs: int, seq: int, prompt: int, vocab: int, seed: int = 0
 # ---------------------------------------------------------------------------------------------
 
 
+def attention_prob_elems(rows: int, n_head: int, T: int) -> int:
+    """Elements of the softmax probabilities one attention_forward keeps for its backward: one
+    (B, H, i1 - i0, i1) array per query block (the causal skip scores queries i0..i1-1 against
+    keys 0..i1-1 only). B H T^2 below T = 256 (one block); 5/8 of it at T = 512 (four blocks)."""
+    return sum(rows * n_head * (i1 - i0) * i1 for i0, i1 in _query_blocks(T))
+
+
 def layer_cache_elems(config: GPTConfig, rows: int, T: int) -> dict[str, int]:
     """Elements one transformer block leaves in gpt_forward's cache for ``rows`` x ``T`` tokens
     (what minidpo.model.gpt_forward keeps alive for the backward):
 
         ln_1 out (B, T, C); qkv (B, T, 3C), kept whole by the k, v views; q / sqrt(D) (B, H, T, D);
-        softmax probabilities (B, H, T, T); attention output (B, T, C); residual after attention
-        (B, T, C); ln_2 out (B, T, C); c_fc out (B, T, 4C); gelu out (B, T, 4C); residual after
-        the MLP (B, T, C); two layernorms' mean and rstd, 4 x (B, T).
+        softmax probabilities, one (B, H, i1 - i0, i1) per query block; attention output (B, T, C);
+        residual after attention (B, T, C); ln_2 out (B, T, C); c_fc out (B, T, 4C); gelu out
+        (B, T, 4C); residual after the MLP (B, T, C); two layernorms' mean and rstd, 4 x (B, T).
     """
     B, C, H = rows, config.n_embd, config.n_head
     BTC = B * T * C
@@ -116,7 +141,7 @@ def layer_cache_elems(config: GPTConfig, rows: int, T: int) -> dict[str, int]:
         "ln_1 output (B,T,C)": BTC,
         "qkv (B,T,3C), kept by the k, v views": 3 * BTC,
         "q / sqrt(D) (B,H,T,D)": BTC,
-        "attention probabilities (B,H,T,T)": B * H * T * T,
+        "attention probabilities, per query block (B,H,nq,i1)": attention_prob_elems(B, H, T),
         "attention output (B,T,C)": BTC,
         "residual after attention (B,T,C)": BTC,
         "ln_2 output (B,T,C)": BTC,
@@ -136,24 +161,8 @@ def forward_cache_bytes(config: GPTConfig, rows: int, T: int, itemsize: int = 4)
 
 
 def logits_bytes(config: GPTConfig, rows: int, T: int, itemsize: int = 4) -> int:
-    """(B, T, V) x itemsize: the logits, and likewise dlogits."""
+    """(B, T, V) x itemsize: the logits; in a training step the same buffer becomes dlogits."""
     return rows * T * config.vocab_size * itemsize
-
-
-def backward_workspace_bytes(config: GPTConfig, rows: int, T: int, itemsize: int = 4, gpu: bool = False) -> int:
-    """The largest set of temporaries alive at once inside gpt_backward (besides dlogits, the
-    caches and the grads), the larger of:
-
-        gelu_backward:       residual dx (B,T,C) + its input dh (B,T,4C) + x^2, tanh, sech^2
-                             (3 x (B,T,4C)) in the array code; on CuPy the fused kernel
-                             (minidpo.kernels) writes only its output (B,T,4C)
-        attention_backward:  dx, dh (2 x (B,T,C)) + dqkv (B,T,3C) + dq, a matmul result (2 x (B,T,C))
-                             + ds (B,H,T,T)
-    """
-    BTC = rows * T * config.n_embd
-    gelu = (9 if gpu else 17) * BTC
-    attention = 7 * BTC + rows * config.n_head * T * T
-    return itemsize * max(gelu, attention)
 
 
 def logps_cache_bytes(rows: int, T: int, itemsize: int = 4) -> int:
@@ -161,31 +170,127 @@ def logps_cache_bytes(rows: int, T: int, itemsize: int = 4) -> int:
     return rows * (T - 1) * (8 + 2 * itemsize)
 
 
-def reference_pass_peak_bytes(config: GPTConfig, pairs: int, chunk_pairs: int, T: int, itemsize: int = 4) -> int:
-    """Peak above the parameters of batched_sequence_logps over ``pairs`` pairs in chunks of
-    ``chunk_pairs`` (every chunk padded to T), as it is written today:
+def logsoftmax_piece_bytes(config: GPTConfig, rows: int, T: int, itemsize: int = 4, gpu: bool = False) -> int:
+    """The temporary of sequence_logps' log-sum-exp: on NumPy one piece of at most
+    LOGSOFTMAX_PIECE elements of the (B, T-1, V) scoring rows (1 MiB of float32); on CuPy the
+    fused kernel keeps none."""
+    return 0 if gpu else itemsize * min(rows * (T - 1) * config.vocab_size, LOGSOFTMAX_PIECE)
 
-        chunk k:  logits, _ = gpt_forward(...)     the full backward cache is built (no no-grad path)
-                  logps, _ = sequence_logps(...)   the model cache dies here; ``_`` now holds the
-                                                   log-prob cache, which references the logits
-        chunk k+1's forward therefore runs while chunk k's logits are still alive.
 
-    One chunk peaks in sequence_logps at cache + logits + the (B, T-1, V) exp temporary of its
-    logsumexp; a later chunk at the previous chunk's logits + cache + logits.
+def batch_bytes(rows: int, T: int) -> int:
+    """collate_preferences' batch: input_ids (B, T) int64 and loss_mask (B, T) bool."""
+    return rows * T * 9
+
+
+def kv_cache_bytes(config: GPTConfig, rows: int, T: int, itemsize: int = 4) -> int:
+    """init_kv_cache(capacity=T) of inference_logits: every layer's keys and values,
+    2 L x (B, H, T, D), and the (B, T) bool key mask."""
+    return 2 * config.n_layer * rows * T * config.n_embd * itemsize + rows * T
+
+
+def attention_backward_workspace_elems(rows: int, T: int, n_head: int, head_size: int) -> int:
+    """The most elements live at once in attention_backward, with the model's residual gradient
+    around it (the caches excluded):
+
+        residual dx (B,T,C), its input dy (B,T,C), dqkv (B,T,3C), delta (B,H,T), and per query
+        block, last block first: dv (B,H,i1,D), ds (B,H,nq,i1), dk (B,H,i1,D), dq (B,H,nq,D),
+        nq = i1 - i0, each made while the previous block's array of that name is still bound.
     """
-    sizes = [min(chunk_pairs, pairs - s) for s in range(0, pairs, chunk_pairs)]
-    peak, prev_logits = 0, 0
-    for n in sizes:
-        rows = 2 * n
-        cache, lg = forward_cache_bytes(config, rows, T, itemsize), logits_bytes(config, rows, T, itemsize)
-        lse_temp = rows * (T - 1) * config.vocab_size * itemsize
-        peak = max(peak, prev_logits + cache + lg, cache + lg + lse_temp + logps_cache_bytes(rows, T, itemsize))
-        prev_logits = lg + logps_cache_bytes(rows, T, itemsize)
+    H, D = n_head, head_size
+    base = 5 * rows * T * H * D + rows * T * H
+    live = {"dv": 0, "ds": 0, "dk": 0, "dq": 0}
+    peak = base
+    for i0, i1 in reversed(_query_blocks(T)):
+        nq = i1 - i0
+        for name, size in (("dv", rows * H * i1 * D), ("ds", rows * H * nq * i1), ("dk", rows * H * i1 * D),
+                           ("dq", rows * H * nq * D)):
+            peak = max(peak, base + sum(live.values()) + size)  # the new array beside the old one
+            live[name] = size
     return peak
 
 
+def gelu_backward_workspace_elems(rows: int, T: int, C: int, gpu: bool = False) -> int:
+    """gelu_backward with the model's residual gradient around it: residual dx (B,T,C), its input
+    dh (B,T,4C), its output (B,T,4C), and on NumPy two blocks of the elementwise chain (tanh z and
+    a product), GELU_BLOCK elements each; the CuPy kernel writes its output only."""
+    n = rows * T * C
+    return 9 * n + (0 if gpu else 2 * min(GELU_BLOCK, 4 * n))
+
+
+def backward_peak_bytes(config: GPTConfig, rows: int, T: int, itemsize: int = 4, gpu: bool = False) -> dict:
+    """Where gpt_backward peaks, above the caches, dlogits and the state: the largest of
+
+        block 0's GELU backward       its workspace + every gradient but block 0's c_fc, ln_2,
+                                      attention and ln_1 ones and wpe's
+        block 0's attention backward  its workspace + every gradient but block 0's c_attn and
+                                      ln_1 ones and wpe's
+        the embedding's backward      dx (B,T,C), dwpe (n_ctx, C), dx summed over B (T, C) +
+                                      every gradient
+
+    Block 0 is the last one done; every block's cache, and dlogits, stay alive until
+    gpt_backward returns, so the peak is there and not at block L-1.
+
+    Returns:
+        {"where": the winning candidate, "workspace": its bytes, "gradients": the gradient bytes
+         alive then, "total": their sum}.
+    """
+    sizes = {k: math.prod(s) for k, s in param_shapes(config).items()}
+    total = sum(sizes.values())
+    b0 = "transformer.h.0."
+    att_pending = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias")
+    gelu_pending = att_pending + ("attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+                                  "mlp.c_fc.weight", "mlp.c_fc.bias")
+    wpe = sizes["transformer.wpe.weight"]
+    C = config.n_embd
+    cands = [
+        ("block 0 GELU backward", gelu_backward_workspace_elems(rows, T, C, gpu),
+         total - wpe - sum(sizes[b0 + n] for n in gelu_pending)),
+        ("block 0 attention backward", attention_backward_workspace_elems(rows, T, config.n_head, config.head_size),
+         total - wpe - sum(sizes[b0 + n] for n in att_pending)),
+        ("embedding backward", rows * T * C + config.n_ctx * C + T * C, total),
+    ]
+    where, ws, grads = max(cands, key=lambda c: c[1] + c[2])
+    return {"where": where, "workspace": ws * itemsize, "gradients": grads * itemsize,
+            "total": (ws + grads) * itemsize}
+
+
+def inference_pass_bytes(config: GPTConfig, rows: int, T: int, itemsize: int = 4, gpu: bool = False) -> int:
+    """Peak of one no-gradient chunk (inference_logits + sequence_logps, as batched_sequence_logps
+    runs it), above whatever else is alive, for ``rows`` rows of T tokens:
+
+        in a block      KV cache + the block's working set: x, ln_1 out, qkv (3), q / sqrt(D),
+                        attention output + the query blocks' scores (each made while the
+                        previous is bound), or x, ln_2 out, c_fc out (4), gelu out (4): 10 (B,T,C)
+        the logits      KV cache + ln_f's input and output (2 (B,T,C)) + logits (B,T,V)
+        sequence_logps  logits + its cache + one log-sum-exp piece (the KV cache is gone)
+
+    plus the chunk's batch. The previous chunk's logits are freed before the next forward
+    (``del logits, _``), so a pass over many chunks peaks at its largest chunk.
+    """
+    C, H, D = config.n_embd, config.n_head, config.head_size
+    n = rows * T * C
+    att, prev = 7 * n, 0
+    for i0, i1 in _query_blocks(T):
+        scores = rows * H * (i1 - i0) * i1
+        att = max(att, 7 * n + prev + scores, 7 * n + scores + rows * H * (i1 - i0) * D)
+        prev = scores
+    block = itemsize * max(att, 10 * n)
+    kv, lg = kv_cache_bytes(config, rows, T, itemsize), logits_bytes(config, rows, T, itemsize)
+    forward = kv + max(block, 2 * n * itemsize + lg)
+    logps = lg + logps_cache_bytes(rows, T, itemsize) + logsoftmax_piece_bytes(config, rows, T, itemsize, gpu)
+    return batch_bytes(rows, T) + max(forward, logps)
+
+
+def nograd_pass_peak_bytes(config: GPTConfig, pairs: int, chunk_pairs: int, T: int, itemsize: int = 4,
+                           gpu: bool = False) -> int:
+    """Peak above the parameters of batched_sequence_logps over ``pairs`` pairs in chunks of
+    ``chunk_pairs`` (2 chunk_pairs rows, every chunk padded to T): its largest, first chunk."""
+    return inference_pass_bytes(config, 2 * min(chunk_pairs, pairs), T, itemsize, gpu)
+
+
 def analytic_breakdown(config: GPTConfig, pairs: int, seq: int, *, ref_batch_pairs: int | None = None,
-                       eval_batch_pairs: int | None = None, itemsize: int = 4, gpu: bool = False) -> dict:
+                       eval_batch_pairs: int | None = None, eval_pairs: int | None = None, itemsize: int = 4,
+                       gpu: bool = False) -> dict:
     """Where the memory of one DPO step goes, from the shapes alone.
 
     Args:
@@ -193,92 +298,109 @@ def analytic_breakdown(config: GPTConfig, pairs: int, seq: int, *, ref_batch_pai
         pairs: N; the step's batch has B = 2N rows of T = ``seq`` tokens.
         seq: T.
         ref_batch_pairs: chunk size of the measured reference cache pass (default N).
-        eval_batch_pairs: train_dpo's chunk size for the cache pass (default
-            TrainConfig().eval_batch_size); predicted only.
+        eval_batch_pairs: chunk size of the held-out passes, train_dpo's eval_batch_size
+            (default TrainConfig().eval_batch_size).
+        eval_pairs: held-out pairs measured (default eval_batch_pairs; 0: none, and the
+            "eval_reference_pass", "evaluation_cached" and "evaluation_recompute" peaks are absent).
         itemsize: bytes per float (4 for float32).
-        gpu: count the CuPy path's temporaries (its fused GELU backward keeps fewer).
+        gpu: count the CuPy path's temporaries (its fused log-softmax and GELU keep fewer).
 
     Returns:
         dict with
           "bytes": {term: bytes} for parameters, grads, AdamW moments, the reference copy, the
-              previous step's grads, the activation cache, the logits, the log-softmax
-              temporary, dlogits, the log-prob cache and the backward workspace;
+              activation cache, the logits (whose buffer becomes dlogits), the log-softmax
+              piece, the log-prob cache, the batch, the backward workspace and the gradients
+              alive at the backward's peak, and a step-sized no-gradient pass's KV cache;
           "per_layer_bytes": {array: bytes} of one block's cache;
-          "peaks": predicted peak bytes: "cached" and "recompute" for the first step,
-              "cached_steady" and "recompute_steady" for later steps (the training loop holds
-              the previous step's grads while the next step runs), "cached_as_train_dpo" (train_dpo
-              keeps the reference parameters), "forward_side" (the forward + log-softmax part of
-              the first cached step), and the reference cache passes "reference_pass" (chunks of
-              ref_batch_pairs over N pairs) and "reference_pass_train_dpo" (chunks of
-              eval_batch_pairs over a dataset of many pairs), and "evaluation_pass_train_dpo"
-              (train_dpo's held-out evaluation between steps, same chunks);
+          "backward_peak": where gpt_backward peaks (see :func:`backward_peak_bytes`);
+          "peaks": predicted peak bytes: "cached" and "recompute" for a step (the loop frees
+              each step's grads before the next, so "cached_steady" and "recompute_steady", the
+              later steps, are the same numbers), "cached_as_train_dpo" (train_dpo keeps the
+              reference parameters), "forward_side" (the forward + log-softmax part of a cached
+              step), "reference_pass" (the measured cache pass: chunks of ref_batch_pairs over
+              N pairs, both parameter copies alive), "eval_reference_pass" (the held-out pairs'
+              reference pass), "evaluation_cached" / "evaluation_recompute" (the held-out
+              evaluation after the last step as measured: params + moments [+ reference]), and
+              train_dpo's passes over a large dataset: "reference_pass_train_dpo" (chunks of
+              eval_batch_pairs) and "evaluation_pass_train_dpo" (params, moments and the kept
+              reference alive);
           "shapes": the letters' values.
     """
     if pairs < 1 or seq < 2:
         raise ValueError(f"need pairs >= 1 and seq >= 2, got pairs={pairs}, seq={seq}")
     ref_batch_pairs = pairs if ref_batch_pairs is None else ref_batch_pairs
     eval_batch_pairs = TrainConfig().eval_batch_size if eval_batch_pairs is None else eval_batch_pairs
+    eval_pairs = eval_batch_pairs if eval_pairs is None else eval_pairs
+    if ref_batch_pairs < 1 or eval_batch_pairs < 1 or eval_pairs < 0:
+        raise ValueError(f"need ref_batch_pairs >= 1, eval_batch_pairs >= 1, eval_pairs >= 0, got "
+                         f"{ref_batch_pairs}, {eval_batch_pairs}, {eval_pairs}")
     B, T = 2 * pairs, seq
     P = sum(math.prod(s) for s in param_shapes(config).values())
     p_bytes = P * itemsize
     per_layer = {k: v * itemsize for k, v in layer_cache_elems(config, B, T).items()}
-    cache = forward_cache_bytes(config, B, T, itemsize)
+    bw = backward_peak_bytes(config, B, T, itemsize, gpu)
     terms = {
         "parameters": p_bytes,
         "gradients": p_bytes,
         "AdamW moments m, v": 2 * p_bytes,
         "reference parameters": p_bytes,
-        "previous step's gradients": p_bytes,
-        "activation cache (embedding, L blocks, ln_f)": cache,
+        "activation cache (embedding, L blocks, ln_f)": forward_cache_bytes(config, B, T, itemsize),
         "logits (B,T,V)": logits_bytes(config, B, T, itemsize),
-        "logsumexp temporary (B,T-1,V)": B * (T - 1) * config.vocab_size * itemsize,
-        "dlogits (B,T,V)": logits_bytes(config, B, T, itemsize),
+        "log-softmax piece": logsoftmax_piece_bytes(config, B, T, itemsize, gpu),
         "log-prob cache (labels, lse, weights)": logps_cache_bytes(B, T, itemsize),
-        "backward workspace": backward_workspace_bytes(config, B, T, itemsize, gpu),
-        "batch (input_ids int64, loss_mask bool)": B * T * 9,
+        "batch (input_ids int64, loss_mask bool)": batch_bytes(B, T),
+        "backward workspace": bw["workspace"],
+        "gradients alive at the backward's peak": bw["gradients"],
+        "KV cache of a no-gradient pass over the batch": kv_cache_bytes(config, B, T, itemsize),
     }
     t = terms
     resident = t["parameters"] + t["AdamW moments m, v"]
-    step = (resident + t["gradients"] + t["activation cache (embedding, L blocks, ln_f)"] + t["logits (B,T,V)"]
-            + t["dlogits (B,T,V)"] + t["log-prob cache (labels, lse, weights)"] + t["backward workspace"]
-            + t["batch (input_ids int64, loss_mask bool)"])
-    forward_side = (resident + t["activation cache (embedding, L blocks, ln_f)"] + t["logits (B,T,V)"]
-                    + t["logsumexp temporary (B,T-1,V)"] + t["log-prob cache (labels, lse, weights)"])
+    held = (resident + t["activation cache (embedding, L blocks, ln_f)"] + t["logits (B,T,V)"]
+            + t["log-prob cache (labels, lse, weights)"] + t["batch (input_ids int64, loss_mask bool)"])
+    forward_side = held + t["log-softmax piece"]
+    step = max(forward_side, held + bw["total"])  # dlogits is the logits' buffer: no second (B,T,V)
     ref = t["reference parameters"]
+    # the reference forward (recompute mode) runs before the policy's, beside the whole state
+    recompute = max(step + ref, resident + ref + inference_pass_bytes(config, B, T, itemsize, gpu))
     peaks = {
         "cached": step,
-        "recompute": step + ref,  # the reference forward peaks below the policy's backward
-        "cached_steady": step + t["previous step's gradients"],
-        "recompute_steady": step + ref + t["previous step's gradients"],
-        "cached_as_train_dpo": step + ref + t["previous step's gradients"],
+        "recompute": recompute,
+        "cached_steady": step,
+        "recompute_steady": recompute,
+        "cached_as_train_dpo": step + ref,
         "forward_side": forward_side,
-        "reference_pass": 2 * p_bytes + reference_pass_peak_bytes(config, pairs, ref_batch_pairs, T, itemsize),
-        # a real dataset has many chunks of eval_batch_pairs: the hand-over case applies
-        "reference_pass_train_dpo": 2 * p_bytes + reference_pass_peak_bytes(
-            config, 2 * eval_batch_pairs, eval_batch_pairs, T, itemsize),
-        # held-out evaluation inside the loop: the same pass over the policy, with the training
-        # state (params, moments, the last grads) and the kept reference alive
-        "evaluation_pass_train_dpo": 5 * p_bytes + reference_pass_peak_bytes(
-            config, 2 * eval_batch_pairs, eval_batch_pairs, T, itemsize),
+        "reference_pass": 2 * p_bytes + nograd_pass_peak_bytes(config, pairs, ref_batch_pairs, T, itemsize, gpu),
+        "reference_pass_train_dpo": 2 * p_bytes + inference_pass_bytes(config, 2 * eval_batch_pairs, T, itemsize,
+                                                                       gpu),
+        "evaluation_pass_train_dpo": 4 * p_bytes + inference_pass_bytes(config, 2 * eval_batch_pairs, T, itemsize,
+                                                                        gpu),
     }
+    if eval_pairs:
+        e_pass = nograd_pass_peak_bytes(config, eval_pairs, eval_batch_pairs, T, itemsize, gpu)
+        peaks["eval_reference_pass"] = 2 * p_bytes + e_pass
+        peaks["evaluation_cached"] = 3 * p_bytes + e_pass
+        peaks["evaluation_recompute"] = 4 * p_bytes + e_pass
     return {
         "bytes": terms,
         "per_layer_bytes": per_layer,
+        "backward_peak": bw,
         "peaks": peaks,
         "shapes": {"N": pairs, "B": B, "T": T, "C": config.n_embd, "V": config.vocab_size, "H": config.n_head,
                    "D": config.head_size, "L": config.n_layer, "P": P, "itemsize": itemsize,
-                   "ref_batch_pairs": ref_batch_pairs, "eval_batch_pairs": eval_batch_pairs},
+                   "ref_batch_pairs": ref_batch_pairs, "eval_batch_pairs": eval_batch_pairs,
+                   "eval_pairs": eval_pairs},
     }
 
 
 def max_pairs_that_fit(config: GPTConfig, seq: int, capacity_bytes: float, key: str = "cached_steady",
                        limit: int = 4096, gpu: bool = True) -> int:
     """Largest N <= ``limit`` whose predicted peak ``key`` (see :func:`analytic_breakdown`) fits
-    in ``capacity_bytes``; 0 if none. For the reference and evaluation passes, N is the chunk size."""
+    in ``capacity_bytes``; 0 if none. For the train_dpo passes ("reference_pass_train_dpo",
+    "evaluation_pass_train_dpo") N is the chunk size, eval_batch_size."""
     def peak(n):
         if key in ("reference_pass_train_dpo", "evaluation_pass_train_dpo"):
-            return analytic_breakdown(config, n, seq, eval_batch_pairs=n, gpu=gpu)["peaks"][key]
-        return analytic_breakdown(config, n, seq, gpu=gpu)["peaks"][key]
+            return analytic_breakdown(config, 1, seq, eval_batch_pairs=n, eval_pairs=0, gpu=gpu)["peaks"][key]
+        return analytic_breakdown(config, n, seq, eval_pairs=0, gpu=gpu)["peaks"][key]
 
     lo, hi = 0, limit
     while lo < hi:  # the peaks grow with N: bisect
@@ -397,6 +519,7 @@ class CupyPoolMeter:  # pragma: no cover - needs a GPU
 WATCHED = {
     collate_preferences: "collate_preferences",
     batched_sequence_logps: "batched_sequence_logps",
+    inference_logits: "inference_logits",
     gpt_forward: "gpt_forward",
     sequence_logps: "sequence_logps",
     dpo_loss: "dpo_loss",
@@ -406,6 +529,7 @@ WATCHED = {
     dpo_step: "dpo_step (return)",
     clip_grad_norm: "clip_grad_norm",
     AdamW.step: "AdamW.step",
+    evaluate_preferences: "evaluate_preferences",
 }
 
 
@@ -498,6 +622,8 @@ class RunSpec:
     prompt: int
     steps: int
     ref_batch_pairs: int
+    eval_pairs: int
+    eval_batch_pairs: int
     seed: int
 
 
@@ -508,13 +634,25 @@ def _nbytes(tree: dict) -> int:
 def run_mode(mode: str, spec: RunSpec, backend: Backend, meter) -> dict:
     """Measure ``spec.steps`` training steps in ``mode`` ('cached' or 'recompute').
 
-    The lines follow minidpo.train: train_dpo builds the reference cache (cached mode), then
-    _run_loop makes AdamW and, each step, collates the batch (plus, in recompute mode, runs the
-    reference forward as train_dpo's make_batch does), calls dpo_step, clip_grad_norm, lr_at and
-    AdamW.step. As in _run_loop, a step's grads stay bound until the next step's dpo_step returns.
+    The lines follow minidpo.train (mirrored, not imported: _run_loop also writes checkpoints and
+    logs, which are not part of a step):
+
+        train_dpo   [cached] the training pairs' reference log-probs, batched_sequence_logps in
+                    chunks of ref_batch_pairs; the held-out pairs' reference log-probs in chunks of
+                    eval_batch_pairs (either mode)
+        _run_loop   AdamW; each step batch_for_step, make_batch ([recompute] the reference forward
+                    through inference_logits, as train_dpo's make_batch), dpo_step, clip_grad_norm,
+                    lr_at, AdamW.step, then ``del grads, batch``; after the last step the held-out
+                    evaluation (evaluate_preferences, eval_fn of train_dpo)
+
+    In the cached mode the reference parameters are dropped once both caches are built (what
+    caching allows; train_dpo keeps them).
     """
-    cfg, tc = spec.config, TrainConfig(batch_size=spec.pairs)
+    cfg = spec.config
+    tc = TrainConfig(steps=spec.steps, batch_size=spec.pairs, eval_batch_size=spec.eval_batch_pairs,
+                     cache_reference=mode == "cached")
     pairs = synthetic_pairs(spec.pairs, spec.seq, spec.prompt, cfg.vocab_size, seed=spec.seed)
+    eval_pairs = synthetic_pairs(spec.eval_pairs, spec.seq, spec.prompt, cfg.vocab_size, seed=spec.seed + 1)
     gc.collect()
     rss_reset = reset_peak_rss()
     meter.start()
@@ -527,45 +665,66 @@ def run_mode(mode: str, spec: RunSpec, backend: Backend, meter) -> dict:
             policy = init_params(cfg, backend, seed=spec.seed)
             reference = {k: v.copy() for k, v in policy.items()}  # DPO starts at pi = pi_ref
             rec.mark("parameters")
-            if mode == "cached":
+            if tc.cache_reference:  # train_dpo: log pi_ref of every training pair, once
                 rec.stage = "reference cache pass"
-                ref_c, ref_r = batched_sequence_logps(reference, cfg, pairs, PAD_ID, spec.ref_batch_pairs, backend)
+                ref_c, ref_r = batched_sequence_logps(reference, cfg, pairs, PAD_ID, spec.ref_batch_pairs, backend,
+                                                      tc.average_logps)  # (N,), (N,) host float64
                 ref_c = backend.asarray(ref_c.astype(np.float32))  # (N,) as train_dpo stores them
                 ref_r = backend.asarray(ref_r.astype(np.float32))  # (N,)
                 out["reference_pass_peak_bytes"] = rec.peak_of("reference cache pass")
+            if eval_pairs:  # train_dpo: log pi_ref of every held-out pair, in either mode
+                rec.stage = "held-out reference pass"
+                e_ref_c, e_ref_r = batched_sequence_logps(reference, cfg, eval_pairs, PAD_ID, tc.eval_batch_size,
+                                                          backend, tc.average_logps)  # (E,), (E,) host float64
+                out["eval_reference_pass_peak_bytes"] = rec.peak_of("held-out reference pass")
+            out["reference_params_bytes"] = _nbytes(reference) if mode == "recompute" else 0
+            if tc.cache_reference:
                 del reference  # what caching allows (train_dpo keeps it: see the report)
+
+            def make_batch(idx):  # train_dpo's make_batch
+                batch = collate_preferences([pairs[i] for i in idx], PAD_ID, backend=backend)  # (2N, T) ids, mask
+                if tc.cache_reference:
+                    didx = backend.asarray(idx)
+                    batch["ref_chosen"], batch["ref_rejected"] = ref_c[didx], ref_r[didx]  # (N,), (N,)
+                else:
+                    logits = inference_logits(reference, batch["input_ids"], cfg)  # (2N, T, V)
+                    logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"],
+                                              average=tc.average_logps, validate=False)  # (2N,)
+                    del logits
+                    n = len(idx)
+                    batch["ref_chosen"], batch["ref_rejected"] = logps[:n], logps[n:]  # (N,), (N,)
+                return batch
+
             rec.stage = "setup"
             opt = AdamW(policy, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
             rec.mark("AdamW moments")
             out["resident_before_step_bytes"] = meter.current()
-            grads = None
             steps = []
             for step in range(spec.steps):
-                rec.stage = f"step {step + 1}"
                 backend.synchronize()
                 t0 = time.perf_counter()
-                batch = collate_preferences(pairs, PAD_ID, backend=backend)  # (2N, T) ids and mask
-                if mode == "cached":
-                    ref_chosen, ref_rejected = ref_c, ref_r  # train_dpo indexes its cache: ref_c[idx]
-                else:  # train_dpo's make_batch with cache_reference=False
-                    rec.stage = f"step {step + 1} reference"
-                    logits, _ = gpt_forward(reference, batch["input_ids"], cfg)  # (2N, T, V)
-                    logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=tc.average_logps)
-                    ref_chosen, ref_rejected = logps[:spec.pairs], logps[spec.pairs:]  # (N,), (N,)
-                    del logits, logps, _
-                    rec.stage = f"step {step + 1}"
-                loss, metrics, grads = dpo_step(policy, cfg, batch, ref_chosen, ref_rejected, tc)
+                idx = batch_for_step(step, len(pairs), tc.batch_size, tc.seed)  # (N,) every pair, shuffled
+                rec.stage = f"step {step + 1}" if tc.cache_reference else f"step {step + 1} reference"
+                batch = make_batch(idx)
+                rec.stage = f"step {step + 1}"
+                loss, metrics, grads = dpo_step(policy, cfg, batch, batch["ref_chosen"], batch["ref_rejected"], tc)
                 gnorm = clip_grad_norm(grads, tc.grad_clip)
-                opt.step(policy, grads, lr=lr_at(step, tc.lr, tc.warmup_steps, spec.steps, tc.schedule))
+                lr = lr_at(step, tc.lr, tc.warmup_steps, tc.steps, tc.schedule, tc.min_lr_ratio)
+                opt.step(policy, grads, lr=lr)
+                out["grads_bytes"] = _nbytes(grads)
+                del grads, batch  # as _run_loop: freed before the next step's forward
                 finite = bool(xp.isfinite(loss)) and bool(xp.isfinite(gnorm))
                 backend.synchronize()
                 wall = time.perf_counter() - t0
                 peak = rec.peak_of(f"step {step + 1}", f"step {step + 1} reference")
                 steps.append({"peak_bytes": peak, "wall_s": wall, "loss": float(to_numpy(loss)), "finite": finite})
-            out["grads_bytes"] = _nbytes(grads)
+            if eval_pairs:  # _run_loop after the last step: eval_fn(params)
+                rec.stage = "held-out evaluation"
+                ev = evaluate_preferences(policy, cfg, eval_pairs, e_ref_c, e_ref_r, PAD_ID, tc, backend)
+                out["evaluation_peak_bytes"] = rec.peak_of("held-out evaluation")
+                out["eval_loss"] = ev["eval/loss"]
             out["params_bytes"] = _nbytes(policy)
             out["moments_bytes"] = _nbytes(opt.m) + _nbytes(opt.v)
-            out["reference_params_bytes"] = _nbytes(reference) if mode == "recompute" else 0
             rec.stage = "end"
             rec.mark("after the last step")
         out["meter_extra"] = meter.extra()
@@ -584,9 +743,15 @@ def run_mode(mode: str, spec: RunSpec, backend: Backend, meter) -> dict:
     return out
 
 
+def _positive_int(name: str, v, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return int(v)
+
+
 def measure(config: GPTConfig, pairs: int = 8, seq: int = 512, *, prompt: int | None = None, device: str = "cpu",
             steps: int = 2, ref_batch_pairs: int | None = None, modes=MODES, seed: int = 0,
-            eval_batch_pairs: int | None = None) -> dict:
+            eval_batch_pairs: int | None = None, eval_pairs: int | None = None) -> dict:
     """Measure the peak memory of DPO training steps in each mode, and the analytic breakdown.
 
     Args:
@@ -595,66 +760,97 @@ def measure(config: GPTConfig, pairs: int = 8, seq: int = 512, *, prompt: int | 
         seq: T, tokens per row (every chunk of pairs pads to it).
         prompt: prompt tokens per pair (default min(128, T // 4), at least 1).
         device: 'cpu' (tracemalloc) or 'cuda[:N]' (CuPy memory hook).
-        steps: training steps per mode; from step 2 on the previous step's grads are alive.
+        steps: training steps per mode; step 2 on shows whether anything of the step before lingers.
         ref_batch_pairs: chunk size of the cached mode's reference pass (default N // 2, so the
             pass runs two chunks and the hand-over between chunks is measured).
         modes: a subset of ('cached', 'recompute').
         seed: parameters and tokens.
-        eval_batch_pairs: train_dpo's chunk size for the predicted cache pass (default
-            TrainConfig().eval_batch_size).
+        eval_batch_pairs: chunk size of the held-out passes, train_dpo's eval_batch_size (default
+            TrainConfig().eval_batch_size); also the chunk of the predicted train_dpo passes.
+        eval_pairs: held-out pairs (default eval_batch_pairs: one full chunk); 0 measures no
+            held-out pass.
 
     Returns:
-        {"config", "machine", "meter", "analytic" (see :func:`analytic_breakdown`),
+        {"config", "machine", "code", "meter", "analytic" (see :func:`analytic_breakdown`),
          "measured": {mode: {...}}} with byte counts; each mode has
          state_bytes (params + grads + moments [+ reference]), step1_peak_bytes, peak_bytes (over
          all steps), activation_peak_bytes (step 1 peak - state), resident_before_step_bytes,
-         process_peak_rss_bytes, per-step peaks and wall times, and the phase table;
-         the cached mode also reference_pass_peak_bytes.
+         process_peak_rss_bytes, per-step peaks and wall times, and the phase table; the cached
+         mode also reference_pass_peak_bytes; with held-out pairs, eval_reference_pass_peak_bytes
+         and evaluation_peak_bytes.
     """
     if not isinstance(config, GPTConfig):
         raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
-    for name, v in (("pairs", pairs), ("seq", seq), ("steps", steps)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    pairs, seq, steps = _positive_int("pairs", pairs), _positive_int("seq", seq), _positive_int("steps", steps)
     if seq < 2:
         raise ValueError(f"seq must be >= 2 (a prompt token and a response token), got {seq}")
     if seq > config.n_ctx:
         raise ValueError(f"seq={seq} exceeds the model's n_ctx={config.n_ctx}")
     prompt = max(1, min(128, seq // 4)) if prompt is None else prompt
-    if not 1 <= prompt < seq:
-        raise ValueError(f"prompt must be in [1, seq) = [1, {seq}), got {prompt}")
+    if isinstance(prompt, bool) or not isinstance(prompt, (int, np.integer)) or not 1 <= prompt < seq:
+        raise ValueError(f"prompt must be an int in [1, seq) = [1, {seq}), got {prompt!r}")
     ref_batch_pairs = max(1, pairs // 2) if ref_batch_pairs is None else ref_batch_pairs
-    if not 1 <= ref_batch_pairs <= pairs:
-        raise ValueError(f"ref_batch_pairs must be in [1, pairs={pairs}], got {ref_batch_pairs}")
+    if isinstance(ref_batch_pairs, bool) or not isinstance(ref_batch_pairs, (int, np.integer)) \
+            or not 1 <= ref_batch_pairs <= pairs:
+        raise ValueError(f"ref_batch_pairs must be an int in [1, pairs={pairs}], got {ref_batch_pairs!r}")
+    eval_batch_pairs = _positive_int("eval_batch_pairs", TrainConfig().eval_batch_size
+                                     if eval_batch_pairs is None else eval_batch_pairs)
+    eval_pairs = _positive_int("eval_pairs", eval_batch_pairs if eval_pairs is None else eval_pairs, minimum=0)
     modes = tuple(modes)
     unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
+    if unknown or not modes or len(set(modes)) != len(modes):
+        raise ValueError(f"modes must be a non-empty subset of {MODES} without repeats, got {modes}")
 
+    code = code_info()  # before the run: the tree may change while it runs
     backend = Backend(device)
     meter = TracemallocMeter() if not backend.is_cuda else CupyPoolMeter()
-    spec = RunSpec(config, pairs, seq, prompt, steps, ref_batch_pairs, seed)
+    spec = RunSpec(config, pairs, seq, prompt, steps, int(ref_batch_pairs), eval_pairs, eval_batch_pairs, seed)
     measured = {}
     for mode in modes:
         measured[mode] = run_mode(mode, spec, backend, meter)
         gc.collect()  # the mode's arrays are gone before the next one starts
-    analytic = analytic_breakdown(config, pairs, seq, ref_batch_pairs=ref_batch_pairs,
-                                  eval_batch_pairs=eval_batch_pairs, gpu=backend.is_cuda)
+    analytic = analytic_breakdown(config, pairs, seq, ref_batch_pairs=spec.ref_batch_pairs,
+                                  eval_batch_pairs=eval_batch_pairs, eval_pairs=eval_pairs, gpu=backend.is_cuda)
     return {
         "config": {"model": config.to_dict(), "pairs": pairs, "rows": 2 * pairs, "seq": seq, "prompt": prompt,
-                   "steps": steps, "ref_batch_pairs": ref_batch_pairs, "device": backend.device, "dtype": "float32",
+                   "steps": steps, "ref_batch_pairs": spec.ref_batch_pairs, "eval_pairs": eval_pairs,
+                   "eval_batch_pairs": eval_batch_pairs, "device": backend.device, "dtype": "float32",
                    "seed": seed, "num_params": analytic["shapes"]["P"]},
         "machine": machine_info(backend),
+        "code": code,
         "meter": meter.name,
         "analytic": analytic,
         "measured": measured,
     }
 
 
+def code_info() -> dict:
+    """The commit measured, the last commit that changed minidpo/, and whether minidpo/ differs
+    from it (None where git is unavailable)."""
+    def git(*args):
+        try:
+            r = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    last = git("log", "-1", "--format=%H", "--", "minidpo")
+    status = git("status", "--porcelain", "--", "minidpo")
+    return {"commit": commit, "minidpo_last_commit": last, "minidpo_modified": None if status is None else bool(status)}
+
+
 def machine_info(backend: Backend) -> dict:
     """CPU model (as lscpu prints it), cores, RAM, NumPy and Python versions; CuPy and the GPU."""
     info = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "ram_bytes": _ram_bytes(),
             "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    try:  # BLAS library and its thread count (the meter does not see its per-thread buffers)
+        from threadpoolctl import threadpool_info
+
+        info["blas"] = [f"{d.get('internal_api')} {d.get('version')}, {d.get('num_threads')} threads"
+                        for d in threadpool_info() if d.get("user_api") == "blas"]
+    except ImportError:
+        pass
     if backend.is_cuda:  # pragma: no cover - needs a GPU
         cp = backend.xp
         props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
@@ -698,11 +894,15 @@ def _unit(nbytes: float) -> tuple[float, str]:
     return 1e3, "kB"
 
 
+STEP_PHASES_SHOWN = ("setup", "reference cache pass", "held-out reference pass", "step 1 reference", "step 1",
+                     "held-out evaluation")
+
+
 def format_report(res: dict, gpu_gb: float = 80.0) -> str:
     """The analytic breakdown, the measurements and their comparison, as text."""
     c, a, m = res["config"], res["analytic"], res["measured"]
-    s, t, pk = a["shapes"], a["bytes"], a["peaks"]
-    mc, mach = c["model"], res["machine"]
+    s, t, pk, bw = a["shapes"], a["bytes"], a["peaks"], a["backward_peak"]
+    mc, mach, code = c["model"], res["machine"], res.get("code", {})
     div, unit = _unit(pk["recompute_steady"])
 
     def num(b, width=10):
@@ -713,8 +913,11 @@ def format_report(res: dict, gpu_gb: float = 80.0) -> str:
         f"(P = {s['P']:,} parameters), {c['pairs']} pairs = {c['rows']} rows x {c['seq']} tokens "
         f"(prompt {c['prompt']}), float32, {c['device']}",
         f"machine: {mach['cpu']} ({mach['cpu_count']} cores, {(mach['ram_bytes'] or 0) / 1e9:.1f} GB RAM), "
-        f"numpy {mach['numpy']}, python {mach['python']}"
+        f"numpy {mach['numpy']} ({'; '.join(mach.get('blas') or ['BLAS unknown'])}), python {mach['python']}"
         + (f"; {mach['gpu']}, cupy {mach['cupy']}" if "gpu" in mach else ""),
+        f"code: commit {(code.get('commit') or 'unknown')[:12]}, minidpo/ last changed in "
+        f"{(code.get('minidpo_last_commit') or 'unknown')[:12]}"
+        + (" (and modified since)" if code.get("minidpo_modified") else ""),
         f"meter: {res['meter']}; sizes in {unit} (1 GB = 1e9 bytes)",
         "",
         f"Analytic breakdown from the shapes (B={s['B']} T={s['T']} C={s['C']} H={s['H']} V={s['V']} "
@@ -725,31 +928,44 @@ def format_report(res: dict, gpu_gb: float = 80.0) -> str:
         ("gradients", t["gradients"]),
         ("AdamW moments m, v", t["AdamW moments m, v"]),
         ("reference parameters (a second copy)", t["reference parameters"]),
-        ("previous step's gradients (held by the loop)", t["previous step's gradients"]),
         (f"activation cache: embedding + {s['L']} blocks + ln_f", t["activation cache (embedding, L blocks, ln_f)"]),
     ]
     for label, b in rows:
-        lines.append(f"  {label:<56}{num(b)}")
-    lines.append(f"    {'one block:':<54}{num(sum(a['per_layer_bytes'].values()))}")
+        lines.append(f"  {label:<60}{num(b)}")
+    lines.append(f"    {'one block:':<58}{num(sum(a['per_layer_bytes'].values()))}")
     for label, b in a["per_layer_bytes"].items():
-        lines.append(f"      {label:<52}{num(b)}")
-    for key in ("logits (B,T,V)", "logsumexp temporary (B,T-1,V)", "dlogits (B,T,V)",
-                "log-prob cache (labels, lse, weights)", "backward workspace",
-                "batch (input_ids int64, loss_mask bool)"):
-        lines.append(f"  {key:<56}{num(t[key])}")
+        lines.append(f"      {label:<56}{num(b)}")
+    for label, key in (("logits (B,T,V); the same buffer becomes dlogits", "logits (B,T,V)"),
+                       ("log-softmax piece (sequence_logps' temporary)", "log-softmax piece"),
+                       ("log-prob cache (labels, lse, weights)", "log-prob cache (labels, lse, weights)"),
+                       ("batch (input_ids int64, loss_mask bool)", "batch (input_ids int64, loss_mask bool)"),
+                       (f"backward workspace at its peak ({bw['where']})", "backward workspace"),
+                       ("gradients alive then", "gradients alive at the backward's peak"),
+                       ("KV cache of a no-gradient forward of the same batch",
+                        "KV cache of a no-gradient pass over the batch")):
+        lines.append(f"  {label:<60}{num(t[key])}")
 
     lines += ["", f"Predicted peaks, {unit}"]
-    for label, key in (
-        ("cached, step 1 (state + cache + logits + dlogits + ...)", "cached"),
-        ("cached, later steps (+ previous step's grads)", "cached_steady"),
-        ("cached as train_dpo runs it (+ reference kept)", "cached_as_train_dpo"),
-        ("recompute, step 1 (+ reference parameters)", "recompute"),
-        ("recompute, later steps", "recompute_steady"),
+    predicted = [
+        ("cached step (state + cache + logits/dlogits + workspace)", "cached"),
+        ("  its forward side (up to sequence_logps)", "forward_side"),
+        ("cached step as train_dpo runs it (+ reference kept)", "cached_as_train_dpo"),
+        ("recompute step (+ reference parameters)", "recompute"),
         (f"reference cache pass, chunks of {s['ref_batch_pairs']} pairs", "reference_pass"),
-        (f"reference cache pass, train_dpo's chunks of {s['eval_batch_pairs']} pairs", "reference_pass_train_dpo"),
-        (f"held-out evaluation in train_dpo, chunks of {s['eval_batch_pairs']} pairs", "evaluation_pass_train_dpo"),
-    ):
-        lines.append(f"  {label:<56}{num(pk[key])}")
+    ]
+    if "eval_reference_pass" in pk:
+        predicted += [
+            (f"held-out reference pass, {s['eval_pairs']} pairs in chunks of {s['eval_batch_pairs']}",
+             "eval_reference_pass"),
+            ("held-out evaluation, cached mode (params + moments)", "evaluation_cached"),
+            ("held-out evaluation, recompute mode (+ reference)", "evaluation_recompute"),
+        ]
+    predicted += [
+        (f"train_dpo's reference cache pass, chunks of {s['eval_batch_pairs']} pairs", "reference_pass_train_dpo"),
+        (f"train_dpo's held-out evaluation, chunks of {s['eval_batch_pairs']} pairs", "evaluation_pass_train_dpo"),
+    ]
+    for label, key in predicted:
+        lines.append(f"  {label:<60}{num(pk[key])}")
 
     modes = list(m)
     lines += ["", f"Measured, {unit}", f"  {'':<50}" + "".join(f"{mode:>12}" for mode in modes)]
@@ -760,13 +976,16 @@ def format_report(res: dict, gpu_gb: float = 80.0) -> str:
     row("state: params + grads + moments (+ reference)", lambda r: r["state_bytes"])
     row("step 1 peak", lambda r: r["step1_peak_bytes"])
     row("  activation peak = step 1 peak - state", lambda r: r["activation_peak_bytes"])
-    row("  predicted step 1 peak", lambda r: pk[r["mode"]])
+    row("  predicted step peak", lambda r: pk[r["mode"]])
     for i in range(1, c["steps"]):
         row(f"step {i + 1} peak", lambda r, i=i: r["steps"][i]["peak_bytes"])
-    if c["steps"] > 1:
-        row("  predicted later-step peak", lambda r: pk[r["mode"] + "_steady"])
     row("reference cache pass peak", lambda r: r.get("reference_pass_peak_bytes"))
     row("  predicted", lambda r: pk["reference_pass"] if r["mode"] == "cached" else None)
+    if "eval_reference_pass" in pk:
+        row("held-out reference pass peak", lambda r: r.get("eval_reference_pass_peak_bytes"))
+        row("  predicted", lambda r: pk["eval_reference_pass"])
+        row("held-out evaluation peak (after the last step)", lambda r: r.get("evaluation_peak_bytes"))
+        row("  predicted", lambda r: pk["evaluation_" + r["mode"]])
     row("process peak RSS", lambda r: r["process_peak_rss_bytes"])
     if any(r["meter_extra"] for r in m.values()):
         row("CuPy pool reserved at the end", lambda r: r["meter_extra"].get("pool_reserved_bytes"))
@@ -775,15 +994,15 @@ def format_report(res: dict, gpu_gb: float = 80.0) -> str:
     lines.append(f"  (process RSS: {m[modes[0]]['process_peak_rss_what']})")
 
     for mode in modes:
-        lines += ["", f"Phases of the {mode} mode up to step 1 ({unit}: peak during the phase, live at its end)"]
+        lines += ["", f"Phases of the {mode} mode ({unit}: peak during the phase, live at its end)"]
         for p in m[mode]["phases"]:
-            if p["stage"] in ("setup", "reference cache pass", "step 1 reference", "step 1"):
-                lines.append(f"  {p['stage']:<22}{p['phase']:<26}{num(p['peak_bytes'])}{num(p['end_bytes'])}")
+            if p["stage"] in STEP_PHASES_SHOWN:
+                lines.append(f"  {p['stage']:<24}{p['phase']:<26}{num(p['peak_bytes'])}{num(p['end_bytes'])}")
 
     cap = gpu_gb * 1e9
     cfg = GPTConfig(**mc)
     g = analytic_breakdown(cfg, c["pairs"], c["seq"], ref_batch_pairs=s["ref_batch_pairs"],
-                           eval_batch_pairs=s["eval_batch_pairs"], gpu=True)["peaks"]
+                           eval_batch_pairs=s["eval_batch_pairs"], eval_pairs=0, gpu=True)["peaks"]
 
     def verdict(b):
         return "fits" if b <= cap else "does NOT fit"
@@ -794,11 +1013,12 @@ def format_report(res: dict, gpu_gb: float = 80.0) -> str:
 
     lines += [
         "",
-        f"Predicted for a GPU with {gpu_gb:g} GB (CuPy: the same arrays; fused GELU and AdamW keep fewer temporaries)",
-        f"  training step, later steps: {g['cached_steady'] / 1e9:.2f} GB cached, "
-        f"{g['cached_as_train_dpo'] / 1e9:.2f} GB as train_dpo runs it, {g['recompute_steady'] / 1e9:.2f} GB "
-        f"recompute: {verdict(g['recompute_steady'])}; at T={c['seq']} up to {most('cached_steady')} pairs "
-        f"(cached) / {most('recompute_steady')} (recompute) fit",
+        f"Predicted for a GPU with {gpu_gb:g} GB (CuPy: the same arrays; fused log-softmax, GELU and AdamW keep "
+        f"fewer temporaries; CUDA context and pool rounding not counted)",
+        f"  training step: {g['cached_steady'] / 1e9:.2f} GB cached, {g['cached_as_train_dpo'] / 1e9:.2f} GB as "
+        f"train_dpo runs it, {g['recompute_steady'] / 1e9:.2f} GB recompute: {verdict(g['recompute_steady'])}; "
+        f"at T={c['seq']} up to {most('cached_steady')} pairs (cached) / {most('cached_as_train_dpo')} "
+        f"(as train_dpo) fit",
         f"  train_dpo's reference cache pass in chunks of {s['eval_batch_pairs']} pairs: "
         f"{g['reference_pass_train_dpo'] / 1e9:.2f} GB, {verdict(g['reference_pass_train_dpo'])}; "
         f"its held-out evaluation: {g['evaluation_pass_train_dpo'] / 1e9:.2f} GB, "
@@ -821,12 +1041,15 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary V (default 50257)")
     ap.add_argument("--n-ctx", type=int, default=None, help="context length (default 1024)")
     ap.add_argument("--steps", type=int, default=2,
-                    help="steps per mode (from step 2 on, the loop holds the previous step's grads)")
+                    help="steps per mode (step 2 on shows whether anything of the previous step lingers)")
     ap.add_argument("--modes", default=",".join(MODES), help="cached, recompute or both")
     ap.add_argument("--ref-batch-pairs", type=int, default=None,
                     help="chunk size of the measured reference cache pass (default pairs // 2: two chunks)")
     ap.add_argument("--eval-batch-pairs", type=int, default=None,
-                    help="train_dpo's reference chunk size, for the prediction (default TrainConfig's eval_batch_size)")
+                    help="chunk size of the held-out passes, train_dpo's eval_batch_size (default TrainConfig's)")
+    ap.add_argument("--eval-pairs", type=int, default=None,
+                    help="held-out pairs measured through the reference pass and one evaluation "
+                         "(default: one chunk of --eval-batch-pairs; 0: none)")
     ap.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory for the fit prediction, in GB")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -838,11 +1061,13 @@ def main(argv=None) -> int:
         if val is not None:
             base[key] = val
     try:
+        if not args.gpu_gb > 0:
+            raise ValueError(f"--gpu-gb must be > 0, got {args.gpu_gb}")
         config = GPTConfig(**base)
         modes = tuple(x.strip() for x in args.modes.split(",") if x.strip())
         res = measure(config, args.pairs, args.seq, prompt=args.prompt, device=args.device, steps=args.steps,
                       ref_batch_pairs=args.ref_batch_pairs, modes=modes, seed=args.seed,
-                      eval_batch_pairs=args.eval_batch_pairs)
+                      eval_batch_pairs=args.eval_batch_pairs, eval_pairs=args.eval_pairs)
     except (ValueError, TypeError, RuntimeError) as err:
         print(f"memory_dpo.py: {err}", file=sys.stderr)
         return 2
