@@ -633,8 +633,13 @@ def _percentile(xs, q):
 
 
 def time_pair(cfg: BenchConfig, device: Device, variant: str, steps: int, warmup: int, attn_impl: str,
-              seed: int = 0, phase_steps: int = 3, log=print) -> dict:
+              seed: int = 0, phase_steps: int = 3, gap: float = 0.0) -> dict:
     """Time minidpo and torch on the same batch, interleaved: warm-up, then A B A B ... .
+
+    ``gap`` seconds of idle time separate the steps (not timed): after a BLAS call OpenBLAS's
+    worker threads keep spinning for up to ~0.1 s, and torch's OpenMP threads briefly too; on a
+    2-core machine the spinning threads of the implementation that just ran would otherwise slow
+    the first phase of the other one (measured: +85 ms on torch's C0 forward without a gap).
 
     Each implementation trains its own copy of the same initial parameters. On the CPU the
     phase times come from the timed steps themselves (a sync is free there); on a GPU the timed
@@ -654,6 +659,8 @@ def time_pair(cfg: BenchConfig, device: Device, variant: str, steps: int, warmup
     clock = Clock(device, sync_each=in_step_phases)
     for i in range(warmup + steps):
         for impl, b, r in zip(impls, batches, refs):
+            if gap:
+                time.sleep(gap)
             clock.start()
             impl.step(*b, ref_logps=r, clock=clock)
             dt = clock.stop()
@@ -665,6 +672,8 @@ def time_pair(cfg: BenchConfig, device: Device, variant: str, steps: int, warmup
         pclock = Clock(device, sync_each=True)
         for _ in range(phase_steps):
             for impl, b, r in zip(impls, batches, refs):
+                if gap:
+                    time.sleep(gap)
                 pclock.start()
                 impl.step(*b, ref_logps=r, clock=pclock)
                 pclock.stop()
@@ -811,7 +820,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params: int, ceiling: dict,
-             steps: int, warmup: int, threads) -> dict:
+             steps: int, warmup: int, threads, gap: float = 0.0) -> dict:
     flops = step_flops(cfg, n_params, variant)
     row = {
         "config": cfg.name, "device": device.kind, "mode": device.mode, "step": variant,
@@ -822,7 +831,7 @@ def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params
                   "vocab": cfg.vocab, "pairs": cfg.pairs, "rows": cfg.rows},
         "n_params": n_params, "tokens_per_step": cfg.tokens, "flops_per_step": flops,
         "matmul_ceiling_flops": ceiling["array_flops"], "torch_matmul_flops": ceiling["torch_flops"],
-        "steps": steps, "warmup": warmup, "threads": threads,
+        "steps": steps, "warmup": warmup, "threads": threads, "gap_s": gap,
     }
     for impl in ("minidpo", "torch"):
         r = dict(res[impl])
@@ -853,6 +862,9 @@ def parse_args(argv=None):
                     help="threads for NumPy's BLAS and for torch alike (default: all cores)")
     ap.add_argument("--variants", default="full,cached_ref", help="full, cached_ref or both")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "math"], help="torch's attention")
+    ap.add_argument("--gap", type=float, default=None,
+                    help="idle seconds between steps, untimed, so one library's spinning worker threads "
+                         "do not slow the other's step (default 0.2 on cpu, 0 on cuda)")
     ap.add_argument("--out", default=str(RESULTS_DIR), help="directory for the JSON results")
     ap.add_argument("--gate-only", action="store_true", help="run the correctness gate and stop")
     ap.add_argument("--ceiling-n", type=int, default=None,
@@ -955,8 +967,9 @@ def run(args) -> int:
         n_params = num_params(make_params(cfg)[0])
         for variant in args.variant_list:
             t0 = time.perf_counter()
-            res = time_pair(cfg, device, variant, steps, warmup, args.attn)
-            row = make_row(cfg, device, variant, res, n_params, ceiling, steps, warmup, threads)
+            gap = args.gap if args.gap is not None else (0.2 if device.kind == "cpu" else 0.0)
+            res = time_pair(cfg, device, variant, steps, warmup, args.attn, gap=gap)
+            row = make_row(cfg, device, variant, res, n_params, ceiling, steps, warmup, threads, gap)
             rows.append(row)
             print(f"# {cfg.name} {variant}: minidpo {row['minidpo_ms']:.1f} ms, torch {row['torch_ms']:.1f} ms, "
                   f"ratio {row['ratio']:.2f} ({steps} steps + {warmup} warm-up each, {time.perf_counter() - t0:.0f} s)")

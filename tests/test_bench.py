@@ -58,7 +58,7 @@ def test_failing_gate_exits_nonzero_before_any_timing(monkeypatch, capsys, tmp_p
 
 
 def test_run_writes_the_table_and_json_rows(tmp_path, capsys):
-    rc = bs.main(["--configs", "micro", "--steps", "2", "--warmup", "0", "--threads", "1", "--ceiling-n", "128",
+    rc = bs.main(["--configs", "micro", "--steps", "2", "--warmup", "0", "--threads", "1", "--ceiling-n", "128", "--gap", "0",
                   "--out", str(tmp_path)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -71,7 +71,7 @@ def test_run_writes_the_table_and_json_rows(tmp_path, capsys):
         ("micro", "cpu", "fp32", "full"), ("micro", "cpu", "fp32", "cached_ref")]
     for r in rows:
         assert r["ratio"] == pytest.approx(r["minidpo_ms"] / r["torch_ms"])
-        assert r["steps"] == 2 and r["warmup"] == 0 and r["tokens_per_step"] == MICRO.tokens
+        assert r["steps"] == 2 and r["warmup"] == 0 and r["gap_s"] == 0 and r["tokens_per_step"] == MICRO.tokens
         for impl in ("minidpo", "torch"):
             s = r[impl]
             assert s["p10_ms"] <= s["median_ms"] <= s["p90_ms"]
