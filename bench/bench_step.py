@@ -819,6 +819,28 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(doc: dict) -> str:
+    """The rows of a results JSON as a Markdown table (for bench/README.md)."""
+    lines = ["| config | device | mode | kernels | NumPy hugepages | step | minidpo ms (p10-p90) | torch ms (p10-p90) "
+             "| ratio | minidpo tok/s | torch tok/s | minidpo % of ceiling | torch % of ceiling | minidpo MB | torch MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        m, t = r["minidpo"], r["torch"]
+        lines.append(
+            f"| {r['config']} | {r['device']} | {r['mode']} | {('on' if r.get('kernels') else 'off') if r['device'] == 'cuda' else '-'} "
+            f"| {r.get('numpy_hugepage', '-')} | {r['step']} | {m['median_ms']:.1f} ({m['p10_ms']:.1f}-{m['p90_ms']:.1f}) "
+            f"| {t['median_ms']:.1f} ({t['p10_ms']:.1f}-{t['p90_ms']:.1f}) | **{r['ratio']:.2f}** | {m['tokens_per_s']:.0f} "
+            f"| {t['tokens_per_s']:.0f} | {100 * m['frac_of_ceiling']:.1f} | {100 * t['frac_of_ceiling']:.1f} "
+            f"| {m['peak_mem_mb']:.0f} | {t['peak_mem_mb']:.0f} |")
+    lines += ["", "| config | step | impl | " + " | ".join(PHASES) + " |", "|---|---|---|" + "---|" * len(PHASES)]
+    for r in doc["rows"]:
+        for impl in ("minidpo", "torch"):
+            ph = r[impl]["phases_ms"]
+            lines.append(f"| {r['config']} | {r['step']} | {impl} | "
+                         + " | ".join(f"{ph[p]:.1f}" if p in ph else "-" for p in PHASES) + " |")
+    return "\n".join(lines)
+
+
 def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params: int, ceiling: dict,
              steps: int, warmup: int, threads, gap: float = 0.0) -> dict:
     flops = step_flops(cfg, n_params, variant)
@@ -872,6 +894,7 @@ def parse_args(argv=None):
     ap.add_argument("--gate-f64", action="store_true",
                     help="also measure both float32 gradients against a float64 torch run")
     ap.add_argument("--no-json", action="store_true", help="print the table only")
+    ap.add_argument("--show", metavar="JSON", help="print a results file as a Markdown table and exit")
     ap.add_argument("--no-kernels", action="store_true",
                     help="cuda: run minidpo's array code instead of its fused kernels (rows get kernels=false)")
     args = ap.parse_args(argv)
@@ -986,7 +1009,11 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    if args.show:
+        print(markdown_table(json.loads(Path(args.show).read_text())))
+        return 0
+    return run(args)
 
 
 if __name__ == "__main__":

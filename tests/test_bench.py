@@ -82,6 +82,9 @@ def test_run_writes_the_table_and_json_rows(tmp_path, capsys):
             assert s["peak_mem_mb"] >= 0 and s["mem_method"]
     assert rows[0]["flops_per_step"] > rows[1]["flops_per_step"]  # the full step adds a reference forward
     assert doc["gates"][0]["passed"] and doc["gates"][0]["config"] == "micro"
+    assert bs.main(["--show", str(path)]) == 0
+    md = capsys.readouterr().out
+    assert md.count("| micro | cpu | fp32 |") == 2 and "| micro | cached_ref | torch |" in md
 
 
 def test_results_merge_by_row_key(tmp_path):
