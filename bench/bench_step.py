@@ -40,7 +40,7 @@ import socket
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -615,7 +615,8 @@ def matmul_ceiling(device: Device, n: int | None = None, repeats: int = 5) -> di
     xc = device.xp.empty((n, n), dtype=np.float32)
     ta, tb = torch.as_tensor(a, device=device.torch_device), torch.as_tensor(b, device=device.torch_device)
     tc = torch.empty((n, n), dtype=torch.float32, device=device.torch_device)
-    for name, f in (("array", lambda: device.xp.matmul(xa, xb, out=xc)), ("torch", lambda: torch.matmul(ta, tb, out=tc))):
+    products = (("array", lambda: device.xp.matmul(xa, xb, out=xc)), ("torch", lambda: torch.matmul(ta, tb, out=tc)))
+    for name, f in products:
         f()
         ts = []
         for _ in range(repeats):
@@ -801,9 +802,9 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         m, t = r["minidpo"], r["torch"]
+        kern = ("on" if r["kernels"] else "off") if r["device"] == "cuda" else "-"
         lines.append(
-            f"{r['config']:6} {r['device']:6} {r['mode']:5} {('on' if r['kernels'] else 'off') if r['device'] == 'cuda' else '-':4} "
-            f"{r['step']:10} {r['minidpo_ms']:11.1f} "
+            f"{r['config']:6} {r['device']:6} {r['mode']:5} {kern:4} {r['step']:10} {r['minidpo_ms']:11.1f} "
             f"{'(%.1f-%.1f)' % (m['p10_ms'], m['p90_ms']):>15} {r['torch_ms']:9.1f} "
             f"{'(%.1f-%.1f)' % (t['p10_ms'], t['p90_ms']):>15} {r['ratio']:6.2f} {m['tokens_per_s']:10.0f} "
             f"{t['tokens_per_s']:11.0f} {100 * m['frac_of_ceiling']:10.1f} {100 * t['frac_of_ceiling']:11.1f} "
@@ -821,17 +822,19 @@ def format_table(rows: list[dict]) -> str:
 
 def markdown_table(doc: dict) -> str:
     """The rows of a results JSON as a Markdown table (for bench/README.md)."""
-    lines = ["| config | device | mode | kernels | NumPy hugepages | step | minidpo ms (p10-p90) | torch ms (p10-p90) "
-             "| ratio | minidpo tok/s | torch tok/s | minidpo % of ceiling | torch % of ceiling | minidpo MB | torch MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    cols = ["config", "device", "mode", "kernels", "NumPy hugepages", "step", "minidpo ms (p10-p90)",
+            "torch ms (p10-p90)", "ratio", "minidpo tok/s", "torch tok/s", "minidpo % of ceiling",
+            "torch % of ceiling", "minidpo MB", "torch MB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in doc["rows"]:
         m, t = r["minidpo"], r["torch"]
-        lines.append(
-            f"| {r['config']} | {r['device']} | {r['mode']} | {('on' if r.get('kernels') else 'off') if r['device'] == 'cuda' else '-'} "
-            f"| {r.get('numpy_hugepage', '-')} | {r['step']} | {m['median_ms']:.1f} ({m['p10_ms']:.1f}-{m['p90_ms']:.1f}) "
-            f"| {t['median_ms']:.1f} ({t['p10_ms']:.1f}-{t['p90_ms']:.1f}) | **{r['ratio']:.2f}** | {m['tokens_per_s']:.0f} "
-            f"| {t['tokens_per_s']:.0f} | {100 * m['frac_of_ceiling']:.1f} | {100 * t['frac_of_ceiling']:.1f} "
-            f"| {m['peak_mem_mb']:.0f} | {t['peak_mem_mb']:.0f} |")
+        kern = ("on" if r.get("kernels") else "off") if r["device"] == "cuda" else "-"
+        cells = [r["config"], r["device"], r["mode"], kern, r.get("numpy_hugepage", "-"), r["step"],
+                 f"{m['median_ms']:.1f} ({m['p10_ms']:.1f}-{m['p90_ms']:.1f})",
+                 f"{t['median_ms']:.1f} ({t['p10_ms']:.1f}-{t['p90_ms']:.1f})", f"**{r['ratio']:.2f}**",
+                 f"{m['tokens_per_s']:.0f}", f"{t['tokens_per_s']:.0f}", f"{100 * m['frac_of_ceiling']:.1f}",
+                 f"{100 * t['frac_of_ceiling']:.1f}", f"{m['peak_mem_mb']:.0f}", f"{t['peak_mem_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| config | step | impl | " + " | ".join(PHASES) + " |", "|---|---|---|" + "---|" * len(PHASES)]
     for r in doc["rows"]:
         for impl in ("minidpo", "torch"):
@@ -937,8 +940,12 @@ def run(args) -> int:
 
         kernels._ENABLED = False  # the whole run uses the array code (the kernels' twins)
     machine = machine_info(device, threads)
-    print(f"# {device.kind} {device.mode}{'' if device.kind == 'cpu' else ' kernels ' + ('on' if device.kernels else 'off')}"
-          f"{' NUMPY_MADVISE_HUGEPAGE=0' if numpy_hugepage() == 'off' else ''}: {device.name()} | numpy {np.__version__} | torch {torch.__version__} | "
+    what = device.kind + " " + device.mode
+    if device.kind == "cuda":
+        what += " kernels " + ("on" if device.kernels else "off")
+    if numpy_hugepage() == "off":
+        what += " NUMPY_MADVISE_HUGEPAGE=0"
+    print(f"# {what}: {device.name()} | numpy {np.__version__} | torch {torch.__version__} | "
           f"threads {threads} (torch {torch.get_num_threads()}) | load {machine['load_avg_1m']}")
     if isinstance(machine["threadpools"], list):
         print("# threadpools: " + "; ".join(f"{d['prefix']} {d['version'] or ''} x{d['num_threads']}"

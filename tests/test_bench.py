@@ -58,8 +58,8 @@ def test_failing_gate_exits_nonzero_before_any_timing(monkeypatch, capsys, tmp_p
 
 
 def test_run_writes_the_table_and_json_rows(tmp_path, capsys):
-    rc = bs.main(["--configs", "micro", "--steps", "2", "--warmup", "0", "--threads", "1", "--ceiling-n", "128", "--gap", "0",
-                  "--out", str(tmp_path)])
+    rc = bs.main(["--configs", "micro", "--steps", "2", "--warmup", "0", "--threads", "1", "--ceiling-n", "128",
+                  "--gap", "0", "--out", str(tmp_path)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "gate micro: PASS" in printed and "micro  cpu" in printed
