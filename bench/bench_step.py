@@ -640,7 +640,8 @@ def time_pair(cfg: BenchConfig, device: Device, variant: str, steps: int, warmup
     ``gap`` seconds of idle time separate the steps (not timed): after a BLAS call OpenBLAS's
     worker threads keep spinning for up to ~0.1 s, and torch's OpenMP threads briefly too; on a
     2-core machine the spinning threads of the implementation that just ran would otherwise slow
-    the first phase of the other one (measured: +85 ms on torch's C0 forward without a gap).
+    the first phase of the other one (measured on C0: torch's forward 111.6 ms without a gap, 28.0
+    ms with 0.2 s).
 
     Each implementation trains its own copy of the same initial parameters. On the CPU the
     phase times come from the timed steps themselves (a sync is free there); on a GPU the timed
@@ -835,12 +836,15 @@ def markdown_table(doc: dict) -> str:
                  f"{m['tokens_per_s']:.0f}", f"{t['tokens_per_s']:.0f}", f"{100 * m['frac_of_ceiling']:.1f}",
                  f"{100 * t['frac_of_ceiling']:.1f}", f"{m['peak_mem_mb']:.0f}", f"{t['peak_mem_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| config | step | impl | " + " | ".join(PHASES) + " |", "|---|---|---|" + "---|" * len(PHASES)]
+    head = ["config", "mode", "kernels", "NumPy hugepages", "step", "impl"] + [f"{p} ms" for p in PHASES]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in doc["rows"]:
+        kern = ("on" if r.get("kernels") else "off") if r["device"] == "cuda" else "-"
         for impl in ("minidpo", "torch"):
             ph = r[impl]["phases_ms"]
-            lines.append(f"| {r['config']} | {r['step']} | {impl} | "
-                         + " | ".join(f"{ph[p]:.1f}" if p in ph else "-" for p in PHASES) + " |")
+            cells = [r["config"], r["mode"], kern, r.get("numpy_hugepage", "-"), r["step"], impl]
+            cells += [f"{ph[p]:.1f}" if p in ph else "-" for p in PHASES]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
