@@ -4,8 +4,8 @@
 #   OUT=/some/dir bash bench/gpu_check.sh          # default OUT=./out
 #
 # 1. what is installed (missing pieces are reported and their steps skipped, never fatal);
-# 2. the CuPy tests: every fused kernel against its array-code twin, the model and log-probs on
-#    CuPy against NumPy, AdamW's multi-tensor kernel (pytest -k cuda);
+# 2. the CuPy tests: every fused kernel against its array-code twin, the model, log-probs and
+#    losses on CuPy against NumPy, AdamW's multi-tensor kernel (pytest -k "cuda or cupy");
 # 3. the correctness gate on CuPy (minidpo vs torch, C0 C1 C2, fp32; C0 C1 also against float64);
 # 4. bench_step.py for the GPU rows: C0 C1 C2, fp32 then TF32 (kernels on), then fp32 with the
 #    kernels off (the array code on CuPy) for C1 and C2, to show what the kernels buy.
@@ -64,8 +64,9 @@ fi
 
 step "CuPy tests (kernels vs twins, model, log-probs, optimizer)"
 if have pytest && have hypothesis; then
-    run tests 120 "$PY" -m pytest -q -x -p no:cacheprovider -k cuda \
-        tests/test_kernels.py tests/test_backend.py tests/test_model.py tests/test_logprobs.py tests/test_optim.py
+    # the GPU tests are named test_cuda_* or test_cupy_*; without a GPU they skip
+    run tests 120 "$PY" -m pytest -q -p no:cacheprovider -rs -k "cuda or cupy" tests/test_kernels.py \
+        tests/test_backend.py tests/test_model.py tests/test_logprobs.py tests/test_losses.py tests/test_optim.py
 else
     RESULT[tests]="SKIPPED (pytest or hypothesis missing; set WHEELS=dir-of-wheels)"; echo "${RESULT[tests]}"
 fi
