@@ -6,11 +6,12 @@ layer's elementwise or row-wise work in one pass (one launch, one read of each i
 of each output):
 
     kernel                          replaces (array code, the twin)                     in
-    gelu_forward / gelu_backward    9 / 14 elementwise passes                           layers.py
+    gelu_forward / gelu_backward    9 / 16 elementwise passes                           layers.py
     layernorm_forward               mean, centre, variance, scale, shift (7 passes)     layers.py
-    layernorm_backward              13 passes; dw by one reduction without a temporary  layers.py
+    layernorm_backward              12 passes; dw by one reduction without a temporary  layers.py
     causal_softmax_                 bias add, max, subtract, exp, sum, divide (6)       layers.py
     softmax_backward_               ds = att * (datt - delta) (2 passes)                layers.py
+    (attention also uses the causal skip of layers._query_blocks, on the GPU as on the CPU)
     logsoftmax_gather               logsumexp (max, shift, exp, sum, log) + gather      logprobs.py
     logsoftmax_gather_backward      (B, T, V) written once: g * (onehot - softmax)      logprobs.py
     adamw_multi_tensor              one launch for every parameter (was one per tensor) optim.py
