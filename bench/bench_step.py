@@ -296,7 +296,14 @@ class _NoClock:
 
 
 class MinidpoStep:
-    """minidpo.train.dpo_step's computation, phase by phase, then clipping and AdamW."""
+    """One minidpo training step: minidpo.train.dpo_step itself, then clipping and AdamW.
+
+    Timed steps call ``train.dpo_step`` (what training runs). For the phase split,
+    :meth:`loss_and_grads` repeats dpo_step's calls with a clock mark between them (the same
+    calls and options: validate=False, the logits' buffer reused for dlogits); the gate checks
+    that the two give the same loss and gradients. Without minidpo.train (e.g. safetensors
+    missing) the phase-split lines are timed instead.
+    """
 
     name = "minidpo"
 
@@ -308,6 +315,12 @@ class MinidpoStep:
         self.reference = {k: device.xp.array(v, dtype=np.float32) for k, v in reference.items()}
         h = HPARAMS
         self.opt = AdamW(self.params, lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"])
+        try:
+            from minidpo.train import TrainConfig, dpo_step
+        except ImportError:
+            self.dpo_step = None
+        else:
+            self.dpo_step, self.tc = dpo_step, TrainConfig(beta=h["beta"], progress=False)
 
     def batch(self, ids, mask):
         return self.device.asarray(ids), self.device.asarray(mask)
@@ -325,25 +338,26 @@ class MinidpoStep:
             logits, _ = gpt_forward(self.reference, ids, self.mc)
         else:
             logits = inference_logits(self.reference, ids, self.mc)
-        logps, _ = sequence_logps(logits, ids, mask)
+        logps, _ = sequence_logps(logits, ids, mask, validate=False)
         return logps
 
     def loss_and_grads(self, ids, mask, ref_logps, clock=_NoClock()):
-        """dpo_step's lines: loss (0-d), policy log-probs (2N,), grads dict."""
+        """dpo_step's lines, a clock mark between phases: loss (0-d), policy log-probs (2N,), grads."""
         from minidpo.logprobs import sequence_logps, sequence_logps_backward
         from minidpo.losses import dpo_loss
         from minidpo.model import gpt_backward, gpt_forward
 
         xp = self.device.xp
         n = ids.shape[0] // 2
-        logits, model_cache = gpt_forward(self.params, ids, self.mc)  # (2N, T, V)
+        logits, model_cache = gpt_forward(self.params, ids, self.mc, validate=False)  # (2N, T, V)
         clock.mark("forward")
-        logps, lp_cache = sequence_logps(logits, ids, mask)  # (2N,)
+        logps, lp_cache = sequence_logps(logits, ids, mask, validate=False)  # (2N,)
         del logits
         out = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], beta=HPARAMS["beta"])
         clock.mark("logps_loss")
         dlogps = xp.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps])  # (2N,)
-        dlogits = sequence_logps_backward(dlogps.astype(logps.dtype, copy=False), lp_cache)  # (2N, T, V)
+        dlogits = sequence_logps_backward(dlogps.astype(logps.dtype, copy=False), lp_cache,
+                                          overwrite_logits=True)  # (2N, T, V), in the logits' buffer
         grads = gpt_backward(dlogits, model_cache)
         clock.mark("backward")
         return out.losses.mean(), logps, grads
@@ -355,13 +369,21 @@ class MinidpoStep:
         self.opt.step(self.params, grads)
         return norm
 
-    def step(self, ids, mask, ref_logps=None, clock=_NoClock()):
+    def step(self, ids, mask, ref_logps=None, clock=None):
+        """One training step; with a ``clock``, the phase-split lines and a mark after each phase."""
         if ref_logps is None:
             ref_logps = self.reference_logps(ids, mask)
-            clock.mark("reference")
-        loss, _, grads = self.loss_and_grads(ids, mask, ref_logps, clock)
+            if clock is not None:
+                clock.mark("reference")
+        if clock is None and self.dpo_step is not None:
+            n = ids.shape[0] // 2
+            loss, _, grads = self.dpo_step(self.params, self.mc, {"input_ids": ids, "loss_mask": mask},
+                                           ref_logps[:n], ref_logps[n:], self.tc)
+        else:
+            loss, _, grads = self.loss_and_grads(ids, mask, ref_logps, clock or _NoClock())
         self.clip_and_update(grads)
-        clock.mark("optimizer")
+        if clock is not None:
+            clock.mark("optimizer")
         return loss
 
     def params_numpy(self):
@@ -408,7 +430,8 @@ class TorchStep:
     def clip_and_update(self, grads=None):
         return self.impl.clip_and_update()
 
-    def step(self, ids, mask, ref_logps=None, clock=_NoClock()):
+    def step(self, ids, mask, ref_logps=None, clock=None):
+        clock = clock or _NoClock()
         if ref_logps is None:
             ref_logps = self.reference_logps(ids, mask)
             clock.mark("reference")
@@ -643,10 +666,9 @@ def time_pair(cfg: BenchConfig, device: Device, variant: str, steps: int, warmup
     the first phase of the other one (measured on C0: torch's forward 111.6 ms without a gap, 28.0
     ms with 0.2 s).
 
-    Each implementation trains its own copy of the same initial parameters. On the CPU the
-    phase times come from the timed steps themselves (a sync is free there); on a GPU the timed
-    steps sync only at the end, and ``phase_steps`` extra steps per implementation, synced at
-    every phase, give the split.
+    Each implementation trains its own copy of the same initial parameters. The timed steps run
+    the training code as it is (minidpo: train.dpo_step) and sync only at the end; ``phase_steps``
+    more steps per implementation, synced at every phase, give the split into phases.
     """
     policy, reference = make_params(cfg, seed)
     ids, mask = make_batch(cfg, seed)
@@ -657,29 +679,25 @@ def time_pair(cfg: BenchConfig, device: Device, variant: str, steps: int, warmup
         refs = [impl.reference_logps(*b) for impl, b in zip(impls, batches)]
     times = {impl.name: [] for impl in impls}
     phases = {impl.name: [] for impl in impls}
-    in_step_phases = device.kind == "cpu"
-    clock = Clock(device, sync_each=in_step_phases)
+    clock = Clock(device, sync_each=False)
     for i in range(warmup + steps):
         for impl, b, r in zip(impls, batches, refs):
             if gap:
                 time.sleep(gap)
             clock.start()
-            impl.step(*b, ref_logps=r, clock=clock)
+            impl.step(*b, ref_logps=r)
             dt = clock.stop()
             if i >= warmup:
                 times[impl.name].append(dt)
-                if in_step_phases:
-                    phases[impl.name].append(dict(clock.phases))
-    if not in_step_phases:
-        pclock = Clock(device, sync_each=True)
-        for _ in range(phase_steps):
-            for impl, b, r in zip(impls, batches, refs):
-                if gap:
-                    time.sleep(gap)
-                pclock.start()
-                impl.step(*b, ref_logps=r, clock=pclock)
-                pclock.stop()
-                phases[impl.name].append(dict(pclock.phases))
+    pclock = Clock(device, sync_each=True)
+    for _ in range(phase_steps):
+        for impl, b, r in zip(impls, batches, refs):
+            if gap:
+                time.sleep(gap)
+            pclock.start()
+            impl.step(*b, ref_logps=r, clock=pclock)
+            pclock.stop()
+            phases[impl.name].append(dict(pclock.phases))
     mem = {}
     for impl, b, r in zip(impls, batches, refs):
         mem[impl.name] = device.peak_memory_mb(lambda: impl.step(*b, ref_logps=r), impl.name)
@@ -1002,7 +1020,8 @@ def run(args) -> int:
         for variant in args.variant_list:
             t0 = time.perf_counter()
             gap = args.gap if args.gap is not None else (0.2 if device.kind == "cpu" else 0.0)
-            res = time_pair(cfg, device, variant, steps, warmup, args.attn, gap=gap)
+            res = time_pair(cfg, device, variant, steps, warmup, args.attn, gap=gap,
+                            phase_steps=2 if device.kind == "cpu" and cfg.cpu_steps else 3)
             row = make_row(cfg, device, variant, res, n_params, ceiling, steps, warmup, threads, gap)
             rows.append(row)
             print(f"# {cfg.name} {variant}: minidpo {row['minidpo_ms']:.1f} ms, torch {row['torch_ms']:.1f} ms, "
