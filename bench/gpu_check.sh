@@ -8,9 +8,10 @@
 #    losses on CuPy against NumPy, AdamW's multi-tensor kernel (pytest -k "cuda or cupy");
 # 3. the correctness gate on CuPy (minidpo vs torch, C0 C1 C2, fp32; C0 C1 also against float64);
 # 4. bench_step.py for the GPU rows: C0 C1 C2, fp32 then TF32 (kernels on), then fp32 with the
-#    kernels off (the array code on CuPy) for C1 and C2, to show what the kernels buy.
+#    kernels off (the array code on CuPy) for C1 and C2, to show what the kernels buy;
+# 5. examples/train_tiny.py --device cuda --quick, and bench/memory_dpo.py on CUDA (issue: memory).
 # Results: $OUT/cuda-<gpu>.json (rows merged across the runs), the tables and logs in $OUT.
-# Budget: about 8 minutes; each step has its own timeout, so a slow step cannot eat the rest.
+# Budget: about 9 minutes; each step has its own timeout, so a slow step cannot eat the rest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./out}"
@@ -54,7 +55,7 @@ EOF
 have() { "$PY" -c "import $1" >/dev/null 2>&1; }
 # no network there: install test dependencies only from a local wheel directory, if one is given
 if [ -n "${WHEELS:-}" ]; then
-    for pkg in hypothesis safetensors tokenizers threadpoolctl; do
+    for pkg in hypothesis safetensors tokenizers threadpoolctl vaderSentiment; do
         have "$pkg" || "$PY" -m pip install -q --no-index --find-links "$WHEELS" "$pkg" || echo "could not install $pkg from $WHEELS"
     done
 fi
@@ -83,9 +84,18 @@ step "bench: fp32, kernels off (minidpo's array code on CuPy)"
 run bench_nokernels 60 "$PY" bench/bench_step.py --device cuda --mode fp32 --configs C1,C2 --no-kernels \
     --steps 10 --variants cached_ref --out "$OUT"
 
+step "the main job on CUDA (--quick) and the GPT-2-small DPO step's memory on CUDA"
+if have vaderSentiment; then
+    run train_tiny 120 "$PY" examples/train_tiny.py --device cuda --quick --out "$OUT/train_tiny_cuda" --no-progress
+    cp "$OUT/train_tiny_cuda/summary.json" "$OUT/train_tiny_cuda_summary.json" 2>/dev/null
+else
+    RESULT[train_tiny]="SKIPPED (vaderSentiment missing; set WHEELS=dir-of-wheels)"; echo "${RESULT[train_tiny]}"
+fi
+run memory 90 "$PY" bench/memory_dpo.py --device cuda --json "$OUT/memory_cuda.json"
+
 step "summary (t+$(( $(date +%s) - START ))s)"
 status=0
-for k in tests gate_c0c1 gate_c2 bench_fp32 bench_tf32 bench_nokernels; do
+for k in tests gate_c0c1 gate_c2 bench_fp32 bench_tf32 bench_nokernels train_tiny memory; do
     printf '%-16s %s\n' "$k" "${RESULT[$k]:-not run}"
     case "${RESULT[$k]:-}" in pass|SKIPPED*) ;; *) status=1 ;; esac
 done
