@@ -63,6 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from bench.bench_step import cpu_model  # noqa: E402
 from minidpo.backend import Backend, to_numpy  # noqa: E402
 from minidpo.data import TokenizedPair, collate_preferences  # noqa: E402
 # the analytic model follows two blockings of the array code: attention's query blocks (the causal
@@ -842,7 +843,7 @@ def code_info() -> dict:
 
 def machine_info(backend: Backend) -> dict:
     """CPU model (as lscpu prints it), cores, RAM, NumPy and Python versions; CuPy and the GPU."""
-    info = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "ram_bytes": _ram_bytes(),
+    info = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "ram_bytes": _ram_bytes(),
             "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform()}
     try:  # BLAS library and its thread count (the meter does not see its per-thread buffers)
         from threadpoolctl import threadpool_info
@@ -858,16 +859,6 @@ def machine_info(backend: Backend) -> dict:
         info.update(cupy=cp.__version__, gpu=name.decode() if isinstance(name, bytes) else str(name),
                     gpu_memory_bytes=int(props["totalGlobalMem"]))
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _ram_bytes() -> int | None:
