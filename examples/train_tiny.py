@@ -33,14 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from minidpo.backend import get_backend
-from minidpo.checkpoint import has_checkpoint, load_checkpoint
 from minidpo.data import PreferenceExample, build_preference_dataset, build_sft_dataset
 from minidpo.evaluate import kl_from_samples, mean_and_stderr, sample_continuations
 from minidpo.model import GPTConfig, init_params, num_params
 from minidpo.plots import plot_reward_vs_kl, plot_training_curves, read_jsonl
 from minidpo.tasks import sentiment
 from minidpo.tokenizer import BPETokenizer
-from minidpo.train import TrainConfig, batched_sequence_logps, train_dpo, train_sft
+from minidpo.train import TrainConfig, batched_sequence_logps, evaluate_preferences, train_dpo, train_sft
 
 # Two sizes of the same experiment. "default" is sized for a 2-core CPU in under 10 minutes.
 PRESETS = {
@@ -192,7 +191,9 @@ def run(args) -> dict:
                                        rng=np.random.default_rng(eval_rng_seed), **gen_kw)
         rewards = reward_fn([p + t for p, t in zip(samples.prompts, samples.texts)])
         kls = kl_from_samples(policy, reference, mcfg, samples, tokenizer.pad_id, backend=backend)
-        acc = heldout_accuracy(policy, reference, mcfg, pair_sets["eval"], tokenizer.pad_id, beta, backend)
+        acc = evaluate_preferences(policy, mcfg, pair_sets["eval"], *batched_sequence_logps(
+            reference, mcfg, pair_sets["eval"], tokenizer.pad_id, tc.eval_batch_size, backend),
+            tokenizer.pad_id, tc, backend)["eval/rewards/accuracies"]
         r_mean, r_se = mean_and_stderr(rewards)
         kl_mean, kl_se = mean_and_stderr(kls)
         runs.append({"beta": beta, "reward_mean": r_mean, "reward_se": r_se, "kl": kl_mean, "kl_se": kl_se,
@@ -217,13 +218,6 @@ def run(args) -> dict:
     tmp.replace(out / "summary.json")
     print_report(summary)
     return summary
-
-
-def heldout_accuracy(policy, reference, mcfg, pairs, pad_id, beta, backend) -> float:
-    """Fraction of held-out pairs whose implicit rewards (eq. 8) rank chosen above rejected."""
-    pc, pr = batched_sequence_logps(policy, mcfg, pairs, pad_id, 64, backend)
-    rc, rr = batched_sequence_logps(reference, mcfg, pairs, pad_id, 64, backend)
-    return float(np.mean(beta * (pc - rc) > beta * (pr - rr)))
 
 
 def print_report(s: dict) -> None:
