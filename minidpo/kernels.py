@@ -89,12 +89,12 @@ def disabled():
 _GELU_K = math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
 
-# ElementwiseKernel bodies (CuPy wraps them in a __global__ loop over i; in params are values,
-# out params references). T is the arrays' dtype.
+# ElementwiseKernel operations (``operation`` is CuPy's keyword; CuPy wraps each in a __global__
+# loop over i; in params are values, out params references). T is the arrays' dtype.
 GELU_FORWARD = dict(
     in_params="T x",
     out_params="T y",
-    body=f"""
+    operation=f"""
     // y = 0.5 x (1 + tanh(k (x + c x^3)))
     const T k = (T){_GELU_K!r}, c = (T){_GELU_C!r};
     T th = tanh(k * (x + c * x * x * x));
@@ -106,7 +106,7 @@ GELU_FORWARD = dict(
 GELU_BACKWARD = dict(
     in_params="T dy, T x",
     out_params="T dx",
-    body=f"""
+    operation=f"""
     // dy/dx = 0.5 (1 + tanh z) + 0.5 x (1 - tanh^2 z) k (1 + 3 c x^2),  z = k (x + c x^3)
     const T k = (T){_GELU_K!r}, c = (T){_GELU_C!r};
     T x2 = x * x;
@@ -120,7 +120,7 @@ GELU_BACKWARD = dict(
 SOFTMAX_BACKWARD = dict(
     in_params="T att, T delta",
     out_params="T ds",
-    body="""
+    operation="""
     // ds holds datt on entry:  ds = att * (datt - delta),  delta = sum_j datt_j att_j (per row)
     ds = att * (ds - delta);
     """,
@@ -685,7 +685,7 @@ def _elementwise_unit(spec: dict, real: str) -> str:
     return (f"typedef {real} T;\n"
             f"extern \"C\" __global__ void {spec['name']}_check({', '.join(ins + outs)}, const long long n) {{\n"
             f"  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"
-            f"  if (i >= n) return;\n    {binds}\n  {{ {spec['body']} }}\n}}\n")
+            f"  if (i >= n) return;\n    {binds}\n  {{ {spec['operation']} }}\n}}\n")
 
 
 def _reduction_unit(spec: dict, real: str) -> str:

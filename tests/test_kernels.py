@@ -417,3 +417,18 @@ def test_kv_forward_with_query_blocks_matches_the_full_forward(monkeypatch):
     third, _ = gpt_forward_kv(params, idx, cfg)
     np.testing.assert_allclose(np.concatenate([first, second], axis=1), want, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(third, want, rtol=1e-10, atol=1e-12)
+
+
+def test_every_kernel_constructs_with_real_cupy():
+    """Regression: the ElementwiseKernel specs used ``body=``, which CuPy's constructor does not
+    take (its keyword is ``operation``), so every CuPy forward died at the first GELU. Building a
+    kernel object compiles nothing, so this runs with real CuPy on a machine without a GPU."""
+    cupy = pytest.importorskip("cupy")
+    K = kernels
+    for name, spec in K.ELEMENTWISE_SOURCES.items():
+        assert isinstance(cupy.ElementwiseKernel(**spec), cupy.ElementwiseKernel), name
+    for name, spec in K.REDUCTION_SOURCES.items():
+        assert isinstance(cupy.ReductionKernel(**spec), cupy.ReductionKernel), name
+    for name, (_, entry) in K.RAW_SOURCES.items():
+        for dtype in ("float32", "float64"):
+            assert isinstance(cupy.RawKernel(K.raw_source(name, dtype), entry), cupy.RawKernel), name
