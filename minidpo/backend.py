@@ -66,13 +66,7 @@ def scatter_add(target, indices, values) -> None:
     silently drops gradient for a token that occurs twice in a batch (the embedding case).
     Shapes: target (N, C), indices (M,) int, values (M, C).
     """
-    xp = get_array_module(target)
-    if xp is np:
-        np.add.at(target, indices, values)
-    else:  # pragma: no cover - needs a GPU
-        import cupyx
-
-        cupyx.scatter_add(target, indices, values)
+    get_array_module(target).add.at(target, indices, values)  # numpy.add.at or cupy.add.at
 
 
 def _import_cupy():

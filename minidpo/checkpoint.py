@@ -116,8 +116,8 @@ def _jsonable(x: Any, where: str) -> Any:
         return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(x)]
     if isinstance(x, (np.generic,)) and x.dtype.kind in "biuf":
         return x.item()
-    if isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "biuf":
-        return x.item()
+    if _is_array(x) and x.ndim == 0 and x.dtype.kind in "biuf":
+        return x.item()  # a 0-d NumPy or CuPy array (a device metric): one read-back
     if x is None or isinstance(x, (bool, int, float, str)):
         return x
     raise TypeError(f"{where}: {type(x).__name__} is not JSON-serialisable (arrays belong in tensors)")

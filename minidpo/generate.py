@@ -69,7 +69,8 @@ def next_token_probs(logits, temperature: float = 1.0, top_k: int | None = None)
     V = logits.shape[-1]
     z = logits / dt(temperature)  # (B, V), new array
     if top_k is not None and top_k < V:
-        kth = xp.partition(z, V - top_k, axis=-1)[:, V - top_k][:, None]  # (B, 1) k-th largest
+        k = int(V - top_k)  # a Python int: CuPy iterates any other kth (a NumPy integer fails)
+        kth = xp.partition(z, k, axis=-1)[:, k][:, None]  # (B, 1) k-th largest
         z = xp.where(z < kth, dt(-math.inf), z)
     z -= z.max(axis=-1, keepdims=True)
     xp.exp(z, out=z)

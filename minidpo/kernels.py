@@ -22,8 +22,8 @@ array code, and dispatch to the kernel in one visible line at the top,
     if kernels.use(x):                     # a CuPy array and kernels enabled
         return kernels.gelu_forward(x), x  # the fused kernel; the lines below are its twin
 
-so reading the layer still shows the math. ``with kernels.disabled():`` runs the array code on
-CuPy arrays too: tests/test_kernels.py compares every kernel with its twin that way (both on the
+so reading the layer still shows the math. ``with kernels.disabled():`` (or ``MINIDPO_KERNELS=0``
+in the environment, for a whole run) runs the array code on CuPy arrays too: tests/test_kernels.py compares every kernel with its twin that way (both on the
 GPU), and the kernel source strings are compiled with ``nvcc`` in CI, where no GPU is needed.
 
 Kernels are built lazily, on first use, one per dtype (float32 in training, float64 in the
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 
 import numpy as np
@@ -59,7 +60,8 @@ __all__ = [
     "cuda_sources",
 ]
 
-_ENABLED = True
+_ENABLED = os.environ.get("MINIDPO_KERNELS", "1") != "0"
+"""Kernels on unless the environment says ``MINIDPO_KERNELS=0`` (then CuPy runs the array code)."""
 
 
 def use(*arrays) -> bool:

@@ -259,8 +259,10 @@ def check_params(params: Mapping, config: GPTConfig):
     return xp, dtype
 
 
-def _as_int_array(a, name, xp, ndims):
-    """Check an integer index array's dtype and rank; return it on ``xp``'s device."""
+def _as_int_array(a, name, xp, ndims, upper=None, what=""):
+    """Check an integer index array's dtype and rank (and, given ``upper``, that 0 <= a < upper);
+    return it on ``xp``'s device. Host data is range-checked on the host, before the upload, so
+    ids the sampler has just drawn on the host cost no device read-back."""
     if a is None:
         return None
     if get_array_module(a) is not np and xp is np:
@@ -272,6 +274,8 @@ def _as_int_array(a, name, xp, ndims):
     if a.ndim not in ndims:
         want = " or ".join(str(n) for n in ndims)
         raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(a.shape)}")
+    if upper is not None:
+        _check_range(a, name, upper, what)
     return xp.asarray(a)
 
 
@@ -283,7 +287,7 @@ def _check_range(a, name, upper, what):
     if xp is np:
         lo, hi = int(a.min()), int(a.max())
         bad = lo < 0 or hi >= upper
-    else:  # pragma: no cover - needs a GPU
+    else:
         bad = bool(((a < 0) | (a >= upper)).any())
         if bad:
             lo, hi = int(a.min()), int(a.max())
@@ -294,18 +298,15 @@ def _check_range(a, name, upper, what):
 def _check_inputs(idx, config, xp, attention_mask, position_ids, validate, mask_len=None):
     """Validate and move to the device: idx (B, T), attention_mask (B, mask_len or T),
     position_ids (T,) or (B, T)."""
-    idx = _as_int_array(idx, "idx", xp, (2,))
+    idx = _as_int_array(idx, "idx", xp, (2,), config.vocab_size if validate else None, "vocab_size")
     B, T = idx.shape
     if B == 0 or T == 0:
         raise ValueError(f"idx must have at least one row and one token, got shape {(B, T)}")
-    if validate:
-        _check_range(idx, "idx", config.vocab_size, "vocab_size")
     if position_ids is not None:
-        position_ids = _as_int_array(position_ids, "position_ids", xp, (1, 2))
+        position_ids = _as_int_array(position_ids, "position_ids", xp, (1, 2),
+                                     config.n_ctx if validate else None, "n_ctx")
         if position_ids.shape not in ((T,), (B, T)):
             raise ValueError(f"position_ids must have shape ({T},) or ({B}, {T}), got {tuple(position_ids.shape)}")
-        if validate:
-            _check_range(position_ids, "position_ids", config.n_ctx, "n_ctx")
     if attention_mask is not None:
         if get_array_module(attention_mask) is not np and xp is np:
             raise TypeError("attention_mask is a GPU array but the parameters are NumPy arrays")

@@ -129,13 +129,14 @@ def batch_for_step(step: int, n_items: int, batch_size: int, seed: int) -> np.nd
 # ---------------------------------------------------------------------------------------------
 
 
-def inference_logits(params: dict, idx, model_config: GPTConfig):
+def inference_logits(params: dict, idx, model_config: GPTConfig, validate: bool = True):
     """The logits of :func:`minidpo.model.gpt_forward` for a forward pass that will not be
     differentiated (reference log-probs, evaluation): through the KV-cache forward, which keeps
     only each layer's keys and values (2 of the ~20 (B, T, C)-sized arrays a layer's backward
-    cache holds). idx (B, T) int -> logits (B, T, V)."""
+    cache holds). idx (B, T) int -> logits (B, T, V). ``validate=False`` skips the id range
+    check (a device read-back on a GPU) for ids already checked on the host."""
     kv = init_kv_cache(params, model_config, idx.shape[0], capacity=idx.shape[1])
-    logits, _ = gpt_forward_kv(params, idx, model_config, kv)  # (B, T, V)
+    logits, _ = gpt_forward_kv(params, idx, model_config, kv, validate=validate)  # (B, T, V)
     return logits
 
 
@@ -145,13 +146,16 @@ def batched_sequence_logps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """log pi(y_w|x) and log pi(y_l|x) for every pair, in minibatches, on the host.
 
-    Returns (chosen_logps (N,), rejected_logps (N,)) as float64 NumPy arrays (read-outs)."""
+    Returns (chosen_logps (N,), rejected_logps (N,)) as float64 NumPy arrays (read-outs): one
+    device read-back a minibatch (the token ids are checked once, on the host, first)."""
+    check_token_ids(pairs, model_config.vocab_size, "preference pair")
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         batch = collate_preferences(chunk, pad_id, backend=backend)
-        logits = inference_logits(params, batch["input_ids"], model_config)  # (2n, T, V)
-        logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average)  # (2n,)
+        logits = inference_logits(params, batch["input_ids"], model_config, validate=False)  # (2n, T, V)
+        logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average,
+                                  validate=False)  # (2n,)
         del logits, _  # free this chunk's (2n, T, V) logits before the next chunk's forward
         logps = to_numpy(logps).astype(np.float64)
         n = len(chunk)
@@ -448,12 +452,13 @@ def train_sft(
         def eval_fn(p):
             tot, ntok = 0.0, 0
             for s in range(0, len(eval_items), tc.eval_batch_size):
-                batch = collate_sft(list(eval_items[s : s + tc.eval_batch_size]), pad_id, backend=backend)
-                logits = inference_logits(p, batch["input_ids"], model_config)
-                logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+                chunk = list(eval_items[s : s + tc.eval_batch_size])
+                batch = collate_sft(chunk, pad_id, backend=backend)
+                logits = inference_logits(p, batch["input_ids"], model_config, validate=False)  # ids checked above
+                logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], validate=False)
                 del logits
-                tot += float(to_numpy(logps).sum())
-                ntok += int(to_numpy(batch["loss_mask"][:, 1:]).sum())
+                tot += float(logps.sum())  # one read-back a chunk
+                ntok += sum(len(t.response_ids) for t in chunk)  # the loss mask's tokens, counted on the host
             nll = -tot / max(ntok, 1)
             return {"eval/nll": nll, "eval/perplexity": math.exp(min(nll, 50.0))}
 
@@ -489,7 +494,7 @@ def train_dpo(
             didx = backend.asarray(idx)
             batch["ref_chosen"], batch["ref_rejected"] = ref_c[didx], ref_r[didx]
         else:
-            logits = inference_logits(reference, batch["input_ids"], model_config)
+            logits = inference_logits(reference, batch["input_ids"], model_config, validate=False)
             logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=tc.average_logps,
                                       validate=False)
             del logits

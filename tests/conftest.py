@@ -1,4 +1,10 @@
-"""Shared test settings: hypothesis profiles and the CUDA skip marker."""
+"""Shared test settings: hypothesis profiles, and the CuPy path on a GPU or on the strict stand-in.
+
+``@requires_cuda`` tests run on real CuPy where a GPU is visible, and otherwise on the strict CuPy
+stand-in (tests/cupy_standin), so the GPU code path runs on every machine. ``@requires_gpu``
+marks the few tests that mean something only on real hardware (the CUDA C of the fused kernels
+run for real, memory-pool measurements): they skip without a GPU.
+"""
 
 import os
 
@@ -21,4 +27,24 @@ def _cuda_ok() -> bool:
 
 
 CUDA_OK = _cuda_ok()
-requires_cuda = pytest.mark.skipif(not CUDA_OK, reason="needs CuPy and a CUDA GPU")
+
+
+@pytest.fixture
+def cuda_or_standin():
+    """Real CuPy on a GPU; otherwise the strict stand-in, installed as ``cupy`` for this test."""
+    if CUDA_OK:  # pragma: no cover - needs a GPU
+        import cupy
+
+        yield cupy
+        return
+    from tests import cupy_standin
+
+    cupy = cupy_standin.install()
+    try:
+        yield cupy
+    finally:
+        cupy_standin.uninstall()
+
+
+requires_cuda = pytest.mark.usefixtures("cuda_or_standin")
+requires_gpu = pytest.mark.skipif(not CUDA_OK, reason="needs CuPy and a CUDA GPU (real hardware)")

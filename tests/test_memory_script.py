@@ -26,7 +26,7 @@ from bench.memory_dpo import (
 )
 from minidpo.data import collate_preferences
 from minidpo.model import GPTConfig, init_params
-from tests.conftest import requires_cuda
+from tests.conftest import requires_gpu
 
 MICRO = GPTConfig(vocab_size=64, n_ctx=32, n_layer=2, n_head=2, n_embd=32)
 # big enough that arrays, not Python objects, dominate the counts; still well under a second
@@ -285,7 +285,7 @@ def test_report_formats_every_mode(micro):
     assert "reference cache pass" in text and "held-out evaluation" in text and "Predicted for a GPU" in text
 
 
-@requires_cuda
+@requires_gpu
 def test_cuda_measurement():  # pragma: no cover - needs a GPU
     res = measure(MICRO, pairs=2, seq=16, prompt=4, steps=2, device="cuda", eval_pairs=4, eval_batch_pairs=2)
     assert "CuPy" in res["meter"] and res["config"]["device"].startswith("cuda")
