@@ -46,6 +46,15 @@ def test_names_are_exactly_the_recorded_cupy_names(cp):
     assert "__index__" not in S.API["ndarray"] and not hasattr(x, "__index__")
     with pytest.raises(AttributeError):
         cupyx.scatter_mul  # not a cupyx name
+    # nothing the stand-in emulates carries a name CuPy lacks
+    for key, obj in [("cupy", cp), ("cuda", cp.cuda), ("cuda.runtime", cp.cuda.runtime), ("random", cp.random),
+                     ("cupyx", cupyx), ("ndarray", cp.ndarray), ("ufunc", cp.add), ("cuda.Device", cp.cuda.Device),
+                     ("cuda.Stream", cp.cuda.Stream), ("cuda.Event", cp.cuda.Event),
+                     ("cuda.MemoryPool", cp.cuda.MemoryPool), ("cuda.PinnedMemoryPool", cp.cuda.PinnedMemoryPool),
+                     ("cuda.MemoryHook", cp.cuda.MemoryHook)]:
+        names = vars(obj) if isinstance(obj, type(cp)) else dir(obj)
+        extra = sorted(n for n in names if not n.startswith("_") and n not in S.API[key])
+        assert not extra, (key, extra)
     assert cp.random.default_rng(0).standard_normal((2,)).shape == (2,)
     with pytest.raises(AttributeError):
         cp.random.default_rng(0).permutation(3)  # CuPy's Generator has no permutation

@@ -2,8 +2,11 @@
 
 Without a GPU: the twins are checked against independent definitions, the module is shown not
 to import CuPy, and every CUDA source is compiled with nvcc (skipped when nvcc is absent).
-With a GPU (@requires_cuda): every kernel against its twin, both run on CuPy arrays, in float32
-and float64, and the model with kernels against the model without.
+@requires_cuda: every kernel against its twin, both run on CuPy arrays, in float32 and float64,
+and the model with kernels against the model without. On a GPU that runs the CUDA C; elsewhere
+the strict CuPy stand-in checks each launch (grid, block, argument types and widths) and runs
+its own array-code twin of the kernel in place of the CUDA C, so these check everything around
+the CUDA C, which only a GPU runs.
 """
 
 import math

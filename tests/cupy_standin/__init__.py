@@ -472,9 +472,11 @@ def _upload(name):
 
     def f(obj, dtype=None, *args, copy=None if name != "array" else True, **kwargs):
         kwargs.pop("blocking", None)
-        if isinstance(obj, ndarray):
-            return ndarray(np.array(obj._a, dtype=dtype, copy=copy if copy is not None else False)
-                           if name != "array" else np.array(obj._a, dtype=dtype, copy=True))
+        if isinstance(obj, ndarray):  # already on the device: asarray returns it when it can
+            if name == "array" or copy:
+                return ndarray(np.array(obj._a, dtype=dtype, copy=True))
+            r = np.asarray(obj._a, dtype=dtype)
+            return obj if r is obj._a else ndarray(r)
         if isinstance(obj, (list, tuple)) and any(isinstance(v, ndarray) for v in obj):
             obj = [v._a if isinstance(v, ndarray) else v for v in obj]
         COUNTS["h2d"] += 1
@@ -632,8 +634,18 @@ class MemoryPool:
         raise NotImplementedError("the CuPy stand-in does not hand out raw device memory")
 
 
-class PinnedMemoryPool(MemoryPool):
-    pass
+class PinnedMemoryPool:
+    def __init__(self, allocator=None):
+        pass
+
+    def free_all_blocks(self):
+        return None
+
+    def n_free_blocks(self):
+        return 0
+
+    def malloc(self, size):
+        raise NotImplementedError("the CuPy stand-in does not hand out pinned memory")
 
 
 class MemoryHook:
