@@ -87,7 +87,7 @@ PROPERTIES = {
     "cDPO at 0.5: symmetric, min at h = 0": ("cdpo",),
     "robust: unbiased under label flips": ("robust",),
     "IPO: minimum at h = 1/(2 beta)": ("ipo",),
-    "IPO: log-prob convention": ("ipo",),
+    "log-probs: summed or per-token": VARIANTS,
     "hinge: zero for beta*h >= 1": ("hinge",),
     "numerics (large margins, dtypes)": VARIANTS,
 }
@@ -287,6 +287,18 @@ def _framework(name: str):
     raise ValueError(f"unknown framework {name!r}; choose one of {', '.join(FRAMEWORKS)}")
 
 
+def _quiet():
+    """The function under test may warn (overflow, ...); the verdict reports it, the console need not."""
+    import contextlib
+    import warnings
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    stack.enter_context(np.errstate(all="ignore"))
+    return stack
+
+
 def _x64(fw):
     """JAX computes in float32 unless 64-bit types are enabled; enable them for the check only."""
     if fw.name == "jax":
@@ -406,8 +418,8 @@ class _Checker:
         if self.takes_counts:
             if counts is None:  # ones: summed and per-token log-probs coincide
                 counts = (np.ones(np.shape(pw)[0]), np.ones(np.shape(pw)[0]))
-            kw["chosen_token_counts"] = self.fw.tensor(counts[0], "float64")
-            kw["rejected_token_counts"] = self.fw.tensor(counts[1], "float64")
+            kw["chosen_token_counts"] = self.fw.tensor(counts[0], "int64")
+            kw["rejected_token_counts"] = self.fw.tensor(counts[1], "int64")
         return self.fn(pw, pl, rw, rl, beta, **kw)
 
     def run(self, pw, pl, rw, rl, beta, dtype="float64", eps=None, counts=None):
@@ -450,7 +462,7 @@ class _Checker:
 
         def body(case):
             try:
-                with _x64(self.fw):
+                with _x64(self.fw), _quiet():
                     check(case)
             except HypothesisException:
                 raise
@@ -505,7 +517,7 @@ def _prop_worked_example(ck):
     arrays = [np.array([w[k]]) for k in ("pw", "pl", "rw", "rl")]
     case = _case_str(dict(zip(("pw", "pl", "rw", "rl"), arrays), beta=w["beta"]))
     try:
-        with _x64(ck.fw):
+        with _x64(ck.fw), _quiet():
             out, got = ck.run(*arrays, w["beta"])
             got = np.ravel(got)
             if got.shape != (1,) or abs(got[0] - loss) > 1e-6 * max(1.0, abs(loss)):
@@ -750,10 +762,14 @@ def _prop_ipo_minimum(ck):
     return check, ck.strategy(extra=extra)
 
 
-def _prop_ipo_convention(ck):
+def _prop_logp_convention(ck):
+    """With token counts n_w, n_l the function may score responses by summed log-probs or by their
+    per-token means (log pi / n). Eq. 7 and its sigmoid/robust/hinge relatives use sums; IPO is
+    defined on sums in its paper and fed per-token means by the official DPO code and TRL."""
     if not ck.takes_counts:
-        ck.conventions["IPO log-probs"] = ("chosen by the caller (the function takes no token counts): the official "
-                                           "DPO code and TRL pass per-token means, the IPO paper sums")
+        if ck.variant == "ipo":
+            ck.conventions["IPO log-probs"] = ("chosen by the caller (the function takes no token counts): the official "
+                                               "DPO code and TRL pass per-token means, the IPO paper sums")
         return None
     from hypothesis import strategies as st
 
@@ -766,15 +782,18 @@ def _prop_ipo_convention(ck):
     def check(c):
         nw, nl = np.array(c["counts_w"], dtype=np.float64), np.array(c["counts_l"], dtype=np.float64)
         got = ck.loss_of(c, counts=(nw, nl))
-        summed = ck.reduce(_oracle("ipo", 0.0, c["pw"], c["pl"], c["rw"], c["rl"], c["beta"]).losses)
-        per_tok = ck.reduce(_oracle("ipo", 0.0, c["pw"] / nw, c["pl"] / nl, c["rw"] / nw, c["rl"] / nl, c["beta"]).losses)
+        summed = ck.reduce(_oracle(ck.variant, ck.eps, c["pw"], c["pl"], c["rw"], c["rl"], c["beta"]).losses)
+        per_tok = ck.reduce(_oracle(ck.variant, ck.eps, c["pw"] / nw, c["pl"] / nl, c["rw"] / nw, c["rl"] / nl, c["beta"]).losses)
         tol = 1e-9 * max(1.0, float(np.max(np.abs(summed))))
         conv = [name for name, want in (("summed", summed), ("per_token", per_tok)) if ck.close(got, want, 1e-8, tol)]
         if not conv:
-            raise _Broken(f"the loss {_fmt(got)} is IPO of neither the summed log-probs ({_fmt(summed)}) "
+            raise _Broken(f"the loss {_fmt(got)} is {ck.variant} of neither the summed log-probs ({_fmt(summed)}) "
                           f"nor the per-token means ({_fmt(per_tok)})")
         if len(conv) == 1:
             found.add(conv[0])
+            if ck.variant != "ipo" and conv[0] == "per_token":
+                raise _Broken(f"the loss averages log-probs over tokens (a mean where eq. 7's sum log pi(y|x) is meant): "
+                              f"got {_fmt(got)}, correct {_fmt(summed)}")
         if len(found) > 1:
             raise _Broken("the loss follows the summed convention for some inputs and the per-token one for others")
         if ck.want_ipo and len(conv) == 1 and conv[0] != ck.want_ipo:
@@ -782,7 +801,7 @@ def _prop_ipo_convention(ck):
 
     def after():
         if found:
-            ck.conventions["IPO log-probs"] = next(iter(found)).replace("_", "-") + " (detected from the token counts)"
+            ck.conventions["log-probs"] = next(iter(found)).replace("_", "-") + " (detected from the token counts)"
 
     return check, ck.strategy(extra=extra), after
 
@@ -802,7 +821,7 @@ def _prop_hinge(ck):
             ck.expect(got, ck.reduce(np.full(len(h), want)),
                       f"at beta h = {target_z:g} the hinge loss should be max(0, 1 - beta h) = {want:g}", 1e-8, 1e-9)
 
-    return check, ck.strategy()
+    return check, ck.strategy(extra=extra)
 
 
 def _dtype_limits(fw, dtype: str) -> float:
@@ -831,7 +850,7 @@ def _prop_numerics(ck):
                         continue
                     case = _case_str(dict(pw=pw, pl=pl, rw=rw, rl=rl, beta=beta)) + f" dtype={dtype}"
                     try:
-                        with _x64(ck.fw):
+                        with _x64(ck.fw), _quiet():
                             out, got = ck.run(pw, pl, rw, rl, beta, dtype=dtype)
                             dt = ck.fw.dtype_name(out.loss)
                             if dt != dtype:
@@ -859,7 +878,8 @@ def _prop_numerics(ck):
                     except Exception as err:
                         return "FAIL", f"raised {type(err).__name__}: {err}", case
         checked.append(dtype)
-    how = "autograd" if ck.fw.autograd else "values" + (" and hand-written gradients" if ck.conventions.get("gradients") else "")
+    hand = ck.conventions.get("gradients", "").startswith("hand-written")
+    how = "autograd" if ck.fw.autograd else "values" + (" and hand-written gradients" if hand else "")
     return "pass", f"finite and correct to |beta h| = 1e4 in {', '.join(checked)} ({how})", ""
 
 
@@ -875,7 +895,7 @@ _CHECKS = {
     "cDPO at 0.5: symmetric, min at h = 0": _prop_cdpo_half,
     "robust: unbiased under label flips": _prop_robust,
     "IPO: minimum at h = 1/(2 beta)": _prop_ipo_minimum,
-    "IPO: log-prob convention": _prop_ipo_convention,
+    "log-probs: summed or per-token": _prop_logp_convention,
     "hinge: zero for beta*h >= 1": _prop_hinge,
 }
 
@@ -892,7 +912,7 @@ def _detect(ck) -> str | None:
     """Fill ck.reduction and ck.conventions from one call; return an error line if the call fails."""
     p = _PROBE
     try:
-        with _x64(ck.fw):
+        with _x64(ck.fw), _quiet():
             out, got = ck.run(p["pw"], p["pl"], p["rw"], p["rl"], p["beta"])
     except Exception as err:
         return f"calling the function raised {type(err).__name__}: {err}"
