@@ -82,6 +82,7 @@ PROPERTIES = {
     "agrees with minidpo": VARIANTS,
     "rewards (eq. 8)": VARIANTS,
     "gradient (eq. 9)": VARIANTS,
+    "reference gets no gradient": VARIANTS,
     "DPO: L(h) - L(-h) = -beta*h": ("dpo",),
     "cDPO: label-mixture law": ("cdpo",),
     "cDPO at 0.5: symmetric, min at h = 0": ("cdpo",),
@@ -409,6 +410,7 @@ class _Checker:
         self.takes_counts = "chosen_token_counts" in params and "rejected_token_counts" in params
         self.reduction = "none"
         self.conventions = {}
+        self.ref_grad = (0.0, "")  # the largest |d loss / d log ref| seen by the gradient property, and where
 
     # -- calling the function
     def call(self, pw, pl, rw, rl, beta, eps=None, counts=None):
@@ -685,17 +687,29 @@ def _prop_gradient(ck):
             rtol, atol = 1e-5, 1e-8 * max(1.0, float(np.max(np.abs(ref.losses))))
         ck.expect(gw, want_w, "d loss / d log pi_w should be -beta * weight" + (" / N" if per != 1.0 else ""), rtol, atol)
         ck.expect(gl, want_l, "d loss / d log pi_l should be +beta * weight" + (" / N" if per != 1.0 else ""), rtol, atol)
-        if ck.fw.autograd:
-            ref_g = np.concatenate([g[2], g[3]])
-            if np.any(ref_g != 0):
-                ck.conventions["reference gradient"] = (
-                    "flows to the reference inputs when they require grad (compute them under no_grad / stop_gradient)")
-                if ck.strict_ref:
-                    raise _Broken(f"gradient reaches the reference log-probs (max |d loss / d log ref| = {np.max(np.abs(ref_g)):.3g}); correct 0")
-            else:
-                ck.conventions.setdefault("reference gradient", "none: the loss treats the reference as a constant")
+        if ck.fw.autograd:  # recorded for the "reference gets no gradient" row
+            ref_g = float(np.max(np.abs(np.concatenate([g[2], g[3]]))))
+            if ref_g > ck.ref_grad[0]:
+                ck.ref_grad = (ref_g, _case_str(c))
 
     return check, ck.strategy()
+
+
+def _prop_reference_constant(ck, ran_gradient):
+    """Eq. 9 has no reference term: pi_ref is frozen. The gradient property passes reference inputs
+    that require grad (as they would if computed with autograd on) and records what reaches them."""
+    if not ck.fw.autograd:
+        return "skip", "NumPy arrays carry no gradient", ""
+    if not ran_gradient:
+        return "skip", "runs with the gradient (eq. 9) property", ""
+    g, case = ck.ref_grad
+    if g == 0.0:
+        ck.conventions["reference gradient"] = "none: the loss treats the reference as a constant"
+        return "pass", "the loss detaches the reference log-probs", ""
+    ck.conventions["reference gradient"] = "flows to reference inputs that require grad (compute them under no_grad / stop_gradient)"
+    if ck.strict_ref:
+        return "FAIL", f"gradient reaches the reference log-probs (max |d loss / d log ref| = {g:.3g}); correct 0", case
+    return "note", "gradient reaches reference inputs that require grad; fine when the caller computes them without autograd", ""
 
 
 def _swap(c):
@@ -973,8 +987,8 @@ def check_loss(fn: Callable, framework: str = "numpy", variant: str = "dpo", *, 
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if variant == "cdpo" and not 0.0 < float(label_smoothing) <= 0.5:
         raise ValueError(f"cdpo needs label_smoothing in (0, 0.5], got {label_smoothing!r}")
-    if variant == "robust" and not 0.0 < float(label_smoothing) < 0.5:
-        raise ValueError(f"robust needs label_smoothing in (0, 0.5), got {label_smoothing!r}")
+    if variant == "robust" and not 0.0 <= float(label_smoothing) < 0.5:
+        raise ValueError(f"robust needs label_smoothing in [0, 0.5), got {label_smoothing!r}")
     if reduction not in (None, "none", "mean", "sum"):
         raise ValueError(f"reduction must be None, 'none', 'mean' or 'sum', got {reduction!r}")
     if ipo_convention not in (None, "summed", "per_token"):
@@ -1005,6 +1019,9 @@ def check_loss(fn: Callable, framework: str = "numpy", variant: str = "dpo", *, 
     for prop in wanted:
         if prop == "worked example":
             report.results.append(PropertyResult(prop, *_prop_worked_example(ck)))
+            continue
+        if prop == "reference gets no gradient":
+            report.results.append(PropertyResult(prop, *_prop_reference_constant(ck, "gradient (eq. 9)" in wanted)))
             continue
         if prop == "numerics (large margins, dtypes)":
             report.results.append(PropertyResult(prop, *_prop_numerics(ck)))
