@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from . import Case
+from tests.verify_corpus import Case
 
 
 def _h(pw, pl, rw, rl):

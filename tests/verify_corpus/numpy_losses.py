@@ -7,7 +7,7 @@ import numpy as np
 
 from minidpo.losses import dpo_loss
 
-from . import Case
+from tests.verify_corpus import Case
 
 
 def _h(pw, pl, rw, rl):

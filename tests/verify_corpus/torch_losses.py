@@ -6,8 +6,8 @@ h = (pi_w - ref_w) - (pi_l - ref_l), z = beta * h.
 import torch
 import torch.nn.functional as F
 
-from . import Case
-from .official_dpo import preference_loss
+from tests.verify_corpus import Case
+from tests.verify_corpus.official_dpo import preference_loss
 
 
 def _h(pw, pl, rw, rl):
