@@ -162,8 +162,9 @@ class Report:
         n_fail = len(self.failed)
         n_pass = sum(r.verdict == "pass" for r in self.results)
         lines.append("")
+        n_note = sum(r.verdict == "note" for r in self.results)
         lines.append(f"{n_pass} passed, {n_fail} failed, {sum(r.verdict == 'skip' for r in self.results)} skipped"
-                     + ("" if n_fail == 0 else f": {', '.join(self.failed)}"))
+                     + (f", {n_note} noted" if n_note else "") + ("" if n_fail == 0 else f": {', '.join(self.failed)}"))
         return "\n".join(lines)
 
 
@@ -682,15 +683,14 @@ def _prop_gradient(ck):
             _, g = ck.fw.grads(lambda *t: ck.call(*t, c["beta"]), arrays)
             gw, gl = g[0], g[1]
             rtol, atol = 1e-7, 1e-12
+            ref_g = float(np.max(np.abs(np.concatenate([g[2], g[3]]))))  # for the "reference gets no gradient" row
+            if not ref_g <= ck.ref_grad[0]:  # (nan counts as reaching the reference)
+                ck.ref_grad = (ref_g, _case_str(c))
         else:
             gw, gl = _policy_grads(ck, arrays, c["beta"])
             rtol, atol = 1e-5, 1e-8 * max(1.0, float(np.max(np.abs(ref.losses))))
         ck.expect(gw, want_w, "d loss / d log pi_w should be -beta * weight" + (" / N" if per != 1.0 else ""), rtol, atol)
         ck.expect(gl, want_l, "d loss / d log pi_l should be +beta * weight" + (" / N" if per != 1.0 else ""), rtol, atol)
-        if ck.fw.autograd:  # recorded for the "reference gets no gradient" row
-            ref_g = float(np.max(np.abs(np.concatenate([g[2], g[3]]))))
-            if ref_g > ck.ref_grad[0]:
-                ck.ref_grad = (ref_g, _case_str(c))
 
     return check, ck.strategy()
 
@@ -703,7 +703,7 @@ def _prop_reference_constant(ck, ran_gradient):
     if not ran_gradient:
         return "skip", "runs with the gradient (eq. 9) property", ""
     g, case = ck.ref_grad
-    if g == 0.0:
+    if ck.ref_grad == (0.0, ""):
         ck.conventions["reference gradient"] = "none: the loss treats the reference as a constant"
         return "pass", "the loss detaches the reference log-probs", ""
     ck.conventions["reference gradient"] = "flows to reference inputs that require grad (compute them under no_grad / stop_gradient)"
