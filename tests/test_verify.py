@@ -242,3 +242,18 @@ def test_cli_as_a_subprocess_from_another_directory(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "minidpo", "verify", "myloss:broken", "--framework", "numpy"],
                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert bad.returncode == 1 and "beta only through beta*h" in bad.stdout
+
+
+def test_readme_example_is_real_output():
+    """The README's `minidpo verify` example shows exactly what the command prints today."""
+    readme = (ROOT / "README.md").read_text()
+    cmd = "$ minidpo verify examples/my_dpo_loss.py:cdpo_loss --framework torch --variant cdpo\n"
+    assert cmd in readme
+    shown = readme.split(cmd, 1)[1].split("\n```", 1)[0]
+    pytest.importorskip("torch")
+    fn = load_function(str(ROOT / "examples/my_dpo_loss.py") + ":cdpo_loss")
+    report = check_loss(fn, framework="torch", variant="cdpo")
+    assert shown == report.table()
+    assert "cDPO: label-mixture law" in report.failed
+    good = load_function(str(ROOT / "examples/my_dpo_loss.py") + ":dpo_loss")
+    assert check_loss(good, framework="torch").ok
