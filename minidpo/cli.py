@@ -6,6 +6,7 @@
     minidpo sample --model runs/dpo --prompt "the movie was"
     minidpo eval  --policy runs/dpo --ref runs/sft --data heldout.jsonl
     minidpo export --model runs/dpo --out gpt2-dpo/        # a Hugging Face GPT-2 directory
+    minidpo verify mypkg.losses:dpo_loss --framework torch # property-check anyone's DPO loss
 
 A model argument (--model, --ref, --policy) is any of: a run folder written by ``sft``/``dpo``
 (it holds checkpoint/ and tokenizer.json), a checkpoint folder, or a GPT-2 model directory
@@ -244,6 +245,43 @@ def cmd_export(args) -> None:
     print(f"wrote a GPT-2 model directory (config.json, model.safetensors, tokenizer.json) -> {path or args.out}")
 
 
+def cmd_verify(args) -> None:
+    """Property-check a DPO loss function (minidpo.verify.check_loss).
+
+    Exit status: 0 all properties hold, 1 a property failed, 3 the framework is not installed.
+    """
+    from .verify import FrameworkUnavailable, check_loss, load_function
+
+    kwargs = {}
+    for item in args.arg or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _die(f"--arg expects KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    try:
+        fn = load_function(args.function)
+    except ModuleNotFoundError as err:
+        if err.name in ("torch", "jax", "jaxlib"):  # the loss's own framework is missing: report it
+            print(f"{args.function}: not checked: framework {err.name!r} is not installed")
+            raise SystemExit(3) from None
+        _die(f"cannot import {args.function}: {err}")
+    except ImportError as err:
+        _die(f"cannot import {args.function}: {err}")
+    try:
+        report = check_loss(fn, framework=args.framework, variant=args.variant, label_smoothing=args.label_smoothing,
+                            kwargs=kwargs, max_examples=args.max_examples, reduction=args.reduction,
+                            ipo_convention=args.ipo_convention, require_detached_reference=args.require_detached_reference)
+    except FrameworkUnavailable as err:
+        print(f"{args.function}: not checked: {err}")
+        raise SystemExit(3) from None
+    print(report.table())
+    if not report.ok:
+        raise SystemExit(1)
+
+
 # ---------------------------------------------------------------------------------------- parser
 
 
@@ -335,6 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True)
     sp.add_argument("--out", required=True)
     sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("verify", help="check a DPO loss function (yours, in NumPy/PyTorch/JAX) against the paper's properties")
+    sp.add_argument("function", help="MODULE:FUNCTION or path/to/file.py:FUNCTION, called as "
+                    "fn(pi_w, pi_l, ref_w, ref_l, beta, **hyper-parameters) on (N,) arrays")
+    sp.add_argument("--framework", choices=["numpy", "torch", "jax"], default="torch")
+    sp.add_argument("--variant", choices=["dpo", "cdpo", "robust", "ipo", "hinge"], default="dpo")
+    sp.add_argument("--label-smoothing", type=float, default=0.1, help="eps for cdpo/robust, passed as label_smoothing=")
+    sp.add_argument("--arg", action="append", metavar="KEY=VALUE", help="a fixed keyword argument (JSON value), e.g. ipo=true")
+    sp.add_argument("--max-examples", type=int, default=25, help="hypothesis examples per property")
+    sp.add_argument("--reduction", choices=["none", "mean", "sum"], default=None, help="require this batch reduction")
+    sp.add_argument("--ipo-convention", choices=["summed", "per_token"], default=None, help="require this IPO log-prob convention")
+    sp.add_argument("--require-detached-reference", action="store_true",
+                    help="fail if gradient reaches reference log-probs that require grad")
+    sp.set_defaults(func=cmd_verify)
     return p
 
 
