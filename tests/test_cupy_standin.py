@@ -152,6 +152,20 @@ def test_a_host_sync_in_an_inner_loop_is_counted(cp):
         list(range(10))[cp.asarray(np.int64(3))]  # CuPy arrays have no __index__
 
 
+def test_out_of_range_ids_wrap_silently_so_the_model_checks_them(cp):
+    """CuPy wraps an out-of-bounds integer-array index (NumPy raises): an embedding lookup with a
+    bad token id would silently read another row, so the model's id check is what stands guard."""
+    from minidpo.model import gpt_forward
+
+    table = cp.asarray(np.arange(8, dtype=np.float32).reshape(4, 2))
+    assert table[np.array([5])].get().tolist() == [[2.0, 3.0]]  # row 5 of 4 -> row 1, no error
+    with pytest.raises(IndexError):
+        table.get()[np.array([5])]
+    cfg, params = _tiny(cp)
+    with pytest.raises(ValueError, match="idx must lie in"):
+        gpt_forward(params, np.array([[1, cfg.vocab_size + 3]]), cfg)
+
+
 def test_an_rng_call_cupy_lacks_is_refused(cp):
     def shuffled(n, xp):  # the bug: Generator.permutation exists in NumPy, not CuPy
         return xp.random.default_rng(0).permutation(n)

@@ -10,7 +10,8 @@ Backed by NumPy on the CPU, it behaves like CuPy 14 wherever minidpo can tell th
   CuPy's error types and messages: implicit conversion to NumPy (``np.asarray(x)``), NumPy arrays
   in ufuncs, operators and kernel launches (``Unsupported type <class 'numpy.ndarray'>``), a
   non-scalar NumPy array assigned through basic indexing, ``__index__`` (CuPy has none), a
-  reduction returning a host scalar (CuPy returns a 0-d device array). It allows what CuPy
+  reduction returning a host scalar (CuPy returns a 0-d device array). Like CuPy, an integer
+  array index out of bounds wraps around instead of raising. It allows what CuPy
   allows: ``.get()``, ``cupy.asnumpy``, ``cupy.asarray(host)``, NEP-18 dispatch of ``np.*``
   functions CuPy implements, ``float()``/``int()``/``bool()``/``.item()`` on one element.
 - Counting. Every device-to-host transfer or implicit sync (``.get()``, ``asnumpy``,
@@ -280,7 +281,11 @@ class ndarray:
         return (self[i] for i in range(self.shape[0]))
 
     def __getitem__(self, idx):
-        return _wrap(self._a[_unwrap_index(idx)])
+        idx = _unwrap_index(idx)
+        if isinstance(idx, (np.ndarray, list)) and np.asarray(idx).dtype.kind in "iu" and self.ndim:
+            # CuPy wraps out-of-bounds integer-array indices around where NumPy raises IndexError
+            return ndarray(np.take(self._a, np.asarray(idx), axis=0, mode="wrap"))
+        return _wrap(self._a[idx])
 
     def __setitem__(self, idx, value):
         advanced = _is_advanced(idx)
