@@ -64,7 +64,7 @@ from minidpo.train import TrainConfig, batched_sequence_logps, dpo_step, train_s
 # Sizes. "default" fits in about 30 minutes on 2 shared CPU cores; "quick" in under 2 minutes.
 PRESETS = {
     "default": dict(
-        n_reviews=3000, vocab=384, n_layer=2, n_head=4, n_embd=96, n_ctx=48, sft_steps=500, sft_batch=32,
+        n_reviews=4000, vocab=384, n_layer=2, n_head=4, n_embd=128, n_ctx=48, sft_steps=800, sft_batch=32,
         sft_lr=3e-3, n_train_prompts=1024, n_eval_prompts=256, n_eval_samples=2, max_new_tokens=24,
         rm_steps=200, rm_lr=3e-4, batch=16, lr=1e-4, steps=128,
         dpo_betas=[0.03, 0.1, 0.3, 1.0, 3.0], online_betas=[0.1, 0.3, 1.0], online_rounds=4,
@@ -469,14 +469,47 @@ def run(args) -> dict:
                         compare(records, "Online DPO", "PPO-GT"), compare(records, "Online DPO", "DPO")],
         "total_wall_s": round(sum(r["wall_s"] for r in records), 1),
     }
+    summary["machine"] = machine()
+    summary["elapsed_s_this_invocation"] = round(time.perf_counter() - T_START, 1)
     write_json(out / "frontier.json", summary)
+    (out / "frontier.md").write_text(markdown_table(summary), encoding="utf-8")
     plot_frontier(records, out / "frontier.png",
                   f"Sentiment: reward vs KL ({preset} preset, {backend.device}, {len(prompts_eval)} held-out prompts)")
     print_table(records)
     for c in summary["comparisons"]:
         log(describe(c))
-    log(f"frontier.json and frontier.png written to {out}")
+    log(f"frontier.json, frontier.md and frontier.png written to {out}")
     return summary
+
+
+def machine() -> str:
+    """The CPU model and core count (for the record beside measured times)."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical cores"
+
+
+def markdown_table(summary: dict) -> str:
+    """The figure's numbers as a Markdown table (reward and KL with one standard error)."""
+    lines = ["| method | setting | mean ground-truth reward | KL(pi \\|\\| pi_ref), nats | wall time, s |",
+             "|---|---|---|---|---|"]
+    for r in summary["runs"]:
+        kl = f"{r['kl']:.2f} (analytic)" if r.get("kl_note") else f"{r['kl']:.2f} ± {r['kl_se']:.2f}"
+        lines.append(f"| {r['method']} | {r['setting']} | {r['reward_mean']:+.3f} ± {r['reward_se']:.3f} | {kl} "
+                     f"| {r['wall_s']:.0f} |")
+    rm = summary["reward_model"]
+    lines += ["", f"Reward model: held-out pair accuracy {rm['heldout_pair_accuracy']:.3f} on {rm['heldout_pairs']} "
+              f"pairs, Pearson r with the ground-truth reward {rm['pearson_with_ground_truth']:.3f}.", ""]
+    lines += [f"- {describe(c)}" for c in summary["comparisons"]]
+    return "\n".join(lines) + "\n"
 
 
 def print_table(records: list[dict]) -> None:
