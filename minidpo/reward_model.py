@@ -146,7 +146,7 @@ def reward_model_step(params: dict, config: GPTConfig, batch: dict):
     losses, g_w, g_l = reward_model_loss(r[:n], r[n:])  # eq. (2), mean-loss gradients (N,) each
     xp = get_array_module(r)
     grads = reward_backward(xp.concatenate([g_w, g_l]).astype(r.dtype, copy=False), cache)
-    acc = (r[:n] > r[n:]).mean()
+    acc = (r[:n] > r[n:]).astype(r.dtype).mean()
     return losses.mean(), {"accuracy": acc}, grads
 
 

@@ -227,3 +227,26 @@ def test_best_of_n_kl_matches_a_sampled_estimate():
     assert best_of_n_kl(1) == 0.0
     with pytest.raises(ValueError):
         best_of_n_kl(0)
+
+
+def test_float32_in_float32_out():
+    """No float64 creep: float32 inputs give float32 losses, gradients and GAE targets."""
+    rng = np.random.default_rng(0)
+    f = np.float32
+    B, S = 2, 5
+    r, v = rng.standard_normal((B, S)).astype(f), rng.standard_normal((B, S)).astype(f)
+    m = contiguous_mask(rng, B, S)
+    adv, ret = gae(r, v, m, 1.0, 0.95)
+    assert adv.dtype == f and ret.dtype == f and whiten(adv, m).dtype == f
+    loss, d, cf = clipped_surrogate(r, v, adv, m)
+    assert loss.dtype == f and d.dtype == f
+    loss, d = clipped_value_loss(r, v, ret, m)
+    assert loss.dtype == f and d.dtype == f
+    loss, d = unlikelihood_loss(-np.abs(r), np.concatenate([m[:1], m[1:]]), 1, 0.5)
+    assert loss.dtype == f and d.dtype == f
+    params = add_value_head(random_params(TINY, 0, dtype=f), TINY)
+    ids = rng.integers(0, TINY.vocab_size, (B, S + 1))
+    mb = {"input_ids": ids, "mask": m, "old_logp": r, "old_values": v, "advantages": adv, "returns": ret}
+    loss, stats, grads = ppo_loss_and_grads(params, TINY, mb)
+    assert loss.dtype == f and all(g.dtype == f for g in grads.values())
+    assert all(s.dtype == f for s in stats.values())
