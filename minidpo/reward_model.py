@@ -80,7 +80,7 @@ def last_token_index(loss_mask):
     if xp is np and not m.any(axis=1).all():
         bad = np.flatnonzero(~m.any(axis=1))[:8].tolist()
         raise ValueError(f"rows {bad} have no response token: the reward is read at the last one")
-    return (T - 1 - xp.argmax(m[:, ::-1], axis=1)).astype(np.int64)  # (B,)
+    return (T - 1 - xp.argmax(m[:, ::-1].astype(np.int8), axis=1)).astype(np.int64)  # (B,)
 
 
 def scalar_head_forward(h, w, b):
