@@ -53,6 +53,7 @@ __all__ = [
     "check_params",
     "gpt_forward",
     "gpt_backward",
+    "final_hidden",
     "KVCache",
     "init_kv_cache",
     "gpt_forward_kv",
@@ -396,8 +397,18 @@ def gpt_forward(params, idx, config: GPTConfig, attention_mask=None, position_id
     return logits, cache
 
 
-def gpt_backward(dlogits, cache) -> dict:
+def final_hidden(cache):
+    """The final hidden states ln_f(x), (B, T, C), of the forward that made ``cache`` (a
+    reference into the cache, not a copy): what a scalar head (reward model, value head) reads."""
+    return cache["unembed"][0]
+
+
+def gpt_backward(dlogits, cache, dhidden=None) -> dict:
     """Gradient of a scalar loss with respect to every parameter, given dloss/dlogits.
+
+    A loss may also read the final hidden states h = ln_f(x) (:func:`final_hidden`) directly,
+    e.g. through a scalar head; ``dhidden`` (B, T, C) is then dloss/dh, added to the gradient
+    that reaches h through the logits (``dlogits`` may be None when the loss reads h only).
 
     Calls the layers' backwards in exact reverse order of :func:`gpt_forward`. The residual
     gradient ``dx`` flows straight through each block and each branch's input gradient is added
@@ -406,8 +417,9 @@ def gpt_backward(dlogits, cache) -> dict:
     (repeated ids accumulate).
 
     Args:
-        dlogits: (B, T, V), same dtype and device as the forward's logits.
+        dlogits: (B, T, V), same dtype and device as the forward's logits, or None.
         cache: from :func:`gpt_forward`.
+        dhidden: None, or (B, T, C) dloss/d ln_f(x), same dtype and device.
 
     Returns:
         dict with exactly the keys of params (in the params' order), each gradient of the
@@ -415,6 +427,15 @@ def gpt_backward(dlogits, cache) -> dict:
     """
     config = cache["config"]
     dtype = cache["dtype"]
+    if dhidden is not None:
+        h = final_hidden(cache)
+        if not hasattr(dhidden, "shape") or tuple(dhidden.shape) != tuple(h.shape) or dhidden.dtype != dtype:
+            got = (tuple(dhidden.shape), dhidden.dtype) if hasattr(dhidden, "shape") else type(dhidden).__name__
+            raise ValueError(f"dhidden must have the hidden states' shape {tuple(h.shape)} and dtype {dtype}, got {got}")
+        if dlogits is None:  # the loss reads h only: h = ln_f(x) feeds the logits with a zero gradient
+            dlogits = get_array_module(h).zeros(tuple(cache["logits_shape"]), dtype=dtype)
+    elif dlogits is None:
+        raise ValueError("gpt_backward needs dlogits, dhidden or both")
     if not hasattr(dlogits, "shape") or tuple(dlogits.shape) != tuple(cache["logits_shape"]):
         got = tuple(dlogits.shape) if hasattr(dlogits, "shape") else type(dlogits).__name__
         raise ValueError(f"dlogits must have the logits' shape {tuple(cache['logits_shape'])}, got {got}")
@@ -425,6 +446,8 @@ def gpt_backward(dlogits, cache) -> dict:
     # logits = ln_f(x) @ wte^T
     dx, g = unembed_backward(dlogits, cache["unembed"])  # (B, T, C)
     dwte = g["wte"]  # (V, C): the output projection's share; the embedding's is added below
+    if dhidden is not None:
+        dx += dhidden  # h = ln_f(x) feeds both the logits and the scalar head: gradients add
     dx, g = layernorm_backward(dx, cache["ln_f"])  # (B, T, C)
     grads["transformer.ln_f.weight"], grads["transformer.ln_f.bias"] = g["w"], g["b"]
 

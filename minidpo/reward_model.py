@@ -1,0 +1,192 @@
+"""The RLHF reward model: a GPT-2 trunk with a scalar head, trained with eq. (2).
+
+The pipeline DPO replaces (Sec. 3, "Reward modelling phase") first fits a reward model
+r_phi(x, y) to the preference pairs by maximum likelihood under Bradley-Terry, eq. (1):
+
+    L_R(r_phi) = -E_{(x, y_w, y_l)} [ log sigma(r_phi(x, y_w) - r_phi(x, y_l)) ]      eq. (2)
+
+As in the paper ("a linear layer on top of the final transformer layer that produces a scalar
+prediction"), r_phi reads the final hidden state h = ln_f(x) of the LAST response token:
+
+    h      = final_hidden(gpt_forward(trunk, [x; y]))              (B, T, C)
+    h_last = h[b, last_b]                                          (B, C)    last_b: y's last token
+    r      = h_last @ w + b                                        (B,)
+
+and its backward is the head's, then the trunk's with a gradient on the hidden states only:
+
+    dw = h_last^T dr;   db = sum_b dr_b;   dh[b, last_b] = dr_b * w   (0 elsewhere)
+    trunk grads = gpt_backward(None, cache, dhidden=dh)
+
+The parameters are the trunk's GPT-2 names plus ``score.weight`` (C,) and ``score.bias`` (1,).
+Shape letters: B rows, T time, C channels, N pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from .backend import Backend, get_array_module, get_backend, to_numpy
+from .data import collate_preferences, collate_sft
+from .losses import reward_model_loss
+from .model import GPTConfig, final_hidden, gpt_backward, gpt_forward
+
+__all__ = [
+    "HEAD_KEYS",
+    "init_reward_model",
+    "split_head",
+    "last_token_index",
+    "scalar_head_forward",
+    "scalar_head_backward",
+    "reward_forward",
+    "reward_backward",
+    "reward_model_step",
+    "score_batch",
+    "score_pairs",
+    "pair_accuracy",
+    "pearson",
+]
+
+HEAD_KEYS = ("score.weight", "score.bias")
+
+
+def init_reward_model(trunk: dict, config: GPTConfig, seed: int = 0, prefix: str = "score") -> dict:
+    """A copy of ``trunk`` (e.g. the SFT model) plus a scalar head ``{prefix}.weight`` (C,) ~
+    Normal(0, 1/C) and ``{prefix}.bias`` (1,) = 0, in the trunk's dtype and device."""
+    xp = get_array_module(trunk["transformer.wte.weight"])
+    dt = trunk["transformer.wte.weight"].dtype
+    out = {k: v.copy() for k, v in trunk.items()}
+    w = np.random.default_rng([seed, 77]).standard_normal(config.n_embd) / math.sqrt(config.n_embd)
+    out[f"{prefix}.weight"] = xp.asarray(w.astype(dt))  # (C,)
+    out[f"{prefix}.bias"] = xp.zeros((1,), dtype=dt)  # (1,)
+    return out
+
+
+def split_head(params: dict, prefix: str = "score") -> tuple[dict, dict]:
+    """(trunk params without the head, {"weight": (C,), "bias": (1,)})."""
+    head = {"weight": params[f"{prefix}.weight"], "bias": params[f"{prefix}.bias"]}
+    trunk = {k: v for k, v in params.items() if not k.startswith(prefix + ".")}
+    return trunk, head
+
+
+def last_token_index(loss_mask):
+    """Position of each row's last response token: loss_mask (B, T) bool -> (B,) int64.
+    Rows without a response token are an error."""
+    xp = get_array_module(loss_mask)
+    m = loss_mask.astype(bool)
+    T = m.shape[1]
+    if xp is np and not m.any(axis=1).all():
+        bad = np.flatnonzero(~m.any(axis=1))[:8].tolist()
+        raise ValueError(f"rows {bad} have no response token: the reward is read at the last one")
+    return (T - 1 - xp.argmax(m[:, ::-1].astype(np.int8), axis=1)).astype(np.int64)  # (B,)
+
+
+def scalar_head_forward(h, w, b):
+    """s = h @ w + b over the last axis: h (..., C), w (C,), b (1,) -> s (...), cache."""
+    return h @ w + b[0], (h, w)
+
+
+def scalar_head_backward(ds, cache):
+    """Backward of :func:`scalar_head_forward`: forward s = h @ w + b, so
+    dh = ds[..., None] * w,  dw = sum ds * h,  db = sum ds.  Returns (dh, {"weight", "bias"})."""
+    h, w = cache
+    C = h.shape[-1]
+    dh = ds[..., None] * w  # (..., C)
+    dw = ds.reshape(-1) @ h.reshape(-1, C)  # (C,)
+    db = ds.sum(keepdims=True).reshape(1)  # (1,)
+    return dh, {"weight": dw, "bias": db}
+
+
+def reward_forward(params: dict, config: GPTConfig, input_ids, loss_mask, *, validate: bool = False,
+                   prefix: str = "score"):
+    """r_phi(x, y) of each row: the scalar head on the last response token's final hidden state.
+
+    Args:
+        params: trunk + head (:func:`init_reward_model`).
+        input_ids: (B, T) int, rows [x; y] right-padded.
+        loss_mask: (B, T) bool, True on y's tokens (EOS included), as collate_* make it.
+    Returns:
+        rewards: (B,) params' dtype.
+        cache: for :func:`reward_backward`.
+    """
+    trunk, head = split_head(params, prefix)
+    _, mcache = gpt_forward(trunk, input_ids, config, validate=validate)  # logits unused
+    h = final_hidden(mcache)  # (B, T, C)
+    xp = get_array_module(h)
+    last = xp.asarray(last_token_index(loss_mask))  # (B,)
+    rows = xp.arange(h.shape[0])
+    h_last = h[rows, last]  # (B, C)
+    r, hcache = scalar_head_forward(h_last, head["weight"], head["bias"])  # (B,)
+    return r, {"model": mcache, "head": hcache, "last": last, "rows": rows, "prefix": prefix}
+
+
+def reward_backward(dr, cache) -> dict:
+    """Gradients of a loss with respect to trunk and head, given dr = dloss/dr (B,).
+    Returns a dict with the keys of params (trunk names, then the head's)."""
+    mcache = cache["model"]
+    h = final_hidden(mcache)
+    xp = get_array_module(h)
+    dh_last, g = scalar_head_backward(dr, cache["head"])  # (B, C)
+    dh = xp.zeros(h.shape, dtype=h.dtype)  # (B, T, C): only the last response token is read
+    dh[cache["rows"], cache["last"]] = dh_last
+    grads = gpt_backward(None, mcache, dhidden=dh)
+    p = cache["prefix"]
+    grads[f"{p}.weight"], grads[f"{p}.bias"] = g["weight"], g["bias"]
+    return grads
+
+
+def reward_model_step(params: dict, config: GPTConfig, batch: dict):
+    """One step of eq. (2) on a preference batch (rows [chosen; rejected], collate_preferences).
+
+    Returns (loss 0-d, metrics {"accuracy": 0-d}, grads)."""
+    r, cache = reward_forward(params, config, batch["input_ids"], batch["loss_mask"])  # (2N,)
+    n = r.shape[0] // 2
+    losses, g_w, g_l = reward_model_loss(r[:n], r[n:])  # eq. (2), mean-loss gradients (N,) each
+    xp = get_array_module(r)
+    grads = reward_backward(xp.concatenate([g_w, g_l]).astype(r.dtype, copy=False), cache)
+    acc = (r[:n] > r[n:]).astype(r.dtype).mean()
+    return losses.mean(), {"accuracy": acc}, grads
+
+
+def score_batch(params: dict, config: GPTConfig, items: Sequence, pad_id: int, backend: Backend | str = "cpu",
+                batch_size: int = 64) -> np.ndarray:
+    """r_phi of TokenizedSFT-like items (``prompt_ids``, ``response_ids``), (N,) float64 host."""
+    backend = get_backend(backend)
+    out = []
+    for s in range(0, len(items), batch_size):
+        batch = collate_sft(list(items[s : s + batch_size]), pad_id, backend=backend)
+        r, _ = reward_forward(params, config, batch["input_ids"], batch["loss_mask"])
+        out.append(to_numpy(r).astype(np.float64))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
+
+
+def score_pairs(params: dict, config: GPTConfig, pairs: Sequence, pad_id: int, backend: Backend | str = "cpu",
+                batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(r_phi(x, y_w), r_phi(x, y_l)) of TokenizedPairs, each (N,) float64 host."""
+    backend = get_backend(backend)
+    cw, cl = [], []
+    for s in range(0, len(pairs), batch_size):
+        chunk = list(pairs[s : s + batch_size])
+        batch = collate_preferences(chunk, pad_id, backend=backend)
+        r, _ = reward_forward(params, config, batch["input_ids"], batch["loss_mask"])
+        r = to_numpy(r).astype(np.float64)
+        cw.append(r[: len(chunk)])
+        cl.append(r[len(chunk):])
+    return np.concatenate(cw), np.concatenate(cl)
+
+
+def pair_accuracy(r_chosen: np.ndarray, r_rejected: np.ndarray) -> float:
+    """Fraction of pairs with r(y_w) > r(y_l) (ties count half)."""
+    d = np.asarray(r_chosen, dtype=np.float64) - np.asarray(r_rejected, dtype=np.float64)
+    return float(np.mean((d > 0) + 0.5 * (d == 0)))
+
+
+def pearson(a, b) -> float:
+    """Pearson correlation of two equal-length vectors (nan if either is constant)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b / den) if den > 0 else float("nan")

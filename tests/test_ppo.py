@@ -1,0 +1,252 @@
+"""PPO's pieces: the token log-prob backward, GAE against a direct sum, the clipped surrogate at
+ratio 1 (the plain policy gradient) and its clipping, the value loss's clipping region, the whole
+PPO loss's gradient against float64 finite differences, and the Unlikelihood gradient."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minidpo.baselines import best_of_n_kl, best_of_n_select, unlikelihood_loss, unlikelihood_step
+from minidpo.model import GPTConfig
+from minidpo.ppo import (
+    add_value_head,
+    clipped_surrogate,
+    clipped_value_loss,
+    gae,
+    ppo_loss_and_grads,
+    token_logps_backward,
+    token_logps_forward,
+    whiten,
+)
+from tests.test_reward_model import TINY, fd_check, random_params
+
+
+def contiguous_mask(rng, B, S):
+    m = np.zeros((B, S), dtype=bool)
+    for b in range(B):
+        s = int(rng.integers(0, S))
+        e = int(rng.integers(s + 1, S + 1))
+        m[b, s:e] = True
+    return m
+
+
+@settings(max_examples=30)
+@given(seed=st.integers(0, 2**31), B=st.integers(1, 4), S=st.integers(1, 9),
+       gamma=st.floats(0.5, 1.0), lam=st.floats(0.0, 1.0))
+def test_gae_equals_the_direct_sum(seed, B, S, gamma, lam):
+    rng = np.random.default_rng(seed)
+    r = rng.standard_normal((B, S))
+    v = rng.standard_normal((B, S))
+    m = contiguous_mask(rng, B, S)
+    adv, ret = gae(r, v, m, gamma, lam)
+    for b in range(B):
+        steps = np.flatnonzero(m[b])
+        vv = np.append(v[b, steps], 0.0)  # the step after the episode is terminal
+        deltas = r[b, steps] + gamma * vv[1:] - vv[:-1]
+        for k, t in enumerate(steps):
+            direct = sum((gamma * lam) ** l * deltas[k + l] for l in range(len(steps) - k))
+            assert adv[b, t] == pytest.approx(direct, rel=1e-10, abs=1e-10)
+            assert ret[b, t] == pytest.approx(direct + v[b, t], rel=1e-10, abs=1e-10)
+    assert np.all(adv[~m] == 0) and np.all(ret[~m] == 0)
+    # lambda = 1, gamma = 1: the advantage is the reward-to-go minus the value
+    adv1, _ = gae(r, v, m, 1.0, 1.0)
+    togo = np.where(m, np.cumsum((r * m)[:, ::-1], axis=1)[:, ::-1], 0.0)
+    np.testing.assert_allclose(adv1, (togo - v) * m, atol=1e-10)
+
+
+def test_whiten():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5)) * 4 + 2
+    m = contiguous_mask(rng, 3, 5)
+    w = whiten(x, m)
+    assert abs(w[m].mean()) < 1e-10 and abs(w[m].std() - 1) < 1e-6 and np.all(w[~m] == 0)
+
+
+@settings(max_examples=30)
+@given(seed=st.integers(0, 2**31), B=st.integers(1, 4), S=st.integers(1, 6))
+def test_clipped_surrogate_at_ratio_one_is_the_policy_gradient(seed, B, S):
+    rng = np.random.default_rng(seed)
+    logp = rng.standard_normal((B, S))
+    adv = rng.standard_normal((B, S))
+    m = contiguous_mask(rng, B, S)
+    loss, dlogp, clipfrac = clipped_surrogate(logp, logp.copy(), adv, m, clip=0.2)
+    n = m.sum()
+    assert loss == pytest.approx(-(adv * m).sum() / n)
+    np.testing.assert_allclose(dlogp, -adv * m / n, atol=1e-15)  # REINFORCE with advantage A
+    assert clipfrac == 0
+
+
+@settings(max_examples=30)
+@given(seed=st.integers(0, 2**31), B=st.integers(1, 3), S=st.integers(1, 6), clip=st.floats(0.05, 0.5))
+def test_clipped_surrogate_gradient_matches_finite_differences_and_vanishes_when_clipped(seed, B, S, clip):
+    rng = np.random.default_rng(seed)
+    old = rng.standard_normal((B, S))
+    logp = old + rng.uniform(-1, 1, (B, S))
+    adv = rng.standard_normal((B, S))
+    m = contiguous_mask(rng, B, S)
+    rho = np.exp(logp - old)
+    # stay away from the kinks |rho - 1| = clip, where the loss is not differentiable
+    keep = np.abs(np.abs(rho - 1) - clip) > 1e-3
+    _, dlogp, _ = clipped_surrogate(logp, old, adv, m, clip)
+    eps = 1e-7
+    for b in range(B):
+        for t in range(S):
+            if not keep[b, t]:
+                continue
+            lp, lm = logp.copy(), logp.copy()
+            lp[b, t] += eps
+            lm[b, t] -= eps
+            num = (clipped_surrogate(lp, old, adv, m, clip)[0] - clipped_surrogate(lm, old, adv, m, clip)[0]) / (2 * eps)
+            assert dlogp[b, t] == pytest.approx(num, rel=1e-5, abs=1e-8)
+            # pessimistic bound: a ratio pushed past the clip in the advantage's direction gets no gradient
+            if m[b, t] and ((adv[b, t] > 0 and rho[b, t] > 1 + clip) or (adv[b, t] < 0 and rho[b, t] < 1 - clip)):
+                assert dlogp[b, t] == 0
+
+
+def test_value_loss_clipping_region():
+    old = np.zeros((1, 4))
+    ret = np.array([[1.0, 1.0, -1.0, 1.0]])
+    m = np.ones((1, 4), dtype=bool)
+    # v moved past the clip towards the return: the clipped square is larger, v_c is flat -> no gradient
+    # v inside the clip: both squares equal -> gradient (v - G)
+    # v moved past the clip away from the return: the unclipped square is larger -> gradient (v - G)
+    v = np.array([[0.5, 0.1, 0.5, -0.5]])
+    loss, dv = clipped_value_loss(v, old, ret, m, clip=0.2)
+    n = 4
+    expect_loss = 0.5 * np.mean([(0.2 - 1) ** 2, (0.1 - 1) ** 2, (0.5 + 1) ** 2, (-0.5 - 1) ** 2])
+    assert loss == pytest.approx(expect_loss)
+    np.testing.assert_allclose(dv, [[0.0, (0.1 - 1) / n, (0.5 + 1) / n, (-0.5 - 1) / n]])
+
+
+@settings(max_examples=30)
+@given(seed=st.integers(0, 2**31), B=st.integers(1, 3), S=st.integers(1, 6), clip=st.floats(0.05, 0.5))
+def test_value_loss_gradient_matches_finite_differences(seed, B, S, clip):
+    rng = np.random.default_rng(seed)
+    old = rng.standard_normal((B, S))
+    v = old + rng.uniform(-1, 1, (B, S))
+    ret = rng.standard_normal((B, S))
+    m = contiguous_mask(rng, B, S)
+    _, dv = clipped_value_loss(v, old, ret, m, clip)
+    eps = 1e-7
+    for b in range(B):
+        for t in range(S):
+            if abs(abs(v[b, t] - old[b, t]) - clip) < 1e-3:
+                continue
+            vp, vm = v.copy(), v.copy()
+            vp[b, t] += eps
+            vm[b, t] -= eps
+            num = (clipped_value_loss(vp, old, ret, m, clip)[0] - clipped_value_loss(vm, old, ret, m, clip)[0]) / (2 * eps)
+            assert dv[b, t] == pytest.approx(num, rel=1e-5, abs=1e-8)
+
+
+def test_token_logps_backward_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((2, 5, 7))
+    ids = rng.integers(0, 7, (2, 5))
+    G = rng.standard_normal((2, 4))
+    lp, cache = token_logps_forward(logits, ids)
+    assert lp.shape == (2, 4)
+    d = token_logps_backward(G, cache)
+    assert d.shape == logits.shape and d.dtype == np.float64 and np.all(d[:, -1] == 0)
+    flat = logits.reshape(-1)
+    for j in rng.choice(flat.size, 20, replace=False):
+        o = flat[j]
+        flat[j] = o + 1e-6
+        a = (G * token_logps_forward(logits, ids)[0]).sum()
+        flat[j] = o - 1e-6
+        b = (G * token_logps_forward(logits, ids)[0]).sum()
+        flat[j] = o
+        assert d.reshape(-1)[j] == pytest.approx((a - b) / 2e-6, rel=1e-5, abs=1e-9)
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**31), B=st.integers(1, 3), T=st.integers(2, 7), vf_coef=st.floats(0.05, 1.0))
+def test_ppo_loss_gradient_matches_finite_differences(seed, B, T, vf_coef):
+    """Every parameter tensor of policy + value head, with old log-probs and values drawn near the
+    current ones so that some steps are clipped and some are not."""
+    rng = np.random.default_rng(seed)
+    params = add_value_head(random_params(TINY, seed), TINY)
+    params["value.weight"] = rng.standard_normal(TINY.n_embd)
+    params["value.bias"] = rng.standard_normal(1)
+    S = T - 1
+    ids = rng.integers(0, TINY.vocab_size, (B, T))
+    mask = contiguous_mask(rng, B, S)
+    from minidpo.ppo import policy_value_forward
+
+    logp, v, _ = policy_value_forward(params, TINY, ids)
+    mb = {"input_ids": ids, "mask": mask, "old_logp": logp + rng.uniform(-0.5, 0.5, (B, S)),
+          "old_values": v + rng.uniform(-0.5, 0.5, (B, S)), "advantages": rng.standard_normal((B, S)),
+          "returns": rng.standard_normal((B, S))}
+    loss, stats, grads = ppo_loss_and_grads(params, TINY, mb, 0.2, 0.2, vf_coef)
+    assert set(grads) == set(params) and all(grads[k].dtype == np.float64 for k in grads)
+    fd_check(params, lambda: float(ppo_loss_and_grads(params, TINY, mb, 0.2, 0.2, vf_coef)[0]), grads, rng,
+             eps=1e-6, rtol=1e-4, atol=1e-7)
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**31), N=st.integers(1, 3), T=st.integers(2, 7), alpha=st.floats(0.0, 2.0))
+def test_unlikelihood_gradient_matches_finite_differences(seed, N, T, alpha):
+    from tests.test_reward_model import pref_batch
+
+    rng = np.random.default_rng(seed)
+    params = random_params(TINY, seed)
+    batch = pref_batch(rng, N, T)
+    loss, grads = unlikelihood_step(params, TINY, batch, alpha)
+    fd_check(params, lambda: float(unlikelihood_step(params, TINY, batch, alpha)[0]), grads, rng,
+             rtol=1e-5, atol=1e-8)
+
+
+def test_unlikelihood_loss_values():
+    lp = np.log(np.array([[0.5, 0.25], [0.5, 0.9]]))
+    m = np.array([[True, True], [False, True]])
+    loss, d = unlikelihood_loss(lp, m, 1, alpha=0.5)
+    assert loss == pytest.approx(-(math.log(0.5) + math.log(0.25)) / 2 - 0.5 * math.log(0.1))
+    np.testing.assert_allclose(d, [[-0.5, -0.5], [0.0, 0.5 * 0.9 / 0.1]], rtol=1e-9)
+    # alpha = 0 is Preferred-FT's NLL on the chosen half
+    _, d0 = unlikelihood_loss(lp, m, 1, alpha=0.0)
+    assert np.all(d0[1] == 0)
+
+
+def test_best_of_n_kl_matches_a_sampled_estimate():
+    """For a continuous reward, the best of N draws from p has density N F^(N-1) p, so
+    KL = E_BoN[log N + (N-1) log F(y)]; a Monte Carlo estimate of it from sampled best-of-N
+    draws agrees with log N - (N-1)/N within 4 standard errors, for several N."""
+    rng = np.random.default_rng(0)
+    from math import erf, sqrt
+
+    Phi = np.vectorize(lambda x: 0.5 * (1 + erf(x / sqrt(2))))
+    for n in (1, 2, 4, 16, 64):
+        y = rng.standard_normal((20000, n))  # reward = y itself; base policy N(0, 1)
+        best = y[np.arange(len(y)), best_of_n_select(y)]
+        log_ratio = math.log(n) + (n - 1) * np.log(Phi(best))
+        est, se = log_ratio.mean(), log_ratio.std(ddof=1) / math.sqrt(len(log_ratio))
+        assert abs(est - best_of_n_kl(n)) <= 4 * se + 1e-12, (n, est, best_of_n_kl(n), se)
+    assert best_of_n_kl(1) == 0.0
+    with pytest.raises(ValueError):
+        best_of_n_kl(0)
+
+
+def test_float32_in_float32_out():
+    """No float64 creep: float32 inputs give float32 losses, gradients and GAE targets."""
+    rng = np.random.default_rng(0)
+    f = np.float32
+    B, S = 2, 5
+    r, v = rng.standard_normal((B, S)).astype(f), rng.standard_normal((B, S)).astype(f)
+    m = contiguous_mask(rng, B, S)
+    adv, ret = gae(r, v, m, 1.0, 0.95)
+    assert adv.dtype == f and ret.dtype == f and whiten(adv, m).dtype == f
+    loss, d, cf = clipped_surrogate(r, v, adv, m)
+    assert loss.dtype == f and d.dtype == f
+    loss, d = clipped_value_loss(r, v, ret, m)
+    assert loss.dtype == f and d.dtype == f
+    loss, d = unlikelihood_loss(-np.abs(r), np.concatenate([m[:1], m[1:]]), 1, 0.5)
+    assert loss.dtype == f and d.dtype == f
+    params = add_value_head(random_params(TINY, 0, dtype=f), TINY)
+    ids = rng.integers(0, TINY.vocab_size, (B, S + 1))
+    mb = {"input_ids": ids, "mask": m, "old_logp": r, "old_values": v, "advantages": adv, "returns": ret}
+    loss, stats, grads = ppo_loss_and_grads(params, TINY, mb)
+    assert loss.dtype == f and all(g.dtype == f for g in grads.values())
+    assert all(s.dtype == f for s in stats.values())
