@@ -14,7 +14,7 @@ from minidpo.data import PreferenceExample, TokenizedPair, build_preference_data
 from minidpo.logprobs import sequence_logps
 from minidpo.model import GPTConfig, gpt_forward, init_params
 from minidpo.tokenizer import BPETokenizer
-from minidpo.train import NonFiniteError, TrainConfig, batch_for_step, batched_sequence_logps, train_dpo, train_sft
+from minidpo.train import NonFiniteError, RunFolderError, TrainConfig, batch_for_step, batched_sequence_logps, train_dpo, train_sft
 
 GOOD = ["great", "lovely", "superb", "wonderful", "brilliant", "charming"]
 BAD = ["awful", "boring", "dreadful", "terrible", "clumsy", "dull"]
@@ -197,7 +197,7 @@ def test_padded_concatenated_batch_equals_one_at_a_time(seed):
         np.testing.assert_allclose(batched[row], alone[0], rtol=1e-10, atol=1e-10)
 
 
-def test_crash_then_resume_keeps_one_metrics_record_per_step_and_warns_on_changed_options(world, tmp_path):
+def test_crash_then_resume_keeps_one_metrics_record_per_step_and_refuses_changed_options(world, tmp_path):
     tok, cfg, pairs, _, sft_items = world
     import minidpo.train as T
 
@@ -218,9 +218,15 @@ def test_crash_then_resume_keeps_one_metrics_record_per_step_and_warns_on_change
     finally:
         T.sft_step = original
     assert load_checkpoint(tmp_path / "checkpoint").step == 4
-    with pytest.warns(UserWarning, match="lr 0.003 -> 0.001"):
+    # another learning rate is another run: refused, naming the option, and nothing is touched
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(RunFolderError, match=r"lr \(0.003 there, 0.001 now\).*new --out, or --overwrite"):
         train_sft(init_params(cfg, "cpu", seed=4), cfg, sft_items, tok.pad_id,
                   small_tc(steps=10, log_every=2, save_every=4, lr=1e-3), tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert load_checkpoint(tmp_path / "checkpoint").step == 4
+    train_sft(init_params(cfg, "cpu", seed=4), cfg, sft_items, tok.pad_id,
+              small_tc(steps=10, log_every=2, save_every=4), tmp_path)
     steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8, 10]
 
