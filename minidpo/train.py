@@ -791,7 +791,7 @@ def check_token_ids(rows, vocab_size: int, what: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _stage_inputs(items: Sequence, eval_items: Sequence | None, inputs: dict | None, **more) -> dict:
+def stage_inputs(items: Sequence, eval_items: Sequence | None, inputs: dict | None, **more) -> dict:
     """What a stage is built from, recorded in its checkpoints and compared on every re-run:
     fingerprints of the training and held-out examples (and of the reference for DPO), plus the
     caller's own entries (a CLI records its data files, tokenizer and starting model there)."""
@@ -842,7 +842,7 @@ def train_sft(
             return {"eval/nll": nll, "eval/perplexity": math.exp(min(nll, 50.0))}
 
     return _run_loop("sft", params, model_config, tc, len(items), make_batch, step_fn, Path(out_dir), backend,
-                     eval_fn=eval_fn, resume=resume, inputs=_stage_inputs(items, eval_items, inputs), stale=stale)
+                     eval_fn=eval_fn, resume=resume, inputs=stage_inputs(items, eval_items, inputs), stale=stale)
 
 
 def train_dpo(
@@ -901,4 +901,4 @@ def train_dpo(
 
     return _run_loop("dpo", policy, model_config, tc, len(pairs), make_batch, step_fn, Path(out_dir), backend,
                      eval_fn=eval_fn, resume=resume, stale=stale, prepare=prepare,
-                     inputs=_stage_inputs(pairs, eval_pairs, inputs, reference=fingerprint(reference)))
+                     inputs=stage_inputs(pairs, eval_pairs, inputs, reference=fingerprint(reference)))
