@@ -239,3 +239,89 @@ def test_inference_logits_equal_the_training_forward(world):
     batch = collate_preferences(pairs[:5], pad_id=tok.pad_id)
     full, _ = gpt_forward(params, batch["input_ids"], cfg)
     np.testing.assert_allclose(inference_logits(params, batch["input_ids"], cfg), full, rtol=1e-12, atol=1e-12)
+
+
+def test_a_non_finite_update_is_never_saved_and_the_message_names_a_good_checkpoint(world, tmp_path, monkeypatch):
+    """Loss and gradient finite, the update not (an overflowing step): the parameters are checked
+    before every save, the good checkpoint stays, and the message names it (and its step)."""
+    tok, cfg, pairs, _, sft_items = world
+    import minidpo.train as T
+
+    original = T.AdamW.step
+    calls = {"n": 0}
+
+    def overflowing(self, params, grads, lr):
+        original(self, params, grads, lr=lr)
+        calls["n"] += 1
+        if calls["n"] == 6:  # the update just before the step-6 save
+            params["transformer.h.1.mlp.c_fc.bias"][0] = np.inf
+
+    monkeypatch.setattr(T.AdamW, "step", overflowing)
+    params = init_params(cfg, "cpu", seed=6)
+    with pytest.raises(NonFiniteError) as err:
+        train_sft(params, cfg, sft_items, tok.pad_id, small_tc(steps=12, log_every=100, save_every=3), tmp_path)
+    msg = str(err.value)
+    assert "transformer.h.1.mlp.c_fc.bias is not finite after step 6" in msg
+    assert f"{tmp_path / 'checkpoint'} (step 3), intact" in msg
+    good = load_checkpoint(tmp_path / "checkpoint")
+    assert good.step == 3 and all(np.isfinite(v).all() for v in good.params.values())
+    # before any checkpoint exists, the message says so (it names no step-0 checkpoint)
+    calls["n"] = 0
+    with pytest.raises(NonFiniteError, match="No checkpoint of this run was written yet"):
+        train_sft(init_params(cfg, "cpu", seed=6), cfg, sft_items, tok.pad_id,
+                  small_tc(steps=12, log_every=100, save_every=6), tmp_path / "fresh")
+    assert not (tmp_path / "fresh" / "checkpoint").exists()
+
+
+def test_metrics_log_a_torn_last_line_is_dropped_with_a_warning_and_resume_goes_on(world, tmp_path):
+    tok, cfg, _, _, sft_items = world
+    import minidpo.train as T
+
+    with interrupt_at("sft_step", 6):
+        train_sft(init_params(cfg, "cpu", seed=7), cfg, sft_items, tok.pad_id, small_tc(steps=10, log_every=2), tmp_path)
+    log = tmp_path / "metrics.jsonl"
+    with open(log, "a") as f:
+        f.write('{"stage": "sft", "step": 6, "lo')  # a full disk cut this write short
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:4: dropped a torn last record"):
+        res = train_sft(init_params(cfg, "cpu", seed=7), cfg, sft_items, tok.pad_id, small_tc(steps=10, log_every=2),
+                        tmp_path)
+    assert res.step == 10 and [r["step"] for r in T.read_metrics(log)] == [2, 4, 6, 8, 10]
+    # a bad record before the last one is an error naming the file and line
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:2] + ["{bad"] + lines[2:]) + "\n")
+    with pytest.raises(RunFolderError, match=r"metrics.jsonl:3: corrupt metrics record"):
+        T.read_metrics(log)
+
+
+def test_resume_rewrites_the_log_through_a_rename(world, tmp_path, monkeypatch):
+    """A resume drops the records after the checkpoint by writing a new file and renaming it: a
+    crash half-way leaves the old log whole (it used to rewrite it in place)."""
+    tok, cfg, _, _, sft_items = world
+    import minidpo.train as T
+
+    with interrupt_at("sft_step", 6):
+        train_sft(init_params(cfg, "cpu", seed=8), cfg, sft_items, tok.pad_id, small_tc(steps=10, log_every=2), tmp_path)
+    log = tmp_path / "metrics.jsonl"
+    before = log.read_text()
+
+    def crash(*a, **kw):
+        raise MemoryError("killed while rewriting")
+
+    monkeypatch.setattr(T.os, "replace", crash)
+    with pytest.raises(MemoryError):
+        train_sft(init_params(cfg, "cpu", seed=8), cfg, sft_items, tok.pad_id, small_tc(steps=10, log_every=2), tmp_path)
+    assert log.read_text() == before and len(before.splitlines()) == 3
+
+
+@pytest.mark.parametrize("field, value", [("steps", -1), ("batch_size", 0), ("log_every", 0), ("save_every", 0),
+                                          ("eval_every", 0), ("eval_batch_size", 0), ("grad_clip", -1.0),
+                                          ("lr", 0.0), ("beta", 0.0), ("adam_betas", (0.9, 1.0)),
+                                          ("schedule", "linear"), ("loss_type", "dpo"), ("label_smoothing", 0.6)])
+def test_train_config_refuses_nonsense_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_old_checkpoints_betas_read_as_adam_betas():
+    tc = TrainConfig.from_dict({"betas": [0.9, 0.999], "steps": 3})
+    assert tc.adam_betas == (0.9, 0.999) and "betas" not in tc.to_dict()
