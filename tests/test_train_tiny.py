@@ -117,3 +117,19 @@ def test_default_out_follows_the_options():
     assert mod.parse_args(["--quick"]).out == str(Path("runs") / "tiny-quick")
     assert mod.parse_args(["--quick", "--seed", "1", "--loss", "ipo"]).out == str(Path("runs") / "tiny-quick-seed1-lossipo")
     assert mod.parse_args(["--out", "x", "--quick"]).out == "x"
+
+
+def test_plots_tell_sft_from_dpo_and_skip_the_step_0_accuracy(tmp_path):
+    from minidpo.plots import _DPO_PANELS, _SFT_PANELS, _series, plot_training_curves
+
+    dpo = [{"step": 0, "eval/loss": 0.69, "eval/rewards/accuracies": 0.0, "eval/rewards/margins": 0.0},
+           {"step": 5, "loss": 0.6, "rewards/accuracies": 0.7, "rewards/margins": 0.1},
+           {"step": 5, "eval/loss": 0.65, "eval/rewards/accuracies": 0.6, "eval/rewards/margins": 0.05}]
+    # every margin is exactly 0 at step 0, so the accuracy there (0.0) is no measurement
+    assert _series(dpo, "rewards/accuracies", held_out=True) == ([5], [0.6])
+    assert _series(dpo, "rewards/margins", held_out=True) == ([0, 5], [0.0, 0.05])
+    assert "DPO" in _DPO_PANELS[0][1] and "DPO" not in " ".join(t for _, t in _SFT_PANELS)
+    sft = [{"step": 10, "loss": 3.0, "lr": 1e-3, "grad_norm": 1.0}, {"step": 10, "eval/nll": 3.1, "eval/perplexity": 22.0}]
+    for recs in (sft, dpo, {"beta=0.1": dpo, "beta=0.5": dpo}):
+        out = plot_training_curves(recs, tmp_path / "c.png")
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
