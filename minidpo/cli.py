@@ -32,8 +32,6 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
-
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 130, 141
 
 LOSS_HELP = (
@@ -347,6 +345,8 @@ def read_prompts_file(path: str | Path) -> list[str]:
 
 
 def cmd_sample(args) -> int:
+    import numpy as np
+
     from .backend import get_backend
     from .evaluate import sample_continuations
 

@@ -388,3 +388,10 @@ def test_skipped_lines_are_counted_and_a_small_vocabulary_explained(files, tmp_p
     code, out, err = run(["tokenizer", "--corpus", files / "sft.jsonl", "--vocab-size", 8000, "--out", tmp_path / "t"],
                          capsys)
     assert code == 0 and "not 8000" in err and "--min-frequency" in err
+
+
+def test_a_diverging_run_exits_3_and_names_the_last_good_checkpoint(files, tmp_path, capsys):
+    code, out, err = run(["sft", "--data", files / "sft.jsonl", "--tokenizer", files / "tok", "--out", tmp_path / "s",
+                          *MODEL, *TRAIN, "--lr", "1e30", "--warmup-steps", 0, "--save-every", 2], capsys)
+    assert code == 3 and "non-finite" in err and "done:" not in out, err
+    assert "(step 2), intact" in err or "No checkpoint of this run was written yet" in err
