@@ -48,7 +48,7 @@ from minidpo.plots import plot_reward_vs_kl, plot_training_curves
 from minidpo.tasks import sentiment
 from minidpo.tokenizer import BPETokenizer
 from minidpo.train import (RunFolderError, TrainConfig, batched_sequence_logps, evaluate_preferences, fingerprint,
-                           read_metrics, run_lock, test_interrupt_point, train_dpo, train_sft)
+                           interrupt_hook, read_metrics, run_lock, train_dpo, train_sft)
 
 # Two sizes of the same experiment. "default" is sized for a 2-core CPU in under 10 minutes.
 PRESETS = {
@@ -190,7 +190,7 @@ def build_pairs(out: Path, args, cfg, reference, mcfg, tokenizer, reward_fn, pro
 
     def sample_fn(prompts, n):
         s = sample_continuations(reference, mcfg, tokenizer, prompts, n, rng=rng, progress=progress_name,
-                                 on_batch=lambda: test_interrupt_point("pairs"), **gen_kw)
+                                 on_batch=lambda: interrupt_hook("pairs"), **gen_kw)
         return [s.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     result = {}
@@ -285,7 +285,7 @@ def _run(args, cfg, betas, out, backend) -> dict | None:
     sft_samples = sample_continuations(reference, mcfg, tokenizer, prompts_eval, 2,
                                        rng=np.random.default_rng(eval_rng_seed),
                                        progress="sampling SFT" if show else None, **gen_kw)
-    test_interrupt_point("evaluation")
+    interrupt_hook("evaluation")
     sft_rewards = reward_fn([p + t for p, t in zip(sft_samples.prompts, sft_samples.texts)])
     sft_mean, sft_se = mean_and_stderr(sft_rewards)
     summary = {"device": backend.device, "preset": "quick" if args.quick else "default", "model": mcfg.to_dict(),
@@ -313,7 +313,7 @@ def _run(args, cfg, betas, out, backend) -> dict | None:
         samples = sample_continuations(policy, mcfg, tokenizer, prompts_eval, 2,
                                        rng=np.random.default_rng(eval_rng_seed),
                                        progress=f"sampling DPO beta={beta:g}" if show else None, **gen_kw)
-        test_interrupt_point("evaluation-dpo")
+        interrupt_hook("evaluation-dpo")
         rewards = reward_fn([p + t for p, t in zip(samples.prompts, samples.texts)])
         kls = kl_from_samples(policy, reference, mcfg, samples, tokenizer.pad_id, backend=backend)
         acc = evaluate_preferences(policy, mcfg, pair_sets["eval"], *batched_sequence_logps(

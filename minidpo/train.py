@@ -24,11 +24,20 @@ the same numbers.
 Robustness a user can rely on:
 - the batch order is a pure function of (seed, step), so a resumed run replays exactly the
   batches the uninterrupted run would have seen, and resume matches step for step;
-- Ctrl-C (SIGINT) finishes the current step, saves a checkpoint, then stops;
-- a non-finite loss or gradient stops training with :class:`NonFiniteError`; checkpoints are
-  only written after a finiteness check, so the last one on disk is good;
+- Ctrl-C (SIGINT) finishes the current step, saves a checkpoint, then stops
+  (``StageResult.stopped_early``; the command-line tools then exit with status 130);
+- a non-finite loss, gradient or updated parameter stops training with
+  :class:`NonFiniteError`; checkpoints are only written after a finiteness check of all three,
+  so the last one on disk is good, and the message names it;
+- a run folder records what its stage was built from (model, training options, fingerprints
+  of the data and, for DPO, the reference; see :func:`check_run_folder`): a different run is
+  refused (or rebuilt, ``stale="rebuild"``) instead of being resumed under the wrong options;
 - metrics go to ``metrics.jsonl`` (one JSON object a line, appended) and a tqdm progress bar;
-  device values are read back to the host only once per ``log_every`` steps.
+  device values are read back to the host only once per ``log_every`` steps, and the running
+  sums are saved in each checkpoint, so a resumed log equals an uninterrupted one.
+
+The loop (:func:`_run_loop`) is a few small functions: :func:`_resume`, :func:`_train_step`,
+:func:`_log`, :func:`_evaluate`, :func:`_save`, and :class:`_StopRequested` for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -324,10 +333,12 @@ class _StopRequested:
 TEST_INTERRUPT_ENV = "MINIDPO_TEST_INTERRUPT_AT"
 
 
-def test_interrupt_point(name: str) -> None:
+def interrupt_hook(name: str) -> None:
     """For tests only: when the environment variable ``MINIDPO_TEST_INTERRUPT_AT`` equals
-    ``name`` (e.g. ``sft:step=5``: after SFT's 5th step; ``dpo:start``; ``pairs``), the process
-    sends itself a real SIGINT, exactly as a Ctrl-C at that moment would. Unset, it does nothing."""
+    ``name`` (e.g. ``sft:step=5``: after SFT's 5th step; ``dpo:start``; ``pairs``,
+    ``evaluation``, ``evaluation-dpo`` in examples/train_tiny.py), the process sends itself a
+    real SIGINT, exactly as a Ctrl-C at that moment would. Unset (always, outside tests), it
+    does nothing."""
     if os.environ.get(TEST_INTERRUPT_ENV) == name:
         os.kill(os.getpid(), signal.SIGINT)
 
@@ -740,7 +751,7 @@ def _run_loop(
         L.history = read_metrics(L.metrics_path)
         L.t0 = time.perf_counter()
         stopped = False
-        test_interrupt_point(f"{stage}:start")
+        interrupt_hook(f"{stage}:start")
         with _StopRequested() as stop:
             bar = _progress(tc.steps, L.step, stage, tc.progress)
             try:
@@ -749,7 +760,7 @@ def _run_loop(
                 while L.step < tc.steps and not stop.requested:
                     lr = _train_step(L, n_items, make_batch, step_fn)
                     bar.update(1)
-                    test_interrupt_point(f"{stage}:step={L.step}")
+                    interrupt_hook(f"{stage}:step={L.step}")
                     is_last = L.step == tc.steps
                     if L.step % tc.log_every == 0 or is_last:
                         _log(L, lr, bar)

@@ -68,6 +68,7 @@ def weights(run_dir):
 # ------------------------------------------------------------------ 1. Ctrl-C stops the job
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_130_without_done_and_the_rerun_equals_an_uninterrupted_run(files, tmp_path):
     d = files
     dpo = ["dpo", "--data", d / "prefs.jsonl", "--ref", d / "sft", *TRAIN, "--steps", 9]

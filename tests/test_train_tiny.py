@@ -49,7 +49,7 @@ SMALL = ["--quick", "--sft-steps", "60", "--dpo-steps", "30", "--no-progress"]
 
 def tiny(out, *extra, interrupt_at=None):
     """Run train_tiny.py in a subprocess; with interrupt_at, it sends itself a real SIGINT at that
-    point (minidpo.train.test_interrupt_point)."""
+    point (minidpo.train.interrupt_hook)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     env.pop("MINIDPO_TEST_INTERRUPT_AT", None)
     if interrupt_at:
