@@ -76,7 +76,7 @@ def parse_args(argv=None):
                         "e.g. runs/tiny-quick); re-use it to resume")
     p.add_argument("--overwrite", action="store_true", help="discard a run with other options already in --out")
     p.add_argument("--quick", action="store_true", help="a smaller run (about 30 s on 2 CPU cores)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus, the model, the batches and the sampling")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's KL strength beta (eq. 7); small = further from pi_ref")
     p.add_argument("--betas", default=None, help="comma-separated betas for a sweep, e.g. 0.05,0.1,0.5 (first is the main run)")
     p.add_argument("--loss", default="sigmoid", choices=["sigmoid", "robust", "ipo", "hinge"],
@@ -86,8 +86,9 @@ def parse_args(argv=None):
                    help="label pairs best-vs-worst (argmax) or by Bradley-Terry sampling (eq. 1)")
     p.add_argument("--bt-temperature", type=float, default=0.1, help="Bradley-Terry temperature for --pair-mode bt")
     p.add_argument("--n-samples", type=int, default=None, help="continuations sampled per prompt to build pairs")
-    p.add_argument("--sft-steps", type=int, default=None)
-    p.add_argument("--dpo-steps", type=int, default=None)
+    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's, 700 or 160 with --quick)")
+    p.add_argument("--dpo-steps", type=int, default=None,
+                   help="DPO steps (default: the preset's, 300 or 60 with --quick); more extend a finished run")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU BLAS threads (default 1: this model's matrices are small, and idle BLAS threads "
                         "spinning on a busy machine can slow every matmul several-fold); 0 = the library default")

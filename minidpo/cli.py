@@ -409,8 +409,16 @@ def cmd_export(args) -> int:
 # ---------------------------------------------------------------------------------------- parser
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring's layout kept, and every option's default shown."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring's layout kept, and every option's default shown (unless the help already
+    says it, or there is none: a required option, a flag that is off unless given)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        off = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not off and "(default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _int_at_least(lo: int):
@@ -491,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="learning rate after warmup")
         sp.add_argument("--weight-decay", type=_float_in(0, INF, hi_open=True), default=0.0,
                         help="AdamW decoupled weight decay")
-        sp.add_argument("--adam-betas", type=_adam_betas, default=(0.9, 0.95), metavar="B1,B2",
+        sp.add_argument("--adam-betas", type=_adam_betas, default="0.9,0.95", metavar="B1,B2",
                         help="AdamW's moment decay rates beta1,beta2 (not DPO's --beta); 0.9,0.999 is PyTorch's default")
         sp.add_argument("--grad-clip", type=_float_in(0, INF, hi_open=True), default=1.0,
                         help="global gradient-norm clip (0: off)")
