@@ -607,8 +607,8 @@ def _dpo_options(sp, train: bool) -> None:
 
 
 def _error_line(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.filename and err.strerror:
-        return f"{err.filename}: {err.strerror}"
+    if isinstance(err, OSError) and err.strerror:  # "file: reason", without "[Errno N]"
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
     if isinstance(err, KeyError) and err.args:
         return str(err.args[0])
     return str(err) or type(err).__name__

@@ -396,3 +396,21 @@ def test_a_diverging_run_exits_3_and_names_the_last_good_checkpoint(files, tmp_p
                           *MODEL, *TRAIN, "--lr", "1e30", "--warmup-steps", 0, "--save-every", 2], capsys)
     assert code == 3 and "non-finite" in err and "done:" not in out, err
     assert "(step 2), intact" in err or "No checkpoint of this run was written yet" in err
+
+
+def test_a_full_disk_while_logging_names_metrics_jsonl(files, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import minidpo.train as T
+
+    out = tmp_path / "dpo"
+    base = ["dpo", "--data", files / "prefs.jsonl", "--ref", files / "sft", "--out", out, *TRAIN]
+    assert run(base + ["--steps", 4, "--save-every", 2], capsys)[0] == 0
+
+    def full(path, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(T, "_append_jsonl", full)
+    code, _, err = run(base, capsys)
+    assert code == 1 and err.count("\n") == 1 and err.startswith("minidpo: error: cannot write")
+    assert f"cannot write {out / 'metrics.jsonl'} (No space left on device)" in err and "(step 4), intact" in err
