@@ -751,11 +751,12 @@ def _run_loop(
         L.history = read_metrics(L.metrics_path)
         L.t0 = time.perf_counter()
         stopped = False
-        interrupt_hook(f"{stage}:start")
         with _StopRequested() as stop:
             bar = _progress(tc.steps, L.step, stage, tc.progress)
+            interrupt_hook(f"{stage}:start")
             try:
-                if eval_fn is not None and L.step == 0 and tc.steps > 0:  # the starting point, for the curves
+                at_start = L.step == 0 and not any(r.get("step") == 0 for r in L.history)
+                if eval_fn is not None and at_start and tc.steps > 0:  # the starting point, for the curves
                     _evaluate(L, eval_fn, bar)
                 while L.step < tc.steps and not stop.requested:
                     lr = _train_step(L, n_items, make_batch, step_fn)

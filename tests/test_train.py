@@ -325,3 +325,18 @@ def test_train_config_refuses_nonsense_naming_the_field(field, value):
 def test_old_checkpoints_betas_read_as_adam_betas():
     tc = TrainConfig.from_dict({"betas": [0.9, 0.999], "steps": 3})
     assert tc.adam_betas == (0.9, 0.999) and "betas" not in tc.to_dict()
+
+
+def test_ctrl_c_before_the_first_step_resumes_without_a_second_starting_record(world, tmp_path, monkeypatch):
+    tok, cfg, pairs, held, _ = world
+    ref = init_params(cfg, "cpu", seed=9)
+    tc = small_tc(steps=4, log_every=2, eval_every=2)
+    monkeypatch.setenv("MINIDPO_TEST_INTERRUPT_AT", "dpo:start")
+    res = train_dpo({k: v.copy() for k, v in ref.items()}, ref, cfg, pairs, tok.pad_id, tc, tmp_path, eval_pairs=held)
+    assert res.stopped_early and res.step == 0
+    monkeypatch.delenv("MINIDPO_TEST_INTERRUPT_AT")
+    res = train_dpo({k: v.copy() for k, v in ref.items()}, ref, cfg, pairs, tok.pad_id, tc, tmp_path, eval_pairs=held)
+    assert res.step == 4 and res.resumed_from == 0
+    steps = [(r["step"], "eval/loss" in r) for r in json.loads("[" + ",".join(
+        (tmp_path / "metrics.jsonl").read_text().splitlines()) + "]")]
+    assert steps == [(0, True), (2, False), (2, True), (4, False), (4, True)]
