@@ -530,7 +530,7 @@ def check_run_folder(out_dir: str | Path, stage: str, model_config: GPTConfig, t
     step = int(state["step"])
     diffs = _differences(state["config"], stage, model_config, tc, inputs or {}, step)
     if diffs:
-        raise RunFolderError(f"{out_dir} holds a {state['config'].get('stage', stage)} run made with other settings: "
+        raise RunFolderError(f"{out_dir}: its {state['config'].get('stage', stage)} run was made with other settings: "
                              + "; ".join(diffs) + ". Use a new --out, or --overwrite to discard that run")
     return step
 
