@@ -697,7 +697,7 @@ def run_mode(mode: str, spec: RunSpec, backend: Backend, meter) -> dict:
                 return batch
 
             rec.stage = "setup"
-            opt = AdamW(policy, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+            opt = AdamW(policy, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay)
             rec.mark("AdamW moments")
             out["resident_before_step_bytes"] = meter.current()
             steps = []

@@ -19,7 +19,7 @@ Two kinds of training data:
   exact     every ordered pair weighted by its Bradley-Terry probability: the expected loss,
             whose minimiser is eq. (4)'s pi_r exactly, so the gaps go to rounding level.
 
-    python examples/bandit.py                          # both modes, plot to bandit.png
+    python examples/bandit.py                          # both modes, plot to runs/bandit.png
     python examples/bandit.py --beta 0.1 --pairs 2000 --no-plot
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -169,6 +170,7 @@ def plot(path: str, results: dict, reward, log_pi_opt) -> None:
     ax2.set_ylabel("beta log pi/pi_ref (centred per prompt)")
     ax2.set_title("implicit reward vs true reward")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"\nplot written to {path}")
@@ -184,7 +186,7 @@ def main(argv=None) -> dict:
     p.add_argument("--pairs", type=int, default=20000, help="sampled preference pairs (sampled mode)")
     p.add_argument("--steps", type=int, default=1000, help="gradient-descent steps")
     p.add_argument("--mode", choices=("both", "sampled", "exact"), default="both")
-    p.add_argument("--out", default="bandit.png", help="PNG path for the plot")
+    p.add_argument("--out", default=str(Path("runs") / "bandit.png"), help="PNG path for the plot (its folder is created)")
     p.add_argument("--no-plot", action="store_true", help="skip the plot")
     args = p.parse_args(argv)
     if not args.beta > 0:

@@ -1,7 +1,7 @@
 """The paper's controlled-sentiment experiment (Sec. 6.1), in miniature, from nothing.
 
     python examples/train_tiny.py                      # CPU, a few minutes on 2 cores
-    python examples/train_tiny.py --quick              # under a minute: the pipeline end to end
+    python examples/train_tiny.py --quick              # about 30 s: the pipeline end to end
     python examples/train_tiny.py --device cuda        # the same on a GPU (pip install 'minidpo[cuda12]')
     python examples/train_tiny.py --betas 0.05,0.1,0.5 # the reward-vs-KL frontier (Fig. 2, left)
 
@@ -16,10 +16,17 @@ What happens, as in the paper:
      (with standard errors), KL(pi || pi_ref) estimated from the DPO samples, held-out
      preference accuracy of the implicit reward (eq. 8), example continuations.
 
-Everything lands in --out (default runs/tiny): tokenizer.json, sft/ and dpo_beta*/ (checkpoints
-and metrics.jsonl), pairs_train.jsonl / pairs_eval.jsonl, summary.json, training_curves.png and
-reward_vs_kl.png. Re-running with the same --out resumes: finished stages are not redone, and an
-interrupted stage (Ctrl-C saves a checkpoint) continues where it stopped.
+Everything lands in --out (default runs/tiny, or runs/tiny-quick etc.: the options that differ
+from the defaults name the folder): run.json (the options), tokenizer.json, sft/ and dpo_beta*/
+(checkpoints, metrics.jsonl, training_curves.png), pairs_train.jsonl / pairs_eval.jsonl with
+pairs.json (what they were sampled from), summary.json, training_curves.png and reward_vs_kl.png.
+
+Re-running with the same --out resumes: finished stages are not redone, and an interrupted
+stage continues where it stopped. Ctrl-C saves a checkpoint and exits with status 130; nothing
+after the interrupted stage runs. Each stage records what it was built from (the SFT model's
+fingerprint for the pairs; reference and data fingerprints for DPO) and is rebuilt when that
+differs. Other options on an existing --out stop with the differences named (use another
+--out, or --overwrite); more --dpo-steps extend the DPO runs, a new beta adds a dpo_beta* folder.
 """
 
 from __future__ import annotations
@@ -36,10 +43,12 @@ from minidpo.backend import get_backend
 from minidpo.data import PreferenceExample, build_preference_dataset, build_sft_dataset
 from minidpo.evaluate import kl_from_samples, mean_and_stderr, sample_continuations
 from minidpo.model import GPTConfig, init_params, num_params
-from minidpo.plots import plot_reward_vs_kl, plot_training_curves, read_jsonl
+from minidpo.losses import average_logps_for
+from minidpo.plots import plot_reward_vs_kl, plot_training_curves
 from minidpo.tasks import sentiment
 from minidpo.tokenizer import BPETokenizer
-from minidpo.train import TrainConfig, batched_sequence_logps, evaluate_preferences, train_dpo, train_sft
+from minidpo.train import (RunFolderError, TrainConfig, batched_sequence_logps, evaluate_preferences, fingerprint,
+                           interrupt_hook, read_metrics, run_lock, train_dpo, train_sft)
 
 # Two sizes of the same experiment. "default" is sized for a 2-core CPU in under 10 minutes.
 PRESETS = {
@@ -52,34 +61,76 @@ PRESETS = {
 }
 
 
+# options that change what the run computes, recorded in --out/run.json; a re-run with other
+# values stops (new --out, or --overwrite). --dpo-steps may grow (DPO's constant schedule resumes),
+# and each --beta/--betas value is its own dpo_beta*/ folder, so neither is in this list.
+RESULT_OPTIONS = ("quick", "seed", "loss", "label_smoothing", "pair_mode", "bt_temperature", "n_samples", "sft_steps")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda / cuda:N (CuPy)")
-    p.add_argument("--out", default="runs/tiny", help="output folder (re-use it to resume)")
-    p.add_argument("--quick", action="store_true", help="a smaller run that finishes in under a minute on CPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None,
+                   help="output folder (default: runs/tiny, plus the options that differ from the defaults, "
+                        "e.g. runs/tiny-quick); re-use it to resume")
+    p.add_argument("--overwrite", action="store_true", help="discard a run with other options already in --out")
+    p.add_argument("--quick", action="store_true", help="a smaller run (about 30 s on 2 CPU cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus, the model, the batches and the sampling")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's KL strength beta (eq. 7); small = further from pi_ref")
     p.add_argument("--betas", default=None, help="comma-separated betas for a sweep, e.g. 0.05,0.1,0.5 (first is the main run)")
-    p.add_argument("--loss", default="sigmoid", help="DPO loss variant: sigmoid, robust, ipo, hinge (see minidpo.losses)")
+    p.add_argument("--loss", default="sigmoid", choices=["sigmoid", "robust", "ipo", "hinge"],
+                   help="DPO loss variant (see minidpo.losses)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO epsilon")
     p.add_argument("--pair-mode", default="argmax", choices=["argmax", "bt"],
                    help="label pairs best-vs-worst (argmax) or by Bradley-Terry sampling (eq. 1)")
     p.add_argument("--bt-temperature", type=float, default=0.1, help="Bradley-Terry temperature for --pair-mode bt")
     p.add_argument("--n-samples", type=int, default=None, help="continuations sampled per prompt to build pairs")
-    p.add_argument("--sft-steps", type=int, default=None)
-    p.add_argument("--dpo-steps", type=int, default=None)
+    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's, 700 or 160 with --quick)")
+    p.add_argument("--dpo-steps", type=int, default=None,
+                   help="DPO steps (default: the preset's, 300 or 60 with --quick); more extend a finished run")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU BLAS threads (default 1: this model's matrices are small, and idle BLAS threads "
                         "spinning on a busy machine can slow every matmul several-fold); 0 = the library default")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("n_samples", "sft_steps", "dpo_steps"):
+        v = getattr(args, name)
+        if v is not None and v < (2 if name == "n_samples" else 1):
+            p.error(f"--{name.replace('_', '-')} must be >= {2 if name == 'n_samples' else 1}, got {v}")
+    betas = args.betas.split(",") if args.betas else [str(args.beta)]
+    try:
+        args.beta_list = [float(b) for b in betas]
+    except ValueError:
+        p.error(f"--betas: expected numbers separated by commas, got {args.betas!r}")
+    if not all(b > 0 for b in args.beta_list):
+        p.error("every beta must be > 0")
+    if args.out is None:
+        args.out = default_out(args, p)
+    return args
+
+
+def default_out(args, parser) -> str:
+    """runs/tiny, with a suffix for each result option that differs from its default: different
+    runs never share a folder by default (runs/tiny-quick, runs/tiny-quick-seed1-ipo, ...)."""
+    parts = ["tiny"]
+    for name in RESULT_OPTIONS:
+        v = getattr(args, name)
+        if v != parser.get_default(name):
+            if v is True:
+                parts.append(name)
+            else:
+                parts.append(f"{name.replace('_', '')}{v:g}" if isinstance(v, float) else f"{name.replace('_', '')}{v}")
+    return str(Path("runs") / "-".join(parts))
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | None:
+    """Run the experiment; the summary dict, or None when an interrupt stopped it (a checkpoint
+    was saved: the same command resumes)."""
     args = parse_args(argv)
     if args.threads > 0:
         from threadpoolctl import threadpool_limits
@@ -89,24 +140,100 @@ def main(argv=None) -> dict:
     return run(args)
 
 
-def run(args) -> dict:
+def check_run_options(out: Path, args) -> None:
+    """--out/run.json records the options that change the result; a re-run with other values
+    stops here, naming them, before anything is written."""
+    now = {k: getattr(args, k) for k in RESULT_OPTIONS}
+    path = out / "run.json"
+    if not path.exists() and (out / "tokenizer.json").exists() and not args.overwrite:
+        raise RunFolderError(f"{out} holds a run without run.json (its options are unknown); "
+                             f"use another --out, or --overwrite to discard it")
+    if path.exists() and not args.overwrite:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {now[k]!r} now" for k in now if saved.get(k) != now[k]]
+        if diffs:
+            raise RunFolderError(f"{out} holds a run made with other options ({'; '.join(diffs)}); "
+                                 f"use another --out, or --overwrite to discard it")
+    elif path.exists() or (args.overwrite and out.exists()):
+        import shutil
+
+        for child in out.iterdir():  # --overwrite: only what this script writes
+            if child.name.startswith(("sft", "dpo_beta")) and child.is_dir():
+                shutil.rmtree(child)
+            elif child.name in ("tokenizer.json", "tokenizer_config.json", "pairs_train.jsonl", "pairs_eval.jsonl",
+                                "pairs.json", "summary.json", "training_curves.png", "reward_vs_kl.png", "run.json"):
+                child.unlink()
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "run.json.tmp"
+        tmp.write_text(json.dumps(now, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+
+def build_pairs(out: Path, args, cfg, reference, mcfg, tokenizer, reward_fn, prompts_by_split, gen_kw):
+    """Preference pairs sampled from pi_ref and labelled by the ground-truth reward, both splits.
+
+    pairs.json records what they were built from (the SFT model's fingerprint, the pairing
+    options); pairs whose record differs, or was never written (an interrupted sampling), are
+    rebuilt, so a re-run never reuses pairs of another or a half-trained pi_ref."""
+    made_from = {"reference": fingerprint(reference), "pair_mode": args.pair_mode,
+                 "bt_temperature": args.bt_temperature, "n_samples": cfg["n_samples"], "seed": args.seed,
+                 "max_new_tokens": cfg["max_new_tokens"]}
+    meta = out / "pairs.json"
+    paths = {split: out / f"pairs_{split}.jsonl" for split in prompts_by_split}
+    if meta.exists() and json.loads(meta.read_text(encoding="utf-8")) == made_from and all(p.exists() for p in paths.values()):
+        return {split: [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+                for split, path in paths.items()}
+    if meta.exists():
+        log("      pairs were built from another pi_ref or other options: rebuilding them")
+        meta.unlink()
+    rng = np.random.default_rng([args.seed, 4])
+
+    def sample_fn(prompts, n):
+        s = sample_continuations(reference, mcfg, tokenizer, prompts, n, rng=rng, progress=progress_name,
+                                 on_batch=lambda: interrupt_hook("pairs"), **gen_kw)
+        return [s.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    result = {}
+    for split, prompts in prompts_by_split.items():
+        progress_name = None if args.no_progress else f"sampling {split} pairs"
+        pairs, _ = sentiment.build_preference_pairs(
+            prompts, sample_fn, reward_fn, n_samples=cfg["n_samples"], mode=args.pair_mode, rng=rng,
+            temperature=args.bt_temperature)
+        tmp = paths[split].with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+        tmp.replace(paths[split])
+        result[split] = pairs
+    tmp = meta.with_suffix(".tmp")  # written last: the pairs are complete and belong to this pi_ref
+    tmp.write_text(json.dumps(made_from, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(meta)
+    return result
+
+
+def run(args) -> dict | None:
     cfg = dict(PRESETS["quick" if args.quick else "default"])
     for key, val in (("sft_steps", args.sft_steps), ("dpo_steps", args.dpo_steps), ("n_samples", args.n_samples)):
         if val is not None:
             cfg[key] = val
-    betas = [float(b) for b in args.betas.split(",")] if args.betas else [args.beta]
+    betas = args.beta_list
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     backend = get_backend(args.device)
+    with run_lock(out):
+        check_run_options(out, args)
+        return _run(args, cfg, betas, out, backend)
+
+
+def _run(args, cfg, betas, out, backend) -> dict | None:
     t_start = time.perf_counter()
     timings = {}
+    show = not args.no_progress
     log(f"minidpo controlled-sentiment run: device={backend.device} out={out} preset={'quick' if args.quick else 'default'}")
 
     # 1. corpus --------------------------------------------------------------------------------
     corpus = sentiment.sft_corpus(cfg["n_reviews"], seed=args.seed)  # [(prompt, continuation)]
     reward_fn = sentiment.SentimentReward()
 
-    # 2. tokenizer -----------------------------------------------------------------------------
+    # 2. tokenizer (a function of the corpus, which run.json pins) -----------------------------
     tok_path = out / "tokenizer.json"
     if tok_path.exists():
         tokenizer = BPETokenizer.load(tok_path)
@@ -123,50 +250,43 @@ def run(args) -> dict:
     sft_train, sft_eval = sft_items[n_eval_sft:], sft_items[:n_eval_sft]
     sft_tc = TrainConfig(steps=cfg["sft_steps"], batch_size=cfg["sft_batch"], lr=cfg["sft_lr"], warmup_steps=20,
                          schedule="cosine", weight_decay=0.01, seed=args.seed, log_every=20,
-                         eval_every=max(cfg["sft_steps"] // 4, 1), save_every=200, progress=not args.no_progress)
+                         eval_every=max(cfg["sft_steps"] // 4, 1), save_every=200, progress=show)
     reference = init_params(mcfg, backend, seed=args.seed)
     log(f"[2/5] SFT of a GPT-2 ({mcfg.n_layer} layers, {mcfg.n_embd} channels, {num_params(reference):,} params) "
         f"on {len(sft_train)} reviews for {sft_tc.steps} steps")
     t0 = time.perf_counter()
-    train_sft(reference, mcfg, sft_train, tokenizer.pad_id, sft_tc, out / "sft", backend=backend, eval_items=sft_eval)
+    res = train_sft(reference, mcfg, sft_train, tokenizer.pad_id, sft_tc, out / "sft", backend=backend,
+                    eval_items=sft_eval, inputs={"start": f"random init, seed {args.seed}"}, stale="rebuild")
+    if res.stopped_early:
+        return None
     timings["sft_s"] = time.perf_counter() - t0
 
     # 4. preference pairs sampled from pi_ref, labelled by the ground-truth reward -------------
-    rng = np.random.default_rng([args.seed, 4])
     gen_kw = dict(max_new_tokens=cfg["max_new_tokens"], temperature=1.0, backend=backend)
-
-    def sample_fn(prompts, n):
-        s = sample_continuations(reference, mcfg, tokenizer, prompts, n, rng=rng, **gen_kw)
-        return [s.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
-
     t0 = time.perf_counter()
     prompts_train = sentiment.make_prompts(cfg["n_train_prompts"], seed=args.seed + 1)
     prompts_eval = sentiment.make_prompts(cfg["n_eval_prompts"], seed=args.seed + 2)
+    raw_pairs = build_pairs(out, args, cfg, reference, mcfg, tokenizer, reward_fn,
+                            {"train": prompts_train, "eval": prompts_eval}, gen_kw)
     pair_sets = {}
-    for split, prompts in (("train", prompts_train), ("eval", prompts_eval)):
+    for split, pairs in raw_pairs.items():
         path = out / f"pairs_{split}.jsonl"
-        if path.exists():
-            pairs = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-        else:
-            pairs, stats = sentiment.build_preference_pairs(
-                prompts, sample_fn, reward_fn, n_samples=cfg["n_samples"], mode=args.pair_mode, rng=rng,
-                temperature=args.bt_temperature)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-            tmp.replace(path)
         examples = [PreferenceExample(p["prompt"], p["chosen"], p["rejected"], f"{path.name}:{i + 1}")
                     for i, p in enumerate(pairs)]
         tokenized, pstats = build_preference_dataset(examples, tokenizer, max_length=mcfg.n_ctx,
                                                      max_prompt_length=mcfg.n_ctx // 2)
         pair_sets[split] = tokenized
-        log(f"[3/5] {split}: {len(tokenized)} preference pairs from {len(prompts)} prompts "
-            f"({pstats.n_dropped if hasattr(pstats, 'n_dropped') else 0} dropped) -> {path}")
+        log(f"[3/5] {split}: {len(tokenized)} preference pairs from {len(pairs)} labelled samples "
+            f"({pstats.n_dropped} dropped) -> {path}")
     timings["pairs_s"] = time.perf_counter() - t0
 
     # 5. DPO for each beta, then evaluation on held-out prompts --------------------------------
     eval_rng_seed = [args.seed, 5]
+    log(f"[5/5] held-out evaluation: {len(prompts_eval) * 2} samples from the SFT model")
     sft_samples = sample_continuations(reference, mcfg, tokenizer, prompts_eval, 2,
-                                       rng=np.random.default_rng(eval_rng_seed), **gen_kw)
+                                       rng=np.random.default_rng(eval_rng_seed),
+                                       progress="sampling SFT" if show else None, **gen_kw)
+    interrupt_hook("evaluation")
     sft_rewards = reward_fn([p + t for p, t in zip(sft_samples.prompts, sft_samples.texts)])
     sft_mean, sft_se = mean_and_stderr(sft_rewards)
     summary = {"device": backend.device, "preset": "quick" if args.quick else "default", "model": mcfg.to_dict(),
@@ -174,25 +294,31 @@ def run(args) -> dict:
                "n_pairs": {k: len(v) for k, v in pair_sets.items()},
                "sft": {"reward_mean": sft_mean, "reward_se": sft_se, "n_samples": len(sft_rewards)}}
     runs = []
+    curves = {}
     for beta in betas:
         run_dir = out / f"dpo_beta{beta:g}"
         tc = TrainConfig(steps=cfg["dpo_steps"], batch_size=cfg["dpo_batch"], lr=cfg["dpo_lr"], warmup_steps=10,
                          schedule="constant", seed=args.seed, log_every=10, eval_every=max(cfg["dpo_steps"] // 5, 1),
                          save_every=100, beta=beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
-                         progress=not args.no_progress)
+                         average_logps=average_logps_for(args.loss), progress=show)
         policy = {k: v.copy() for k, v in reference.items()}
         log(f"[4/5] DPO beta={beta:g} loss={args.loss} on {len(pair_sets['train'])} pairs for {tc.steps} steps")
         t0 = time.perf_counter()
-        train_dpo(policy, reference, mcfg, pair_sets["train"], tokenizer.pad_id, tc, run_dir, backend=backend,
-                  eval_pairs=pair_sets["eval"])
+        res = train_dpo(policy, reference, mcfg, pair_sets["train"], tokenizer.pad_id, tc, run_dir, backend=backend,
+                        eval_pairs=pair_sets["eval"], stale="rebuild")
+        if res.stopped_early:
+            return None
         timings[f"dpo_beta{beta:g}_s"] = time.perf_counter() - t0
 
+        log(f"[5/5] held-out evaluation of DPO beta={beta:g}: samples, their reward, KL, implicit-reward accuracy")
         samples = sample_continuations(policy, mcfg, tokenizer, prompts_eval, 2,
-                                       rng=np.random.default_rng(eval_rng_seed), **gen_kw)
+                                       rng=np.random.default_rng(eval_rng_seed),
+                                       progress=f"sampling DPO beta={beta:g}" if show else None, **gen_kw)
+        interrupt_hook("evaluation-dpo")
         rewards = reward_fn([p + t for p, t in zip(samples.prompts, samples.texts)])
         kls = kl_from_samples(policy, reference, mcfg, samples, tokenizer.pad_id, backend=backend)
         acc = evaluate_preferences(policy, mcfg, pair_sets["eval"], *batched_sequence_logps(
-            reference, mcfg, pair_sets["eval"], tokenizer.pad_id, tc.eval_batch_size, backend),
+            reference, mcfg, pair_sets["eval"], tokenizer.pad_id, tc.eval_batch_size, backend, tc.average_logps),
             tokenizer.pad_id, tc, backend)["eval/rewards/accuracies"]
         r_mean, r_se = mean_and_stderr(rewards)
         kl_mean, kl_se = mean_and_stderr(kls)
@@ -200,8 +326,8 @@ def run(args) -> dict:
                      "accuracy": acc, "dir": str(run_dir),
                      "examples": [{"prompt": sft_samples.prompts[i], "sft": sft_samples.texts[i],
                                    "dpo": samples.texts[i]} for i in range(0, 6, 2)]})
-        plot_training_curves(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "training_curves.png",
-                             title=f"DPO, beta={beta:g}")
+        curves[f"beta={beta:g}"] = read_metrics(run_dir / "metrics.jsonl")
+        plot_training_curves(curves[f"beta={beta:g}"], run_dir / "training_curves.png", title=f"DPO, beta={beta:g}")
     summary["dpo"] = {k: v for k, v in runs[0].items() if k != "examples"}
     summary["sweep"] = [{k: v for k, v in r.items() if k != "examples"} for r in runs]
     summary["examples"] = runs[0]["examples"]
@@ -209,9 +335,10 @@ def run(args) -> dict:
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
 
     # outputs ------------------------------------------------------------------------------------
-    import shutil
-
-    shutil.copyfile(Path(runs[0]["dir"]) / "training_curves.png", out / "training_curves.png")
+    plot_training_curves(curves, out / "training_curves.png",
+                         title="DPO training curves" + (" across betas" if len(curves) > 1 else f", {next(iter(curves))}"))
+    plot_training_curves(read_metrics(out / "sft" / "metrics.jsonl"), out / "sft" / "training_curves.png",
+                         title="SFT (pi_ref)")
     plot_reward_vs_kl(summary["sweep"], out / "reward_vs_kl.png", sft=summary["sft"])
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -240,5 +367,11 @@ def print_report(s: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    try:
+        sys.exit(0 if main() is not None else 130)  # 130: interrupted, a checkpoint saved; re-run to resume
+    except KeyboardInterrupt:
+        print("interrupted (nothing half-written is kept); run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as err:  # RunFolderError, CheckpointError, DataError, disk errors
+        print(f"train_tiny.py: error: {err}", file=sys.stderr)
+        sys.exit(1)

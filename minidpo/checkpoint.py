@@ -43,7 +43,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .backend import get_backend, is_cuda_array, to_numpy
+from .backend import get_array_module, get_backend, is_cuda_array, to_numpy
 
 FORMAT = "minidpo-checkpoint"
 VERSION = 1
@@ -292,32 +292,18 @@ def _read_tensors(file: Path, expected: list[str] | None, what: str) -> dict[str
     return tensors
 
 
-def load_checkpoint(path: str | os.PathLike, backend="cpu") -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+def read_checkpoint_state(path: str | os.PathLike) -> dict:
+    """The parsed and checked ``trainer_state.json`` of the checkpoint directory ``path`` (no
+    tensors are read): a dict with at least "step" (int >= 0), "config" (dict) and "tensors"
+    ({"model": [names], "optimizer": [names] or None}).
 
-    Args:
-        path: the checkpoint directory. If it is missing but ``<path>.old`` exists (a save
-            stopped between its two renames), the .old one is moved back and read.
-        backend: "cpu", "cuda[:N]" or a Backend; tensors are placed there with their saved dtype.
-    Returns:
-        :class:`Checkpoint`.
-    Raises:
-        FileNotFoundError for a missing directory or file; CheckpointError for corrupt JSON or
-        safetensors, a wrong format, or tensors listed in trainer_state.json but absent.
-    """
-    path = Path(path)
-    old = _old_path(path)
-    if not path.exists() and old.is_dir():
-        try:
-            _recover(path)
-        except OSError:  # read-only location: read the .old copy in place
-            path = old
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a checkpoint directory")
+    Recovers an interrupted swap first (see :func:`load_checkpoint`). Raises FileNotFoundError
+    when there is no checkpoint, CheckpointError when its state file is unreadable or malformed."""
+    path = _resolve(Path(path))
     state_file = path / STATE_FILE
     if not state_file.is_file():
+        if path.is_dir() and (path / MODEL_FILE).exists():
+            raise CheckpointError(f"{path} holds {MODEL_FILE} but no {STATE_FILE}: a damaged checkpoint")
         raise FileNotFoundError(f"checkpoint file missing: {state_file}")
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
@@ -330,7 +316,56 @@ def load_checkpoint(path: str | os.PathLike, backend="cpu") -> Checkpoint:
     for key in ("step", "config", "tensors"):
         if key not in state:
             raise CheckpointError(f"{state_file}: missing key {key!r}")
-    names = state["tensors"] if isinstance(state["tensors"], dict) else {}
+    step, names = state["step"], state["tensors"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{state_file}: 'step' must be an integer >= 0, got {step!r}")
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"{state_file}: 'config' must be an object, got {state['config']!r:.40}")
+    ok_list = lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)  # noqa: E731
+    if not (isinstance(names, dict) and ok_list(names.get("model"))
+            and (names.get("optimizer") is None or ok_list(names.get("optimizer")))):
+        raise CheckpointError(f"{state_file}: 'tensors' must be {{\"model\": [names], \"optimizer\": [names] or null}}, "
+                              f"got {names!r:.60}")
+    for key in ("optimizer", "extra"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise CheckpointError(f"{state_file}: {key!r} must be an object, got {state[key]!r:.40}")
+    state["path"] = str(path)
+    return state
+
+
+def _resolve(path: Path) -> Path:
+    """``path``, after moving back a ``<path>.old`` left by an interrupted swap (or the .old copy
+    itself when the location is read-only)."""
+    old = _old_path(path)
+    if not path.exists() and old.is_dir():
+        try:
+            _recover(path)
+        except OSError:  # read-only location: read the .old copy in place
+            return old
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint directory")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, backend="cpu") -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: the checkpoint directory. If it is missing but ``<path>.old`` exists (a save
+            stopped between its two renames), the .old one is moved back and read.
+        backend: "cpu", "cuda[:N]" or a Backend; tensors are placed there with their saved dtype.
+    Returns:
+        :class:`Checkpoint`.
+    Raises:
+        FileNotFoundError for a missing directory or file; CheckpointError for corrupt JSON or
+        safetensors, a wrong format, or tensors listed in trainer_state.json but absent.
+        (Shapes, dtypes and finiteness against a model are checked by :func:`verify_params`.)
+    """
+    state = read_checkpoint_state(path)
+    path = Path(state["path"])
+    names = state["tensors"]
 
     be = get_backend(backend)
     host = _read_tensors(path / MODEL_FILE, names.get("model"), "model")
@@ -351,6 +386,39 @@ def load_checkpoint(path: str | os.PathLike, backend="cpu") -> Checkpoint:
         extra=state.get("extra") or {},
         path=path,
     )
+
+
+def verify_params(params: dict, model_config, where, like: dict | None = None) -> None:
+    """Check loaded parameters before they are used: exactly the names of ``model_config``'s
+    GPT-2, each with its shape, one floating dtype (float32 or float64; the dtype of ``like``'s
+    arrays when given), and every value finite. Raises CheckpointError naming ``where`` and the
+    first offending key (a broadcastable wrong shape is never broadcast, an integer tensor never
+    truncated, NaN weights never sampled from)."""
+    from .model import param_shapes
+
+    expected = param_shapes(model_config)
+    missing = [k for k in expected if k not in params]
+    extra = [k for k in params if k not in expected]
+    if missing or extra:
+        parts = ([f"missing {missing[:3]}" + (" ..." if len(missing) > 3 else "")] if missing else []) + \
+                ([f"unexpected {extra[:3]}" + (" ..." if len(extra) > 3 else "")] if extra else [])
+        raise CheckpointError(f"{where}: tensors do not match the model config: {'; '.join(parts)}")
+    for k, shape in expected.items():
+        a = params[k]
+        if tuple(a.shape) != tuple(shape):
+            raise CheckpointError(f"{where}: tensor {k} has shape {tuple(a.shape)}, the model needs {tuple(shape)}")
+        want = like[k].dtype if like is not None else None
+        if a.dtype.kind != "f" or a.dtype.itemsize < 4 or (want is not None and a.dtype != want):
+            raise CheckpointError(f"{where}: tensor {k} has dtype {a.dtype}, expected "
+                                  f"{want if want is not None else 'float32 or float64'}")
+    first = params[next(iter(expected))].dtype
+    for k in expected:
+        if params[k].dtype != first:
+            raise CheckpointError(f"{where}: tensor {k} has dtype {params[k].dtype}, the others {first}")
+    for k in expected:
+        a = params[k]
+        if not bool(get_array_module(a).isfinite(a).all()):
+            raise CheckpointError(f"{where}: tensor {k} holds non-finite values (NaN or inf)")
 
 
 def rng_from_state(rng_state: dict) -> np.random.Generator:
@@ -406,5 +474,6 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 __all__ = [
     "Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "has_checkpoint", "rng_from_state",
+    "read_checkpoint_state", "verify_params",
     "checkpoint_dir", "latest_checkpoint", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE",
 ]

@@ -11,29 +11,44 @@
 A model argument (--model, --ref, --policy) is any of: a run folder written by ``sft``/``dpo``
 (it holds checkpoint/ and tokenizer.json), a checkpoint folder, or a GPT-2 model directory
 (config.json + model.safetensors + tokenizer files, e.g. one saved by ``transformers``).
-Re-running sft/dpo with the same --out resumes from its checkpoint.
+
+Run folders (--out of sft/dpo): re-running the same command resumes from its checkpoint
+("resuming at step N of M"); a finished run says "already complete at step N"; more --steps
+extend a run (constant schedule); any other changed option, data file, tokenizer or model
+stops with the differences named: use a new --out, or --overwrite to discard the old run.
+Ctrl-C saves a checkpoint and exits with status 130.
+
+Exit status: 0 done (or already complete); 1 an error (bad data, model, checkpoint, run folder,
+file or disk; one line "minidpo: error: ..."); 2 a bad command line or option value; 3 training
+stopped on a non-finite loss, gradient or parameter (the last good checkpoint is kept);
+130 interrupted (Ctrl-C; during training a checkpoint is saved first); 141 the output pipe was
+closed (e.g. piped into head).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
-import numpy as np
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 130, 141
 
 LOSS_HELP = (
     "DPO loss: sigmoid = the paper's eq. 7, -log sigma(beta*h); robust = label-noise-corrected DPO "
     "(Chowdhury et al.) using --label-smoothing as the flip rate; ipo = (h - 1/(2 beta))^2 (Azar et al.), "
-    "use with --average-logps for the official per-token convention; hinge = SLiC's max(0, 1 - beta*h). "
-    "h = (log pi_w - log ref_w) - (log pi_l - log ref_l)."
+    "always on per-token mean log-probs (IPO's official convention, as if --average-logps); "
+    "hinge = SLiC's max(0, 1 - beta*h). h = (log pi_w - log ref_w) - (log pi_l - log ref_l)."
 )
 
 
-def _die(msg: str) -> None:
-    print(f"minidpo: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+class CLIError(Exception):
+    """A one-line error the command prints as ``minidpo: error: ...`` (exit status 1)."""
+
+
+def _die(msg: str):
+    raise CLIError(msg)
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -48,37 +63,71 @@ def find_tokenizer(path: Path):
     _die(f"{path}: no tokenizer.json found beside the model (pass --tokenizer)")
 
 
+def _checkpoint_dir(path: Path) -> Path | None:
+    """The checkpoint folder of a run folder or a checkpoint folder; None for anything else."""
+    from .checkpoint import MODEL_FILE, has_checkpoint
+
+    for ck_dir in (path / "checkpoint", path):
+        if has_checkpoint(ck_dir) or (ck_dir / MODEL_FILE).exists():  # the latter: damaged, reported on load
+            return ck_dir
+    return None
+
+
 def load_model(path: str | Path, backend):
-    """(params, GPTConfig, tokenizer) from a run folder, a checkpoint folder or a GPT-2 directory."""
-    from .checkpoint import has_checkpoint, load_checkpoint
+    """(params, GPTConfig, tokenizer) from a run folder, a checkpoint folder or a GPT-2 directory.
+
+    Checkpoints are verified before use (names, shapes, dtype, finiteness), and the tokenizer
+    must fit the model's vocabulary."""
+    from .checkpoint import CheckpointError, load_checkpoint, verify_params
     from .model import GPTConfig
+    from .pretrained import is_pretrained_dir, load_pretrained
 
     path = Path(path)
     if not path.exists():
         _die(f"{path}: no such model folder")
-    from .pretrained import is_pretrained_dir, load_pretrained
-
     if is_pretrained_dir(path):
         params, config, tokenizer = load_pretrained(path, backend=backend)
         if tokenizer is None:
             _die(f"{path}: GPT-2 directory without tokenizer files (tokenizer.json or vocab.json + merges.txt)")
         return params, config, tokenizer
-    for ck_dir in (path / "checkpoint", path):
-        if has_checkpoint(ck_dir):
-            ck = load_checkpoint(ck_dir, backend=backend)
-            model_cfg = ck.config.get("model", ck.config)
-            tok_dir = path if ck_dir != path else path.parent
-            return ck.params, GPTConfig.from_dict(model_cfg), find_tokenizer(tok_dir)
-    _die(f"{path}: not a minidpo run/checkpoint folder or a GPT-2 model directory")
+    ck_dir = _checkpoint_dir(path)
+    if ck_dir is None:
+        _die(f"{path}: not a minidpo run/checkpoint folder or a GPT-2 model directory")
+    ck = load_checkpoint(ck_dir, backend=backend)
+    try:
+        config = GPTConfig.from_dict(ck.config.get("model", ck.config))
+    except (TypeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{ck_dir}: no usable model config in trainer_state.json ({err})") from None
+    verify_params(ck.params, config, ck_dir)
+    tokenizer = find_tokenizer(path if ck_dir != path else path.parent)
+    if tokenizer.vocab_size > config.vocab_size:
+        _die(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}; "
+             f"they do not belong together")
+    return ck.params, config, tokenizer
+
+
+def _unfinished(path: str | Path) -> tuple[int, int] | None:
+    """(step reached, steps planned) when ``path`` is a run or checkpoint folder whose training
+    stopped before its planned steps; None otherwise."""
+    from .checkpoint import has_checkpoint, read_checkpoint_state
+
+    ck_dir = _checkpoint_dir(Path(path))
+    if ck_dir is None or not has_checkpoint(ck_dir):
+        return None
+    state = read_checkpoint_state(ck_dir)
+    planned = state["config"].get("train", {}).get("steps")
+    if isinstance(planned, int) and state["step"] < planned:
+        return state["step"], planned
+    return None
 
 
 def _train_config(args, **extra):
     from .train import TrainConfig
 
     kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-              schedule=args.schedule, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
-              log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
-              eval_batch_size=args.eval_batch_size, progress=not args.no_progress)
+              schedule=args.schedule, weight_decay=args.weight_decay, adam_betas=args.adam_betas,
+              grad_clip=args.grad_clip, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
+              save_every=args.save_every, eval_batch_size=args.eval_batch_size, progress=not args.no_progress)
     kw.update(extra)
     return TrainConfig(**kw)
 
@@ -86,42 +135,88 @@ def _train_config(args, **extra):
 def _split_eval(items: list, args):
     """Held-out split: --eval-data if given (handled by the caller), else the last --eval-fraction."""
     n_eval = int(round(len(items) * args.eval_fraction))
-    if n_eval == 0 or n_eval >= len(items):
+    if n_eval == 0:
         return items, []
+    if n_eval >= len(items):
+        _die(f"--eval-fraction {args.eval_fraction} of {len(items)} examples leaves none to train on")
     return items[:-n_eval], items[-n_eval:]
 
 
+def _average_logps(args) -> bool:
+    """One rule for dpo and eval: per-token mean log-probs with --average-logps, and always for IPO."""
+    from .losses import average_logps_for
+
+    return bool(args.average_logps or average_logps_for(args.loss))
+
+
 def _save_tokenizer(tokenizer, out: Path) -> None:
+    """Write out/tokenizer.json unless the same tokenizer is already there (the run-folder check
+    before it has refused a different one)."""
+    file = out / "tokenizer.json"
+    if file.is_file() and file.read_text(encoding="utf-8") == tokenizer.backend_tokenizer.to_str(pretty=True):
+        return
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
+
+
+def _note_skipped(data, path) -> None:
+    if getattr(data, "skipped", 0):
+        print(f"{path}: skipped {data.skipped} bad line(s) (--on-error warn); {len(data)} kept", file=sys.stderr)
+
+
+def _finish(res, out: Path, title: str) -> int:
+    """Exit status and last words of a training command: 130 after an interrupt (no "done:")."""
+    from .plots import plot_training_curves
+    from .train import read_metrics
+
+    if res.stopped_early:
+        return EXIT_INTERRUPTED
+    if res.already_complete:
+        return EXIT_OK
+    plot_training_curves(read_metrics(out / "metrics.jsonl"), out / "training_curves.png", title=title)
+    print(f"done: {out}/checkpoint (model.safetensors, trainer_state.json), {out}/metrics.jsonl, "
+          f"{out}/training_curves.png")
+    return EXIT_OK
 
 
 # -------------------------------------------------------------------------------------- commands
 
 
-def cmd_tokenizer(args) -> None:
+def cmd_tokenizer(args) -> int:
     from .data import read_sft_corpus
     from .tokenizer import BPETokenizer
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir() and out.suffix != ".json":
+        _die(f"--out {out} is a file; give a folder, or a path ending in .json")
     texts = []
     for f in args.corpus:
-        texts += [p + r for p, r in read_sft_corpus(f)]
+        data = read_sft_corpus(f, on_error=args.on_error)
+        _note_skipped(data, f)
+        texts += [p + r for p, r in data]
     tok = BPETokenizer.train(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
-    path = tok.save(Path(args.out))
+    path = tok.save(out)
     print(f"trained a byte-level BPE with {tok.vocab_size} tokens on {len(texts)} texts -> {path}")
+    if tok.vocab_size < args.vocab_size:
+        print(f"note: {tok.vocab_size} tokens, not {args.vocab_size}: the corpus has no more pairs seen at least "
+              f"--min-frequency {args.min_frequency} times to merge (use more text or a lower --min-frequency)",
+              file=sys.stderr)
+    return EXIT_OK
 
 
-def cmd_sft(args) -> None:
+def cmd_sft(args) -> int:
     from .backend import get_backend
     from .data import build_sft_dataset, read_sft_corpus
     from .model import GPTConfig, init_params, num_params
     from .tokenizer import BPETokenizer
-    from .train import train_sft
+    from .train import check_run_folder, discard_stage, fingerprint, run_lock, stage_inputs, train_sft
 
     backend = get_backend(args.device)
     out = Path(args.out)
+    tc = _train_config(args)
     if args.model:
         params, config, tokenizer = load_model(args.model, backend)
+        start = f"model {fingerprint(params)}"
     else:
         if not args.tokenizer:
             _die("sft needs --tokenizer (from `minidpo tokenizer`) or --model (a model to start from)")
@@ -129,25 +224,35 @@ def cmd_sft(args) -> None:
         config = GPTConfig(vocab_size=tokenizer.vocab_size, n_ctx=args.n_ctx, n_layer=args.n_layer,
                            n_head=args.n_head, n_embd=args.n_embd)
         params = init_params(config, backend, seed=args.seed)
+        start = f"random init, seed {args.seed}"
     data = read_sft_corpus(args.data, on_error=args.on_error)
+    _note_skipped(data, args.data)
     items, stats = build_sft_dataset(data, tokenizer, max_length=min(args.max_length, config.n_ctx))
     if args.eval_data:
-        eval_items, _ = build_sft_dataset(read_sft_corpus(args.eval_data, on_error=args.on_error), tokenizer,
-                                          max_length=min(args.max_length, config.n_ctx))
+        eval_data = read_sft_corpus(args.eval_data, on_error=args.on_error)
+        _note_skipped(eval_data, args.eval_data)
+        eval_items, _ = build_sft_dataset(eval_data, tokenizer, max_length=min(args.max_length, config.n_ctx))
     else:
         items, eval_items = _split_eval(items, args)
-    print(f"SFT: {len(items)} training / {len(eval_items)} held-out examples; model {num_params(params):,} params; "
-          f"device {backend.device}")
-    _save_tokenizer(tokenizer, out)
-    train_sft(params, config, items, tokenizer.pad_id, _train_config(args), out, backend=backend,
-              eval_items=eval_items or None)
-    print(f"done: {out}/checkpoint (model.safetensors, trainer_state.json), {out}/metrics.jsonl")
+    inputs = {"start": start, "tokenizer": fingerprint(tokenizer.backend_tokenizer.to_str())}
+    with run_lock(out):
+        if args.overwrite:
+            discard_stage(out)
+        # everything is checked before anything is written
+        check_run_folder(out, "sft", config, tc, stage_inputs(items, eval_items, inputs))
+        print(f"SFT: {len(items)} training / {len(eval_items)} held-out examples; model {num_params(params):,} params; "
+              f"device {backend.device}")
+        _save_tokenizer(tokenizer, out)
+        res = train_sft(params, config, items, tokenizer.pad_id, tc, out, backend=backend,
+                        eval_items=eval_items or None, inputs=inputs)
+    return _finish(res, out, "SFT")
 
 
 def _preference_pairs(path, tokenizer, config, args):
     from .data import build_preference_dataset, read_preferences
 
     examples = read_preferences(path, on_error=args.on_error)
+    _note_skipped(examples, path)
     max_length = min(args.max_length, config.n_ctx)
     pairs, stats = build_preference_dataset(examples, tokenizer, max_length=max_length,
                                             max_prompt_length=min(args.max_prompt_length, max_length // 2),
@@ -159,49 +264,100 @@ def _preference_pairs(path, tokenizer, config, args):
     return pairs
 
 
-def cmd_dpo(args) -> None:
+def cmd_dpo(args) -> int:
     from .backend import get_backend
-    from .losses import average_logps_for
-    from .train import train_dpo
+    from .train import check_run_folder, discard_stage, fingerprint, run_lock, stage_inputs, train_dpo
 
     backend = get_backend(args.device)
     out = Path(args.out)
     if bool(args.ref) == bool(args.model):
         _die("dpo needs exactly one of --ref or --model (the frozen reference and starting point)")
-    reference, config, tokenizer = load_model(args.ref or args.model, backend)
+    ref_path = args.ref or args.model
+    tc = _train_config(args, beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
+                       rpo_alpha=args.rpo_alpha, reference_free=args.reference_free,
+                       average_logps=_average_logps(args), cache_reference=not args.recompute_reference)
+    for what, path in (("--ref" if args.ref else "--model", ref_path), ("--policy", args.policy)):
+        stopped = _unfinished(path) if path else None
+        if stopped and not args.allow_unfinished_ref:
+            _die(f"{what} {path} stopped at step {stopped[0]} of its {stopped[1]} (interrupted?); finish it by "
+                 f"re-running its command, or pass --allow-unfinished-ref to use it as it is")
+    reference, config, tokenizer = load_model(ref_path, backend)
     if args.policy:
         policy, pconfig, _ = load_model(args.policy, backend)
         if pconfig != config:
             _die("--policy and --ref have different model configs")
+        start = f"policy {fingerprint(policy)}"
     else:
         policy = {k: v.copy() for k, v in reference.items()}
+        start = "a copy of the reference"
     pairs = _preference_pairs(args.data, tokenizer, config, args)
     if args.eval_data:
         eval_pairs = _preference_pairs(args.eval_data, tokenizer, config, args)
     else:
         pairs, eval_pairs = _split_eval(pairs, args)
-    average = args.average_logps or (args.loss == "ipo" and average_logps_for("ipo"))
-    tc = _train_config(args, beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
-                       rpo_alpha=args.rpo_alpha, reference_free=args.reference_free, average_logps=average, cache_reference=not args.recompute_reference)
-    print(f"DPO: {len(pairs)} training / {len(eval_pairs)} held-out pairs; beta={args.beta} loss={args.loss}; "
-          f"device {backend.device}")
-    _save_tokenizer(tokenizer, out)
-    train_dpo(policy, reference, config, pairs, tokenizer.pad_id, tc, out, backend=backend,
-              eval_pairs=eval_pairs or None)
-    print(f"done: {out}/checkpoint, {out}/metrics.jsonl")
+    inputs = {"start": start, "tokenizer": fingerprint(tokenizer.backend_tokenizer.to_str())}
+    with run_lock(out):
+        if args.overwrite:
+            discard_stage(out)
+        check_run_folder(out, "dpo", config, tc,
+                         stage_inputs(pairs, eval_pairs, inputs, reference=fingerprint(reference)))
+        print(f"DPO: {len(pairs)} training / {len(eval_pairs)} held-out pairs; beta={args.beta} loss={args.loss}; "
+              f"device {backend.device}")
+        _save_tokenizer(tokenizer, out)
+        res = train_dpo(policy, reference, config, pairs, tokenizer.pad_id, tc, out, backend=backend,
+                        eval_pairs=eval_pairs or None, inputs=inputs)
+    return _finish(res, out, f"DPO, beta={args.beta:g}, loss={args.loss}")
 
 
-def cmd_sample(args) -> None:
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape_prompt(text: str) -> str:
+    r"""``--prompt`` text with the escapes \n (newline), \t (tab) and \\ (a backslash) replaced,
+    so "Human: hi\n\nAssistant:" is a three-line prompt; other backslashes stay as they are."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """Prompts from a file: ``.jsonl``, one JSON string or {"prompt": str} a line (so prompts may
+    hold newlines); anything else, one prompt a line. Blank lines are skipped."""
+    from .data import DataError
+
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "expected a prompts file, got a directory", str(path))
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix != ".jsonl":
+        return [l for l in lines if l.strip()]
+    prompts = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            v = json.loads(line)
+        except ValueError as err:
+            raise DataError(path, i, f"invalid JSON ({err})") from None
+        if isinstance(v, dict):
+            v = v.get("prompt")
+        if not isinstance(v, str):
+            raise DataError(path, i, 'expected a JSON string or {"prompt": string}')
+        prompts.append(v)
+    return prompts
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
     from .backend import get_backend
     from .evaluate import sample_continuations
 
     backend = get_backend(args.device)
-    params, config, tokenizer = load_model(args.model, backend)
-    prompts = list(args.prompt or [])
+    prompts = [unescape_prompt(p) for p in (args.prompt or [])]
     if args.prompts_file:
-        prompts += [l.rstrip("\n") for l in Path(args.prompts_file).read_text(encoding="utf-8").splitlines() if l.strip()]
+        prompts += read_prompts_file(args.prompts_file)
     if not prompts:
         _die("give --prompt TEXT (repeatable) or --prompts-file FILE")
+    params, config, tokenizer = load_model(args.model, backend)
     longest = max(len(tokenizer.encode(p)) for p in prompts)
     max_new = min(args.max_new_tokens, config.n_ctx - longest)
     if max_new < 1:
@@ -214,35 +370,41 @@ def cmd_sample(args) -> None:
                              rng=np.random.default_rng(args.seed), backend=backend)
     for p, t in zip(s.prompts, s.texts):
         print(json.dumps({"prompt": p, "completion": t}) if args.jsonl else f"{p}{t}")
+    return EXIT_OK
 
 
-def cmd_eval(args) -> None:
+def cmd_eval(args) -> int:
     from .backend import get_backend
     from .train import TrainConfig, batched_sequence_logps, evaluate_preferences
 
     backend = get_backend(args.device)
+    tc = TrainConfig(beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
+                     reference_free=args.reference_free, average_logps=_average_logps(args),
+                     eval_batch_size=args.batch_size)
     policy, config, tokenizer = load_model(args.policy, backend)
     reference, rconfig, _ = load_model(args.ref, backend)
     if rconfig != config:
         _die("--policy and --ref have different model configs")
     pairs = _preference_pairs(args.data, tokenizer, config, args)
-    tc = TrainConfig(beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
-                     reference_free=args.reference_free, average_logps=args.average_logps,
-                     eval_batch_size=args.batch_size)
     rc, rr = batched_sequence_logps(reference, config, pairs, tokenizer.pad_id, args.batch_size, backend,
-                                    args.average_logps)
+                                    tc.average_logps)
     m = evaluate_preferences(policy, config, pairs, rc, rr, tokenizer.pad_id, tc, backend)
-    m = {"n_pairs": len(pairs), **{k[5:]: v for k, v in m.items()}}
+    m = {"n_pairs": len(pairs), "average_logps": tc.average_logps, **{k[5:]: v for k, v in m.items()}}
     print(json.dumps(m, indent=2))
+    return EXIT_OK
 
 
-def cmd_export(args) -> None:
+def cmd_export(args) -> int:
     from .backend import get_backend
-    from .pretrained import save_pretrained
+    from .pretrained import is_pretrained_dir, save_pretrained
 
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_pretrained_dir(out))):
+        _die(f"--out {out} exists and is not an empty folder or a GPT-2 model directory; choose a new folder")
     params, config, tokenizer = load_model(args.model, get_backend("cpu"))
-    path = save_pretrained(args.out, params, config, tokenizer)
-    print(f"wrote a GPT-2 model directory (config.json, model.safetensors, tokenizer.json) -> {path or args.out}")
+    path = save_pretrained(out, params, config, tokenizer)
+    print(f"wrote a GPT-2 model directory (config.json, model.safetensors, tokenizer.json) -> {path or out}")
+    return EXIT_OK
 
 
 def cmd_verify(args) -> None:
@@ -285,93 +447,180 @@ def cmd_verify(args) -> None:
 # ---------------------------------------------------------------------------------------- parser
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring's layout kept, and every option's default shown (unless the help already
+    says it, or there is none: a required option, a flag that is off unless given)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        off = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not off and "(default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (v > lo if lo_open else v >= lo) or not (v < hi if hi_open else v <= hi):
+            raise argparse.ArgumentTypeError(f"must lie in {'(' if lo_open else '['}{lo:g}, {hi:g}"
+                                             f"{')' if hi_open else ']'}, got {text}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+def _adam_betas(text: str) -> tuple[float, float]:
+    try:
+        b = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        b = ()
+    if len(b) != 2 or not all(0 <= x < 1 for x in b):
+        raise argparse.ArgumentTypeError(f"expected two numbers in [0, 1) such as 0.9,0.999, got {text!r}")
+    return b
+
+
+INF = float("inf")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minidpo", description="Direct Preference Optimization from scratch: "
                                 "SFT a GPT-2, then DPO it against the frozen SFT model.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+                                allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, **kw):
+        return sub.add_parser(name, formatter_class=_Formatter, allow_abbrev=False, **kw)
 
     def common(sp, train: bool):
         sp.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda / cuda:N (CuPy)")
         sp.add_argument("--seed", type=int, default=0, help="random seed (init, batch order, sampling)")
         sp.add_argument("--on-error", choices=["raise", "warn"], default="raise",
-                        help="bad data lines: stop with file:line (raise) or skip them with a warning (warn)")
-        sp.add_argument("--max-length", type=int, default=512, help="longest prompt+response in tokens")
-        sp.add_argument("--threads", type=int, default=0,
-                        help="CPU BLAS threads (0: the library default; 1 is often fastest for small models)")
+                        help="bad data lines: stop with file:line (raise) or skip them with a warning and a count (warn)")
+        sp.add_argument("--max-length", type=_int_at_least(2), default=512,
+                        help="longest prompt+response in tokens (at most the model's context)")
+        sp.add_argument("--threads", type=_int_at_least(0), default=1,
+                        help="CPU BLAS threads; 0 = the library's default (all cores). 1 is fastest for small "
+                             "models: SFT of the default model ran 3-4x slower with the default on 2 cores")
         if not train:
             return
-        sp.add_argument("--out", required=True, help="run folder (checkpoint/, metrics.jsonl); re-use it to resume")
-        sp.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-        sp.add_argument("--batch-size", type=int, default=16, help="sequences (SFT) or preference pairs (DPO) per step")
-        sp.add_argument("--lr", type=float, default=None, help="peak learning rate")
-        sp.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps")
-        sp.add_argument("--schedule", choices=["constant", "cosine"], default="constant", help="after warmup")
-        sp.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
-        sp.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-        sp.add_argument("--log-every", type=int, default=10)
-        sp.add_argument("--eval-every", type=int, default=100)
-        sp.add_argument("--save-every", type=int, default=200)
+        sp.add_argument("--out", required=True,
+                        help="run folder (checkpoint/, metrics.jsonl, tokenizer.json, training_curves.png); "
+                             "the same command again resumes it")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="discard a run already in --out (its checkpoint and metrics) instead of refusing")
+        sp.add_argument("--steps", type=_int_at_least(0), default=1000,
+                        help="optimizer steps in all (a larger value extends a finished run)")
+        sp.add_argument("--batch-size", type=_int_at_least(1), default=16,
+                        help="sequences (SFT) or preference pairs (DPO) per step")
+        sp.add_argument("--lr", type=_float_in(0, INF, lo_open=True, hi_open=True), default=None,
+                        help="peak learning rate (default: 1e-3 for sft, 1e-5 for dpo)")
+        sp.add_argument("--warmup-steps", type=_int_at_least(0), default=50, help="linear warmup steps")
+        sp.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                        help="learning rate after warmup")
+        sp.add_argument("--weight-decay", type=_float_in(0, INF, hi_open=True), default=0.0,
+                        help="AdamW decoupled weight decay")
+        sp.add_argument("--adam-betas", type=_adam_betas, default="0.9,0.95", metavar="B1,B2",
+                        help="AdamW's moment decay rates beta1,beta2 (not DPO's --beta); 0.9,0.999 is PyTorch's default")
+        sp.add_argument("--grad-clip", type=_float_in(0, INF, hi_open=True), default=1.0,
+                        help="global gradient-norm clip (0: off)")
+        sp.add_argument("--log-every", type=_int_at_least(1), default=10,
+                        help="steps per metrics.jsonl record (means over those steps)")
+        sp.add_argument("--eval-every", type=_int_at_least(1), default=100,
+                        help="steps between held-out evaluations (and one at the end)")
+        sp.add_argument("--save-every", type=_int_at_least(1), default=200,
+                        help="steps between checkpoints (and one at the end, and on Ctrl-C)")
         sp.add_argument("--eval-data", default=None, help="held-out file (default: the last --eval-fraction of --data)")
-        sp.add_argument("--eval-fraction", type=float, default=0.05)
-        sp.add_argument("--eval-batch-size", type=int, default=16,
+        sp.add_argument("--eval-fraction", type=_float_in(0, 1, hi_open=True), default=0.05,
+                        help="share of --data held out for evaluation when --eval-data is not given")
+        sp.add_argument("--eval-batch-size", type=_int_at_least(1), default=16,
                         help="pairs (or sequences) per no-gradient forward pass: reference log-probs, held-out eval")
-        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    sp = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on text/JSONL files")
+    sp = add("tokenizer", help="train a byte-level BPE tokenizer on text/JSONL files")
     sp.add_argument("--corpus", nargs="+", required=True, help=".txt (one document a line) or .jsonl files")
-    sp.add_argument("--vocab-size", type=int, default=8000)
-    sp.add_argument("--min-frequency", type=int, default=2)
-    sp.add_argument("--out", required=True, help="folder or .json path for tokenizer.json")
+    sp.add_argument("--vocab-size", type=_int_at_least(257), default=8000,
+                    help="largest vocabulary (256 bytes + EOS + merges); a small corpus may give fewer")
+    sp.add_argument("--min-frequency", type=_int_at_least(1), default=2,
+                    help="merge only pairs seen at least this often")
+    sp.add_argument("--on-error", choices=["raise", "warn"], default="raise",
+                    help="bad .jsonl lines: stop with file:line (raise) or skip them (warn)")
+    sp.add_argument("--out", required=True, help="folder (gets tokenizer.json) or a .json path")
     sp.set_defaults(func=cmd_tokenizer)
 
-    sp = sub.add_parser("sft", help="supervised fine-tuning (NLL on responses): makes pi_ref")
+    sp = add("sft", help="supervised fine-tuning (NLL on responses): makes pi_ref")
     common(sp, train=True)
     sp.add_argument("--data", required=True, help='JSONL {"prompt","response"} or {"text"}, or .txt')
     sp.add_argument("--tokenizer", help="tokenizer.json or its folder (for a new model)")
-    sp.add_argument("--model", help="start from this model (run folder, checkpoint or GPT-2 directory)")
-    sp.add_argument("--n-layer", type=int, default=4)
-    sp.add_argument("--n-head", type=int, default=4)
-    sp.add_argument("--n-embd", type=int, default=128)
-    sp.add_argument("--n-ctx", type=int, default=256)
+    sp.add_argument("--model", help="start from this model (run folder, checkpoint or GPT-2 directory) "
+                                    "instead of a new one")
+    sp.add_argument("--n-layer", type=_int_at_least(1), default=4, help="transformer blocks of a new model")
+    sp.add_argument("--n-head", type=_int_at_least(1), default=4, help="attention heads of a new model")
+    sp.add_argument("--n-embd", type=_int_at_least(1), default=128,
+                    help="channels of a new model (a multiple of --n-head)")
+    sp.add_argument("--n-ctx", type=_int_at_least(2), default=256, help="context length (positions) of a new model")
     sp.set_defaults(func=cmd_sft, lr_default=1e-3)
 
-    sp = sub.add_parser("dpo", help="Direct Preference Optimization against a frozen reference (eq. 7)")
+    sp = add("dpo", help="Direct Preference Optimization against a frozen reference (eq. 7)")
     common(sp, train=True)
     sp.add_argument("--data", required=True, help='preference JSONL: {"prompt","chosen","rejected"} or HH {"chosen","rejected"}')
     sp.add_argument("--ref", help="the frozen reference pi_ref (usually the SFT run)")
     sp.add_argument("--model", help="the starting point, used as both pi_ref and the initial policy (same as --ref)")
     sp.add_argument("--policy", help="initial policy (default: a copy of the reference)")
-    _dpo_options(sp)
+    sp.add_argument("--allow-unfinished-ref", action="store_true",
+                    help="accept a reference (or --policy) run that stopped before its planned steps")
+    _dpo_options(sp, train=True)
     sp.add_argument("--recompute-reference", action="store_true",
                     help="run the reference forward every step instead of caching its log-probs once")
     sp.set_defaults(func=cmd_dpo, lr_default=1e-5)
 
-    sp = sub.add_parser("sample", help="sample continuations of prompts")
+    sp = add("sample", help="sample continuations of prompts")
     common(sp, train=False)
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    sp.add_argument("--prompts-file", help="one prompt a line")
-    sp.add_argument("--n", type=int, default=1, help="samples per prompt")
-    sp.add_argument("--max-new-tokens", type=int, default=64)
-    sp.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
-    sp.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    sp.add_argument("--model", required=True, help="run folder, checkpoint or GPT-2 directory")
+    sp.add_argument("--prompt", action="append",
+                    help=r"a prompt (repeatable); \n, \t and \\ in it are a newline, a tab and a backslash")
+    sp.add_argument("--prompts-file",
+                    help='prompts: .jsonl with a JSON string or {"prompt": ...} a line (newlines allowed), '
+                         "or any other text file with one prompt a line")
+    sp.add_argument("--n", type=_int_at_least(1), default=1, help="samples per prompt")
+    sp.add_argument("--max-new-tokens", type=_int_at_least(1), default=64,
+                    help="tokens generated per sample at most (lowered to fit the context)")
+    sp.add_argument("--temperature", type=_float_in(0, INF, lo_open=True, hi_open=True), default=1.0,
+                    help="softmax temperature (> 0)")
+    sp.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample among the k most likely tokens")
     sp.add_argument("--greedy", action="store_true", help="argmax decoding")
     sp.add_argument("--jsonl", action="store_true", help="print JSON lines")
     sp.set_defaults(func=cmd_sample)
 
-    sp = sub.add_parser("eval", help="DPO loss and implicit-reward accuracy/margins of a policy on preference pairs")
+    sp = add("eval", help="DPO loss and implicit-reward accuracy/margins of a policy on preference pairs")
     common(sp, train=False)
-    sp.add_argument("--policy", required=True)
-    sp.add_argument("--ref", required=True)
-    sp.add_argument("--data", required=True)
-    sp.add_argument("--batch-size", type=int, default=32)
-    _dpo_options(sp)
+    sp.add_argument("--policy", required=True, help="the policy pi (run folder, checkpoint or GPT-2 directory)")
+    sp.add_argument("--ref", required=True, help="the reference pi_ref")
+    sp.add_argument("--data", required=True, help="preference JSONL")
+    sp.add_argument("--batch-size", type=_int_at_least(1), default=32, help="pairs per forward pass")
+    _dpo_options(sp, train=False)
     sp.set_defaults(func=cmd_eval)
 
-    sp = sub.add_parser("export", help="write a model as a Hugging Face GPT-2 directory")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--out", required=True)
+    sp = add("export", help="write a model as a Hugging Face GPT-2 directory")
+    sp.add_argument("--model", required=True, help="run folder, checkpoint or GPT-2 directory")
+    sp.add_argument("--out", required=True, help="a new or empty folder (or a GPT-2 directory to replace)")
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("verify", help="check a DPO loss function (yours, in NumPy/PyTorch/JAX) against the paper's properties")
@@ -390,43 +639,84 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dpo_options(sp) -> None:
-    sp.add_argument("--beta", type=float, default=0.1,
+def _dpo_options(sp, train: bool) -> None:
+    sp.add_argument("--beta", type=_float_in(0, INF, lo_open=True, hi_open=True), default=0.1,
                     help="beta: strength of the KL leash to pi_ref (eq. 3/7); smaller lets the policy move further")
     sp.add_argument("--loss", default="sigmoid", choices=["sigmoid", "robust", "ipo", "hinge"], help=LOSS_HELP)
-    sp.add_argument("--label-smoothing", type=float, default=0.0,
+    sp.add_argument("--label-smoothing", type=_float_in(0, 0.5), default=0.0,
                     help="conservative DPO: assumed probability epsilon that a preference label is flipped")
-    sp.add_argument("--rpo-alpha", type=float, default=0.0,
-                    help="add alpha * NLL of the chosen responses (RPO-style SFT term)")
+    if train:
+        sp.add_argument("--rpo-alpha", type=_float_in(0, INF, hi_open=True), default=0.0,
+                        help="add alpha * NLL of the chosen responses (RPO-style SFT term)")
     sp.add_argument("--reference-free", action="store_true",
                     help="ignore pi_ref: the implicit reward is beta log pi (reference-free DPO)")
     sp.add_argument("--average-logps", action="store_true",
-                    help="use per-token mean log-probs instead of sums (IPO's official convention)")
-    sp.add_argument("--max-prompt-length", type=int, default=128, help="prompt tokens kept when truncating (at most half of --max-length)")
+                    help="use per-token mean log-probs instead of sums (IPO always does)")
+    sp.add_argument("--max-prompt-length", type=_int_at_least(1), default=128,
+                    help="prompt tokens kept when truncating (at most half of --max-length)")
     sp.add_argument("--truncation-mode", choices=["keep_end", "keep_start"], default="keep_end",
                     help="which end of a long prompt to keep")
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "lr", "absent") is None:
-        args.lr = args.lr_default
-    try:
-        if getattr(args, "threads", 0):
-            from threadpoolctl import threadpool_limits
+def _error_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:  # "file: reason", without "[Errno N]"
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    if isinstance(err, KeyError) and err.args:
+        return str(err.args[0])
+    return str(err) or type(err).__name__
 
-            with threadpool_limits(limits=args.threads, user_api="blas"):
-                args.func(args)
-        else:
-            args.func(args)
+
+def _run(args) -> int:
+    if getattr(args, "threads", 0):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=args.threads, user_api="blas"):
+            return args.func(args)
+    return args.func(args)
+
+
+def main(argv=None) -> int:
+    """Run one ``minidpo`` command; returns its exit status (see the module docstring)."""
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .train import NonFiniteError, RunFolderError
+
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 terminal gets escapes, not a traceback
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "lr", "absent") is None:
+            args.lr = args.lr_default
+        return _run(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print("minidpo: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except NonFiniteError as err:
         print(f"minidpo: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_NONFINITE
+    except (CLIError, DataError, CheckpointError, RunFolderError, OSError, ValueError) as err:
+        # the project's own errors (DataError, CheckpointError, PretrainedError, RunFolderError are
+        # ValueErrors) and the file system's, one line each
+        print(f"minidpo: error: {_error_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush is quiet."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

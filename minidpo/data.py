@@ -144,11 +144,28 @@ def _iter_lines(path: Path, display: str):
                 yield i, text
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """``object_pairs_hook`` of the JSON reader: a key given twice in one object is an error (the
+    last one would silently win and could flip a preference label)."""
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(f"duplicate key {k!r} in one object")
+        seen[k] = v
+    return seen
+
+
 def _parse_object(display: str, i: int, text: str) -> dict:
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as err:
         raise DataError(display, i, f"invalid JSON: {err.msg} (column {err.colno})") from None
+    except _DuplicateKey as err:
+        raise DataError(display, i, str(err)) from None
     if not isinstance(obj, dict):
         raise DataError(display, i, f"expected a JSON object, got {_json_type(obj)}")
     return obj
@@ -165,6 +182,11 @@ def _get_str(obj: dict, key: str, display: str, i: int) -> str:
     v = obj[key]
     if not isinstance(v, str):
         raise DataError(display, i, f"key {key!r} must be a string, got {_json_type(v)}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(display, i, f"key {key!r} holds a lone surrogate {v[err.start]!r} (a \\u escape of "
+                                    f"half a character), which is not text") from None
     return v
 
 

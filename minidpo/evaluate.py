@@ -54,12 +54,14 @@ def sample_continuations(
     params: dict, config: GPTConfig, tokenizer, prompts: Sequence[str], n_samples: int = 1, *,
     max_new_tokens: int = 32, temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
     rng: np.random.Generator | None = None, batch_size: int = 64, backend: Backend | str = "cpu",
+    progress: str | None = None, on_batch=None,
 ) -> Samples:
     """Sample ``n_samples`` continuations of every prompt from the model (KV-cached, batched).
 
     Returns a :class:`Samples` of len(prompts) * n_samples rows, prompt-major
     (prompt 0's samples first). Continuations end at EOS (which is kept in ``ids`` and dropped
-    from ``texts``) or after ``max_new_tokens`` tokens."""
+    from ``texts``) or after ``max_new_tokens`` tokens. ``progress``: the name of a progress
+    bar over the samples (None: no bar); ``on_batch``: called after each batch."""
     backend = get_backend(backend)
     rng = rng if rng is not None else np.random.default_rng(0)
     eos = tokenizer.eos_id
@@ -67,9 +69,16 @@ def sample_continuations(
     encoded = {p: tokenizer.encode(p) or [eos] for p in set(rows_prompts)}  # empty prompt: EOS as BOS
     rows_ids = [encoded[p] for p in rows_prompts]
     out_ids: list[list[int]] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(rows_ids), desc=progress, disable=progress is None, dynamic_ncols=True, unit="sample")
     for s in range(0, len(rows_ids), batch_size):
         out_ids += generate(params, config, rows_ids[s : s + batch_size], max_new_tokens, temperature=temperature,
                             top_k=top_k, greedy=greedy, eos_id=eos, rng=rng, backend=backend)
+        bar.update(len(rows_ids[s : s + batch_size]))
+        if on_batch is not None:
+            on_batch()
+    bar.close()
     texts = [tokenizer.decode([t for t in ids if t != eos]) for ids in out_ids]
     return Samples(prompts=rows_prompts, prompt_ids=rows_ids, ids=out_ids, texts=texts)
 

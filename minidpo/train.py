@@ -24,17 +24,30 @@ the same numbers.
 Robustness a user can rely on:
 - the batch order is a pure function of (seed, step), so a resumed run replays exactly the
   batches the uninterrupted run would have seen, and resume matches step for step;
-- Ctrl-C (SIGINT) finishes the current step, saves a checkpoint, then stops;
-- a non-finite loss or gradient stops training with :class:`NonFiniteError`; checkpoints are
-  only written after a finiteness check, so the last one on disk is good;
+- Ctrl-C (SIGINT) finishes the current step, saves a checkpoint, then stops
+  (``StageResult.stopped_early``; the command-line tools then exit with status 130);
+- a non-finite loss, gradient or updated parameter stops training with
+  :class:`NonFiniteError`; checkpoints are only written after a finiteness check of all three,
+  so the last one on disk is good, and the message names it;
+- a run folder records what its stage was built from (model, training options, fingerprints
+  of the data and, for DPO, the reference; see :func:`check_run_folder`): a different run is
+  refused (or rebuilt, ``stale="rebuild"``) instead of being resumed under the wrong options;
 - metrics go to ``metrics.jsonl`` (one JSON object a line, appended) and a tqdm progress bar;
-  device values are read back to the host only once per ``log_every`` steps.
+  device values are read back to the host only once per ``log_every`` steps, and the running
+  sums are saved in each checkpoint, so a resumed log equals an uninterrupted one.
+
+The loop (:func:`_run_loop`) is a few small functions: :func:`_resume`, :func:`_train_step`,
+:func:`_log`, :func:`_evaluate`, :func:`_save`, and :class:`_StopRequested` for Ctrl-C.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
+import shutil
 import signal
 import time
 import warnings
@@ -45,7 +58,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .backend import Backend, get_array_module, get_backend, to_numpy
-from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint, verify_params
 from .data import collate_preferences, collate_sft
 from .logprobs import sequence_logps, sequence_logps_backward
 from .losses import dpo_loss, preference_metrics
@@ -54,7 +67,17 @@ from .optim import AdamW, clip_grad_norm, lr_at
 
 
 class NonFiniteError(RuntimeError):
-    """Raised when the loss or the gradient norm stops being finite."""
+    """Raised when the loss, the gradient norm or an updated parameter stops being finite."""
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked: it holds a run made with other options or
+    inputs, its checkpoint is damaged, or another process is writing to it."""
+
+
+# options of TrainConfig that change what training computes; the others (logging, evaluation
+# and checkpoint cadence, the progress bar) may change between an interrupted run and its resumption
+_BOOKKEEPING = ("progress", "log_every", "eval_every", "save_every", "eval_batch_size")
 
 
 @dataclass
@@ -63,6 +86,8 @@ class TrainConfig:
 
     DPO-specific fields (ignored by SFT): beta, loss_type, label_smoothing, rpo_alpha,
     average_logps, cache_reference. The defaults follow the paper's (beta 0.1, sigmoid loss).
+    ``adam_betas`` are AdamW's moment decay rates (beta1, beta2), unrelated to DPO's ``beta``.
+    Every field is checked on construction (a ValueError names the field).
     """
 
     steps: int = 200
@@ -72,8 +97,8 @@ class TrainConfig:
     schedule: str = "constant"  # or "cosine"
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # global-norm clip; 0 = off
     seed: int = 0
     log_every: int = 10
     eval_every: int = 50
@@ -89,16 +114,54 @@ class TrainConfig:
     cache_reference: bool = True
     progress: bool = True
 
+    def __post_init__(self):
+        from .losses import LOSS_TYPES
+
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(is_int(self.steps) and self.steps >= 0, "steps", "an integer >= 0")
+        for name in ("batch_size", "log_every", "eval_every", "save_every", "eval_batch_size"):
+            need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
+        need(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+        need(is_int(self.seed), "seed", "an integer")
+        need(is_num(self.lr) and self.lr > 0, "lr", "a finite number > 0")
+        need(self.schedule in ("constant", "cosine"), "schedule", "'constant' or 'cosine'")
+        need(is_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+        need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0")
+        need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
+             "two numbers in [0, 1) (AdamW's beta1, beta2)")
+        need(is_num(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0: no clipping)")
+        need(is_num(self.beta) and self.beta > 0, "beta", "a finite number > 0")
+        need(self.loss_type in LOSS_TYPES, "loss_type", f"one of {', '.join(LOSS_TYPES)}")
+        need(is_num(self.label_smoothing) and 0 <= self.label_smoothing <= 0.5, "label_smoothing", "in [0, 0.5]")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            raise ValueError(f"label_smoothing applies to the sigmoid and robust losses only, not {self.loss_type!r}")
+        if self.loss_type == "robust":
+            need(self.label_smoothing < 0.5, "label_smoothing", "below 0.5 for the robust loss")
+        need(is_num(self.rpo_alpha) and self.rpo_alpha >= 0, "rpo_alpha", "a finite number >= 0")
+
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["betas"] = list(self.betas)
+        d["adam_betas"] = list(self.adam_betas)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
+        if "betas" in d:  # the name of adam_betas in checkpoints written before the rename
+            d["adam_betas"] = d.pop("betas")
+        if "adam_betas" in d:
+            d["adam_betas"] = tuple(d["adam_betas"])
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
@@ -142,14 +205,16 @@ def inference_logits(params: dict, idx, model_config: GPTConfig, validate: bool 
 
 def batched_sequence_logps(
     params: dict, model_config: GPTConfig, pairs: Sequence, pad_id: int, batch_size: int,
-    backend: Backend, average: bool = False,
+    backend: Backend, average: bool = False, desc: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """log pi(y_w|x) and log pi(y_l|x) for every pair, in minibatches, on the host.
+    """log pi(y_w|x) and log pi(y_l|x) for every pair, in minibatches, on the host; with
+    ``desc``, a progress bar of that name counts the pairs.
 
     Returns (chosen_logps (N,), rejected_logps (N,)) as float64 NumPy arrays (read-outs): one
     device read-back a minibatch (the token ids are checked once, on the host, first)."""
     check_token_ids(pairs, model_config.vocab_size, "preference pair")
     chosen, rejected = [], []
+    bar = _progress(len(pairs), 0, desc or "", desc is not None)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         batch = collate_preferences(chunk, pad_id, backend=backend)
@@ -161,6 +226,8 @@ def batched_sequence_logps(
         n = len(chunk)
         chosen.append(logps[:n])
         rejected.append(logps[n:])
+        bar.update(n)
+    bar.close()
     return np.concatenate(chosen), np.concatenate(rejected)
 
 
@@ -242,7 +309,8 @@ def sft_step(params: dict, model_config: GPTConfig, batch: dict):
 
 class _StopRequested:
     """SIGINT sets a flag; the loop checks it between steps, so parameters are never saved
-    half-updated."""
+    half-updated. A second SIGINT raises KeyboardInterrupt at once (nothing more is saved; the
+    last checkpoint on disk stays as it was)."""
 
     def __init__(self):
         self.requested = False
@@ -266,10 +334,134 @@ class _StopRequested:
         return False
 
 
+TEST_INTERRUPT_ENV = "MINIDPO_TEST_INTERRUPT_AT"
+
+
+def interrupt_hook(name: str) -> None:
+    """For tests only: when the environment variable ``MINIDPO_TEST_INTERRUPT_AT`` equals
+    ``name`` (e.g. ``sft:step=5``: after SFT's 5th step; ``dpo:start``; ``pairs``,
+    ``evaluation``, ``evaluation-dpo`` in examples/train_tiny.py), the process sends itself a
+    real SIGINT, exactly as a Ctrl-C at that moment would. Unset (always, outside tests), it
+    does nothing."""
+    if os.environ.get(TEST_INTERRUPT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
 def _progress(total: int, initial: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+def say(msg: str) -> None:
+    """One status line on stdout (resume notes, interrupts), flushed at once."""
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# run folders: what a stage was built from, one writer at a time, metrics.jsonl
+# ---------------------------------------------------------------------------------------------
+
+
+def fingerprint(obj) -> str:
+    """A short content hash (16 hex digits of SHA-256) of a parameter dict (names, dtypes, shapes,
+    bytes), of tokenized examples (their token ids), or of any JSON-able value. Two runs built
+    from equal inputs get equal fingerprints."""
+    h = hashlib.sha256()
+    if isinstance(obj, dict) and obj and all(hasattr(v, "dtype") for v in obj.values()):
+        for k in sorted(obj):
+            a = np.ascontiguousarray(to_numpy(obj[k]))
+            h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
+            h.update(a.tobytes())
+    elif isinstance(obj, (list, tuple)) and obj and hasattr(obj[0], "prompt_ids"):
+        for r in obj:
+            seqs = [r.prompt_ids, r.response_ids] if hasattr(r, "response_ids") else [r.prompt_ids, r.chosen_ids, r.rejected_ids]
+            h.update(json.dumps([list(map(int, q)) for q in seqs]).encode())
+    else:
+        h.update(json.dumps(obj, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+_HELD: dict[str, tuple[int, int]] = {}  # lock path -> (fd, depth): the lock is re-entrant within a process
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str | Path):
+    """Hold ``out_dir/.lock`` (an advisory ``flock``, holding our pid) while a stage writes the
+    folder; another process asking for it gets a RunFolderError naming the holder's pid. The lock
+    goes with the process, so a killed run never leaves the folder locked. (No-op where
+    ``fcntl`` is missing.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = str((out_dir / ".lock").resolve())
+    if key in _HELD:
+        fd, depth = _HELD[key]
+        _HELD[key] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _HELD[key]
+            _HELD[key] = (fd, depth - 1)
+        return
+    fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RunFolderError(f"{out_dir} is in use by another process (pid {holder}); wait for it to finish, "
+                             f"or use another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[key] = (fd, 1)
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        os.close(fd)  # releases the flock
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``. A torn last line (a write cut short by a kill or a full
+    disk) is dropped with a warning naming the file; a bad line before the last one is an error
+    naming file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    records = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if all(not rest.strip() for rest in lines[i:]):  # the last record: torn
+                warnings.warn(f"{path}:{i}: dropped a torn last record ({len(line)} characters)", stacklevel=2)
+                break
+            raise RunFolderError(f"{path}:{i}: corrupt metrics record ({err})") from None
+        records.append(rec)
+    return records
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -278,129 +470,320 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.flush()
 
 
-# options that may change between an interrupted run and its resumption without a warning
-_RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "save_every", "eval_batch_size"}
+def discard_stage(out_dir: str | Path) -> None:
+    """Remove what a stage wrote in ``out_dir`` (its checkpoint and metrics.jsonl), for a rebuild
+    or ``--overwrite``; other files are left alone."""
+    out_dir = Path(out_dir)
+    for d in (out_dir / "checkpoint", out_dir / "checkpoint.old"):
+        if d.is_dir():
+            shutil.rmtree(d)
+    for f in (out_dir / "metrics.jsonl",):
+        f.unlink(missing_ok=True)
+
+
+def _differences(saved: dict, stage: str, model_config: GPTConfig, tc: TrainConfig, inputs: dict,
+                 at_step: int) -> list[str]:
+    """What makes a saved run (its checkpoint's config) a different run from this one: one
+    phrase per differing stage, model, input or training option. Only ``steps`` may grow, and
+    only with the constant schedule (the cosine schedule of the steps already taken depends on
+    it); the options in ``_BOOKKEEPING`` may change freely."""
+    diffs = []
+    if saved.get("stage", stage) != stage:
+        diffs.append(f"stage ({saved.get('stage')} there, {stage} now)")
+    if saved.get("model") != model_config.to_dict():
+        diffs.append("model configuration")
+    saved_inputs = saved.get("inputs", {})
+    for k in sorted(set(saved_inputs) | set(inputs)):
+        if saved_inputs.get(k) != inputs.get(k):
+            diffs.append(f"{k} ({saved_inputs.get(k, 'absent')} there, {inputs.get(k, 'absent')} now)")
+    saved_tc = dict(saved.get("train", {}))
+    if "betas" in saved_tc:
+        saved_tc["adam_betas"] = saved_tc.pop("betas")
+    now = tc.to_dict()
+    for k, v in now.items():
+        if k in _BOOKKEEPING or k not in saved_tc or saved_tc[k] == v:
+            continue
+        if k == "steps":
+            if at_step > v:
+                diffs.append(f"steps (the checkpoint is at step {at_step}, beyond {v}: nothing to train)")
+            elif tc.schedule == "cosine":
+                diffs.append(f"steps ({saved_tc[k]} there, {v} now; the cosine schedule of the steps taken depends on it)")
+            continue
+        diffs.append(f"{k} ({saved_tc[k]!r} there, {v!r} now)")
+    return diffs
+
+
+def check_run_folder(out_dir: str | Path, stage: str, model_config: GPTConfig, tc: TrainConfig,
+                     inputs: dict | None = None) -> int | None:
+    """Can a ``stage`` run with these settings use ``out_dir``? Reads only trainer_state.json.
+
+    Returns None when the folder holds no checkpoint (a fresh run), else the checkpoint's step
+    (the run resumes there, or is already complete when it is >= tc.steps). Raises
+    RunFolderError naming every difference when the checkpoint was made by a run with other
+    options or inputs (see :func:`_differences`), and CheckpointError for a damaged checkpoint
+    (for instance weights without a trainer_state.json: never treated as absent, never overwritten).
+    """
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoint"
+    if not has_checkpoint(ckpt_dir):
+        if ckpt_dir.exists() and (not ckpt_dir.is_dir() or any(ckpt_dir.iterdir())):
+            raise CheckpointError(f"{ckpt_dir} exists but holds no trainer_state.json: a damaged checkpoint, left as "
+                                  f"it is; move it away to start afresh, or use --overwrite")
+        return None
+    state = read_checkpoint_state(ckpt_dir)
+    step = int(state["step"])
+    diffs = _differences(state["config"], stage, model_config, tc, inputs or {}, step)
+    if diffs:
+        raise RunFolderError(f"{out_dir}: its {state['config'].get('stage', stage)} run was made with other settings: "
+                             + "; ".join(diffs) + ". Use a new --out, or --overwrite to discard that run")
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop shared by both stages, in small pieces
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class StageResult:
+    """What a stage returns. ``stopped_early``: interrupted (Ctrl-C) after saving a checkpoint at
+    ``step``; ``resumed_from``: the checkpoint step it continued from (None for a fresh start);
+    ``already_complete``: the folder's checkpoint had reached ``tc.steps``, nothing was trained."""
+
     params: dict
     step: int
     history: list = field(default_factory=list)
     stopped_early: bool = False
+    resumed_from: int | None = None
+    already_complete: bool = False
+
+
+class _Accumulator:
+    """Sums of the per-step device scalars (loss, grad norm, DPO metrics) between two log records,
+    read back to the host once per record. Its state is saved in each checkpoint, so the record
+    spanning an interruption averages the same steps, in the same order, as an uninterrupted run."""
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.sums: dict = {}
+        self.n = 0
+        self.finite = xp.ones((), dtype=bool)  # every loss and grad norm finite since the last check
+
+    def add(self, values: dict) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.finite = self.finite & self.xp.isfinite(values["loss"]) & self.xp.isfinite(values["grad_norm"])
+        self.n += 1
+
+    def means(self) -> dict:
+        out = {k: float(v) / self.n for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        return out
+
+    def state_dict(self) -> dict:
+        # a float32 device scalar read as a Python float is exact, and adding the next float32
+        # step value to it rounds to float32 again: resumed sums equal uninterrupted ones bit for bit
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "n": self.n}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.sums = {k: self.xp.asarray(v, dtype=self.xp.float32) for k, v in d.get("sums", {}).items()}
+        self.n = int(d.get("n", 0))
+
+
+@dataclass
+class _Loop:
+    """Everything one stage's loop carries between its small functions."""
+
+    stage: str
+    params: dict
+    model_config: GPTConfig
+    tc: TrainConfig
+    out_dir: Path
+    backend: Backend
+    inputs: dict
+    opt: AdamW = None
+    acc: _Accumulator = None
+    step: int = 0
+    elapsed_s: float = 0.0  # training time before this process (restored from the checkpoint)
+    t0: float = 0.0
+    last_saved: int | None = None  # step of the last good checkpoint on disk
+    history: list = field(default_factory=list)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def kept_checkpoint(self) -> str:
+        if self.last_saved is None:
+            return "no checkpoint of this run was written yet"
+        return f"the last good checkpoint is {self.ckpt_dir} (step {self.last_saved}), intact"
+
+
+def _resume(L: _Loop, resume: bool, stale: str) -> int | None:
+    """Restore parameters, optimizer, logging accumulators and the step from ``L.out_dir``'s
+    checkpoint when it holds one made by the same run; returns that step (None: fresh start).
+
+    stale: what to do when the checkpoint was made by a different run (see check_run_folder):
+    "raise" (RunFolderError) or "rebuild" (discard it and start afresh)."""
+    if resume:
+        try:
+            at = check_run_folder(L.out_dir, L.stage, L.model_config, L.tc, L.inputs)
+        except RunFolderError as err:
+            if stale != "rebuild":
+                raise
+            say(f"[{L.stage}] {L.out_dir} was built from other inputs or options; rebuilding it ({err})")
+            discard_stage(L.out_dir)
+            at = None
+    else:  # start afresh; a checkpoint already there is replaced only by this run's first save
+        at = None
+    if at is None:
+        L.metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
+        return None
+    ck = load_checkpoint(L.ckpt_dir, backend=L.backend)
+    verify_params(ck.params, L.model_config, L.ckpt_dir, like=L.params)
+    for k in L.params:
+        L.params[k][...] = ck.params[k]  # same shape and dtype: checked above
+    if ck.optimizer_state is not None:
+        L.opt.load_state_dict(ck.optimizer_state)
+    L.step = L.last_saved = int(ck.step)
+    L.acc.load_state_dict(ck.extra.get("log_accumulator", {}))
+    L.elapsed_s = float(ck.extra.get("elapsed_s", 0.0))
+    # drop records logged after the checkpoint (they will be redone), through a temporary file
+    kept = [r for r in read_metrics(L.metrics_path) if r.get("step", 0) <= L.step]
+    _write_text_atomic(L.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    return L.step
+
+
+def _check_finite(L: _Loop, since: int) -> None:
+    """The device flag of the accumulator: every loss and gradient norm since ``since`` finite."""
+    if not bool(L.acc.finite):
+        raise NonFiniteError(
+            f"{L.stage}: non-finite loss or gradient between steps {since} and {L.step}; training stopped. "
+            f"{L.kept_checkpoint()[0].upper()}{L.kept_checkpoint()[1:]}; try a lower learning rate or a smaller beta.")
+
+
+def _save(L: _Loop) -> None:
+    """Checkpoint at L.step, after checking that the loss, gradients and every updated parameter
+    are finite (a non-finite update is never saved over the last good checkpoint)."""
+    _check_finite(L, L.last_saved or 0)
+    xp = L.backend.xp
+    bad = [k for k, v in L.params.items() if not bool(xp.isfinite(v).all())]
+    if bad:
+        raise NonFiniteError(f"{L.stage}: parameter {bad[0]} is not finite after step {L.step} "
+                             f"({len(bad)} parameter(s) in all); training stopped, nothing saved. "
+                             f"{L.kept_checkpoint()[0].upper()}{L.kept_checkpoint()[1:]}; try a lower learning rate.")
+    config = {"model": L.model_config.to_dict(), "train": L.tc.to_dict(), "stage": L.stage, "inputs": L.inputs}
+    extra = {"log_accumulator": L.acc.state_dict(), "elapsed_s": L.elapsed_s + time.perf_counter() - L.t0}
+    try:
+        save_checkpoint(L.ckpt_dir, L.params, config, step=L.step, optimizer_state=L.opt.state_dict(), extra=extra)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write the checkpoint {L.ckpt_dir} ({err.strerror or err}); "
+                      f"{L.kept_checkpoint()}") from err
+    L.last_saved = L.step
+
+
+def _write_record(L: _Loop, rec: dict) -> None:
+    try:
+        _append_jsonl(L.metrics_path, rec)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write {L.metrics_path} ({err.strerror or err}); {L.kept_checkpoint()}") from err
+    L.history.append(rec)
+
+
+def _train_step(L: _Loop, n_items: int, make_batch: Callable, step_fn: Callable) -> float:
+    """One optimizer step on batch number L.step; returns the learning rate used."""
+    tc, xp = L.tc, L.backend.xp
+    batch = make_batch(batch_for_step(L.step, n_items, tc.batch_size, tc.seed))
+    loss, metrics, grads = step_fn(L.params, batch)
+    # the global norm before clipping (max_norm inf: measured only)
+    gnorm = clip_grad_norm(grads, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+    lr = lr_at(L.step, tc.lr, tc.warmup_steps, tc.steps, tc.schedule, tc.min_lr_ratio)
+    L.opt.step(L.params, grads, lr=lr)
+    del grads, batch  # free them before the next step's forward, not after it
+    L.step += 1
+    L.acc.add({"loss": loss, "grad_norm": gnorm, **metrics})  # device scalars; read once per record
+    return lr
+
+
+def _log(L: _Loop, lr: float, bar) -> None:
+    """One metrics record: the means over the steps since the previous record."""
+    _check_finite(L, L.step - L.acc.n)
+    rec = {"stage": L.stage, "step": L.step, "lr": lr,
+           "time_s": round(L.elapsed_s + time.perf_counter() - L.t0, 3), **L.acc.means()}
+    _write_record(L, rec)
+    post = {"loss": f"{rec['loss']:.4f}"}
+    if "rewards/accuracies" in rec:
+        post["acc"] = f"{rec['rewards/accuracies']:.2f}"
+        post["margin"] = f"{rec['rewards/margins']:.3f}"
+    bar.set_postfix(post)
+
+
+def _evaluate(L: _Loop, eval_fn: Callable, bar) -> None:
+    rec = {"stage": L.stage, "step": L.step, **eval_fn(L.params)}
+    _write_record(L, rec)
+    if L.step > 0:
+        bar.write(f"[{L.stage} step {L.step}] " + "  ".join(
+            f"{k[5:]}={v:.4f}" for k, v in rec.items() if k.startswith("eval/")))
 
 
 def _run_loop(
     stage: str, params: dict, model_config: GPTConfig, tc: TrainConfig, n_items: int,
     make_batch: Callable[[np.ndarray], dict], step_fn: Callable, out_dir: Path, backend: Backend,
-    eval_fn: Callable[[dict], dict] | None = None, resume: bool = True,
+    eval_fn: Callable[[dict], dict] | None = None, resume: bool = True, inputs: dict | None = None,
+    stale: str = "raise", prepare: Callable[[], None] | None = None,
 ) -> StageResult:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / "checkpoint"
-    metrics_path = out_dir / "metrics.jsonl"
-    opt = AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    step = 0
-    if resume and has_checkpoint(ckpt_dir):
-        ck = load_checkpoint(ckpt_dir, backend=backend)
-        if ck.config.get("model") != model_config.to_dict():
-            raise ValueError(f"{ckpt_dir}: checkpoint model config differs from this run's; use a new --out")
-        saved_tc = ck.config.get("train", {})
-        changed = sorted(k for k, v in tc.to_dict().items()
-                         if k not in _RESUMABLE_CHANGES and k in saved_tc and saved_tc[k] != v)
-        if changed:
-            warnings.warn(f"{ckpt_dir}: resuming with training options that differ from the checkpoint's: "
-                          + ", ".join(f"{k} {saved_tc[k]!r} -> {tc.to_dict()[k]!r}" for k in changed), stacklevel=3)
-        for k in params:
-            params[k][...] = ck.params[k]
-        if ck.optimizer_state is not None:
-            opt.load_state_dict(ck.optimizer_state)
-        step = int(ck.step)
-        if metrics_path.exists():  # drop records logged after the checkpoint: they will be redone
-            kept = [l for l in metrics_path.read_text(encoding="utf-8").splitlines()
-                    if l.strip() and json.loads(l).get("step", 0) <= step]
-            metrics_path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
-    elif metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log
-
-    def save(at_step: int) -> None:
-        save_checkpoint(ckpt_dir, params, {"model": model_config.to_dict(), "train": tc.to_dict(), "stage": stage},
-                        step=at_step, optimizer_state=opt.state_dict())
-
-    xp = backend.xp
-    history = []
-    finite = xp.ones((), dtype=bool)  # device flag: all losses and grad norms finite since last check
-    sums: dict = {}
-    n_acc = 0
-    last_good_step = step
-    t0 = time.perf_counter()
-    stopped = False
-    bar = _progress(tc.steps, step, stage, tc.progress)
-
-    def check_finite(at_step: int) -> None:
-        if not bool(finite):
-            raise NonFiniteError(
-                f"{stage}: non-finite loss or gradient between steps {last_good_step} and {at_step}; "
-                f"training stopped. The last good checkpoint is {ckpt_dir} (step {last_good_step}); "
-                f"try a lower learning rate or a smaller beta."
-            )
-
-    if eval_fn is not None and step == 0 and tc.steps > 0:  # the starting point, for the curves
-        rec = {"stage": stage, "step": 0, **eval_fn(params)}
-        _append_jsonl(metrics_path, rec)
-        history.append(rec)
-    with _StopRequested() as stop:
-        try:
-            while step < tc.steps:
-                idx = batch_for_step(step, n_items, tc.batch_size, tc.seed)
-                batch = make_batch(idx)
-                loss, metrics, grads = step_fn(params, batch)
-                # the global norm before clipping (max_norm inf: measured only)
-                gnorm = clip_grad_norm(grads, tc.grad_clip if tc.grad_clip > 0 else math.inf)
-                finite = finite & xp.isfinite(loss) & xp.isfinite(gnorm)
-                lr = lr_at(step, tc.lr, tc.warmup_steps, tc.steps, tc.schedule, tc.min_lr_ratio)
-                opt.step(params, grads, lr=lr)
-                del grads, batch  # free them before the next step's forward, not after it
-                step += 1
-                # accumulate device scalars; read them back once per log interval
-                for k, v in {"loss": loss, "grad_norm": gnorm, **metrics}.items():
-                    sums[k] = sums[k] + v if k in sums else v
-                n_acc += 1
-                bar.update(1)
-                is_last = step == tc.steps
-                if step % tc.log_every == 0 or is_last or stop.requested:
-                    check_finite(step)
-                    last_good_step = step
-                    rec = {"stage": stage, "step": step, "lr": lr, "time_s": round(time.perf_counter() - t0, 3)}
-                    rec.update({k: float(v) / n_acc for k, v in sums.items()})
-                    sums, n_acc = {}, 0
-                    _append_jsonl(metrics_path, rec)
-                    history.append(rec)
-                    post = {"loss": f"{rec['loss']:.4f}"}
-                    if "rewards/accuracies" in rec:
-                        post["acc"] = f"{rec['rewards/accuracies']:.2f}"
-                        post["margin"] = f"{rec['rewards/margins']:.3f}"
-                    bar.set_postfix(post)
-                if eval_fn is not None and (step % tc.eval_every == 0 or is_last):
-                    rec = {"stage": stage, "step": step, **eval_fn(params)}
-                    _append_jsonl(metrics_path, rec)
-                    history.append(rec)
-                    bar.write(f"[{stage} step {step}] " + "  ".join(
-                        f"{k[5:]}={v:.4f}" for k, v in rec.items() if k.startswith("eval/")))
-                if (step % tc.save_every == 0 and not is_last) or stop.requested:
-                    check_finite(step)
-                    save(step)
-                if stop.requested:
-                    bar.write(f"[{stage}] interrupted: checkpoint saved at step {step} in {ckpt_dir}; "
-                              f"run the same command again to resume.")
-                    stopped = True
-                    break
-        finally:
-            bar.close()
-    if not stopped:
-        check_finite(step)
-        save(step)
-    return StageResult(params=params, step=step, history=history, stopped_early=stopped)
+    """Train ``params`` in place from the folder's checkpoint (if any) to ``tc.steps``: each step
+    :func:`_train_step`, then a metrics record every ``log_every`` steps, a held-out evaluation
+    every ``eval_every``, a checkpoint every ``save_every`` and at the end; Ctrl-C saves and stops."""
+    L = _Loop(stage, params, model_config, tc, Path(out_dir), backend, dict(inputs or {}))
+    L.out_dir.mkdir(parents=True, exist_ok=True)
+    L.opt = AdamW(params, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay)
+    L.acc = _Accumulator(backend.xp)
+    with run_lock(L.out_dir):
+        resumed = _resume(L, resume, stale)
+        if resumed is not None and resumed >= tc.steps:
+            say(f"[{stage}] already complete at step {resumed} ({L.ckpt_dir}); nothing to train")
+            return StageResult(params, resumed, read_metrics(L.metrics_path), resumed_from=resumed, already_complete=True)
+        if resumed is not None:
+            say(f"[{stage}] resuming at step {resumed} of {tc.steps} from {L.ckpt_dir}")
+        if prepare is not None:  # work only a run that trains needs (DPO: the reference log-probs)
+            prepare()
+        L.history = read_metrics(L.metrics_path)
+        L.t0 = time.perf_counter()
+        stopped = False
+        with _StopRequested() as stop:
+            bar = _progress(tc.steps, L.step, stage, tc.progress)
+            interrupt_hook(f"{stage}:start")
+            try:
+                at_start = L.step == 0 and not any(r.get("step") == 0 for r in L.history)
+                if eval_fn is not None and at_start and tc.steps > 0:  # the starting point, for the curves
+                    _evaluate(L, eval_fn, bar)
+                while L.step < tc.steps and not stop.requested:
+                    lr = _train_step(L, n_items, make_batch, step_fn)
+                    bar.update(1)
+                    interrupt_hook(f"{stage}:step={L.step}")
+                    is_last = L.step == tc.steps
+                    if L.step % tc.log_every == 0 or is_last:
+                        _log(L, lr, bar)
+                    if eval_fn is not None and (L.step % tc.eval_every == 0 or is_last):
+                        _evaluate(L, eval_fn, bar)
+                    if L.step % tc.save_every == 0 and not is_last:
+                        _save(L)
+                stopped = stop.requested and L.step < tc.steps
+                if stopped and L.last_saved != L.step:
+                    _save(L)
+            finally:
+                bar.close()
+        if stopped:
+            say(f"[{stage}] interrupted: checkpoint saved at step {L.step} of {tc.steps} in {L.ckpt_dir}; "
+                f"run the same command again to resume.")
+        else:
+            _save(L)
+    return StageResult(params=params, step=L.step, history=L.history, stopped_early=stopped, resumed_from=resumed)
 
 
 def check_token_ids(rows, vocab_size: int, what: str) -> None:
@@ -424,15 +807,28 @@ def check_token_ids(rows, vocab_size: int, what: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def stage_inputs(items: Sequence, eval_items: Sequence | None, inputs: dict | None, **more) -> dict:
+    """What a stage is built from, recorded in its checkpoints and compared on every re-run:
+    fingerprints of the training and held-out examples (and of the reference for DPO), plus the
+    caller's own entries (a CLI records its data files, tokenizer and starting model there)."""
+    d = {"data": fingerprint(list(items)), "eval_data": fingerprint(list(eval_items)) if eval_items else None}
+    d.update(more)
+    d.update(inputs or {})
+    return d
+
+
 def train_sft(
     params: dict, model_config: GPTConfig, items: Sequence, pad_id: int, tc: TrainConfig,
     out_dir: str | Path, backend: Backend | str = "cpu", eval_items: Sequence | None = None, resume: bool = True,
+    inputs: dict | None = None, stale: str = "raise",
 ) -> StageResult:
     """Stage 1, pi_SFT: minimise the per-token NLL of the responses of ``items``
     (tokenized (prompt, response) pairs from :func:`minidpo.data.tokenize_sft`).
 
     ``params`` are updated in place and also returned. Checkpoints and ``metrics.jsonl`` go to
-    ``out_dir``; an existing checkpoint there is resumed from (``resume=True``)."""
+    ``out_dir``. An existing checkpoint there is resumed from (``resume=True``) when it was made
+    by the same run (same model, data, ``inputs`` and training options; more ``steps`` extend
+    it); otherwise ``stale="raise"`` raises RunFolderError and ``stale="rebuild"`` discards it."""
     backend = get_backend(backend)
     if not items:
         raise ValueError("SFT needs at least one example")
@@ -463,36 +859,46 @@ def train_sft(
             return {"eval/nll": nll, "eval/perplexity": math.exp(min(nll, 50.0))}
 
     return _run_loop("sft", params, model_config, tc, len(items), make_batch, step_fn, Path(out_dir), backend,
-                     eval_fn=eval_fn, resume=resume)
+                     eval_fn=eval_fn, resume=resume, inputs=stage_inputs(items, eval_items, inputs), stale=stale)
 
 
 def train_dpo(
     policy: dict, reference: dict, model_config: GPTConfig, pairs: Sequence, pad_id: int, tc: TrainConfig,
     out_dir: str | Path, backend: Backend | str = "cpu", eval_pairs: Sequence | None = None, resume: bool = True,
+    inputs: dict | None = None, stale: str = "raise",
 ) -> StageResult:
     """Stage 2: minimise the DPO loss (eq. 7, or the variant ``tc.loss_type``) of ``policy``
     against the frozen ``reference`` on tokenized preference ``pairs``.
 
     ``policy`` is updated in place; ``reference`` is never written. With
     ``tc.cache_reference`` the reference log-probs of every training and held-out pair are
-    computed once here; otherwise each step runs the reference forward pass on its batch."""
+    computed once, before the first step (with a progress bar); otherwise each step runs the
+    reference forward pass on its batch. The reference's fingerprint is one of the recorded
+    inputs, so a run folder built against another reference is never resumed (see train_sft
+    for ``resume``, ``inputs`` and ``stale``)."""
     backend = get_backend(backend)
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
     check_token_ids(pairs, model_config.vocab_size, "preference pair")
     if eval_pairs:
         check_token_ids(eval_pairs, model_config.vocab_size, "held-out preference pair")
-    if tc.cache_reference:
-        ref_c, ref_r = batched_sequence_logps(reference, model_config, pairs, pad_id, tc.eval_batch_size,
-                                              backend, tc.average_logps)
-        ref_c = backend.asarray(ref_c.astype(np.float32))
-        ref_r = backend.asarray(ref_r.astype(np.float32))
+    cache: dict = {}
+
+    def prepare():
+        show = "reference log-probs" if tc.progress else None
+        if tc.cache_reference:
+            c, r = batched_sequence_logps(reference, model_config, pairs, pad_id, tc.eval_batch_size, backend,
+                                          tc.average_logps, desc=show)
+            cache["c"], cache["r"] = backend.asarray(c.astype(np.float32)), backend.asarray(r.astype(np.float32))
+        if eval_pairs:
+            cache["eval"] = batched_sequence_logps(reference, model_config, eval_pairs, pad_id, tc.eval_batch_size,
+                                                   backend, tc.average_logps, desc=show and "held-out " + show)
 
     def make_batch(idx):
         batch = collate_preferences([pairs[i] for i in idx], pad_id, backend=backend)
         if tc.cache_reference:
             didx = backend.asarray(idx)
-            batch["ref_chosen"], batch["ref_rejected"] = ref_c[didx], ref_r[didx]
+            batch["ref_chosen"], batch["ref_rejected"] = cache["c"][didx], cache["r"][didx]
         else:
             logits = inference_logits(reference, batch["input_ids"], model_config, validate=False)
             logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=tc.average_logps,
@@ -507,11 +913,9 @@ def train_dpo(
 
     eval_fn = None
     if eval_pairs:
-        e_ref_c, e_ref_r = batched_sequence_logps(reference, model_config, eval_pairs, pad_id, tc.eval_batch_size,
-                                                  backend, tc.average_logps)
-
         def eval_fn(p):
-            return evaluate_preferences(p, model_config, eval_pairs, e_ref_c, e_ref_r, pad_id, tc, backend)
+            return evaluate_preferences(p, model_config, eval_pairs, *cache["eval"], pad_id, tc, backend)
 
     return _run_loop("dpo", policy, model_config, tc, len(pairs), make_batch, step_fn, Path(out_dir), backend,
-                     eval_fn=eval_fn, resume=resume)
+                     eval_fn=eval_fn, resume=resume, stale=stale, prepare=prepare,
+                     inputs=stage_inputs(pairs, eval_pairs, inputs, reference=fingerprint(reference)))

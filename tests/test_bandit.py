@@ -66,3 +66,9 @@ def test_bad_options_are_rejected(bandit, capsys):
         with pytest.raises(SystemExit):
             bandit.main(argv + ["--no-plot"])
     assert "must be > 0" in capsys.readouterr().err
+
+
+def test_the_plot_goes_under_runs_not_into_the_repository(bandit, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bandit.main(["--steps", "20", "--pairs", "200", "--mode", "exact"])
+    assert (tmp_path / "runs" / "bandit.png").is_file() and not (tmp_path / "bandit.png").exists()

@@ -183,8 +183,8 @@ def test_clear_errors(tmp_path):
     state_file.write_text(json.dumps({"hello": 1}))
     with pytest.raises(CheckpointError, match="not a minidpo-checkpoint"):
         load_checkpoint(path)
-    state_file.unlink()
-    with pytest.raises(FileNotFoundError, match="trainer_state.json"):
+    state_file.unlink()  # weights without their state: damaged, never taken for "no checkpoint"
+    with pytest.raises(CheckpointError, match="model.safetensors but no trainer_state.json: a damaged checkpoint"):
         load_checkpoint(path)
     state_file.write_text(good_state)
 

@@ -398,3 +398,26 @@ def test_batch_indices():
     assert batch_indices(20, 20, rng)[0].tolist() == e1.tolist()
     with pytest.raises(ValueError, match="batch_size"):
         batch_indices(5, 0, rng)
+
+
+def test_a_duplicate_key_is_an_error_naming_file_line_and_key(tmp_path):
+    # the last "chosen" would win and flip the label: refused, never trained on
+    f = tmp_path / "dup.jsonl"
+    f.write_text('{"prompt": "p", "chosen": "good", "rejected": "bad"}\n'
+                 '{"prompt": "p", "chosen": "good", "rejected": "bad", "chosen": "bad!"}\n')
+    with pytest.raises(DataError, match=r"dup.jsonl:2: duplicate key 'chosen'"):
+        read_preferences(f)
+    with pytest.warns(DataWarning, match="dup.jsonl:2: duplicate key"):
+        data = read_preferences(f, on_error="warn")
+    assert len(data) == 1 and data.skipped == 1
+
+
+def test_a_lone_surrogate_is_an_error_with_file_and_line(tmp_path):
+    f = tmp_path / "sur.jsonl"
+    f.write_text('{"prompt": "p", "chosen": "ok", "rejected": "no"}\n{"prompt": "p", "chosen": "\\ud800", "rejected": "no"}\n')
+    with pytest.raises(DataError, match=r"sur.jsonl:2: key 'chosen' holds a lone surrogate"):
+        read_preferences(f)
+    g = tmp_path / "sur_sft.jsonl"
+    g.write_text('{"text": "fine"}\n{"text": "x\\udfff"}\n')
+    with pytest.raises(DataError, match=r"sur_sft.jsonl:2: key 'text' holds a lone surrogate"):
+        read_sft_corpus(g)

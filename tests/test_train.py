@@ -14,7 +14,7 @@ from minidpo.data import PreferenceExample, TokenizedPair, build_preference_data
 from minidpo.logprobs import sequence_logps
 from minidpo.model import GPTConfig, gpt_forward, init_params
 from minidpo.tokenizer import BPETokenizer
-from minidpo.train import NonFiniteError, TrainConfig, batch_for_step, batched_sequence_logps, train_dpo, train_sft
+from minidpo.train import NonFiniteError, RunFolderError, TrainConfig, batch_for_step, batched_sequence_logps, train_dpo, train_sft
 
 GOOD = ["great", "lovely", "superb", "wonderful", "brilliant", "charming"]
 BAD = ["awful", "boring", "dreadful", "terrible", "clumsy", "dull"]
@@ -197,7 +197,7 @@ def test_padded_concatenated_batch_equals_one_at_a_time(seed):
         np.testing.assert_allclose(batched[row], alone[0], rtol=1e-10, atol=1e-10)
 
 
-def test_crash_then_resume_keeps_one_metrics_record_per_step_and_warns_on_changed_options(world, tmp_path):
+def test_crash_then_resume_keeps_one_metrics_record_per_step_and_refuses_changed_options(world, tmp_path):
     tok, cfg, pairs, _, sft_items = world
     import minidpo.train as T
 
@@ -218,9 +218,15 @@ def test_crash_then_resume_keeps_one_metrics_record_per_step_and_warns_on_change
     finally:
         T.sft_step = original
     assert load_checkpoint(tmp_path / "checkpoint").step == 4
-    with pytest.warns(UserWarning, match="lr 0.003 -> 0.001"):
+    # another learning rate is another run: refused, naming the option, and nothing is touched
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(RunFolderError, match=r"lr \(0.003 there, 0.001 now\).*new --out, or --overwrite"):
         train_sft(init_params(cfg, "cpu", seed=4), cfg, sft_items, tok.pad_id,
                   small_tc(steps=10, log_every=2, save_every=4, lr=1e-3), tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert load_checkpoint(tmp_path / "checkpoint").step == 4
+    train_sft(init_params(cfg, "cpu", seed=4), cfg, sft_items, tok.pad_id,
+              small_tc(steps=10, log_every=2, save_every=4), tmp_path)
     steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8, 10]
 
@@ -233,3 +239,104 @@ def test_inference_logits_equal_the_training_forward(world):
     batch = collate_preferences(pairs[:5], pad_id=tok.pad_id)
     full, _ = gpt_forward(params, batch["input_ids"], cfg)
     np.testing.assert_allclose(inference_logits(params, batch["input_ids"], cfg), full, rtol=1e-12, atol=1e-12)
+
+
+def test_a_non_finite_update_is_never_saved_and_the_message_names_a_good_checkpoint(world, tmp_path, monkeypatch):
+    """Loss and gradient finite, the update not (an overflowing step): the parameters are checked
+    before every save, the good checkpoint stays, and the message names it (and its step)."""
+    tok, cfg, pairs, _, sft_items = world
+    import minidpo.train as T
+
+    original = T.AdamW.step
+    calls = {"n": 0}
+
+    def overflowing(self, params, grads, lr):
+        original(self, params, grads, lr=lr)
+        calls["n"] += 1
+        if calls["n"] == 6:  # the update just before the step-6 save
+            params["transformer.h.1.mlp.c_fc.bias"][0] = np.inf
+
+    monkeypatch.setattr(T.AdamW, "step", overflowing)
+    params = init_params(cfg, "cpu", seed=6)
+    with pytest.raises(NonFiniteError) as err:
+        train_sft(params, cfg, sft_items, tok.pad_id, small_tc(steps=12, log_every=100, save_every=3), tmp_path)
+    msg = str(err.value)
+    assert "transformer.h.1.mlp.c_fc.bias is not finite after step 6" in msg
+    assert f"{tmp_path / 'checkpoint'} (step 3), intact" in msg
+    good = load_checkpoint(tmp_path / "checkpoint")
+    assert good.step == 3 and all(np.isfinite(v).all() for v in good.params.values())
+    # before any checkpoint exists, the message says so (it names no step-0 checkpoint)
+    calls["n"] = 0
+    with pytest.raises(NonFiniteError, match="No checkpoint of this run was written yet"):
+        train_sft(init_params(cfg, "cpu", seed=6), cfg, sft_items, tok.pad_id,
+                  small_tc(steps=12, log_every=100, save_every=6), tmp_path / "fresh")
+    assert not (tmp_path / "fresh" / "checkpoint").exists()
+
+
+def test_metrics_log_a_torn_last_line_is_dropped_with_a_warning_and_resume_goes_on(world, tmp_path):
+    tok, cfg, _, _, sft_items = world
+    import minidpo.train as T
+
+    with interrupt_at("sft_step", 6):
+        train_sft(init_params(cfg, "cpu", seed=7), cfg, sft_items, tok.pad_id, small_tc(steps=10, log_every=2), tmp_path)
+    log = tmp_path / "metrics.jsonl"
+    with open(log, "a") as f:
+        f.write('{"stage": "sft", "step": 6, "lo')  # a full disk cut this write short
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:4: dropped a torn last record"):
+        res = train_sft(init_params(cfg, "cpu", seed=7), cfg, sft_items, tok.pad_id, small_tc(steps=10, log_every=2),
+                        tmp_path)
+    assert res.step == 10 and [r["step"] for r in T.read_metrics(log)] == [2, 4, 6, 8, 10]
+    # a bad record before the last one is an error naming the file and line
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:2] + ["{bad"] + lines[2:]) + "\n")
+    with pytest.raises(RunFolderError, match=r"metrics.jsonl:3: corrupt metrics record"):
+        T.read_metrics(log)
+
+
+def test_resume_rewrites_the_log_through_a_rename(world, tmp_path, monkeypatch):
+    """A resume drops the records after the checkpoint by writing a new file and renaming it: a
+    crash half-way leaves the old log whole (it used to rewrite it in place)."""
+    tok, cfg, _, _, sft_items = world
+    import minidpo.train as T
+
+    with interrupt_at("sft_step", 6):
+        train_sft(init_params(cfg, "cpu", seed=8), cfg, sft_items, tok.pad_id, small_tc(steps=10, log_every=2), tmp_path)
+    log = tmp_path / "metrics.jsonl"
+    before = log.read_text()
+
+    def crash(*a, **kw):
+        raise MemoryError("killed while rewriting")
+
+    monkeypatch.setattr(T.os, "replace", crash)
+    with pytest.raises(MemoryError):
+        train_sft(init_params(cfg, "cpu", seed=8), cfg, sft_items, tok.pad_id, small_tc(steps=10, log_every=2), tmp_path)
+    assert log.read_text() == before and len(before.splitlines()) == 3
+
+
+@pytest.mark.parametrize("field, value", [("steps", -1), ("batch_size", 0), ("log_every", 0), ("save_every", 0),
+                                          ("eval_every", 0), ("eval_batch_size", 0), ("grad_clip", -1.0),
+                                          ("lr", 0.0), ("beta", 0.0), ("adam_betas", (0.9, 1.0)),
+                                          ("schedule", "linear"), ("loss_type", "dpo"), ("label_smoothing", 0.6)])
+def test_train_config_refuses_nonsense_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_old_checkpoints_betas_read_as_adam_betas():
+    tc = TrainConfig.from_dict({"betas": [0.9, 0.999], "steps": 3})
+    assert tc.adam_betas == (0.9, 0.999) and "betas" not in tc.to_dict()
+
+
+def test_ctrl_c_before_the_first_step_resumes_without_a_second_starting_record(world, tmp_path, monkeypatch):
+    tok, cfg, pairs, held, _ = world
+    ref = init_params(cfg, "cpu", seed=9)
+    tc = small_tc(steps=4, log_every=2, eval_every=2)
+    monkeypatch.setenv("MINIDPO_TEST_INTERRUPT_AT", "dpo:start")
+    res = train_dpo({k: v.copy() for k, v in ref.items()}, ref, cfg, pairs, tok.pad_id, tc, tmp_path, eval_pairs=held)
+    assert res.stopped_early and res.step == 0
+    monkeypatch.delenv("MINIDPO_TEST_INTERRUPT_AT")
+    res = train_dpo({k: v.copy() for k, v in ref.items()}, ref, cfg, pairs, tok.pad_id, tc, tmp_path, eval_pairs=held)
+    assert res.step == 4 and res.resumed_from == 0
+    steps = [(r["step"], "eval/loss" in r) for r in json.loads("[" + ",".join(
+        (tmp_path / "metrics.jsonl").read_text().splitlines()) + "]")]
+    assert steps == [(0, True), (2, False), (2, True), (4, False), (4, True)]
