@@ -20,8 +20,8 @@ Ctrl-C saves a checkpoint and exits with status 130.
 
 Exit status: 0 done (or already complete); 1 an error (bad data, model, checkpoint, run folder,
 file or disk; one line "minidpo: error: ..."); 2 a bad command line or option value; 3 training
-stopped on a non-finite loss, gradient or parameter (the last good checkpoint is kept);
-130 interrupted (Ctrl-C; during training a checkpoint is saved first); 141 the output pipe was
+stopped on a non-finite loss, gradient or parameter (the last good checkpoint is kept; for
+`verify`: 1 a property failed, 3 the loss's framework is not installed); 130 interrupted (Ctrl-C; during training a checkpoint is saved first); 141 the output pipe was
 closed (e.g. piped into head).
 """
 
@@ -407,7 +407,10 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
-def cmd_verify(args) -> None:
+EXIT_NO_FRAMEWORK = 3  # verify: the loss's framework is not installed (nothing was checked)
+
+
+def cmd_verify(args) -> int:
     """Property-check a DPO loss function (minidpo.verify.check_loss).
 
     Exit status: 0 all properties hold, 1 a property failed, 3 the framework is not installed.
@@ -428,7 +431,7 @@ def cmd_verify(args) -> None:
     except ModuleNotFoundError as err:
         if err.name in ("torch", "jax", "jaxlib"):  # the loss's own framework is missing: report it
             print(f"{args.function}: not checked: framework {err.name!r} is not installed")
-            raise SystemExit(3) from None
+            return EXIT_NO_FRAMEWORK
         _die(f"cannot import {args.function}: {err}")
     except ImportError as err:
         _die(f"cannot import {args.function}: {err}")
@@ -438,10 +441,9 @@ def cmd_verify(args) -> None:
                             ipo_convention=args.ipo_convention, require_detached_reference=args.require_detached_reference)
     except FrameworkUnavailable as err:
         print(f"{args.function}: not checked: {err}")
-        raise SystemExit(3) from None
+        return EXIT_NO_FRAMEWORK
     print(report.table())
-    if not report.ok:
-        raise SystemExit(1)
+    return EXIT_OK if report.ok else EXIT_ERROR
 
 
 # ---------------------------------------------------------------------------------------- parser
@@ -623,16 +625,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="a new or empty folder (or a GPT-2 directory to replace)")
     sp.set_defaults(func=cmd_export)
 
-    sp = sub.add_parser("verify", help="check a DPO loss function (yours, in NumPy/PyTorch/JAX) against the paper's properties")
+    sp = add("verify", help="check a DPO loss function (yours, in NumPy/PyTorch/JAX) against the paper's properties")
     sp.add_argument("function", help="MODULE:FUNCTION or path/to/file.py:FUNCTION, called as "
                     "fn(pi_w, pi_l, ref_w, ref_l, beta, **hyper-parameters) on (N,) arrays")
-    sp.add_argument("--framework", choices=["numpy", "torch", "jax"], default="torch")
-    sp.add_argument("--variant", choices=["dpo", "cdpo", "robust", "ipo", "hinge"], default="dpo")
+    sp.add_argument("--framework", choices=["numpy", "torch", "jax"], default="torch",
+                    help="the function's array library (gradients by its autograd; NumPy: central differences)")
+    sp.add_argument("--variant", choices=["dpo", "cdpo", "robust", "ipo", "hinge"], default="dpo",
+                    help="which loss the function claims to compute (its laws are checked)")
     sp.add_argument("--label-smoothing", type=float, default=0.1, help="eps for cdpo/robust, passed as label_smoothing=")
     sp.add_argument("--arg", action="append", metavar="KEY=VALUE", help="a fixed keyword argument (JSON value), e.g. ipo=true")
     sp.add_argument("--max-examples", type=int, default=25, help="hypothesis examples per property")
-    sp.add_argument("--reduction", choices=["none", "mean", "sum"], default=None, help="require this batch reduction")
-    sp.add_argument("--ipo-convention", choices=["summed", "per_token"], default=None, help="require this IPO log-prob convention")
+    sp.add_argument("--reduction", choices=["none", "mean", "sum"], default=None, help="require this batch reduction (default: detect and report it)")
+    sp.add_argument("--ipo-convention", choices=["summed", "per_token"], default=None, help="require this IPO log-prob convention (default: detect and report it)")
     sp.add_argument("--require-detached-reference", action="store_true",
                     help="fail if gradient reaches reference log-probs that require grad")
     sp.set_defaults(func=cmd_verify)

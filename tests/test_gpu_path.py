@@ -52,15 +52,20 @@ def weights(run_dir: Path) -> dict:
 
 
 @requires_cuda
-def test_cli_on_cuda(files, tmp_path, capsys):
+def test_cli_on_cuda(files, tmp_path, capsys, monkeypatch):
     d, t = files, tmp_path
     assert run(["tokenizer", "--corpus", d / "sft.jsonl", "--vocab-size", 300, "--out", t / "tok"], capsys)[0] == 0
-    sft = ["sft", "--data", d / "sft.jsonl", "--tokenizer", t / "tok", *MODEL, *TRAIN, "--device", "cuda"]
-    code, out, err = run([*sft, "--steps", 8, "--out", t / "sft"], capsys)
+    sft = ["sft", "--data", d / "sft.jsonl", "--tokenizer", t / "tok", *MODEL, *TRAIN, "--device", "cuda", "--steps", 8]
+    code, out, err = run([*sft, "--out", t / "sft"], capsys)
     assert code == 0, err
-    # resume: 4 steps, then the same command extended to 8, equals 8 steps straight, bit for bit
-    assert run([*sft, "--steps", 4, "--out", t / "sft-resumed"], capsys)[0] == 0
-    assert run([*sft, "--steps", 8, "--out", t / "sft-resumed"], capsys)[0] == 0
+    # an interruption at step 3 (Ctrl-C: checkpoint, exit 130), then the same command resumes
+    # and ends where the uninterrupted run ended, bit for bit
+    monkeypatch.setenv("MINIDPO_TEST_INTERRUPT_AT", "sft:step=3")
+    code, out, err = run([*sft, "--out", t / "sft-resumed"], capsys)
+    assert code == 130 and "done:" not in out, (out, err)
+    monkeypatch.delenv("MINIDPO_TEST_INTERRUPT_AT")
+    code, out, err = run([*sft, "--out", t / "sft-resumed"], capsys)
+    assert code == 0 and "resuming at step 3 of 8" in out, (out, err)
     a, b = weights(t / "sft"), weights(t / "sft-resumed")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     dpo = ["dpo", "--data", d / "prefs.jsonl", "--ref", t / "sft", *TRAIN, "--steps", 6, "--device", "cuda"]
@@ -133,3 +138,18 @@ def test_train_tiny_on_cuda_matches_the_cpu_run(tmp_path):
         assert abs(a["reward_mean"] - b["reward_mean"]) < 4 * np.hypot(a["reward_se"], b["reward_se"]), (a, b)
     assert abs(cpu["dpo"]["kl"] - on["dpo"]["kl"]) < 4 * np.hypot(cpu["dpo"]["kl_se"], on["dpo"]["kl_se"])
     assert abs(cpu["dpo"]["accuracy"] - on["dpo"]["accuracy"]) < 0.15
+
+
+@pytest.mark.slow
+def test_frontier_quick_on_cuda(tmp_path):
+    """Every method of examples/frontier.py (reward model, PPO, PPO-GT, baselines, online DPO)
+    runs on the CuPy path and gives finite points."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    if not CUDA_OK:
+        env = cupy_standin.subprocess_env(env)
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "frontier.py"), "--quick", "--device", "cuda",
+                        "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    runs = json.loads((tmp_path / "frontier.json").read_text())["runs"]
+    assert len({x["method"] for x in runs}) >= 7
+    assert all(np.isfinite(x["reward_mean"]) and np.isfinite(x["kl"]) for x in runs)
