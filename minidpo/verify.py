@@ -227,9 +227,9 @@ class _Torch:
         out = _parse(call(*leaves))
         total = out.loss.sum() if out.loss.ndim else out.loss
         if not total.requires_grad:
-            return out, [np.zeros(len(a)) for a in arrays]
+            return out, [np.zeros(len(a), dtype=np.float64) for a in arrays]
         g = self.torch.autograd.grad(total, leaves, allow_unused=True)
-        return out, [np.zeros(len(a)) if gi is None else self.numpy(gi) for a, gi in zip(arrays, g)]
+        return out, [np.zeros(len(a), dtype=np.float64) if gi is None else self.numpy(gi) for a, gi in zip(arrays, g)]
 
 
 class _Jax:
@@ -423,7 +423,7 @@ class _Checker:
             kw["label_smoothing"] = self.eps if eps is None else eps
         if self.takes_counts:
             if counts is None:  # ones: summed and per-token log-probs coincide
-                counts = (np.ones(np.shape(pw)[0]), np.ones(np.shape(pw)[0]))
+                counts = (np.ones(np.shape(pw)[0], dtype=np.float64), np.ones(np.shape(pw)[0], dtype=np.float64))
             kw["chosen_token_counts"] = self.fw.tensor(counts[0], "int64")
             kw["rejected_token_counts"] = self.fw.tensor(counts[1], "int64")
         return self.fn(pw, pl, rw, rl, beta, **kw)
@@ -562,7 +562,7 @@ def _central_differences(ck, arrays, beta, counts=None, step=1e-6):
 
     grads = []
     for j in (0, 1):
-        g = np.zeros(len(arrays[j]))
+        g = np.zeros(len(arrays[j]), dtype=np.float64)
         for i in range(len(arrays[j])):
             up = [a.copy() for a in arrays]
             dn = [a.copy() for a in arrays]
@@ -577,7 +577,7 @@ def _prop_at_reference(ck):
     at_h0 = _closed_form(ck.variant, ck.eps, 0.0, 1.0)[0]  # depends on beta for IPO only
 
     def check(c):
-        want_each = np.full(len(c["pw"]), (1 / (4 * c["beta"] ** 2)) if ck.variant == "ipo" else at_h0)
+        want_each = np.full(len(c["pw"]), (1 / (4 * c["beta"] ** 2)) if ck.variant == "ipo" else at_h0, dtype=np.float64)
         got = ck.loss_of(dict(c, rw=c["pw"].copy(), rl=c["pl"].copy()))
         label = "ln 2 = 0.6931" if ck.variant in ("dpo", "cdpo", "robust") else ("1/(4 beta^2)" if ck.variant == "ipo" else "1")
         ck.expect(got, ck.reduce(want_each), f"at policy = reference (h = 0) the loss should be {label} per pair", 1e-9, 1e-12)
@@ -771,7 +771,7 @@ def _prop_ipo_minimum(ck):
         target = 1.0 / (2.0 * c["beta"])
         at = dict(c, pw=c["pw"] + (target - h))  # h = 1/(2 beta) exactly (up to rounding)
         low = ck.loss_of(at)
-        ck.expect(low, ck.reduce(np.zeros(len(h))), "at h = 1/(2 beta) the IPO loss should be 0", 0.0, 1e-9 * (1 + target))
+        ck.expect(low, ck.reduce(np.zeros(len(h), dtype=np.float64)), "at h = 1/(2 beta) the IPO loss should be 0", 0.0, 1e-9 * (1 + target))
         for d in (c["delta"], -c["delta"]):
             near = ck.loss_of(dict(at, pw=at["pw"] + d))
             if np.any(np.asarray(near) <= np.asarray(low)):
@@ -836,7 +836,7 @@ def _prop_hinge(ck):
             at = dict(c, pw=c["pw"] + (target_z / c["beta"] - h))
             got = ck.loss_of(at)
             want = max(0.0, 1.0 - target_z)
-            ck.expect(got, ck.reduce(np.full(len(h), want)),
+            ck.expect(got, ck.reduce(np.full(len(h), want, dtype=np.float64)),
                       f"at beta h = {target_z:g} the hinge loss should be max(0, 1 - beta h) = {want:g}", 1e-8, 1e-9)
 
     return check, ck.strategy(extra=extra)
