@@ -77,7 +77,7 @@ def _train_config(args, **extra):
     kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
               schedule=args.schedule, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
               log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
-              eval_batch_size=args.eval_batch_size, progress=not args.no_progress)
+              eval_batch_size=args.eval_batch_size, progress=not args.no_progress, plain=args.plain)
     kw.update(extra)
     return TrainConfig(**kw)
 
@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-length", type=int, default=512, help="longest prompt+response in tokens")
         sp.add_argument("--threads", type=int, default=0,
                         help="CPU BLAS threads (0: the library default; 1 is often fastest for small models)")
+        sp.add_argument("--plain", action="store_true",
+                        help="run the plain reference (layers.py, logprobs.py) instead of the fast paths (slower)")
         if not train:
             return
         sp.add_argument("--out", required=True, help="run folder (checkpoint/, metrics.jsonl); re-use it to resume")
@@ -360,14 +362,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "lr", "absent") is None:
         args.lr = args.lr_default
-    try:
-        if getattr(args, "threads", 0):
-            from threadpoolctl import threadpool_limits
+    from . import fast
 
-            with threadpool_limits(limits=args.threads, user_api="blas"):
+    try:
+        with fast.plain(getattr(args, "plain", False)):
+            if getattr(args, "threads", 0):
+                from threadpoolctl import threadpool_limits
+
+                with threadpool_limits(limits=args.threads, user_api="blas"):
+                    args.func(args)
+            else:
                 args.func(args)
-        else:
-            args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
