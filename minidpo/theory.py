@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from . import checks
 from .backend import get_array_module
 from .logprobs import log_softmax, log_softmax_backward, logsumexp
 from .losses import dpo_loss, sigmoid
@@ -40,13 +41,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------
 # checks
-
-
-def _beta(beta) -> float:
-    b = float(beta)
-    if not (math.isfinite(b) and b > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    return b
 
 
 def _table(a, name: str, shape=None):
@@ -95,7 +89,7 @@ def log_partition(reward, log_pi_ref, beta):
     Returns:
         (X,) log Z(x), reward's dtype.
     """
-    b = _beta(beta)
+    b = checks.positive_beta(beta)
     r = _table(reward, "reward")
     lr = _log_policy(log_pi_ref, "log_pi_ref", r.shape).astype(r.dtype, copy=False)
     return logsumexp(lr + r / b, axis=-1)  # (X,)
@@ -115,7 +109,7 @@ def optimal_policy(reward, log_pi_ref, beta):
     Returns:
         (X, Y) log pi_r(y|x), reward's dtype.
     """
-    b = _beta(beta)
+    b = checks.positive_beta(beta)
     r = _table(reward, "reward")
     lr = _log_policy(log_pi_ref, "log_pi_ref", r.shape).astype(r.dtype, copy=False)
     return log_softmax(lr + r / b, axis=-1)  # (X, Y)
@@ -136,7 +130,7 @@ def reward_from_policy(log_pi, log_pi_ref, beta, log_Z=None):
     Returns:
         (X, Y) reward, log_pi's dtype.
     """
-    b = _beta(beta)
+    b = checks.positive_beta(beta)
     lp = _table(log_pi, "log_pi")
     lr = _table(log_pi_ref, "log_pi_ref", lp.shape).astype(lp.dtype, copy=False)
     r = b * (lp - lr)  # (X, Y) eq. (8)
@@ -171,7 +165,7 @@ def kl_regularized_objective(log_pi, reward, log_pi_ref, beta, mean: bool = Fals
     Returns:
         (X,) J(x), or a 0-d array if mean; log_pi's dtype.
     """
-    b = _beta(beta)
+    b = checks.positive_beta(beta)
     lp = _log_policy(log_pi, "log_pi")
     r = _table(reward, "reward", lp.shape).astype(lp.dtype, copy=False)
     lr = _table(log_pi_ref, "log_pi_ref", lp.shape).astype(lp.dtype, copy=False)

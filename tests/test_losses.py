@@ -23,7 +23,6 @@ from minidpo.losses import (
     nll_loss,
     preference_metrics,
     reward_model_loss,
-    sft_loss,
     sigmoid,
 )
 from tests.conftest import requires_cuda
@@ -69,9 +68,9 @@ def test_worked_example():
     assert round(float(out.chosen_rewards[0]), 3) == 0.4
     assert round(float(out.rejected_rewards[0]), 3) == -0.4
     assert round(float(out.losses[0]), 3) == 0.371
-    assert round(float(out.weight[0]), 3) == 0.310
+    assert round(float(out.gradient_weight[0]), 3) == 0.310
     assert float(out.grad_policy_chosen_logps[0]) == pytest.approx(-0.1 * 0.310, abs=5e-5)
-    assert float(out.h[0]) == 8.0
+    assert float(out.log_ratio_margin[0]) == 8.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,7 +101,7 @@ def test_gradients_match_finite_differences(kw, data, beta, seed):
         kw["chosen_token_counts"] = np.random.default_rng(seed).integers(1, 30, size=len(pw))
     out = dpo_loss(pw, pl, rw, rl, **kw)
     if kw["loss_type"] == "hinge":  # finite differences are meaningless at the kink z = 1
-        assume(np.all(np.abs(beta * out.h - 1.0) > 1e-4))
+        assume(np.all(np.abs(beta * out.log_ratio_margin - 1.0) > 1e-4))
     gw, gl = fd_grads(pw, pl, rw, rl, **kw)
     scale = max(1.0, float(np.max(np.abs(out.losses))))
     np.testing.assert_allclose(out.grad_policy_chosen_logps, gw, rtol=1e-5, atol=1e-8 * scale)
@@ -110,8 +109,8 @@ def test_gradients_match_finite_differences(kw, data, beta, seed):
     # the generalised eq. (9) form: d loss_i / d h_i = -beta weight_i
     if not kw.get("rpo_alpha"):
         n = len(pw)
-        np.testing.assert_allclose(out.grad_policy_chosen_logps, -beta * out.weight / n, rtol=1e-14, atol=1e-300)
-        np.testing.assert_allclose(out.grad_policy_rejected_logps, beta * out.weight / n, rtol=1e-14, atol=1e-300)
+        np.testing.assert_allclose(out.grad_policy_chosen_logps, -beta * out.gradient_weight / n, rtol=1e-14, atol=1e-300)
+        np.testing.assert_allclose(out.grad_policy_rejected_logps, beta * out.gradient_weight / n, rtol=1e-14, atol=1e-300)
 
 
 @given(data=pairs(), beta=betas)
@@ -139,12 +138,12 @@ def test_eq9_gradient_form(data, beta):
     r_l = beta * (pl - rl)
     # sigma written out as 1 / (1 + exp(-x)) independently of minidpo's stable version
     weight = np.array([1.0 / (1.0 + math.exp(-(a - b))) for a, b in zip(r_l, r_w)])
-    np.testing.assert_allclose(out.weight, weight, rtol=1e-12)
+    np.testing.assert_allclose(out.gradient_weight, weight, rtol=1e-12)
     np.testing.assert_allclose(out.grad_policy_chosen_logps, -beta * weight / n, rtol=1e-12)
     np.testing.assert_allclose(out.grad_policy_rejected_logps, beta * weight / n, rtol=1e-12)
-    assert np.all((out.weight >= 0) & (out.weight <= 1))
+    assert np.all((out.gradient_weight >= 0) & (out.gradient_weight <= 1))
     moderate = np.abs(r_w - r_l) < 30  # strictly inside (0, 1) until float64 saturates
-    assert np.all((out.weight[moderate] > 0) & (out.weight[moderate] < 1))
+    assert np.all((out.gradient_weight[moderate] > 0) & (out.gradient_weight[moderate] < 1))
 
 
 @given(beta=betas, margins=st.lists(st.integers(-2000, 2000), min_size=2, max_size=20, unique=True))
@@ -153,10 +152,10 @@ def test_weight_decreases_as_the_margin_grows(beta, margins):
     h = np.sort(np.array(margins)) / 100.0  # log-ratio margins in [-20, 20], at least 0.01 apart
     zeros = np.zeros_like(h)
     out = dpo_loss(h - 40.0, zeros - 40.0, zeros, zeros, beta=beta)
-    np.testing.assert_allclose(out.h, h, rtol=1e-12, atol=1e-12)
-    assert np.all(np.diff(out.weight) <= 0)
+    np.testing.assert_allclose(out.log_ratio_margin, h, rtol=1e-12, atol=1e-12)
+    assert np.all(np.diff(out.gradient_weight) <= 0)
     strict = np.abs(beta * h) < 15  # away from saturation the decrease is strict
-    assert np.all(np.diff(out.weight[strict]) < 0)
+    assert np.all(np.diff(out.gradient_weight[strict]) < 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +168,7 @@ def test_at_the_reference_the_loss_is_ln2(data, beta):
     pw, pl, _, _ = data
     out = dpo_loss(pw, pl, pw.copy(), pl.copy(), beta=beta)
     np.testing.assert_allclose(out.losses, math.log(2), rtol=1e-15)
-    np.testing.assert_allclose(out.weight, 0.5, rtol=1e-15)
+    np.testing.assert_allclose(out.gradient_weight, 0.5, rtol=1e-15)
     np.testing.assert_array_equal(out.chosen_rewards, 0.0)
     smoothed = dpo_loss(pw, pl, pw.copy(), pl.copy(), beta=beta, label_smoothing=0.3)
     np.testing.assert_allclose(smoothed.losses, math.log(2), rtol=1e-15)
@@ -180,7 +179,7 @@ def test_swapping_chosen_and_rejected_negates_the_margin(data, beta, kw):
     pw, pl, rw, rl = data
     a = dpo_loss(pw, pl, rw, rl, beta=beta, **kw)
     b = dpo_loss(pl, pw, rl, rw, beta=beta, **kw)
-    np.testing.assert_allclose(b.h, -a.h, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(b.log_ratio_margin, -a.log_ratio_margin, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(b.chosen_rewards, a.rejected_rewards)
     np.testing.assert_array_equal(b.rejected_rewards, a.chosen_rewards)
 
@@ -197,7 +196,7 @@ def test_cdpo_is_dpo_on_a_mixture_of_labels(data, beta, eps):
         c.grad_policy_chosen_logps, (1 - eps) * d.grad_policy_chosen_logps + eps * s.grad_policy_rejected_logps, rtol=1e-10, atol=1e-15
     )
     zero = dpo_loss(pw, pl, rw, rl, beta=beta, label_smoothing=0.0)
-    z = beta * zero.h
+    z = beta * zero.log_ratio_margin
     np.testing.assert_allclose(zero.losses, [-naive_log_sigmoid(v) if abs(v) < 30 else -float(log_sigmoid(np.array(v))) for v in z], rtol=1e-12)
     robust0 = dpo_loss(pw, pl, rw, rl, beta=beta, loss_type="robust")
     np.testing.assert_allclose(robust0.losses, zero.losses, rtol=1e-15)
@@ -277,11 +276,11 @@ def test_ipo_and_hinge_values():
     # by hand: h = (0.5 - (-1), -1 - 1) = (1.5, -2);  beta = 0.25, so 1/(2 beta) = 2 and z = (0.375, -0.5)
     beta = 0.25
     ipo = dpo_loss(pw, pl, rw, rl, beta=beta, loss_type="ipo")
-    np.testing.assert_allclose(ipo.h, [1.5, -2.0])
+    np.testing.assert_allclose(ipo.log_ratio_margin, [1.5, -2.0])
     np.testing.assert_allclose(ipo.losses, [0.25, 16.0])
     hinge = dpo_loss(pw, pl, rw, rl, beta=beta, loss_type="hinge")
     np.testing.assert_allclose(hinge.losses, [0.625, 1.5])
-    np.testing.assert_array_equal(hinge.weight, [1.0, 1.0])
+    np.testing.assert_array_equal(hinge.gradient_weight, [1.0, 1.0])
     big = dpo_loss(np.array([0.0]), np.array([-10.0]), np.zeros(1), np.zeros(1), beta=1.0, loss_type="hinge")
     assert big.losses[0] == 0 and big.grad_policy_chosen_logps[0] == 0
     # IPO is minimised exactly at h = 1 / (2 beta)
@@ -315,14 +314,14 @@ def test_extreme_margins_are_finite_and_warning_free(dtype, kw):
         warnings.simplefilter("error")
         out = dpo_loss(m, zero, zero, zero, beta=1.0, **kw)
         ls, s = log_sigmoid(m), sigmoid(m)
-    for name in ("losses", "chosen_rewards", "grad_policy_chosen_logps", "grad_policy_rejected_logps", "weight", "h"):
+    for name in ("losses", "chosen_rewards", "grad_policy_chosen_logps", "grad_policy_rejected_logps", "gradient_weight", "log_ratio_margin"):
         v = getattr(out, name)
         assert v.dtype == dtype, name
         assert np.all(np.isfinite(v)), name
     assert ls.dtype == dtype and s.dtype == dtype
     if kw["loss_type"] == "sigmoid" and not kw.get("label_smoothing") and not kw.get("rpo_alpha"):
         np.testing.assert_allclose(out.losses[[0, -1]], [1e4, 0.0], rtol=1e-6, atol=1e-30)
-        np.testing.assert_allclose(out.weight[[0, -1]], [1.0, 0.0], atol=1e-30)
+        np.testing.assert_allclose(out.gradient_weight[[0, -1]], [1.0, 0.0], atol=1e-30)
 
 
 @given(x=st.floats(-700, 700))
@@ -346,7 +345,7 @@ def test_outputs_keep_the_input_dtype(dtype):
         if kw.get("rpo_alpha"):
             kw["chosen_token_counts"] = np.array([2, 3])
         out = dpo_loss(pw, pl, rw.astype(np.float64), rl.astype(np.float64), beta=np.float64(0.1), **kw)
-        for v in (out.losses, out.chosen_rewards, out.rejected_rewards, out.grad_policy_chosen_logps, out.grad_policy_rejected_logps, out.weight):
+        for v in (out.losses, out.chosen_rewards, out.rejected_rewards, out.grad_policy_chosen_logps, out.grad_policy_rejected_logps, out.gradient_weight):
             assert v.dtype == dtype, kw
     assert reward_model_loss(pw, pl)[1].dtype == dtype
     assert implicit_reward(pw, rw.astype(np.float64), np.float64(0.5)).dtype == dtype
@@ -372,7 +371,6 @@ def test_nll_loss_values_and_gradient(data, counts):
         e[i] = h
         numeric = (nll_loss(pw + e, c)[0].mean() - nll_loss(pw - e, c)[0].mean()) / (2 * h)
         assert grad[i] == pytest.approx(numeric, rel=1e-6)
-    assert sft_loss is nll_loss
 
 
 @given(data=pairs(), beta=betas, alpha=st.floats(0.01, 5.0))
@@ -385,7 +383,7 @@ def test_rpo_adds_the_nll_term_and_its_gradient(data, beta, alpha):
     np.testing.assert_allclose(rpo.losses, plain.losses + alpha * nll, rtol=1e-12)
     np.testing.assert_allclose(rpo.grad_policy_chosen_logps, plain.grad_policy_chosen_logps + alpha * g, rtol=1e-12)
     np.testing.assert_array_equal(rpo.grad_policy_rejected_logps, plain.grad_policy_rejected_logps)
-    np.testing.assert_array_equal(rpo.weight, plain.weight)
+    np.testing.assert_array_equal(rpo.gradient_weight, plain.gradient_weight)
     np.testing.assert_allclose(rpo.nll_losses, nll)
 
 
@@ -548,3 +546,27 @@ def test_cupy_matches_numpy():  # pragma: no cover - needs a GPU
             np.testing.assert_allclose(getattr(dev, name).get(), getattr(host, name), rtol=1e-5, atol=1e-7)
     m = preference_metrics(dev, cp.asarray(pw), cp.asarray(pl))
     assert all(isinstance(v, cp.ndarray) for v in m.values())
+
+
+@given(h=st.lists(st.floats(-30.0, 30.0), min_size=1, max_size=6), beta=st.floats(0.05, 3.0),
+       variant=st.sampled_from([("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.0), ("robust", 0.3), ("ipo", 0.0),
+                                ("hinge", 0.0)]))
+def test_each_free_loss_returns_its_derivative_in_z(h, beta, variant):
+    """LOSSES[name](h, beta, eps) -> (loss, dloss/dz): dloss/dz against central differences in z = beta h."""
+    from minidpo.losses import LOSSES
+
+    name, eps = variant
+    f = LOSSES[name]
+    h = np.array(h)
+    loss, dz = f(h, beta, eps)
+    assert loss.shape == dz.shape == h.shape and loss.dtype == dz.dtype == np.float64
+    d = 1e-6
+    numeric = (f(h + d / beta, beta, eps)[0] - f(h - d / beta, beta, eps)[0]) / (2 * d)
+    if name == "hinge":  # the kink at z = 1
+        keep = np.abs(beta * h - 1.0) > 1e-4
+        h, dz, numeric = h[keep], dz[keep], numeric[keep]
+    np.testing.assert_allclose(dz, numeric, rtol=1e-5, atol=1e-7)
+    out = dpo_loss(h, np.zeros_like(h), np.zeros_like(h), np.zeros_like(h), beta=beta, loss_type=name,
+                   label_smoothing=eps)
+    np.testing.assert_array_equal(out.losses, f(h, beta, eps)[0])
+    np.testing.assert_array_equal(out.gradient_weight, -dz)
