@@ -115,6 +115,7 @@ def test_elementwise_and_reduction_wrappers_bind_params_like_cupy():
 NVCC = shutil.which("nvcc")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 def test_every_cuda_source_compiles_with_nvcc(tmp_path):
     """Every RawKernel source as it is, and every ElementwiseKernel/ReductionKernel body wrapped

@@ -119,6 +119,7 @@ class interrupt_at:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_resume_matches_uninterrupted_run(world, tmp_path, stage):
     """N steps straight == N/2 steps, Ctrl-C (checkpoint), a fresh process-like restart, N/2 more."""
@@ -197,6 +198,7 @@ def test_padded_concatenated_batch_equals_one_at_a_time(seed):
         np.testing.assert_allclose(batched[row], alone[0], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_crash_then_resume_keeps_one_metrics_record_per_step_and_warns_on_changed_options(world, tmp_path):
     tok, cfg, pairs, _, sft_items = world
     import minidpo.train as T
