@@ -287,3 +287,40 @@ def test_model_on_either_path_gives_the_same_logits_and_gradients(dtype):
     close(k0, l0, dtype, scale=10)
     for k in g0:
         close(g1[k], g0[k], dtype, scale=float(np.abs(g0[k]).max()) + 1.0)
+
+
+def test_train_config_plain_runs_the_stage_on_the_plain_path(tmp_path, monkeypatch):
+    """TrainConfig(plain=True): every step runs the plain functions; the switch is restored after
+    the stage; the two paths train to the same parameters (float32 round-off)."""
+    import minidpo.train as T
+    from minidpo.data import TokenizedSFT
+
+    seen = []
+    original = T.sft_step
+
+    def step(*a, **kw):
+        seen.append(fast.ops().name)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(T, "sft_step", step)
+    rng = np.random.default_rng(0)
+    items = [TokenizedSFT(prompt_ids=[1, 2], response_ids=[int(t) for t in rng.integers(1, 37, 5)]) for _ in range(8)]
+    out = {}
+    for is_plain in (True, False):
+        tc = T.TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=0, progress=False, plain=is_plain)
+        out[is_plain] = T.train_sft(init_params(CFG, seed=1), CFG, items, 0, tc, tmp_path / str(is_plain)).params
+        assert not fast.is_plain()
+    assert seen == ["plain"] * 3 + ["fast"] * 3
+    for k in out[True]:
+        np.testing.assert_allclose(out[True][k], out[False][k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_cli_plain_flag_switches_the_path(monkeypatch):
+    from minidpo import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "cmd_eval", lambda args: seen.append(fast.ops().name))
+    args = ["eval", "--policy", "p", "--ref", "r", "--data", "d"]
+    assert cli.main(args + ["--plain"]) == 0
+    assert cli.main(args) == 0
+    assert seen == ["plain", "fast"] and not fast.is_plain()
