@@ -312,7 +312,8 @@ def test_train_config_plain_runs_the_stage_on_the_plain_path(tmp_path, monkeypat
         assert not fast.is_plain()
     assert seen == ["plain"] * 3 + ["fast"] * 3
     for k in out[True]:
-        np.testing.assert_allclose(out[True][k], out[False][k], rtol=1e-4, atol=1e-5, err_msg=k)
+        # AdamW moves each entry by about lr * sign(g): a tiny g may flip sign with round-off
+        np.testing.assert_allclose(out[True][k], out[False][k], rtol=1e-4, atol=2e-4, err_msg=k)
 
 
 def test_cli_plain_flag_switches_the_path(monkeypatch):
