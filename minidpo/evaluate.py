@@ -98,5 +98,5 @@ def kl_from_samples(
     """Per-sample KL estimates log pi(y|x) - log pi_ref(y|x) for y ~ pi (the samples must come
     from ``policy``), (N,) float64. Their mean estimates KL(pi || pi_ref)."""
     lp = continuation_logps(policy, config, samples, pad_id, batch_size=batch_size, backend=backend)
-    lr = continuation_logps(reference, config, samples, pad_id, batch_size=batch_size, backend=backend)
-    return lp - lr
+    lp_ref = continuation_logps(reference, config, samples, pad_id, batch_size=batch_size, backend=backend)
+    return lp - lp_ref

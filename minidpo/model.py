@@ -521,6 +521,34 @@ def init_kv_cache(params, config: GPTConfig, batch_size: int, capacity: int | No
     return KVCache(keys, values, key_mask)
 
 
+def _extend_kv_cache(params, config, kv_cache, idx_new, attention_mask, position_ids, xp):
+    """Check the cache against the new tokens and record their padding mask in it. Returns
+    (kv_cache, start, position_ids, key_mask): start = tokens already cached; position_ids
+    start..L-1 when none were given; key_mask (B, L) over every cached token, or None without
+    padding."""
+    B, Tn = idx_new.shape
+    if kv_cache is None:
+        kv_cache = init_kv_cache(params, config, B)
+    if not isinstance(kv_cache, KVCache):
+        raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+    if kv_cache.batch_size != B:
+        raise ValueError(f"idx_new has batch size {B} but the kv_cache was made for {kv_cache.batch_size}")
+    start = kv_cache.length
+    L = start + Tn
+    if L > kv_cache.capacity:
+        raise ValueError(f"kv_cache holds {start} tokens; {Tn} more exceed its capacity {kv_cache.capacity}")
+    if position_ids is None:
+        if L > config.n_ctx:
+            raise ValueError(f"positions {start}..{L - 1} exceed n_ctx={config.n_ctx}")
+        if start > 0:
+            position_ids = xp.arange(start, L)  # (T_new,)
+    if attention_mask is not None:
+        kv_cache.key_mask[:, start:L] = attention_mask != 0
+        kv_cache.masked = True
+    key_mask = kv_cache.key_mask[:, :L] if kv_cache.masked else None  # (B, L)
+    return kv_cache, start, position_ids, key_mask
+
+
 def gpt_forward_kv(
     params,
     idx_new,
@@ -558,26 +586,10 @@ def gpt_forward_kv(
     idx_new, attention_mask, position_ids = _check_inputs(
         idx_new, config, xp, attention_mask, position_ids, validate
     )
-    B, Tn = idx_new.shape
-    if kv_cache is None:
-        kv_cache = init_kv_cache(params, config, B)
-    if not isinstance(kv_cache, KVCache):
-        raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
-    if kv_cache.batch_size != B:
-        raise ValueError(f"idx_new has batch size {B} but the kv_cache was made for {kv_cache.batch_size}")
-    start = kv_cache.length
+    kv_cache, start, position_ids, key_mask = _extend_kv_cache(params, config, kv_cache, idx_new, attention_mask,
+                                                               position_ids, xp)
+    Tn = idx_new.shape[1]
     L = start + Tn
-    if L > kv_cache.capacity:
-        raise ValueError(f"kv_cache holds {start} tokens; {Tn} more exceed its capacity {kv_cache.capacity}")
-    if position_ids is None:
-        if L > config.n_ctx:
-            raise ValueError(f"positions {start}..{L - 1} exceed n_ctx={config.n_ctx}")
-        if start > 0:
-            position_ids = xp.arange(start, L)  # (T_new,)
-    if attention_mask is not None:
-        kv_cache.key_mask[:, start:L] = attention_mask != 0
-        kv_cache.masked = True
-    key_mask = kv_cache.key_mask[:, :L] if kv_cache.masked else None  # (B, L)
     # a key-padding bias is built once, shared by every block; without padding the attention is
     # causal only, which attention_forward_kv handles itself (bias None: the causal skip)
     bias = None if key_mask is None else fast.ops().attention_bias(xp, dtype, Tn, L, start, key_mask)
