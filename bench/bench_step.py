@@ -941,7 +941,7 @@ def run(args) -> int:
     if args.no_kernels:
         from minidpo import kernels
 
-        kernels._ENABLED = False  # the whole run uses the array code (the kernels' twins)
+        kernels._ENABLED = False  # the whole run uses the array code (the fast path without kernels)
     machine = machine_info(device, threads)
     what = device.kind + " " + device.mode
     if device.kind == "cuda":

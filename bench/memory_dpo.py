@@ -11,7 +11,7 @@ The step is minidpo's own (the calls of minidpo.train's training loop, in its or
 in two modes:
 
     cached     reference log-probs computed once before training by
-               minidpo.train.batched_sequence_logps (train_dpo's default, cache_reference=True);
+               minidpo.scoring.batched_sequence_logps (train_dpo's default, cache_reference=True);
                the step sees them as constants. The reference parameters are freed once the caches
                are built, which is what caching allows (train_dpo itself keeps them: see MEMORY.md).
     recompute  the reference parameters stay in memory and every step runs the reference forward
