@@ -1,7 +1,9 @@
 """GPT-2: configuration, parameters keyed by GPT-2 checkpoint names, forward and backward.
 
 The model is the composition of the layers in layers.py; its backward calls their backwards in
-exact reverse order. Parameters are one flat dict keyed by the names of a GPT-2 checkpoint
+exact reverse order. The layer functions come from ``fast.ops()``: fast.py's twins by default,
+layers.py itself under ``fast.plain()``. One block function serves the training forward and the
+KV-cache forward. Parameters are one flat dict keyed by the names of a GPT-2 checkpoint
 (``transformer.h.0.attn.c_attn.weight`` ...), in GPT-2's Conv1D layout (in, out), with the
 output projection tied to ``transformer.wte.weight`` (there is no ``lm_head.weight`` key), so a
 GPT-2 checkpoint loads without renames.
