@@ -39,7 +39,8 @@ from minidpo.model import GPTConfig, init_params, num_params
 from minidpo.plots import plot_reward_vs_kl, plot_training_curves, read_jsonl
 from minidpo.tasks import sentiment
 from minidpo.tokenizer import BPETokenizer
-from minidpo.train import TrainConfig, batched_sequence_logps, evaluate_preferences, train_dpo, train_sft
+from minidpo.scoring import batched_sequence_logps
+from minidpo.train import TrainConfig, evaluate_preferences, train_dpo, train_sft
 
 # Two sizes of the same experiment. "default" is sized for a 2-core CPU in under 10 minutes.
 PRESETS = {

@@ -217,7 +217,8 @@ def cmd_sample(args) -> None:
 
 def cmd_eval(args) -> None:
     from .backend import get_backend
-    from .train import TrainConfig, batched_sequence_logps, evaluate_preferences
+    from .scoring import batched_sequence_logps
+    from .train import TrainConfig, evaluate_preferences
 
     backend = get_backend(args.device)
     policy, config, tokenizer = load_model(args.policy, backend)

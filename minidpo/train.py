@@ -51,7 +51,7 @@ from .backend import Backend, get_array_module, get_backend
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .data import check_token_ids, collate_preferences, collate_sft
 from .losses import dpo_loss, preference_metrics
-from .model import GPTConfig, gpt_backward, gpt_forward, inference_logits  # noqa: F401 (inference_logits: re-exported)
+from .model import GPTConfig, gpt_backward, gpt_forward
 from .optim import AdamW, clip_grad_norm, lr_at
 from .scoring import batch_logps, batched_sequence_logps, chunked_logps
 

@@ -14,7 +14,8 @@ from minidpo.data import PreferenceExample, TokenizedPair, build_preference_data
 from minidpo.logprobs import sequence_logps
 from minidpo.model import GPTConfig, gpt_forward, init_params
 from minidpo.tokenizer import BPETokenizer
-from minidpo.train import NonFiniteError, TrainConfig, batch_for_step, batched_sequence_logps, train_dpo, train_sft
+from minidpo.scoring import batched_sequence_logps
+from minidpo.train import NonFiniteError, TrainConfig, batch_for_step, train_dpo, train_sft
 
 GOOD = ["great", "lovely", "superb", "wonderful", "brilliant", "charming"]
 BAD = ["awful", "boring", "dreadful", "terrible", "clumsy", "dull"]
@@ -228,7 +229,7 @@ def test_crash_then_resume_keeps_one_metrics_record_per_step_and_warns_on_change
 
 
 def test_inference_logits_equal_the_training_forward(world):
-    from minidpo.train import inference_logits
+    from minidpo.model import inference_logits
 
     tok, cfg, pairs, _, _ = world
     params = init_params(cfg, "cpu", seed=5, dtype=np.float64)
