@@ -327,3 +327,47 @@ def test_cli_plain_flag_switches_the_path(monkeypatch):
     assert cli.main(args + ["--plain"]) == 0
     assert cli.main(args) == 0
     assert seen == ["plain", "fast"] and not fast.is_plain()
+
+
+def _package_imports():
+    """module -> the minidpo modules it imports (anywhere in the file, functions included)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(fast.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        mod = ".".join(path.relative_to(root).with_suffix("").parts)
+        pkg = mod.rsplit(".", 1)[0] if "." in mod else ""
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)] if pkg else []
+                target = ".".join([*base, node.module] if node.module else base)
+                if node.module:
+                    deps.add(target)
+                else:
+                    deps.update(".".join([*base, a.name]) for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minidpo."):
+                deps.add(node.module[len("minidpo."):])
+        graph[mod] = {d for d in deps if d and d != mod}
+    return graph
+
+
+def test_the_plain_reference_imports_no_fast_code_and_nothing_imports_in_a_circle():
+    graph = _package_imports()
+    assert graph["layers"] <= {"checks", "backend"} and graph["logprobs"] <= {"checks", "backend"}
+    assert "fast" in graph["model"] and "kernels" in graph["fast"]
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == "done":
+            return
+        assert state.get(m) != "open", f"import cycle: {' -> '.join(path + [m])}"
+        state[m] = "open"
+        for d in graph.get(m, ()):
+            visit(d, path + [m])
+        state[m] = "done"
+
+    for m in graph:
+        visit(m, [])
