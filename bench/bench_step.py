@@ -301,8 +301,7 @@ class MinidpoStep:
     Timed steps call ``train.dpo_step`` (what training runs). For the phase split,
     :meth:`loss_and_grads` repeats dpo_step's calls with a clock mark between them (the same
     calls and options: validate=False, the logits' buffer reused for dlogits); the gate checks
-    that the two give the same loss and gradients. Without minidpo.train (e.g. safetensors
-    missing) the phase-split lines are timed instead.
+    that the two give the same loss and gradients.
     """
 
     name = "minidpo"
@@ -315,35 +314,24 @@ class MinidpoStep:
         self.reference = {k: device.xp.array(v, dtype=np.float32) for k, v in reference.items()}
         h = HPARAMS
         self.opt = AdamW(self.params, lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"])
-        try:
-            from minidpo.train import TrainConfig, dpo_step
-        except ImportError:
-            self.dpo_step = None
-        else:
-            self.dpo_step, self.tc = dpo_step, TrainConfig(beta=h["beta"], progress=False)
+        from minidpo.train import TrainConfig, dpo_step
+
+        self.dpo_step, self.tc = dpo_step, TrainConfig(beta=h["beta"], progress=False)
 
     def batch(self, ids, mask):
         return self.device.asarray(ids), self.device.asarray(mask)
 
     def reference_logps(self, ids, mask):
         """(2N,) log pi_ref(y|x): a forward pass of the frozen reference, nothing kept, as
-        minidpo.train computes it (train.inference_logits, the KV-cache forward, when present)."""
-        from minidpo.logprobs import sequence_logps
+        minidpo.train computes it (scoring.batch_logps: model.inference_logits, the KV-cache forward)."""
+        from minidpo.scoring import batch_logps
 
-        try:
-            from minidpo.train import inference_logits
-        except ImportError:  # an older train.py, or safetensors missing
-            from minidpo.model import gpt_forward
-
-            logits, _ = gpt_forward(self.reference, ids, self.mc)
-        else:
-            logits = inference_logits(self.reference, ids, self.mc)
-        logps, _ = sequence_logps(logits, ids, mask, validate=False)
+        logps, _ = batch_logps(self.reference, self.mc, {"input_ids": ids, "loss_mask": mask}, validate=False)
         return logps
 
     def loss_and_grads(self, ids, mask, ref_logps, clock=_NoClock()):
         """dpo_step's lines, a clock mark between phases: loss (0-d), policy log-probs (2N,), grads."""
-        from minidpo.logprobs import sequence_logps, sequence_logps_backward
+        from minidpo.fast import sequence_logps, sequence_logps_backward  # the default (fast) path, as dpo_step
         from minidpo.losses import dpo_loss
         from minidpo.model import gpt_backward, gpt_forward
 
@@ -375,7 +363,7 @@ class MinidpoStep:
             ref_logps = self.reference_logps(ids, mask)
             if clock is not None:
                 clock.mark("reference")
-        if clock is None and self.dpo_step is not None:
+        if clock is None:
             n = ids.shape[0] // 2
             loss, _, grads = self.dpo_step(self.params, self.mc, {"input_ids": ids, "loss_mask": mask},
                                            ref_logps[:n], ref_logps[n:], self.tc)
@@ -537,13 +525,8 @@ def correctness_gate(cfg: BenchConfig, device: Device, attn_impl: str = "sdpa", 
         if name in m_grads_host:
             _compare(f"grad {name}", m_grads_host[name], t_grads[name], rtol, atol_scale, failures, worst)
 
-    try:
-        from minidpo.train import TrainConfig, dpo_step
-    except ImportError as err:  # e.g. safetensors missing on a bare GPU machine
-        check_train_step = False
-        failures_note = f"train.dpo_step not checked: {err}"
-    else:
-        failures_note = None
+    from minidpo.train import TrainConfig, dpo_step
+
     if check_train_step:
         n = cfg.pairs
         tc = TrainConfig(beta=HPARAMS["beta"], progress=False)
@@ -576,8 +559,6 @@ def correctness_gate(cfg: BenchConfig, device: Device, attn_impl: str = "sdpa", 
             failures.append(f"param {name} after AdamW: {int(np.sum(err > tol))} of {err.size} entries off; "
                             f"worst minidpo {a.flat[k]:.8g} vs torch {b.flat[k]:.8g}")
     result = {"config": cfg.name, "atol_scale": atol_scale, "train_step_checked": check_train_step}
-    if failures_note:
-        result["note"] = failures_note
     if f64_check:
         result["f64"] = _f64_errors(cfg, policy, reference, ids, mask, m_grads_host, t_grads)
         if result["f64"]["minidpo"] > 4 * result["f64"]["torch"] + 1e-7:
@@ -960,7 +941,7 @@ def run(args) -> int:
     if args.no_kernels:
         from minidpo import kernels
 
-        kernels._ENABLED = False  # the whole run uses the array code (the kernels' twins)
+        kernels._ENABLED = False  # the whole run uses the array code (the fast path without kernels)
     machine = machine_info(device, threads)
     what = device.kind + " " + device.mode
     if device.kind == "cuda":

@@ -11,7 +11,7 @@ The step is minidpo's own (the calls of minidpo.train's training loop, in its or
 in two modes:
 
     cached     reference log-probs computed once before training by
-               minidpo.train.batched_sequence_logps (train_dpo's default, cache_reference=True);
+               minidpo.scoring.batched_sequence_logps (train_dpo's default, cache_reference=True);
                the step sees them as constants. The reference parameters are freed once the caches
                are built, which is what caching allows (train_dpo itself keeps them: see MEMORY.md).
     recompute  the reference parameters stay in memory and every step runs the reference forward
@@ -68,21 +68,15 @@ from minidpo.backend import Backend, to_numpy  # noqa: E402
 from minidpo.data import TokenizedPair, collate_preferences  # noqa: E402
 # the analytic model follows two blockings of the array code: attention's query blocks (the causal
 # skip) and the size of the NumPy log-softmax pieces and GELU blocks (a rename fails loudly here)
-from minidpo.layers import _BLOCK as GELU_BLOCK  # noqa: E402
-from minidpo.layers import _query_blocks  # noqa: E402
-from minidpo.logprobs import _PIECE as LOGSOFTMAX_PIECE  # noqa: E402
-from minidpo.logprobs import sequence_logps, sequence_logps_backward  # noqa: E402
+from minidpo.fast import _BLOCK as GELU_BLOCK  # noqa: E402
+from minidpo.fast import _PIECE as LOGSOFTMAX_PIECE  # noqa: E402
+from minidpo.fast import _query_blocks  # noqa: E402
+from minidpo.fast import sequence_logps, sequence_logps_backward  # noqa: E402  (the default path's)
 from minidpo.losses import dpo_loss, preference_metrics  # noqa: E402
-from minidpo.model import GPTConfig, gpt_backward, gpt_forward, init_params, param_shapes  # noqa: E402
+from minidpo.model import GPTConfig, gpt_backward, gpt_forward, inference_logits, init_params, param_shapes  # noqa: E402
 from minidpo.optim import AdamW, clip_grad_norm, lr_at  # noqa: E402
-from minidpo.train import (  # noqa: E402
-    TrainConfig,
-    batch_for_step,
-    batched_sequence_logps,
-    dpo_step,
-    evaluate_preferences,
-    inference_logits,
-)
+from minidpo.scoring import batched_sequence_logps  # noqa: E402
+from minidpo.train import TrainConfig, batch_for_step, dpo_step, evaluate_preferences  # noqa: E402
 
 MODES = ("cached", "recompute")
 PAD_ID = 0

@@ -59,7 +59,8 @@ from minidpo.reward_model import init_reward_model, pair_accuracy, pearson, rewa
 from minidpo.reward_model import split_head
 from minidpo.tasks import sentiment
 from minidpo.tokenizer import BPETokenizer
-from minidpo.train import TrainConfig, batched_sequence_logps, dpo_step, train_sft
+from minidpo.scoring import batched_sequence_logps
+from minidpo.train import TrainConfig, dpo_step, train_sft
 
 # Sizes. "default" fits in about 30 minutes on 2 shared CPU cores; "quick" in under 2 minutes.
 PRESETS = {

@@ -47,8 +47,9 @@ from minidpo.losses import average_logps_for
 from minidpo.plots import plot_reward_vs_kl, plot_training_curves
 from minidpo.tasks import sentiment
 from minidpo.tokenizer import BPETokenizer
-from minidpo.train import (RunFolderError, TrainConfig, batched_sequence_logps, evaluate_preferences, fingerprint,
-                           interrupt_hook, read_metrics, run_lock, train_dpo, train_sft)
+from minidpo.scoring import batched_sequence_logps
+from minidpo.train import (RunFolderError, TrainConfig, evaluate_preferences, fingerprint, interrupt_hook,
+                           read_metrics, run_lock, train_dpo, train_sft)
 
 # Two sizes of the same experiment. "default" is sized for a 2-core CPU in under 10 minutes.
 PRESETS = {

@@ -1,12 +1,24 @@
 """minidpo: Direct Preference Optimization (Rafailov et al., 2023) from array code.
 
-Modules, one idea each (see README.md for the equation-to-code map):
+Modules, one idea each, the data flowing down this list (see README.md for the reading order
+and the equation-to-code map):
   backend     the xp switch (NumPy on CPU, CuPy on CUDA)
-  layers      paired forward/backward functions of the GPT-2 layers
-  model       GPTConfig, parameters keyed by GPT-2 names, gpt_forward / gpt_backward
-  logprobs    log pi(y|x) as a sum of response-token log-probs, and its backward
+  checks      argument checks, one call at the top of each public function
+  layers      the plain reference: paired forward/backward functions of the GPT-2 layers
+  logprobs    the plain reference: log pi(y|x) as a sum of response-token log-probs, and its backward
+  kernels     fused CuPy kernels and their plain twins
+  fast        layers and logprobs made fast (the default), and the plain/fast switch
+  model       GPTConfig, parameters keyed by GPT-2 names, one block function, gpt_forward /
+              gpt_backward, the KV-cache forward, inference_logits
   losses      eq. 2 reward-model loss, eq. 7 DPO and variants, eq. 8 rewards, eq. 9 gradient
   theory      the tabular world: eq. 3 objective, eq. 4 optimum, Z(x), eq. 5 reward
+  optim       AdamW, clipping, learning-rate schedule
+  tokenizer, data          BPE; JSONL -> validated, padded batches
+  scoring     log pi(y|x) of many sequences without gradients
+  train       SFT and DPO steps and loops
+  generate, evaluate       sampling with a KV cache; held-out metrics, KL from samples
+  checkpoint, pretrained   safetensors checkpoints; Hugging Face GPT-2 directories
+  cli, plots, tasks        the `minidpo` command; figures; tasks with a ground-truth reward
 """
 
 __version__ = "0.1.0"

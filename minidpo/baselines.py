@@ -24,7 +24,8 @@ from .data import PreferenceExample, build_preference_dataset, collate_preferenc
 from .model import GPTConfig, gpt_backward, gpt_forward
 from .optim import AdamW, clip_grad_norm, lr_at
 from .ppo import token_logps_backward, token_logps_forward
-from .train import TrainConfig, batch_for_step, batched_sequence_logps, dpo_step, sft_step
+from .scoring import batched_sequence_logps
+from .train import TrainConfig, batch_for_step, dpo_step, sft_step
 
 __all__ = [
     "optimize",

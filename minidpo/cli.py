@@ -125,9 +125,10 @@ def _train_config(args, **extra):
     from .train import TrainConfig
 
     kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-              schedule=args.schedule, weight_decay=args.weight_decay, adam_betas=args.adam_betas,
-              grad_clip=args.grad_clip, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
-              save_every=args.save_every, eval_batch_size=args.eval_batch_size, progress=not args.no_progress)
+               schedule=args.schedule, weight_decay=args.weight_decay, adam_betas=args.adam_betas,
+               grad_clip=args.grad_clip, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
+               save_every=args.save_every, eval_batch_size=args.eval_batch_size, progress=not args.no_progress,
+               plain=args.plain)
     kw.update(extra)
     return TrainConfig(**kw)
 
@@ -375,7 +376,8 @@ def cmd_sample(args) -> int:
 
 def cmd_eval(args) -> int:
     from .backend import get_backend
-    from .train import TrainConfig, batched_sequence_logps, evaluate_preferences
+    from .scoring import batched_sequence_logps
+    from .train import TrainConfig, evaluate_preferences
 
     backend = get_backend(args.device)
     tc = TrainConfig(beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
@@ -521,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--threads", type=_int_at_least(0), default=1,
                         help="CPU BLAS threads; 0 = the library's default (all cores). 1 is fastest for small "
                              "models: SFT of the default model ran 3-4x slower with the default on 2 cores")
+        sp.add_argument("--plain", action="store_true",
+                        help="run the plain reference (layers.py, logprobs.py) instead of the fast paths (slower)")
         if not train:
             return
         sp.add_argument("--out", required=True,
@@ -671,12 +675,15 @@ def _error_line(err: BaseException) -> str:
 
 
 def _run(args) -> int:
-    if getattr(args, "threads", 0):
-        from threadpoolctl import threadpool_limits
+    from . import fast
 
-        with threadpool_limits(limits=args.threads, user_api="blas"):
-            return args.func(args)
-    return args.func(args)
+    with fast.plain(getattr(args, "plain", False)):  # --plain: the plain reference for every layer
+        if getattr(args, "threads", 0):
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=args.threads, user_api="blas"):
+                return args.func(args)
+        return args.func(args)
 
 
 def main(argv=None) -> int:

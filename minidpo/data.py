@@ -713,3 +713,20 @@ def batch_indices(n_items: int, batch_size: int, rng: np.random.Generator, shuff
     order = rng.permutation(n_items).astype(np.int64) if shuffle else np.arange(n_items, dtype=np.int64)
     n_batches = n_items // batch_size if drop_last else math.ceil(n_items / batch_size)
     return [order[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
+
+
+def check_token_ids(rows, vocab_size: int, what: str) -> None:
+    """Once per dataset, on the host: every token id fits the model's vocabulary and every
+    response has at least one token (what the training step then no longer checks).
+
+    rows: TokenizedSFT items or TokenizedPair items."""
+    for i, r in enumerate(rows):
+        seqs = [r.prompt_ids, r.response_ids] if hasattr(r, "response_ids") else [r.prompt_ids, r.chosen_ids, r.rejected_ids]
+        if any(len(s) == 0 for s in seqs[1:]):
+            raise ValueError(f"{what} item {i} ({getattr(r, 'source', '')}): empty response")
+        hi = max(max(s) for s in seqs if s)
+        lo = min(min(s) for s in seqs if s)
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{what} item {i} ({getattr(r, 'source', '')}): token id {hi if hi >= vocab_size else lo} "
+                             f"outside the model's vocabulary [0, {vocab_size}); was it tokenized with another tokenizer?")
+

@@ -22,12 +22,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .backend import Backend, get_backend, to_numpy
+from .backend import Backend, get_backend
 from .data import TokenizedSFT, collate_sft
 from .generate import generate
-from .logprobs import sequence_logps
 from .model import GPTConfig
-from .train import inference_logits
+from .scoring import chunked_logps
 
 
 @dataclass
@@ -93,14 +92,11 @@ def continuation_logps(
     backend = get_backend(backend)
     out = np.zeros(len(samples.ids), dtype=np.float64)
     rows = [i for i, ids in enumerate(samples.ids) if ids]
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s : s + batch_size]
-        items = [TokenizedSFT(prompt_ids=list(samples.prompt_ids[i]), response_ids=list(samples.ids[i])) for i in chunk]
-        batch = collate_sft(items, pad_id, backend=backend)
-        logits = inference_logits(params, batch["input_ids"], config)  # (b, T, V)
-        logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])  # (b,)
-        del logits
-        out[chunk] = to_numpy(logps).astype(np.float64)
+    items = [TokenizedSFT(prompt_ids=list(samples.prompt_ids[i]), response_ids=list(samples.ids[i])) for i in rows]
+    start = 0
+    for logps, _ in chunked_logps(params, config, items, collate_sft, pad_id, batch_size, backend):
+        out[rows[start : start + len(logps)]] = logps.astype(np.float64)
+        start += len(logps)
     return out
 
 
@@ -111,5 +107,5 @@ def kl_from_samples(
     """Per-sample KL estimates log pi(y|x) - log pi_ref(y|x) for y ~ pi (the samples must come
     from ``policy``), (N,) float64. Their mean estimates KL(pi || pi_ref)."""
     lp = continuation_logps(policy, config, samples, pad_id, batch_size=batch_size, backend=backend)
-    lr = continuation_logps(reference, config, samples, pad_id, batch_size=batch_size, backend=backend)
-    return lp - lr
+    lp_ref = continuation_logps(reference, config, samples, pad_id, batch_size=batch_size, backend=backend)
+    return lp - lp_ref

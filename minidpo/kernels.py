@@ -1,34 +1,30 @@
-"""Fused CuPy kernels for the GPU, each beside its array-code twin.
+"""Fused CuPy kernels for the GPU, and the plain functions each must equal (its twin).
 
 On a GPU, array code such as ``u = x * x; u *= c; ...; xp.tanh(u, out=u); ...`` launches one
 kernel per line and moves the whole array through memory each time. The kernels here do each
 layer's elementwise or row-wise work in one pass (one launch, one read of each input, one write
 of each output):
 
-    kernel                          replaces (array code, the twin)                     in
-    gelu_forward / gelu_backward    9 / 16 elementwise passes                           layers.py
-    layernorm_forward               mean, centre, variance, scale, shift (7 passes)     layers.py
-    layernorm_backward              12 passes; dw by one reduction without a temporary  layers.py
-    causal_softmax_                 bias add, max, subtract, exp, sum, divide (6)       layers.py
-    softmax_backward_               ds = att * (datt - delta) (2 passes)                layers.py
-    (attention also uses the causal skip of layers._query_blocks, on the GPU as on the CPU)
-    logsoftmax_gather               logsumexp (max, shift, exp, sum, log) + gather      logprobs.py
-    logsoftmax_gather_backward      (B, T, V) written once: g * (onehot - softmax)      logprobs.py
-    adamw_multi_tensor              one launch for every parameter (was one per tensor) optim.py
+    kernel                          does                                              used by
+    gelu_forward / gelu_backward    GELU and its derivative, elementwise              fast.py
+    layernorm_forward               mean, rstd and the normalised row, one block/row  fast.py
+    layernorm_backward              dx one block per row; dw one reduction            fast.py
+    causal_softmax_                 scale, causal mask, softmax of attention scores   fast.py
+    softmax_backward_               ds = att * (datt - delta)                         fast.py
+    logsoftmax_gather               logsumexp of a row and the label's log-prob       fast.py
+    logsoftmax_gather_backward      (B, T, V) written once: g * (onehot - softmax)    fast.py
+    adamw_multi_tensor              AdamW for every parameter in one launch           optim.py
 
-The twin of each kernel is the array code that runs on the CPU (NumPy): the layers keep their
-array code, and dispatch to the kernel in one visible line at the top,
-
-    if kernels.use(x):                     # a CuPy array and kernels enabled
-        return kernels.gelu_forward(x), x  # the fused kernel; the lines below are its twin
-
-so reading the layer still shows the math. ``with kernels.disabled():`` (or ``MINIDPO_KERNELS=0``
-in the environment, for a whole run) runs the array code on CuPy arrays too: tests/test_kernels.py compares every kernel with its twin that way (both on the
-GPU), and the kernel source strings are compiled with ``nvcc`` in CI, where no GPU is needed.
+The fast path dispatches in one visible line, ``if kernels.use(x):``. Each kernel's twin (in
+:data:`TWINS`) is the plain function of layers.py / logprobs.py / optim.py it replaces;
+tests/test_kernels.py compares the two (on a GPU, or on the strict CuPy stand-in, which checks
+each launch and runs its own array-code twin in place of the CUDA C). ``with kernels.disabled():``
+(or ``MINIDPO_KERNELS=0`` in the environment, for a whole run) makes the fast path run its array
+code on CuPy arrays too. The CUDA sources are compiled with ``nvcc`` in CI, where no GPU is needed.
 
 Kernels are built lazily, on first use, one per dtype (float32 in training, float64 in the
 gradient checks); importing this module never imports CuPy. Every kernel computes in the
-arrays' own dtype: float32 in, float32 arithmetic, float32 out.
+arrays' own dtype.
 
 Shape letters: B batch, T time, C channels, V vocabulary, H heads, N = B * T rows.
 """
@@ -42,6 +38,7 @@ import sys
 
 import numpy as np
 
+from . import layers, logprobs
 from .backend import get_array_module
 
 __all__ = [
@@ -75,7 +72,7 @@ def use(*arrays) -> bool:
 
 @contextlib.contextmanager
 def disabled():
-    """Run the array code (the twins) even on CuPy arrays, inside this block."""
+    """Inside this block the fast path runs its array code even on CuPy arrays (no kernels)."""
     global _ENABLED
     old, _ENABLED = _ENABLED, False
     try:
@@ -423,18 +420,18 @@ def _contiguous(*arrays):
 
 
 def gelu_forward(x):
-    """GELU (tanh form) in one pass; twin: layers.gelu_forward's array code. Any shape."""
+    """GELU (tanh form) in one pass; twin: layers.gelu_forward. Any shape."""
     return _elementwise("gelu_forward")(x)
 
 
 def gelu_backward(dy, x):
-    """dx = dy * GELU'(x) in one pass; twin: layers.gelu_backward's array code."""
+    """dx = dy * GELU'(x) in one pass; twin: layers.gelu_backward."""
     return _elementwise("gelu_backward")(dy, x)
 
 
 def layernorm_forward(x2, w, b, eps: float):
     """One block per row: (y (N, C), mean (N, 1), rstd (N, 1)) for x2 (N, C), w, b (C,).
-    Twin: layers.layernorm_forward's array code."""
+    Twin: layers.layernorm_forward."""
     x2, w, b = _contiguous(x2, w, b)
     cp = _cupy()
     N, C = x2.shape
@@ -465,7 +462,7 @@ def layernorm_backward(dy2, x2, w, mean, rstd):
 
 def causal_softmax_(scores, scale: float):
     """In place: scores (B, H, Tq, Tk) -> softmax(scale * scores + causal mask) over the last axis,
-    query i at position i + Tk - Tq. Twin: attention_bias + layers._softmax_lastaxis_."""
+    query i at position i + Tk - Tq. Twin: layers.softmax of the scaled scores plus layers.attention_bias."""
     if not scores.flags.c_contiguous:
         raise ValueError("causal_softmax_ needs a C-contiguous scores array (it works in place)")
     Tq, Tk = scores.shape[-2:]
@@ -479,7 +476,7 @@ def causal_softmax_(scores, scale: float):
 
 def softmax_backward_(datt, att, delta):
     """In place: datt <- att * (datt - delta) (delta broadcast over the last axis), one pass.
-    Twin: the two lines ``ds -= delta; ds *= att`` of layers.attention_backward."""
+    Twin: the ``ds`` line of layers.attention_backward."""
     _elementwise("softmax_backward")(att, delta, datt)
     return datt
 
@@ -487,7 +484,7 @@ def softmax_backward_(datt, att, delta):
 def logsoftmax_gather(logits, safe_labels):
     """(lp (B, T-1), lse (B, T-1)) with lse = logsumexp of logits[:, :-1] over V and
     lp = logits[b, t, safe_labels[b, t]] - lse, in one read of each scoring row.
-    Twin: logprobs._token_logps's array code (logsumexp, then a gather)."""
+    Twin: the ``lse`` and ``lp`` lines of logprobs.sequence_logps."""
     cp = _cupy()
     logits = cp.ascontiguousarray(logits)
     labels = cp.ascontiguousarray(safe_labels, dtype=cp.int64)
@@ -505,7 +502,7 @@ def logsoftmax_gather(logits, safe_labels):
 def logsoftmax_gather_backward(logits, lse, safe_labels, g, out=None):
     """dlogits (B, T, V) = g * (onehot(labels) - softmax(logits)) on rows t < T-1, 0 on t = T-1,
     written in one pass. ``out`` may be ``logits`` itself (then it is overwritten).
-    Twin: logprobs.sequence_logps_backward's array code. g, lse, safe_labels: (B, T-1)."""
+    Twin: logprobs.sequence_logps_backward. g, lse, safe_labels: (B, T-1)."""
     cp = _cupy()
     if not logits.flags.c_contiguous:
         raise ValueError("logsoftmax_gather_backward needs C-contiguous logits")
@@ -532,7 +529,7 @@ def adamw_multi_tensor(params, grads, ms, vs, decay, b1, b2, eps, step_size, sqr
             tensor k's four arrays have one shape.
         decay: list of bools, whether tensor k decays.
         b1, b2, eps, step_size, sqrt_bc2, lr_wd: Python floats (as optim.AdamW.step computes).
-    Twin: optim._adamw_array, applied tensor by tensor.
+    Twin: optim.adamw_update, applied tensor by tensor.
     """
     cp = _cupy()
     K = len(params)
@@ -561,81 +558,56 @@ def adamw_multi_tensor(params, grads, ms, vs, decay, b1, b2, eps, step_size, sqr
 
 
 # ---------------------------------------------------------------------------------------------
-# twins: the array code each kernel replaces, callable on NumPy or CuPy arrays
+# twins: the plain functions each kernel replaces, called with the kernel's arguments
 # ---------------------------------------------------------------------------------------------
 
 
 def _twin_gelu_forward(x):
-    from .layers import gelu_forward as f
-
-    with disabled():
-        return f(x)[0]
+    return layers.gelu_forward(x)[0]
 
 
 def _twin_gelu_backward(dy, x):
-    from .layers import gelu_backward as f
-
-    with disabled():
-        return f(dy, x)[0]
+    return layers.gelu_backward(dy, x)[0]
 
 
 def _twin_layernorm_forward(x2, w, b, eps):
-    from .layers import layernorm_forward as f
-
-    with disabled():
-        y, (_, _, mean, rstd) = f(x2, w, b, eps)
-    return y, mean, rstd
+    y, (_, _, mean, rstd) = layers.layernorm_forward(x2, w, b, eps)
+    return y, mean, rstd  # (N, C), (N, 1), (N, 1)
 
 
 def _twin_layernorm_backward(dy2, x2, w, mean, rstd):
-    from .layers import layernorm_backward as f
-
-    with disabled():
-        dx, g = f(dy2, (x2, w, mean, rstd))
+    dx, g = layers.layernorm_backward(dy2, (x2, w, mean, rstd))
     return dx, g["w"], g["b"]
 
 
 def _twin_causal_softmax_(scores, scale):
-    from .layers import _softmax_lastaxis_, attention_bias
-
     xp = get_array_module(scores)
     Tq, Tk = scores.shape[-2:]
-    scores *= scores.dtype.type(scale)
-    scores += attention_bias(xp, scores.dtype, Tq, Tk, Tk - Tq)
-    return _softmax_lastaxis_(scores)
+    scores[...] = layers.softmax(scores * scale + layers.attention_bias(xp, scores.dtype, Tq, Tk, Tk - Tq))
+    return scores
 
 
 def _twin_softmax_backward_(datt, att, delta):
-    datt -= delta
-    datt *= att
+    datt[...] = att * (datt - delta)
     return datt
 
 
 def _twin_logsoftmax_gather(logits, safe_labels):
-    from .logprobs import _token_logps
-
-    with disabled():
-        return _token_logps(logits, safe_labels)
+    xp = get_array_module(logits)
+    lse = logprobs.logsumexp(logits[:, :-1], axis=-1)  # (B, T-1)
+    lp = xp.take_along_axis(logits[:, :-1], safe_labels[:, :, None], axis=-1)[:, :, 0] - lse
+    return lp, lse
 
 
 def _twin_logsoftmax_gather_backward(logits, lse, safe_labels, g, out=None):
+    dt = logits.dtype
     xp = get_array_module(logits)
-    B, T, V = logits.shape
-    out = xp.empty_like(logits) if out is None else out
-    body = out[:, :-1]
-    xp.subtract(logits[:, :-1], lse[:, :, None], out=body)  # log p
-    xp.exp(body, out=body)  # p
-    out[xp.arange(B)[:, None], xp.arange(T - 1)[None, :], safe_labels] -= logits.dtype.type(1)  # p - onehot
-    body *= -g[:, :, None]  # g * (onehot - p)
-    out[:, -1] = 0
+    cache = {"logits": logits, "lse": lse, "labels": safe_labels, "weights": g}
+    d = logprobs.sequence_logps_backward(xp.ones(logits.shape[0], dtype=dt), cache)
+    if out is None:
+        return d
+    out[...] = d
     return out
-
-
-def _twin_adamw_multi_tensor(params, grads, ms, vs, decay, b1, b2, eps, step_size, sqrt_bc2, lr_wd):
-    from .optim import _adamw_array
-
-    for p, g, m, v, d in zip(params, grads, ms, vs, decay):
-        _adamw_array(p, g, m, v, b1, b2, eps, step_size, sqrt_bc2, lr_wd if d else 0.0)
 
 
 TWINS = {
@@ -647,9 +619,14 @@ TWINS = {
     "softmax_backward_": (softmax_backward_, _twin_softmax_backward_),
     "logsoftmax_gather": (logsoftmax_gather, _twin_logsoftmax_gather),
     "logsoftmax_gather_backward": (logsoftmax_gather_backward, _twin_logsoftmax_gather_backward),
-    "adamw_multi_tensor": (adamw_multi_tensor, _twin_adamw_multi_tensor),
 }
-"""name -> (kernel function, twin function), the twin taking the same arguments."""
+"""name -> (kernel function, twin function), the twin taking the same arguments. optim.py adds
+"adamw_multi_tensor" (its twin is optim's own per-tensor update) through :func:`register_twin`."""
+
+
+def register_twin(name: str, twin) -> None:
+    """Record the plain twin of kernel ``name`` (for a module this one may not import)."""
+    TWINS[name] = (globals()[name], twin)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from . import checks
 from .backend import get_array_module, to_numpy
 
 __all__ = [
@@ -48,13 +49,15 @@ __all__ = [
     "implicit_reward",
     "DPOOutput",
     "dpo_loss",
+    "sigmoid_loss",
+    "robust_loss",
+    "ipo_loss",
+    "hinge_loss",
     "nll_loss",
-    "sft_loss",
     "average_logps_for",
     "preference_metrics",
 ]
 
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 IPO_CONVENTIONS = ("per_token", "summed")
 
 
@@ -120,34 +123,6 @@ def sigmoid(x):
 
 
 # ----------------------------------------------------------------------------------------------
-# input checks
-
-
-def _vector(x, name: str, n: int | None = None):
-    xp = get_array_module(x)
-    x = xp.asarray(x)
-    if x.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D array of per-example values (N,), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty: need at least one example")
-    if n is not None and x.shape[0] != n:
-        raise ValueError(f"{name} has {x.shape[0]} entries but the chosen log-probs have {n}")
-    if x.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
-    return x
-
-
-def _beta(beta) -> float:
-    try:
-        b = float(beta)
-    except (TypeError, ValueError):
-        raise TypeError(f"beta must be a positive number, got {beta!r}") from None
-    if not (math.isfinite(b) and b > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    return b
-
-
-# ----------------------------------------------------------------------------------------------
 # eq. (2): the reward-model loss
 
 
@@ -164,10 +139,7 @@ def reward_model_loss(reward_chosen, reward_rejected):
     Returns:
         losses (N,), grad_chosen (N,), grad_rejected (N,), all in the inputs' dtype.
     """
-    r_w = _vector(reward_chosen, "reward_chosen")
-    r_l = _vector(reward_rejected, "reward_rejected", r_w.shape[0])
-    if r_l.dtype != r_w.dtype:
-        raise TypeError(f"reward_chosen is {r_w.dtype} but reward_rejected is {r_l.dtype}; pass one dtype")
+    r_w, r_l = _check_pair(reward_chosen, reward_rejected, "reward_chosen", "reward_rejected")
     n = r_w.shape[0]
     losses = -log_sigmoid(r_w - r_l)  # (N,)
     p_wrong = sigmoid(r_l - r_w)  # (N,) the model's probability of the opposite preference
@@ -192,7 +164,7 @@ def implicit_reward(policy_logps, ref_logps, beta):
     Returns:
         array of policy_logps' shape and dtype.
     """
-    b = _beta(beta)
+    b = checks.positive_beta(beta)
     xp = get_array_module(policy_logps, ref_logps)
     pi = xp.asarray(policy_logps)
     ref = xp.asarray(ref_logps).astype(pi.dtype, copy=False)
@@ -213,12 +185,12 @@ class DPOOutput:
         rejected_rewards: r_hat_l = beta (log pi_l - log pi_ref_l), eq. (8).
         grad_policy_chosen_logps: d mean(losses) / d log pi(y_w|x).
         grad_policy_rejected_logps: d mean(losses) / d log pi(y_l|x).
-        weight: the per-pair weight of eq. (9), generalised to every variant:
-            d loss_i / d h_i = -beta * weight_i, so without the NLL term
-            grad_policy_chosen_logps = -beta * weight / N and grad_policy_rejected_logps = +beta * weight / N.
-            For plain DPO weight = sigma(r_hat_l - r_hat_w) in (0, 1): large when the
-            implicit reward model orders the pair wrongly, small when it is already right.
-        h: the log-ratio margin log pi_w/pi_ref_w - log pi_l/pi_ref_l (z = beta h is the reward margin).
+        gradient_weight: eq. (9)'s per-pair weight, for every variant: -d loss_i / d z_i, so
+            without the NLL term grad_policy_chosen_logps = -beta * gradient_weight / N and
+            grad_policy_rejected_logps = +beta * gradient_weight / N. For plain DPO it is
+            sigma(r_hat_l - r_hat_w) in (0, 1): large when the implicit reward model orders the
+            pair wrongly, small when it is already right.
+        log_ratio_margin: h = log pi_w/pi_ref_w - log pi_l/pi_ref_l (z = beta h is the reward margin).
         nll_losses: per-pair per-token NLL of the chosen response when rpo_alpha > 0, else None.
     """
 
@@ -227,8 +199,8 @@ class DPOOutput:
     rejected_rewards: Any
     grad_policy_chosen_logps: Any
     grad_policy_rejected_logps: Any
-    weight: Any
-    h: Any
+    gradient_weight: Any
+    log_ratio_margin: Any
     nll_losses: Any = None
 
     @property
@@ -236,6 +208,54 @@ class DPOOutput:
         """The mean loss, a 0-d array on the device (no host sync)."""
         xp = get_array_module(self.losses)
         return xp.asarray(xp.mean(self.losses))
+
+
+# Each variant: (h, beta, eps) -> (loss (N,), dloss/dz (N,)), with z = beta h the reward margin.
+
+
+def sigmoid_loss(h, beta: float, eps: float = 0.0):
+    """Eq. (7), DPO; with eps > 0 conservative DPO (cDPO: each label flipped with probability eps):
+
+        loss = -(1 - eps) log sigma(z) - eps log sigma(-z)
+        dloss/dz = -(1 - eps) sigma(-z) + eps sigma(z)        (eps = 0: -sigma(r_hat_l - r_hat_w), eq. 9)
+    """
+    z = beta * h
+    loss = -(1.0 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
+    return loss, -((1.0 - eps) * sigmoid(-z) - eps * sigmoid(z))
+
+
+def robust_loss(h, beta: float, eps: float = 0.0):
+    """Robust DPO (Chowdhury et al. 2024), unbiased under label-flip rate eps < 0.5:
+
+        loss = ((1 - eps) (-log sigma(z)) - eps (-log sigma(-z))) / (1 - 2 eps)
+        dloss/dz = -((1 - eps) sigma(-z) + eps sigma(z)) / (1 - 2 eps)
+    For eps > 0 it is unbounded below (~ -eps z / (1 - 2 eps)).
+    """
+    z = beta * h
+    loss = ((1.0 - eps) * -log_sigmoid(z) - eps * -log_sigmoid(-z)) / (1.0 - 2.0 * eps)
+    return loss, -(((1.0 - eps) * sigmoid(-z) + eps * sigmoid(z)) / (1.0 - 2.0 * eps))
+
+
+def ipo_loss(h, beta: float, eps: float = 0.0):
+    """IPO (Azar et al. 2023), a square pulling h to 1 / (2 beta):
+
+        loss = (h - 1/(2 beta))^2,    dloss/dz = (1/beta) dloss/dh = 2 (h - 1/(2 beta)) / beta
+    """
+    gap = h - 1.0 / (2.0 * beta)
+    return gap * gap, -((-2.0 / beta) * gap)
+
+
+def hinge_loss(h, beta: float, eps: float = 0.0):
+    """SLiC (Zhao et al. 2023), a hinge on the reward margin:
+
+        loss = max(0, 1 - z),    dloss/dz = -1[z < 1]   (the subgradient 0 at z = 1)
+    """
+    z = beta * h
+    return get_array_module(z).maximum(1.0 - z, z.dtype.type(0)), -((z < 1.0).astype(z.dtype))
+
+
+LOSSES = {"sigmoid": sigmoid_loss, "robust": robust_loss, "ipo": ipo_loss, "hinge": hinge_loss}
+LOSS_TYPES = tuple(LOSSES)
 
 
 def dpo_loss(
@@ -250,65 +270,66 @@ def dpo_loss(
     rpo_alpha: float = 0.0,
     chosen_token_counts=None,
 ) -> DPOOutput:
-    """Eq. (7), the DPO loss, and its variants; each with its own analytic gradient.
+    """Eq. (7), the DPO loss, or a variant (:data:`LOSSES`), with the eq. (8) rewards and eq. (9) gradients.
 
-    With h = log pi_w/pi_ref_w - log pi_l/pi_ref_l, z = beta h, eps = label_smoothing:
+        r_hat_w = beta (log pi_w - log pi_ref_w),  r_hat_l = beta (log pi_l - log pi_ref_l)   eq. (8)
+        h = log pi_w/pi_ref_w - log pi_l/pi_ref_l,  z = beta h = r_hat_w - r_hat_l
+        loss, dloss/dz = LOSSES[loss_type](h, beta, label_smoothing)
+        d mean(loss) / d log pi_w = beta dloss/dz / N = -d mean(loss) / d log pi_l              eq. (9)
 
-    ``"sigmoid"``   DPO, eq. (7); with eps > 0 conservative DPO (cDPO, the official code's form,
-                    which assumes each label is flipped with probability eps):
-                        loss = -(1 - eps) log sigma(z) - eps log sigma(-z)
-                        weight = (1 - eps) sigma(-z) - eps sigma(z)
-                    eps = 0 is eq. (7) and weight = sigma(-z) = sigma(r_hat_l - r_hat_w), eq. (9).
-                    eps in [0, 0.5]; at 0.5 the loss is symmetric in z and minimised at z = 0.
-    ``"robust"``    robust DPO (Chowdhury et al. 2024), an unbiased loss under flip rate eps:
-                        loss = ((1 - eps)(-log sigma(z)) - eps(-log sigma(-z))) / (1 - 2 eps)
-                        weight = ((1 - eps) sigma(-z) + eps sigma(z)) / (1 - 2 eps)
-                    eps in [0, 0.5). For eps > 0 the loss is unbounded below (~ -eps z / (1 - 2 eps)).
-    ``"ipo"``       IPO (Azar et al. 2023), a squared loss that pulls h to 1 / (2 beta):
-                        loss = (h - 1/(2 beta))^2
-                        weight = 2 (1/(2 beta) - h) / beta
-                    The paper scores sequences with summed log-probs; the official DPO code
-                    passes per-token averaged ones. Pick with average_logps_for("ipo", ...).
-    ``"hinge"``     SLiC (Zhao et al. 2023), a hinge on the reward margin:
-                        loss = max(0, 1 - z),     weight = 1[z < 1]   (subgradient 0 at z = 1)
-
-    In every case d loss_i / d h_i = -beta weight_i, hence the eq. (9) form of the gradient:
-        grad_policy_chosen_logps = -beta * weight / N,   grad_policy_rejected_logps = +beta * weight / N.
-
-    ``reference_free=True`` takes log pi_ref = 0 for both responses (ref log-probs may then
-    be None); the reported rewards are then beta log pi.
-
-    ``rpo_alpha > 0`` adds the RPO term (Pang et al. 2024): the per-token NLL of the chosen
-    response, loss_i += alpha * (-log pi(y_w|x) / n_w,i), with its gradient
-    -alpha / (n_w,i N) added to grad_policy_chosen_logps. It needs ``chosen_token_counts``
-    (the n_w of sequence_logps' cache; pass ones if the chosen log-probs are already
-    per-token means). The preference part of the gradient (``weight``) is unchanged.
+    ``reference_free=True`` takes log pi_ref = 0 (ref log-probs may be None). ``rpo_alpha > 0``
+    adds RPO's term (Pang et al. 2024), alpha times the chosen response's per-token NLL
+    (:func:`nll_loss`), which needs ``chosen_token_counts`` (sequence_logps' token counts; ones
+    for per-token-mean log-probs). label_smoothing (eps) applies to "sigmoid" (in [0, 0.5]) and
+    "robust" (in [0, 0.5)) only.
 
     Args:
-        policy_chosen_logps: (N,) float, log pi(y_w|x).
-        policy_rejected_logps: (N,) float, log pi(y_l|x).
-        ref_chosen_logps: (N,) float, log pi_ref(y_w|x), a constant (cast to the policy's dtype).
-        ref_rejected_logps: (N,) float, log pi_ref(y_l|x), a constant.
-        beta: KL coefficient, > 0 (the paper's 0.1 by default).
-        loss_type: one of LOSS_TYPES.
-        label_smoothing: eps, the assumed label-flip rate ("sigmoid" and "robust" only).
-        reference_free: treat the reference log-probs as 0.
-        rpo_alpha: weight of the chosen-response NLL term, >= 0.
-        chosen_token_counts: (N,) counted tokens of each chosen response (needed for rpo_alpha).
+        policy_chosen_logps, policy_rejected_logps: (N,) float, log pi(y_w|x) and log pi(y_l|x).
+        ref_chosen_logps, ref_rejected_logps: (N,) float, the reference's, constants (cast to the
+            policy's dtype; they may live on the host).
+        beta: KL coefficient > 0 (the paper's 0.1). loss_type: one of LOSS_TYPES.
+        label_smoothing, reference_free, rpo_alpha, chosen_token_counts: see above.
     Returns:
-        DPOOutput (see its docstring); all (N,) arrays in the policy's dtype, on its device.
+        DPOOutput; all (N,) arrays in the policy's dtype, on its device.
     """
-    pi_w = _vector(policy_chosen_logps, "policy_chosen_logps")
+    pi_w, pi_l, ref_w, ref_l, b, eps, alpha = _check_dpo_args(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
+        label_smoothing, reference_free, rpo_alpha, chosen_token_counts)
     n = pi_w.shape[0]
-    pi_l = _vector(policy_rejected_logps, "policy_rejected_logps", n)
-    if pi_l.dtype != pi_w.dtype:
-        raise TypeError(
-            f"policy_chosen_logps is {pi_w.dtype} but policy_rejected_logps is {pi_l.dtype}; pass one dtype"
-        )
-    xp = get_array_module(pi_w, pi_l)
-    dt = pi_w.dtype
-    b = _beta(beta)
-    if loss_type not in LOSS_TYPES:
+    chosen_rewards = b * (pi_w - ref_w)  # (N,) r_hat_w, eq. (8)
+    rejected_rewards = b * (pi_l - ref_l)  # (N,) r_hat_l
+    h = (pi_w - ref_w) - (pi_l - ref_l)  # (N,)
+    losses, dloss_dz = LOSSES[loss_type](h, b, eps)  # (N,), (N,)
+    weight = -dloss_dz  # (N,) eq. (9)'s sigma(r_hat_l - r_hat_w) for plain DPO
+    grad_chosen = (-b / n) * weight  # (N,) d mean(loss) / d log pi_w
+    grad_rejected = (b / n) * weight  # (N,) d mean(loss) / d log pi_l
+    nll_losses = None
+    if alpha > 0.0:  # RPO: the chosen response's per-token NLL, its gradient added
+        nll_losses, nll_grad = nll_loss(pi_w, chosen_token_counts, validate=False)
+        losses = losses + alpha * nll_losses
+        grad_chosen = grad_chosen + alpha * nll_grad
+    return DPOOutput(losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+                     grad_policy_chosen_logps=grad_chosen, grad_policy_rejected_logps=grad_rejected,
+                     gradient_weight=weight, log_ratio_margin=h, nll_losses=nll_losses)
+
+
+def _check_pair(chosen, rejected, name_w: str, name_l: str):
+    """Two (N,) floating arrays of one N and one dtype."""
+    w = checks.vector(chosen, name_w)
+    l_ = checks.vector(rejected, name_l, w.shape[0])
+    if l_.dtype != w.dtype:
+        raise TypeError(f"{name_w} is {w.dtype} but {name_l} is {l_.dtype}; pass one dtype")
+    return w, l_
+
+
+def _check_dpo_args(pi_w, pi_l, ref_w, ref_l, beta, loss_type, label_smoothing, reference_free, rpo_alpha,
+                    chosen_token_counts):
+    """dpo_loss's checks; returns (pi_w, pi_l, ref_w, ref_l) as (N,) arrays of the policy's dtype
+    and device (zeros when reference-free), and beta, eps, alpha as Python floats."""
+    pi_w, pi_l = _check_pair(pi_w, pi_l, "policy_chosen_logps", "policy_rejected_logps")
+    xp, n, dt = get_array_module(pi_w, pi_l), pi_w.shape[0], pi_w.dtype
+    b = checks.positive_beta(beta)
+    if loss_type not in LOSSES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(map(repr, LOSS_TYPES))}")
     eps = float(label_smoothing)
     if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
@@ -320,70 +341,16 @@ def dpo_loss(
     alpha = float(rpo_alpha)
     if not (math.isfinite(alpha) and alpha >= 0.0):
         raise ValueError(f"rpo_alpha must be a finite number >= 0, got {rpo_alpha!r}")
-
-    # the reference: constants, or 0 when reference-free
+    if alpha > 0.0 and chosen_token_counts is None:
+        raise ValueError("rpo_alpha > 0 needs chosen_token_counts (the chosen responses' counted tokens)")
     if reference_free:
-        ref_w = xp.zeros(n, dtype=dt)  # (N,)
-        ref_l = xp.zeros(n, dtype=dt)  # (N,)
-    else:
-        if ref_chosen_logps is None or ref_rejected_logps is None:
-            raise ValueError("ref_chosen_logps and ref_rejected_logps are required unless reference_free=True")
-        # xp.asarray: cached reference log-probs may live on the host while the policy is on the GPU
-        ref_w = xp.asarray(_vector(ref_chosen_logps, "ref_chosen_logps", n)).astype(dt, copy=False)
-        ref_l = xp.asarray(_vector(ref_rejected_logps, "ref_rejected_logps", n)).astype(dt, copy=False)
-
-    # eq. (8): implicit rewards (reported; constants for the gradient)
-    chosen_rewards = b * (pi_w - ref_w)  # (N,) r_hat_w
-    rejected_rewards = b * (pi_l - ref_l)  # (N,) r_hat_l
-
-    # the log-ratio margin and the reward margin
-    h = (pi_w - ref_w) - (pi_l - ref_l)  # (N,) log pi_w/pi_ref_w - log pi_l/pi_ref_l
-    z = b * h  # (N,) = r_hat_w - r_hat_l
-
-    if loss_type == "sigmoid":
-        # eq. (7), label-smoothed (cDPO); eps = 0 is eq. (7) exactly
-        losses = -(1.0 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
-        # eq. (9): d loss / d z = -[(1 - eps) sigma(-z) - eps sigma(z)];  eps = 0: weight = sigma(r_hat_l - r_hat_w)
-        weight = (1.0 - eps) * sigmoid(-z) - eps * sigmoid(z)
-    elif loss_type == "robust":
-        # ((1 - eps) * (-log sigma(z)) - eps * (-log sigma(-z))) / (1 - 2 eps)
-        losses = ((1.0 - eps) * -log_sigmoid(z) - eps * -log_sigmoid(-z)) / (1.0 - 2.0 * eps)
-        # d/dz -log sigma(z) = -sigma(-z);  d/dz -log sigma(-z) = sigma(z)
-        weight = ((1.0 - eps) * sigmoid(-z) + eps * sigmoid(z)) / (1.0 - 2.0 * eps)
-    elif loss_type == "ipo":
-        # (h - 1/(2 beta))^2 ;  d loss / d h = 2 (h - 1/(2 beta)) = -beta * weight
-        gap = h - 1.0 / (2.0 * b)
-        losses = gap * gap
-        weight = (-2.0 / b) * gap
-    else:  # "hinge"
-        # max(0, 1 - z) ;  d loss / d z = -1[z < 1]
-        losses = xp.maximum(1.0 - z, dt.type(0))
-        weight = (z < 1.0).astype(dt)
-
-    # d mean(loss) / d log pi_w = (1/N) d loss / d h = -beta * weight / N;  for log pi_l the opposite
-    grad_chosen = (-b / n) * weight  # (N,)
-    grad_rejected = (b / n) * weight  # (N,)
-
-    nll_losses = None
-    if alpha > 0.0:
-        if chosen_token_counts is None:
-            raise ValueError("rpo_alpha > 0 needs chosen_token_counts (the chosen responses' counted tokens)")
-        # counts come from sequence_logps, which refuses empty rows; no second host sync here
-        # (a zero count would still show up loudly, as an infinite loss)
-        nll_losses, nll_grad = nll_loss(pi_w, chosen_token_counts, validate=False)
-        losses = losses + alpha * nll_losses  # (N,)
-        grad_chosen = grad_chosen + alpha * nll_grad  # (N,) the two gradients add
-
-    return DPOOutput(
-        losses=losses,
-        chosen_rewards=chosen_rewards,
-        rejected_rewards=rejected_rewards,
-        grad_policy_chosen_logps=grad_chosen,
-        grad_policy_rejected_logps=grad_rejected,
-        weight=weight,
-        h=h,
-        nll_losses=nll_losses,
-    )
+        return pi_w, pi_l, xp.zeros(n, dtype=dt), xp.zeros(n, dtype=dt), b, eps, alpha
+    if ref_w is None or ref_l is None:
+        raise ValueError("ref_chosen_logps and ref_rejected_logps are required unless reference_free=True")
+    # xp.asarray: cached reference log-probs may live on the host while the policy is on the GPU
+    ref_w = xp.asarray(checks.vector(ref_w, "ref_chosen_logps", n)).astype(dt, copy=False)
+    ref_l = xp.asarray(checks.vector(ref_l, "ref_rejected_logps", n)).astype(dt, copy=False)
+    return pi_w, pi_l, ref_w, ref_l, b, eps, alpha
 
 
 def average_logps_for(loss_type: str, ipo_convention: str = "per_token") -> bool:
@@ -421,7 +388,7 @@ def nll_loss(policy_chosen_logps, chosen_token_counts, *, validate: bool = True)
         loss_i = -log pi(y_i|x) / n_i                      (n_i = the response's counted tokens)
         d mean(loss) / d log pi(y_i|x) = -1 / (n_i N)
 
-    Used alone it is the SFT loss (see sft_loss); scaled by alpha and added to a DPO loss it is
+    Scaled by alpha and added to a DPO loss it is
     RPO (dpo_loss(..., rpo_alpha=alpha)). If the log-probs are already per-token means
     (sequence_logps(average=True)), pass counts of ones.
 
@@ -433,7 +400,7 @@ def nll_loss(policy_chosen_logps, chosen_token_counts, *, validate: bool = True)
     Returns:
         losses (N,), grad (N,), in the log-probs' dtype.
     """
-    logps = _vector(policy_chosen_logps, "policy_chosen_logps")
+    logps = checks.vector(policy_chosen_logps, "policy_chosen_logps")
     xp = get_array_module(logps)
     n = logps.shape[0]
     counts = xp.asarray(chosen_token_counts)
@@ -445,9 +412,6 @@ def nll_loss(policy_chosen_logps, chosen_token_counts, *, validate: bool = True)
     losses = -logps / counts  # (N,)
     grad = -1.0 / (counts * n)  # (N,)
     return losses, grad
-
-
-sft_loss = nll_loss  # the SFT stage minimises exactly this: mean per-token NLL of the responses
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """GPT-2: configuration, parameters keyed by GPT-2 checkpoint names, forward and backward.
 
 The model is the composition of the layers in layers.py; its backward calls their backwards in
-exact reverse order. Parameters are one flat dict keyed by the names of a GPT-2 checkpoint
+exact reverse order. The layer functions come from ``fast.ops()``: fast.py's twins by default,
+layers.py itself under ``fast.plain()``. One block function serves the training forward and the
+KV-cache forward. Parameters are one flat dict keyed by the names of a GPT-2 checkpoint
 (``transformer.h.0.attn.c_attn.weight`` ...), in GPT-2's Conv1D layout (in, out), with the
 output projection tied to ``transformer.wte.weight`` (there is no ``lm_head.weight`` key), so a
 GPT-2 checkpoint loads without renames.
@@ -26,23 +28,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from . import fast
 from .backend import get_array_module, get_backend
-from .layers import (
-    attention_backward,
-    attention_bias,
-    attention_forward,
-    attention_forward_kv,
-    embedding_backward,
-    embedding_forward,
-    gelu_backward,
-    gelu_forward,
-    layernorm_backward,
-    layernorm_forward,
-    linear_backward,
-    linear_forward,
-    unembed_backward,
-    unembed_forward,
-)
 
 __all__ = [
     "GPTConfig",
@@ -57,6 +44,8 @@ __all__ = [
     "KVCache",
     "init_kv_cache",
     "gpt_forward_kv",
+    "block_forward",
+    "inference_logits",
 ]
 
 
@@ -327,6 +316,63 @@ def _check_inputs(idx, config, xp, attention_mask, position_ids, validate, mask_
 # ---------------------------------------------------------------------------------------------
 
 
+def block_forward(ops, p, n: str, x, eps: float, attend, keep=None):
+    """One transformer block (pre-norm, GPT-2), shared by the training and the KV-cache forward:
+
+        x = x + attn.c_proj(attend(attn.c_attn(ln_1(x))))          (B, T, C)
+        x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))                (B, T, C)
+
+    Args:
+        ops: the layer functions (fast.ops()).
+        p: the params; n: this block's name prefix, "transformer.h.{i}.".
+        x: (B, T, C) the residual stream.
+        eps: the layernorms' epsilon.
+        attend: (B, T, 3C) qkv -> ((B, T, C), cache): causal attention with or without a KV cache.
+        keep: None, or a list that receives each layer's cache in forward order (training).
+    Returns:
+        x: (B, T, C).
+    """
+    save = keep.append if keep is not None else (lambda c: None)
+    h, c = ops.layernorm_forward(x, p[n + "ln_1.weight"], p[n + "ln_1.bias"], eps); save(c)  # (B, T, C)
+    h, c = ops.linear_forward(h, p[n + "attn.c_attn.weight"], p[n + "attn.c_attn.bias"]); save(c)  # (B, T, 3C)
+    h, c = attend(h); save(c)  # (B, T, C)
+    h, c = ops.linear_forward(h, p[n + "attn.c_proj.weight"], p[n + "attn.c_proj.bias"]); save(c)  # (B, T, C)
+    h += x  # residual; the old x stays alive in the ln_1 cache
+    x = h
+    h, c = ops.layernorm_forward(x, p[n + "ln_2.weight"], p[n + "ln_2.bias"], eps); save(c)  # (B, T, C)
+    h, c = ops.linear_forward(h, p[n + "mlp.c_fc.weight"], p[n + "mlp.c_fc.bias"]); save(c)  # (B, T, 4C)
+    h, c = ops.gelu_forward(h); save(c)  # (B, T, 4C)
+    h, c = ops.linear_forward(h, p[n + "mlp.c_proj.weight"], p[n + "mlp.c_proj.bias"]); save(c)  # (B, T, C)
+    h += x  # residual
+    return h
+
+
+def block_backward(ops, dx, caches, grads: dict, n: str):
+    """The backward of :func:`block_forward`, its layers in exact reverse order. ``dx`` (B, T, C),
+    the residual gradient, is updated in place (each branch's input gradient added into it);
+    the parameters' gradients go into ``grads`` under their names."""
+    c_ln1, c_qkv, c_att, c_aproj, c_ln2, c_fc, c_gelu, c_mproj = caches
+    # x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))  ->  dx += d(branch)/dx^T dx
+    dh, g = ops.linear_backward(dx, c_mproj)  # (B, T, 4C)
+    grads[n + "mlp.c_proj.weight"], grads[n + "mlp.c_proj.bias"] = g["w"], g["b"]
+    dh, _ = ops.gelu_backward(dh, c_gelu)  # (B, T, 4C)
+    dh, g = ops.linear_backward(dh, c_fc)  # (B, T, C)
+    grads[n + "mlp.c_fc.weight"], grads[n + "mlp.c_fc.bias"] = g["w"], g["b"]
+    dh, g = ops.layernorm_backward(dh, c_ln2)  # (B, T, C)
+    grads[n + "ln_2.weight"], grads[n + "ln_2.bias"] = g["w"], g["b"]
+    dx += dh
+    # x = x + attn.c_proj(attn(attn.c_attn(ln_1(x))))  ->  dx += d(branch)/dx^T dx
+    dh, g = ops.linear_backward(dx, c_aproj)  # (B, T, C)
+    grads[n + "attn.c_proj.weight"], grads[n + "attn.c_proj.bias"] = g["w"], g["b"]
+    dh, _ = ops.attention_backward(dh, c_att)  # (B, T, 3C)
+    dh, g = ops.linear_backward(dh, c_qkv)  # (B, T, C)
+    grads[n + "attn.c_attn.weight"], grads[n + "attn.c_attn.bias"] = g["w"], g["b"]
+    dh, g = ops.layernorm_backward(dh, c_ln1)  # (B, T, C)
+    grads[n + "ln_1.weight"], grads[n + "ln_1.bias"] = g["w"], g["b"]
+    dx += dh
+    return dx
+
+
 def gpt_forward(params, idx, config: GPTConfig, attention_mask=None, position_ids=None, *, validate=True):
     """Logits of every position, and the cache :func:`gpt_backward` needs.
 
@@ -336,9 +382,10 @@ def gpt_forward(params, idx, config: GPTConfig, attention_mask=None, position_id
 
     Padding. Training batches are right-padded and the loss is masked: causal attention already
     keeps every real token from attending to the pad tokens after it, so no attention mask is
-    needed (pad positions produce logits that the loss mask ignores, and their gradient is 0).
-    ``attention_mask`` and ``position_ids`` exist for left-padded batches (generation): a
-    key-padding mask hides the pads, and position ids restart at 0 on each row's first real token.
+    needed. ``attention_mask`` and ``position_ids`` exist for left-padded batches (generation).
+
+    The layer functions are ``fast.ops()``: the fast paths by default, the plain reference
+    under ``fast.plain()``.
 
     Args:
         params: dict of :func:`param_shapes`, one floating dtype, one device.
@@ -358,34 +405,23 @@ def gpt_forward(params, idx, config: GPTConfig, attention_mask=None, position_id
     B, T = idx.shape
     if position_ids is None and T > config.n_ctx:
         raise ValueError(f"idx has T={T} tokens, more than n_ctx={config.n_ctx}")
-    H, eps = config.n_head, config.layer_norm_epsilon
-    p = params
+    ops, p, H, eps = fast.ops(), params, config.n_head, config.layer_norm_epsilon
     # the (B, 1, T, T) key-padding bias is built once and shared by every block
-    bias = None if attention_mask is None else attention_bias(xp, dtype, T, T, 0, attention_mask)
+    bias = None if attention_mask is None else ops.attention_bias(xp, dtype, T, T, 0, attention_mask)
 
-    x, emb_cache = embedding_forward(idx, p["transformer.wte.weight"], p["transformer.wpe.weight"], position_ids)
+    def attend(qkv):  # (B, T, 3C) -> (B, T, C), cache
+        return ops.attention_forward(qkv, H, bias=bias)
+
+    x, emb_cache = ops.embedding_forward(idx, p["transformer.wte.weight"], p["transformer.wpe.weight"], position_ids)
     blocks = []
     for i in range(config.n_layer):
-        n = f"transformer.h.{i}."
-        # x = x + c_proj(attn(c_attn(ln_1(x))))
-        h, c_ln1 = layernorm_forward(x, p[n + "ln_1.weight"], p[n + "ln_1.bias"], eps)  # (B, T, C)
-        h, c_attn = linear_forward(h, p[n + "attn.c_attn.weight"], p[n + "attn.c_attn.bias"])  # (B, T, 3C)
-        h, c_att = attention_forward(h, H, bias=bias)  # (B, T, C)
-        h, c_aproj = linear_forward(h, p[n + "attn.c_proj.weight"], p[n + "attn.c_proj.bias"])  # (B, T, C)
-        h += x  # residual; the old x stays alive in c_ln1
-        x = h
-        # x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))
-        h, c_ln2 = layernorm_forward(x, p[n + "ln_2.weight"], p[n + "ln_2.bias"], eps)  # (B, T, C)
-        h, c_fc = linear_forward(h, p[n + "mlp.c_fc.weight"], p[n + "mlp.c_fc.bias"])  # (B, T, 4C)
-        h, c_gelu = gelu_forward(h)  # (B, T, 4C)
-        h, c_mproj = linear_forward(h, p[n + "mlp.c_proj.weight"], p[n + "mlp.c_proj.bias"])  # (B, T, C)
-        h += x  # residual; the old x stays alive in c_ln2
-        x = h
-        blocks.append((c_ln1, c_attn, c_att, c_aproj, c_ln2, c_fc, c_gelu, c_mproj))
-    x, c_lnf = layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], eps)  # (B, T, C)
-    logits, c_unembed = unembed_forward(x, p["transformer.wte.weight"])  # (B, T, V)
+        blocks.append([])
+        x = block_forward(ops, p, f"transformer.h.{i}.", x, eps, attend, keep=blocks[-1])  # (B, T, C)
+    x, c_lnf = ops.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], eps)  # (B, T, C)
+    logits, c_unembed = ops.unembed_forward(x, p["transformer.wte.weight"])  # (B, T, V)
     cache = {
         "config": config,
+        "ops": ops,
         "shapes": {k: tuple(v.shape) for k, v in params.items()},
         "dtype": dtype,
         "logits_shape": logits.shape,
@@ -410,11 +446,11 @@ def gpt_backward(dlogits, cache, dhidden=None) -> dict:
     e.g. through a scalar head; ``dhidden`` (B, T, C) is then dloss/dh, added to the gradient
     that reaches h through the logits (``dlogits`` may be None when the loss reads h only).
 
-    Calls the layers' backwards in exact reverse order of :func:`gpt_forward`. The residual
-    gradient ``dx`` flows straight through each block and each branch's input gradient is added
-    into it. The tied ``transformer.wte.weight`` gradient is the SUM of its two uses: the output
-    projection's ``dlogits^T @ ln_f(x)`` plus the embedding's scatter-add of ``dx`` at the input ids
-    (repeated ids accumulate).
+    Calls the layers' backwards in exact reverse order of :func:`gpt_forward` (with the layer
+    functions its forward used). The residual gradient ``dx`` flows straight through each block
+    and each branch's input gradient is added into it. The tied ``transformer.wte.weight``
+    gradient is the SUM of its two uses: the output projection's ``dlogits^T @ ln_f(x)`` plus
+    the embedding's scatter-add of ``dx`` at the input ids (repeated ids accumulate).
 
     Args:
         dlogits: (B, T, V), same dtype and device as the forward's logits, or None.
@@ -425,8 +461,7 @@ def gpt_backward(dlogits, cache, dhidden=None) -> dict:
         dict with exactly the keys of params (in the params' order), each gradient of the
         parameter's shape and dtype.
     """
-    config = cache["config"]
-    dtype = cache["dtype"]
+    config, dtype, ops = cache["config"], cache["dtype"], cache["ops"]
     if dhidden is not None:
         h = final_hidden(cache)
         if not hasattr(dhidden, "shape") or tuple(dhidden.shape) != tuple(h.shape) or dhidden.dtype != dtype:
@@ -442,39 +477,17 @@ def gpt_backward(dlogits, cache, dhidden=None) -> dict:
     if dlogits.dtype != dtype:
         raise TypeError(f"dlogits has dtype {dlogits.dtype} but the model runs in {dtype}; cast it first")
     grads = {}
-
     # logits = ln_f(x) @ wte^T
-    dx, g = unembed_backward(dlogits, cache["unembed"])  # (B, T, C)
+    dx, g = ops.unembed_backward(dlogits, cache["unembed"])  # (B, T, C)
     dwte = g["wte"]  # (V, C): the output projection's share; the embedding's is added below
     if dhidden is not None:
         dx += dhidden  # h = ln_f(x) feeds both the logits and the scalar head: gradients add
-    dx, g = layernorm_backward(dx, cache["ln_f"])  # (B, T, C)
+    dx, g = ops.layernorm_backward(dx, cache["ln_f"])  # (B, T, C)
     grads["transformer.ln_f.weight"], grads["transformer.ln_f.bias"] = g["w"], g["b"]
-
     for i in reversed(range(config.n_layer)):
-        n = f"transformer.h.{i}."
-        c_ln1, c_attn, c_att, c_aproj, c_ln2, c_fc, c_gelu, c_mproj = cache["blocks"][i]
-        # x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))  ->  dx += d(branch)/dx^T dx
-        dh, g = linear_backward(dx, c_mproj)  # (B, T, 4C)
-        grads[n + "mlp.c_proj.weight"], grads[n + "mlp.c_proj.bias"] = g["w"], g["b"]
-        dh, _ = gelu_backward(dh, c_gelu)  # (B, T, 4C)
-        dh, g = linear_backward(dh, c_fc)  # (B, T, C)
-        grads[n + "mlp.c_fc.weight"], grads[n + "mlp.c_fc.bias"] = g["w"], g["b"]
-        dh, g = layernorm_backward(dh, c_ln2)  # (B, T, C)
-        grads[n + "ln_2.weight"], grads[n + "ln_2.bias"] = g["w"], g["b"]
-        dx += dh
-        # x = x + c_proj(attn(c_attn(ln_1(x))))  ->  dx += d(branch)/dx^T dx
-        dh, g = linear_backward(dx, c_aproj)  # (B, T, C)
-        grads[n + "attn.c_proj.weight"], grads[n + "attn.c_proj.bias"] = g["w"], g["b"]
-        dh, _ = attention_backward(dh, c_att)  # (B, T, 3C)
-        dh, g = linear_backward(dh, c_attn)  # (B, T, C)
-        grads[n + "attn.c_attn.weight"], grads[n + "attn.c_attn.bias"] = g["w"], g["b"]
-        dh, g = layernorm_backward(dh, c_ln1)  # (B, T, C)
-        grads[n + "ln_1.weight"], grads[n + "ln_1.bias"] = g["w"], g["b"]
-        dx += dh
-
+        dx = block_backward(ops, dx, cache["blocks"][i], grads, f"transformer.h.{i}.")  # (B, T, C)
     # x = wte[idx] + wpe[pos]: scatter-add into the output projection's dwte (tied weight: sum)
-    _, g = embedding_backward(dx, cache["emb"], dwte=dwte)
+    _, g = ops.embedding_backward(dx, cache["emb"], dwte=dwte)
     grads["transformer.wte.weight"], grads["transformer.wpe.weight"] = g["wte"], g["wpe"]
     return {name: grads[name] for name in cache["shapes"]}
 
@@ -534,6 +547,34 @@ def init_kv_cache(params, config: GPTConfig, batch_size: int, capacity: int | No
     return KVCache(keys, values, key_mask)
 
 
+def _extend_kv_cache(params, config, kv_cache, idx_new, attention_mask, position_ids, xp):
+    """Check the cache against the new tokens and record their padding mask in it. Returns
+    (kv_cache, start, position_ids, key_mask): start = tokens already cached; position_ids
+    start..L-1 when none were given; key_mask (B, L) over every cached token, or None without
+    padding."""
+    B, Tn = idx_new.shape
+    if kv_cache is None:
+        kv_cache = init_kv_cache(params, config, B)
+    if not isinstance(kv_cache, KVCache):
+        raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+    if kv_cache.batch_size != B:
+        raise ValueError(f"idx_new has batch size {B} but the kv_cache was made for {kv_cache.batch_size}")
+    start = kv_cache.length
+    L = start + Tn
+    if L > kv_cache.capacity:
+        raise ValueError(f"kv_cache holds {start} tokens; {Tn} more exceed its capacity {kv_cache.capacity}")
+    if position_ids is None:
+        if L > config.n_ctx:
+            raise ValueError(f"positions {start}..{L - 1} exceed n_ctx={config.n_ctx}")
+        if start > 0:
+            position_ids = xp.arange(start, L)  # (T_new,)
+    if attention_mask is not None:
+        kv_cache.key_mask[:, start:L] = attention_mask != 0
+        kv_cache.masked = True
+    key_mask = kv_cache.key_mask[:, :L] if kv_cache.masked else None  # (B, L)
+    return kv_cache, start, position_ids, key_mask
+
+
 def gpt_forward_kv(
     params,
     idx_new,
@@ -571,50 +612,34 @@ def gpt_forward_kv(
     idx_new, attention_mask, position_ids = _check_inputs(
         idx_new, config, xp, attention_mask, position_ids, validate
     )
-    B, Tn = idx_new.shape
-    if kv_cache is None:
-        kv_cache = init_kv_cache(params, config, B)
-    if not isinstance(kv_cache, KVCache):
-        raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
-    if kv_cache.batch_size != B:
-        raise ValueError(f"idx_new has batch size {B} but the kv_cache was made for {kv_cache.batch_size}")
-    start = kv_cache.length
+    kv_cache, start, position_ids, key_mask = _extend_kv_cache(params, config, kv_cache, idx_new, attention_mask,
+                                                               position_ids, xp)
+    Tn = idx_new.shape[1]
     L = start + Tn
-    if L > kv_cache.capacity:
-        raise ValueError(f"kv_cache holds {start} tokens; {Tn} more exceed its capacity {kv_cache.capacity}")
-    if position_ids is None:
-        if L > config.n_ctx:
-            raise ValueError(f"positions {start}..{L - 1} exceed n_ctx={config.n_ctx}")
-        if start > 0:
-            position_ids = xp.arange(start, L)  # (T_new,)
-    if attention_mask is not None:
-        kv_cache.key_mask[:, start:L] = attention_mask != 0
-        kv_cache.masked = True
-    key_mask = kv_cache.key_mask[:, :L] if kv_cache.masked else None  # (B, L)
     # a key-padding bias is built once, shared by every block; without padding the attention is
     # causal only, which attention_forward_kv handles itself (bias None: the causal skip)
-    bias = None if key_mask is None else attention_bias(xp, dtype, Tn, L, start, key_mask)
+    bias = None if key_mask is None else fast.ops().attention_bias(xp, dtype, Tn, L, start, key_mask)
 
-    H, eps = config.n_head, config.layer_norm_epsilon
-    p = params
-    x, _ = embedding_forward(idx_new, p["transformer.wte.weight"], p["transformer.wpe.weight"], position_ids)
+    ops, p, H, eps = fast.ops(), params, config.n_head, config.layer_norm_epsilon
+    x, _ = ops.embedding_forward(idx_new, p["transformer.wte.weight"], p["transformer.wpe.weight"], position_ids)
     for i in range(config.n_layer):
-        n = f"transformer.h.{i}."
-        h, _ = layernorm_forward(x, p[n + "ln_1.weight"], p[n + "ln_1.bias"], eps)  # (B, Tn, C)
-        h, _ = linear_forward(h, p[n + "attn.c_attn.weight"], p[n + "attn.c_attn.bias"])  # (B, Tn, 3C)
-        h = attention_forward_kv(h, H, kv_cache.keys[i], kv_cache.values[i], start, bias=bias)  # (B, Tn, C)
-        h, _ = linear_forward(h, p[n + "attn.c_proj.weight"], p[n + "attn.c_proj.bias"])  # (B, Tn, C)
-        h += x
-        x = h
-        h, _ = layernorm_forward(x, p[n + "ln_2.weight"], p[n + "ln_2.bias"], eps)  # (B, Tn, C)
-        h, _ = linear_forward(h, p[n + "mlp.c_fc.weight"], p[n + "mlp.c_fc.bias"])  # (B, Tn, 4C)
-        h, _ = gelu_forward(h)  # (B, Tn, 4C)
-        h, _ = linear_forward(h, p[n + "mlp.c_proj.weight"], p[n + "mlp.c_proj.bias"])  # (B, Tn, C)
-        h += x
-        x = h
+        def attend(qkv, i=i):  # (B, Tn, 3C) -> (B, Tn, C), no cache; writes this layer's keys and values
+            return ops.attention_forward_kv(qkv, H, kv_cache.keys[i], kv_cache.values[i], start, bias=bias), None
+
+        x = block_forward(ops, p, f"transformer.h.{i}.", x, eps, attend)  # (B, Tn, C)
     if last_only:
         x = x[:, -1:]  # (B, 1, C)
-    x, _ = layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], eps)
-    logits, _ = unembed_forward(x, p["transformer.wte.weight"])  # (B, Tn or 1, V)
+    x, _ = ops.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], eps)
+    logits, _ = ops.unembed_forward(x, p["transformer.wte.weight"])  # (B, Tn or 1, V)
     kv_cache.length = L
     return logits, kv_cache
+
+
+def inference_logits(params: dict, idx, config: GPTConfig, validate: bool = True):
+    """The logits of :func:`gpt_forward` for a pass that will not be differentiated (reference
+    log-probs, evaluation), through the KV-cache forward: it keeps only each layer's keys and
+    values, not the backward's caches. idx (B, T) int -> logits (B, T, V). ``validate=False``
+    skips the id range check (a device read-back on a GPU) for ids already checked on the host."""
+    kv = init_kv_cache(params, config, idx.shape[0], capacity=idx.shape[1])
+    logits, _ = gpt_forward_kv(params, idx, config, kv, validate=validate)  # (B, T, V)
+    return logits

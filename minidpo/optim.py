@@ -122,7 +122,7 @@ class AdamW:
                 on_gpu.setdefault(p.dtype, []).append(name)
                 continue
             lr_wd = lr * self.weight_decay if self.decay[name] else 0.0
-            _adamw_array(p, g, m, v, b1, b2, eps, step_size, sqrt_bc2, lr_wd)
+            adamw_update(p, g, m, v, b1, b2, eps, step_size, sqrt_bc2, lr_wd)
         for names in on_gpu.values():  # pragma: no cover - needs a GPU
             kernels.adamw_multi_tensor([params[n] for n in names], [grads[n] for n in names],
                                        [self.m[n] for n in names], [self.v[n] for n in names],
@@ -192,21 +192,31 @@ def _check_hparams(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
 
 
-def _adamw_array(p, g, m, v, b1, b2, eps, step_size, sqrt_bc2, lr_wd) -> None:
-    """(A) in array code, in place. All scalars are Python floats (weak under NumPy 2: no
-    float64 creep). Temporaries: one array the size of p."""
+def adamw_update(p, g, m, v, b1, b2, eps, step_size, sqrt_bc2, lr_wd) -> None:
+    """(A) for one tensor, in place. All scalars are Python floats (weak under NumPy 2: no
+    float64 creep); step_size = lr / (1 - b1^t), sqrt_bc2 = sqrt(1 - b2^t), lr_wd = lr * wd or 0.
+    Temporaries: one array the size of p."""
     m *= b1
     m += (1.0 - b1) * g                       # m_t = b1 m + (1 - b1) g
     v *= b2
     v += (1.0 - b2) * (g * g)                 # v_t = b2 v + (1 - b2) g^2
-    denom = np.sqrt(v)
+    denom = get_array_module(v).sqrt(v)
     denom /= sqrt_bc2
     denom += eps                              # sqrt(v_hat) + eps
     if lr_wd:
         p *= 1.0 - lr_wd                      # p - lr wd p  (uses p before the Adam term)
-    denom = np.divide(m, denom, out=denom)    # m / (sqrt(v_hat) + eps)
+    denom = get_array_module(v).divide(m, denom, out=denom)    # m / (sqrt(v_hat) + eps)
     denom *= step_size                        # lr m_hat / (sqrt(v_hat) + eps)
     p -= denom
+
+
+def _adamw_update_each(params, grads, ms, vs, decay, b1, b2, eps, step_size, sqrt_bc2, lr_wd) -> None:
+    """kernels.adamw_multi_tensor's twin: :func:`adamw_update`, tensor by tensor."""
+    for p, g, m, v, d in zip(params, grads, ms, vs, decay):
+        adamw_update(p, g, m, v, b1, b2, eps, step_size, sqrt_bc2, lr_wd if d else 0.0)
+
+
+kernels.register_twin("adamw_multi_tensor", _adamw_update_each)
 
 
 def clip_grad_norm(grads: Mapping[str, object], max_norm: float):

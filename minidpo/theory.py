@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from . import checks
 from .backend import get_array_module
 from .logprobs import log_softmax, log_softmax_backward, logsumexp
 from .losses import dpo_loss, sigmoid
@@ -40,13 +41,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------
 # checks
-
-
-def _beta(beta) -> float:
-    b = float(beta)
-    if not (math.isfinite(b) and b > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    return b
 
 
 def _table(a, name: str, shape=None):
@@ -95,10 +89,10 @@ def log_partition(reward, log_pi_ref, beta):
     Returns:
         (X,) log Z(x), reward's dtype.
     """
-    b = _beta(beta)
+    b = checks.positive_beta(beta)
     r = _table(reward, "reward")
-    lr = _log_policy(log_pi_ref, "log_pi_ref", r.shape).astype(r.dtype, copy=False)
-    return logsumexp(lr + r / b, axis=-1)  # (X,)
+    log_ref = _log_policy(log_pi_ref, "log_pi_ref", r.shape).astype(r.dtype, copy=False)
+    return logsumexp(log_ref + r / b, axis=-1)  # (X,)
 
 
 def optimal_policy(reward, log_pi_ref, beta):
@@ -115,10 +109,10 @@ def optimal_policy(reward, log_pi_ref, beta):
     Returns:
         (X, Y) log pi_r(y|x), reward's dtype.
     """
-    b = _beta(beta)
+    b = checks.positive_beta(beta)
     r = _table(reward, "reward")
-    lr = _log_policy(log_pi_ref, "log_pi_ref", r.shape).astype(r.dtype, copy=False)
-    return log_softmax(lr + r / b, axis=-1)  # (X, Y)
+    log_ref = _log_policy(log_pi_ref, "log_pi_ref", r.shape).astype(r.dtype, copy=False)
+    return log_softmax(log_ref + r / b, axis=-1)  # (X, Y)
 
 
 def reward_from_policy(log_pi, log_pi_ref, beta, log_Z=None):
@@ -136,10 +130,10 @@ def reward_from_policy(log_pi, log_pi_ref, beta, log_Z=None):
     Returns:
         (X, Y) reward, log_pi's dtype.
     """
-    b = _beta(beta)
+    b = checks.positive_beta(beta)
     lp = _table(log_pi, "log_pi")
-    lr = _table(log_pi_ref, "log_pi_ref", lp.shape).astype(lp.dtype, copy=False)
-    r = b * (lp - lr)  # (X, Y) eq. (8)
+    log_ref = _table(log_pi_ref, "log_pi_ref", lp.shape).astype(lp.dtype, copy=False)
+    r = b * (lp - log_ref)  # (X, Y) eq. (8)
     if log_Z is not None:
         xp = get_array_module(lp)
         log_Z = xp.asarray(log_Z).astype(lp.dtype, copy=False)
@@ -171,18 +165,18 @@ def kl_regularized_objective(log_pi, reward, log_pi_ref, beta, mean: bool = Fals
     Returns:
         (X,) J(x), or a 0-d array if mean; log_pi's dtype.
     """
-    b = _beta(beta)
+    b = checks.positive_beta(beta)
     lp = _log_policy(log_pi, "log_pi")
     r = _table(reward, "reward", lp.shape).astype(lp.dtype, copy=False)
-    lr = _table(log_pi_ref, "log_pi_ref", lp.shape).astype(lp.dtype, copy=False)
+    log_ref = _table(log_pi_ref, "log_pi_ref", lp.shape).astype(lp.dtype, copy=False)
     xp = get_array_module(lp)
     pi = xp.exp(lp)  # (X, Y)
     support = pi > 0  # (X, Y) where the expectation looks
     # off the support put 0 in, so no 0 * inf = nan is formed; on it, a -inf log pi_ref
     # (pi puts mass where pi_ref has none) correctly gives KL = +inf, J = -inf
     lp_s = xp.where(support, lp, lp.dtype.type(0))
-    lr_s = xp.where(support, lr, lp.dtype.type(0))
-    terms = xp.where(support, pi * (r - b * (lp_s - lr_s)), lp.dtype.type(0))  # (X, Y)
+    log_ref_s = xp.where(support, log_ref, lp.dtype.type(0))
+    terms = xp.where(support, pi * (r - b * (lp_s - log_ref_s)), lp.dtype.type(0))  # (X, Y)
     J = xp.sum(terms, axis=-1)  # (X,)
     return xp.mean(J) if mean else J
 
@@ -284,7 +278,7 @@ def expected_dpo_loss(policy_logits, log_pi_ref, pair_weights, beta, loss_type: 
     xp = get_array_module(theta)
     X, Y = theta.shape
     dt = theta.dtype
-    lr = _log_policy(log_pi_ref, "log_pi_ref", (X, Y)).astype(dt, copy=False)
+    log_ref = _log_policy(log_pi_ref, "log_pi_ref", (X, Y)).astype(dt, copy=False)
     W = xp.asarray(pair_weights).astype(dt, copy=False)
     if W.shape != (X, Y, Y):
         raise ValueError(f"pair_weights must be (X, Y, Y) = {(X, Y, Y)}, got {tuple(W.shape)}")
@@ -293,8 +287,8 @@ def expected_dpo_loss(policy_logits, log_pi_ref, pair_weights, beta, loss_type: 
     # every ordered pair (x, i, j) as one row of a DPO batch: i chosen, j rejected
     pi_w = xp.broadcast_to(log_pi[:, :, None], (X, Y, Y)).reshape(-1)  # (X*Y*Y,)
     pi_l = xp.broadcast_to(log_pi[:, None, :], (X, Y, Y)).reshape(-1)  # (X*Y*Y,)
-    ref_w = xp.broadcast_to(lr[:, :, None], (X, Y, Y)).reshape(-1)  # (X*Y*Y,)
-    ref_l = xp.broadcast_to(lr[:, None, :], (X, Y, Y)).reshape(-1)  # (X*Y*Y,)
+    ref_w = xp.broadcast_to(log_ref[:, :, None], (X, Y, Y)).reshape(-1)  # (X*Y*Y,)
+    ref_l = xp.broadcast_to(log_ref[:, None, :], (X, Y, Y)).reshape(-1)  # (X*Y*Y,)
     out = dpo_loss(pi_w, pi_l, ref_w, ref_l, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     n = pi_w.shape[0]
 

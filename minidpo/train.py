@@ -43,7 +43,9 @@ The loop (:func:`_run_loop`) is a few small functions: :func:`_resume`, :func:`_
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -57,13 +59,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from . import fast
 from .backend import Backend, get_array_module, get_backend, to_numpy
 from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint, verify_params
-from .data import collate_preferences, collate_sft
-from .logprobs import sequence_logps, sequence_logps_backward
+from .data import check_token_ids, collate_preferences, collate_sft
 from .losses import dpo_loss, preference_metrics
-from .model import GPTConfig, gpt_backward, gpt_forward, gpt_forward_kv, init_kv_cache
+from .model import GPTConfig, gpt_backward, gpt_forward
 from .optim import AdamW, clip_grad_norm, lr_at
+from .scoring import batch_logps, batched_sequence_logps, chunked_logps
 
 
 class NonFiniteError(RuntimeError):
@@ -113,6 +116,7 @@ class TrainConfig:
     average_logps: bool = False  # per-token mean log-probs (IPO's official convention)
     cache_reference: bool = True
     progress: bool = True
+    plain: bool = False  # run the plain reference (layers.py, logprobs.py) instead of the fast paths
 
     def __post_init__(self):
         from .losses import LOSS_TYPES
@@ -192,45 +196,6 @@ def batch_for_step(step: int, n_items: int, batch_size: int, seed: int) -> np.nd
 # ---------------------------------------------------------------------------------------------
 
 
-def inference_logits(params: dict, idx, model_config: GPTConfig, validate: bool = True):
-    """The logits of :func:`minidpo.model.gpt_forward` for a forward pass that will not be
-    differentiated (reference log-probs, evaluation): through the KV-cache forward, which keeps
-    only each layer's keys and values (2 of the ~20 (B, T, C)-sized arrays a layer's backward
-    cache holds). idx (B, T) int -> logits (B, T, V). ``validate=False`` skips the id range
-    check (a device read-back on a GPU) for ids already checked on the host."""
-    kv = init_kv_cache(params, model_config, idx.shape[0], capacity=idx.shape[1])
-    logits, _ = gpt_forward_kv(params, idx, model_config, kv, validate=validate)  # (B, T, V)
-    return logits
-
-
-def batched_sequence_logps(
-    params: dict, model_config: GPTConfig, pairs: Sequence, pad_id: int, batch_size: int,
-    backend: Backend, average: bool = False, desc: str | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """log pi(y_w|x) and log pi(y_l|x) for every pair, in minibatches, on the host; with
-    ``desc``, a progress bar of that name counts the pairs.
-
-    Returns (chosen_logps (N,), rejected_logps (N,)) as float64 NumPy arrays (read-outs): one
-    device read-back a minibatch (the token ids are checked once, on the host, first)."""
-    check_token_ids(pairs, model_config.vocab_size, "preference pair")
-    chosen, rejected = [], []
-    bar = _progress(len(pairs), 0, desc or "", desc is not None)
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        batch = collate_preferences(chunk, pad_id, backend=backend)
-        logits = inference_logits(params, batch["input_ids"], model_config, validate=False)  # (2n, T, V)
-        logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average,
-                                  validate=False)  # (2n,)
-        del logits, _  # free this chunk's (2n, T, V) logits before the next chunk's forward
-        logps = to_numpy(logps).astype(np.float64)
-        n = len(chunk)
-        chosen.append(logps[:n])
-        rejected.append(logps[n:])
-        bar.update(n)
-    bar.close()
-    return np.concatenate(chosen), np.concatenate(rejected)
-
-
 def evaluate_preferences(
     policy: dict, model_config: GPTConfig, pairs: Sequence, ref_chosen: np.ndarray,
     ref_rejected: np.ndarray, pad_id: int, tc: TrainConfig, backend: Backend,
@@ -261,7 +226,8 @@ def dpo_step(params: dict, model_config: GPTConfig, batch: dict, ref_chosen, ref
     # token ids and non-empty responses were checked once for the whole dataset
     # (check_token_ids), so the per-step value checks, a host sync each on a GPU, are skipped
     logits, model_cache = gpt_forward(params, input_ids, model_config, validate=False)  # (2N, T, V)
-    logps, lp_cache = sequence_logps(logits, input_ids, loss_mask, average=tc.average_logps, validate=False)  # (2N,)
+    ops = fast.ops()
+    logps, lp_cache = ops.sequence_logps(logits, input_ids, loss_mask, average=tc.average_logps, validate=False)  # (2N,)
     del logits
     policy_chosen, policy_rejected = logps[:n], logps[n:]  # (N,), (N,)
     xp = get_array_module(logps)
@@ -278,7 +244,7 @@ def dpo_step(params: dict, model_config: GPTConfig, batch: dict, ref_chosen, ref
     # eq. 9: the gradient reaches the two log-probs with weight sigma(r_l - r_w), opposite signs
     dlogps = xp.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps])  # (2N,)
     # the logits are not needed again: their buffer becomes dlogits (one (2N, T, V) array, not two)
-    dlogits = sequence_logps_backward(dlogps.astype(logps.dtype, copy=False), lp_cache, overwrite_logits=True)
+    dlogits = ops.sequence_logps_backward(dlogps.astype(logps.dtype, copy=False), lp_cache, overwrite_logits=True)
     grads = gpt_backward(dlogits, model_cache)
     metrics = preference_metrics(out, policy_chosen, policy_rejected)
     return out.loss, metrics, grads
@@ -291,14 +257,15 @@ def sft_step(params: dict, model_config: GPTConfig, batch: dict):
     Returns (loss (0-d device array), grads dict)."""
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     logits, model_cache = gpt_forward(params, input_ids, model_config, validate=False)  # (B, T, V)
-    logps, lp_cache = sequence_logps(logits, input_ids, loss_mask, validate=False)  # (B,) summed
+    ops = fast.ops()
+    logps, lp_cache = ops.sequence_logps(logits, input_ids, loss_mask, validate=False)  # (B,) summed
     del logits
     xp = get_array_module(logps)
     # per-token mean over the whole batch: L = -sum_b logps_b / sum_b n_b
     n_tokens = xp.maximum(loss_mask[:, 1:].sum(), 1).astype(logps.dtype)
     loss = -logps.sum() / n_tokens
     dlogps = xp.full(logps.shape, -1.0, dtype=logps.dtype) / n_tokens  # (B,)
-    dlogits = sequence_logps_backward(dlogps, lp_cache, overwrite_logits=True)  # reuses the logits buffer
+    dlogits = ops.sequence_logps_backward(dlogps, lp_cache, overwrite_logits=True)  # reuses the logits buffer
     return loss, gpt_backward(dlogits, model_cache)
 
 
@@ -786,22 +753,6 @@ def _run_loop(
     return StageResult(params=params, step=L.step, history=L.history, stopped_early=stopped, resumed_from=resumed)
 
 
-def check_token_ids(rows, vocab_size: int, what: str) -> None:
-    """Once per dataset, on the host: every token id fits the model's vocabulary and every
-    response has at least one token (what the training step then no longer checks).
-
-    rows: TokenizedSFT items or TokenizedPair items."""
-    for i, r in enumerate(rows):
-        seqs = [r.prompt_ids, r.response_ids] if hasattr(r, "response_ids") else [r.prompt_ids, r.chosen_ids, r.rejected_ids]
-        if any(len(s) == 0 for s in seqs[1:]):
-            raise ValueError(f"{what} item {i} ({getattr(r, 'source', '')}): empty response")
-        hi = max(max(s) for s in seqs if s)
-        lo = min(min(s) for s in seqs if s)
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"{what} item {i} ({getattr(r, 'source', '')}): token id {hi if hi >= vocab_size else lo} "
-                             f"outside the model's vocabulary [0, {vocab_size}); was it tokenized with another tokenizer?")
-
-
 # ---------------------------------------------------------------------------------------------
 # the two stages
 # ---------------------------------------------------------------------------------------------
@@ -817,6 +768,19 @@ def stage_inputs(items: Sequence, eval_items: Sequence | None, inputs: dict | No
     return d
 
 
+def _on_configured_path(train_fn):
+    """Run a stage on the path its TrainConfig names (``tc.plain``: the plain reference)."""
+    sig = inspect.signature(train_fn)
+
+    @functools.wraps(train_fn)
+    def run(*args, **kwargs):
+        with fast.plain(sig.bind(*args, **kwargs).arguments["tc"].plain):
+            return train_fn(*args, **kwargs)
+
+    return run
+
+
+@_on_configured_path
 def train_sft(
     params: dict, model_config: GPTConfig, items: Sequence, pad_id: int, tc: TrainConfig,
     out_dir: str | Path, backend: Backend | str = "cpu", eval_items: Sequence | None = None, resume: bool = True,
@@ -847,14 +811,10 @@ def train_sft(
     if eval_items:
         def eval_fn(p):
             tot, ntok = 0.0, 0
-            for s in range(0, len(eval_items), tc.eval_batch_size):
-                chunk = list(eval_items[s : s + tc.eval_batch_size])
-                batch = collate_sft(chunk, pad_id, backend=backend)
-                logits = inference_logits(p, batch["input_ids"], model_config, validate=False)  # ids checked above
-                logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], validate=False)
-                del logits
-                tot += float(logps.sum())  # one read-back a chunk
-                ntok += sum(len(t.response_ids) for t in chunk)  # the loss mask's tokens, counted on the host
+            for logps, counts in chunked_logps(p, model_config, eval_items, collate_sft, pad_id, tc.eval_batch_size,
+                                               backend):
+                tot += float(logps.sum())
+                ntok += int(counts.sum())
             nll = -tot / max(ntok, 1)
             return {"eval/nll": nll, "eval/perplexity": math.exp(min(nll, 50.0))}
 
@@ -862,6 +822,7 @@ def train_sft(
                      eval_fn=eval_fn, resume=resume, inputs=stage_inputs(items, eval_items, inputs), stale=stale)
 
 
+@_on_configured_path
 def train_dpo(
     policy: dict, reference: dict, model_config: GPTConfig, pairs: Sequence, pad_id: int, tc: TrainConfig,
     out_dir: str | Path, backend: Backend | str = "cpu", eval_pairs: Sequence | None = None, resume: bool = True,
@@ -900,10 +861,7 @@ def train_dpo(
             didx = backend.asarray(idx)
             batch["ref_chosen"], batch["ref_rejected"] = cache["c"][didx], cache["r"][didx]
         else:
-            logits = inference_logits(reference, batch["input_ids"], model_config, validate=False)
-            logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=tc.average_logps,
-                                      validate=False)
-            del logits
+            logps, _ = batch_logps(reference, model_config, batch, tc.average_logps, validate=False)
             n = len(idx)
             batch["ref_chosen"], batch["ref_rejected"] = logps[:n], logps[n:]
         return batch

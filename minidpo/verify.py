@@ -630,7 +630,7 @@ def _tolerance(dtype: str, c, out_ref):
     """Forward-error allowance for a loss computed in `dtype` from inputs rounded to it."""
     eps = {"float64": 2.0 ** -52, "float32": 2.0 ** -23, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}[dtype]
     size = max(float(np.max(np.abs(c[k]))) for k in ("pw", "pl", "rw", "rl"))
-    slope = float(np.max(np.abs(c["beta"] * out_ref.weight))) if len(out_ref.weight) else 1.0
+    slope = float(np.max(np.abs(c["beta"] * out_ref.gradient_weight))) if len(out_ref.gradient_weight) else 1.0
     atol = 64 * eps * (size * max(slope, 1e-3) + 1.0)
     return max(64 * eps, 1e-10), atol
 
@@ -678,10 +678,10 @@ def _prop_gradient(ck):
         if ck.variant == "hinge":  # no derivative at the kink beta h = 1
             from hypothesis import assume
 
-            assume(bool(np.all(np.abs(c["beta"] * ref.h - 1.0) > 1e-3)))
+            assume(bool(np.all(np.abs(c["beta"] * ref.log_ratio_margin - 1.0) > 1e-3)))
         n = len(c["pw"])
         per = 1.0 / n if ck.reduction == "mean" else 1.0
-        want_w, want_l = -c["beta"] * ref.weight * per, c["beta"] * ref.weight * per
+        want_w, want_l = -c["beta"] * ref.gradient_weight * per, c["beta"] * ref.gradient_weight * per
         if ck.fw.autograd:
             _, g = ck.fw.grads(lambda *t: ck.call(*t, c["beta"]), arrays)
             gw, gl = g[0], g[1]
@@ -890,7 +890,7 @@ def _prop_numerics(ck):
                             if gw is not None:
                                 if not np.all(np.isfinite(gw)):
                                     return "FAIL", f"non-finite gradient {_fmt(gw)} at beta h = {beta * h:g} in {dtype}", case
-                                gwant = float(-beta * ref.weight[0])
+                                gwant = float(-beta * ref.gradient_weight[0])
                                 # weights below the dtype's epsilon may round to 0 (harmless next to weights near 1)
                                 unit = {"float64": 2.0 ** -52, "float32": 2.0 ** -23, "bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}[dtype]
                                 if ck.variant != "hinge" and abs(float(gw[0]) - gwant) > rel * abs(gwant) + beta * unit:

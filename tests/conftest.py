@@ -48,3 +48,21 @@ def cuda_or_standin():
 
 requires_cuda = pytest.mark.usefixtures("cuda_or_standin")
 requires_gpu = pytest.mark.skipif(not CUDA_OK, reason="needs CuPy and a CUDA GPU (real hardware)")
+
+
+def numeric_grad(f, x, h=1e-6):
+    """Central finite differences of a scalar function: df/dx[i] ~ (f(x + h e_i) - f(x - h e_i)) / 2h.
+
+    ``x`` (float64, any shape) is perturbed in place, one entry at a time, and restored."""
+    import numpy as np
+
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + h
+        fp = f(x)
+        x[i] = old - h
+        fm = f(x)
+        x[i] = old
+        g[i] = (fp - fm) / (2 * h)
+    return g

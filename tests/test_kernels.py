@@ -1,12 +1,12 @@
-"""The fused CuPy kernels (minidpo/kernels.py) and their array-code twins.
+"""The fused CuPy kernels (minidpo/kernels.py) and their twins, the plain functions.
 
 Without a GPU: the twins are checked against independent definitions, the module is shown not
 to import CuPy, and every CUDA source is compiled with nvcc (skipped when nvcc is absent).
-@requires_cuda: every kernel against its twin, both run on CuPy arrays, in float32 and float64,
-and the model with kernels against the model without. On a GPU that runs the CUDA C; elsewhere
-the strict CuPy stand-in checks each launch (grid, block, argument types and widths) and runs
-its own array-code twin of the kernel in place of the CUDA C, so these check everything around
-the CUDA C, which only a GPU runs.
+@requires_cuda: every kernel against its plain twin, both run on CuPy arrays, in float32 and
+float64, and the model with kernels against the model without. On a GPU that runs the CUDA C;
+elsewhere the strict CuPy stand-in checks each launch (grid, block, argument types and widths)
+and runs its own array-code twin of the kernel in place of the CUDA C, so these check everything
+around the CUDA C, which only a GPU runs.
 """
 
 import math
@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from minidpo import kernels
-from minidpo.layers import attention_forward, gelu_forward, layernorm_forward
-from minidpo.logprobs import sequence_logps, sequence_logps_backward
+from minidpo.fast import attention_forward, gelu_forward, layernorm_forward, sequence_logps, sequence_logps_backward
 from minidpo.optim import AdamW
 from tests.conftest import requires_cuda
 
@@ -28,7 +27,8 @@ from tests.conftest import requires_cuda
 
 
 def test_importing_minidpo_does_not_import_cupy():
-    code = ("import sys, minidpo.kernels, minidpo.layers, minidpo.model, minidpo.optim, minidpo.logprobs; "
+    code = ("import sys, minidpo.kernels, minidpo.layers, minidpo.model, minidpo.optim, minidpo.logprobs, "
+            "minidpo.fast, minidpo.train; "
             "assert 'cupy' not in sys.modules, 'cupy imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -100,8 +100,9 @@ def test_twin_adamw_is_the_optimizer_step():
     ms = [np.zeros_like(v) for v in p2.values()]
     vs = [np.zeros_like(v) for v in p2.values()]
     b1, b2 = opt.beta1, opt.beta2
-    kernels._twin_adamw_multi_tensor(list(p2.values()), list(grads.values()), ms, vs, [True, False], b1, b2,
-                                     opt.eps, 1e-2 / (1 - b1), math.sqrt(1 - b2), 1e-2 * 0.1)
+    twin = kernels.TWINS["adamw_multi_tensor"][1]
+    twin(list(p2.values()), list(grads.values()), ms, vs, [True, False], b1, b2, opt.eps, 1e-2 / (1 - b1),
+         math.sqrt(1 - b2), 1e-2 * 0.1)
     for k in params:
         np.testing.assert_array_equal(p2[k], p1[k])
         assert not np.array_equal(p2[k], params[k])
@@ -117,6 +118,7 @@ def test_elementwise_and_reduction_wrappers_bind_params_like_cupy():
 NVCC = shutil.which("nvcc")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 def test_every_cuda_source_compiles_with_nvcc(tmp_path):
     """Every RawKernel source as it is, and every ElementwiseKernel/ReductionKernel body wrapped
@@ -258,7 +260,7 @@ def test_cuda_adamw_multi_tensor_matches_twin(dtype):  # pragma: no cover - need
     decay = [True, False, True, False, True]
     args = (0.9, 0.95, 1e-8, 3e-3, 0.7, 1e-3)
     kernels.adamw_multi_tensor(p, g, ms, vs, decay, *args)
-    kernels._twin_adamw_multi_tensor(p2, g, ms2, vs2, decay, *args)
+    kernels.TWINS["adamw_multi_tensor"][1](p2, g, ms2, vs2, decay, *args)
     for a, b in zip(p + ms + vs, p2 + ms2 + vs2):
         _close(a, b, dtype, rtol32=1e-5, atol32=1e-6)
 
@@ -322,56 +324,7 @@ class _null:
         return False
 
 
-# ------------------------------------------------ the CPU paths' cache blocking changes no number
-
-
-@pytest.mark.parametrize("piece", [1, 24, 64, 128, 10**9])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_logprobs_pieces_give_identical_numbers(monkeypatch, piece, dtype):
-    """sequence_logps / its backward process the (B, T-1, V) rows in pieces of _PIECE elements:
-    every piece size (one row, part of a row's positions, several batch rows, everything) gives
-    bit-identical results."""
-    from minidpo import logprobs
-
-    rng = np.random.default_rng(6)
-    B, T, V = 3, 9, 8
-    logits = (3 * rng.standard_normal((B, T, V))).astype(dtype)
-    labels = rng.integers(0, V, (B, T))
-    mask = rng.random((B, T)) < 0.7
-    mask[:, 2] = True
-    dlogps = rng.standard_normal(B).astype(dtype)
-    results = []
-    for size in (10**9, piece):
-        monkeypatch.setattr(logprobs, "_PIECE", size)
-        lp, cache = sequence_logps(logits, labels, mask, average=True)
-        d = sequence_logps_backward(dlogps, cache)
-        d2 = sequence_logps_backward(dlogps, {**cache, "logits": logits.copy()}, overwrite_logits=True)
-        results.append((lp, cache["lse"], d, d2))
-    for a, b in zip(*results):
-        assert a.dtype == dtype
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(results[0][2], results[0][3])  # overwrite_logits: the same numbers
-
-
-@pytest.mark.parametrize("block", [1, 5, 64])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gelu_blocks_give_identical_numbers(monkeypatch, block, dtype):
-    from minidpo import layers
-
-    rng = np.random.default_rng(7)
-    x = (3 * rng.standard_normal((4, 7, 11))).astype(dtype)
-    dy = rng.standard_normal(x.shape).astype(dtype)
-    xt = x.transpose(2, 0, 1)  # a non-contiguous input too
-    dyt = dy.transpose(2, 0, 1)
-    want = [layers.gelu_forward(x)[0], layers.gelu_backward(dy, x)[0], layers.gelu_forward(xt)[0],
-            layers.gelu_backward(dyt, xt)[0]]
-    monkeypatch.setattr(layers, "_BLOCK", block)
-    got = [layers.gelu_forward(x)[0], layers.gelu_backward(dy, x)[0], layers.gelu_forward(xt)[0],
-           layers.gelu_backward(dyt, xt)[0]]
-    for a, b in zip(got, want):
-        assert a.dtype == dtype
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(got[2], got[0].transpose(2, 0, 1))
+# ------------------------------------------------ the causal skip changes no number (fast.py)
 
 
 @pytest.mark.parametrize("blocks", [[(0, 3), (3, 4), (4, 9)], [(0, 1), (1, 9)], [(0, 5), (5, 9)]])
@@ -379,7 +332,7 @@ def test_gelu_blocks_give_identical_numbers(monkeypatch, block, dtype):
 def test_attention_query_blocks_give_the_same_numbers(monkeypatch, blocks, masked):
     """The causal skip (queries in blocks, each scored only against the keys it can see) gives
     the whole-matrix attention's output and gradient (float64, to round-off)."""
-    from minidpo import layers
+    from minidpo import fast as layers
 
     rng = np.random.default_rng(8)
     B, T, H, D = 2, 9, 3, 4
@@ -396,18 +349,9 @@ def test_attention_query_blocks_give_the_same_numbers(monkeypatch, blocks, maske
     np.testing.assert_allclose(d2, d1, rtol=1e-12, atol=1e-13)
 
 
-def test_query_blocks_cover_every_query():
-    from minidpo.layers import _query_blocks
-
-    for T in (1, 2, 127, 128, 255, 256, 257, 300, 512, 1024, 1025):
-        bl = _query_blocks(T)
-        assert bl[0][0] == 0 and bl[-1][1] == T and all(a[1] == b[0] for a, b in zip(bl, bl[1:]))
-        assert all(i1 > i0 for i0, i1 in bl) and len(bl) == max(1, min(4, T // 128))
-
-
 def test_kv_forward_with_query_blocks_matches_the_full_forward(monkeypatch):
     """The KV-cache forward takes the causal skip too (chunks fed after a cached prefix)."""
-    from minidpo import layers
+    from minidpo import fast as layers
     from minidpo.model import GPTConfig, gpt_forward, gpt_forward_kv, init_params
 
     cfg = GPTConfig(vocab_size=31, n_ctx=12, n_layer=2, n_head=2, n_embd=8)

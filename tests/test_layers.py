@@ -1,5 +1,6 @@
-"""Every layer's backward against central finite differences (float64), forwards against
-independent naive code, and dtype preservation (float32 in -> float32 out)."""
+"""The plain reference (layers.py): every layer's backward against central finite differences
+(float64), forwards against independent naive code, and dtype preservation (float32 in ->
+float32 out, on the fast twins too). tests/test_fast.py checks the fast twins against these."""
 
 import math
 
@@ -8,25 +9,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from minidpo import fast
 from minidpo import layers as L
+from tests.conftest import numeric_grad
 
 seeds = st.integers(0, 2**32 - 1)
+BOTH = pytest.mark.parametrize("impl", [fast.PLAIN, fast.FAST], ids=["plain", "fast"])
 
 
-def num_grad(f, x, eps=1e-6, entries=None):
+def num_grad(f, x):
     """Central differences of the scalar f() w.r.t. the entries of x (perturbed in place)."""
-    g = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), g.reshape(-1)
-    assert np.shares_memory(flat, x)
-    for i in range(flat.size) if entries is None else entries:
-        old = flat[i]
-        flat[i] = old + eps
-        fp = f()
-        flat[i] = old - eps
-        fm = f()
-        flat[i] = old
-        gflat[i] = (fp - fm) / (2 * eps)
-    return g
+    return numeric_grad(lambda _: f(), x)
 
 
 def close(analytic, numeric, rtol=1e-6, atol=1e-8):
@@ -207,20 +200,20 @@ def test_attention_kv_chunks_equal_full_attention(B, T, H, D, masked, seed, data
     close(np.concatenate(outs, axis=1), y_full, rtol=1e-12, atol=1e-12)
 
 
-def test_attention_rejects_badly_shaped_qkv():
+@BOTH
+def test_attention_rejects_badly_shaped_qkv(impl):
     with pytest.raises(ValueError, match="n_head=4"):
-        L.attention_forward(np.zeros((1, 2, 18)), 4)
+        impl.attention_forward(np.zeros((1, 2, 18)), 4)
     with pytest.raises(ValueError, match="3C"):
-        L.attention_forward(np.zeros((1, 2, 10)), 1)
+        impl.attention_forward(np.zeros((1, 2, 10)), 1)
 
 
-def test_attention_bias_is_reused_and_typed():
-    b1 = L.attention_bias(np, np.float32, 5, 5)
-    b2 = L.attention_bias(np, np.float32, 5, 5)
-    assert b1 is b2 and b1.dtype == np.float32 and b1.shape == (5, 5)
-    assert not b1.flags.writeable
+@BOTH
+def test_attention_bias_is_typed(impl):
+    b1 = impl.attention_bias(np, np.float32, 5, 5)
+    assert b1.dtype == np.float32 and b1.shape == (5, 5)
     assert (b1[np.tril_indices(5)] == 0).all() and np.isneginf(b1[np.triu_indices(5, 1)]).all()
-    bm = L.attention_bias(np, np.float64, 3, 5, offset=2, key_mask=np.array([[0, 1, 1, 0, 1]]))
+    bm = impl.attention_bias(np, np.float64, 3, 5, offset=2, key_mask=np.array([[0, 1, 1, 0, 1]]))
     assert bm.shape == (1, 1, 3, 5) and bm.dtype == np.float64
     allowed = np.isfinite(bm[0, 0])
     # query i sits at position 2 + i: keys <= 2 + i, minus pads (0 and 3) except its own position
@@ -302,7 +295,7 @@ def test_unembed_backward_matches_finite_differences(B, T, V, C, seed):
 # -------------------------------------------------------------------------------------- dtypes
 
 
-def _run_all_layers(dtype, rng):
+def _run_all_layers(L, dtype, rng):
     """Forward and backward of every layer at ``dtype``; yields (name, array) of every output."""
     f = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
     B, T, C, H, V = 2, 3, 6, 2, 5
@@ -345,16 +338,19 @@ def _run_all_layers(dtype, rng):
     yield "unembed.dwte", g["wte"]
 
 
+@BOTH
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_every_layer_keeps_the_input_dtype(dtype):
-    outs = list(_run_all_layers(dtype, np.random.default_rng(0)))
+def test_every_layer_keeps_the_input_dtype(impl, dtype):
+    outs = list(_run_all_layers(impl, dtype, np.random.default_rng(0)))
     assert len(outs) > 20
     wrong = [(name, a.dtype) for name, a in outs if a.dtype != dtype]
     assert not wrong, f"dtype drift at {dtype.__name__}: {wrong}"
     assert all(np.isfinite(a).all() for _, a in outs)
 
 
-def test_forwards_and_backwards_do_not_modify_their_inputs():
+@BOTH
+def test_forwards_and_backwards_do_not_modify_their_inputs(impl):
+    L = impl
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 3, 6))
     w, b = rng.standard_normal(6), rng.standard_normal(6)

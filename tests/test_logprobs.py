@@ -1,7 +1,9 @@
-"""log pi(y|x) as a masked sum of shifted token log-probs, and its backward.
+"""log pi(y|x) as a masked sum of shifted token log-probs, and its backward: the plain reference.
 
 Checked two ways: against a plain Python loop over (b, t) written from the definition, and the
 backward against central finite differences in float64 (and torch autograd when installed).
+The fast twins are checked against these functions in tests/test_fast.py; the input checks,
+which both share, are run on both here.
 """
 
 import math
@@ -12,16 +14,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from minidpo import fast
 from minidpo.logprobs import (
-    count_response_tokens,
     log_softmax,
     log_softmax_backward,
     logsumexp,
     sequence_logps,
     sequence_logps_backward,
-    token_logps,
 )
-from tests.conftest import requires_cuda
+from tests.conftest import numeric_grad, requires_cuda
+
+BOTH = pytest.mark.parametrize("impl", [fast.PLAIN, fast.FAST], ids=["plain", "fast"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +78,6 @@ def test_forward_matches_the_definition(batch, average):
     logps, cache = sequence_logps(logits, labels, mask, average=average)
     np.testing.assert_allclose(logps, loop_reference(logits, labels, mask, average), rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(cache["token_counts"], mask[:, 1:].sum(1))
-    np.testing.assert_array_equal(count_response_tokens(mask), mask[:, 1:].sum(1))
 
 
 @given(batches())
@@ -84,22 +86,6 @@ def test_sum_and_average_are_consistent(batch):
     s, cache = sequence_logps(logits, labels, mask)
     a, _ = sequence_logps(logits, labels, mask, average=True)
     np.testing.assert_allclose(a * cache["token_counts"], s, rtol=1e-12, atol=1e-12)
-
-
-@given(batches())
-def test_token_logps_shares_the_per_token_values(batch):
-    logits, labels, mask = batch
-    lp = token_logps(logits, labels, mask)  # (B, T-1)
-    assert lp.shape == (logits.shape[0], logits.shape[1] - 1)
-    assert np.all(lp[~mask[:, 1:]] == 0)
-    s, _ = sequence_logps(logits, labels, mask)
-    np.testing.assert_allclose(lp.sum(1), s, rtol=1e-12, atol=1e-12)
-    # without a mask all labels must be valid; then it is the log-softmax at every label
-    full = np.where(labels < 0, 0, labels)
-    lp_all = token_logps(logits, full)
-    ls = log_softmax(logits[:, :-1])
-    expect = np.take_along_axis(ls, full[:, 1:, None], axis=-1)[..., 0]
-    np.testing.assert_allclose(lp_all, expect, rtol=1e-12, atol=1e-12)
 
 
 @given(batches(), st.integers(0, 2**32 - 1))
@@ -131,25 +117,27 @@ def test_masked_logits_and_labels_change_nothing(batch, seed):
     np.testing.assert_array_equal(logps3, logps)
 
 
-def test_minus_100_never_indexes_the_vocabulary():
+@BOTH
+def test_minus_100_never_indexes_the_vocabulary(impl):
     """-100 is a legal negative index in NumPy: reading it would silently use token V-100."""
     V = 120
     logits = np.zeros((1, 3, V))
     logits[0, 0, V - 100] = 50.0  # a trap: if -100 were gathered, log p would be ~0, not -log V
     labels = np.array([[5, -100, 7]])
     mask = np.array([[False, False, True]])
-    logps, _ = sequence_logps(logits, labels, mask)
+    logps, _ = impl.sequence_logps(logits, labels, mask)
     np.testing.assert_allclose(logps, [-math.log(V)], rtol=1e-12)
 
 
-def test_mask_column_zero_is_ignored():
+@BOTH
+def test_mask_column_zero_is_ignored(impl):
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((2, 4, 5))
     labels = rng.integers(0, 5, (2, 4))
     mask = np.array([[0, 1, 1, 0], [0, 0, 1, 1]], bool)
     m2 = mask.copy()
     m2[:, 0] = True
-    np.testing.assert_array_equal(sequence_logps(logits, labels, mask)[0], sequence_logps(logits, labels, m2)[0])
+    np.testing.assert_array_equal(impl.sequence_logps(logits, labels, mask)[0], impl.sequence_logps(logits, labels, m2)[0])
 
 
 @given(batches(dtype=np.float32), st.booleans())
@@ -158,34 +146,35 @@ def test_dtype_is_preserved_float32(batch, average):
     logps, cache = sequence_logps(logits, labels, mask, average=average)
     assert logps.dtype == np.float32
     assert sequence_logps_backward(np.ones(logits.shape[0], np.float64), cache).dtype == np.float32
-    assert token_logps(logits, labels, mask).dtype == np.float32
     ref = loop_reference(logits.astype(np.float64), labels, mask, average)
     np.testing.assert_allclose(logps, ref, rtol=1e-5, atol=1e-4)
 
 
-def test_dtype_is_preserved_float64_and_mask_kinds():
+@BOTH
+def test_dtype_is_preserved_float64_and_mask_kinds(impl):
     rng = np.random.default_rng(1)
     logits = rng.standard_normal((2, 4, 6))
     labels = rng.integers(0, 6, (2, 4))
     mask_b = np.array([[0, 1, 1, 1], [0, 0, 1, 0]], bool)
-    a, c = sequence_logps(logits, labels, mask_b)
-    assert a.dtype == np.float64 and sequence_logps_backward(np.ones(2, np.float32), c).dtype == np.float64
+    a, c = impl.sequence_logps(logits, labels, mask_b)
+    assert a.dtype == np.float64 and impl.sequence_logps_backward(np.ones(2, np.float32), c).dtype == np.float64
     for other in (mask_b.astype(np.int64), mask_b.astype(np.float32), mask_b.astype(np.uint8)):
-        np.testing.assert_array_equal(sequence_logps(logits, labels, other)[0], a)
+        np.testing.assert_array_equal(impl.sequence_logps(logits, labels, other)[0], a)
 
 
-def test_stable_for_huge_logits():
+@BOTH
+def test_stable_for_huge_logits(impl):
     """log-softmax is shift-invariant per row; adding 1e4 (or 1e30) must not overflow."""
     rng = np.random.default_rng(2)
     logits = rng.standard_normal((2, 5, 9))
     labels = rng.integers(0, 9, (2, 5))
     mask = np.ones((2, 5), bool)
-    base, _ = sequence_logps(logits, labels, mask)
+    base, _ = impl.sequence_logps(logits, labels, mask)
     for dt, shift in ((np.float64, 1e4), (np.float32, 1e4), (np.float64, 1e30)):
         shifts = shift * rng.choice([-1.0, 1.0], size=(2, 5, 1))
         with np.errstate(over="raise", invalid="raise", divide="raise"):
-            out, cache = sequence_logps((logits + shifts).astype(dt), labels, mask)
-            d = sequence_logps_backward(np.ones(2, dt), cache)
+            out, cache = impl.sequence_logps((logits + shifts).astype(dt), labels, mask)
+            d = impl.sequence_logps_backward(np.ones(2, dt), cache)
         assert np.all(np.isfinite(out)) and np.all(np.isfinite(d))
         if shift == 1e4 and dt == np.float64:
             np.testing.assert_allclose(out, base, rtol=1e-9, atol=1e-9)
@@ -195,20 +184,8 @@ def test_stable_for_huge_logits():
 # backward
 
 
-def numeric_dlogits(logits, labels, mask, dlogps, average, h=1e-6):
-    g = np.zeros_like(logits)
-    f = lambda L: float(np.dot(dlogps, sequence_logps(L, labels, mask, average=average)[0]))  # noqa: E731
-    it = np.nditer(logits, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = logits[i]
-        logits[i] = old + h
-        fp = f(logits)
-        logits[i] = old - h
-        fm = f(logits)
-        logits[i] = old
-        g[i] = (fp - fm) / (2 * h)
-    return g
+def numeric_dlogits(logits, labels, mask, dlogps, average):
+    return numeric_grad(lambda L: float(np.dot(dlogps, sequence_logps(L, labels, mask, average=average)[0])), logits)
 
 
 @given(batches(max_B=2, max_T=5, max_V=5), st.booleans(), st.integers(0, 2**32 - 1))
@@ -233,18 +210,18 @@ def test_backward_rows_sum_to_zero_and_overwrite_matches(batch):
     fresh = sequence_logps_backward(dlogps, cache)
     np.testing.assert_allclose(fresh.sum(-1), 0.0, atol=1e-12)
     mine = logits.copy()
-    _, cache2 = sequence_logps(mine, labels, mask)
-    reused = sequence_logps_backward(dlogps, cache2, overwrite_logits=True)
+    _, cache2 = fast.sequence_logps(mine, labels, mask)
+    reused = fast.sequence_logps_backward(dlogps, cache2, overwrite_logits=True)
     assert reused is mine
-    np.testing.assert_array_equal(reused, fresh)
+    np.testing.assert_allclose(reused, fresh, rtol=1e-12, atol=1e-15)
 
 
 def test_overwrite_refuses_read_only_logits():
     logits = np.zeros((1, 3, 4))
     logits.flags.writeable = False
-    _, cache = sequence_logps(logits, np.array([[0, 1, 2]]), np.array([[0, 1, 1]]))
+    _, cache = fast.sequence_logps(logits, np.array([[0, 1, 2]]), np.array([[0, 1, 1]]))
     with pytest.raises(ValueError, match="read-only"):
-        sequence_logps_backward(np.ones(1), cache, overwrite_logits=True)
+        fast.sequence_logps_backward(np.ones(1), cache, overwrite_logits=True)
 
 
 @given(st.integers(1, 3), st.integers(2, 6), st.integers(0, 2**32 - 1))
@@ -253,12 +230,7 @@ def test_log_softmax_backward_matches_finite_differences(X, Y, seed):
     x = rng.standard_normal((X, Y))
     up = rng.standard_normal((X, Y))
     analytic = log_softmax_backward(up, log_softmax(x))
-    h = 1e-6
-    numeric = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        e = np.zeros_like(x)
-        e[i] = h
-        numeric[i] = (np.sum(up * log_softmax(x + e)) - np.sum(up * log_softmax(x - e))) / (2 * h)
+    numeric = numeric_grad(lambda z: float(np.sum(up * log_softmax(z))), x)
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
 
 
@@ -273,51 +245,52 @@ def test_logsumexp_all_minus_inf_row():
 # bad input is reported, not computed on
 
 
-def test_empty_rows_are_reported():
+@BOTH
+def test_empty_rows_are_reported(impl):
     logits = np.zeros((3, 4, 5))
     labels = np.zeros((3, 4), np.int64)
     mask = np.array([[0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]], bool)  # row 1: only column 0 -> empty
     for average in (False, True):
         with pytest.raises(ValueError, match=r"rows 1 have no counted"):
-            sequence_logps(logits, labels, mask, average=average)
-    logps, cache = sequence_logps(logits, labels, mask, average=True, allow_empty=True)
+            impl.sequence_logps(logits, labels, mask, average=average)
+    logps, cache = impl.sequence_logps(logits, labels, mask, average=True, allow_empty=True)
     np.testing.assert_array_equal(cache["token_counts"], [2, 0, 1])
     assert logps[1] == 0 and np.all(np.isfinite(logps))
 
 
-def test_counted_labels_out_of_range_are_reported():
+@BOTH
+def test_counted_labels_out_of_range_are_reported(impl):
     logits = np.zeros((2, 3, 5))
     mask = np.array([[0, 1, 1], [0, 1, 1]], bool)
     for bad in (-100, -1, 5):
         labels = np.array([[0, 1, 2], [0, bad, 2]])
         with pytest.raises(ValueError, match=r"rows 1 have a counted label"):
-            sequence_logps(logits, labels, mask)
-        with pytest.raises(ValueError, match=r"rows 1"):
-            token_logps(logits, labels)
+            impl.sequence_logps(logits, labels, mask)
     # unchecked, they are clipped into the vocabulary rather than read out of bounds
-    out, _ = sequence_logps(logits, np.array([[0, 1, 2], [0, 10**9, 2]]), mask, validate=False)
+    out, _ = impl.sequence_logps(logits, np.array([[0, 1, 2], [0, 10**9, 2]]), mask, validate=False)
     assert np.all(np.isfinite(out))
 
 
-def test_shape_and_dtype_errors_name_the_argument():
+@BOTH
+def test_shape_and_dtype_errors_name_the_argument(impl):
     logits = np.zeros((2, 3, 5))
     labels = np.zeros((2, 3), np.int64)
     mask = np.ones((2, 3), bool)
     with pytest.raises(ValueError, match="logits must be"):
-        sequence_logps(logits[0], labels, mask)
+        impl.sequence_logps(logits[0], labels, mask)
     with pytest.raises(ValueError, match="labels must be"):
-        sequence_logps(logits, labels[:, :2], mask)
+        impl.sequence_logps(logits, labels[:, :2], mask)
     with pytest.raises(TypeError, match="labels must be integer"):
-        sequence_logps(logits, labels.astype(np.float64), mask)
+        impl.sequence_logps(logits, labels.astype(np.float64), mask)
     with pytest.raises(ValueError, match="loss_mask must be"):
-        sequence_logps(logits, labels, mask[:1])
+        impl.sequence_logps(logits, labels, mask[:1])
     with pytest.raises(ValueError, match="T >= 2"):
-        sequence_logps(logits[:, :1], labels[:, :1], mask[:, :1])
+        impl.sequence_logps(logits[:, :1], labels[:, :1], mask[:, :1])
     with pytest.raises(TypeError, match="floating"):
-        sequence_logps(logits.astype(np.int64), labels, mask)
-    _, cache = sequence_logps(logits, labels, mask)
+        impl.sequence_logps(logits.astype(np.int64), labels, mask)
+    _, cache = impl.sequence_logps(logits, labels, mask)
     with pytest.raises(ValueError, match="dlogps must be"):
-        sequence_logps_backward(np.ones(3), cache)
+        impl.sequence_logps_backward(np.ones(3), cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,8 +336,6 @@ def test_cupy_matches_numpy(average):  # pragma: no cover - needs a GPU
     assert isinstance(lp_g, cp.ndarray) and lp_g.dtype == np.float32 and d_g.dtype == np.float32
     np.testing.assert_allclose(lp_g.get(), lp, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(d_g.get(), d, rtol=1e-5, atol=1e-6)
-    tl = token_logps(cp.asarray(logits), cp.asarray(labels), cp.asarray(mask))
-    np.testing.assert_allclose(tl.get(), token_logps(logits, labels, mask), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="counted label"):
         bad = labels.copy()
         bad[0, -1] = -100

@@ -23,11 +23,10 @@ from minidpo.losses import (
     nll_loss,
     preference_metrics,
     reward_model_loss,
-    sft_loss,
     sigmoid,
 )
 from minidpo.verify import check_loss
-from tests.conftest import requires_cuda
+from tests.conftest import numeric_grad, requires_cuda
 
 logp = st.floats(-60.0, -0.5, allow_nan=False)
 betas = st.sampled_from([0.01, 0.1, 0.5, 1.0, 3.0])
@@ -49,13 +48,9 @@ def mean_loss(pw, pl, rw, rl, **kw):
     return float(np.mean(dpo_loss(pw, pl, rw, rl, **kw).losses))
 
 
-def fd_grads(pw, pl, rw, rl, h=1e-6, **kw):
-    gw, gl = np.zeros_like(pw), np.zeros_like(pl)
-    for i in range(len(pw)):
-        e = np.zeros_like(pw)
-        e[i] = h
-        gw[i] = (mean_loss(pw + e, pl, rw, rl, **kw) - mean_loss(pw - e, pl, rw, rl, **kw)) / (2 * h)
-        gl[i] = (mean_loss(pw, pl + e, rw, rl, **kw) - mean_loss(pw, pl - e, rw, rl, **kw)) / (2 * h)
+def fd_grads(pw, pl, rw, rl, **kw):
+    gw = numeric_grad(lambda x: mean_loss(x, pl, rw, rl, **kw), pw.copy())
+    gl = numeric_grad(lambda x: mean_loss(pw, x, rw, rl, **kw), pl.copy())
     return gw, gl
 
 
@@ -110,7 +105,7 @@ def test_ipo_convention_of_average_logps_for_is_detected(convention):
 def test_worked_example_margin():
     """The worked example's log-ratio margin: (-30 + 34) - (-35 + 31) = 8 (the rest is a verify property)."""
     out = dpo_loss(np.array([-30.0]), np.array([-35.0]), np.array([-34.0]), np.array([-31.0]), beta=0.1)
-    assert float(out.h[0]) == 8.0
+    assert float(out.log_ratio_margin[0]) == 8.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +136,7 @@ def test_gradients_match_finite_differences(kw, data, beta, seed):
         kw["chosen_token_counts"] = np.random.default_rng(seed).integers(1, 30, size=len(pw))
     out = dpo_loss(pw, pl, rw, rl, **kw)
     if kw["loss_type"] == "hinge":  # finite differences are meaningless at the kink z = 1
-        assume(np.all(np.abs(beta * out.h - 1.0) > 1e-4))
+        assume(np.all(np.abs(beta * out.log_ratio_margin - 1.0) > 1e-4))
     gw, gl = fd_grads(pw, pl, rw, rl, **kw)
     scale = max(1.0, float(np.max(np.abs(out.losses))))
     np.testing.assert_allclose(out.grad_policy_chosen_logps, gw, rtol=1e-5, atol=1e-8 * scale)
@@ -149,8 +144,8 @@ def test_gradients_match_finite_differences(kw, data, beta, seed):
     # the generalised eq. (9) form: d loss_i / d h_i = -beta weight_i
     if not kw.get("rpo_alpha"):
         n = len(pw)
-        np.testing.assert_allclose(out.grad_policy_chosen_logps, -beta * out.weight / n, rtol=1e-14, atol=1e-300)
-        np.testing.assert_allclose(out.grad_policy_rejected_logps, beta * out.weight / n, rtol=1e-14, atol=1e-300)
+        np.testing.assert_allclose(out.grad_policy_chosen_logps, -beta * out.gradient_weight / n, rtol=1e-14, atol=1e-300)
+        np.testing.assert_allclose(out.grad_policy_rejected_logps, beta * out.gradient_weight / n, rtol=1e-14, atol=1e-300)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,12 +162,12 @@ def test_eq9_gradient_form(data, beta):
     r_l = beta * (pl - rl)
     # sigma written out as 1 / (1 + exp(-x)) independently of minidpo's stable version
     weight = np.array([1.0 / (1.0 + math.exp(-(a - b))) for a, b in zip(r_l, r_w)])
-    np.testing.assert_allclose(out.weight, weight, rtol=1e-12)
+    np.testing.assert_allclose(out.gradient_weight, weight, rtol=1e-12)
     np.testing.assert_allclose(out.grad_policy_chosen_logps, -beta * weight / n, rtol=1e-12)
     np.testing.assert_allclose(out.grad_policy_rejected_logps, beta * weight / n, rtol=1e-12)
-    assert np.all((out.weight >= 0) & (out.weight <= 1))
+    assert np.all((out.gradient_weight >= 0) & (out.gradient_weight <= 1))
     moderate = np.abs(r_w - r_l) < 30  # strictly inside (0, 1) until float64 saturates
-    assert np.all((out.weight[moderate] > 0) & (out.weight[moderate] < 1))
+    assert np.all((out.gradient_weight[moderate] > 0) & (out.gradient_weight[moderate] < 1))
 
 
 @given(beta=betas, margins=st.lists(st.integers(-2000, 2000), min_size=2, max_size=20, unique=True))
@@ -181,10 +176,10 @@ def test_weight_decreases_as_the_margin_grows(beta, margins):
     h = np.sort(np.array(margins)) / 100.0  # log-ratio margins in [-20, 20], at least 0.01 apart
     zeros = np.zeros_like(h)
     out = dpo_loss(h - 40.0, zeros - 40.0, zeros, zeros, beta=beta)
-    np.testing.assert_allclose(out.h, h, rtol=1e-12, atol=1e-12)
-    assert np.all(np.diff(out.weight) <= 0)
+    np.testing.assert_allclose(out.log_ratio_margin, h, rtol=1e-12, atol=1e-12)
+    assert np.all(np.diff(out.gradient_weight) <= 0)
     strict = np.abs(beta * h) < 15  # away from saturation the decrease is strict
-    assert np.all(np.diff(out.weight[strict]) < 0)
+    assert np.all(np.diff(out.gradient_weight[strict]) < 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +191,7 @@ def test_swapping_chosen_and_rejected_negates_the_margin(data, beta, kw):
     pw, pl, rw, rl = data
     a = dpo_loss(pw, pl, rw, rl, beta=beta, **kw)
     b = dpo_loss(pl, pw, rl, rw, beta=beta, **kw)
-    np.testing.assert_allclose(b.h, -a.h, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(b.log_ratio_margin, -a.log_ratio_margin, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(b.chosen_rewards, a.rejected_rewards)
     np.testing.assert_array_equal(b.rejected_rewards, a.chosen_rewards)
 
@@ -213,7 +208,7 @@ def test_cdpo_is_dpo_on_a_mixture_of_labels(data, beta, eps):
         c.grad_policy_chosen_logps, (1 - eps) * d.grad_policy_chosen_logps + eps * s.grad_policy_rejected_logps, rtol=1e-10, atol=1e-15
     )
     zero = dpo_loss(pw, pl, rw, rl, beta=beta, label_smoothing=0.0)
-    z = beta * zero.h
+    z = beta * zero.log_ratio_margin
     np.testing.assert_allclose(zero.losses, [-naive_log_sigmoid(v) if abs(v) < 30 else -float(log_sigmoid(np.array(v))) for v in z], rtol=1e-12)
     robust0 = dpo_loss(pw, pl, rw, rl, beta=beta, loss_type="robust")
     np.testing.assert_allclose(robust0.losses, zero.losses, rtol=1e-15)
@@ -257,14 +252,10 @@ def test_reward_model_loss_values_and_gradient(r):
     rl = np.array([b for _, b in r])
     losses, gw, gl = reward_model_loss(rw, rl)
     np.testing.assert_allclose(losses, [math.log1p(math.exp(-(a - b))) for a, b in r], rtol=1e-12)
-    h = 1e-6
-    for i in range(len(rw)):
-        e = np.zeros_like(rw)
-        e[i] = h
-        num_w = (reward_model_loss(rw + e, rl)[0].mean() - reward_model_loss(rw - e, rl)[0].mean()) / (2 * h)
-        num_l = (reward_model_loss(rw, rl + e)[0].mean() - reward_model_loss(rw, rl - e)[0].mean()) / (2 * h)
-        assert gw[i] == pytest.approx(num_w, rel=1e-5, abs=1e-8)
-        assert gl[i] == pytest.approx(num_l, rel=1e-5, abs=1e-8)
+    num_w = numeric_grad(lambda x: float(reward_model_loss(x, rl)[0].mean()), rw.copy())
+    num_l = numeric_grad(lambda x: float(reward_model_loss(rw, x)[0].mean()), rl.copy())
+    np.testing.assert_allclose(gw, num_w, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(gl, num_l, rtol=1e-5, atol=1e-8)
 
 
 def test_implicit_reward_and_reference_free():
@@ -283,11 +274,11 @@ def test_ipo_and_hinge_values():
     # by hand: h = (0.5 - (-1), -1 - 1) = (1.5, -2);  beta = 0.25, so 1/(2 beta) = 2 and z = (0.375, -0.5)
     beta = 0.25
     ipo = dpo_loss(pw, pl, rw, rl, beta=beta, loss_type="ipo")
-    np.testing.assert_allclose(ipo.h, [1.5, -2.0])
+    np.testing.assert_allclose(ipo.log_ratio_margin, [1.5, -2.0])
     np.testing.assert_allclose(ipo.losses, [0.25, 16.0])
     hinge = dpo_loss(pw, pl, rw, rl, beta=beta, loss_type="hinge")
     np.testing.assert_allclose(hinge.losses, [0.625, 1.5])
-    np.testing.assert_array_equal(hinge.weight, [1.0, 1.0])
+    np.testing.assert_array_equal(hinge.gradient_weight, [1.0, 1.0])
     big = dpo_loss(np.array([0.0]), np.array([-10.0]), np.zeros(1), np.zeros(1), beta=1.0, loss_type="hinge")
     assert big.losses[0] == 0 and big.grad_policy_chosen_logps[0] == 0
     # IPO is minimised exactly at h = 1 / (2 beta)
@@ -321,14 +312,14 @@ def test_extreme_margins_are_finite_and_warning_free(dtype, kw):
         warnings.simplefilter("error")
         out = dpo_loss(m, zero, zero, zero, beta=1.0, **kw)
         ls, s = log_sigmoid(m), sigmoid(m)
-    for name in ("losses", "chosen_rewards", "grad_policy_chosen_logps", "grad_policy_rejected_logps", "weight", "h"):
+    for name in ("losses", "chosen_rewards", "grad_policy_chosen_logps", "grad_policy_rejected_logps", "gradient_weight", "log_ratio_margin"):
         v = getattr(out, name)
         assert v.dtype == dtype, name
         assert np.all(np.isfinite(v)), name
     assert ls.dtype == dtype and s.dtype == dtype
     if kw["loss_type"] == "sigmoid" and not kw.get("label_smoothing") and not kw.get("rpo_alpha"):
         np.testing.assert_allclose(out.losses[[0, -1]], [1e4, 0.0], rtol=1e-6, atol=1e-30)
-        np.testing.assert_allclose(out.weight[[0, -1]], [1.0, 0.0], atol=1e-30)
+        np.testing.assert_allclose(out.gradient_weight[[0, -1]], [1.0, 0.0], atol=1e-30)
 
 
 @given(x=st.floats(-700, 700))
@@ -339,8 +330,7 @@ def test_log_sigmoid_and_sigmoid_against_the_definitions(x):
     if abs(x) < 30:
         assert float(log_sigmoid(a)[0]) == pytest.approx(naive_log_sigmoid(x), rel=1e-13, abs=1e-15)
         assert float(sigmoid(a)[0]) == pytest.approx(1.0 / (1.0 + math.exp(-x)), rel=1e-14)
-        h = 1e-6
-        numeric = (float(log_sigmoid(np.array([x + h]))[0]) - float(log_sigmoid(np.array([x - h]))[0])) / (2 * h)
+        numeric = numeric_grad(lambda v: float(log_sigmoid(v)[0]), a.copy())[0]
         assert numeric == pytest.approx(float(sigmoid(-a)[0]), rel=1e-6, abs=1e-10)  # (log sigma)' = sigma(-x)
 
 
@@ -352,7 +342,7 @@ def test_outputs_keep_the_input_dtype(dtype):
         if kw.get("rpo_alpha"):
             kw["chosen_token_counts"] = np.array([2, 3])
         out = dpo_loss(pw, pl, rw.astype(np.float64), rl.astype(np.float64), beta=np.float64(0.1), **kw)
-        for v in (out.losses, out.chosen_rewards, out.rejected_rewards, out.grad_policy_chosen_logps, out.grad_policy_rejected_logps, out.weight):
+        for v in (out.losses, out.chosen_rewards, out.rejected_rewards, out.grad_policy_chosen_logps, out.grad_policy_rejected_logps, out.gradient_weight):
             assert v.dtype == dtype, kw
     assert reward_model_loss(pw, pl)[1].dtype == dtype
     assert implicit_reward(pw, rw.astype(np.float64), np.float64(0.5)).dtype == dtype
@@ -372,13 +362,8 @@ def test_nll_loss_values_and_gradient(data, counts):
     c = np.array(counts[:n])
     losses, grad = nll_loss(pw, c)
     np.testing.assert_allclose(losses, -pw / c, rtol=1e-15)
-    h = 1e-6
-    for i in range(n):
-        e = np.zeros(n)
-        e[i] = h
-        numeric = (nll_loss(pw + e, c)[0].mean() - nll_loss(pw - e, c)[0].mean()) / (2 * h)
-        assert grad[i] == pytest.approx(numeric, rel=1e-6)
-    assert sft_loss is nll_loss
+    numeric = numeric_grad(lambda x: float(nll_loss(x, c)[0].mean()), np.array(pw, dtype=np.float64))
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6)
 
 
 @given(data=pairs(), beta=betas, alpha=st.floats(0.01, 5.0))
@@ -391,7 +376,7 @@ def test_rpo_adds_the_nll_term_and_its_gradient(data, beta, alpha):
     np.testing.assert_allclose(rpo.losses, plain.losses + alpha * nll, rtol=1e-12)
     np.testing.assert_allclose(rpo.grad_policy_chosen_logps, plain.grad_policy_chosen_logps + alpha * g, rtol=1e-12)
     np.testing.assert_array_equal(rpo.grad_policy_rejected_logps, plain.grad_policy_rejected_logps)
-    np.testing.assert_array_equal(rpo.weight, plain.weight)
+    np.testing.assert_array_equal(rpo.gradient_weight, plain.gradient_weight)
     np.testing.assert_allclose(rpo.nll_losses, nll)
 
 
@@ -428,12 +413,7 @@ def test_logits_to_loss_chain_matches_finite_differences(kw):
     out, cache = loss_of(logits)
     dlogps = np.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps])
     analytic = sequence_logps_backward(dlogps, cache)
-    numeric = np.zeros_like(logits)
-    h = 1e-6
-    for i in np.ndindex(logits.shape):
-        e = np.zeros_like(logits)
-        e[i] = h
-        numeric[i] = (float(loss_of(logits + e)[0].loss) - float(loss_of(logits - e)[0].loss)) / (2 * h)
+    numeric = numeric_grad(lambda x: float(loss_of(x)[0].loss), logits.copy())
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-9)
 
 
@@ -550,7 +530,31 @@ def test_cupy_matches_numpy():  # pragma: no cover - needs a GPU
             gkw["chosen_token_counts"] = cp.asarray(gkw["chosen_token_counts"])
         dev = dpo_loss(cp.asarray(pw), cp.asarray(pl), cp.asarray(rw), cp.asarray(rl), beta=0.1, **gkw)
         assert isinstance(dev.losses, cp.ndarray) and dev.losses.dtype == np.float32
-        for name in ("losses", "grad_policy_chosen_logps", "grad_policy_rejected_logps", "weight"):
+        for name in ("losses", "grad_policy_chosen_logps", "grad_policy_rejected_logps", "gradient_weight"):
             np.testing.assert_allclose(getattr(dev, name).get(), getattr(host, name), rtol=1e-5, atol=1e-7)
     m = preference_metrics(dev, cp.asarray(pw), cp.asarray(pl))
     assert all(isinstance(v, cp.ndarray) for v in m.values())
+
+
+@given(h=st.lists(st.floats(-30.0, 30.0), min_size=1, max_size=6), beta=st.floats(0.05, 3.0),
+       variant=st.sampled_from([("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.0), ("robust", 0.3), ("ipo", 0.0),
+                                ("hinge", 0.0)]))
+def test_each_free_loss_returns_its_derivative_in_z(h, beta, variant):
+    """LOSSES[name](h, beta, eps) -> (loss, dloss/dz): dloss/dz against central differences in z = beta h."""
+    from minidpo.losses import LOSSES
+
+    name, eps = variant
+    f = LOSSES[name]
+    h = np.array(h)
+    loss, dz = f(h, beta, eps)
+    assert loss.shape == dz.shape == h.shape and loss.dtype == dz.dtype == np.float64
+    d = 1e-6
+    numeric = (f(h + d / beta, beta, eps)[0] - f(h - d / beta, beta, eps)[0]) / (2 * d)
+    if name == "hinge":  # the kink at z = 1
+        keep = np.abs(beta * h - 1.0) > 1e-4
+        h, dz, numeric = h[keep], dz[keep], numeric[keep]
+    np.testing.assert_allclose(dz, numeric, rtol=1e-5, atol=1e-7)
+    out = dpo_loss(h, np.zeros_like(h), np.zeros_like(h), np.zeros_like(h), beta=beta, loss_type=name,
+                   label_smoothing=eps)
+    np.testing.assert_array_equal(out.losses, f(h, beta, eps)[0])
+    np.testing.assert_array_equal(out.gradient_weight, -dz)

@@ -19,6 +19,7 @@ from minidpo.theory import (
     preference_distribution,
     reward_from_policy,
 )
+from tests.conftest import numeric_grad
 
 betas = st.sampled_from([0.05, 0.1, 0.5, 1.0, 4.0])
 
@@ -245,12 +246,7 @@ def test_expected_loss_gradient_matches_finite_differences(kw, world, beta):
     theta = rng.standard_normal(reward.shape)
     W = preference_distribution(reward)
     _, analytic = expected_dpo_loss(theta, log_pi_ref, W, beta, **kw)
-    numeric = np.zeros_like(theta)
-    h = 1e-6
-    for idx in np.ndindex(theta.shape):
-        e = np.zeros_like(theta)
-        e[idx] = h
-        numeric[idx] = (float(expected_dpo_loss(theta + e, log_pi_ref, W, beta, **kw)[0]) - float(expected_dpo_loss(theta - e, log_pi_ref, W, beta, **kw)[0])) / (2 * h)
+    numeric = numeric_grad(lambda x: float(expected_dpo_loss(x, log_pi_ref, W, beta, **kw)[0]), theta.copy())
     np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-9)
 
 

@@ -14,7 +14,8 @@ from minidpo.data import PreferenceExample, TokenizedPair, build_preference_data
 from minidpo.logprobs import sequence_logps
 from minidpo.model import GPTConfig, gpt_forward, init_params
 from minidpo.tokenizer import BPETokenizer
-from minidpo.train import NonFiniteError, RunFolderError, TrainConfig, batch_for_step, batched_sequence_logps, train_dpo, train_sft
+from minidpo.scoring import batched_sequence_logps
+from minidpo.train import NonFiniteError, RunFolderError, TrainConfig, batch_for_step, train_dpo, train_sft
 
 GOOD = ["great", "lovely", "superb", "wonderful", "brilliant", "charming"]
 BAD = ["awful", "boring", "dreadful", "terrible", "clumsy", "dull"]
@@ -119,6 +120,7 @@ class interrupt_at:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_resume_matches_uninterrupted_run(world, tmp_path, stage):
     """N steps straight == N/2 steps, Ctrl-C (checkpoint), a fresh process-like restart, N/2 more."""
@@ -197,6 +199,7 @@ def test_padded_concatenated_batch_equals_one_at_a_time(seed):
         np.testing.assert_allclose(batched[row], alone[0], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_crash_then_resume_keeps_one_metrics_record_per_step_and_refuses_changed_options(world, tmp_path):
     tok, cfg, pairs, _, sft_items = world
     import minidpo.train as T
@@ -232,7 +235,7 @@ def test_crash_then_resume_keeps_one_metrics_record_per_step_and_refuses_changed
 
 
 def test_inference_logits_equal_the_training_forward(world):
-    from minidpo.train import inference_logits
+    from minidpo.model import inference_logits
 
     tok, cfg, pairs, _, _ = world
     params = init_params(cfg, "cpu", seed=5, dtype=np.float64)

@@ -58,6 +58,8 @@ from typing import Any
 
 import numpy as np
 
+from ..losses import sigmoid
+
 __all__ = [
     "MAX_PROMPT_WORDS",
     "MIN_ABS_VALENCE",
@@ -535,12 +537,6 @@ class SentimentReward:
 # Preference pairs (Sec. 6.1): sample from the SFT policy, label with the ground truth.
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    """Stable logistic: 1 / (1 + exp(-z)) without overflow for large |z|."""
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
 def build_preference_pairs(
     prompts: Sequence[str],
     sample_fn: Callable[[list[str], int], list[list[str]]],
@@ -675,7 +671,7 @@ def build_preference_pairs(
             empty += 1
             continue
         if mode == "bt":
-            p_a = float(_sigmoid(np.float64((ra - rb) / temperature)))  # eq. (1)
+            p_a = float(sigmoid(np.float64((ra - rb) / temperature)))  # eq. (1)
             a_wins = u[c] < p_a
         else:
             a_wins = True

@@ -1,0 +1,479 @@
+"""The fast paths: layers.py and logprobs.py made fast, with the same signatures.
+
+Read layers.py and logprobs.py for the math; this module computes the same numbers (to
+round-off; tests/test_fast.py checks every function against its plain twin) with:
+
+- cache blocking on the CPU: GELU's elementwise chain and the log-softmax over the (B, T, V)
+  logits run in pieces that stay in the cache, in place, with no full-size temporaries;
+- the causal skip: attention cuts its queries into a few blocks, each scored only against the
+  keys it can see;
+- fused CUDA kernels (kernels.py) on CuPy arrays, one visible ``if kernels.use(x):`` per layer.
+
+One switch picks the path for the model, the trainer and everything built on them:
+
+    ops()                       the functions in use: this module (default) or the plain ones
+    set_plain(True)             use the plain reference everywhere (for reading, and for checks)
+    with plain():               the same, inside a block
+
+Shapes: B batch, T time, C channels, V vocabulary, H heads, D head size, N = B * T rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from types import SimpleNamespace
+
+import numpy as np
+
+from . import checks, kernels, layers, logprobs
+from .backend import get_array_module, scatter_add
+from .layers import (  # the same code on both paths: nothing to make fast
+    linear_backward,
+    unembed_backward,
+    unembed_forward,
+)
+from .logprobs import log_softmax, log_softmax_backward, logsumexp
+
+__all__ = [
+    "ops", "set_plain", "is_plain", "plain", "PLAIN", "FAST",
+    *layers.__all__, "sequence_logps", "sequence_logps_backward",
+]
+
+# ------------------------------------------------------------------------------------ the switch
+
+_PLAIN = False
+
+
+def set_plain(flag: bool = True) -> None:
+    """Use the plain reference (True) or the fast paths (False, the default) from now on."""
+    global _PLAIN
+    _PLAIN = bool(flag)
+
+
+def is_plain() -> bool:
+    return _PLAIN
+
+
+@contextlib.contextmanager
+def plain(flag: bool = True):
+    """``with plain():`` runs the plain reference inside the block (``plain(False)``: the fast one)."""
+    old = _PLAIN
+    set_plain(flag)
+    try:
+        yield
+    finally:
+        set_plain(old)
+
+
+def ops():
+    """The namespace of layer and log-prob functions in use: :data:`PLAIN` or :data:`FAST`."""
+    return PLAIN if _PLAIN else FAST
+
+
+# ------------------------------------------------------------------------------------ embedding, linear
+
+
+def embedding_forward(idx, wte, wpe, position_ids=None):
+    """layers.embedding_forward, the position rows added in place."""
+    T = idx.shape[1]
+    x = wte[idx]  # (B, T, C)
+    x += wpe[:T] if position_ids is None else wpe[position_ids]
+    return x, (idx, position_ids, wte.shape, wpe.shape)
+
+
+def embedding_backward(dx, cache, dwte=None):
+    """layers.embedding_backward; positions 0..T-1 (the training case) by a sum over B instead
+    of a scatter-add."""
+    idx, position_ids, wte_shape, wpe_shape = cache
+    xp = get_array_module(dx)
+    B, T, C = dx.shape
+    dx2 = dx.reshape(B * T, C)  # (N, C)
+    if dwte is None:
+        dwte = xp.zeros(wte_shape, dtype=dx.dtype)  # (V, C)
+    scatter_add(dwte, idx.reshape(-1), dx2)
+    dwpe = xp.zeros(wpe_shape, dtype=dx.dtype)  # (n_ctx, C)
+    if position_ids is None:
+        dwpe[:T] = dx.sum(axis=0)  # positions 0..T-1 are distinct: a plain sum over B
+    elif position_ids.ndim == 1:
+        scatter_add(dwpe, position_ids, dx.sum(axis=0))  # (T,) ids, (T, C) values
+    else:
+        scatter_add(dwpe, position_ids.reshape(-1), dx2)  # (N,) ids, (N, C) values
+    return None, {"wte": dwte, "wpe": dwpe}
+
+
+def linear_forward(x, w, b=None):
+    """layers.linear_forward, the bias added in place."""
+    y = x.reshape(-1, w.shape[0]) @ w  # (N, Cout)
+    if b is not None:
+        y += b
+    return y.reshape(*x.shape[:-1], w.shape[1]), (x, w, b is not None)
+
+
+# ------------------------------------------------------------------------------------ layernorm
+
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    """layers.layernorm_forward: row sums as einsum (one read, no (N, C) square), in place.
+    CuPy: one fused kernel, one block per row."""
+    C = x.shape[-1]
+    xp = get_array_module(x)
+    x2 = x.reshape(-1, C)  # (N, C)
+    if kernels.use(x):
+        y, mean, rstd = kernels.layernorm_forward(x2, w, b, eps)  # (N, C), (N, 1), (N, 1)
+        return y.reshape(x.shape), (x, w, mean, rstd)
+    t = x.dtype.type
+    mean = xp.einsum("nc->n", x2)[:, None]  # (N, 1)
+    mean *= t(1.0 / C)
+    y = x2 - mean  # (N, C) centred; becomes the output in place
+    var = xp.einsum("nc,nc->n", y, y)[:, None]  # (N, 1)
+    var *= t(1.0 / C)
+    var += t(eps)
+    rstd = xp.sqrt(var)
+    xp.reciprocal(rstd, out=rstd)  # (N, 1)
+    y *= rstd  # x_hat
+    y *= w
+    y += b
+    return y.reshape(x.shape), (x, w, mean, rstd)
+
+
+def layernorm_backward(dy, cache):
+    """layers.layernorm_backward: four einsum reductions, in place.
+    CuPy: dx by one kernel per row, dw by one reduction kernel."""
+    x, w, mean, rstd = cache
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)  # (N, C)
+    dy2 = dy.reshape(-1, C)  # (N, C)
+    mean, rstd = mean.reshape(-1, 1), rstd.reshape(-1, 1)  # (N, 1): a plain cache works too
+    if kernels.use(dy):
+        dx, dw, db = kernels.layernorm_backward(dy2, x2, w, mean, rstd)
+        return dx.reshape(x.shape), {"w": dw, "b": db}
+    xp = get_array_module(dy)
+    t = dy.dtype.type
+    xhat = x2 - mean  # (N, C)
+    xhat *= rstd
+    db = dy2.sum(axis=0)  # (C,)
+    dw = xp.einsum("nc,nc->c", dy2, xhat)  # (C,)
+    g = dy2 * w  # (N, C)
+    m_g = xp.einsum("nc->n", g)[:, None]  # (N, 1)
+    m_g *= t(1.0 / C)
+    m_gx = xp.einsum("nc,nc->n", g, xhat)[:, None]  # (N, 1)
+    m_gx *= t(1.0 / C)
+    g -= m_g
+    xhat *= m_gx
+    g -= xhat
+    g *= rstd
+    return g.reshape(x.shape), {"w": dw, "b": db}
+
+
+# ------------------------------------------------------------------------------------ GELU
+
+_BLOCK = 1 << 16  # elements: 256 KiB of float32 per operand, so a block's temporaries stay in L2
+_GELU_K, _GELU_C = layers.GELU_K, layers.GELU_C
+
+
+def _cache_blocks(n: int, xp):
+    """Slices covering 0..n: a chain of elementwise passes run block by block reads the cache,
+    not memory, after its first pass. On CuPy (the kernels' twin) one block."""
+    if xp is not np or n <= _BLOCK:
+        return [slice(0, n)]
+    return [slice(i, min(i + _BLOCK, n)) for i in range(0, n, _BLOCK)]
+
+
+def gelu_forward(x):
+    """layers.gelu_forward, in place, block by block. CuPy: one fused elementwise kernel."""
+    if kernels.use(x):
+        return kernels.gelu_forward(x), x
+    xp = get_array_module(x)
+    t = x.dtype.type
+    y = xp.empty(x.shape, dtype=x.dtype)
+    xf, yf = x.reshape(-1), y.reshape(-1)  # flat views
+    for s in _cache_blocks(xf.size, xp):
+        x_, u = xf[s], yf[s]
+        xp.multiply(x_, x_, out=u)  # x^2
+        u *= t(_GELU_C)
+        u += t(1.0)
+        u *= x_  # x + c x^3
+        u *= t(_GELU_K)
+        xp.tanh(u, out=u)  # tanh z
+        u += t(1.0)
+        u *= x_
+        u *= t(0.5)
+    return y, x
+
+
+def gelu_backward(dy, cache):
+    """layers.gelu_backward, in place, block by block, with
+    dy/dx = 0.5 (1 + tanh z) (1 + x dz/dx (1 - tanh z)). CuPy: one fused elementwise kernel."""
+    x = cache
+    if kernels.use(x):
+        return kernels.gelu_backward(dy, x), {}
+    xp = get_array_module(x)
+    t = x.dtype.type
+    dx = xp.empty(x.shape, dtype=x.dtype)
+    xf, dyf, dxf = x.reshape(-1), dy.reshape(-1), dx.reshape(-1)  # flat views
+    for s in _cache_blocks(xf.size, xp):
+        x_, d = xf[s], dxf[s]
+        th = x_ * x_  # x^2
+        xp.multiply(th, t(3.0 * _GELU_C * _GELU_K), out=d)
+        d += t(_GELU_K)  # dz/dx = k (1 + 3 c x^2)
+        th *= t(_GELU_C)
+        th += t(1.0)
+        th *= x_
+        th *= t(_GELU_K)
+        xp.tanh(th, out=th)  # tanh z
+        d *= x_  # x dz/dx
+        d -= d * th  # x dz/dx (1 - tanh z)
+        d += t(1.0)
+        th += t(1.0)
+        d *= th
+        d *= t(0.5)
+        d *= dyf[s]
+    return dx, {}
+
+
+# ------------------------------------------------------------------------------------ attention
+
+_BIAS_CACHE: dict = {}
+
+
+def _device_key(xp):
+    if xp.__name__ == "numpy":
+        return ("numpy", 0)
+    return (xp.__name__, xp.cuda.Device().id)  # pragma: no cover - needs a GPU
+
+
+def attention_bias(xp, dtype, t_q, t_k, offset=0, key_mask=None):
+    """layers.attention_bias; without a key mask built once per (device, dtype, shape, offset)
+    and reused (read-only)."""
+    if key_mask is not None:
+        return layers.attention_bias(xp, dtype, t_q, t_k, offset, key_mask)
+    key = (_device_key(xp), np.dtype(dtype).str, t_q, t_k, offset)
+    bias = _BIAS_CACHE.get(key)
+    if bias is None:
+        if len(_BIAS_CACHE) > 256:
+            _BIAS_CACHE.clear()
+        bias = layers.attention_bias(xp, dtype, t_q, t_k, offset)
+        if xp is np:
+            bias.flags.writeable = False  # shared by every call
+        _BIAS_CACHE[key] = bias
+    return bias
+
+
+def _softmax_lastaxis_(s):
+    """In-place softmax over the last axis (max-subtracted)."""
+    xp = get_array_module(s)
+    s -= s.max(axis=-1, keepdims=True)
+    xp.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s
+
+
+def softmax(s):
+    """layers.softmax, on a copy, in place."""
+    return _softmax_lastaxis_(s.copy())
+
+
+def _query_blocks(T: int) -> list[tuple[int, int]]:
+    """[(i0, i1), ...]: T queries cut into T // 128 blocks (1 to 4) of near-equal size."""
+    n = max(1, min(4, T // 128))
+    edges = [round(j * T / n) for j in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
+    """layers.attention_forward with the causal skip: the queries i0..i1-1 of each block of
+    :func:`_query_blocks` are scored against keys 0..i1-1 only (the later keys are masked for all
+    of them). CuPy: the scaled, masked softmax as one kernel pass.
+
+    Cache: (qs, k, v, atts, y) with qs = q / sqrt(D), atts each block's (B, H, i1 - i0, i1)
+    softmax and y the output, referenced.
+    """
+    checks.qkv(qkv, n_head)
+    xp = get_array_module(qkv)
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    D = C // n_head
+    q, k, v = layers._split_heads(qkv, n_head)  # (B, H, T, D) views
+    qs = q * qkv.dtype.type(1.0 / math.sqrt(D))  # (B, H, T, D)
+    fused = bias is None and attention_mask is None and kernels.use(qkv)
+    if bias is None and not fused:
+        bias = attention_bias(xp, qkv.dtype, T, T, 0, attention_mask)  # (T, T) or (B, 1, T, T)
+    yh = xp.empty((B, T, n_head, D), dtype=qkv.dtype)  # heads side by side
+    atts = []
+    for i0, i1 in _query_blocks(T):
+        kt = k[:, :, :i1].transpose(0, 1, 3, 2)  # (B, H, D, i1)
+        if fused:
+            att = q[:, :, i0:i1] @ kt  # (B, H, i1 - i0, i1) unscaled
+            kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
+        else:
+            att = qs[:, :, i0:i1] @ kt  # (B, H, i1 - i0, i1)
+            att += bias[..., i0:i1, :i1]
+            _softmax_lastaxis_(att)
+        yh[:, i0:i1] = (att @ v[:, :, :i1]).transpose(0, 2, 1, 3)  # (B, i1 - i0, H, D)
+        atts.append(att)
+    y = yh.reshape(B, T, C)
+    return y, (qs, k, v, atts, y)
+
+
+def attention_backward(dy, cache):
+    """layers.attention_backward, block by block as the forward: a block reaches keys 0..i1-1,
+    so their dk and dv sum the blocks that see them. The softmax's row sum is taken on the
+    (T, D) side, sum_j datt_ij att_ij = dy_i . y_i. CuPy: ds = att (datt - delta) in one pass."""
+    qs, k, v, atts, y = cache
+    xp = get_array_module(dy)
+    B, H, T, D = qs.shape
+    C = H * D
+    dyh = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+    delta = (dy * y).reshape(B, T, H, D).sum(axis=-1)  # (B, T, H)
+    delta = delta.transpose(0, 2, 1)[..., None]  # (B, H, T, 1)
+    dqkv = xp.empty((B, T, 3, H, D), dtype=dy.dtype)
+    d = dqkv.transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D) view: dq, dk, dv
+    blocks = _query_blocks(T)
+    for (i0, i1), att in reversed(list(zip(blocks, atts))):  # the last block sees every key
+        dy_b = dyh[:, :, i0:i1]  # (B, H, nq, D)
+        dv = att.transpose(0, 1, 3, 2) @ dy_b  # (B, H, i1, D)
+        ds = dy_b @ v[:, :, :i1].transpose(0, 1, 3, 2)  # datt (B, H, nq, i1)
+        if kernels.use(ds):
+            kernels.softmax_backward_(ds, att, delta[:, :, i0:i1])
+        else:
+            ds -= delta[:, :, i0:i1]
+            ds *= att
+        dk = ds.transpose(0, 1, 3, 2) @ qs[:, :, i0:i1]  # (B, H, i1, D)
+        if i1 == T:
+            d[2], d[1] = dv, dk
+        else:
+            d[2][:, :, :i1] += dv
+            d[1][:, :, :i1] += dk
+        dq = ds @ k[:, :, :i1]  # (B, H, nq, D)
+        dq *= dy.dtype.type(1.0 / math.sqrt(D))
+        d[0][:, :, i0:i1] = dq
+    return dqkv.reshape(B, T, 3 * C), {}
+
+
+def attention_forward_kv(qkv, n_head, k_cache, v_cache, start, key_mask=None, *, bias=None):
+    """layers.attention_forward_kv, the scale applied to q; without padding with the causal skip
+    and, on CuPy, the fused causal softmax."""
+    checks.qkv(qkv, n_head)
+    xp = get_array_module(qkv)
+    B, Tn, C3 = qkv.shape
+    C = C3 // 3
+    D = C // n_head
+    L = start + Tn
+    q, k, v = layers._split_heads(qkv, n_head)  # (B, H, Tn, D) views
+    k_cache[:, :, start:L] = k
+    v_cache[:, :, start:L] = v
+    qs = q * qkv.dtype.type(1.0 / math.sqrt(D))  # (B, H, Tn, D)
+    if bias is not None or key_mask is not None:  # padding: one (B, H, Tn, L) softmax
+        att = qs @ k_cache[:, :, :L].transpose(0, 1, 3, 2)  # (B, H, Tn, L)
+        att += attention_bias(xp, qkv.dtype, Tn, L, start, key_mask) if bias is None else bias
+        _softmax_lastaxis_(att)
+        return (att @ v_cache[:, :, :L]).transpose(0, 2, 1, 3).reshape(B, Tn, C)  # (B, Tn, C)
+    yh = xp.empty((B, Tn, n_head, D), dtype=qkv.dtype)
+    for i0, i1 in _query_blocks(Tn):  # query i (position start + i) sees keys 0 .. start + i
+        kt = k_cache[:, :, : start + i1].transpose(0, 1, 3, 2)  # (B, H, D, start + i1)
+        if kernels.use(qkv):
+            att = q[:, :, i0:i1] @ kt  # (B, H, i1 - i0, start + i1) unscaled
+            kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
+        else:
+            att = qs[:, :, i0:i1] @ kt
+            if i1 - i0 > 1:  # one query sees every key before it: no bias
+                att += attention_bias(xp, qkv.dtype, i1 - i0, start + i1, start + i0)
+            _softmax_lastaxis_(att)
+        yh[:, i0:i1] = (att @ v_cache[:, :, : start + i1]).transpose(0, 2, 1, 3)
+    return yh.reshape(B, Tn, C)  # (B, Tn, C)
+
+
+# ------------------------------------------------------------------------------------ log pi(y|x)
+
+_PIECE = 1 << 18  # elements (1 MiB of float32) per piece of the (B, T-1, V) loops
+
+
+def _row_pieces(B: int, rows: int, V: int, xp):
+    """(batch slice, row slice) pieces of about _PIECE elements covering the (B, rows, V)
+    scoring rows: several batch rows, or some positions of one. On CuPy: the whole array."""
+    if xp is not np or B * rows * V <= _PIECE:
+        return [(slice(None), slice(None))]
+    if rows * V <= _PIECE:
+        nb = _PIECE // (rows * V)
+        return [(slice(b, b + nb), slice(None)) for b in range(0, B, nb)]
+    nt = max(1, _PIECE // V)
+    return [(slice(b, b + 1), slice(t, t + nt)) for b in range(B) for t in range(0, rows, nt)]
+
+
+def _token_logps(logits, safe_labels):
+    """lp = logits[label] - lse and lse, each (B, T-1), for the scoring rows 0..T-2, without a
+    (B, T-1, V) temporary. CuPy: one fused kernel, one read of each row."""
+    if kernels.use(logits):
+        return kernels.logsoftmax_gather(logits, safe_labels)
+    xp = get_array_module(logits)
+    B, T, V = logits.shape
+    scoring = logits[:, :-1]  # (B, T-1, V) view
+    lse = xp.empty((B, T - 1), dtype=logits.dtype)
+    for bs, ts in _row_pieces(B, T - 1, V, xp):
+        lse[bs, ts] = logsumexp(scoring[bs, ts], axis=-1)
+    picked = scoring[xp.arange(B)[:, None], xp.arange(T - 1)[None, :], safe_labels]  # (B, T-1)
+    return picked - lse, lse
+
+
+def sequence_logps(logits, labels, loss_mask, average: bool = False, *, validate: bool = True,
+                   allow_empty: bool = False):
+    """logprobs.sequence_logps, the log-softmax in cache-sized pieces (see :func:`_token_logps`)."""
+    checks.sequence_logps_args(logits, labels, loss_mask, validate=validate, allow_empty=allow_empty)
+    xp = get_array_module(logits, labels, loss_mask)
+    V = logits.shape[-1]
+    dt = logits.dtype
+    mask = loss_mask[:, 1:]  # (B, T-1)
+    mask = mask if mask.dtype == np.bool_ else (mask != 0)
+    counts = xp.sum(mask, axis=1, dtype=xp.int64)  # (B,)
+    safe = xp.where(mask, labels[:, 1:], 0)  # (B, T-1)
+    if not validate:
+        safe = xp.clip(safe, 0, V - 1)
+    lp, lse = _token_logps(logits, safe)  # (B, T-1), (B, T-1)
+    weights = mask.astype(dt)  # (B, T-1)
+    if average:
+        weights /= xp.maximum(counts, 1).astype(dt)[:, None]
+    logps = xp.sum(xp.where(mask, lp, dt.type(0)) * weights, axis=1)  # (B,)
+    return logps, {"logits": logits, "labels": safe, "lse": lse, "weights": weights, "token_counts": counts}
+
+
+def sequence_logps_backward(dlogps, cache, *, overwrite_logits: bool = False):
+    """logprobs.sequence_logps_backward writing one (B, T, V) array, piece by piece: the softmax
+    exp(logits - lse) into it, the one-hot subtracted in place, the row scale applied in place.
+    ``overwrite_logits``: that array is the forward's logits (destroyed; call once per cache).
+    CuPy: the (B, T, V) array written in one kernel pass."""
+    logits = cache["logits"]
+    xp = get_array_module(logits)
+    B, T, V = logits.shape
+    dt = logits.dtype
+    checks.dlogps(dlogps, B)
+    g = xp.asarray(dlogps).astype(dt, copy=False)[:, None] * cache["weights"]  # (B, T-1)
+    if kernels.use(logits) and logits.flags.c_contiguous:
+        return kernels.logsoftmax_gather_backward(logits, cache["lse"], cache["labels"], g,
+                                                  out=logits if overwrite_logits else None)
+    if overwrite_logits:
+        if xp is np and not logits.flags.writeable:
+            raise ValueError("overwrite_logits=True needs writable logits, got a read-only array")
+        dlogits = logits  # (B, T, V) the forward's buffer, reused
+    else:
+        dlogits = xp.empty_like(logits)
+    lse, labels = cache["lse"], cache["labels"]
+    for bs, ts in _row_pieces(B, T - 1, V, xp):
+        body = dlogits[:, :-1][bs, ts]  # (b, t, V) view
+        xp.subtract(logits[:, :-1][bs, ts], lse[bs, ts][:, :, None], out=body)  # log p
+        xp.exp(body, out=body)  # p
+        nb, nt = body.shape[:2]
+        body[xp.arange(nb)[:, None], xp.arange(nt)[None, :], labels[bs, ts]] -= dt.type(1)  # p - onehot
+        body *= (-g[bs, ts])[:, :, None]  # g (onehot - p)
+    dlogits[:, -1] = 0
+    return dlogits
+
+
+# ------------------------------------------------------------------------------------ the two namespaces
+
+_NAMES = [*layers.__all__, "logsumexp", "log_softmax", "log_softmax_backward", "sequence_logps",
+          "sequence_logps_backward"]
+PLAIN = SimpleNamespace(name="plain", **{n: getattr(layers, n, None) or getattr(logprobs, n) for n in _NAMES})
+"""The plain reference: layers.py and logprobs.py."""
+FAST = SimpleNamespace(name="fast", **{n: globals()[n] for n in _NAMES})
+"""This module's functions (the default)."""

@@ -1,0 +1,78 @@
+"""log pi(y|x) of many sequences without gradients: collate, forward, log-probs, to the host.
+
+The one loop behind the reference log-probs (cached before DPO, or recomputed per batch), the
+held-out evaluation of both stages and the KL estimate of evaluate.py. The forward is
+model.inference_logits (keys and values only, no backward cache); each chunk's (b, T, V)
+logits are freed before the next chunk's forward.
+
+Shapes: B rows of a collated batch, T time, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .backend import Backend, to_numpy
+from .data import check_token_ids, collate_preferences
+from .fast import ops
+from .model import GPTConfig, inference_logits
+
+
+def batch_logps(params: dict, config: GPTConfig, batch: dict, average: bool = False, *, validate: bool = True):
+    """log pi(y|x) of every row of a collated batch (``input_ids``, ``loss_mask`` (B, T)), no
+    gradient. Returns (logps (B,), token_counts (B,) int64), device arrays. ``validate=False``
+    skips the device-side checks of ids and masks (each a read-back on a GPU) for rows already
+    checked on the host."""
+    logits = inference_logits(params, batch["input_ids"], config, validate=validate)  # (B, T, V)
+    logps, cache = ops().sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average,
+                                        validate=validate)
+    return logps, cache["token_counts"]  # the logits go with the cache here
+
+
+def _response_lengths(items: Sequence) -> np.ndarray:
+    """Tokens each collated row scores (its loss mask's count), from the host items: SFT items
+    give one row each, preference pairs two ([chosen; rejected] over the chunk)."""
+    if items and hasattr(items[0], "response_ids"):
+        return np.array([len(t.response_ids) for t in items], dtype=np.int64)
+    return np.array([len(t.chosen_ids) for t in items] + [len(t.rejected_ids) for t in items], dtype=np.int64)
+
+
+def chunked_logps(params: dict, config: GPTConfig, items: Sequence, collate: Callable, pad_id: int,
+                  batch_size: int, backend: Backend, average: bool = False,
+                  progress=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield, chunk by chunk of ``batch_size`` items, the host arrays (logps (b,), token_counts (b,))
+    of ``collate(chunk, pad_id, backend=backend)``'s rows (logps in the model's dtype).
+
+    The token ids are checked once, on the host, before the first chunk; each chunk then costs
+    one device read-back (its log-probs), the token counts being counted on the host.
+    ``progress``: an object with ``update(n)``, told the items of each chunk."""
+    check_token_ids(items, config.vocab_size, "scored item")
+    for start in range(0, len(items), batch_size):
+        chunk = list(items[start : start + batch_size])
+        batch = collate(chunk, pad_id, backend=backend)
+        logps, _ = batch_logps(params, config, batch, average, validate=False)
+        yield to_numpy(logps), _response_lengths(chunk)
+        if progress is not None:
+            progress.update(len(chunk))
+
+
+def batched_sequence_logps(
+    params: dict, config: GPTConfig, pairs: Sequence, pad_id: int, batch_size: int,
+    backend: Backend, average: bool = False, desc: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """log pi(y_w|x) and log pi(y_l|x) for every preference pair, in chunks of ``batch_size`` pairs;
+    with ``desc``, a progress bar of that name counts the pairs.
+
+    Returns (chosen_logps (N,), rejected_logps (N,)) as float64 NumPy arrays."""
+    from tqdm.auto import tqdm
+
+    chosen, rejected = [], []
+    with tqdm(total=len(pairs), desc=desc, disable=desc is None, dynamic_ncols=True) as bar:
+        for logps, _ in chunked_logps(params, config, pairs, collate_preferences, pad_id, batch_size, backend,
+                                      average, progress=bar):
+            n = len(logps) // 2  # a chunk's rows are [chosen; rejected]
+            chosen.append(logps[:n].astype(np.float64))
+            rejected.append(logps[n:].astype(np.float64))
+    return np.concatenate(chosen), np.concatenate(rejected)

@@ -1,0 +1,373 @@
+"""The fast paths (minidpo/fast.py) against the plain reference (layers.py, logprobs.py).
+
+Every fast function is called with the same arguments as its plain twin, on drawn shapes (odd
+sizes included) in float32 and float64, with the fast path's blocking made small enough that
+drawn shapes cross block edges (GELU blocks, log-softmax pieces, attention query blocks). The
+backwards are compared on the same upstream gradient. Then the switch: the model, a training
+step and a whole run on either path, and the fast path's own memory options.
+"""
+
+import contextlib
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minidpo import fast, layers, logprobs
+from minidpo.model import GPTConfig, gpt_backward, gpt_forward, gpt_forward_kv, inference_logits, init_params
+
+DTYPES = st.sampled_from([np.float32, np.float64])
+seeds = st.integers(0, 2**32 - 1)
+
+
+def close(got, want, dtype, scale=1.0):
+    assert got.dtype == want.dtype == dtype, (got.dtype, want.dtype, dtype)
+    if dtype == np.float64:
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12 * scale)
+    else:
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5 * scale)
+
+
+@contextlib.contextmanager
+def small_blocks(gelu_block=7, piece=13, query_blocks=3):
+    """Shrink the fast path's blocking so small arrays are cut into several pieces."""
+    def qb(T):
+        n = max(1, min(query_blocks, T))
+        edges = [round(j * T / n) for j in range(n + 1)]
+        return list(zip(edges[:-1], edges[1:]))
+
+    with mock.patch.object(fast, "_BLOCK", gelu_block), mock.patch.object(fast, "_PIECE", piece), \
+            mock.patch.object(fast, "_query_blocks", qb):
+        yield
+
+
+blocking = st.fixed_dictionaries({"gelu_block": st.integers(1, 40), "piece": st.integers(1, 60),
+                                  "query_blocks": st.integers(1, 4)})
+
+
+# ----------------------------------------------------------------------------------- layers
+
+
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), dtype=DTYPES, seed=seeds, blocks=blocking)
+def test_gelu_fast_equals_plain(shape, dtype, seed, blocks):
+    rng = np.random.default_rng(seed)
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    with small_blocks(**blocks):
+        y, c = fast.gelu_forward(x)
+        dx, g = fast.gelu_backward(dy, c)
+    y0, c0 = layers.gelu_forward(x)
+    dx0, g0 = layers.gelu_backward(dy, c0)
+    close(y, y0, dtype)
+    close(dx, dx0, dtype)
+    assert g == g0 == {}
+
+
+@given(B=st.integers(1, 3), T=st.integers(1, 5), C=st.integers(1, 9), dtype=DTYPES, seed=seeds)
+def test_layernorm_fast_equals_plain(B, T, C, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = (3 * rng.standard_normal((B, T, C)) + 1).astype(dtype)
+    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    dy = rng.standard_normal((B, T, C)).astype(dtype)
+    y, c = fast.layernorm_forward(x, w, b, 1e-5)
+    y0, c0 = layers.layernorm_forward(x, w, b, 1e-5)
+    close(y, y0, dtype, scale=10)
+    for got, want in zip(c[2:], c0[2:]):  # mean, rstd
+        close(got.reshape(-1), want.reshape(-1), dtype, scale=10)
+    dx, g = fast.layernorm_backward(dy, c)
+    dx0, g0 = layers.layernorm_backward(dy, c0)
+    close(dx, dx0, dtype, scale=100)
+    close(g["w"], g0["w"], dtype, scale=10)
+    close(g["b"], g0["b"], dtype, scale=10)
+
+
+@given(B=st.integers(1, 3), T=st.integers(1, 5), cin=st.integers(1, 7), cout=st.integers(1, 7), bias=st.booleans(),
+       dtype=DTYPES, seed=seeds)
+def test_linear_fast_equals_plain(B, T, cin, cout, bias, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, T, cin)).astype(dtype)
+    w = rng.standard_normal((cin, cout)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype) if bias else None
+    y, c = fast.linear_forward(x, w, b)
+    y0, c0 = layers.linear_forward(x, w, b)
+    np.testing.assert_array_equal(y, y0)  # the same matmul; the bias added in place or not
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    (dx, g), (dx0, g0) = fast.linear_backward(dy, c), layers.linear_backward(dy, c0)
+    np.testing.assert_array_equal(dx, dx0)
+    for k in ("w", "b"):
+        assert (g[k] is None) == (g0[k] is None) and (g[k] is None or np.array_equal(g[k], g0[k]))
+
+
+@given(B=st.integers(1, 3), T=st.integers(1, 5), V=st.integers(1, 5), C=st.integers(1, 4),
+       pos_mode=st.sampled_from(["none", "shared", "per_row"]), dtype=DTYPES, seed=seeds)
+def test_embedding_fast_equals_plain(B, T, V, C, pos_mode, dtype, seed):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, V, (B, T))
+    wte, wpe = rng.standard_normal((V, C)).astype(dtype), rng.standard_normal((T + 2, C)).astype(dtype)
+    pos = {"none": None, "shared": rng.integers(0, T + 2, T), "per_row": rng.integers(0, T + 2, (B, T))}[pos_mode]
+    x, c = fast.embedding_forward(idx, wte, wpe, pos)
+    x0, c0 = layers.embedding_forward(idx, wte, wpe, pos)
+    np.testing.assert_array_equal(x, x0)
+    dx = rng.standard_normal((B, T, C)).astype(dtype)
+    g, g0 = fast.embedding_backward(dx, c)[1], layers.embedding_backward(dx, c0)[1]
+    close(g["wte"], g0["wte"], dtype, scale=10)
+    close(g["wpe"], g0["wpe"], dtype, scale=10)
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 9), H=st.integers(1, 3), D=st.integers(1, 5), masked=st.booleans(),
+       dtype=DTYPES, seed=seeds, blocks=blocking)
+def test_attention_fast_equals_plain(B, T, H, D, masked, dtype, seed, blocks):
+    """The causal skip (drawn query blocks) and the in-place softmax give the plain attention."""
+    rng = np.random.default_rng(seed)
+    qkv = (2 * rng.standard_normal((B, T, 3 * H * D))).astype(dtype)
+    mask = rng.integers(0, 2, (B, T)) if masked else None
+    dy = rng.standard_normal((B, T, H * D)).astype(dtype)
+    with small_blocks(**blocks):
+        y, c = fast.attention_forward(qkv, H, mask)
+        dqkv, _ = fast.attention_backward(dy, c)
+    y0, c0 = layers.attention_forward(qkv, H, mask)
+    dqkv0, _ = layers.attention_backward(dy, c0)
+    close(y, y0, dtype, scale=10)
+    close(dqkv, dqkv0, dtype, scale=10)
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 9), H=st.integers(1, 2), D=st.integers(1, 4), masked=st.booleans(),
+       dtype=DTYPES, seed=seeds, blocks=blocking, data=st.data())
+def test_attention_kv_fast_equals_plain(B, T, H, D, masked, dtype, seed, blocks, data):
+    rng = np.random.default_rng(seed)
+    qkv = rng.standard_normal((B, T, 3 * H * D)).astype(dtype)
+    mask = rng.integers(0, 2, (B, T)) if masked else None
+    caches = {impl: (np.zeros((B, H, T, D), dtype), np.zeros((B, H, T, D), dtype)) for impl in ("fast", "plain")}
+    start = 0
+    while start < T:
+        n = data.draw(st.integers(1, T - start))
+        km = None if mask is None else mask[:, : start + n]
+        with small_blocks(**blocks):
+            y = fast.attention_forward_kv(qkv[:, start : start + n], H, *caches["fast"], start, km)
+        y0 = layers.attention_forward_kv(qkv[:, start : start + n], H, *caches["plain"], start, km)
+        close(y, y0, dtype, scale=10)
+        start += n
+
+
+def test_fast_attention_bias_is_reused_and_read_only():
+    b1 = fast.attention_bias(np, np.float32, 5, 5)
+    assert b1 is fast.attention_bias(np, np.float32, 5, 5) and not b1.flags.writeable
+    np.testing.assert_array_equal(b1, layers.attention_bias(np, np.float32, 5, 5))
+
+
+@given(B=st.integers(1, 4), T=st.integers(1, 7), dtype=DTYPES, seed=seeds)
+def test_unembed_and_softmax_fast_equal_plain(B, T, dtype, seed):
+    rng = np.random.default_rng(seed)
+    s = (5 * rng.standard_normal((B, T, 6))).astype(dtype)
+    close(fast.softmax(s), layers.softmax(s), dtype)
+    x, wte = rng.standard_normal((B, T, 3)).astype(dtype), rng.standard_normal((6, 3)).astype(dtype)
+    np.testing.assert_array_equal(fast.unembed_forward(x, wte)[0], layers.unembed_forward(x, wte)[0])
+
+
+# ----------------------------------------------------------------------------------- log pi(y|x)
+
+
+@st.composite
+def lp_batches(draw):
+    B, T, V = draw(st.integers(1, 4)), draw(st.integers(2, 8)), draw(st.integers(1, 11))
+    dtype = draw(DTYPES)
+    rng = np.random.default_rng(draw(seeds))
+    logits = (3 * rng.standard_normal((B, T, V))).astype(dtype)
+    labels = rng.integers(0, V, (B, T))
+    mask = rng.random((B, T)) < 0.6
+    mask[np.arange(B), rng.integers(1, T, B)] = True  # every row counts a token
+    labels = np.where(mask, labels, -100)
+    labels[:, 0] = 0
+    return logits, labels, mask, rng.standard_normal(B).astype(dtype)
+
+
+@given(batch=lp_batches(), average=st.booleans(), overwrite=st.booleans(), blocks=blocking)
+def test_sequence_logps_fast_equals_plain(batch, average, overwrite, blocks):
+    logits, labels, mask, dlogps = batch
+    dtype = logits.dtype.type
+    with small_blocks(**blocks):
+        lp, c = fast.sequence_logps(logits.copy(), labels, mask, average=average)
+        d = fast.sequence_logps_backward(dlogps, c, overwrite_logits=overwrite)
+    lp0, c0 = logprobs.sequence_logps(logits, labels, mask, average=average)
+    d0 = logprobs.sequence_logps_backward(dlogps, c0)
+    close(lp, lp0, dtype, scale=10)
+    close(d, d0, dtype)
+    for k in ("labels", "token_counts"):
+        np.testing.assert_array_equal(c[k], c0[k])
+    close(c["lse"], c0["lse"], dtype, scale=10)
+    close(c["weights"], c0["weights"], dtype)
+
+
+@pytest.mark.parametrize("piece", [1, 24, 64, 128, 10**9])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_logprobs_pieces_give_identical_numbers(monkeypatch, piece, dtype):
+    """Every piece size of the fast log-softmax (one row, part of a row, several batch rows,
+    everything) gives bit-identical results."""
+    rng = np.random.default_rng(6)
+    B, T, V = 3, 9, 8
+    logits = (3 * rng.standard_normal((B, T, V))).astype(dtype)
+    labels = rng.integers(0, V, (B, T))
+    mask = rng.random((B, T)) < 0.7
+    mask[:, 2] = True
+    dlogps = rng.standard_normal(B).astype(dtype)
+    results = []
+    for size in (10**9, piece):
+        monkeypatch.setattr(fast, "_PIECE", size)
+        lp, cache = fast.sequence_logps(logits, labels, mask, average=True)
+        d = fast.sequence_logps_backward(dlogps, cache)
+        d2 = fast.sequence_logps_backward(dlogps, {**cache, "logits": logits.copy()}, overwrite_logits=True)
+        results.append((lp, cache["lse"], d, d2))
+    for a, b in zip(*results):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(results[0][2], results[0][3])  # overwrite_logits: the same numbers
+
+
+@pytest.mark.parametrize("block", [1, 5, 64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_blocks_give_identical_numbers(monkeypatch, block, dtype):
+    rng = np.random.default_rng(7)
+    x = (3 * rng.standard_normal((4, 7, 11))).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    xt, dyt = x.transpose(2, 0, 1), dy.transpose(2, 0, 1)  # non-contiguous inputs too
+    run = lambda: [fast.gelu_forward(x)[0], fast.gelu_backward(dy, x)[0], fast.gelu_forward(xt)[0],  # noqa: E731
+                   fast.gelu_backward(dyt, xt)[0]]
+    want = run()
+    monkeypatch.setattr(fast, "_BLOCK", block)
+    got = run()
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(got[2], got[0].transpose(2, 0, 1))
+
+
+def test_query_blocks_cover_every_query():
+    for T in (1, 2, 127, 128, 255, 256, 257, 300, 512, 1024, 1025):
+        bl = fast._query_blocks(T)
+        assert bl[0][0] == 0 and bl[-1][1] == T and all(a[1] == b[0] for a, b in zip(bl, bl[1:]))
+        assert all(i1 > i0 for i0, i1 in bl) and len(bl) == max(1, min(4, T // 128))
+
+
+# ----------------------------------------------------------------------------------- the switch
+
+CFG = GPTConfig(vocab_size=37, n_ctx=16, n_layer=2, n_head=2, n_embd=12)
+
+
+def test_the_switch_picks_the_functions_and_restores_itself():
+    assert fast.ops() is fast.FAST and not fast.is_plain()
+    with fast.plain():
+        assert fast.ops() is fast.PLAIN and fast.ops().gelu_forward is layers.gelu_forward
+        with fast.plain(False):
+            assert fast.ops() is fast.FAST
+        assert fast.ops().sequence_logps is logprobs.sequence_logps
+    assert fast.ops() is fast.FAST and fast.ops().gelu_forward is fast.gelu_forward
+    assert set(vars(fast.PLAIN)) == set(vars(fast.FAST))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_model_on_either_path_gives_the_same_logits_and_gradients(dtype):
+    params = init_params(CFG, seed=2, dtype=dtype)
+    rng = np.random.default_rng(3)
+    idx = rng.integers(0, CFG.vocab_size, (3, 16))
+    dlogits = rng.standard_normal((3, 16, CFG.vocab_size)).astype(dtype)
+    out = {}
+    for is_plain in (False, True):
+        with small_blocks(), fast.plain(is_plain):
+            logits, cache = gpt_forward(params, idx, CFG)
+            assert cache["ops"] is (fast.PLAIN if is_plain else fast.FAST)
+            grads = gpt_backward(dlogits, cache)
+            kv_first, kv = gpt_forward_kv(params, idx[:, :5], CFG)
+            kv_rest, _ = gpt_forward_kv(params, idx[:, 5:], CFG, kv)
+            out[is_plain] = (logits, grads, inference_logits(params, idx, CFG), np.concatenate([kv_first, kv_rest], 1))
+    (l1, g1, i1, k1), (l0, g0, i0, k0) = out[False], out[True]
+    close(l1, l0, dtype, scale=10)
+    close(i1, l0, dtype, scale=10)
+    close(k1, l0, dtype, scale=10)
+    close(i0, l0, dtype, scale=10)
+    close(k0, l0, dtype, scale=10)
+    for k in g0:
+        close(g1[k], g0[k], dtype, scale=float(np.abs(g0[k]).max()) + 1.0)
+
+
+def test_train_config_plain_runs_the_stage_on_the_plain_path(tmp_path, monkeypatch):
+    """TrainConfig(plain=True): every step runs the plain functions; the switch is restored after
+    the stage; the two paths train to the same parameters (float64 round-off)."""
+    import minidpo.train as T
+    from minidpo.data import TokenizedSFT
+
+    seen = []
+    original = T.sft_step
+
+    def step(*a, **kw):
+        seen.append(fast.ops().name)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(T, "sft_step", step)
+    rng = np.random.default_rng(0)
+    items = [TokenizedSFT(prompt_ids=[1, 2], response_ids=[int(t) for t in rng.integers(1, 37, 5)]) for _ in range(8)]
+    out = {}
+    for is_plain in (True, False):
+        tc = T.TrainConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=0, progress=False, plain=is_plain)
+        params = init_params(CFG, seed=1, dtype=np.float64)  # float64: no round-off sign flip in AdamW's first steps
+        out[is_plain] = T.train_sft(params, CFG, items, 0, tc, tmp_path / str(is_plain)).params
+        assert not fast.is_plain()
+    assert seen == ["plain"] * 3 + ["fast"] * 3
+    for k in out[True]:
+        np.testing.assert_allclose(out[True][k], out[False][k], rtol=1e-8, atol=1e-10, err_msg=k)
+
+
+def test_cli_plain_flag_switches_the_path(monkeypatch):
+    from minidpo import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "cmd_eval", lambda args: seen.append(fast.ops().name) or 0)
+    args = ["eval", "--policy", "p", "--ref", "r", "--data", "d"]
+    assert cli.main(args + ["--plain"]) == 0
+    assert cli.main(args) == 0
+    assert seen == ["plain", "fast"] and not fast.is_plain()
+
+
+def _package_imports():
+    """module -> the minidpo modules it imports (anywhere in the file, functions included)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(fast.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        mod = ".".join(path.relative_to(root).with_suffix("").parts)
+        pkg = mod.rsplit(".", 1)[0] if "." in mod else ""
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)] if pkg else []
+                target = ".".join([*base, node.module] if node.module else base)
+                if node.module:
+                    deps.add(target)
+                else:
+                    deps.update(".".join([*base, a.name]) for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minidpo."):
+                deps.add(node.module[len("minidpo."):])
+        graph[mod] = {d for d in deps if d and d != mod}
+    return graph
+
+
+def test_the_plain_reference_imports_no_fast_code_and_nothing_imports_in_a_circle():
+    graph = _package_imports()
+    assert graph["layers"] <= {"checks", "backend"} and graph["logprobs"] <= {"checks", "backend"}
+    assert "fast" in graph["model"] and "kernels" in graph["fast"]
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == "done":
+            return
+        assert state.get(m) != "open", f"import cycle: {' -> '.join(path + [m])}"
+        state[m] = "open"
+        for d in graph.get(m, ()):
+            visit(d, path + [m])
+        state[m] = "done"
+
+    for m in graph:
+        visit(m, [])
