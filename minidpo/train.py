@@ -47,10 +47,12 @@ import numpy as np
 from .backend import Backend, get_array_module, get_backend, to_numpy
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .data import collate_preferences, collate_sft
+from .distributed import (SingleProcess, all_reduce_step, collective, gather_rows, local_shard, make_optimizer,
+                          shard_range)
 from .logprobs import sequence_logps, sequence_logps_backward
 from .losses import dpo_loss, preference_metrics
 from .model import GPTConfig, gpt_backward, gpt_forward, gpt_forward_kv, init_kv_cache
-from .optim import AdamW, clip_grad_norm, lr_at
+from .optim import clip_grad_norm, lr_at
 
 
 class NonFiniteError(RuntimeError):
@@ -142,12 +144,16 @@ def inference_logits(params: dict, idx, model_config: GPTConfig, validate: bool 
 
 def batched_sequence_logps(
     params: dict, model_config: GPTConfig, pairs: Sequence, pad_id: int, batch_size: int,
-    backend: Backend, average: bool = False,
+    backend: Backend, average: bool = False, comm=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """log pi(y_w|x) and log pi(y_l|x) for every pair, in minibatches, on the host.
 
     Returns (chosen_logps (N,), rejected_logps (N,)) as float64 NumPy arrays (read-outs): one
-    device read-back a minibatch (the token ids are checked once, on the host, first)."""
+    device read-back a minibatch (the token ids are checked once, on the host, first). With a
+    ``comm`` of K ranks each rank computes its share of the pairs and all get all N."""
+    if comm is not None and comm.size > 1:
+        return gather_rows(comm, lambda lo, hi: batched_sequence_logps(
+            params, model_config, pairs[lo:hi], pad_id, batch_size, backend, average), len(pairs))
     check_token_ids(pairs, model_config.vocab_size, "preference pair")
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
@@ -166,11 +172,12 @@ def batched_sequence_logps(
 
 def evaluate_preferences(
     policy: dict, model_config: GPTConfig, pairs: Sequence, ref_chosen: np.ndarray,
-    ref_rejected: np.ndarray, pad_id: int, tc: TrainConfig, backend: Backend,
+    ref_rejected: np.ndarray, pad_id: int, tc: TrainConfig, backend: Backend, comm=None,
 ) -> dict:
     """The DPO loss and the preference metrics (rewards/accuracies, margins, ...) on held-out
     pairs, as host floats; keys are prefixed with ``eval/``."""
-    pc, pr = batched_sequence_logps(policy, model_config, pairs, pad_id, tc.eval_batch_size, backend, tc.average_logps)
+    pc, pr = batched_sequence_logps(policy, model_config, pairs, pad_id, tc.eval_batch_size, backend, tc.average_logps,
+                                    comm=comm)
     out = dpo_loss(pc, pr, ref_chosen, ref_rejected, beta=tc.beta, loss_type=tc.loss_type,
                    label_smoothing=tc.label_smoothing, reference_free=tc.reference_free)
     m = {"loss": float(np.mean(out.losses))}
@@ -293,13 +300,14 @@ class StageResult:
 def _run_loop(
     stage: str, params: dict, model_config: GPTConfig, tc: TrainConfig, n_items: int,
     make_batch: Callable[[np.ndarray], dict], step_fn: Callable, out_dir: Path, backend: Backend,
-    eval_fn: Callable[[dict], dict] | None = None, resume: bool = True,
+    eval_fn: Callable[[dict], dict] | None = None, resume: bool = True, comm=None,
 ) -> StageResult:
+    comm = comm if comm is not None else SingleProcess()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoint"
     metrics_path = out_dir / "metrics.jsonl"
-    opt = AdamW(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    opt = make_optimizer(comm, params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)  # AdamW or ZeRO-1
     step = 0
     if resume and has_checkpoint(ckpt_dir):
         ck = load_checkpoint(ckpt_dir, backend=backend)
@@ -316,16 +324,19 @@ def _run_loop(
         if ck.optimizer_state is not None:
             opt.load_state_dict(ck.optimizer_state)
         step = int(ck.step)
-        if metrics_path.exists():  # drop records logged after the checkpoint: they will be redone
+        if metrics_path.exists() and comm.rank == 0:  # drop records logged after the checkpoint: they will be redone
             kept = [l for l in metrics_path.read_text(encoding="utf-8").splitlines()
                     if l.strip() and json.loads(l).get("step", 0) <= step]
             metrics_path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
-    elif metrics_path.exists():
+    elif metrics_path.exists() and comm.rank == 0:
         metrics_path.unlink()  # a fresh run starts a fresh log
 
     def save(at_step: int) -> None:
-        save_checkpoint(ckpt_dir, params, {"model": model_config.to_dict(), "train": tc.to_dict(), "stage": stage},
-                        step=at_step, optimizer_state=opt.state_dict())
+        opt_state = opt.state_dict()  # with ZeRO-1 a collective: every rank calls it
+        if comm.rank == 0:  # rank 0 alone writes; the others wait until the checkpoint is whole
+            save_checkpoint(ckpt_dir, params, {"model": model_config.to_dict(), "train": tc.to_dict(), "stage": stage},
+                            step=at_step, optimizer_state=opt_state)
+        comm.barrier()
 
     xp = backend.xp
     history = []
@@ -335,7 +346,7 @@ def _run_loop(
     last_good_step = step
     t0 = time.perf_counter()
     stopped = False
-    bar = _progress(tc.steps, step, stage, tc.progress)
+    bar = _progress(tc.steps, step, stage, tc.progress and comm.rank == 0)
 
     def check_finite(at_step: int) -> None:
         if not bool(finite):
@@ -347,7 +358,8 @@ def _run_loop(
 
     if eval_fn is not None and step == 0 and tc.steps > 0:  # the starting point, for the curves
         rec = {"stage": stage, "step": 0, **eval_fn(params)}
-        _append_jsonl(metrics_path, rec)
+        if comm.rank == 0:
+            _append_jsonl(metrics_path, rec)
         history.append(rec)
     with _StopRequested() as stop:
         try:
@@ -362,19 +374,21 @@ def _run_loop(
                 opt.step(params, grads, lr=lr)
                 del grads, batch  # free them before the next step's forward, not after it
                 step += 1
+                stopping = comm.any(stop.requested)  # every rank stops at the same step
                 # accumulate device scalars; read them back once per log interval
                 for k, v in {"loss": loss, "grad_norm": gnorm, **metrics}.items():
                     sums[k] = sums[k] + v if k in sums else v
                 n_acc += 1
                 bar.update(1)
                 is_last = step == tc.steps
-                if step % tc.log_every == 0 or is_last or stop.requested:
+                if step % tc.log_every == 0 or is_last or stopping:
                     check_finite(step)
                     last_good_step = step
                     rec = {"stage": stage, "step": step, "lr": lr, "time_s": round(time.perf_counter() - t0, 3)}
                     rec.update({k: float(v) / n_acc for k, v in sums.items()})
                     sums, n_acc = {}, 0
-                    _append_jsonl(metrics_path, rec)
+                    if comm.rank == 0:
+                        _append_jsonl(metrics_path, rec)
                     history.append(rec)
                     post = {"loss": f"{rec['loss']:.4f}"}
                     if "rewards/accuracies" in rec:
@@ -383,16 +397,19 @@ def _run_loop(
                     bar.set_postfix(post)
                 if eval_fn is not None and (step % tc.eval_every == 0 or is_last):
                     rec = {"stage": stage, "step": step, **eval_fn(params)}
-                    _append_jsonl(metrics_path, rec)
+                    if comm.rank == 0:
+                        _append_jsonl(metrics_path, rec)
                     history.append(rec)
-                    bar.write(f"[{stage} step {step}] " + "  ".join(
-                        f"{k[5:]}={v:.4f}" for k, v in rec.items() if k.startswith("eval/")))
-                if (step % tc.save_every == 0 and not is_last) or stop.requested:
+                    if comm.rank == 0:
+                        bar.write(f"[{stage} step {step}] " + "  ".join(
+                            f"{k[5:]}={v:.4f}" for k, v in rec.items() if k.startswith("eval/")))
+                if (step % tc.save_every == 0 and not is_last) or stopping:
                     check_finite(step)
                     save(step)
-                if stop.requested:
-                    bar.write(f"[{stage}] interrupted: checkpoint saved at step {step} in {ckpt_dir}; "
-                              f"run the same command again to resume.")
+                if stopping:
+                    if comm.rank == 0:
+                        bar.write(f"[{stage}] interrupted: checkpoint saved at step {step} in {ckpt_dir}; "
+                                  f"run the same command again to resume.")
                     stopped = True
                     break
         finally:
@@ -424,15 +441,21 @@ def check_token_ids(rows, vocab_size: int, what: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@collective
 def train_sft(
     params: dict, model_config: GPTConfig, items: Sequence, pad_id: int, tc: TrainConfig,
     out_dir: str | Path, backend: Backend | str = "cpu", eval_items: Sequence | None = None, resume: bool = True,
+    comm=None,
 ) -> StageResult:
     """Stage 1, pi_SFT: minimise the per-token NLL of the responses of ``items``
     (tokenized (prompt, response) pairs from :func:`minidpo.data.tokenize_sft`).
 
     ``params`` are updated in place and also returned. Checkpoints and ``metrics.jsonl`` go to
-    ``out_dir``; an existing checkpoint there is resumed from (``resume=True``)."""
+    ``out_dir``; an existing checkpoint there is resumed from (``resume=True``).
+
+    ``comm`` (minidpo.distributed): with K ranks each takes its share of every global batch; its
+    gradient is weighted by its share of the batch's response tokens, N_r / N (the token-weighted
+    mean), before the one all-reduce of the step."""
     backend = get_backend(backend)
     if not items:
         raise ValueError("SFT needs at least one example")
@@ -440,42 +463,57 @@ def train_sft(
     if eval_items:
         check_token_ids(eval_items, model_config.vocab_size, "held-out SFT")
 
+    # response tokens of each item, what sft_step's loss mask counts: the shard weights N_r / N
+    item_tokens = np.array([len(t.response_ids) for t in items], dtype=np.int64) if comm.size > 1 else None
+
     def make_batch(idx):
-        return collate_sft([items[i] for i in idx], pad_id, backend=backend)
+        idx, weight = local_shard(idx, comm, item_tokens)  # this rank's share of the global batch
+        batch = collate_sft([items[i] for i in idx], pad_id, backend=backend)
+        batch["shard_weight"] = weight
+        return batch
 
     def step_fn(p, batch):
         loss, grads = sft_step(p, model_config, batch)
+        loss, _ = all_reduce_step(comm, loss, {}, grads, batch["shard_weight"])  # grads: reduced in place
         return loss, {}, grads
 
     eval_fn = None
     if eval_items:
         def eval_fn(p):
             tot, ntok = 0.0, 0
-            for s in range(0, len(eval_items), tc.eval_batch_size):
-                chunk = list(eval_items[s : s + tc.eval_batch_size])
+            lo, hi = (0, len(eval_items)) if comm.size == 1 else shard_range(len(eval_items), comm.rank, comm.size)
+            for s in range(lo, hi, tc.eval_batch_size):
+                chunk = list(eval_items[s : min(s + tc.eval_batch_size, hi)])
                 batch = collate_sft(chunk, pad_id, backend=backend)
                 logits = inference_logits(p, batch["input_ids"], model_config, validate=False)  # ids checked above
                 logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], validate=False)
                 del logits
                 tot += float(logps.sum())  # one read-back a chunk
                 ntok += sum(len(t.response_ids) for t in chunk)  # the loss mask's tokens, counted on the host
+            tot, ntok = comm.allreduce_host([tot, ntok])  # sums over the ranks' shares
             nll = -tot / max(ntok, 1)
             return {"eval/nll": nll, "eval/perplexity": math.exp(min(nll, 50.0))}
 
     return _run_loop("sft", params, model_config, tc, len(items), make_batch, step_fn, Path(out_dir), backend,
-                     eval_fn=eval_fn, resume=resume)
+                     eval_fn=eval_fn, resume=resume, comm=comm)
 
 
+@collective
 def train_dpo(
     policy: dict, reference: dict, model_config: GPTConfig, pairs: Sequence, pad_id: int, tc: TrainConfig,
     out_dir: str | Path, backend: Backend | str = "cpu", eval_pairs: Sequence | None = None, resume: bool = True,
+    comm=None,
 ) -> StageResult:
     """Stage 2: minimise the DPO loss (eq. 7, or the variant ``tc.loss_type``) of ``policy``
     against the frozen ``reference`` on tokenized preference ``pairs``.
 
     ``policy`` is updated in place; ``reference`` is never written. With
     ``tc.cache_reference`` the reference log-probs of every training and held-out pair are
-    computed once here; otherwise each step runs the reference forward pass on its batch."""
+    computed once here; otherwise each step runs the reference forward pass on its batch.
+
+    ``comm`` (minidpo.distributed): with K ranks each takes its share of every global batch,
+    weighted n_r / B before the step's all-reduce; the reference cache and the held-out
+    evaluation are computed in shares and gathered."""
     backend = get_backend(backend)
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
@@ -484,11 +522,12 @@ def train_dpo(
         check_token_ids(eval_pairs, model_config.vocab_size, "held-out preference pair")
     if tc.cache_reference:
         ref_c, ref_r = batched_sequence_logps(reference, model_config, pairs, pad_id, tc.eval_batch_size,
-                                              backend, tc.average_logps)
+                                              backend, tc.average_logps, comm=comm)
         ref_c = backend.asarray(ref_c.astype(np.float32))
         ref_r = backend.asarray(ref_r.astype(np.float32))
 
     def make_batch(idx):
+        idx, weight = local_shard(idx, comm)  # this rank's share of the global batch
         batch = collate_preferences([pairs[i] for i in idx], pad_id, backend=backend)
         if tc.cache_reference:
             didx = backend.asarray(idx)
@@ -500,18 +539,21 @@ def train_dpo(
             del logits
             n = len(idx)
             batch["ref_chosen"], batch["ref_rejected"] = logps[:n], logps[n:]
+        batch["shard_weight"] = weight
         return batch
 
     def step_fn(p, batch):
-        return dpo_step(p, model_config, batch, batch["ref_chosen"], batch["ref_rejected"], tc)
+        loss, metrics, grads = dpo_step(p, model_config, batch, batch["ref_chosen"], batch["ref_rejected"], tc)
+        loss, metrics = all_reduce_step(comm, loss, metrics, grads, batch["shard_weight"])  # grads: in place
+        return loss, metrics, grads
 
     eval_fn = None
     if eval_pairs:
         e_ref_c, e_ref_r = batched_sequence_logps(reference, model_config, eval_pairs, pad_id, tc.eval_batch_size,
-                                                  backend, tc.average_logps)
+                                                  backend, tc.average_logps, comm=comm)
 
         def eval_fn(p):
-            return evaluate_preferences(p, model_config, eval_pairs, e_ref_c, e_ref_r, pad_id, tc, backend)
+            return evaluate_preferences(p, model_config, eval_pairs, e_ref_c, e_ref_r, pad_id, tc, backend, comm=comm)
 
     return _run_loop("dpo", policy, model_config, tc, len(pairs), make_batch, step_fn, Path(out_dir), backend,
-                     eval_fn=eval_fn, resume=resume)
+                     eval_fn=eval_fn, resume=resume, comm=comm)
