@@ -332,6 +332,11 @@ def make_optimizer(comm, params: dict, **kw):
     return AdamW(params, **kw)
 
 
+def _address(a) -> int:
+    """The device or host address of an array's first element."""
+    return int(a.__array_interface__["data"][0]) if isinstance(a, np.ndarray) else int(a.data.ptr)
+
+
 class ZeroAdamW:
     """AdamW with its moments sharded across the ranks (ZeRO stage 1, Rajbhandari et al. 2020).
 
@@ -405,8 +410,9 @@ class ZeroAdamW:
         """Update (A) of optim.py on this rank's chunk, then all-gather the parameters."""
         if set(params) != set(self.names) or set(grads) != set(self.names):
             raise KeyError("ZeroAdamW.step: params/grads must have exactly the optimizer's names")
+        base = _address(self.flat)
         for k in self.names:
-            if params[k].base is not self.flat:
+            if _address(params[k]) != base + self.offsets[k] * self.flat.itemsize:
                 raise ValueError(f"ZeroAdamW.step: params[{k!r}] is no longer a view of the optimizer's "
                                  f"flat buffer (was the dict's entry replaced?)")
         lr = self.lr if lr is None else float(lr)
@@ -502,7 +508,7 @@ def abort_on_error(comm):
         print(f"minidpo: rank {comm.rank} of {comm.size} failed: {_describe(err)}; stopping all ranks",
               file=sys.stderr, flush=True)
         comm.abort(1)
-        raise  # pragma: no cover - abort does not return
+        os._exit(1)  # pragma: no cover - in case the launcher's kill arrives after abort returned
 
 
 def collective(fn):
