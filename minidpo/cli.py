@@ -11,6 +11,9 @@ A model argument (--model, --ref, --policy) is any of: a run folder written by `
 (it holds checkpoint/ and tokenizer.json), a checkpoint folder, or a GPT-2 model directory
 (config.json + model.safetensors + tokenizer files, e.g. one saved by ``transformers``).
 Re-running sft/dpo with the same --out resumes from its checkpoint.
+
+Data parallel: ``mpiexec -n K minidpo sft|dpo ...`` splits every batch over K processes (CPU, MPI)
+or K GPUs (--device cuda, NCCL); --zero1 shards the optimizer state. Needs ``pip install -e ".[mpi]"``.
 """
 
 from __future__ import annotations
@@ -90,6 +93,16 @@ def _split_eval(items: list, args):
     return items[:-n_eval], items[-n_eval:]
 
 
+def _communicator(args):
+    """SingleProcess, or the MPI/NCCL communicator when started by ``mpiexec -n K`` (distributed.py)."""
+    from .distributed import from_environment
+
+    try:
+        return from_environment(args.device, zero1=args.zero1)
+    except (RuntimeError, ValueError) as err:
+        _die(str(err))
+
+
 def _save_tokenizer(tokenizer, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(out)
@@ -117,7 +130,8 @@ def cmd_sft(args) -> None:
     from .tokenizer import BPETokenizer
     from .train import train_sft
 
-    backend = get_backend(args.device)
+    comm = _communicator(args)
+    backend = get_backend(comm.device or args.device)
     out = Path(args.out)
     if args.model:
         params, config, tokenizer = load_model(args.model, backend)
@@ -135,12 +149,14 @@ def cmd_sft(args) -> None:
                                           max_length=min(args.max_length, config.n_ctx))
     else:
         items, eval_items = _split_eval(items, args)
-    print(f"SFT: {len(items)} training / {len(eval_items)} held-out examples; model {num_params(params):,} params; "
-          f"device {backend.device}")
-    _save_tokenizer(tokenizer, out)
+    if comm.rank == 0:
+        print(f"SFT: {len(items)} training / {len(eval_items)} held-out examples; model {num_params(params):,} params; "
+              f"device {backend.device}" + (f"; {comm.size} ranks" if comm.size > 1 else ""))
+        _save_tokenizer(tokenizer, out)
     train_sft(params, config, items, tokenizer.pad_id, _train_config(args), out, backend=backend,
-              eval_items=eval_items or None)
-    print(f"done: {out}/checkpoint (model.safetensors, trainer_state.json), {out}/metrics.jsonl")
+              eval_items=eval_items or None, comm=comm)
+    if comm.rank == 0:
+        print(f"done: {out}/checkpoint (model.safetensors, trainer_state.json), {out}/metrics.jsonl")
 
 
 def _preference_pairs(path, tokenizer, config, args):
@@ -163,7 +179,8 @@ def cmd_dpo(args) -> None:
     from .losses import average_logps_for
     from .train import train_dpo
 
-    backend = get_backend(args.device)
+    comm = _communicator(args)
+    backend = get_backend(comm.device or args.device)
     out = Path(args.out)
     if bool(args.ref) == bool(args.model):
         _die("dpo needs exactly one of --ref or --model (the frozen reference and starting point)")
@@ -182,12 +199,14 @@ def cmd_dpo(args) -> None:
     average = args.average_logps or (args.loss == "ipo" and average_logps_for("ipo"))
     tc = _train_config(args, beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
                        rpo_alpha=args.rpo_alpha, reference_free=args.reference_free, average_logps=average, cache_reference=not args.recompute_reference)
-    print(f"DPO: {len(pairs)} training / {len(eval_pairs)} held-out pairs; beta={args.beta} loss={args.loss}; "
-          f"device {backend.device}")
-    _save_tokenizer(tokenizer, out)
+    if comm.rank == 0:
+        print(f"DPO: {len(pairs)} training / {len(eval_pairs)} held-out pairs; beta={args.beta} loss={args.loss}; "
+              f"device {backend.device}" + (f"; {comm.size} ranks" if comm.size > 1 else ""))
+        _save_tokenizer(tokenizer, out)
     train_dpo(policy, reference, config, pairs, tokenizer.pad_id, tc, out, backend=backend,
-              eval_pairs=eval_pairs or None)
-    print(f"done: {out}/checkpoint, {out}/metrics.jsonl")
+              eval_pairs=eval_pairs or None, comm=comm)
+    if comm.rank == 0:
+        print(f"done: {out}/checkpoint, {out}/metrics.jsonl")
 
 
 def cmd_sample(args) -> None:
@@ -279,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--eval-batch-size", type=int, default=16,
                         help="pairs (or sequences) per no-gradient forward pass: reference log-probs, held-out eval")
         sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+        sp.add_argument("--zero1", action="store_true",
+                        help="under mpiexec -n K: shard the AdamW moments across the K ranks (ZeRO-1)")
 
     sp = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on text/JSONL files")
     sp.add_argument("--corpus", nargs="+", required=True, help=".txt (one document a line) or .jsonl files")

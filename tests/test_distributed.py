@@ -431,3 +431,57 @@ def test_ctrl_c_stops_all_ranks_at_the_same_step_with_a_checkpoint(tmp_path):
     state = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == steps[0]
     assert (out + err).count("interrupted: checkpoint saved") == 1
+
+
+@needs_mpi
+def test_cli_under_mpiexec_trains_what_one_process_trains(tmp_path):
+    """``mpiexec -n 2 python -m minidpo sft|dpo`` (ZeRO-1 for dpo) against the same commands in
+    one process: the same checkpoint to float32 round-off, one banner, one metrics log."""
+    from minidpo.checkpoint import load_checkpoint
+    from minidpo.tasks import sentiment
+    from minidpo.tokenizer import BPETokenizer
+
+    corpus = sentiment.sft_corpus(60, seed=0)
+    with open(tmp_path / "sft.jsonl", "w") as f:
+        for p, r in corpus:
+            f.write(json.dumps({"prompt": p, "response": r}) + "\n")
+    with open(tmp_path / "prefs.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"prompt": corpus[i][0], "chosen": corpus[i][1], "rejected": corpus[59 - i][1]}) + "\n")
+    BPETokenizer.train([p + r for p, r in corpus], vocab_size=300).save(tmp_path / "tok")
+    train = ["--steps", "4", "--batch-size", "5", "--log-every", "1", "--eval-every", "2", "--warmup-steps", "1",
+             "--no-progress", "--eval-fraction", "0.2"]
+
+    def cli(ranks, *argv):
+        cmd = [sys.executable, "-m", "minidpo", *map(str, argv), *train]
+        if ranks:
+            cmd = ["mpiexec", "-n", str(ranks), *cmd]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    model = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--n-ctx", 64]
+    for ranks, tag in ((0, "one"), (2, "two")):
+        out = cli(ranks, "sft", "--data", tmp_path / "sft.jsonl", "--tokenizer", tmp_path / "tok",
+                  "--out", tmp_path / f"sft-{tag}", *model)
+        assert out.count("SFT: ") == 1 and ("2 ranks" in out) == bool(ranks)
+        out = cli(ranks, "dpo", "--data", tmp_path / "prefs.jsonl", "--ref", tmp_path / "sft-one",
+                  "--out", tmp_path / f"dpo-{tag}", *(["--zero1"] if ranks else []))
+        assert out.count("DPO: ") == 1
+    for stage in ("sft", "dpo"):
+        a = load_checkpoint(tmp_path / f"{stage}-one" / "checkpoint")
+        b = load_checkpoint(tmp_path / f"{stage}-two" / "checkpoint")
+        assert a.step == b.step == 4
+        for k in a.params:
+            assert np.abs(a.params[k] - b.params[k]).max() <= 2e-5, (stage, k)
+        for k in a.optimizer_state:  # the ZeRO-1 run saved the full moments, gathered
+            if k.startswith(("m.", "v.")):
+                ma, mb = np.asarray(a.optimizer_state[k]), np.asarray(b.optimizer_state[k])
+                assert np.abs(ma - mb).max() <= 1e-4 * np.abs(ma).max(), (stage, k)
+        la = [json.loads(l) for l in (tmp_path / f"{stage}-one" / "metrics.jsonl").read_text().splitlines()]
+        lb = [json.loads(l) for l in (tmp_path / f"{stage}-two" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in la] == [r["step"] for r in lb]
+        for ra, rb in zip(la, lb):
+            for k, v in ra.items():
+                if k not in ("time_s", "stage"):
+                    assert rb[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (stage, k)
