@@ -170,6 +170,9 @@ class NCCLComm(MPIComm):
             import cupy
         if nccl is None:
             from cupy.cuda import nccl
+        if not getattr(nccl, "available", True):
+            raise RuntimeError("CuPy cannot load NCCL (cupy.cuda.nccl.available is False): install it, "
+                               "e.g. pip install nvidia-nccl-cu12, for data parallelism on GPUs")
         self._cp, self._nccl = cupy, nccl
         if local_rank is None:
             local_rank = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED).Get_rank()
@@ -283,8 +286,9 @@ def all_reduce_step(comm, loss, metrics: dict, grads: dict, weight: float):
 
     ``grads`` is updated in place: its values become views of the reduced buffer (dL/dp of the
     global batch). Returns (loss, metrics) of the global batch as 0-d arrays on the device; no
-    host sync. On one process everything is returned unchanged."""
-    if comm.size == 1:
+    host sync. On :class:`SingleProcess` everything is returned unchanged (an MPI or NCCL
+    communicator of one rank still packs and reduces: a check of that path on one device)."""
+    if type(comm) is SingleProcess:
         return loss, metrics
     names, keys = list(grads), list(metrics)
     xp = get_array_module(loss)

@@ -485,3 +485,14 @@ def test_cli_under_mpiexec_trains_what_one_process_trains(tmp_path):
             for k, v in ra.items():
                 if k not in ("time_s", "stage"):
                     assert rb[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (stage, k)
+
+
+def test_bench_dp_writes_a_row(tmp_path):
+    """bench/bench_dp.py on one process (the micro shape): one row with the phase split."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_dp.py"), "--config", "micro", "--steps", "2",
+                        "--warmup", "1", "--out", str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (path,) = tmp_path.glob("dp-cpu-*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["ranks"] == 1 and row["comm"] == "SingleProcess" and row["allreduce_s"] < row["step_s"]
+    assert row["tokens_per_s"] > 0 and 0.0 <= row["comm_share"] < 1.0 and row["per_rank"][0]["opt_state_mb"] > 0
