@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"dp-{row['device']}-{_slug(machine)}.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    key = lambda r: (r["config"], r["ranks"], r["zero1"], r["device"], r["comm"])  # noqa: E731
+    key = lambda r: (r["config"], r["ranks"], r["zero1"], r["device"], r["comm"], r.get("threads_per_rank"))  # noqa: E731
     rows = [r for r in rows if key(r) != key(row)] + [row]
     rows.sort(key=lambda r: (r["device"], r["config"], r["zero1"], r["ranks"]))
     path.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
