@@ -4,6 +4,7 @@
     python examples/train_tiny.py --quick              # under a minute: the pipeline end to end
     python examples/train_tiny.py --device cuda        # the same on a GPU (pip install 'minidpo[cuda12]')
     python examples/train_tiny.py --betas 0.05,0.1,0.5 # the reward-vs-KL frontier (Fig. 2, left)
+    mpiexec -n 2 python examples/train_tiny.py         # SFT and DPO data-parallel on 2 processes
 
 What happens, as in the paper:
   1. corpus: seeded synthetic movie reviews (minidpo.tasks.sentiment), positive, negative, mixed;
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minidpo import distributed
 from minidpo.backend import get_backend
 from minidpo.data import PreferenceExample, build_preference_dataset, build_sft_dataset
 from minidpo.evaluate import kl_from_samples, mean_and_stderr, sample_continuations
@@ -72,11 +74,16 @@ def parse_args(argv=None):
                    help="CPU BLAS threads (default 1: this model's matrices are small, and idle BLAS threads "
                         "spinning on a busy machine can slow every matmul several-fold); 0 = the library default")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument("--zero1", action="store_true", help="under mpiexec: shard the AdamW moments across the ranks")
     return p.parse_args(argv)
 
 
+_RANK = 0  # under mpiexec, rank 0 alone prints and writes
+
+
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    if _RANK == 0:
+        print(msg, flush=True)
 
 
 def main(argv=None) -> dict:
@@ -97,7 +104,10 @@ def run(args) -> dict:
     betas = [float(b) for b in args.betas.split(",")] if args.betas else [args.beta]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    backend = get_backend(args.device)
+    global _RANK
+    comm = distributed.from_environment(args.device, zero1=args.zero1)  # SingleProcess without mpiexec
+    _RANK = comm.rank
+    backend = get_backend(comm.device or args.device)
     t_start = time.perf_counter()
     timings = {}
     log(f"minidpo controlled-sentiment run: device={backend.device} out={out} preset={'quick' if args.quick else 'default'}")
@@ -108,11 +118,13 @@ def run(args) -> dict:
 
     # 2. tokenizer -----------------------------------------------------------------------------
     tok_path = out / "tokenizer.json"
-    if tok_path.exists():
+    if tok_path.exists() or comm.rank > 0:
+        comm.barrier()  # other ranks read the tokenizer rank 0 wrote
         tokenizer = BPETokenizer.load(tok_path)
     else:
         tokenizer = BPETokenizer.train([p + c for p, c in corpus], vocab_size=cfg["vocab"])
         tokenizer.save(tok_path)
+        comm.barrier()
     log(f"[1/5] corpus {len(corpus)} reviews; BPE tokenizer with {tokenizer.vocab_size} tokens -> {tok_path}")
 
     # 3. SFT -----------------------------------------------------------------------------------
@@ -128,7 +140,8 @@ def run(args) -> dict:
     log(f"[2/5] SFT of a GPT-2 ({mcfg.n_layer} layers, {mcfg.n_embd} channels, {num_params(reference):,} params) "
         f"on {len(sft_train)} reviews for {sft_tc.steps} steps")
     t0 = time.perf_counter()
-    train_sft(reference, mcfg, sft_train, tokenizer.pad_id, sft_tc, out / "sft", backend=backend, eval_items=sft_eval)
+    train_sft(reference, mcfg, sft_train, tokenizer.pad_id, sft_tc, out / "sft", backend=backend, eval_items=sft_eval,
+              comm=comm)
     timings["sft_s"] = time.perf_counter() - t0
 
     # 4. preference pairs sampled from pi_ref, labelled by the ground-truth reward -------------
@@ -143,17 +156,20 @@ def run(args) -> dict:
     prompts_train = sentiment.make_prompts(cfg["n_train_prompts"], seed=args.seed + 1)
     prompts_eval = sentiment.make_prompts(cfg["n_eval_prompts"], seed=args.seed + 2)
     pair_sets = {}
+    have = {split: (out / f"pairs_{split}.jsonl").exists() for split in ("train", "eval")}
+    comm.barrier()  # every rank decides before rank 0 writes: all sample the same pairs (same seeds)
     for split, prompts in (("train", prompts_train), ("eval", prompts_eval)):
         path = out / f"pairs_{split}.jsonl"
-        if path.exists():
+        if have[split]:
             pairs = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
         else:
             pairs, stats = sentiment.build_preference_pairs(
                 prompts, sample_fn, reward_fn, n_samples=cfg["n_samples"], mode=args.pair_mode, rng=rng,
                 temperature=args.bt_temperature)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-            tmp.replace(path)
+            if comm.rank == 0:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+                tmp.replace(path)
         examples = [PreferenceExample(p["prompt"], p["chosen"], p["rejected"], f"{path.name}:{i + 1}")
                     for i, p in enumerate(pairs)]
         tokenized, pstats = build_preference_dataset(examples, tokenizer, max_length=mcfg.n_ctx,
@@ -184,7 +200,7 @@ def run(args) -> dict:
         log(f"[4/5] DPO beta={beta:g} loss={args.loss} on {len(pair_sets['train'])} pairs for {tc.steps} steps")
         t0 = time.perf_counter()
         train_dpo(policy, reference, mcfg, pair_sets["train"], tokenizer.pad_id, tc, run_dir, backend=backend,
-                  eval_pairs=pair_sets["eval"])
+                  eval_pairs=pair_sets["eval"], comm=comm)
         timings[f"dpo_beta{beta:g}_s"] = time.perf_counter() - t0
 
         samples = sample_continuations(policy, mcfg, tokenizer, prompts_eval, 2,
@@ -200,8 +216,9 @@ def run(args) -> dict:
                      "accuracy": acc, "dir": str(run_dir),
                      "examples": [{"prompt": sft_samples.prompts[i], "sft": sft_samples.texts[i],
                                    "dpo": samples.texts[i]} for i in range(0, 6, 2)]})
-        plot_training_curves(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "training_curves.png",
-                             title=f"DPO, beta={beta:g}")
+        if comm.rank == 0:
+            plot_training_curves(read_jsonl(run_dir / "metrics.jsonl"), run_dir / "training_curves.png",
+                                 title=f"DPO, beta={beta:g}")
     summary["dpo"] = {k: v for k, v in runs[0].items() if k != "examples"}
     summary["sweep"] = [{k: v for k, v in r.items() if k != "examples"} for r in runs]
     summary["examples"] = runs[0]["examples"]
@@ -209,6 +226,8 @@ def run(args) -> dict:
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
 
     # outputs ------------------------------------------------------------------------------------
+    if comm.rank > 0:
+        return summary
     import shutil
 
     shutil.copyfile(Path(runs[0]["dir"]) / "training_curves.png", out / "training_curves.png")

@@ -496,3 +496,27 @@ def test_bench_dp_writes_a_row(tmp_path):
     (row,) = json.loads(path.read_text())["rows"]
     assert row["ranks"] == 1 and row["comm"] == "SingleProcess" and row["allreduce_s"] < row["step_s"]
     assert row["tokens_per_s"] > 0 and 0.0 <= row["comm_share"] < 1.0 and row["per_rank"][0]["opt_state_mb"] > 0
+
+
+@needs_mpi
+def test_train_tiny_under_mpiexec_matches_one_process(tmp_path):
+    """examples/train_tiny.py on 2 ranks (ZeRO-1): the same pairs, the same rewards, KL to
+    round-off; rank 0 alone prints the report."""
+    args = ["--quick", "--sft-steps", "20", "--dpo-steps", "10", "--no-progress"]
+    script = str(ROOT / "examples" / "train_tiny.py")
+    outs = {}
+    for ranks, tag in ((0, "one"), (2, "two")):
+        cmd = [sys.executable, script, *args, "--out", str(tmp_path / tag)] + (["--zero1"] if ranks else [])
+        if ranks:
+            cmd = ["mpiexec", "-n", str(ranks), *cmd]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[tag] = r.stdout
+    assert outs["two"].count("[5/5] held-out prompts") == 1
+    for name in ("pairs_train.jsonl", "pairs_eval.jsonl"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
+    a = json.loads((tmp_path / "one" / "summary.json").read_text())
+    b = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert a["sft"] == b["sft"] and a["n_pairs"] == b["n_pairs"]
+    for k in ("reward_mean", "kl", "accuracy"):
+        assert b["dpo"][k] == pytest.approx(a["dpo"][k], rel=1e-3, abs=1e-4), k
