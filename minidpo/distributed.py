@@ -36,6 +36,7 @@ import functools
 import math
 import os
 import sys
+import time
 import traceback
 from typing import Callable, Mapping, Sequence
 
@@ -50,6 +51,8 @@ __all__ = [
     "shard_range", "local_shard", "all_reduce_step", "gather_rows", "make_optimizer", "ZeroAdamW",
     "abort_on_error",
 ]
+
+_ABORT_GRACE_S = 20.0  # how long a rank waits for rank 0 to report an error every rank raised
 
 # environment variables a launcher sets in every rank (MPICH/Hydra, Open MPI, Slurm's PMI)
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
@@ -509,8 +512,15 @@ def abort_on_error(comm):
             raise
         if os.environ.get("MINIDPO_TRACEBACK"):
             traceback.print_exc()
-        print(f"minidpo: rank {comm.rank} of {comm.size} failed: {_describe(err)}; stopping all ranks",
-              file=sys.stderr, flush=True)
+        if getattr(err, "same_on_every_rank", False) and comm.rank > 0:
+            # decided from all-reduced numbers (a non-finite loss): every rank raises it at the
+            # same step; rank 0 prints it and aborts the job, which ends this process too
+            time.sleep(_ABORT_GRACE_S)
+        elif getattr(err, "same_on_every_rank", False):
+            print(f"minidpo: {_describe(err)} (all {comm.size} ranks stopped)", file=sys.stderr, flush=True)
+        else:
+            print(f"minidpo: rank {comm.rank} of {comm.size} failed: {_describe(err)}; stopping all ranks",
+                  file=sys.stderr, flush=True)
         comm.abort(1)
         os._exit(1)  # pragma: no cover - in case the launcher's kill arrives after abort returned
 

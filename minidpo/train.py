@@ -58,6 +58,8 @@ from .optim import clip_grad_norm, lr_at
 class NonFiniteError(RuntimeError):
     """Raised when the loss or the gradient norm stops being finite."""
 
+    same_on_every_rank = True  # data parallel: decided from all-reduced values (distributed.abort_on_error)
+
 
 @dataclass
 class TrainConfig:

@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fail-rank", type=int, default=-1)
     ap.add_argument("--fail-step", type=int, default=-1)
     ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--nan-rank", type=int, default=-1, help="this rank's loss and gradients become NaN ...")
+    ap.add_argument("--nan-step", type=int, default=-1, help="... in this step")
+    ap.add_argument("--recompute-reference", action="store_true")
     args = ap.parse_args(argv)
 
     comm = distributed.from_environment("cpu", zero1=args.zero1)
@@ -86,7 +89,11 @@ def main(argv=None) -> int:
 
     def sft_step(*a, **k):
         maybe_fail()
-        return real_sft(*a, **k)
+        loss, grads = real_sft(*a, **k)
+        if comm.rank == args.nan_rank and calls["n"] - 1 == args.nan_step:
+            loss = loss * np.float32("nan")
+            grads = {n: g * np.float32("nan") for n, g in grads.items()}
+        return loss, grads
 
     def dpo_step(*a, **k):
         maybe_fail()
@@ -125,6 +132,7 @@ def main(argv=None) -> int:
         reference = init_params(CONFIG, "cpu", seed=0)
         policy = init_params(CONFIG, "cpu", seed=5)
         tc.beta = 0.5
+        tc.cache_reference = not args.recompute_reference
         res = train.train_dpo(policy, reference, CONFIG, pairs(args.n_items), 0, tc, out,
                               eval_pairs=pairs(7, seed=9), comm=comm)
     trace["final_step"] = np.array(res.step, dtype=np.int64)

@@ -328,12 +328,13 @@ def _trace(out: Path, rank=0):
 _single_cache: dict = {}
 
 
-def _single(tmp_path_factory, stage):
-    if stage not in _single_cache:
+def _single(tmp_path_factory, stage, *extra):
+    key = (stage, *extra)
+    if key not in _single_cache:
         out = tmp_path_factory.mktemp(f"single-{stage}")
-        _run(out, 0, "--stage", stage)
-        _single_cache[stage] = _trace(out)
-    return _single_cache[stage]
+        _run(out, 0, "--stage", stage, *extra)
+        _single_cache[key] = _trace(out)
+    return _single_cache[key]
 
 
 def _compare(a: dict, b: dict, steps: int):
@@ -356,13 +357,15 @@ def _compare(a: dict, b: dict, steps: int):
 
 
 @needs_mpi
-@pytest.mark.parametrize("ranks,stage,zero1", [
-    (2, "sft", False), (2, "sft", True), (2, "dpo", False), (2, "dpo", True), (3, "sft", False), (3, "dpo", True),
+@pytest.mark.parametrize("ranks,stage,zero1,extra", [
+    (2, "sft", False, ()), (2, "sft", True, ()), (2, "dpo", False, ()), (2, "dpo", True, ()),
+    (3, "sft", False, ()), (3, "dpo", True, ()), (2, "dpo", False, ("--recompute-reference",)),
 ])
-def test_k_ranks_equal_one_process_step_by_step(tmp_path, tmp_path_factory, stage, zero1, ranks):
-    """Global batch 5 (uneven shards: 2+3 on 2 ranks, 1+2+2 on 3), 4 steps, eval every 2."""
-    one = _single(tmp_path_factory, stage)
-    _run(tmp_path, ranks, "--stage", stage, *(["--zero1"] if zero1 else []))
+def test_k_ranks_equal_one_process_step_by_step(tmp_path, tmp_path_factory, stage, zero1, ranks, extra):
+    """Global batch 5 (uneven shards: 2+3 on 2 ranks, 1+2+2 on 3), 4 steps, eval every 2; the
+    reference log-probs cached (gathered from shares) or recomputed on each rank's shard."""
+    one = _single(tmp_path_factory, stage, *extra)
+    _run(tmp_path, ranks, "--stage", stage, *extra, *(["--zero1"] if zero1 else []))
     traces = [_trace(tmp_path, r) for r in range(ranks)]
     _compare(one, traces[0], 4)
     for t in traces[1:]:  # every rank holds the same model, bit for bit
@@ -403,14 +406,29 @@ def test_a_failing_rank_stops_every_rank_with_one_message(tmp_path):
     t0 = time.perf_counter()
     r = _run(tmp_path, 2, "--stage", "sft", "--steps", "8", "--save-every", "2", "--fail-rank", "1",
              "--fail-step", "3", check=False, timeout=120)
-    assert r.returncode != 0
-    assert time.perf_counter() - t0 < 60  # no rank left waiting in a collective
+    assert r.returncode != 0, r.stderr
+    assert time.perf_counter() - t0 < 60, r.stderr  # no rank left waiting in a collective
     msg = "minidpo: rank 1 of 2 failed: ValueError: injected failure in step 3 on rank 1; stopping all ranks"
     assert r.stderr.count(msg) == 1, r.stderr
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
     ck = load_checkpoint(tmp_path / "checkpoint")  # the last checkpoint is whole
-    assert ck.step == 2
-    assert not list(tmp_path.glob(".checkpoint.tmp-*"))
+    assert ck.step == 2, r.stderr
+    assert not list(tmp_path.glob(".checkpoint.tmp-*")), r.stderr
+
+
+@needs_mpi
+def test_a_non_finite_loss_on_one_shard_stops_every_rank_with_one_message(tmp_path):
+    """NaN on rank 1's shard reaches every rank through the all-reduce; each raises NonFiniteError
+    at the same step, rank 0 alone reports it."""
+    from minidpo.checkpoint import load_checkpoint
+
+    t0 = time.perf_counter()
+    r = _run(tmp_path, 2, "--stage", "sft", "--steps", "8", "--save-every", "2", "--nan-rank", "1",
+             "--nan-step", "3", check=False)
+    assert r.returncode != 0 and time.perf_counter() - t0 < 60
+    assert r.stderr.count("minidpo: NonFiniteError: sft: non-finite loss or gradient between steps 3 and 4") == 1, r.stderr
+    assert r.stderr.count("(all 2 ranks stopped)") == 1 and "rank 1 of 2 failed" not in r.stderr
+    assert load_checkpoint(tmp_path / "checkpoint").step == 2
 
 
 @needs_mpi
