@@ -332,8 +332,31 @@ def gather_rows(comm, fn: Callable[[int, int], tuple], n: int) -> tuple:
 # ---------------------------------------------------------------------------------------------
 
 
+class RanksDisagreeError(ValueError):
+    """Raised on every rank alike, from gathered values (so rank 0 alone reports it)."""
+
+    same_on_every_rank = True
+
+
+def check_same_params(comm, params: dict) -> None:
+    """Data parallelism assumes every rank starts from the same parameters: compare per-tensor
+    float64 sums across the ranks (once, at the start) and name the first tensor that differs."""
+    if comm.size == 1:
+        return
+    sums = np.array([float(get_array_module(v).asarray(v, dtype=np.float64).sum()) for v in params.values()],
+                    dtype=np.float64)
+    everyone = comm.allgather_host(sums)
+    for r, other in enumerate(everyone):
+        diff = np.flatnonzero(other != everyone[0])
+        if len(diff):
+            raise RanksDisagreeError(f"rank {r}'s starting parameters differ from rank 0's (first: "
+                             f"{list(params)[diff[0]]!r}); every rank must load or initialise the same model")
+
+
 def make_optimizer(comm, params: dict, **kw):
-    """AdamW (optim.py) on every rank, or :class:`ZeroAdamW` when ``comm.zero1``."""
+    """AdamW (optim.py) on every rank, or :class:`ZeroAdamW` when ``comm.zero1``; first checks
+    that every rank starts from the same parameters."""
+    check_same_params(comm, params)
     if getattr(comm, "zero1", False):
         return ZeroAdamW(params, comm, **kw)
     return AdamW(params, **kw)

@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nan-rank", type=int, default=-1, help="this rank's loss and gradients become NaN ...")
     ap.add_argument("--nan-step", type=int, default=-1, help="... in this step")
     ap.add_argument("--recompute-reference", action="store_true")
+    ap.add_argument("--seed-by-rank", action="store_true", help="initialise each rank differently (an error)")
     args = ap.parse_args(argv)
 
     comm = distributed.from_environment("cpu", zero1=args.zero1)
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     tc = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=3e-3, warmup_steps=1, grad_clip=1.0,
                            weight_decay=0.1, seed=0, log_every=1, eval_every=2, save_every=args.save_every,
                            eval_batch_size=4, progress=False)
-    params = init_params(CONFIG, "cpu", seed=0)
+    params = init_params(CONFIG, "cpu", seed=comm.rank if args.seed_by_rank else 0)
     # after every step the params are recorded by wrapping the optimizer's step
     real_make = train.make_optimizer
 

@@ -432,6 +432,14 @@ def test_a_non_finite_loss_on_one_shard_stops_every_rank_with_one_message(tmp_pa
 
 
 @needs_mpi
+def test_ranks_starting_from_different_parameters_are_refused(tmp_path):
+    r = _run(tmp_path, 2, "--stage", "sft", "--seed-by-rank", check=False)
+    assert r.returncode != 0
+    msg = "rank 1's starting parameters differ from rank 0's (first: 'transformer.wte.weight')"
+    assert r.stderr.count(msg) == 1, r.stderr
+
+
+@needs_mpi
 def test_ctrl_c_stops_all_ranks_at_the_same_step_with_a_checkpoint(tmp_path):
     p = subprocess.Popen(["mpiexec", "-n", "2", sys.executable, str(WORKER), "--out", str(tmp_path), "--stage", "sft",
                           "--steps", "400", "--sleep", "0.1", "--zero1"], env=_env(), stdout=subprocess.PIPE,
