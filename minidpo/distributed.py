@@ -26,7 +26,9 @@ every rank (or, with ZeRO-1, each on its slice).
 
 Shapes: P = number of parameter entries (all tensors, flattened and concatenated in the
 params dict's order); the gradient buffer is (P + M,) with the M weighted loss/metric scalars
-appended, so loss, metrics and gradients travel in ONE all-reduce.
+appended, so loss, metrics and gradients travel in ONE all-reduce. The only other collective of
+a step is a one-integer all-reduce on the host: the Ctrl-C flag, so that every rank stops at the
+same step (:meth:`SingleProcess.any`).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class SingleProcess:
     def __init__(self, zero1: bool = False):
         self.zero1 = bool(zero1)
         self.device = None
+        self.step_buffer = _FlatBuffer()  # all_reduce_step's flat buffer, reused every step
 
     def allreduce_sum(self, buf):
         return buf
@@ -298,7 +301,7 @@ def all_reduce_step(comm, loss, metrics: dict, grads: dict, weight: float):
     dtype = np.result_type(*[grads[k].dtype for k in names])
     sizes = [int(grads[k].size) for k in names]
     n_params = sum(sizes)
-    flat = comm.__dict__.setdefault("_step_buffer", _FlatBuffer()).get(xp, n_params + 1 + len(keys), dtype)
+    flat = comm.step_buffer.get(xp, n_params + 1 + len(keys), dtype)
     w = float(weight)
     o = 0
     for k, n in zip(names, sizes):  # pack: flat[o:o+n] = w * g

@@ -270,7 +270,7 @@ def test_nccl_comm_bookkeeping_on_the_standin(cuda_or_standin):
     assert comm.device == "cuda:0" and nccl.calls[0] == ("init", 2, (1, 2, 3), 1)
     g = {"w": cp.asarray(np.full((3, 4), 2.0, dtype=np.float32)), "b": cp.asarray(np.ones(5, dtype=np.float32))}
     loss = cp.asarray(np.float32(3.0))
-    buf = comm.__dict__.setdefault("_step_buffer", distributed._FlatBuffer()).get(cp, 12 + 5 + 1, np.float32)
+    buf = comm.step_buffer.get(cp, 12 + 5 + 1, np.float32)
     nccl.buf = buf
     out_loss, _ = distributed.all_reduce_step(comm, loss, {}, g, 0.5)  # two identical ranks, w = 1/2 each
     name, send, recv, count, dtype, op, stream = nccl.calls[1]
