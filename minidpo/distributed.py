@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 _ABORT_GRACE_S = 20.0  # how long a rank waits for rank 0 to report an error every rank raised
+_FORWARD_S = 1.0  # time for the launcher to forward the message before the abort tears the job down
 
 # environment variables a launcher sets in every rank (MPICH/Hydra, Open MPI, Slurm's PMI)
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
@@ -547,6 +548,7 @@ def abort_on_error(comm):
         else:
             print(f"minidpo: rank {comm.rank} of {comm.size} failed: {_describe(err)}; stopping all ranks",
                   file=sys.stderr, flush=True)
+        time.sleep(_FORWARD_S)  # mpiexec relays output asynchronously; an immediate abort can lose it
         comm.abort(1)
         os._exit(1)  # pragma: no cover - in case the launcher's kill arrives after abort returned
 
