@@ -9,9 +9,11 @@
 # 3. the correctness gate on CuPy (minidpo vs torch, C0 C1 C2, fp32; C0 C1 also against float64);
 # 4. bench_step.py for the GPU rows: C0 C1 C2, fp32 then TF32 (kernels on), then fp32 with the
 #    kernels off (the array code on CuPy) for C1 and C2, to show what the kernels buy;
-# 5. examples/train_tiny.py --device cuda --quick, and bench/memory_dpo.py on CUDA (issue: memory).
+# 5. examples/train_tiny.py --device cuda --quick, and bench/memory_dpo.py on CUDA (issue: memory);
+# 6. data parallelism on NCCL (cupy.cuda.nccl, bootstrapped by MPI): bench/bench_dp.py with
+#    NCCLComm, plain and ZeRO-1; K = the GPUs present (one GPU: K = 1 through NCCL all the same).
 # Results: $OUT/cuda-<gpu>.json (rows merged across the runs), the tables and logs in $OUT.
-# Budget: about 9 minutes; each step has its own timeout, so a slow step cannot eat the rest.
+# Budget: about 9 minutes (+2 for the NCCL step); each step has its own timeout, so a slow step cannot eat the rest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./out}"
@@ -55,7 +57,7 @@ EOF
 have() { "$PY" -c "import $1" >/dev/null 2>&1; }
 # no network there: install test dependencies only from a local wheel directory, if one is given
 if [ -n "${WHEELS:-}" ]; then
-    for pkg in hypothesis safetensors tokenizers threadpoolctl vaderSentiment; do
+    for pkg in hypothesis safetensors tokenizers threadpoolctl vaderSentiment mpi4py mpich; do
         have "$pkg" || "$PY" -m pip install -q --no-index --find-links "$WHEELS" "$pkg" || echo "could not install $pkg from $WHEELS"
     done
 fi
@@ -93,9 +95,22 @@ else
 fi
 run memory 90 "$PY" bench/memory_dpo.py --device cuda --json "$OUT/memory_cuda.json"
 
+step "data parallel on NCCL (bench_dp.py: step time, all-reduce share, ZeRO-1 state per rank)"
+NGPU=$("$PY" -c "import cupy; print(cupy.cuda.runtime.getDeviceCount())" 2>/dev/null || echo 0)
+NCCL_OK=$("$PY" -c "from cupy.cuda import nccl; print(int(nccl.available))" 2>/dev/null || echo 0)
+if have mpi4py && command -v mpiexec >/dev/null && [ "$NCCL_OK" = 1 ]; then
+    K=$(( NGPU >= 2 ? 2 : 1 ))
+    run dp_nccl 60 mpiexec -n "$K" "$PY" bench/bench_dp.py --device cuda --force-comm nccl --config D1 --out "$OUT"
+    run dp_nccl_zero1 60 mpiexec -n "$K" "$PY" bench/bench_dp.py --device cuda --force-comm nccl --config D1 --zero1 --out "$OUT"
+else
+    RESULT[dp_nccl]="SKIPPED (needs mpi4py + mpiexec (pip install mpi4py mpich; WHEELS=dir) and NCCL for CuPy (nccl.available=$NCCL_OK))"
+    RESULT[dp_nccl_zero1]="${RESULT[dp_nccl]}"
+    echo "${RESULT[dp_nccl]}"
+fi
+
 step "summary (t+$(( $(date +%s) - START ))s)"
 status=0
-for k in tests gate_c0c1 gate_c2 bench_fp32 bench_tf32 bench_nokernels train_tiny memory; do
+for k in tests gate_c0c1 gate_c2 bench_fp32 bench_tf32 bench_nokernels train_tiny memory dp_nccl dp_nccl_zero1; do
     printf '%-16s %s\n' "$k" "${RESULT[$k]:-not run}"
     case "${RESULT[$k]:-}" in pass|SKIPPED*) ;; *) status=1 ;; esac
 done

@@ -4,6 +4,7 @@
     python examples/train_tiny.py --quick              # about 30 s: the pipeline end to end
     python examples/train_tiny.py --device cuda        # the same on a GPU (pip install 'minidpo[cuda12]')
     python examples/train_tiny.py --betas 0.05,0.1,0.5 # the reward-vs-KL frontier (Fig. 2, left)
+    mpiexec -n 2 python examples/train_tiny.py         # SFT and DPO data-parallel on 2 processes
 
 What happens, as in the paper:
   1. corpus: seeded synthetic movie reviews (minidpo.tasks.sentiment), positive, negative, mixed;
@@ -27,11 +28,16 @@ after the interrupted stage runs. Each stage records what it was built from (the
 fingerprint for the pairs; reference and data fingerprints for DPO) and is rebuilt when that
 differs. Other options on an existing --out stop with the differences named (use another
 --out, or --overwrite); more --dpo-steps extend the DPO runs, a new beta adds a dpo_beta* folder.
+
+Under mpiexec every rank computes the same corpus, tokenizer, pairs and samples (same seeds), SFT
+and DPO split each batch over the ranks, and rank 0 alone prints and writes --out; an error on
+any rank stops them all.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -39,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minidpo import distributed
 from minidpo.backend import get_backend
 from minidpo.data import PreferenceExample, build_preference_dataset, build_sft_dataset
 from minidpo.evaluate import kl_from_samples, mean_and_stderr, sample_continuations
@@ -94,6 +101,7 @@ def parse_args(argv=None):
                    help="CPU BLAS threads (default 1: this model's matrices are small, and idle BLAS threads "
                         "spinning on a busy machine can slow every matmul several-fold); 0 = the library default")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument("--zero1", action="store_true", help="under mpiexec: shard the AdamW moments across the ranks")
     args = p.parse_args(argv)
     for name in ("n_samples", "sft_steps", "dpo_steps"):
         v = getattr(args, name)
@@ -125,8 +133,12 @@ def default_out(args, parser) -> str:
     return str(Path("runs") / "-".join(parts))
 
 
+_RANK = 0  # under mpiexec, rank 0 alone prints and writes
+
+
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    if _RANK == 0:
+        print(msg, flush=True)
 
 
 def main(argv=None) -> dict | None:
@@ -171,23 +183,31 @@ def check_run_options(out: Path, args) -> None:
         tmp.replace(path)
 
 
-def build_pairs(out: Path, args, cfg, reference, mcfg, tokenizer, reward_fn, prompts_by_split, gen_kw):
+def build_pairs(out: Path, args, cfg, reference, mcfg, tokenizer, reward_fn, prompts_by_split, gen_kw, comm):
     """Preference pairs sampled from pi_ref and labelled by the ground-truth reward, both splits.
 
     pairs.json records what they were built from (the SFT model's fingerprint, the pairing
     options); pairs whose record differs, or was never written (an interrupted sampling), are
-    rebuilt, so a re-run never reuses pairs of another or a half-trained pi_ref."""
+    rebuilt, so a re-run never reuses pairs of another or a half-trained pi_ref. Under mpiexec
+    rank 0 decides and writes; every rank samples the same pairs (same model, same seeds)."""
     made_from = {"reference": fingerprint(reference), "pair_mode": args.pair_mode,
                  "bt_temperature": args.bt_temperature, "n_samples": cfg["n_samples"], "seed": args.seed,
                  "max_new_tokens": cfg["max_new_tokens"]}
     meta = out / "pairs.json"
     paths = {split: out / f"pairs_{split}.jsonl" for split in prompts_by_split}
-    if meta.exists() and json.loads(meta.read_text(encoding="utf-8")) == made_from and all(p.exists() for p in paths.values()):
+
+    def reusable() -> bool:  # rank 0: are the pairs on disk this pi_ref's? if not, forget them
+        if meta.exists() and json.loads(meta.read_text(encoding="utf-8")) == made_from and all(
+                p.exists() for p in paths.values()):
+            return True
+        if meta.exists():
+            log("      pairs were built from another pi_ref or other options: rebuilding them")
+            meta.unlink()
+        return False
+
+    if distributed.on_rank0(comm, reusable):
         return {split: [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
                 for split, path in paths.items()}
-    if meta.exists():
-        log("      pairs were built from another pi_ref or other options: rebuilding them")
-        meta.unlink()
     rng = np.random.default_rng([args.seed, 4])
 
     def sample_fn(prompts, n):
@@ -197,17 +217,19 @@ def build_pairs(out: Path, args, cfg, reference, mcfg, tokenizer, reward_fn, pro
 
     result = {}
     for split, prompts in prompts_by_split.items():
-        progress_name = None if args.no_progress else f"sampling {split} pairs"
+        progress_name = None if args.no_progress or comm.rank > 0 else f"sampling {split} pairs"
         pairs, _ = sentiment.build_preference_pairs(
             prompts, sample_fn, reward_fn, n_samples=cfg["n_samples"], mode=args.pair_mode, rng=rng,
             temperature=args.bt_temperature)
-        tmp = paths[split].with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-        tmp.replace(paths[split])
+        if comm.rank == 0:
+            tmp = paths[split].with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+            tmp.replace(paths[split])
         result[split] = pairs
-    tmp = meta.with_suffix(".tmp")  # written last: the pairs are complete and belong to this pi_ref
-    tmp.write_text(json.dumps(made_from, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(meta)
+    if comm.rank == 0:
+        tmp = meta.with_suffix(".tmp")  # written last: the pairs are complete and belong to this pi_ref
+        tmp.write_text(json.dumps(made_from, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(meta)
     return result
 
 
@@ -218,16 +240,25 @@ def run(args) -> dict | None:
             cfg[key] = val
     betas = args.beta_list
     out = Path(args.out)
-    backend = get_backend(args.device)
-    with run_lock(out):
-        check_run_options(out, args)
-        return _run(args, cfg, betas, out, backend)
+    global _RANK
+    comm = distributed.from_environment(args.device, zero1=args.zero1)  # SingleProcess without mpiexec
+    _RANK = comm.rank
+    backend = get_backend(comm.device or args.device)  # under NCCL: this rank's own GPU
+    # K ranks: an error on one stops every rank (one line), none is left waiting in a collective
+    with distributed.abort_on_error(comm), contextlib.ExitStack() as held:
+
+        def claim_folder():  # rank 0 alone: the lock (held to the end), then run.json's check or write
+            held.enter_context(run_lock(out))
+            check_run_options(out, args)
+
+        distributed.on_rank0(comm, claim_folder)
+        return _run(args, cfg, betas, out, backend, comm)
 
 
-def _run(args, cfg, betas, out, backend) -> dict | None:
+def _run(args, cfg, betas, out, backend, comm) -> dict | None:
     t_start = time.perf_counter()
     timings = {}
-    show = not args.no_progress
+    show = not args.no_progress and comm.rank == 0  # progress bars: rank 0's
     log(f"minidpo controlled-sentiment run: device={backend.device} out={out} preset={'quick' if args.quick else 'default'}")
 
     # 1. corpus --------------------------------------------------------------------------------
@@ -236,11 +267,19 @@ def _run(args, cfg, betas, out, backend) -> dict | None:
 
     # 2. tokenizer (a function of the corpus, which run.json pins) -----------------------------
     tok_path = out / "tokenizer.json"
-    if tok_path.exists():
+    tokenizer = None
+
+    def make_tokenizer():  # rank 0 alone trains and writes it; the other ranks then read that file
+        nonlocal tokenizer
+        if tok_path.exists():
+            tokenizer = BPETokenizer.load(tok_path)
+        else:
+            tokenizer = BPETokenizer.train([p + c for p, c in corpus], vocab_size=cfg["vocab"])
+            tokenizer.save(tok_path)
+
+    distributed.on_rank0(comm, make_tokenizer)
+    if tokenizer is None:
         tokenizer = BPETokenizer.load(tok_path)
-    else:
-        tokenizer = BPETokenizer.train([p + c for p, c in corpus], vocab_size=cfg["vocab"])
-        tokenizer.save(tok_path)
     log(f"[1/5] corpus {len(corpus)} reviews; BPE tokenizer with {tokenizer.vocab_size} tokens -> {tok_path}")
 
     # 3. SFT -----------------------------------------------------------------------------------
@@ -257,7 +296,7 @@ def _run(args, cfg, betas, out, backend) -> dict | None:
         f"on {len(sft_train)} reviews for {sft_tc.steps} steps")
     t0 = time.perf_counter()
     res = train_sft(reference, mcfg, sft_train, tokenizer.pad_id, sft_tc, out / "sft", backend=backend,
-                    eval_items=sft_eval, inputs={"start": f"random init, seed {args.seed}"}, stale="rebuild")
+                    eval_items=sft_eval, inputs={"start": f"random init, seed {args.seed}"}, stale="rebuild", comm=comm)
     if res.stopped_early:
         return None
     timings["sft_s"] = time.perf_counter() - t0
@@ -268,7 +307,7 @@ def _run(args, cfg, betas, out, backend) -> dict | None:
     prompts_train = sentiment.make_prompts(cfg["n_train_prompts"], seed=args.seed + 1)
     prompts_eval = sentiment.make_prompts(cfg["n_eval_prompts"], seed=args.seed + 2)
     raw_pairs = build_pairs(out, args, cfg, reference, mcfg, tokenizer, reward_fn,
-                            {"train": prompts_train, "eval": prompts_eval}, gen_kw)
+                            {"train": prompts_train, "eval": prompts_eval}, gen_kw, comm)
     pair_sets = {}
     for split, pairs in raw_pairs.items():
         path = out / f"pairs_{split}.jsonl"
@@ -306,7 +345,7 @@ def _run(args, cfg, betas, out, backend) -> dict | None:
         log(f"[4/5] DPO beta={beta:g} loss={args.loss} on {len(pair_sets['train'])} pairs for {tc.steps} steps")
         t0 = time.perf_counter()
         res = train_dpo(policy, reference, mcfg, pair_sets["train"], tokenizer.pad_id, tc, run_dir, backend=backend,
-                        eval_pairs=pair_sets["eval"], stale="rebuild")
+                        eval_pairs=pair_sets["eval"], stale="rebuild", comm=comm)
         if res.stopped_early:
             return None
         timings[f"dpo_beta{beta:g}_s"] = time.perf_counter() - t0
@@ -319,16 +358,17 @@ def _run(args, cfg, betas, out, backend) -> dict | None:
         rewards = reward_fn([p + t for p, t in zip(samples.prompts, samples.texts)])
         kls = kl_from_samples(policy, reference, mcfg, samples, tokenizer.pad_id, backend=backend)
         acc = evaluate_preferences(policy, mcfg, pair_sets["eval"], *batched_sequence_logps(
-            reference, mcfg, pair_sets["eval"], tokenizer.pad_id, tc.eval_batch_size, backend, tc.average_logps),
-            tokenizer.pad_id, tc, backend)["eval/rewards/accuracies"]
+            reference, mcfg, pair_sets["eval"], tokenizer.pad_id, tc.eval_batch_size, backend, tc.average_logps,
+            comm=comm), tokenizer.pad_id, tc, backend, comm=comm)["eval/rewards/accuracies"]
         r_mean, r_se = mean_and_stderr(rewards)
         kl_mean, kl_se = mean_and_stderr(kls)
         runs.append({"beta": beta, "reward_mean": r_mean, "reward_se": r_se, "kl": kl_mean, "kl_se": kl_se,
                      "accuracy": acc, "dir": str(run_dir),
                      "examples": [{"prompt": sft_samples.prompts[i], "sft": sft_samples.texts[i],
                                    "dpo": samples.texts[i]} for i in range(0, 6, 2)]})
-        curves[f"beta={beta:g}"] = read_metrics(run_dir / "metrics.jsonl")
-        plot_training_curves(curves[f"beta={beta:g}"], run_dir / "training_curves.png", title=f"DPO, beta={beta:g}")
+        if comm.rank == 0:
+            curves[f"beta={beta:g}"] = read_metrics(run_dir / "metrics.jsonl")
+            plot_training_curves(curves[f"beta={beta:g}"], run_dir / "training_curves.png", title=f"DPO, beta={beta:g}")
     summary["dpo"] = {k: v for k, v in runs[0].items() if k != "examples"}
     summary["sweep"] = [{k: v for k, v in r.items() if k != "examples"} for r in runs]
     summary["examples"] = runs[0]["examples"]
@@ -336,6 +376,8 @@ def _run(args, cfg, betas, out, backend) -> dict | None:
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
 
     # outputs ------------------------------------------------------------------------------------
+    if comm.rank > 0:  # rank 0 writes the figures, summary.json and the report
+        return summary
     plot_training_curves(curves, out / "training_curves.png",
                          title="DPO training curves" + (" across betas" if len(curves) > 1 else f", {next(iter(curves))}"))
     plot_training_curves(read_metrics(out / "sft" / "metrics.jsonl"), out / "sft" / "training_curves.png",

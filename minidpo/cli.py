@@ -18,6 +18,11 @@ extend a run (constant schedule); any other changed option, data file, tokenizer
 stops with the differences named: use a new --out, or --overwrite to discard the old run.
 Ctrl-C saves a checkpoint and exits with status 130.
 
+Data parallel: ``mpiexec -n K minidpo sft|dpo ...`` splits every batch over K processes (CPU, MPI)
+or K GPUs (--device cuda, NCCL); --zero1 shards the optimizer state. Needs ``pip install -e ".[mpi]"``.
+Rank 0 alone writes the run folder and prints; an error during training stops every rank with
+one line and exit status 1.
+
 Exit status: 0 done (or already complete); 1 an error (bad data, model, checkpoint, run folder,
 file or disk; one line "minidpo: error: ..."); 2 a bad command line or option value; 3 training
 stopped on a non-finite loss, gradient or parameter (the last good checkpoint is kept; for
@@ -28,6 +33,7 @@ closed (e.g. piped into head).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -49,6 +55,9 @@ class CLIError(Exception):
 
 def _die(msg: str):
     raise CLIError(msg)
+
+
+_RANK = 0  # under mpiexec (sft, dpo): this process's rank; rank 0 alone prints notes and shared errors
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -150,6 +159,19 @@ def _average_logps(args) -> bool:
     return bool(args.average_logps or average_logps_for(args.loss))
 
 
+def _communicator(args):
+    """SingleProcess, or the MPI/NCCL communicator when started by ``mpiexec -n K`` (distributed.py)."""
+    global _RANK
+    from .distributed import from_environment
+
+    try:
+        comm = from_environment(args.device, zero1=args.zero1)
+    except (RuntimeError, ValueError) as err:
+        _die(str(err))
+    _RANK = comm.rank
+    return comm
+
+
 def _save_tokenizer(tokenizer, out: Path) -> None:
     """Write out/tokenizer.json unless the same tokenizer is already there (the run-folder check
     before it has refused a different one)."""
@@ -161,18 +183,19 @@ def _save_tokenizer(tokenizer, out: Path) -> None:
 
 
 def _note_skipped(data, path) -> None:
-    if getattr(data, "skipped", 0):
+    if getattr(data, "skipped", 0) and _RANK == 0:
         print(f"{path}: skipped {data.skipped} bad line(s) (--on-error warn); {len(data)} kept", file=sys.stderr)
 
 
-def _finish(res, out: Path, title: str) -> int:
-    """Exit status and last words of a training command: 130 after an interrupt (no "done:")."""
+def _finish(res, out: Path, title: str, comm) -> int:
+    """Exit status and last words of a training command: 130 after an interrupt (no "done:").
+    Rank 0 alone draws the curves and prints."""
     from .plots import plot_training_curves
     from .train import read_metrics
 
     if res.stopped_early:
         return EXIT_INTERRUPTED
-    if res.already_complete:
+    if res.already_complete or comm.rank > 0:
         return EXIT_OK
     plot_training_curves(read_metrics(out / "metrics.jsonl"), out / "training_curves.png", title=title)
     print(f"done: {out}/checkpoint (model.safetensors, trainer_state.json), {out}/metrics.jsonl, "
@@ -210,9 +233,11 @@ def cmd_sft(args) -> int:
     from .data import build_sft_dataset, read_sft_corpus
     from .model import GPTConfig, init_params, num_params
     from .tokenizer import BPETokenizer
+    from .distributed import on_rank0
     from .train import check_run_folder, discard_stage, fingerprint, run_lock, stage_inputs, train_sft
 
-    backend = get_backend(args.device)
+    comm = _communicator(args)
+    backend = get_backend(comm.device or args.device)  # under NCCL: this rank's own GPU
     out = Path(args.out)
     tc = _train_config(args)
     if args.model:
@@ -236,17 +261,22 @@ def cmd_sft(args) -> int:
     else:
         items, eval_items = _split_eval(items, args)
     inputs = {"start": start, "tokenizer": fingerprint(tokenizer.backend_tokenizer.to_str())}
-    with run_lock(out):
+
+    def prepare_folder():  # rank 0 alone: the lock (held until training ends), the checks, then the writes
+        held.enter_context(run_lock(out))
         if args.overwrite:
             discard_stage(out)
         # everything is checked before anything is written
         check_run_folder(out, "sft", config, tc, stage_inputs(items, eval_items, inputs))
         print(f"SFT: {len(items)} training / {len(eval_items)} held-out examples; model {num_params(params):,} params; "
-              f"device {backend.device}")
+              f"device {backend.device}" + (f"; {comm.size} ranks" if comm.size > 1 else ""), flush=True)
         _save_tokenizer(tokenizer, out)
+
+    with contextlib.ExitStack() as held:
+        on_rank0(comm, prepare_folder)  # also the barrier before training: the other ranks wait for it
         res = train_sft(params, config, items, tokenizer.pad_id, tc, out, backend=backend,
-                        eval_items=eval_items or None, inputs=inputs)
-    return _finish(res, out, "SFT")
+                        eval_items=eval_items or None, inputs=inputs, comm=comm)
+    return _finish(res, out, "SFT", comm)
 
 
 def _preference_pairs(path, tokenizer, config, args):
@@ -258,7 +288,7 @@ def _preference_pairs(path, tokenizer, config, args):
     pairs, stats = build_preference_dataset(examples, tokenizer, max_length=max_length,
                                             max_prompt_length=min(args.max_prompt_length, max_length // 2),
                                             truncation_mode=args.truncation_mode)
-    if stats.n_dropped:
+    if stats.n_dropped and _RANK == 0:
         print(f"{path}: {stats.n_dropped} pair(s) dropped (empty or identical responses after truncation)")
     if not pairs:
         _die(f"{path}: no usable preference pairs")
@@ -267,9 +297,11 @@ def _preference_pairs(path, tokenizer, config, args):
 
 def cmd_dpo(args) -> int:
     from .backend import get_backend
+    from .distributed import on_rank0
     from .train import check_run_folder, discard_stage, fingerprint, run_lock, stage_inputs, train_dpo
 
-    backend = get_backend(args.device)
+    comm = _communicator(args)
+    backend = get_backend(comm.device or args.device)  # under NCCL: this rank's own GPU
     out = Path(args.out)
     if bool(args.ref) == bool(args.model):
         _die("dpo needs exactly one of --ref or --model (the frozen reference and starting point)")
@@ -297,17 +329,22 @@ def cmd_dpo(args) -> int:
     else:
         pairs, eval_pairs = _split_eval(pairs, args)
     inputs = {"start": start, "tokenizer": fingerprint(tokenizer.backend_tokenizer.to_str())}
-    with run_lock(out):
+
+    def prepare_folder():  # rank 0 alone: the lock (held until training ends), the checks, then the writes
+        held.enter_context(run_lock(out))
         if args.overwrite:
             discard_stage(out)
         check_run_folder(out, "dpo", config, tc,
                          stage_inputs(pairs, eval_pairs, inputs, reference=fingerprint(reference)))
         print(f"DPO: {len(pairs)} training / {len(eval_pairs)} held-out pairs; beta={args.beta} loss={args.loss}; "
-              f"device {backend.device}")
+              f"device {backend.device}" + (f"; {comm.size} ranks" if comm.size > 1 else ""), flush=True)
         _save_tokenizer(tokenizer, out)
+
+    with contextlib.ExitStack() as held:
+        on_rank0(comm, prepare_folder)  # also the barrier before training: the other ranks wait for it
         res = train_dpo(policy, reference, config, pairs, tokenizer.pad_id, tc, out, backend=backend,
-                        eval_pairs=eval_pairs or None, inputs=inputs)
-    return _finish(res, out, f"DPO, beta={args.beta:g}, loss={args.loss}")
+                        eval_pairs=eval_pairs or None, inputs=inputs, comm=comm)
+    return _finish(res, out, f"DPO, beta={args.beta:g}, loss={args.loss}", comm)
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
@@ -559,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--eval-batch-size", type=_int_at_least(1), default=16,
                         help="pairs (or sequences) per no-gradient forward pass: reference log-probs, held-out eval")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("--zero1", action="store_true",
+                        help="under mpiexec -n K: shard the AdamW moments across the K ranks (ZeRO-1)")
 
     sp = add("tokenizer", help="train a byte-level BPE tokenizer on text/JSONL files")
     sp.add_argument("--corpus", nargs="+", required=True, help=".txt (one document a line) or .jsonl files")
@@ -692,6 +731,8 @@ def main(argv=None) -> int:
     from .data import DataError
     from .train import NonFiniteError, RunFolderError
 
+    global _RANK
+    _RANK = 0
     for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 terminal gets escapes, not a traceback
         try:
             stream.reconfigure(errors="backslashreplace")
@@ -710,13 +751,20 @@ def main(argv=None) -> int:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
     except NonFiniteError as err:
-        print(f"minidpo: error: {err}", file=sys.stderr)
+        _report(err, str(err))
         return EXIT_NONFINITE
     except (CLIError, DataError, CheckpointError, RunFolderError, OSError, ValueError) as err:
         # the project's own errors (DataError, CheckpointError, PretrainedError, RunFolderError are
         # ValueErrors) and the file system's, one line each
-        print(f"minidpo: error: {_error_line(err)}", file=sys.stderr)
+        _report(err, _error_line(err))
         return EXIT_ERROR
+
+
+def _report(err: BaseException, line: str) -> None:
+    """The one error line; under mpiexec an error every rank raised alike (rank 0's run-folder
+    check, handed to all) is printed by rank 0 alone."""
+    if _RANK == 0 or not getattr(err, "same_on_every_rank", False):
+        print(f"minidpo: error: {line}", file=sys.stderr)
 
 
 def _silence_stdout() -> None:

@@ -60,13 +60,22 @@ def chunked_logps(params: dict, config: GPTConfig, items: Sequence, collate: Cal
 
 def batched_sequence_logps(
     params: dict, config: GPTConfig, pairs: Sequence, pad_id: int, batch_size: int,
-    backend: Backend, average: bool = False, desc: str | None = None,
+    backend: Backend, average: bool = False, desc: str | None = None, comm=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """log pi(y_w|x) and log pi(y_l|x) for every preference pair, in chunks of ``batch_size`` pairs;
-    with ``desc``, a progress bar of that name counts the pairs.
+    with ``desc``, a progress bar of that name counts the pairs. With a ``comm`` of K ranks
+    (minidpo.distributed) each rank scores its share of the pairs (rank 0 shows the bar of its
+    share) and every rank gets all N.
 
     Returns (chosen_logps (N,), rejected_logps (N,)) as float64 NumPy arrays."""
     from tqdm.auto import tqdm
+
+    if comm is not None and comm.size > 1:
+        from .distributed import gather_rows
+
+        return gather_rows(comm, lambda lo, hi: batched_sequence_logps(
+            params, config, pairs[lo:hi], pad_id, batch_size, backend, average,
+            desc if comm.rank == 0 else None), len(pairs))
 
     chosen, rejected = [], []
     with tqdm(total=len(pairs), desc=desc, disable=desc is None, dynamic_ncols=True) as bar:

@@ -34,7 +34,10 @@ Robustness a user can rely on:
   refused (or rebuilt, ``stale="rebuild"``) instead of being resumed under the wrong options;
 - metrics go to ``metrics.jsonl`` (one JSON object a line, appended) and a tqdm progress bar;
   device values are read back to the host only once per ``log_every`` steps, and the running
-  sums are saved in each checkpoint, so a resumed log equals an uninterrupted one.
+  sums are saved in each checkpoint, so a resumed log equals an uninterrupted one;
+- data parallel (``comm=``, :mod:`minidpo.distributed`, ``mpiexec -n K``): every rank takes its
+  weighted share of each global batch and K ranks train what one process trains; rank 0 alone
+  holds the run folder's lock, checks and writes it, and a Ctrl-C stops every rank after the same step.
 
 The loop (:func:`_run_loop`) is a few small functions: :func:`_resume`, :func:`_train_step`,
 :func:`_log`, :func:`_evaluate`, :func:`_save`, and :class:`_StopRequested` for Ctrl-C.
@@ -63,6 +66,8 @@ from . import fast
 from .backend import Backend, get_array_module, get_backend, to_numpy
 from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint, verify_params
 from .data import check_token_ids, collate_preferences, collate_sft
+from .distributed import (SingleProcess, all_reduce_step, collective, local_shard, make_optimizer, on_rank0,
+                          shard_range)
 from .losses import dpo_loss, preference_metrics
 from .model import GPTConfig, gpt_backward, gpt_forward
 from .optim import AdamW, clip_grad_norm, lr_at
@@ -71,6 +76,8 @@ from .scoring import batch_logps, batched_sequence_logps, chunked_logps
 
 class NonFiniteError(RuntimeError):
     """Raised when the loss, the gradient norm or an updated parameter stops being finite."""
+
+    same_on_every_rank = True  # data parallel: decided from all-reduced values (distributed.abort_on_error)
 
 
 class RunFolderError(ValueError):
@@ -198,11 +205,13 @@ def batch_for_step(step: int, n_items: int, batch_size: int, seed: int) -> np.nd
 
 def evaluate_preferences(
     policy: dict, model_config: GPTConfig, pairs: Sequence, ref_chosen: np.ndarray,
-    ref_rejected: np.ndarray, pad_id: int, tc: TrainConfig, backend: Backend,
+    ref_rejected: np.ndarray, pad_id: int, tc: TrainConfig, backend: Backend, comm=None,
 ) -> dict:
     """The DPO loss and the preference metrics (rewards/accuracies, margins, ...) on held-out
-    pairs, as host floats; keys are prefixed with ``eval/``."""
-    pc, pr = batched_sequence_logps(policy, model_config, pairs, pad_id, tc.eval_batch_size, backend, tc.average_logps)
+    pairs, as host floats; keys are prefixed with ``eval/``. With a ``comm`` of K ranks the
+    log-probs are computed in shares and gathered: every rank returns the same numbers."""
+    pc, pr = batched_sequence_logps(policy, model_config, pairs, pad_id, tc.eval_batch_size, backend, tc.average_logps,
+                                    comm=comm)
     out = dpo_loss(pc, pr, ref_chosen, ref_rejected, beta=tc.beta, loss_type=tc.loss_type,
                    label_smoothing=tc.label_smoothing, reference_free=tc.reference_free)
     m = {"loss": float(np.mean(out.losses))}
@@ -568,7 +577,8 @@ class _Loop:
     out_dir: Path
     backend: Backend
     inputs: dict
-    opt: AdamW = None
+    comm: SingleProcess = None  # or an MPI/NCCL communicator (distributed.py): rank 0 alone writes the folder
+    opt: AdamW = None  # made by distributed.make_optimizer: AdamW, or ZeroAdamW (moments sharded over the ranks)
     acc: _Accumulator = None
     step: int = 0
     elapsed_s: float = 0.0  # training time before this process (restored from the checkpoint)
@@ -595,20 +605,29 @@ def _resume(L: _Loop, resume: bool, stale: str) -> int | None:
     checkpoint when it holds one made by the same run; returns that step (None: fresh start).
 
     stale: what to do when the checkpoint was made by a different run (see check_run_folder):
-    "raise" (RunFolderError) or "rebuild" (discard it and start afresh)."""
-    if resume:
-        try:
-            at = check_run_folder(L.out_dir, L.stage, L.model_config, L.tc, L.inputs)
-        except RunFolderError as err:
-            if stale != "rebuild":
-                raise
-            say(f"[{L.stage}] {L.out_dir} was built from other inputs or options; rebuilding it ({err})")
-            discard_stage(L.out_dir)
+    "raise" (RunFolderError) or "rebuild" (discard it and start afresh).
+
+    With K ranks, rank 0 alone checks and changes the folder; every rank then loads the same
+    checkpoint (the other ranks never write to the folder)."""
+
+    def decide() -> int | None:
+        if resume:
+            try:
+                at = check_run_folder(L.out_dir, L.stage, L.model_config, L.tc, L.inputs)
+            except RunFolderError as err:
+                if stale != "rebuild":
+                    raise
+                say(f"[{L.stage}] {L.out_dir} was built from other inputs or options; rebuilding it ({err})")
+                discard_stage(L.out_dir)
+                at = None
+        else:  # start afresh; a checkpoint already there is replaced only by this run's first save
             at = None
-    else:  # start afresh; a checkpoint already there is replaced only by this run's first save
-        at = None
+        if at is None:
+            L.metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
+        return at
+
+    at = on_rank0(L.comm, decide)  # rank 0's verdict, on every rank (its error, raised on every rank)
     if at is None:
-        L.metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
         return None
     ck = load_checkpoint(L.ckpt_dir, backend=L.backend)
     verify_params(ck.params, L.model_config, L.ckpt_dir, like=L.params)
@@ -619,9 +638,9 @@ def _resume(L: _Loop, resume: bool, stale: str) -> int | None:
     L.step = L.last_saved = int(ck.step)
     L.acc.load_state_dict(ck.extra.get("log_accumulator", {}))
     L.elapsed_s = float(ck.extra.get("elapsed_s", 0.0))
-    # drop records logged after the checkpoint (they will be redone), through a temporary file
-    kept = [r for r in read_metrics(L.metrics_path) if r.get("step", 0) <= L.step]
-    _write_text_atomic(L.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    if L.comm.rank == 0:  # drop records logged after the checkpoint (they will be redone), through a temporary file
+        kept = [r for r in read_metrics(L.metrics_path) if r.get("step", 0) <= L.step]
+        _write_text_atomic(L.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     return L.step
 
 
@@ -635,7 +654,9 @@ def _check_finite(L: _Loop, since: int) -> None:
 
 def _save(L: _Loop) -> None:
     """Checkpoint at L.step, after checking that the loss, gradients and every updated parameter
-    are finite (a non-finite update is never saved over the last good checkpoint)."""
+    are finite (a non-finite update is never saved over the last good checkpoint). With K ranks
+    (identical parameters, so every rank decides alike) rank 0 alone writes, and the others wait
+    until the checkpoint is whole."""
     _check_finite(L, L.last_saved or 0)
     xp = L.backend.xp
     bad = [k for k, v in L.params.items() if not bool(xp.isfinite(v).all())]
@@ -645,17 +666,22 @@ def _save(L: _Loop) -> None:
                              f"{L.kept_checkpoint()[0].upper()}{L.kept_checkpoint()[1:]}; try a lower learning rate.")
     config = {"model": L.model_config.to_dict(), "train": L.tc.to_dict(), "stage": L.stage, "inputs": L.inputs}
     extra = {"log_accumulator": L.acc.state_dict(), "elapsed_s": L.elapsed_s + time.perf_counter() - L.t0}
-    try:
-        save_checkpoint(L.ckpt_dir, L.params, config, step=L.step, optimizer_state=L.opt.state_dict(), extra=extra)
-    except OSError as err:
-        raise OSError(err.errno, f"cannot write the checkpoint {L.ckpt_dir} ({err.strerror or err}); "
-                      f"{L.kept_checkpoint()}") from err
+    opt_state = L.opt.state_dict()  # with ZeRO-1 a collective (the moments gathered): every rank calls it
+    if L.comm.rank == 0:
+        try:
+            save_checkpoint(L.ckpt_dir, L.params, config, step=L.step, optimizer_state=opt_state, extra=extra)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot write the checkpoint {L.ckpt_dir} ({err.strerror or err}); "
+                          f"{L.kept_checkpoint()}") from err
+    L.comm.barrier()
     L.last_saved = L.step
 
 
 def _write_record(L: _Loop, rec: dict) -> None:
+    """Append ``rec`` to metrics.jsonl (rank 0 alone writes) and to the history (every rank)."""
     try:
-        _append_jsonl(L.metrics_path, rec)
+        if L.comm.rank == 0:
+            _append_jsonl(L.metrics_path, rec)
     except OSError as err:
         raise OSError(err.errno, f"cannot write {L.metrics_path} ({err.strerror or err}); {L.kept_checkpoint()}") from err
     L.history.append(rec)
@@ -692,7 +718,7 @@ def _log(L: _Loop, lr: float, bar) -> None:
 def _evaluate(L: _Loop, eval_fn: Callable, bar) -> None:
     rec = {"stage": L.stage, "step": L.step, **eval_fn(L.params)}
     _write_record(L, rec)
-    if L.step > 0:
+    if L.step > 0 and L.comm.rank == 0:
         bar.write(f"[{L.stage} step {L.step}] " + "  ".join(
             f"{k[5:]}={v:.4f}" for k, v in rec.items() if k.startswith("eval/")))
 
@@ -701,35 +727,46 @@ def _run_loop(
     stage: str, params: dict, model_config: GPTConfig, tc: TrainConfig, n_items: int,
     make_batch: Callable[[np.ndarray], dict], step_fn: Callable, out_dir: Path, backend: Backend,
     eval_fn: Callable[[dict], dict] | None = None, resume: bool = True, inputs: dict | None = None,
-    stale: str = "raise", prepare: Callable[[], None] | None = None,
+    stale: str = "raise", prepare: Callable[[], None] | None = None, comm=None,
 ) -> StageResult:
     """Train ``params`` in place from the folder's checkpoint (if any) to ``tc.steps``: each step
     :func:`_train_step`, then a metrics record every ``log_every`` steps, a held-out evaluation
-    every ``eval_every``, a checkpoint every ``save_every`` and at the end; Ctrl-C saves and stops."""
-    L = _Loop(stage, params, model_config, tc, Path(out_dir), backend, dict(inputs or {}))
-    L.out_dir.mkdir(parents=True, exist_ok=True)
-    L.opt = AdamW(params, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay)
+    every ``eval_every``, a checkpoint every ``save_every`` and at the end; Ctrl-C saves and stops.
+
+    With a ``comm`` of K ranks every rank runs this loop in step; rank 0 alone holds the folder's
+    lock and writes (metrics, checkpoints, messages), and the Ctrl-C flag is all-reduced after
+    each step, so every rank stops after the same one."""
+    comm = comm if comm is not None else SingleProcess()
+    L = _Loop(stage, params, model_config, tc, Path(out_dir), backend, dict(inputs or {}), comm)
+    if comm.rank == 0:
+        L.out_dir.mkdir(parents=True, exist_ok=True)
+    # AdamW, or ZeRO-1's sharded AdamW (its params[k] become views of one flat buffer)
+    L.opt = make_optimizer(comm, params, lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay)
     L.acc = _Accumulator(backend.xp)
-    with run_lock(L.out_dir):
+    note = say if comm.rank == 0 else (lambda msg: None)
+    with contextlib.ExitStack() as held:
+        on_rank0(comm, lambda: held.enter_context(run_lock(L.out_dir)))  # one writer: rank 0
         resumed = _resume(L, resume, stale)
+        comm.barrier()  # rank 0 has trimmed (or removed) metrics.jsonl before any rank reads it
         if resumed is not None and resumed >= tc.steps:
-            say(f"[{stage}] already complete at step {resumed} ({L.ckpt_dir}); nothing to train")
+            note(f"[{stage}] already complete at step {resumed} ({L.ckpt_dir}); nothing to train")
             return StageResult(params, resumed, read_metrics(L.metrics_path), resumed_from=resumed, already_complete=True)
         if resumed is not None:
-            say(f"[{stage}] resuming at step {resumed} of {tc.steps} from {L.ckpt_dir}")
+            note(f"[{stage}] resuming at step {resumed} of {tc.steps} from {L.ckpt_dir}")
         if prepare is not None:  # work only a run that trains needs (DPO: the reference log-probs)
             prepare()
         L.history = read_metrics(L.metrics_path)
         L.t0 = time.perf_counter()
         stopped = False
         with _StopRequested() as stop:
-            bar = _progress(tc.steps, L.step, stage, tc.progress)
+            bar = _progress(tc.steps, L.step, stage, tc.progress and comm.rank == 0)
             interrupt_hook(f"{stage}:start")
             try:
                 at_start = L.step == 0 and not any(r.get("step") == 0 for r in L.history)
                 if eval_fn is not None and at_start and tc.steps > 0:  # the starting point, for the curves
                     _evaluate(L, eval_fn, bar)
-                while L.step < tc.steps and not stop.requested:
+                stopping = comm.any(stop.requested)  # one rank's Ctrl-C stops every rank, after the same step
+                while L.step < tc.steps and not stopping:
                     lr = _train_step(L, n_items, make_batch, step_fn)
                     bar.update(1)
                     interrupt_hook(f"{stage}:step={L.step}")
@@ -740,14 +777,15 @@ def _run_loop(
                         _evaluate(L, eval_fn, bar)
                     if L.step % tc.save_every == 0 and not is_last:
                         _save(L)
-                stopped = stop.requested and L.step < tc.steps
+                    stopping = comm.any(stop.requested)
+                stopped = stopping and L.step < tc.steps
                 if stopped and L.last_saved != L.step:
                     _save(L)
             finally:
                 bar.close()
         if stopped:
-            say(f"[{stage}] interrupted: checkpoint saved at step {L.step} of {tc.steps} in {L.ckpt_dir}; "
-                f"run the same command again to resume.")
+            note(f"[{stage}] interrupted: checkpoint saved at step {L.step} of {tc.steps} in {L.ckpt_dir}; "
+                 f"run the same command again to resume.")
         else:
             _save(L)
     return StageResult(params=params, step=L.step, history=L.history, stopped_early=stopped, resumed_from=resumed)
@@ -781,10 +819,11 @@ def _on_configured_path(train_fn):
 
 
 @_on_configured_path
+@collective
 def train_sft(
     params: dict, model_config: GPTConfig, items: Sequence, pad_id: int, tc: TrainConfig,
     out_dir: str | Path, backend: Backend | str = "cpu", eval_items: Sequence | None = None, resume: bool = True,
-    inputs: dict | None = None, stale: str = "raise",
+    inputs: dict | None = None, stale: str = "raise", comm=None,
 ) -> StageResult:
     """Stage 1, pi_SFT: minimise the per-token NLL of the responses of ``items``
     (tokenized (prompt, response) pairs from :func:`minidpo.data.tokenize_sft`).
@@ -792,7 +831,11 @@ def train_sft(
     ``params`` are updated in place and also returned. Checkpoints and ``metrics.jsonl`` go to
     ``out_dir``. An existing checkpoint there is resumed from (``resume=True``) when it was made
     by the same run (same model, data, ``inputs`` and training options; more ``steps`` extend
-    it); otherwise ``stale="raise"`` raises RunFolderError and ``stale="rebuild"`` discards it."""
+    it); otherwise ``stale="raise"`` raises RunFolderError and ``stale="rebuild"`` discards it.
+
+    ``comm`` (minidpo.distributed): with K ranks each takes its share of every global batch; its
+    gradient is weighted by its share of the batch's response tokens, N_r / N (the token-weighted
+    mean), before the one all-reduce of the step. Rank 0 alone writes ``out_dir``."""
     backend = get_backend(backend)
     if not items:
         raise ValueError("SFT needs at least one example")
@@ -800,33 +843,45 @@ def train_sft(
     if eval_items:
         check_token_ids(eval_items, model_config.vocab_size, "held-out SFT")
 
+    # response tokens of each item, what sft_step's loss mask counts: the shard weights N_r / N
+    item_tokens = np.array([len(t.response_ids) for t in items], dtype=np.int64) if comm.size > 1 else None
+
     def make_batch(idx):
-        return collate_sft([items[i] for i in idx], pad_id, backend=backend)
+        idx, weight = local_shard(idx, comm, item_tokens)  # this rank's share of the global batch
+        batch = collate_sft([items[i] for i in idx], pad_id, backend=backend)
+        batch["shard_weight"] = weight
+        return batch
 
     def step_fn(p, batch):
         loss, grads = sft_step(p, model_config, batch)
+        loss, _ = all_reduce_step(comm, loss, {}, grads, batch["shard_weight"])  # grads: reduced in place
         return loss, {}, grads
 
     eval_fn = None
     if eval_items:
         def eval_fn(p):
             tot, ntok = 0.0, 0
-            for logps, counts in chunked_logps(p, model_config, eval_items, collate_sft, pad_id, tc.eval_batch_size,
-                                               backend):
-                tot += float(logps.sum())
+            lo, hi = (0, len(eval_items)) if comm.size == 1 else shard_range(len(eval_items), comm.rank, comm.size)
+            for logps, counts in chunked_logps(p, model_config, eval_items[lo:hi], collate_sft, pad_id,
+                                               tc.eval_batch_size, backend):
+                tot += float(logps.sum())  # host arrays: one read-back a chunk
                 ntok += int(counts.sum())
+            if comm.size > 1:
+                tot, ntok = comm.allreduce_host([tot, ntok])  # sums over the ranks' shares
             nll = -tot / max(ntok, 1)
             return {"eval/nll": nll, "eval/perplexity": math.exp(min(nll, 50.0))}
 
     return _run_loop("sft", params, model_config, tc, len(items), make_batch, step_fn, Path(out_dir), backend,
-                     eval_fn=eval_fn, resume=resume, inputs=stage_inputs(items, eval_items, inputs), stale=stale)
+                     eval_fn=eval_fn, resume=resume, inputs=stage_inputs(items, eval_items, inputs), stale=stale,
+                     comm=comm)
 
 
 @_on_configured_path
+@collective
 def train_dpo(
     policy: dict, reference: dict, model_config: GPTConfig, pairs: Sequence, pad_id: int, tc: TrainConfig,
     out_dir: str | Path, backend: Backend | str = "cpu", eval_pairs: Sequence | None = None, resume: bool = True,
-    inputs: dict | None = None, stale: str = "raise",
+    inputs: dict | None = None, stale: str = "raise", comm=None,
 ) -> StageResult:
     """Stage 2: minimise the DPO loss (eq. 7, or the variant ``tc.loss_type``) of ``policy``
     against the frozen ``reference`` on tokenized preference ``pairs``.
@@ -836,7 +891,11 @@ def train_dpo(
     computed once, before the first step (with a progress bar); otherwise each step runs the
     reference forward pass on its batch. The reference's fingerprint is one of the recorded
     inputs, so a run folder built against another reference is never resumed (see train_sft
-    for ``resume``, ``inputs`` and ``stale``)."""
+    for ``resume``, ``inputs`` and ``stale``).
+
+    ``comm`` (minidpo.distributed): with K ranks each takes its share of every global batch,
+    weighted n_r / B before the step's all-reduce; the reference cache and the held-out
+    evaluation are computed in shares and gathered. Rank 0 alone writes ``out_dir``."""
     backend = get_backend(backend)
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
@@ -849,13 +908,15 @@ def train_dpo(
         show = "reference log-probs" if tc.progress else None
         if tc.cache_reference:
             c, r = batched_sequence_logps(reference, model_config, pairs, pad_id, tc.eval_batch_size, backend,
-                                          tc.average_logps, desc=show)
+                                          tc.average_logps, desc=show, comm=comm)
             cache["c"], cache["r"] = backend.asarray(c.astype(np.float32)), backend.asarray(r.astype(np.float32))
         if eval_pairs:
             cache["eval"] = batched_sequence_logps(reference, model_config, eval_pairs, pad_id, tc.eval_batch_size,
-                                                   backend, tc.average_logps, desc=show and "held-out " + show)
+                                                   backend, tc.average_logps, desc=show and "held-out " + show,
+                                                   comm=comm)
 
     def make_batch(idx):
+        idx, weight = local_shard(idx, comm)  # this rank's share of the global batch
         batch = collate_preferences([pairs[i] for i in idx], pad_id, backend=backend)
         if tc.cache_reference:
             didx = backend.asarray(idx)
@@ -864,16 +925,19 @@ def train_dpo(
             logps, _ = batch_logps(reference, model_config, batch, tc.average_logps, validate=False)
             n = len(idx)
             batch["ref_chosen"], batch["ref_rejected"] = logps[:n], logps[n:]
+        batch["shard_weight"] = weight
         return batch
 
     def step_fn(p, batch):
-        return dpo_step(p, model_config, batch, batch["ref_chosen"], batch["ref_rejected"], tc)
+        loss, metrics, grads = dpo_step(p, model_config, batch, batch["ref_chosen"], batch["ref_rejected"], tc)
+        loss, metrics = all_reduce_step(comm, loss, metrics, grads, batch["shard_weight"])  # grads: in place
+        return loss, metrics, grads
 
     eval_fn = None
     if eval_pairs:
         def eval_fn(p):
-            return evaluate_preferences(p, model_config, eval_pairs, *cache["eval"], pad_id, tc, backend)
+            return evaluate_preferences(p, model_config, eval_pairs, *cache["eval"], pad_id, tc, backend, comm=comm)
 
     return _run_loop("dpo", policy, model_config, tc, len(pairs), make_batch, step_fn, Path(out_dir), backend,
-                     eval_fn=eval_fn, resume=resume, stale=stale, prepare=prepare,
+                     eval_fn=eval_fn, resume=resume, stale=stale, prepare=prepare, comm=comm,
                      inputs=stage_inputs(pairs, eval_pairs, inputs, reference=fingerprint(reference)))
