@@ -6,8 +6,10 @@ A checkpoint is a directory:
       model.safetensors      the parameters, host NumPy copies, dtypes as given (float32 in training)
       optimizer.safetensors  the optimizer's array state ("m.<name>", "v.<name>"), when given
       trainer_state.json     {"format", "version", "step", "config", "optimizer" (its scalars),
-                              "rng_state" (numpy bit_generator.state: big ints are plain JSON),
                               "extra", "tensors": {"model": [names], "optimizer": [names]}}
+
+(Training needs no saved random state: each step's batch is a function of the seed and the
+step, ``train.batch_for_step``.)
 
 Atomic replacement. ``save_checkpoint`` writes everything into a sibling temporary directory,
 fsyncs each file and the directory, then swaps it in with two renames:
@@ -20,10 +22,6 @@ A crash or exception before the first rename leaves the previous checkpoint unto
 directory is removed on exceptions; a killed process leaves a ``.<name>.tmp-*`` that the next
 save removes). A crash between the renames leaves only ``<path>.old``: :func:`load_checkpoint`
 and the next save move it back. One writer per path is assumed.
-
-Run layout used by :func:`checkpoint_dir` / :func:`latest_checkpoint`:
-
-    run_dir/step_00000100/   run_dir/step_00000200/   ...
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -50,7 +47,6 @@ VERSION = 1
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -66,7 +62,6 @@ class Checkpoint:
     step: the training step saved.
     optimizer_state: None, or {"m.<name>": array (on the backend), ..., "step": int, "lr": float,
         ...} -- ready for ``AdamW.load_state_dict``.
-    rng_state: None, or a numpy ``bit_generator.state`` dict (see :func:`rng_from_state`).
     extra: the JSON dict given as ``extra`` ({} when none).
     path: the directory read.
     """
@@ -75,7 +70,6 @@ class Checkpoint:
     config: dict
     step: int
     optimizer_state: dict | None = None
-    rng_state: dict | None = None
     extra: dict = field(default_factory=dict)
     path: Path | None = None
 
@@ -121,6 +115,23 @@ def _jsonable(x: Any, where: str) -> Any:
     if x is None or isinstance(x, (bool, int, float, str)):
         return x
     raise TypeError(f"{where}: {type(x).__name__} is not JSON-serialisable (arrays belong in tensors)")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half:
+    a sibling temporary file, fsynced, then renamed over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _fsync_file(path: Path) -> None:
@@ -214,7 +225,6 @@ def save_checkpoint(
     config: dict,
     step: int,
     optimizer_state: dict | None = None,
-    rng_state: dict | np.random.Generator | None = None,
     extra: dict | None = None,
 ) -> Path:
     """Write a checkpoint directory at ``path`` atomically (see the module docstring).
@@ -227,7 +237,6 @@ def save_checkpoint(
         step: the training step, an int >= 0.
         optimizer_state: e.g. ``AdamW.state_dict()``: array values -> optimizer.safetensors,
             the rest (JSON-able scalars) -> trainer_state.json["optimizer"].
-        rng_state: a numpy Generator's ``bit_generator.state`` (or the Generator itself).
         extra: any JSON-able dict (metrics, data position, ...).
     Returns:
         the checkpoint directory as a Path.
@@ -237,10 +246,6 @@ def save_checkpoint(
         raise ValueError(f"step must be an int >= 0, got {step!r}")
     if not params:
         raise ValueError("save_checkpoint: params is empty")
-    if isinstance(rng_state, np.random.Generator):
-        rng_state = rng_state.bit_generator.state
-    if rng_state is not None and not isinstance(rng_state, dict):
-        raise TypeError(f"rng_state must be a bit_generator.state dict or a Generator, got {type(rng_state).__name__}")
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"checkpoint path exists and is not a directory: {path}")
 
@@ -259,7 +264,6 @@ def save_checkpoint(
         "step": int(step),
         "config": _jsonable(config if config is not None else {}, "config"),
         "optimizer": opt_scalars,
-        "rng_state": _jsonable(rng_state, "rng_state"),
         "extra": _jsonable(extra or {}, "extra"),
         "tensors": {"model": list(model_tensors),
                     "optimizer": list(opt_tensors) if opt_tensors is not None else None},
@@ -382,7 +386,6 @@ def load_checkpoint(path: str | os.PathLike, backend="cpu") -> Checkpoint:
         config=state["config"],
         step=int(state["step"]),
         optimizer_state=optimizer_state,
-        rng_state=state.get("rng_state"),
         extra=state.get("extra") or {},
         path=path,
     )
@@ -421,19 +424,6 @@ def verify_params(params: dict, model_config, where, like: dict | None = None) -
             raise CheckpointError(f"{where}: tensor {k} holds non-finite values (NaN or inf)")
 
 
-def rng_from_state(rng_state: dict) -> np.random.Generator:
-    """A numpy Generator continuing exactly where the saved ``bit_generator.state`` left off."""
-    if not isinstance(rng_state, dict) or "bit_generator" not in rng_state:
-        raise ValueError("rng_state must be a numpy bit_generator.state dict")
-    name = rng_state["bit_generator"]
-    bitgen_cls = getattr(np.random, name, None)
-    if not (isinstance(bitgen_cls, type) and issubclass(bitgen_cls, np.random.BitGenerator)):
-        raise ValueError(f"unknown bit generator {name!r}")
-    bg = bitgen_cls()
-    bg.state = rng_state
-    return np.random.Generator(bg)
-
-
 def has_checkpoint(path: str | os.PathLike) -> bool:
     """True when :func:`load_checkpoint` would find a checkpoint at ``path``: its
     trainer_state.json exists, or an interrupted save left ``<path>.old`` holding one.
@@ -442,38 +432,7 @@ def has_checkpoint(path: str | os.PathLike) -> bool:
     return (path / STATE_FILE).is_file() or (not path.exists() and (_old_path(path) / STATE_FILE).is_file())
 
 
-# ============================================================================ run directories
-
-
-def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
-    """``run_dir/step_{step:08d}``: the directory :func:`latest_checkpoint` looks for."""
-    if int(step) != step or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
-    return Path(run_dir) / f"step_{int(step):08d}"
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The ``step_N`` subdirectory of ``run_dir`` with the largest N that holds a
-    trainer_state.json (a ``step_N.old`` left by an interrupted save counts as step_N);
-    None when there is none (or run_dir does not exist)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
-    for child in run_dir.iterdir():
-        name = child.name[:-4] if child.name.endswith(".old") else child.name
-        m = _STEP_DIR.match(name)
-        if not m or not child.is_dir() or not (child / STATE_FILE).is_file():
-            continue
-        n = int(m.group(1))
-        target = run_dir / name
-        if best is None or n > best[0]:
-            best = (n, target)
-    return None if best is None else best[1]
-
-
 __all__ = [
-    "Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "has_checkpoint", "rng_from_state",
-    "read_checkpoint_state", "verify_params",
-    "checkpoint_dir", "latest_checkpoint", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE",
+    "Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "has_checkpoint", "atomic_write_text",
+    "read_checkpoint_state", "verify_params", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE",
 ]

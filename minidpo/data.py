@@ -10,7 +10,7 @@ training code feeds to ``sequence_logps(logits, input_ids, loss_mask)``:
 where the token at position t+1 is scored by the logits at t, so ``loss_mask`` marks *label*
 positions and ``loss_mask[:, 0]`` is always False (the first token has no logits before it).
 
-Pitfalls handled here (DESIGN.md, "Pitfalls we refuse"):
+Pitfalls handled here:
 - BPE merging across the prompt/response join: prompt and responses are encoded SEPARATELY
   and the id lists concatenated, so the response's tokens are the same whatever the prompt.
 - EOS masked out because pad == eos: the mask is built from positions, never from token values.
@@ -690,29 +690,6 @@ def collate_sft(items: list[TokenizedSFT], pad_id: int, backend=None, pad_to_mul
 
 
 # ============================================================================ batching
-
-
-def batch_indices(n_items: int, batch_size: int, rng: np.random.Generator, shuffle: bool = True,
-                  drop_last: bool = False) -> list[np.ndarray]:
-    """One epoch of index batches over ``range(n_items)``.
-
-    With ``shuffle`` the order is ``rng.permutation(n_items)`` (deterministic given the rng's
-    state, which advances); without it the rng is not touched. The last batch is smaller when
-    batch_size does not divide n_items, or left out with ``drop_last`` (then n_items <
-    batch_size gives no batch at all).
-
-    Returns:
-        list of int64 arrays, each (batch_size,) except perhaps the last.
-    """
-    if not isinstance(n_items, (int, np.integer)) or n_items < 0:
-        raise ValueError(f"n_items must be a non-negative int, got {n_items!r}")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if shuffle and not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    order = rng.permutation(n_items).astype(np.int64) if shuffle else np.arange(n_items, dtype=np.int64)
-    n_batches = n_items // batch_size if drop_last else math.ceil(n_items / batch_size)
-    return [order[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
 
 
 def check_token_ids(rows, vocab_size: int, what: str) -> None:

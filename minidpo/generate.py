@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .backend import get_array_module, get_backend, to_numpy
+from .layers import softmax
 from .model import GPTConfig, check_params, gpt_forward_kv, init_kv_cache
 
 __all__ = ["generate", "left_pad", "next_token_probs", "sample_from_probs"]
@@ -72,10 +73,7 @@ def next_token_probs(logits, temperature: float = 1.0, top_k: int | None = None)
         k = int(V - top_k)  # a Python int: CuPy iterates any other kth (a NumPy integer fails)
         kth = xp.partition(z, k, axis=-1)[:, k][:, None]  # (B, 1) k-th largest
         z = xp.where(z < kth, dt(-math.inf), z)
-    z -= z.max(axis=-1, keepdims=True)
-    xp.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
-    return z
+    return softmax(z)  # (B, V)
 
 
 def sample_from_probs(probs, rng: np.random.Generator) -> np.ndarray:

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .checkpoint import atomic_write_text
 
 DEFAULT_EOS = "<|endoftext|>"
 DEFAULT_PAD = "<|pad|>"
@@ -277,13 +278,13 @@ class BPETokenizer:
         path = Path(path)
         if path.suffix == ".json" and not path.is_dir():
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(path, self._tok.to_str(pretty=True))
+            atomic_write_text(path, self._tok.to_str(pretty=True))
             return path
         path.mkdir(parents=True, exist_ok=True)
         file = path / TOKENIZER_FILE
-        _atomic_write_text(file, self._tok.to_str(pretty=True))
+        atomic_write_text(file, self._tok.to_str(pretty=True))
         cfg = {"eos_token": self.eos_token, "pad_token": self.pad_token, "tokenizer_class": "BPETokenizer"}
-        _atomic_write_text(path / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+        atomic_write_text(path / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
         return file
 
 
@@ -319,21 +320,3 @@ def _read_special_config(file: Path) -> dict:
         if isinstance(v, str) and v:
             out[key] = v
     return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a tokenizer is not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

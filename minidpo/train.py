@@ -64,7 +64,8 @@ import numpy as np
 
 from . import fast
 from .backend import Backend, get_array_module, get_backend, to_numpy
-from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint, verify_params
+from .checkpoint import (CheckpointError, atomic_write_text, has_checkpoint, load_checkpoint, read_checkpoint_state,
+                         save_checkpoint, verify_params)
 from .data import check_token_ids, collate_preferences, collate_sft
 from .distributed import (SingleProcess, all_reduce_step, collective, local_shard, make_optimizer, on_rank0,
                           shard_range)
@@ -427,19 +428,6 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -640,7 +628,7 @@ def _resume(L: _Loop, resume: bool, stale: str) -> int | None:
     L.elapsed_s = float(ck.extra.get("elapsed_s", 0.0))
     if L.comm.rank == 0:  # drop records logged after the checkpoint (they will be redone), through a temporary file
         kept = [r for r in read_metrics(L.metrics_path) if r.get("step", 0) <= L.step]
-        _write_text_atomic(L.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(L.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     return L.step
 
 

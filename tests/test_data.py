@@ -14,7 +14,6 @@ from minidpo.data import (
     PreferenceExample,
     TokenizedPair,
     TokenizedSFT,
-    batch_indices,
     build_preference_dataset,
     build_sft_dataset,
     collate_preferences,
@@ -374,30 +373,6 @@ def test_sft_tokenize_and_collate(bpe):
 
 
 # ============================================================================ batching
-
-
-def test_batch_indices():
-    a = batch_indices(10, 3, np.random.default_rng(1))
-    b = batch_indices(10, 3, np.random.default_rng(1))
-    assert [x.tolist() for x in a] == [x.tolist() for x in b]
-    assert [len(x) for x in a] == [3, 3, 3, 1] and all(x.dtype == np.int64 for x in a)
-    assert sorted(np.concatenate(a).tolist()) == list(range(10))
-    assert np.concatenate(a).tolist() != list(range(10))  # shuffled (seed 1)
-    assert [len(x) for x in batch_indices(10, 3, np.random.default_rng(1), drop_last=True)] == [3, 3, 3]
-    assert batch_indices(2, 3, np.random.default_rng(0), drop_last=True) == []
-    rng = np.random.default_rng(5)
-    state = rng.bit_generator.state
-    plain = batch_indices(5, 2, rng, shuffle=False)
-    assert [x.tolist() for x in plain] == [[0, 1], [2, 3], [4]] and rng.bit_generator.state == state
-    # the rng advances: two epochs differ, and a restored state repeats an epoch
-    rng = np.random.default_rng(7)
-    s0 = rng.bit_generator.state
-    e1, e2 = batch_indices(20, 20, rng)[0], batch_indices(20, 20, rng)[0]
-    assert e1.tolist() != e2.tolist()
-    rng.bit_generator.state = s0
-    assert batch_indices(20, 20, rng)[0].tolist() == e1.tolist()
-    with pytest.raises(ValueError, match="batch_size"):
-        batch_indices(5, 0, rng)
 
 
 def test_a_duplicate_key_is_an_error_naming_file_line_and_key(tmp_path):
