@@ -290,7 +290,8 @@ def test_bad_paths_are_one_line_errors(files, tmp_path, capsys):
         assert code == 1 and err.startswith("minidpo: error:") and words in err and err.count("\n") == 1, (argv, err)
 
 
-def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(files, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("code_,text", [("ENOSPC", "No space left on device"), ("EROFS", "Read-only file system")])
+def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(files, tmp_path, capsys, monkeypatch, code_, text):
     import errno
 
     import minidpo.checkpoint as CK
@@ -301,14 +302,31 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(files, tmp_pat
     before = weights(out)
 
     def full(*a, **kw):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(getattr(errno, code_), text)
 
     monkeypatch.setattr(CK, "save_file", full)
     code, _, err = run(base + ["--steps", 8], capsys)
-    assert code == 1 and "cannot write the checkpoint" in err and "No space left on device" in err
+    assert code == 1 and "cannot write the checkpoint" in err and text in err
     assert "(step 6), intact" in err
     after = weights(out)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_read_only_disk_while_saving_a_tokenizer_names_the_file(files, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import minidpo.checkpoint as CK
+
+    def read_only(*a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(CK.os, "replace", read_only)
+    code, _, err = run(["tokenizer", "--corpus", files / "sft.jsonl", "--vocab-size", 300, "--out", tmp_path / "tok"],
+                       capsys)
+    monkeypatch.undo()
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"{tmp_path / 'tok' / 'tokenizer.json'}: Read-only file system" in err
+    assert not [p for p in (tmp_path / "tok").iterdir() if p.name.startswith(".")]  # no temp file left
 
 
 def test_a_closed_pipe_and_an_ascii_terminal_give_no_traceback(files):
