@@ -454,6 +454,10 @@ def cmd_verify(args) -> int:
 
     Exit status: 0 all properties hold, 1 a property failed, 3 the framework is not installed.
     """
+    try:
+        import hypothesis  # noqa: F401 - verify draws its inputs with it
+    except ImportError:
+        _die("minidpo verify needs hypothesis, which is not installed: pip install 'minidpo[verify]'")
     from .verify import FrameworkUnavailable, check_loss, load_function
 
     kwargs = {}

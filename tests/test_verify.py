@@ -251,3 +251,9 @@ def test_readme_example_is_real_output():
     assert "cDPO: label-mixture law" in report.failed
     good = load_function(str(ROOT / "examples/my_dpo_loss.py") + ":dpo_loss")
     assert check_loss(good, framework="torch").ok
+
+
+def test_cli_without_hypothesis_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "hypothesis", None)  # import hypothesis now raises ImportError
+    assert main(["verify", "tests.verify_corpus.numpy_losses:dpo", "--framework", "numpy"]) == 1
+    assert "pip install 'minidpo[verify]'" in capsys.readouterr().err
