@@ -460,23 +460,6 @@ def _read_params(path: Path, config: GPTConfig) -> dict[str, np.ndarray]:
 # ============================================================================ tokenizer
 
 
-def _special_names(path: Path) -> dict[str, str]:
-    """eos_token / pad_token names from tokenizer_config.json, then special_tokens_map.json
-    (a string or Hugging Face's {"content": ...}); absent -> not in the dict."""
-    out: dict[str, str] = {}
-    for file in (path / TOKENIZER_CONFIG_FILE, path / SPECIAL_TOKENS_FILE):
-        if not file.is_file():
-            continue
-        d = _read_json(file)
-        for key in ("eos_token", "pad_token"):
-            v = d.get(key)
-            if isinstance(v, dict):
-                v = v.get("content")
-            if isinstance(v, str) and v and key not in out:
-                out[key] = v
-    return out
-
-
 def _first_id(v):
     """config.json's eos/pad ids may be an int, a list of ints (take the first) or null."""
     if isinstance(v, list):
@@ -497,21 +480,14 @@ def _load_tokenizer(path: Path, hf: Mapping, config: GPTConfig):
     tokenizer (GPT2Config's default 50256 on a small vocabulary is common) is skipped with a
     warning.
     """
-    from tokenizers import Tokenizer, models
+    from .tokenizer import BPETokenizer, read_special_names, read_tokenizer_files
 
-    from .tokenizer import BPETokenizer
-
-    if (path / TOKENIZER_FILE).is_file():
-        try:
-            tok = Tokenizer.from_file(str(path / TOKENIZER_FILE))
-        except Exception as err:  # the library raises a plain Exception with serde's message
-            raise PretrainedError(f"{path / TOKENIZER_FILE}: not a valid tokenizer.json ({err})") from err
-    elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        try:
-            tok = Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
-        except Exception as err:
-            raise PretrainedError(f"{path}: unreadable vocab.json / merges.txt ({err})") from err
-    else:
+    try:
+        tok = read_tokenizer_files(path)
+        names = read_special_names(path)
+    except ValueError as err:  # an unreadable file, named in the message
+        raise PretrainedError(str(err)) from err
+    if tok is None:
         return None
 
     bad_ids = []  # config.json ids the tokenizer does not have (e.g. GPT2Config's default 50256)
@@ -523,7 +499,6 @@ def _load_tokenizer(path: Path, hf: Mapping, config: GPTConfig):
             bad_ids.append(f"{key!r} = {i} is not an id of the tokenizer")
         return t
 
-    names = _special_names(path)
     eos = names.get("eos_token") or token_of("eos_token_id")
     if eos is None:
         if tok.token_to_id(EOS_TOKEN) is None:

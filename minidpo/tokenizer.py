@@ -43,6 +43,7 @@ DEFAULT_EOS = "<|endoftext|>"
 DEFAULT_PAD = "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 
 
 class BPETokenizer:
@@ -172,20 +173,15 @@ class BPETokenizer:
         """Load from a tokenizer.json file, or a directory holding tokenizer.json (or vocab.json +
         merges.txt).
 
-        EOS / pad are, in order of precedence: the arguments; ``tokenizer_config.json`` beside the
-        file (``"eos_token"``/``"pad_token"``, as ``save`` and Hugging Face write them); else
+        EOS / pad are, in order of precedence: the arguments; ``tokenizer_config.json`` (then
+        ``special_tokens_map.json``) beside the file (``"eos_token"``/``"pad_token"``, as ``save``
+        and Hugging Face write them); else
         ``<|endoftext|>`` for EOS and ``<|pad|>`` for pad when that token exists, EOS otherwise.
         """
         path = Path(path)
         if path.is_dir():
-            file = path / TOKENIZER_FILE
-            if file.is_file():
-                tok = _read_tokenizer_json(file)
-            elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-                tok = Tokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
-                tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-                tok.decoder = decoders.ByteLevel()
-            else:
+            tok = read_tokenizer_files(path)
+            if tok is None:
                 raise FileNotFoundError(
                     f"no {TOKENIZER_FILE} (nor vocab.json + merges.txt) in directory {path}"
                 )
@@ -196,7 +192,7 @@ class BPETokenizer:
         else:
             raise FileNotFoundError(f"tokenizer not found: {path} (expected a {TOKENIZER_FILE} file or a directory)")
 
-        cfg = _read_special_config(config_dir / CONFIG_FILE)
+        cfg = read_special_names(config_dir)
         eos = eos_token or cfg.get("eos_token") or DEFAULT_EOS
         if pad_token is None:
             pad_token = cfg.get("pad_token")
@@ -303,20 +299,40 @@ def _read_tokenizer_json(file: Path) -> Tokenizer:
         raise ValueError(f"{file}: not a valid tokenizer.json ({err})") from err
 
 
-def _read_special_config(file: Path) -> dict:
-    """``{"eos_token": str, "pad_token": str}`` from a tokenizer_config.json (HF writes either a
-    string or ``{"content": str, ...}``); missing file -> {}."""
-    if not file.is_file():
-        return {}
+def read_tokenizer_files(directory: Path) -> Tokenizer | None:
+    """The ``tokenizers.Tokenizer`` of a directory: its tokenizer.json, else GPT-2's original
+    vocab.json + merges.txt (with GPT-2's byte-level pre-tokenizer and decoder); None when it has
+    neither. Unreadable files raise ValueError naming them."""
+    if (directory / TOKENIZER_FILE).is_file():
+        return _read_tokenizer_json(directory / TOKENIZER_FILE)
+    vocab, merges = directory / "vocab.json", directory / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
+        return None
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file}: invalid JSON ({err})") from err
+        tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    except Exception as err:  # the library raises a plain Exception with its own message
+        raise ValueError(f"{directory}: unreadable vocab.json / merges.txt ({err})") from err
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def read_special_names(directory: Path) -> dict:
+    """``{"eos_token": str, "pad_token": str}`` (those present) from the directory's
+    tokenizer_config.json, then special_tokens_map.json for what the first lacks (Hugging Face
+    writes either a string or ``{"content": str, ...}``); missing files -> {}."""
     out = {}
-    for key in ("eos_token", "pad_token"):
-        v = raw.get(key) if isinstance(raw, dict) else None
-        if isinstance(v, dict):
-            v = v.get("content")
-        if isinstance(v, str) and v:
-            out[key] = v
+    for file in (directory / CONFIG_FILE, directory / SPECIAL_TOKENS_FILE):
+        if not file.is_file():
+            continue
+        try:
+            raw = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{file}: invalid JSON ({err})") from err
+        for key in ("eos_token", "pad_token"):
+            v = raw.get(key) if isinstance(raw, dict) else None
+            if isinstance(v, dict):
+                v = v.get("content")
+            if isinstance(v, str) and v and key not in out:
+                out[key] = v
     return out
