@@ -51,6 +51,8 @@ from .logprobs import sequence_logps, sequence_logps_backward
 from .losses import dpo_loss, preference_metrics
 from .model import GPTConfig, gpt_backward, gpt_forward, gpt_forward_kv, init_kv_cache
 from .optim import AdamW, clip_grad_norm, lr_at
+from .packed_model import packed_dpo_step, packed_logps, packed_sft_step
+from .packing import pack_preferences, pack_sft
 
 
 class NonFiniteError(RuntimeError):
@@ -87,6 +89,10 @@ class TrainConfig:
     reference_free: bool = False  # treat log pi_ref as 0 (the reference-free variant)
     average_logps: bool = False  # per-token mean log-probs (IPO's official convention)
     cache_reference: bool = True
+    # layout (minidpo.packing): the prompt once per pair, and sequences packed into rows instead
+    # of padded to the longest; the same numbers as the padded batch, less work
+    share_prompt: bool = True  # DPO: [x | y_w | y_l] with a block mask (policy, reference, eval)
+    pack: bool = True  # SFT and DPO: sequences packed into rows, block-diagonal mask
     progress: bool = True
 
     def to_dict(self) -> dict:
@@ -142,16 +148,23 @@ def inference_logits(params: dict, idx, model_config: GPTConfig, validate: bool 
 
 def batched_sequence_logps(
     params: dict, model_config: GPTConfig, pairs: Sequence, pad_id: int, batch_size: int,
-    backend: Backend, average: bool = False,
+    backend: Backend, average: bool = False, share_prompt: bool = False, pack: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """log pi(y_w|x) and log pi(y_l|x) for every pair, in minibatches, on the host.
 
     Returns (chosen_logps (N,), rejected_logps (N,)) as float64 NumPy arrays (read-outs): one
-    device read-back a minibatch (the token ids are checked once, on the host, first)."""
+    device read-back a minibatch (the token ids are checked once, on the host, first).
+    ``share_prompt`` / ``pack``: the minibatches in minidpo.packing's layout (same numbers)."""
     check_token_ids(pairs, model_config.vocab_size, "preference pair")
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
+        if share_prompt or pack:
+            pb = pack_preferences(chunk, pad_id, share_prompt, pack, backend=backend, average=average)
+            logps = to_numpy(packed_logps(params, model_config, pb)).astype(np.float64)  # (2n,)
+            chosen.append(logps[: len(chunk)])
+            rejected.append(logps[len(chunk) :])
+            continue
         batch = collate_preferences(chunk, pad_id, backend=backend)
         logits = inference_logits(params, batch["input_ids"], model_config, validate=False)  # (2n, T, V)
         logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average,
@@ -170,7 +183,8 @@ def evaluate_preferences(
 ) -> dict:
     """The DPO loss and the preference metrics (rewards/accuracies, margins, ...) on held-out
     pairs, as host floats; keys are prefixed with ``eval/``."""
-    pc, pr = batched_sequence_logps(policy, model_config, pairs, pad_id, tc.eval_batch_size, backend, tc.average_logps)
+    pc, pr = batched_sequence_logps(policy, model_config, pairs, pad_id, tc.eval_batch_size, backend, tc.average_logps,
+                                    tc.share_prompt, tc.pack)
     out = dpo_loss(pc, pr, ref_chosen, ref_rejected, beta=tc.beta, loss_type=tc.loss_type,
                    label_smoothing=tc.label_smoothing, reference_free=tc.reference_free)
     m = {"loss": float(np.mean(out.losses))}
@@ -279,7 +293,8 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 # options that may change between an interrupted run and its resumption without a warning
-_RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "save_every", "eval_batch_size"}
+_RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "save_every", "eval_batch_size",
+                      "share_prompt", "pack"}  # the layout changes float32 round-off only
 
 
 @dataclass
@@ -441,10 +456,12 @@ def train_sft(
         check_token_ids(eval_items, model_config.vocab_size, "held-out SFT")
 
     def make_batch(idx):
+        if tc.pack:
+            return pack_sft([items[i] for i in idx], pad_id, backend=backend)
         return collate_sft([items[i] for i in idx], pad_id, backend=backend)
 
     def step_fn(p, batch):
-        loss, grads = sft_step(p, model_config, batch)
+        loss, grads = packed_sft_step(p, model_config, batch) if tc.pack else sft_step(p, model_config, batch)
         return loss, {}, grads
 
     eval_fn = None
@@ -453,10 +470,13 @@ def train_sft(
             tot, ntok = 0.0, 0
             for s in range(0, len(eval_items), tc.eval_batch_size):
                 chunk = list(eval_items[s : s + tc.eval_batch_size])
-                batch = collate_sft(chunk, pad_id, backend=backend)
-                logits = inference_logits(p, batch["input_ids"], model_config, validate=False)  # ids checked above
-                logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], validate=False)
-                del logits
+                if tc.pack:
+                    logps = packed_logps(p, model_config, pack_sft(chunk, pad_id, backend=backend))
+                else:
+                    batch = collate_sft(chunk, pad_id, backend=backend)
+                    logits = inference_logits(p, batch["input_ids"], model_config, validate=False)  # ids checked above
+                    logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], validate=False)
+                    del logits
                 tot += float(logps.sum())  # one read-back a chunk
                 ntok += sum(len(t.response_ids) for t in chunk)  # the loss mask's tokens, counted on the host
             nll = -tot / max(ntok, 1)
@@ -484,11 +504,23 @@ def train_dpo(
         check_token_ids(eval_pairs, model_config.vocab_size, "held-out preference pair")
     if tc.cache_reference:
         ref_c, ref_r = batched_sequence_logps(reference, model_config, pairs, pad_id, tc.eval_batch_size,
-                                              backend, tc.average_logps)
+                                              backend, tc.average_logps, tc.share_prompt, tc.pack)
         ref_c = backend.asarray(ref_c.astype(np.float32))
         ref_r = backend.asarray(ref_r.astype(np.float32))
 
+    packed = tc.share_prompt or tc.pack
+
     def make_batch(idx):
+        if packed:
+            pb = pack_preferences([pairs[i] for i in idx], pad_id, tc.share_prompt, tc.pack, backend=backend,
+                                  average=tc.average_logps)
+            if tc.cache_reference:
+                didx = backend.asarray(idx)
+                ref = ref_c[didx], ref_r[didx]
+            else:
+                logps = packed_logps(reference, model_config, pb)  # (2N,)
+                ref = logps[: len(idx)], logps[len(idx) :]
+            return {"packed": pb, "ref_chosen": ref[0], "ref_rejected": ref[1]}
         batch = collate_preferences([pairs[i] for i in idx], pad_id, backend=backend)
         if tc.cache_reference:
             didx = backend.asarray(idx)
@@ -503,12 +535,14 @@ def train_dpo(
         return batch
 
     def step_fn(p, batch):
+        if packed:
+            return packed_dpo_step(p, model_config, batch["packed"], batch["ref_chosen"], batch["ref_rejected"], tc)
         return dpo_step(p, model_config, batch, batch["ref_chosen"], batch["ref_rejected"], tc)
 
     eval_fn = None
     if eval_pairs:
         e_ref_c, e_ref_r = batched_sequence_logps(reference, model_config, eval_pairs, pad_id, tc.eval_batch_size,
-                                                  backend, tc.average_logps)
+                                                  backend, tc.average_logps, tc.share_prompt, tc.pack)
 
         def eval_fn(p):
             return evaluate_preferences(p, model_config, eval_pairs, e_ref_c, e_ref_r, pad_id, tc, backend)
