@@ -78,7 +78,7 @@ def _train_config(args, **extra):
     kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
               schedule=args.schedule, weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
               log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
-              eval_batch_size=args.eval_batch_size, progress=not args.no_progress)
+              eval_batch_size=args.eval_batch_size, progress=not args.no_progress, pack=not args.no_pack)
     kw.update(extra)
     return TrainConfig(**kw)
 
@@ -182,7 +182,8 @@ def cmd_dpo(args) -> None:
         pairs, eval_pairs = _split_eval(pairs, args)
     average = args.average_logps or (args.loss == "ipo" and average_logps_for("ipo"))
     tc = _train_config(args, beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
-                       rpo_alpha=args.rpo_alpha, reference_free=args.reference_free, average_logps=average, cache_reference=not args.recompute_reference)
+                       rpo_alpha=args.rpo_alpha, reference_free=args.reference_free, average_logps=average, cache_reference=not args.recompute_reference,
+                       share_prompt=not args.no_share_prompt)
     print(f"DPO: {len(pairs)} training / {len(eval_pairs)} held-out pairs; beta={args.beta} loss={args.loss}; "
           f"device {backend.device}")
     _save_tokenizer(tokenizer, out)
@@ -228,9 +229,9 @@ def cmd_eval(args) -> None:
     pairs = _preference_pairs(args.data, tokenizer, config, args)
     tc = TrainConfig(beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
                      reference_free=args.reference_free, average_logps=args.average_logps,
-                     eval_batch_size=args.batch_size)
+                     eval_batch_size=args.batch_size, share_prompt=not args.no_share_prompt, pack=not args.no_pack)
     rc, rr = batched_sequence_logps(reference, config, pairs, tokenizer.pad_id, args.batch_size, backend,
-                                    args.average_logps)
+                                    args.average_logps, tc.share_prompt, tc.pack)
     m = evaluate_preferences(policy, config, pairs, rc, rr, tokenizer.pad_id, tc, backend)
     m = {"n_pairs": len(pairs), **{k[5:]: v for k, v in m.items()}}
     print(json.dumps(m, indent=2))
@@ -317,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--eval-batch-size", type=int, default=16,
                         help="pairs (or sequences) per no-gradient forward pass: reference log-probs, held-out eval")
         sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+        sp.add_argument("--no-pack", action="store_true", help=_NO_PACK_HELP)
 
     sp = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on text/JSONL files")
     sp.add_argument("--corpus", nargs="+", required=True, help=".txt (one document a line) or .jsonl files")
@@ -366,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ref", required=True)
     sp.add_argument("--data", required=True)
     sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--no-pack", action="store_true", help=_NO_PACK_HELP)
     _dpo_options(sp)
     sp.set_defaults(func=cmd_eval)
 
@@ -390,7 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_NO_PACK_HELP = ("pad every sequence to the longest of its batch instead of packing sequences into rows "
+                 "(same numbers; packing skips the padding's work)")
+
+
 def _dpo_options(sp) -> None:
+    sp.add_argument("--no-share-prompt", action="store_true",
+                    help="run each prompt twice, [x; y_w] and [x; y_l], instead of once per pair with both "
+                         "responses after it under a block mask (same numbers; sharing skips the repeat)")
     sp.add_argument("--beta", type=float, default=0.1,
                     help="beta: strength of the KL leash to pi_ref (eq. 3/7); smaller lets the policy move further")
     sp.add_argument("--loss", default="sigmoid", choices=["sigmoid", "robust", "ipo", "hinge"], help=LOSS_HELP)

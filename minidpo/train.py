@@ -52,7 +52,7 @@ from .losses import dpo_loss, preference_metrics
 from .model import GPTConfig, gpt_backward, gpt_forward, gpt_forward_kv, init_kv_cache
 from .optim import AdamW, clip_grad_norm, lr_at
 from .packed_model import packed_dpo_step, packed_logps, packed_sft_step
-from .packing import pack_preferences, pack_sft
+from .packing import PackedBatch, pack_preferences, pack_sft
 
 
 class NonFiniteError(RuntimeError):
@@ -202,7 +202,12 @@ def dpo_step(params: dict, model_config: GPTConfig, batch: dict, ref_chosen, ref
 
     batch: ``input_ids`` (2N, T) int, ``loss_mask`` (2N, T) bool; rows [chosen; rejected].
     ref_chosen, ref_rejected: (N,) device arrays of log pi_ref(y|x), constants.
-    Returns (loss (0-d device array), metrics dict of 0-d device arrays, grads dict)."""
+    Returns (loss (0-d device array), metrics dict of 0-d device arrays, grads dict).
+
+    A batch {"packed": packing.PackedBatch} (shared prompts, packed rows) runs
+    packed_model.packed_dpo_step: the same loss and gradients."""
+    if "packed" in batch:
+        return packed_dpo_step(params, model_config, batch["packed"], ref_chosen, ref_rejected, tc)
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     n = input_ids.shape[0] // 2
     # token ids and non-empty responses were checked once for the whole dataset
@@ -235,7 +240,10 @@ def sft_step(params: dict, model_config: GPTConfig, batch: dict):
     """Negative log-likelihood of the response tokens (per-token mean over the batch).
 
     batch: ``input_ids`` (B, T) int, ``loss_mask`` (B, T) bool over response tokens.
-    Returns (loss (0-d device array), grads dict)."""
+    Returns (loss (0-d device array), grads dict). A packing.PackedBatch runs
+    packed_model.packed_sft_step (the same loss and gradients)."""
+    if isinstance(batch, PackedBatch):
+        return packed_sft_step(params, model_config, batch)
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     logits, model_cache = gpt_forward(params, input_ids, model_config, validate=False)  # (B, T, V)
     logps, lp_cache = sequence_logps(logits, input_ids, loss_mask, validate=False)  # (B,) summed
@@ -461,7 +469,7 @@ def train_sft(
         return collate_sft([items[i] for i in idx], pad_id, backend=backend)
 
     def step_fn(p, batch):
-        loss, grads = packed_sft_step(p, model_config, batch) if tc.pack else sft_step(p, model_config, batch)
+        loss, grads = sft_step(p, model_config, batch)
         return loss, {}, grads
 
     eval_fn = None
@@ -535,8 +543,6 @@ def train_dpo(
         return batch
 
     def step_fn(p, batch):
-        if packed:
-            return packed_dpo_step(p, model_config, batch["packed"], batch["ref_chosen"], batch["ref_rejected"], tc)
         return dpo_step(p, model_config, batch, batch["ref_chosen"], batch["ref_rejected"], tc)
 
     eval_fn = None

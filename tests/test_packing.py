@@ -290,3 +290,66 @@ def test_packed_steps_on_cupy_equal_numpy(cuda_or_standin):
     c1, r1 = batched_sequence_logps(p_gpu, CFG, pairs, 0, 2, be, False, True, True)
     np.testing.assert_allclose(c1, c0, rtol=1e-10)
     np.testing.assert_allclose(r1, r0, rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loops, layout on and off
+
+
+@pytest.mark.parametrize("cache_reference", [True, False])
+def test_train_dpo_with_and_without_the_layout_agree(tmp_path, cache_reference):
+    from minidpo.train import train_dpo
+
+    rng = np.random.default_rng(9)
+    pairs, held = _pairs(rng, 24, 6, 6), _pairs(rng, 6, 6, 6)
+    ref = init_params(CFG, seed=4)
+    runs = {}
+    for on in (True, False):
+        policy = {k: v.copy() for k, v in ref.items()}
+        tc = TrainConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=1, log_every=2, eval_every=3, progress=False,
+                         cache_reference=cache_reference, share_prompt=on, pack=on)
+        res = train_dpo(policy, ref, CFG, pairs, 0, tc, tmp_path / str(on), eval_pairs=held)
+        runs[on] = res
+    a, b = runs[True], runs[False]
+    for k in a.params:  # float32 round-off apart after 6 AdamW steps, not more
+        np.testing.assert_allclose(a.params[k], b.params[k], rtol=0, atol=2e-4, err_msg=k)
+    for ra, rb in zip(a.history, b.history):
+        for key in ra:
+            if key.startswith(("loss", "eval/loss", "rewards/accuracies")):
+                assert ra[key] == pytest.approx(rb[key], rel=1e-3, abs=1e-4), key
+    assert any(p > 1e-3 for p in (np.abs(a.params[k] - ref[k]).max() for k in ref))  # it trained
+
+
+def test_train_sft_with_and_without_packing_agree(tmp_path):
+    from minidpo.train import train_sft
+
+    rng = np.random.default_rng(10)
+    items = [TokenizedSFT(rng.integers(0, 37, int(rng.integers(1, 8))).tolist(),
+                          rng.integers(0, 37, int(rng.integers(1, 10))).tolist()) for _ in range(30)]
+    runs = {}
+    for on in (True, False):
+        params = init_params(CFG, seed=6)
+        tc = TrainConfig(steps=5, batch_size=6, lr=1e-2, warmup_steps=1, log_every=1, eval_every=5, progress=False,
+                         pack=on)
+        runs[on] = train_sft(params, CFG, items, 0, tc, tmp_path / str(on), eval_items=items[:7])
+    for k in runs[True].params:
+        np.testing.assert_allclose(runs[True].params[k], runs[False].params[k], rtol=0, atol=2e-4, err_msg=k)
+    ev = [[r["eval/nll"] for r in runs[on].history if "eval/nll" in r] for on in (True, False)]
+    assert len(ev[0]) == 2 and ev[0] == pytest.approx(ev[1], rel=1e-5)
+
+
+def test_cli_flags_turn_the_layout_off():
+    from minidpo.cli import _train_config, build_parser
+
+    ap = build_parser()
+    base = ["dpo", "--data", "d.jsonl", "--model", "m", "--out", "o"]
+    args = ap.parse_args(base)
+    tc = _train_config(args, share_prompt=not args.no_share_prompt)
+    assert tc.pack and tc.share_prompt
+    args = ap.parse_args(base + ["--no-pack", "--no-share-prompt"])
+    tc = _train_config(args, share_prompt=not args.no_share_prompt)
+    assert not tc.pack and not tc.share_prompt
+    args = ap.parse_args(["sft", "--data", "d.jsonl", "--out", "o", "--no-pack"])
+    assert not _train_config(args).pack
+    args = ap.parse_args(["eval", "--policy", "p", "--ref", "r", "--data", "d", "--no-pack", "--no-share-prompt"])
+    assert args.no_pack and args.no_share_prompt
