@@ -148,7 +148,8 @@ class PackedBatch:
     score_src, score_labels, score_example: (M,) int64 (the module docstring's index maps).
     score_weight: (E, M) of ``dtype``: logps = score_weight @ lp (the sum of each example's
         token log-probs, or their mean with average=True); built on the host.
-    token_counts: (E,) int64 on the device, and ``host_token_counts`` the same on the host.
+    token_counts: (E,) int64 on the device, and ``host_token_counts`` the same on the host;
+        ``host_example`` is score_example on the host.
     blocks: :func:`query_blocks` (host ints).
     n_examples: E. n_tokens: real tokens in the rows; n_padded: R * L.
     """
@@ -162,6 +163,7 @@ class PackedBatch:
     score_example: object
     token_counts: object
     host_token_counts: np.ndarray
+    host_example: np.ndarray
     blocks: list
     n_examples: int
     n_tokens: int
@@ -178,7 +180,7 @@ class PackedBatch:
         key = np.dtype(dtype).str
         if key not in self._weights:
             E, M = self.n_examples, int(self.score_src.shape[0])
-            ex = self._host_example
+            ex = self.host_example
             w = np.zeros((E, M), dtype=dtype)
             val = np.ones(M, dtype=np.float64)
             if self.average:
@@ -251,9 +253,8 @@ def pack_sequences(seqs: list[Sequence], n_examples: int, pad_id: int, pack: boo
         return a if be is None else be.asarray(a, dtype=a.dtype)
 
     pb = PackedBatch(dev(ids), dev(pos), dev(seq_id), dev(branch), dev(src), dev(labels), dev(example),
-                     dev(counts), counts, query_blocks(L, seq_start, block), int(n_examples),
+                     dev(counts), counts, example, query_blocks(L, seq_start, block), int(n_examples),
                      int(lengths.sum()), R * L, bool(average))
-    pb._host_example = example
     return pb
 
 

@@ -16,6 +16,11 @@ One DPO step (:func:`dpo_step`), with N preference pairs and B = 2N rows:
     dlogits = sequence_logps_backward(dlogps, ...)                    # (2N, T, V)
     grads  = gpt_backward(dlogits, ...)                               # same keys as params
 
+Layout (minidpo.packing, packed_model). By default (``share_prompt``, ``pack``) the batch is not
+the padded (2N, T) above: each pair runs its prompt once with both responses after it under a
+block mask, and the sequences are packed into rows instead of padded; the loss, log-probs and
+gradients are those of the padded batch (tests/test_packing.py), for less work.
+
 The reference log-probs log pi_ref(y|x) are constants of each example, so by default they are
 computed once, before training, and cached (``TrainConfig.cache_reference=True``); the
 alternative recomputes them every step, which costs one extra forward pass per step and gives
