@@ -476,14 +476,16 @@ class TorchStep:
         return self.impl.policy.params_numpy()
 
 
-LAYOUTS = {"padded": None, "shared": (True, False), "shared_packed": (True, True), "packed": (False, True)}
+LAYOUTS = {"padded": None, "padded_scored": (False, False), "packed": (False, True), "shared": (True, False),
+           "shared_packed": (True, True)}
 
 
 class LayoutStep(MinidpoStep):
     """minidpo's step on one batch layout (minidpo.packing): ``padded`` is train.dpo_step on the
-    right-padded batch (MinidpoStep itself); ``shared`` runs the prompt once per pair with both
-    responses after it under a block mask; ``shared_packed`` also packs those sequences into rows;
-    ``packed`` packs the 2N unshared rows. The shared and packed steps are
+    right-padded batch (MinidpoStep itself); ``padded_scored`` the same 2N padded rows through
+    packed_model (logits only at the scored positions: what the layout saves beyond sharing and
+    packing); ``packed`` packs the 2N rows; ``shared`` runs the prompt once per pair with both
+    responses after it under a block mask; ``shared_packed`` also packs those sequences into rows. The shared and packed steps are
     packed_model.packed_dpo_step (what train_dpo runs with share_prompt / pack); their phase split
     repeats its lines with a clock mark in between."""
 

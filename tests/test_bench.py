@@ -142,10 +142,10 @@ def test_long_prompt_batch_has_its_drawn_lengths():
 
 
 def test_layout_gate_passes_and_catches_a_leaky_mask(cpu, monkeypatch):
-    gate = bs.layout_gate(MICRO_LP, cpu, ["padded", "shared", "shared_packed", "packed"])
+    gate = bs.layout_gate(MICRO_LP, cpu, list(bs.LAYOUTS))
     assert gate["passed"], gate["failures"]
     n_params = len(bs.make_params(MICRO_LP)[0])
-    assert gate["n_checked"] == 3 * (3 + n_params)
+    assert gate["n_checked"] == (len(bs.LAYOUTS) - 1) * (3 + n_params)
     import minidpo.packed_model as pm
     from minidpo.packing import attention_allowed
 
