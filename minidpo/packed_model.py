@@ -191,6 +191,9 @@ def packed_forward(params, config: GPTConfig, batch: PackedBatch, *, keep_cache:
         cache: for :func:`packed_backward` (None when keep_cache is False).
     """
     xp, dtype = check_params(params, config)
+    if batch.max_position >= config.n_ctx:  # a host int: no device read-back
+        raise ValueError(f"a sequence of the batch reaches position {batch.max_position}, beyond the model's "
+                         f"n_ctx={config.n_ctx}; truncate the data to max_length <= n_ctx")
     idx, pos = batch.input_ids, batch.position_ids
     R, L = idx.shape
     H, eps = config.n_head, config.layer_norm_epsilon

@@ -152,6 +152,7 @@ class PackedBatch:
         ``host_example`` is score_example on the host.
     blocks: :func:`query_blocks` (host ints).
     n_examples: E. n_tokens: real tokens in the rows; n_padded: R * L.
+    max_position: the largest position id (host int; the model's n_ctx must exceed it).
     """
 
     input_ids: object
@@ -168,6 +169,7 @@ class PackedBatch:
     n_examples: int
     n_tokens: int
     n_padded: int
+    max_position: int = 0
     average: bool = False
     _weights: dict = field(default_factory=dict, repr=False)
 
@@ -254,7 +256,7 @@ def pack_sequences(seqs: list[Sequence], n_examples: int, pad_id: int, pack: boo
 
     pb = PackedBatch(dev(ids), dev(pos), dev(seq_id), dev(branch), dev(src), dev(labels), dev(example),
                      dev(counts), counts, example, query_blocks(L, seq_start, block), int(n_examples),
-                     int(lengths.sum()), R * L, bool(average))
+                     int(lengths.sum()), R * L, int(pos.max()), bool(average))
     return pb
 
 

@@ -106,6 +106,17 @@ def test_empty_response_and_prompt_are_refused():
         pack_sft([TokenizedSFT([1], [])], 0)
 
 
+def test_positions_beyond_n_ctx_are_refused(params64):
+    long = TokenizedPair(list(range(1, 20)), [1, 2, 3, 4, 5, 6], [7])  # positions up to 24 > n_ctx 24 - 1
+    pb = pack_preferences([long], 0)
+    assert pb.max_position == 24
+    with pytest.raises(ValueError, match="beyond the model's n_ctx=24"):
+        packed_dpo_step(params64, CFG, pb, np.zeros(1), np.zeros(1), TrainConfig())
+    ok = pack_preferences([TokenizedPair(list(range(1, 19)), [1, 2, 3, 4, 5, 6], [7])], 0)  # shared row of 25
+    assert ok.max_position == 23 and ok.shape[1] == 25  # longer than n_ctx as a row, fine as positions
+    packed_dpo_step(params64, CFG, ok, np.zeros(1), np.zeros(1), TrainConfig())
+
+
 def test_query_blocks_skip_only_masked_keys():
     seq_start = np.array([[0, 0, 0, 3, 3, 3, 3, 7], [0, 0, 2, 2, 2, 2, 2, 2]])
     assert query_blocks(8, seq_start, block=4) == [(0, 4, 0), (4, 8, 2)]
