@@ -38,10 +38,13 @@ def _pairs(rng, n, max_p=6, max_r=6):
 
 
 def _assert_grads_equal(g0, g1, rtol=1e-10):
+    """Each gradient to rtol, entries near 0 judged on the scale of the largest gradient entry of
+    the step (a whole tensor may be ~1e-9 where the loss is saturated)."""
     assert list(g0) == list(g1)
+    top = max(float(np.abs(g).max()) for g in g0.values())
     for k in g0:
         assert g1[k].dtype == g0[k].dtype, k
-        scale = max(float(np.abs(g0[k]).max()), 1e-300)
+        scale = max(float(np.abs(g0[k]).max()), 1e-6 * top, 1e-300)
         np.testing.assert_allclose(g1[k], g0[k], rtol=rtol, atol=rtol * scale, err_msg=k)
 
 
@@ -185,6 +188,15 @@ def params64():
     return init_params(CFG, seed=3, dtype=np.float64)
 
 
+def _near_policy_reference(params, pairs, rng):
+    """Reference log-probs within ~1 of the policy's: the DPO loss is then far from saturation
+    and the gradients are O(beta), so comparing them to rtol 1e-10 means something."""
+    from minidpo.backend import Backend
+
+    pc, pr = batched_sequence_logps(params, CFG, pairs, 0, 8, Backend("cpu"))
+    return pc + rng.standard_normal(len(pairs)), pr + rng.standard_normal(len(pairs))
+
+
 @settings(max_examples=20)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 4), layout=st.sampled_from(LAYOUTS),
        max_p=st.sampled_from([1, 3, 8]), max_r=st.sampled_from([1, 2, 7]))
@@ -193,7 +205,7 @@ def test_packed_dpo_step_equals_the_padded_step(params64, seed, n, layout, max_p
     rng = np.random.default_rng(seed)
     pairs = _pairs(rng, n, max_p, max_r)
     tc = TrainConfig(beta=0.3)
-    ref_c, ref_r = rng.standard_normal(n) - 5, rng.standard_normal(n) - 5
+    ref_c, ref_r = _near_policy_reference(params64, pairs, rng)
     loss0, m0, g0 = dpo_step(params64, CFG, collate_preferences(pairs, 0), ref_c, ref_r, tc)
     pb = pack_preferences(pairs, 0, *layout)
     loss1, m1, g1 = packed_dpo_step(params64, CFG, pb, ref_c, ref_r, tc)
@@ -210,7 +222,7 @@ def test_packed_dpo_step_equals_the_padded_step_for_the_variants(params64, kw):
     rng = np.random.default_rng(7)
     pairs = _pairs(rng, 3, 5, 5)
     tc = TrainConfig(beta=0.2, **kw)
-    ref_c, ref_r = rng.standard_normal(3) - 3, rng.standard_normal(3) - 3
+    ref_c, ref_r = _near_policy_reference(params64, pairs, rng)
     loss0, _, g0 = dpo_step(params64, CFG, collate_preferences(pairs, 0), ref_c, ref_r, tc)
     pb = pack_preferences(pairs, 0, average=tc.average_logps)
     loss1, _, g1 = packed_dpo_step(params64, CFG, pb, ref_c, ref_r, tc)
