@@ -77,6 +77,10 @@ class BenchConfig:
     gpu_only: bool = False
     cpu_steps: int | None = None
     cpu_warmup: int | None = None
+    # long-prompt (HH-style) batches: each pair draws its prompt length from prompt_range and each
+    # response's from response_range (inclusive); None: make_batch's random fill of T
+    prompt_range: tuple[int, int] | None = None
+    response_range: tuple[int, int] | None = None
 
     @property
     def rows(self) -> int:
@@ -99,8 +103,14 @@ CONFIGS = {
     "C0": BenchConfig("C0", n_layer=4, n_embd=128, n_head=4, T=64, vocab=512, pairs=16),
     "C1": BenchConfig("C1", n_layer=6, n_embd=384, n_head=6, T=256, vocab=8192, pairs=16, cpu_steps=6, cpu_warmup=1),
     "C2": BenchConfig("C2", n_layer=12, n_embd=768, n_head=12, T=512, vocab=50257, pairs=8, gpu_only=True),
+    # long prompts, shorter responses of varied lengths (HH-style): C1's model, prompts of 64-192
+    # tokens, each response 8-64; the padded batch is as long as its longest prompt + response
+    "LP": BenchConfig("LP", n_layer=6, n_embd=384, n_head=6, T=256, vocab=8192, pairs=16, cpu_steps=5, cpu_warmup=1,
+                      prompt_range=(64, 192), response_range=(8, 64)),
     # a few-millisecond shape for the tests (not in the default list)
     "micro": BenchConfig("micro", n_layer=2, n_embd=32, n_head=2, T=16, vocab=64, pairs=2),
+    "micro-lp": BenchConfig("micro-lp", n_layer=2, n_embd=32, n_head=2, T=16, vocab=64, pairs=3,
+                            prompt_range=(1, 8), response_range=(1, 8)),
 }
 DEFAULT_STEPS, DEFAULT_WARMUP = 20, 2
 HPARAMS = dict(beta=0.1, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, grad_clip=1.0)
@@ -129,6 +139,11 @@ def make_batch(cfg: BenchConfig, seed: int = 0):
     Returns:
         input_ids: (2N, T) int64, 0 = pad; loss_mask: (2N, T) bool over response tokens.
     """
+    if cfg.prompt_range is not None:
+        from minidpo.data import collate_preferences
+
+        b = collate_preferences(make_pairs(cfg, seed), pad_id=0)
+        return b["input_ids"], b["loss_mask"]
     rng = np.random.default_rng(seed)
     N, T, V = cfg.pairs, cfg.T, cfg.vocab
     ids = np.zeros((2 * N, T), dtype=np.int64)
@@ -142,6 +157,23 @@ def make_batch(cfg: BenchConfig, seed: int = 0):
             ids[row, lp:lp + lr] = rng.integers(1, V, lr)
             mask[row, lp:lp + lr] = True
     return ids, mask
+
+
+def make_pairs(cfg: BenchConfig, seed: int = 0) -> list:
+    """N tokenized pairs of a long-prompt config (minidpo.data.TokenizedPair, random token ids
+    1..V-1): prompt length uniform in cfg.prompt_range, each response's in cfg.response_range."""
+    from minidpo.data import TokenizedPair
+
+    rng = np.random.default_rng(seed)
+    (p0, p1), (r0, r1) = cfg.prompt_range, cfg.response_range
+    if p1 + r1 > cfg.T:
+        raise ValueError(f"{cfg.name}: prompt_range + response_range exceed T={cfg.T}")
+    out = []
+    for _ in range(cfg.pairs):
+        P, C, R = int(rng.integers(p0, p1 + 1)), int(rng.integers(r0, r1 + 1)), int(rng.integers(r0, r1 + 1))
+        out.append(TokenizedPair(rng.integers(1, cfg.vocab, P).tolist(), rng.integers(1, cfg.vocab, C).tolist(),
+                                 rng.integers(1, cfg.vocab, R).tolist()))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +462,210 @@ class TorchStep:
 
     def params_numpy(self):
         return self.impl.policy.params_numpy()
+
+
+LAYOUTS = {"padded": None, "padded_scored": (False, False), "packed": (False, True), "shared": (True, False),
+           "shared_packed": (True, True)}
+
+
+class LayoutStep(MinidpoStep):
+    """minidpo's step on one batch layout (minidpo.packing): ``padded`` is train.dpo_step on the
+    right-padded batch (MinidpoStep itself); ``padded_scored`` the same 2N padded rows through
+    packed_model (logits only at the scored positions: what the layout saves beyond sharing and
+    packing); ``packed`` packs the 2N rows; ``shared`` runs the prompt once per pair with both
+    responses after it under a block mask; ``shared_packed`` also packs those sequences into rows. The shared and packed steps are
+    packed_model.packed_dpo_step (what train_dpo runs with share_prompt / pack); their phase split
+    repeats its lines with a clock mark in between."""
+
+    def __init__(self, cfg, policy, reference, device, layout: str, pairs):
+        super().__init__(cfg, policy, reference, device)
+        self.layout, self.pairs = layout, pairs
+        self.name = "minidpo " + layout
+
+    def batch(self, ids, mask):
+        if self.layout == "padded":
+            return super().batch(ids, mask)
+        from minidpo.packing import pack_preferences
+
+        share, pack = LAYOUTS[self.layout]
+        backend = None if self.device.xp is np else self.device.backend
+        return (pack_preferences(self.pairs, 0, share, pack, backend=backend),)
+
+    def reference_logps(self, *b):
+        if self.layout == "padded":
+            return super().reference_logps(*b)
+        from minidpo.packed_model import packed_logps
+
+        return packed_logps(self.reference, self.mc, b[0])
+
+    def loss_and_grads(self, *b, clock=None):
+        if b and isinstance(b[-1], (Clock, _NoClock)):  # MinidpoStep.step passes it positionally
+            b, clock = b[:-1], b[-1]
+        clock = clock or _NoClock()
+        if self.layout == "padded":
+            return super().loss_and_grads(*b, clock=clock)
+        from minidpo.losses import dpo_loss
+        from minidpo.packed_model import packed_backward, packed_forward, scored_logps, scored_logps_backward
+
+        pb, ref_logps = b
+        xp = self.device.xp
+        n = pb.n_examples // 2
+        logits, cache = packed_forward(self.params, self.mc, pb)  # (M, V)
+        clock.mark("forward")
+        logps, lp_cache = scored_logps(logits, pb)
+        del logits
+        out = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], beta=HPARAMS["beta"])
+        clock.mark("logps_loss")
+        dlogps = xp.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps])
+        grads = packed_backward(scored_logps_backward(dlogps, lp_cache, overwrite_logits=True), cache)
+        clock.mark("backward")
+        return out.losses.mean(), logps, grads
+
+    def step(self, *b, ref_logps=None, clock=None):
+        if self.layout == "padded":
+            return super().step(*b, ref_logps=ref_logps, clock=clock)
+        if clock is None:
+            from minidpo.packed_model import packed_dpo_step
+
+            n = b[0].n_examples // 2
+            loss, _, grads = packed_dpo_step(self.params, self.mc, b[0], ref_logps[:n], ref_logps[n:], self.tc)
+        else:
+            loss, _, grads = self.loss_and_grads(*b, ref_logps, clock=clock)
+        self.clip_and_update(grads)
+        if clock is not None:
+            clock.mark("optimizer")
+        return loss
+
+
+def layout_gate(cfg: BenchConfig, device: Device, layouts, seed: int = 0, rtol: float | None = None) -> dict:
+    """Each layout's step against the padded minidpo step (which the torch gate checks), same
+    parameters, same pairs, float32: loss, policy log-probs and every gradient, under the torch
+    gate's tolerances. Returns {"passed", "failures", "worst", "n_checked"}."""
+    from minidpo.backend import to_numpy
+
+    rtol = GATE_RTOL if rtol is None else rtol
+    policy, reference = make_params(cfg, seed)
+    pairs = make_pairs(cfg, seed)
+    ids, mask = make_batch(cfg, seed)
+    pad = LayoutStep(cfg, policy, reference, device, "padded", pairs)
+    b0 = pad.batch(ids, mask)
+    ref0 = pad.reference_logps(*b0)
+    loss0, lp0, g0 = pad.loss_and_grads(*b0, ref0)
+    g0 = {k: to_numpy(v).copy() for k, v in g0.items()}
+    failures, worst, n = [], [], 0
+    for layout in layouts:
+        if layout == "padded":
+            continue
+        impl = LayoutStep(cfg, policy, reference, device, layout, pairs)
+        b = impl.batch(ids, mask)
+        ref = impl.reference_logps(*b)
+        _compare(f"{layout} reference logps", to_numpy(ref), to_numpy(ref0), rtol, 1e-6, failures, worst)
+        loss, lp, g = impl.loss_and_grads(*b, ref0)
+        _compare(f"{layout} loss", to_numpy(loss), to_numpy(loss0), rtol, 1e-6, failures, worst)
+        _compare(f"{layout} policy logps", to_numpy(lp), to_numpy(lp0), rtol, 1e-6, failures, worst)
+        for k in g0:
+            _compare(f"{layout} grad {k}", to_numpy(g[k]), g0[k], rtol, default_atol_scale(cfg), failures, worst)
+        n += 3 + len(g0)
+    worst.sort(reverse=True)
+    return {"passed": not failures, "failures": failures, "worst": worst[:5], "n_checked": n}
+
+
+def time_layouts(cfg: BenchConfig, device: Device, layouts, steps: int, warmup: int, attn_impl: str,
+                 seed: int = 0, phase_steps: int = 2, gap: float = 0.0) -> dict:
+    """minidpo in each of ``layouts`` and torch (padded) on the same pairs, interleaved A B C D A
+    B C D ..., cached reference (the reference log-probs of each layout are timed separately, in the
+    phase steps, as "reference": the once-per-dataset cache pass). Returns, per implementation,
+    what :func:`time_pair` returns, plus the layout's row and token counts."""
+    policy, reference = make_params(cfg, seed)
+    pairs = make_pairs(cfg, seed)
+    ids, mask = make_batch(cfg, seed)
+    impls = [LayoutStep(cfg, policy, reference, device, lay, pairs) for lay in layouts]
+    impls.append(TorchStep(cfg, policy, reference, device, attn_impl))
+    impls[-1].name = "torch padded"
+    batches = [impl.batch(ids, mask) for impl in impls]
+    refs = [impl.reference_logps(*b) for impl, b in zip(impls, batches)]
+    times = {impl.name: [] for impl in impls}
+    phases = {impl.name: [] for impl in impls}
+    clock = Clock(device, sync_each=False)
+    for i in range(warmup + steps):
+        for impl, b, r in zip(impls, batches, refs):
+            if gap:
+                time.sleep(gap)
+            clock.start()
+            impl.step(*b, ref_logps=r)
+            dt = clock.stop()
+            if i >= warmup:
+                times[impl.name].append(dt)
+    pclock = Clock(device, sync_each=True)
+    for _ in range(phase_steps):
+        for impl, b, r in zip(impls, batches, refs):
+            if gap:
+                time.sleep(gap)
+            pclock.start()
+            impl.reference_logps(*b)
+            pclock.mark("reference")
+            impl.step(*b, ref_logps=r, clock=pclock)
+            pclock.stop()
+            phases[impl.name].append(dict(pclock.phases))
+    out = {}
+    real = int(mask.sum() + sum(len(p.prompt_ids) for p in pairs) * 2)  # the padded rows' non-pad tokens
+    for impl, b, r in zip(impls, batches, refs):
+        mem = device.peak_memory_mb(lambda: impl.step(*b, ref_logps=r), "torch" if impl is impls[-1] else "minidpo")
+        ts = times[impl.name]
+        shape = tuple(b[0].shape) if hasattr(b[0], "shape") else tuple(ids.shape)
+        out[impl.name] = {
+            "median_ms": statistics.median(ts) * 1e3, "p10_ms": _percentile(ts, 10) * 1e3,
+            "p90_ms": _percentile(ts, 90) * 1e3, "times_ms": [t * 1e3 for t in ts],
+            "phases_ms": {p: statistics.median([d.get(p, 0.0) for d in phases[impl.name]]) * 1e3 for p in PHASES},
+            "peak_mem_mb": mem[0], "mem_method": mem[1], "rows_x_len": list(shape),
+            "positions": int(np.prod(shape)), "pair_tokens": real,
+            "tokens_per_s": real / statistics.median(ts),
+        }
+    return out
+
+
+def layout_rows(cfg: BenchConfig, device: Device, res: dict, layouts, steps, warmup, threads, gap) -> list[dict]:
+    """One row per layout: minidpo in that layout against torch padded, from one interleaved run;
+    ``speedup_vs_padded`` = minidpo padded ms / this layout's ms."""
+    torch_r = res["torch padded"]
+    pad_ms = res["minidpo padded"]["median_ms"] if "padded" in layouts else None
+    rows = []
+    for lay in layouts:
+        m = res["minidpo " + lay]
+        rows.append({
+            "config": cfg.name, "device": device.kind, "mode": device.mode, "step": "cached_ref", "layout": lay,
+            "kernels": device.kernels, "numpy_hugepage": numpy_hugepage(),
+            "minidpo_ms": m["median_ms"], "torch_ms": torch_r["median_ms"], "ratio": m["median_ms"] / torch_r["median_ms"],
+            "speedup_vs_padded": None if pad_ms is None else pad_ms / m["median_ms"],
+            "shape": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head, "vocab": cfg.vocab,
+                      "pairs": cfg.pairs, "prompt_range": list(cfg.prompt_range),
+                      "response_range": list(cfg.response_range)},
+            "steps": steps, "warmup": warmup, "threads": threads, "gap_s": gap,
+            "minidpo": m, "torch": torch_r,
+        })
+    return rows
+
+
+def format_layout_table(rows: list[dict]) -> str:
+    head = (f"{'config':6} {'layout':14} {'rows x len':>10} {'minidpo ms':>11} {'(p10-p90)':>17} {'torch pad ms':>12} "
+            f"{'vs torch':>8} {'vs padded':>9} {'ref ms':>8} {'fwd':>7} {'loss':>6} {'bwd':>7} {'opt':>6} {'MB':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        m = r["minidpo"]
+        ph = m["phases_ms"]
+        sp = "-" if r["speedup_vs_padded"] is None else f"{r['speedup_vs_padded']:.2f}x"
+        lines.append(f"{r['config']:6} {r['layout']:14} {'x'.join(map(str, m['rows_x_len'])):>10} {m['median_ms']:11.1f} "
+                     f"{'(%.1f-%.1f)' % (m['p10_ms'], m['p90_ms']):>17} {r['torch_ms']:12.1f} {r['ratio']:8.2f} {sp:>9} "
+                     f"{ph['reference']:8.1f} {ph['forward']:7.1f} {ph['logps_loss']:6.1f} {ph['backward']:7.1f} "
+                     f"{ph['optimizer']:6.1f} {m['peak_mem_mb']:6.0f}")
+    if rows:
+        t = rows[0]["torch"]
+        ph = t["phases_ms"]
+        lines.append(f"{rows[0]['config']:6} {'torch padded':14} {'x'.join(map(str, t['rows_x_len'])):>10} "
+                     f"{t['median_ms']:11.1f} {'(%.1f-%.1f)' % (t['p10_ms'], t['p90_ms']):>17} {t['median_ms']:12.1f} "
+                     f"{1.0:8.2f} {'':>9} {ph['reference']:8.1f} {ph['forward']:7.1f} {ph['logps_loss']:6.1f} "
+                     f"{ph['backward']:7.1f} {ph['optimizer']:6.1f} {t['peak_mem_mb']:6.0f}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,7 +1002,7 @@ def results_path(out_dir: Path, device: Device) -> Path:
     return Path(out_dir) / f"{device.kind}-{_slug(device.name())}.json"
 
 
-ROW_KEYS = ("config", "device", "mode", "step", "kernels", "numpy_hugepage")
+ROW_KEYS = ("config", "device", "mode", "step", "kernels", "numpy_hugepage", "layout")
 
 
 def write_results(path: Path, machine: dict, rows: list[dict], gates: list[dict]) -> dict:
@@ -781,7 +1017,7 @@ def write_results(path: Path, machine: dict, rows: list[dict], gates: list[dict]
             doc["gates"] = list(old.get("gates", []))
         except (OSError, ValueError):
             pass
-    new_keys = {tuple(r[k] for k in ROW_KEYS) for r in rows}
+    new_keys = {tuple(r.get(k) for k in ROW_KEYS) for r in rows}
     doc["rows"] = [r for r in doc["rows"] if tuple(r.get(k) for k in ROW_KEYS) not in new_keys] + rows
     gk = ("config", "device", "mode", "kernels", "numpy_hugepage")
     gate_keys = {tuple(g.get(k) for k in gk) for g in gates}
@@ -826,6 +1062,8 @@ def markdown_table(doc: dict) -> str:
             "torch ms (p10-p90)", "ratio", "minidpo tok/s", "torch tok/s", "minidpo % of ceiling",
             "torch % of ceiling", "minidpo MB", "torch MB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    layout_rows_ = [r for r in doc["rows"] if r.get("layout")]
+    doc = dict(doc, rows=[r for r in doc["rows"] if not r.get("layout")])
     for r in doc["rows"]:
         m, t = r["minidpo"], r["torch"]
         kern = ("on" if r.get("kernels") else "off") if r["device"] == "cuda" else "-"
@@ -844,6 +1082,29 @@ def markdown_table(doc: dict) -> str:
             cells = [r["config"], r["mode"], kern, r.get("numpy_hugepage", "-"), r["step"], impl]
             cells += [f"{ph[p]:.1f}" if p in ph else "-" for p in PHASES]
             lines.append("| " + " | ".join(cells) + " |")
+    if layout_rows_:
+        lines += ["", markdown_layout_table(layout_rows_)]
+    return "\n".join(lines)
+
+
+def markdown_layout_table(rows: list[dict]) -> str:
+    """Rows of --layouts runs: one per layout, then torch padded from the same run."""
+    head = ["config", "threads", "layout", "rows x len", "step ms (p10-p90)", "vs minidpo padded", "vs torch padded",
+            "pair tokens/s", "reference ms", "forward ms", "logps_loss ms", "backward ms", "optimizer ms", "MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def line(r, name, m, vs_pad, vs_torch):
+        ph = m["phases_ms"]
+        return "| " + " | ".join([r["config"], str(r["threads"]), name, "x".join(map(str, m["rows_x_len"])),
+                                  f"{m['median_ms']:.0f} ({m['p10_ms']:.0f}-{m['p90_ms']:.0f})", vs_pad, vs_torch,
+                                  f"{m['tokens_per_s']:.0f}"] + [f"{ph[p]:.0f}" for p in PHASES]
+                                 + [f"{m['peak_mem_mb']:.0f}"]) + " |"
+
+    for i, r in enumerate(rows):
+        sp = "-" if r.get("speedup_vs_padded") is None else f"**{r['speedup_vs_padded']:.2f}x**"
+        lines.append(line(r, "minidpo " + r["layout"], r["minidpo"], sp, f"{1 / r['ratio']:.2f}x"))
+        if i + 1 == len(rows) or rows[i + 1]["torch"] != r["torch"]:  # the run's torch padded, once
+            lines.append(line(r, "torch padded", r["torch"], "", "1.00x"))
     return "\n".join(lines)
 
 
@@ -903,6 +1164,10 @@ def parse_args(argv=None):
     ap.add_argument("--show", metavar="JSON", help="print a results file as a Markdown table and exit")
     ap.add_argument("--no-kernels", action="store_true",
                     help="cuda: run minidpo's array code instead of its fused kernels (rows get kernels=false)")
+    ap.add_argument("--layouts", default=None,
+                    help="long-prompt configs (LP): time minidpo in these batch layouts, comma-separated among "
+                         f"{','.join(LAYOUTS)}, against torch padded, interleaved, cached reference (one row a "
+                         "layout) instead of the full/cached_ref rows")
     args = ap.parse_args(argv)
     names = (args.configs or ("C0,C1,C2" if args.device == "cuda" else "C0,C1")).split(",")
     bad = [n for n in names if n not in CONFIGS]
@@ -914,6 +1179,14 @@ def parse_args(argv=None):
         ap.error(f"config(s) {gpu_only} are GPU-only (GPT-2 124M shape); use --device cuda")
     if args.device == "cpu" and args.mode != "fp32":
         ap.error("--mode tf32 needs --device cuda")
+    args.layout_list = args.layouts.split(",") if args.layouts else None
+    if args.layout_list:
+        bad = [x for x in args.layout_list if x not in LAYOUTS]
+        if bad:
+            ap.error(f"unknown layout(s) {bad}; choose among {list(LAYOUTS)}")
+        flat = [c.name for c in args.config_list if c.prompt_range is None]
+        if flat:
+            ap.error(f"--layouts needs long-prompt configs (pairs with their own lengths), not {flat}")
     args.variant_list = args.variants.split(",")
     if not args.variant_list or any(v not in ("full", "cached_ref") for v in args.variant_list):
         ap.error(f"--variants takes full and/or cached_ref, got {args.variants!r}")
@@ -980,6 +1253,16 @@ def run(args) -> int:
             return 1
         if tf32:
             print("#   (tf32: a loose sanity gate, rtol 5e-2; the rtol 1e-4 gate is the fp32 run's)")
+        if args.layout_list:
+            lg = layout_gate(cfg, device, args.layout_list, rtol=5e-2 if tf32 else GATE_RTOL)
+            worst = ", ".join(f"{n} {r:.2f}" for r, n in lg["worst"][:3])
+            print(f"# layout gate {cfg.name} ({', '.join(args.layout_list)} vs minidpo padded): "
+                  f"{'PASS' if lg['passed'] else 'FAIL'} ({lg['n_checked']} checks; largest error/tolerance: {worst})")
+            if not lg["passed"]:
+                for f in lg["failures"][:20]:
+                    print("#   " + f)
+                print("layout gate failed: a layout changes the numbers; no timings reported", file=sys.stderr)
+                return 1
     if args.gate_only:
         return 0
 
@@ -998,6 +1281,17 @@ def run(args) -> int:
         warmup = args.warmup if args.warmup is not None else (
             cfg.cpu_warmup if device.kind == "cpu" and cfg.cpu_warmup is not None else DEFAULT_WARMUP)
         n_params = num_params(make_params(cfg)[0])
+        if args.layout_list:
+            t0 = time.perf_counter()
+            gap = args.gap if args.gap is not None else (0.2 if device.kind == "cpu" else 0.0)
+            res = time_layouts(cfg, device, args.layout_list, steps, warmup, args.attn, gap=gap,
+                               phase_steps=2 if device.kind == "cpu" and cfg.cpu_steps else 3)
+            lrows = layout_rows(cfg, device, res, args.layout_list, steps, warmup, threads, gap)
+            rows += lrows
+            print(f"# {cfg.name} layouts: " + ", ".join(f"{r['layout']} {r['minidpo_ms']:.1f} ms" for r in lrows)
+                  + f", torch padded {lrows[0]['torch_ms']:.1f} ms ({steps} steps + {warmup} warm-up each, "
+                  f"{time.perf_counter() - t0:.0f} s)")
+            continue
         for variant in args.variant_list:
             t0 = time.perf_counter()
             gap = args.gap if args.gap is not None else (0.2 if device.kind == "cpu" else 0.0)
@@ -1009,7 +1303,11 @@ def run(args) -> int:
                   f"ratio {row['ratio']:.2f} ({steps} steps + {warmup} warm-up each, {time.perf_counter() - t0:.0f} s)")
     machine["load_avg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print()
-    print(format_table(rows))
+    if any(not r.get("layout") for r in rows):
+        print(format_table([r for r in rows if not r.get("layout")]))
+    if any(r.get("layout") for r in rows):
+        print()
+        print(format_layout_table([r for r in rows if r.get("layout")]))
     if not args.no_json:
         path = results_path(Path(args.out), device)
         write_results(path, machine, rows, gates)

@@ -644,8 +644,10 @@ def run_mode(mode: str, spec: RunSpec, backend: Backend, meter) -> dict:
     caching allows; train_dpo keeps them).
     """
     cfg = spec.config
+    # the padded (2N, T) layout this script's analytic model describes (share_prompt and pack
+    # lay batches out otherwise; bench/bench_step.py --layouts measures them)
     tc = TrainConfig(steps=spec.steps, batch_size=spec.pairs, eval_batch_size=spec.eval_batch_pairs,
-                     cache_reference=mode == "cached")
+                     cache_reference=mode == "cached", share_prompt=False, pack=False)
     pairs = synthetic_pairs(spec.pairs, spec.seq, spec.prompt, cfg.vocab_size, seed=spec.seed)
     eval_pairs = synthetic_pairs(spec.eval_pairs, spec.seq, spec.prompt, cfg.vocab_size, seed=spec.seed + 1)
     gc.collect()

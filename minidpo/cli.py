@@ -137,7 +137,7 @@ def _train_config(args, **extra):
                schedule=args.schedule, weight_decay=args.weight_decay, adam_betas=args.adam_betas,
                grad_clip=args.grad_clip, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
                save_every=args.save_every, eval_batch_size=args.eval_batch_size, progress=not args.no_progress,
-               plain=args.plain)
+               plain=args.plain, pack=not args.no_pack)
     kw.update(extra)
     return TrainConfig(**kw)
 
@@ -308,7 +308,8 @@ def cmd_dpo(args) -> int:
     ref_path = args.ref or args.model
     tc = _train_config(args, beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
                        rpo_alpha=args.rpo_alpha, reference_free=args.reference_free,
-                       average_logps=_average_logps(args), cache_reference=not args.recompute_reference)
+                       average_logps=_average_logps(args), cache_reference=not args.recompute_reference,
+                       share_prompt=not args.no_share_prompt)
     for what, path in (("--ref" if args.ref else "--model", ref_path), ("--policy", args.policy)):
         stopped = _unfinished(path) if path else None
         if stopped and not args.allow_unfinished_ref:
@@ -419,14 +420,14 @@ def cmd_eval(args) -> int:
     backend = get_backend(args.device)
     tc = TrainConfig(beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
                      reference_free=args.reference_free, average_logps=_average_logps(args),
-                     eval_batch_size=args.batch_size)
+                     eval_batch_size=args.batch_size, share_prompt=not args.no_share_prompt, pack=not args.no_pack)
     policy, config, tokenizer = load_model(args.policy, backend)
     reference, rconfig, _ = load_model(args.ref, backend)
     if rconfig != config:
         _die("--policy and --ref have different model configs")
     pairs = _preference_pairs(args.data, tokenizer, config, args)
     rc, rr = batched_sequence_logps(reference, config, pairs, tokenizer.pad_id, args.batch_size, backend,
-                                    tc.average_logps)
+                                    tc.average_logps, share_prompt=tc.share_prompt, pack=tc.pack)
     m = evaluate_preferences(policy, config, pairs, rc, rr, tokenizer.pad_id, tc, backend)
     m = {"n_pairs": len(pairs), "average_logps": tc.average_logps, **{k[5:]: v for k, v in m.items()}}
     print(json.dumps(m, indent=2))
@@ -602,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
         sp.add_argument("--zero1", action="store_true",
                         help="under mpiexec -n K: shard the AdamW moments across the K ranks (ZeRO-1)")
+        sp.add_argument("--no-pack", action="store_true", help=_NO_PACK_HELP)
 
     sp = add("tokenizer", help="train a byte-level BPE tokenizer on text/JSONL files")
     sp.add_argument("--corpus", nargs="+", required=True, help=".txt (one document a line) or .jsonl files")
@@ -664,6 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ref", required=True, help="the reference pi_ref")
     sp.add_argument("--data", required=True, help="preference JSONL")
     sp.add_argument("--batch-size", type=_int_at_least(1), default=32, help="pairs per forward pass")
+    sp.add_argument("--no-pack", action="store_true", help=_NO_PACK_HELP)
     _dpo_options(sp, train=False)
     sp.set_defaults(func=cmd_eval)
 
@@ -690,7 +693,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_NO_PACK_HELP = ("pad every sequence to the longest of its batch instead of packing sequences into rows "
+                 "(same numbers; packing skips the padding's work)")
+
+
 def _dpo_options(sp, train: bool) -> None:
+    sp.add_argument("--no-share-prompt", action="store_true",
+                    help="run each prompt twice, [x; y_w] and [x; y_l], instead of once per pair with both "
+                         "responses after it under a block mask (same numbers; sharing skips the repeat)")
     sp.add_argument("--beta", type=_float_in(0, INF, lo_open=True, hi_open=True), default=0.1,
                     help="beta: strength of the KL leash to pi_ref (eq. 3/7); smaller lets the policy move further")
     sp.add_argument("--loss", default="sigmoid", choices=["sigmoid", "robust", "ipo", "hinge"], help=LOSS_HELP)

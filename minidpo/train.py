@@ -16,6 +16,11 @@ One DPO step (:func:`dpo_step`), with N preference pairs and B = 2N rows:
     dlogits = sequence_logps_backward(dlogps, ...)                    # (2N, T, V)
     grads  = gpt_backward(dlogits, ...)                               # same keys as params
 
+Layout (minidpo.packing, packed_model). By default (``share_prompt``, ``pack``) the batch is not
+the padded (2N, T) above: each pair runs its prompt once with both responses after it under a
+block mask, and the sequences are packed into rows instead of padded; the loss, log-probs and
+gradients are those of the padded batch (tests/test_packing.py), for less work.
+
 The reference log-probs log pi_ref(y|x) are constants of each example, so by default they are
 computed once, before training, and cached (``TrainConfig.cache_reference=True``); the
 alternative recomputes them every step, which costs one extra forward pass per step and gives
@@ -72,6 +77,8 @@ from .distributed import (SingleProcess, all_reduce_step, collective, local_shar
 from .losses import dpo_loss, preference_metrics
 from .model import GPTConfig, gpt_backward, gpt_forward
 from .optim import AdamW, clip_grad_norm, lr_at
+from .packed_model import packed_dpo_step, packed_sft_step
+from .packing import pack_preferences, pack_sft, packed_of
 from .scoring import batch_logps, batched_sequence_logps, chunked_logps
 
 
@@ -88,7 +95,8 @@ class RunFolderError(ValueError):
 
 # options of TrainConfig that change what training computes; the others (logging, evaluation
 # and checkpoint cadence, the progress bar) may change between an interrupted run and its resumption
-_BOOKKEEPING = ("progress", "log_every", "eval_every", "save_every", "eval_batch_size")
+_BOOKKEEPING = ("progress", "log_every", "eval_every", "save_every", "eval_batch_size",
+                "share_prompt", "pack")  # the batch layout: the same numbers to float32 round-off
 
 
 @dataclass
@@ -123,6 +131,10 @@ class TrainConfig:
     reference_free: bool = False  # treat log pi_ref as 0 (the reference-free variant)
     average_logps: bool = False  # per-token mean log-probs (IPO's official convention)
     cache_reference: bool = True
+    # layout (minidpo.packing): the prompt once per pair, and sequences packed into rows instead
+    # of padded to the longest; the same numbers as the padded batch, less work
+    share_prompt: bool = True  # DPO: [x | y_w | y_l] with a block mask (policy, reference, eval)
+    pack: bool = True  # SFT and DPO: sequences packed into rows, block-diagonal mask
     progress: bool = True
     plain: bool = False  # run the plain reference (layers.py, logprobs.py) instead of the fast paths
 
@@ -210,9 +222,10 @@ def evaluate_preferences(
 ) -> dict:
     """The DPO loss and the preference metrics (rewards/accuracies, margins, ...) on held-out
     pairs, as host floats; keys are prefixed with ``eval/``. With a ``comm`` of K ranks the
-    log-probs are computed in shares and gathered: every rank returns the same numbers."""
+    log-probs are computed in shares and gathered: every rank returns the same numbers. The
+    batches are laid out as ``tc.share_prompt`` / ``tc.pack`` say (the same numbers)."""
     pc, pr = batched_sequence_logps(policy, model_config, pairs, pad_id, tc.eval_batch_size, backend, tc.average_logps,
-                                    comm=comm)
+                                    comm=comm, share_prompt=tc.share_prompt, pack=tc.pack)
     out = dpo_loss(pc, pr, ref_chosen, ref_rejected, beta=tc.beta, loss_type=tc.loss_type,
                    label_smoothing=tc.label_smoothing, reference_free=tc.reference_free)
     m = {"loss": float(np.mean(out.losses))}
@@ -230,7 +243,13 @@ def dpo_step(params: dict, model_config: GPTConfig, batch: dict, ref_chosen, ref
 
     batch: ``input_ids`` (2N, T) int, ``loss_mask`` (2N, T) bool; rows [chosen; rejected].
     ref_chosen, ref_rejected: (N,) device arrays of log pi_ref(y|x), constants.
-    Returns (loss (0-d device array), metrics dict of 0-d device arrays, grads dict)."""
+    Returns (loss (0-d device array), metrics dict of 0-d device arrays, grads dict).
+
+    A packed batch, {"packed": packing.PackedBatch} or the PackedBatch itself (shared prompts,
+    packed rows), runs packed_model.packed_dpo_step: the same loss and gradients."""
+    packed = packed_of(batch)
+    if packed is not None:
+        return packed_dpo_step(params, model_config, packed, ref_chosen, ref_rejected, tc)
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     n = input_ids.shape[0] // 2
     # token ids and non-empty responses were checked once for the whole dataset
@@ -264,7 +283,11 @@ def sft_step(params: dict, model_config: GPTConfig, batch: dict):
     """Negative log-likelihood of the response tokens (per-token mean over the batch).
 
     batch: ``input_ids`` (B, T) int, ``loss_mask`` (B, T) bool over response tokens.
-    Returns (loss (0-d device array), grads dict)."""
+    Returns (loss (0-d device array), grads dict). A packed batch, {"packed": packing.PackedBatch}
+    or the PackedBatch itself, runs packed_model.packed_sft_step (the same loss and gradients)."""
+    packed = packed_of(batch)
+    if packed is not None:
+        return packed_sft_step(params, model_config, packed)
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
     logits, model_cache = gpt_forward(params, input_ids, model_config, validate=False)  # (B, T, V)
     ops = fast.ops()
@@ -836,7 +859,10 @@ def train_sft(
 
     def make_batch(idx):
         idx, weight = local_shard(idx, comm, item_tokens)  # this rank's share of the global batch
-        batch = collate_sft([items[i] for i in idx], pad_id, backend=backend)
+        chunk = [items[i] for i in idx]
+        if tc.pack:  # this rank's share packed into rows (sft_step runs packed_sft_step)
+            return {"packed": pack_sft(chunk, pad_id, backend=backend), "shard_weight": weight}
+        batch = collate_sft(chunk, pad_id, backend=backend)
         batch["shard_weight"] = weight
         return batch
 
@@ -850,7 +876,8 @@ def train_sft(
         def eval_fn(p):
             tot, ntok = 0.0, 0
             lo, hi = (0, len(eval_items)) if comm.size == 1 else shard_range(len(eval_items), comm.rank, comm.size)
-            for logps, counts in chunked_logps(p, model_config, eval_items[lo:hi], collate_sft, pad_id,
+            collate = pack_sft if tc.pack else collate_sft  # packing: this rank's share in packed rows
+            for logps, counts in chunked_logps(p, model_config, eval_items[lo:hi], collate, pad_id,
                                                tc.eval_batch_size, backend):
                 tot += float(logps.sum())  # host arrays: one read-back a chunk
                 ntok += int(counts.sum())
@@ -891,21 +918,29 @@ def train_dpo(
     if eval_pairs:
         check_token_ids(eval_pairs, model_config.vocab_size, "held-out preference pair")
     cache: dict = {}
+    layout = dict(share_prompt=tc.share_prompt, pack=tc.pack)
 
     def prepare():
         show = "reference log-probs" if tc.progress else None
         if tc.cache_reference:
             c, r = batched_sequence_logps(reference, model_config, pairs, pad_id, tc.eval_batch_size, backend,
-                                          tc.average_logps, desc=show, comm=comm)
+                                          tc.average_logps, desc=show, comm=comm, **layout)
             cache["c"], cache["r"] = backend.asarray(c.astype(np.float32)), backend.asarray(r.astype(np.float32))
         if eval_pairs:
             cache["eval"] = batched_sequence_logps(reference, model_config, eval_pairs, pad_id, tc.eval_batch_size,
                                                    backend, tc.average_logps, desc=show and "held-out " + show,
-                                                   comm=comm)
+                                                   comm=comm, **layout)
+
+    packed = tc.share_prompt or tc.pack
 
     def make_batch(idx):
         idx, weight = local_shard(idx, comm)  # this rank's share of the global batch
-        batch = collate_preferences([pairs[i] for i in idx], pad_id, backend=backend)
+        chunk = [pairs[i] for i in idx]
+        if packed:  # this rank's share, prompts shared and/or packed (dpo_step runs packed_dpo_step)
+            batch = {"packed": pack_preferences(chunk, pad_id, tc.share_prompt, tc.pack, backend=backend,
+                                                average=tc.average_logps)}
+        else:
+            batch = collate_preferences(chunk, pad_id, backend=backend)
         if tc.cache_reference:
             didx = backend.asarray(idx)
             batch["ref_chosen"], batch["ref_rejected"] = cache["c"][didx], cache["r"][didx]

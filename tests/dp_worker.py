@@ -63,10 +63,16 @@ def main(argv=None) -> int:
     ap.add_argument("--nan-rank", type=int, default=-1, help="this rank's loss and gradients become NaN ...")
     ap.add_argument("--nan-step", type=int, default=-1, help="... in this step")
     ap.add_argument("--recompute-reference", action="store_true")
+    ap.add_argument("--float64", action="store_true",
+                    help="train in float64: K ranks and one process then agree to ~1e-12, so the comparison "
+                         "sees the sharding and weighting themselves, not float32 round-off amplified by AdamW")
+    ap.add_argument("--no-pack", action="store_true", help="padded batches (TrainConfig.pack=False)")
+    ap.add_argument("--no-share-prompt", action="store_true", help="TrainConfig.share_prompt=False")
     ap.add_argument("--seed-by-rank", action="store_true", help="initialise each rank differently (an error)")
     args = ap.parse_args(argv)
 
     comm = distributed.from_environment("cpu", zero1=args.zero1)
+    dt = np.float64 if args.float64 else np.float32  # the training dtype, kept in the trace
     out = Path(args.out)
     trace: dict = {}
     calls = {"n": 0}
@@ -75,7 +81,7 @@ def main(argv=None) -> int:
     def recording_clip(grads, max_norm):  # the gradients after the all-reduce, before clipping
         s = calls["n"] - 1  # this step's index (sft_step/dpo_step counted it already)
         for k, g in grads.items():
-            trace[f"grad/{s}/{k}"] = np.array(g, dtype=np.float32, copy=True)
+            trace[f"grad/{s}/{k}"] = np.array(g, dtype=dt, copy=True)
         if args.sleep:
             time.sleep(args.sleep)
         return real_clip(grads, max_norm)
@@ -104,8 +110,9 @@ def main(argv=None) -> int:
 
     tc = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=3e-3, warmup_steps=1, grad_clip=1.0,
                            weight_decay=0.1, seed=0, log_every=1, eval_every=2, save_every=args.save_every,
-                           eval_batch_size=4, progress=False)
-    params = init_params(CONFIG, "cpu", seed=comm.rank if args.seed_by_rank else 0)
+                           eval_batch_size=4, progress=False, pack=not args.no_pack,
+                           share_prompt=not args.no_share_prompt)
+    params = init_params(CONFIG, "cpu", seed=comm.rank if args.seed_by_rank else 0, dtype=dt)
     # after every step the params are recorded by wrapping the optimizer's step
     real_make = train.make_optimizer
 
@@ -116,7 +123,7 @@ def main(argv=None) -> int:
         def step(params_, grads_, lr=None):
             real_step(params_, grads_, lr=lr)
             for k, v in params_.items():
-                trace[f"param/{calls['n'] - 1}/{k}"] = np.array(v, dtype=np.float32, copy=True)
+                trace[f"param/{calls['n'] - 1}/{k}"] = np.array(v, dtype=dt, copy=True)
 
         opt.step = step
         if hasattr(opt, "state_bytes"):
@@ -130,8 +137,8 @@ def main(argv=None) -> int:
         items = sft_items(args.n_items)
         res = train.train_sft(params, CONFIG, items, 0, tc, out, eval_items=sft_items(7, seed=9), comm=comm)
     else:
-        reference = init_params(CONFIG, "cpu", seed=0)
-        policy = init_params(CONFIG, "cpu", seed=5)
+        reference = init_params(CONFIG, "cpu", seed=0, dtype=dt)
+        policy = init_params(CONFIG, "cpu", seed=5, dtype=dt)
         tc.beta = 0.5
         tc.cache_reference = not args.recompute_reference
         res = train.train_dpo(policy, reference, CONFIG, pairs(args.n_items), 0, tc, out,
@@ -139,7 +146,7 @@ def main(argv=None) -> int:
     trace["final_step"] = np.array(res.step, dtype=np.int64)
     trace["stopped_early"] = np.array(res.stopped_early)
     for k, v in res.params.items():
-        trace[f"final/{k}"] = np.array(v, dtype=np.float32, copy=True)
+        trace[f"final/{k}"] = np.array(v, dtype=dt, copy=True)
     for h in res.history:
         for k, v in h.items():
             if isinstance(v, float):

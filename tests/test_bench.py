@@ -126,3 +126,51 @@ def test_bad_arguments_are_refused():
         bs.parse_args(["--steps", "0"])
     args = bs.parse_args(["--configs", "C0,C1"])
     assert [c.name for c in args.config_list] == ["C0", "C1"]
+
+
+MICRO_LP = bs.CONFIGS["micro-lp"]
+
+
+def test_long_prompt_batch_has_its_drawn_lengths():
+    pairs = bs.make_pairs(bs.CONFIGS["LP"], seed=0)
+    assert len(pairs) == 16
+    assert all(64 <= len(p.prompt_ids) <= 192 and 8 <= len(p.chosen_ids) <= 64 and 8 <= len(p.rejected_ids) <= 64
+               for p in pairs)
+    ids, mask = bs.make_batch(bs.CONFIGS["LP"], seed=0)
+    assert ids.shape[0] == 32 and ids.shape[1] == max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+                                                      for p in pairs)
+
+
+def test_layout_gate_passes_and_catches_a_leaky_mask(cpu, monkeypatch):
+    gate = bs.layout_gate(MICRO_LP, cpu, list(bs.LAYOUTS))
+    assert gate["passed"], gate["failures"]
+    n_params = len(bs.make_params(MICRO_LP)[0])
+    assert gate["n_checked"] == (len(bs.LAYOUTS) - 1) * (3 + n_params)
+    import minidpo.packed_model as pm
+    from minidpo.packing import attention_allowed
+
+    monkeypatch.setattr(pm, "attention_allowed", lambda s, b, xp=None: attention_allowed(s, b * 0, xp))
+    assert not bs.layout_gate(MICRO_LP, cpu, ["shared"])["passed"]
+
+
+def test_layout_run_writes_one_row_a_layout(tmp_path, capsys):
+    rc = bs.main(["--configs", "micro-lp", "--layouts", "padded,shared,shared_packed", "--steps", "2", "--warmup",
+                  "0", "--threads", "1", "--ceiling-n", "64", "--gap", "0", "--out", str(tmp_path)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "layout gate micro-lp" in printed and "PASS" in printed
+    (path,) = list(tmp_path.glob("cpu-*.json"))
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["layout"] for r in rows] == ["padded", "shared", "shared_packed"]
+    for r in rows:
+        assert r["speedup_vs_padded"] == pytest.approx(rows[0]["minidpo_ms"] / r["minidpo_ms"])
+        assert r["ratio"] == pytest.approx(r["minidpo_ms"] / r["torch_ms"])
+        assert set(r["minidpo"]["phases_ms"]) == set(bs.PHASES)
+    shared = rows[1]["minidpo"]
+    assert shared["rows_x_len"][0] == MICRO_LP.pairs  # one row a pair: the prompt once
+    assert rows[0]["minidpo"]["rows_x_len"][0] == 2 * MICRO_LP.pairs
+    assert bs.main(["--show", str(path)]) == 0
+    md = capsys.readouterr().out
+    assert "| micro-lp | 1 | minidpo shared_packed |" in md and md.count("torch padded") == 2  # header + row
+    with pytest.raises(SystemExit):
+        bs.parse_args(["--configs", "C0", "--layouts", "padded"])  # C0 has no per-pair lengths

@@ -268,9 +268,10 @@ def _pairs(n, rng, V=61):
 
 def _measure(cp, capsys=None):
     from minidpo.backend import Backend
-    from minidpo.data import collate_preferences
+    from minidpo.data import TokenizedSFT, collate_preferences
     from minidpo.generate import generate
     from minidpo.optim import AdamW, clip_grad_norm
+    from minidpo.packing import pack_preferences, pack_sft
     from minidpo.train import TrainConfig, dpo_step, evaluate_preferences, sft_step
 
     be = Backend("cuda")
@@ -282,15 +283,22 @@ def _measure(cp, capsys=None):
     counts = {}
     batch = collate_preferences(pairs[:4], pad_id=0, backend=be)
     ref = cp.asarray(rng.standard_normal(4).astype(np.float32))
-    for name, step in (("dpo", lambda: dpo_step(params, cfg, batch, ref, ref + 1, tc)),
-                       ("sft", lambda: (*sft_step(params, cfg, batch), None))):
+    # the packed layouts as train_dpo / train_sft build them (host arrays copied to the device)
+    packed_dpo = {"packed": pack_preferences(pairs[:4], 0, backend=be)}
+    packed_sft = {"packed": pack_sft([TokenizedSFT(p.prompt_ids, p.chosen_ids) for p in pairs[:4]], 0, backend=be)}
+    for name, b in (("dpo step", batch), ("sft step", batch), ("dpo step (packed)", packed_dpo),
+                    ("sft step (packed)", packed_sft)):
+        if name.startswith("dpo"):
+            step = lambda: dpo_step(params, cfg, b, ref, ref + 1, tc)  # noqa: E731
+        else:
+            step = lambda: (lambda r: (r[0], None, r[1]))(sft_step(params, cfg, b))  # noqa: E731
         step()  # the first call builds the kernels
         with S.counting() as c:
-            loss, _, grads = step() if name == "dpo" else (lambda r: (r[0], None, r[1]))(sft_step(params, cfg, batch))
+            loss, _, grads = step()
             gnorm = clip_grad_norm(grads, 1.0)
             finite = cp.isfinite(loss) & cp.isfinite(gnorm)
             opt.step(params, grads, lr=1e-3)
-        counts[f"{name} step"] = S.syncs(c)
+        counts[name] = S.syncs(c)
     with S.counting() as c:
         generate(params, cfg, [[1, 2, 3], [4, 5]], max_new_tokens=6, rng=np.random.default_rng(1), top_k=5)
     with S.counting() as c1:
@@ -300,6 +308,10 @@ def _measure(cp, capsys=None):
     with S.counting() as c:
         evaluate_preferences(params, cfg, pairs, ref_c, ref_c, 0, tc, be)
     counts["evaluation pass (8 pairs, chunks of 4)"] = S.syncs(c)
+    padded = TrainConfig(beta=0.1, eval_batch_size=4, share_prompt=False, pack=False)
+    with S.counting() as c:
+        evaluate_preferences(params, cfg, pairs, ref_c, ref_c, 0, padded, be)
+    counts["evaluation pass, padded (8 pairs, chunks of 4)"] = S.syncs(c)
     assert bool(finite)
     return counts
 
@@ -307,7 +319,10 @@ def _measure(cp, capsys=None):
 # The held numbers: raising one fails CI. A training step reads back nothing (metrics are
 # accumulated on the device and read once per log interval); a generated token reads back its
 # B sampled ids once; an evaluation pass reads back each chunk's log-probs once.
-HELD = {"dpo step": 0, "sft step": 0, "generated token": 1, "evaluation pass (8 pairs, chunks of 4)": 2}
+# The steps are measured on both layouts: collated and padded, and packed with shared prompts
+# (the default); the evaluation pass on the default layout and on the padded one.
+HELD = {"dpo step": 0, "sft step": 0, "dpo step (packed)": 0, "sft step (packed)": 0, "generated token": 1,
+        "evaluation pass (8 pairs, chunks of 4)": 2, "evaluation pass, padded (8 pairs, chunks of 4)": 2}
 
 
 def test_syncs_per_step_are_held(cp, capsys):

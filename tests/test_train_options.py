@@ -154,7 +154,8 @@ class Recorder:
         def step(params, model_config, batch, ref_chosen, ref_rejected, tc):
             before = {k: np.array(v, copy=True) for k, v in params.items()}
             out = original_step(params, model_config, batch, ref_chosen, ref_rejected, tc)
-            self.steps.append(dict(params=before, batch={k: np.array(v) for k, v in batch.items()},
+            kept = {k: v if k == "packed" else np.array(v) for k, v in batch.items()}  # packed: the PackedBatch
+            self.steps.append(dict(params=before, batch=kept,
                                    ref=(np.array(ref_chosen), np.array(ref_rejected)), loss=float(out[0])))
             return out
 
@@ -178,12 +179,27 @@ def run_dpo(tmp_path, monkeypatch, **opts):
     return rec, reference, tc
 
 
+@pytest.mark.parametrize("layout", [dict(), dict(share_prompt=False, pack=False)], ids=["packed", "padded"])
 @pytest.mark.parametrize("cache_reference", [True, False])
 @pytest.mark.parametrize("opts", [dict(), dict(loss_type="ipo", average_logps=True, beta=0.5)], ids=["dpo", "ipo"])
-def test_each_batch_gets_its_own_reference_logps_and_the_configured_loss(tmp_path, monkeypatch, cache_reference, opts):
-    rec, reference, tc = run_dpo(tmp_path, monkeypatch, cache_reference=cache_reference, **opts)
+def test_each_batch_gets_its_own_reference_logps_and_the_configured_loss(tmp_path, monkeypatch, cache_reference, opts,
+                                                                         layout):
+    """In either batch layout (the default packs shared-prompt sequences; the check's own forward
+    runs on the padded batch of the same pairs, batch_for_step's)."""
+    rec, reference, tc = run_dpo(tmp_path, monkeypatch, cache_reference=cache_reference, **opts, **layout)
     assert len(rec.steps) == 4
+    pairs = random_pairs(12, seed=8)  # run_dpo's
     for k, s in enumerate(rec.steps):
+        idx = T.batch_for_step(k, len(pairs), tc.batch_size, tc.seed)
+        padded = collate_preferences([pairs[i] for i in idx], pad_id=0)
+        if layout:  # the loop's batch is the padded batch of these pairs
+            np.testing.assert_array_equal(s["batch"]["input_ids"], padded["input_ids"])
+        else:  # the loop's batch lays out these pairs' tokens: each prompt once, both responses
+            pb = s["batch"]["packed"]
+            assert pb.n_examples == 2 * len(idx)
+            assert pb.n_tokens == sum(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)
+                                      for i in idx)
+        s = dict(s, batch=padded)
         ref, _ = logps_of(reference, s["batch"], tc.average_logps)  # a separate forward of the frozen reference
         n = len(ref) // 2
         np.testing.assert_allclose(s["ref"][0], ref[:n], rtol=2e-5, atol=2e-5, err_msg=f"step {k} chosen")
