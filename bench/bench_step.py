@@ -766,7 +766,9 @@ def results_path(out_dir: Path, device: Device) -> Path:
     return Path(out_dir) / f"{device.kind}-{_slug(device.name())}.json"
 
 
-ROW_KEYS = ("config", "device", "mode", "step", "kernels", "numpy_hugepage")
+ROW_KEYS = ("config", "device", "mode", "step", "kernels", "numpy_hugepage", "threads", "fast_threads")
+# fast_threads: minidpo.fast's thread pool for the elementwise passes (absent in rows measured
+# before it existed: those rows are kept as the baseline)
 
 
 def write_results(path: Path, machine: dict, rows: list[dict], gates: list[dict]) -> dict:
@@ -781,7 +783,7 @@ def write_results(path: Path, machine: dict, rows: list[dict], gates: list[dict]
             doc["gates"] = list(old.get("gates", []))
         except (OSError, ValueError):
             pass
-    new_keys = {tuple(r[k] for k in ROW_KEYS) for r in rows}
+    new_keys = {tuple(r.get(k) for k in ROW_KEYS) for r in rows}
     doc["rows"] = [r for r in doc["rows"] if tuple(r.get(k) for k in ROW_KEYS) not in new_keys] + rows
     gk = ("config", "device", "mode", "kernels", "numpy_hugepage")
     gate_keys = {tuple(g.get(k) for k in gk) for g in gates}
@@ -820,31 +822,49 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _fast_cell(r: dict) -> str:
+    """The fast threads column: the count, "-" on CUDA, "none" for rows from before the pool."""
+    if "fast_threads" not in r:
+        return "none" if r["device"] == "cpu" else "-"
+    return "-" if r["fast_threads"] is None else str(r["fast_threads"])
+
+
 def markdown_table(doc: dict) -> str:
     """The rows of a results JSON as a Markdown table (for bench/README.md)."""
-    cols = ["config", "device", "mode", "kernels", "NumPy hugepages", "step", "minidpo ms (p10-p90)",
+    cols = ["config", "device", "mode", "kernels", "NumPy hugepages", "threads", "fast threads", "step",
+            "minidpo ms (p10-p90)",
             "torch ms (p10-p90)", "ratio", "minidpo tok/s", "torch tok/s", "minidpo % of ceiling",
             "torch % of ceiling", "minidpo MB", "torch MB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in doc["rows"]:
         m, t = r["minidpo"], r["torch"]
         kern = ("on" if r.get("kernels") else "off") if r["device"] == "cuda" else "-"
-        cells = [r["config"], r["device"], r["mode"], kern, r.get("numpy_hugepage", "-"), r["step"],
+        cells = [r["config"], r["device"], r["mode"], kern, r.get("numpy_hugepage", "-"),
+                 str(r.get("threads", "-")), _fast_cell(r), r["step"],
                  f"{m['median_ms']:.1f} ({m['p10_ms']:.1f}-{m['p90_ms']:.1f})",
                  f"{t['median_ms']:.1f} ({t['p10_ms']:.1f}-{t['p90_ms']:.1f})", f"**{r['ratio']:.2f}**",
                  f"{m['tokens_per_s']:.0f}", f"{t['tokens_per_s']:.0f}", f"{100 * m['frac_of_ceiling']:.1f}",
                  f"{100 * t['frac_of_ceiling']:.1f}", f"{m['peak_mem_mb']:.0f}", f"{t['peak_mem_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    head = ["config", "mode", "kernels", "NumPy hugepages", "step", "impl"] + [f"{p} ms" for p in PHASES]
+    head = ["config", "mode", "kernels", "NumPy hugepages", "threads", "fast threads", "step", "impl"]
+    head += [f"{p} ms" for p in PHASES]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in doc["rows"]:
         kern = ("on" if r.get("kernels") else "off") if r["device"] == "cuda" else "-"
         for impl in ("minidpo", "torch"):
             ph = r[impl]["phases_ms"]
-            cells = [r["config"], r["mode"], kern, r.get("numpy_hugepage", "-"), r["step"], impl]
+            cells = [r["config"], r["mode"], kern, r.get("numpy_hugepage", "-"), str(r.get("threads", "-")),
+                     _fast_cell(r), r["step"], impl]
             cells += [f"{ph[p]:.1f}" if p in ph else "-" for p in PHASES]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _fast_threads(device: Device):
+    """minidpo.fast's CPU thread count (None on CUDA: the pool is not used there)."""
+    from minidpo import fast
+
+    return fast.get_threads() if device.kind == "cpu" else None
 
 
 def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params: int, ceiling: dict,
@@ -860,6 +880,7 @@ def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params
         "n_params": n_params, "tokens_per_step": cfg.tokens, "flops_per_step": flops,
         "matmul_ceiling_flops": ceiling["array_flops"], "torch_matmul_flops": ceiling["torch_flops"],
         "steps": steps, "warmup": warmup, "threads": threads, "gap_s": gap,
+        "fast_threads": _fast_threads(device),
     }
     for impl in ("minidpo", "torch"):
         r = dict(res[impl])
@@ -929,6 +950,9 @@ def run(args) -> int:
 
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
+    from minidpo import fast
+
+    fast.set_threads(threads)  # minidpo's elementwise passes get the threads torch's kernels get
     try:
         from threadpoolctl import threadpool_limits
 

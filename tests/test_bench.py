@@ -84,7 +84,7 @@ def test_run_writes_the_table_and_json_rows(tmp_path, capsys):
     assert doc["gates"][0]["passed"] and doc["gates"][0]["config"] == "micro"
     assert bs.main(["--show", str(path)]) == 0
     md = capsys.readouterr().out
-    assert md.count("| micro | cpu | fp32 |") == 2 and "| micro | fp32 | - | default | cached_ref | torch |" in md
+    assert md.count("| micro | cpu | fp32 |") == 2 and "| micro | fp32 | - | default | 1 | 1 | cached_ref | torch |" in md
 
 
 def test_results_merge_by_row_key(tmp_path):
