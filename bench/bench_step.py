@@ -706,8 +706,13 @@ def time_pair(cfg: BenchConfig, device: Device, variant: str, steps: int, warmup
 
 
 def numpy_hugepage() -> str:
-    """NumPy's transparent-hugepage advice for its large arrays, as the environment sets it:
-    "default" (on, on Linux) or "off" (NUMPY_MADVISE_HUGEPAGE=0 before NumPy was imported)."""
+    """NumPy's transparent-hugepage advice for its large arrays, as it is now: "default" (on, on
+    Linux) or "off" (NUMPY_MADVISE_HUGEPAGE=0 before NumPy was imported, or minidpo.fast.cpu_defaults,
+    which the CPU run calls, unless NUMPY_MADVISE_HUGEPAGE is set)."""
+    from minidpo import fast
+
+    if fast.hugepage_advice() is False:
+        return "off"
     return "off" if os.environ.get("NUMPY_MADVISE_HUGEPAGE", "").strip() == "0" else "default"
 
 
@@ -952,7 +957,8 @@ def run(args) -> int:
     torch.set_num_threads(threads)
     from minidpo import fast
 
-    fast.set_threads(threads)  # minidpo's elementwise passes get the threads torch's kernels get
+    if args.device == "cpu":  # what the CLI runs with: minidpo's elementwise passes get the threads
+        fast.cpu_defaults(threads)  # torch's kernels get; NumPy's hugepage advice off (see fast.py)
     try:
         from threadpoolctl import threadpool_limits
 

@@ -39,7 +39,7 @@ from .logprobs import log_softmax, log_softmax_backward, logsumexp
 
 __all__ = [
     "ops", "set_plain", "is_plain", "plain", "PLAIN", "FAST", "set_threads", "get_threads",
-    "default_threads", "parallel_for",
+    "default_threads", "parallel_for", "cpu_defaults", "hugepage_advice", "set_hugepage_advice",
     *layers.__all__, "sequence_logps", "sequence_logps_backward",
 ]
 
@@ -126,6 +126,39 @@ def _forget_pool() -> None:  # a forked child has none of the parent's threads
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _madvise():
+    """NumPy's multiarray module if it has the hugepage switch (NumPy >= 1.20 on Linux), else None."""
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    m = getattr(core, "multiarray", None)
+    return m if hasattr(m, "_set_madvise_hugepage") and hasattr(m, "_get_madvise_hugepage") else None
+
+
+def hugepage_advice() -> bool | None:
+    """Whether NumPy advises transparent hugepages for its large arrays now (None: no switch)."""
+    m = _madvise()
+    return None if m is None else bool(m._get_madvise_hugepage())
+
+
+def set_hugepage_advice(flag: bool) -> bool | None:
+    """Turn NumPy's hugepage advice on or off (the run-time form of NUMPY_MADVISE_HUGEPAGE);
+    returns the previous setting (None: this NumPy has no switch, nothing done)."""
+    m = _madvise()
+    return None if m is None else bool(m._set_madvise_hugepage(bool(flag)))
+
+
+def cpu_defaults(threads: int | None = None) -> None:
+    """The fast path's CPU settings, for a training or benchmark run (the CLI and bench/ call it):
+
+    - ``threads`` for the elementwise passes (:func:`set_threads`; None: every core);
+    - NumPy's transparent-hugepage advice off, unless NUMPY_MADVISE_HUGEPAGE is set. Every step
+      allocates fresh activation arrays; on a VM a hugepage fault may first compact memory, and
+      C1's step (bench/README.md) took 12.0 s with the advice and 8.8 s without (1 thread).
+    """
+    set_threads(threads)
+    if "NUMPY_MADVISE_HUGEPAGE" not in os.environ:
+        set_hugepage_advice(False)
 
 
 def _parts(n: int, row_size: int = 1, align: int = 1) -> list[slice]:

@@ -483,3 +483,22 @@ def test_blocked_adamw_gives_the_plain_update_bit_for_bit(monkeypatch, threads):
         for k in base:
             np.testing.assert_array_equal(a[k], b[k])
     assert not np.array_equal(out["fast"][0]["w"], base["w"])  # it did update
+
+
+def test_cpu_defaults_set_the_threads_and_hugepage_advice_unless_the_environment_says(monkeypatch):
+    if fast.hugepage_advice() is None:
+        pytest.skip("this NumPy has no hugepage switch")
+    old_threads, old_advice = fast._THREADS, fast.hugepage_advice()
+    try:
+        monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+        fast.set_hugepage_advice(True)
+        fast.cpu_defaults(3)
+        assert fast.get_threads() == 3 and fast.hugepage_advice() is False
+        monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")  # the user's explicit choice is kept
+        fast.set_hugepage_advice(True)
+        fast.cpu_defaults(None)
+        assert fast.get_threads() == fast.default_threads() and fast.hugepage_advice() is True
+        assert fast.set_hugepage_advice(False) is True and fast.hugepage_advice() is False
+    finally:
+        fast.set_threads(old_threads)
+        fast.set_hugepage_advice(old_advice)
