@@ -977,7 +977,7 @@ def run(args) -> int:
     if device.kind == "cuda":
         what += " kernels " + ("on" if device.kernels else "off")
     if numpy_hugepage() == "off":
-        what += " NUMPY_MADVISE_HUGEPAGE=0"
+        what += " NumPy hugepage advice off"
     print(f"# {what}: {device.name()} | numpy {np.__version__} | torch {torch.__version__} | "
           f"threads {threads} (torch {torch.get_num_threads()}) | load {machine['load_avg_1m']}")
     if isinstance(machine["threadpools"], list):

@@ -471,6 +471,31 @@ def _softmax_lastaxis_(s):
     return s
 
 
+def _biased_softmax_(att, bias):
+    """att += bias; softmax over the last axis; in place. att (..., nq, L), bias None or
+    broadcastable to att. On NumPy with a contiguous att and a bias of at most 2 dims, in blocks
+    of whole (nq, L) matrices that fit in L2, so the five passes read the cache, not memory."""
+    xp = get_array_module(att)
+    if (xp is not np or not att.flags.c_contiguous or (bias is not None and bias.ndim > 2) or att.ndim < 2
+            or att.size < _SOFTMAX_BLOCKED):
+        if bias is not None:
+            att += bias
+        return _softmax_lastaxis_(att)
+    nq, L = att.shape[-2:]
+    mats = att.reshape(-1, nq, L)  # (M, nq, L) view
+    m = max(1, _BLOCK // max(1, nq * L))  # matrices per block
+    for i in range(0, mats.shape[0], m):
+        a = mats[i:i + m]  # (m, nq, L)
+        if bias is not None:
+            a += bias
+        a -= a.max(axis=-1, keepdims=True)
+        np.exp(a, out=a)
+        r = a.sum(axis=-1, keepdims=True)  # (m, nq, 1)
+        np.reciprocal(r, out=r)
+        a *= r
+    return att
+
+
 def softmax(s):
     """layers.softmax, on a copy, in place."""
     return _softmax_lastaxis_(s.copy())
@@ -488,6 +513,11 @@ def _batch_parts(B: int, work_per_row: int, xp) -> list[slice]:
     return _parts(B, work_per_row) if xp is np else [slice(0, B)]
 
 
+_COPY_KV_T = 128  # from this T on, attention copies k and v (C1, T 256: -12 ms a layer forward +
+#                   backward at 1 thread; C0, T 64: +0.8 ms, so not there)
+_SOFTMAX_BLOCKED = 1 << 20  # elements: from this size on the masked softmax runs in L2-sized blocks
+
+
 def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
     """layers.attention_forward with the causal skip: the queries i0..i1-1 of each block of
     :func:`_query_blocks` are scored against keys 0..i1-1 only (the later keys are masked for all
@@ -503,8 +533,11 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
     C = C3 // 3
     D = C // n_head
     scale = qkv.dtype.type(1.0 / math.sqrt(D))
-    q, k, v = layers._split_heads(qkv, n_head)  # (B, H, T, D) views
+    q, k_view, v_view = layers._split_heads(qkv, n_head)  # (B, H, T, D) views
     qs = xp.empty(q.shape, dtype=qkv.dtype)  # (B, H, T, D) = q / sqrt(D), filled per part
+    copy_kv = T >= _COPY_KV_T  # (B, H, T, D) contiguous copies of k and v, filled per part: the
+    k = xp.empty(q.shape, dtype=qkv.dtype) if copy_kv else k_view  # batched matmuls run faster
+    v = xp.empty(q.shape, dtype=qkv.dtype) if copy_kv else v_view  # on them, and qkv is freed
     fused = bias is None and attention_mask is None and kernels.use(qkv)
     if bias is None and not fused:
         bias = attention_bias(xp, qkv.dtype, T, T, 0, attention_mask)  # (T, T) or (B, 1, T, T)
@@ -514,6 +547,9 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
 
     def part(bs):
         xp.multiply(q[bs], scale, out=qs[bs])
+        if copy_kv:
+            k[bs] = k_view[bs]
+            v[bs] = v_view[bs]
         bias_b = bias if bias is None or bias.ndim < 4 or bias.shape[0] == 1 else bias[bs]
         for (i0, i1), att_full in zip(blocks, atts):
             att = att_full[bs]  # (b, H, i1 - i0, i1)
@@ -523,8 +559,7 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
                 kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
             else:
                 xp.matmul(qs[bs, :, i0:i1], kt, out=att)
-                att += bias_b[..., i0:i1, :i1]
-                _softmax_lastaxis_(att)
+                _biased_softmax_(att, bias_b[..., i0:i1, :i1])
             yh[bs, i0:i1] = (att @ v[bs, :, :i1]).transpose(0, 2, 1, 3)  # (b, i1 - i0, H, D)
 
     parallel_for(part, _batch_parts(B, n_head * T * T, xp))

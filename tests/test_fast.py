@@ -378,11 +378,13 @@ def test_the_plain_reference_imports_no_fast_code_and_nothing_imports_in_a_circl
 
 @contextlib.contextmanager
 def threaded(n):
-    """n threads, and every pass cut into parts however small the array."""
+    """n threads, and every pass cut into parts however small the array; attention copies k and v
+    and runs its softmax in blocks at every size."""
     old = fast._THREADS
     fast.set_threads(n)
     try:
-        with mock.patch.object(fast, "_MIN_PAR", 1):
+        with mock.patch.object(fast, "_MIN_PAR", 1), mock.patch.object(fast, "_COPY_KV_T", 1), \
+                mock.patch.object(fast, "_SOFTMAX_BLOCKED", 1):
             yield
     finally:
         fast.set_threads(old)
