@@ -281,19 +281,14 @@ def layernorm_forward(x, w, b, eps=1e-5):
     return y.reshape(x.shape), (x, w, mean, rstd)
 
 
-def _layernorm_backward_rows(dy2, x2, w, mean, rstd, dx, dw, db, rows):
-    """dx of layers.layernorm_backward for ``rows``, block by block; this part's dw and db
-    (partial sums over its rows) into the (C,) arrays dw, db."""
+def _layernorm_backward_rows(dy2, x2, w, mean, rstd, dx, rows):
+    """dx of layers.layernorm_backward for ``rows``, block by block."""
     C = x2.shape[1]
     t = x2.dtype.type
-    dw[...] = 0
-    db[...] = 0
     for r in _row_blocks(rows, C):
         d_, g = dy2[r], dx[r]  # (n, C)
         xhat = x2[r] - mean[r]  # (n, C)
         xhat *= rstd[r]
-        db += d_.sum(axis=0)
-        dw += np.einsum("nc,nc->c", d_, xhat)
         np.multiply(d_, w, out=g)  # g = dy w
         m_g = np.einsum("nc->n", g)[:, None]  # (n, 1)
         m_g *= t(1.0 / C)
@@ -306,8 +301,8 @@ def _layernorm_backward_rows(dy2, x2, w, mean, rstd, dx, dw, db, rows):
 
 
 def layernorm_backward(dy, cache):
-    """layers.layernorm_backward: four einsum reductions, in place, in row blocks shared among
-    the threads (dw, db: per-part sums added in a fixed order).
+    """layers.layernorm_backward: four einsum reductions, in place; dx in row blocks shared among
+    the threads, dw and db over all rows at once.
     CuPy: dx by one kernel per row, dw by one reduction kernel."""
     x, w, mean, rstd = cache
     C = x.shape[-1]
@@ -321,15 +316,11 @@ def layernorm_backward(dy, cache):
     if xp is np:
         N = x2.shape[0]
         dx = np.empty((N, C), dtype=dy.dtype)
-        parts = _parts(N, C)
-        dws = np.empty((len(parts), C), dtype=dy.dtype)  # per-part partial sums
-        dbs = np.empty((len(parts), C), dtype=dy.dtype)
-        parallel_for(lambda i: _layernorm_backward_rows(dy2, x2, w, mean, rstd, dx, dws[i], dbs[i], parts[i]),
-                     range(len(parts)))
-        dw, db = dws[0], dbs[0]
-        for i in range(1, len(parts)):
-            dw += dws[i]
-            db += dbs[i]
+        parallel_for(lambda r: _layernorm_backward_rows(dy2, x2, w, mean, rstd, dx, r), _parts(N, C))
+        xhat = x2 - mean  # (N, C); dw and db as sums over all N rows at once: the numbers of the
+        xhat *= rstd  # unblocked path (and of the CuPy path without kernels), bit for bit
+        db = dy2.sum(axis=0)  # (C,)
+        dw = np.einsum("nc,nc->c", dy2, xhat)  # (C,)
         return dx.reshape(x.shape), {"w": dw, "b": db}
     t = dy.dtype.type
     xhat = x2 - mean  # (N, C)
@@ -474,7 +465,8 @@ def _softmax_lastaxis_(s):
 def _biased_softmax_(att, bias):
     """att += bias; softmax over the last axis; in place. att (..., nq, L), bias None or
     broadcastable to att. On NumPy with a contiguous att and a bias of at most 2 dims, in blocks
-    of whole (nq, L) matrices that fit in L2, so the five passes read the cache, not memory."""
+    of whole (nq, L) matrices that fit in L2, so the five passes read the cache, not memory; every
+    row is computed as unblocked, so the numbers are identical."""
     xp = get_array_module(att)
     if (xp is not np or not att.flags.c_contiguous or (bias is not None and bias.ndim > 2) or att.ndim < 2
             or att.size < _SOFTMAX_BLOCKED):
@@ -490,9 +482,7 @@ def _biased_softmax_(att, bias):
             a += bias
         a -= a.max(axis=-1, keepdims=True)
         np.exp(a, out=a)
-        r = a.sum(axis=-1, keepdims=True)  # (m, nq, 1)
-        np.reciprocal(r, out=r)
-        a *= r
+        a /= a.sum(axis=-1, keepdims=True)  # (m, nq, 1): the same numbers as unblocked
     return att
 
 
