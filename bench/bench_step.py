@@ -914,6 +914,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=None, help=f"untimed steps first (default {DEFAULT_WARMUP})")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for NumPy's BLAS and for torch alike (default: all cores)")
+    ap.add_argument("--fast-threads", type=int, default=None,
+                    help="cpu: threads of minidpo.fast's pool for the elementwise passes "
+                         "(default: fast.default_threads(), 1)")
     ap.add_argument("--variants", default="full,cached_ref", help="full, cached_ref or both")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "math"], help="torch's attention")
     ap.add_argument("--gap", type=float, default=None,
@@ -957,8 +960,8 @@ def run(args) -> int:
     torch.set_num_threads(threads)
     from minidpo import fast
 
-    if args.device == "cpu":  # what the CLI runs with: minidpo's elementwise passes get the threads
-        fast.cpu_defaults(threads)  # torch's kernels get; NumPy's hugepage advice off (see fast.py)
+    if args.device == "cpu":  # what the CLI runs with: minidpo.fast's pool threads (default 1),
+        fast.cpu_defaults(args.fast_threads)  # NumPy's hugepage advice off (see fast.py)
     try:
         from threadpoolctl import threadpool_limits
 

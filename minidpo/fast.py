@@ -87,17 +87,15 @@ _MIN_PAR = 1 << 17  # elements: a part smaller than this is not worth a thread h
 
 
 def default_threads() -> int:
-    """The cores this process may run on (its CPU affinity), at most 8."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
+    """1. Measured on the 2-core Xeon (bench/README.md): with the BLAS on both cores, a second pool
+    thread made the C1 step slower (5.29 -> 5.61 s) and C0's no faster, because OpenBLAS's worker
+    threads keep spinning between calls and take the core the pool's thread wants. Raise it with
+    :func:`set_threads` where the BLAS runs on fewer threads than there are cores."""
+    return 1
 
 
 def set_threads(n: int | None) -> None:
-    """Threads for the fast path's CPU elementwise passes (None: :func:`default_threads`).
-    Set it with the BLAS thread count (the CLI's and the bench's ``--threads`` set both)."""
+    """Threads for the fast path's CPU elementwise passes (None: :func:`default_threads`)."""
     global _THREADS
     if n is not None and (int(n) != n or n < 1):
         raise ValueError(f"threads must be an int >= 1 or None, got {n!r}")
@@ -151,7 +149,7 @@ def set_hugepage_advice(flag: bool) -> bool | None:
 def cpu_defaults(threads: int | None = None) -> None:
     """The fast path's CPU settings, for a training or benchmark run (the CLI and bench/ call it):
 
-    - ``threads`` for the elementwise passes (:func:`set_threads`; None: every core);
+    - ``threads`` for the elementwise passes (:func:`set_threads`; None: :func:`default_threads`);
     - NumPy's transparent-hugepage advice off, unless NUMPY_MADVISE_HUGEPAGE is set. Every step
       allocates fresh activation arrays; on a VM a hugepage fault may first compact memory, and
       C1's step (bench/README.md) took 12.0 s with the advice and 8.8 s without (1 thread).
