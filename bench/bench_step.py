@@ -942,8 +942,13 @@ def time_pair(cfg: BenchConfig, device: Device, variant: str, steps: int, warmup
 
 
 def numpy_hugepage() -> str:
-    """NumPy's transparent-hugepage advice for its large arrays, as the environment sets it:
-    "default" (on, on Linux) or "off" (NUMPY_MADVISE_HUGEPAGE=0 before NumPy was imported)."""
+    """NumPy's transparent-hugepage advice for its large arrays, as it is now: "default" (on, on
+    Linux) or "off" (NUMPY_MADVISE_HUGEPAGE=0 before NumPy was imported, or minidpo.fast.cpu_defaults,
+    which the CPU run calls, unless NUMPY_MADVISE_HUGEPAGE is set)."""
+    from minidpo import fast
+
+    if fast.hugepage_advice() is False:
+        return "off"
     return "off" if os.environ.get("NUMPY_MADVISE_HUGEPAGE", "").strip() == "0" else "default"
 
 
@@ -1002,7 +1007,9 @@ def results_path(out_dir: Path, device: Device) -> Path:
     return Path(out_dir) / f"{device.kind}-{_slug(device.name())}.json"
 
 
-ROW_KEYS = ("config", "device", "mode", "step", "kernels", "numpy_hugepage", "layout")
+ROW_KEYS = ("config", "device", "mode", "step", "kernels", "numpy_hugepage", "layout", "threads", "fast_threads")
+# fast_threads: minidpo.fast's thread pool for the elementwise passes (absent in rows measured
+# before it existed: those rows are kept as the baseline)
 
 
 def write_results(path: Path, machine: dict, rows: list[dict], gates: list[dict]) -> dict:
@@ -1056,9 +1063,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _fast_cell(r: dict) -> str:
+    """The fast threads column: the count, "-" on CUDA, "none" for rows from before the pool."""
+    if "fast_threads" not in r:
+        return "none" if r["device"] == "cpu" else "-"
+    return "-" if r["fast_threads"] is None else str(r["fast_threads"])
+
+
 def markdown_table(doc: dict) -> str:
     """The rows of a results JSON as a Markdown table (for bench/README.md)."""
-    cols = ["config", "device", "mode", "kernels", "NumPy hugepages", "step", "minidpo ms (p10-p90)",
+    cols = ["config", "device", "mode", "kernels", "NumPy hugepages", "threads", "fast threads", "step",
+            "minidpo ms (p10-p90)",
             "torch ms (p10-p90)", "ratio", "minidpo tok/s", "torch tok/s", "minidpo % of ceiling",
             "torch % of ceiling", "minidpo MB", "torch MB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -1067,19 +1082,22 @@ def markdown_table(doc: dict) -> str:
     for r in doc["rows"]:
         m, t = r["minidpo"], r["torch"]
         kern = ("on" if r.get("kernels") else "off") if r["device"] == "cuda" else "-"
-        cells = [r["config"], r["device"], r["mode"], kern, r.get("numpy_hugepage", "-"), r["step"],
+        cells = [r["config"], r["device"], r["mode"], kern, r.get("numpy_hugepage", "-"),
+                 str(r.get("threads", "-")), _fast_cell(r), r["step"],
                  f"{m['median_ms']:.1f} ({m['p10_ms']:.1f}-{m['p90_ms']:.1f})",
                  f"{t['median_ms']:.1f} ({t['p10_ms']:.1f}-{t['p90_ms']:.1f})", f"**{r['ratio']:.2f}**",
                  f"{m['tokens_per_s']:.0f}", f"{t['tokens_per_s']:.0f}", f"{100 * m['frac_of_ceiling']:.1f}",
                  f"{100 * t['frac_of_ceiling']:.1f}", f"{m['peak_mem_mb']:.0f}", f"{t['peak_mem_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    head = ["config", "mode", "kernels", "NumPy hugepages", "step", "impl"] + [f"{p} ms" for p in PHASES]
+    head = ["config", "mode", "kernels", "NumPy hugepages", "threads", "fast threads", "step", "impl"]
+    head += [f"{p} ms" for p in PHASES]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in doc["rows"]:
         kern = ("on" if r.get("kernels") else "off") if r["device"] == "cuda" else "-"
         for impl in ("minidpo", "torch"):
             ph = r[impl]["phases_ms"]
-            cells = [r["config"], r["mode"], kern, r.get("numpy_hugepage", "-"), r["step"], impl]
+            cells = [r["config"], r["mode"], kern, r.get("numpy_hugepage", "-"), str(r.get("threads", "-")),
+                     _fast_cell(r), r["step"], impl]
             cells += [f"{ph[p]:.1f}" if p in ph else "-" for p in PHASES]
             lines.append("| " + " | ".join(cells) + " |")
     if layout_rows_:
@@ -1108,6 +1126,13 @@ def markdown_layout_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _fast_threads(device: Device):
+    """minidpo.fast's CPU thread count (None on CUDA: the pool is not used there)."""
+    from minidpo import fast
+
+    return fast.get_threads() if device.kind == "cpu" else None
+
+
 def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params: int, ceiling: dict,
              steps: int, warmup: int, threads, gap: float = 0.0) -> dict:
     flops = step_flops(cfg, n_params, variant)
@@ -1121,6 +1146,7 @@ def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params
         "n_params": n_params, "tokens_per_step": cfg.tokens, "flops_per_step": flops,
         "matmul_ceiling_flops": ceiling["array_flops"], "torch_matmul_flops": ceiling["torch_flops"],
         "steps": steps, "warmup": warmup, "threads": threads, "gap_s": gap,
+        "fast_threads": _fast_threads(device),
     }
     for impl in ("minidpo", "torch"):
         r = dict(res[impl])
@@ -1149,6 +1175,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=None, help=f"untimed steps first (default {DEFAULT_WARMUP})")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for NumPy's BLAS and for torch alike (default: all cores)")
+    ap.add_argument("--fast-threads", type=int, default=None,
+                    help="cpu: threads of minidpo.fast's pool for the elementwise passes "
+                         "(default: fast.default_threads(), 1)")
     ap.add_argument("--variants", default="full,cached_ref", help="full, cached_ref or both")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "math"], help="torch's attention")
     ap.add_argument("--gap", type=float, default=None,
@@ -1202,6 +1231,10 @@ def run(args) -> int:
 
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
+    from minidpo import fast
+
+    if args.device == "cpu":  # what the CLI runs with: minidpo.fast's pool threads (default 1),
+        fast.cpu_defaults(args.fast_threads)  # NumPy's hugepage advice off (see fast.py)
     try:
         from threadpoolctl import threadpool_limits
 
@@ -1220,7 +1253,7 @@ def run(args) -> int:
     if device.kind == "cuda":
         what += " kernels " + ("on" if device.kernels else "off")
     if numpy_hugepage() == "off":
-        what += " NUMPY_MADVISE_HUGEPAGE=0"
+        what += " NumPy hugepage advice off"
     print(f"# {what}: {device.name()} | numpy {np.__version__} | torch {torch.__version__} | "
           f"threads {threads} (torch {torch.get_num_threads()}) | load {machine['load_avg_1m']}")
     if isinstance(machine["threadpools"], list):

@@ -730,6 +730,7 @@ def _error_line(err: BaseException) -> str:
 def _run(args) -> int:
     from . import fast
 
+    fast.cpu_defaults()  # the fast path's pool threads and NumPy's hugepage advice (see fast.py)
     with fast.plain(getattr(args, "plain", False)):  # --plain: the plain reference for every layer
         if getattr(args, "threads", 0):
             from threadpoolctl import threadpool_limits

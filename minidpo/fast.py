@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -36,7 +38,8 @@ from .layers import (  # the same code on both paths: nothing to make fast
 from .logprobs import log_softmax, log_softmax_backward, logsumexp
 
 __all__ = [
-    "ops", "set_plain", "is_plain", "plain", "PLAIN", "FAST",
+    "ops", "set_plain", "is_plain", "plain", "PLAIN", "FAST", "set_threads", "get_threads",
+    "default_threads", "parallel_for", "cpu_defaults", "hugepage_advice", "set_hugepage_advice",
     *layers.__all__, "sequence_logps", "sequence_logps_backward",
 ]
 
@@ -69,6 +72,113 @@ def plain(flag: bool = True):
 def ops():
     """The namespace of layer and log-prob functions in use: :data:`PLAIN` or :data:`FAST`."""
     return PLAIN if _PLAIN else FAST
+
+
+# ------------------------------------------------------------------------------------ the thread pool
+# NumPy's ufuncs, reductions and BLAS calls release the GIL, so a long elementwise pass cut into
+# row blocks runs on several cores from a small pool of Python threads. Each part writes its own
+# rows of a preallocated output; reductions over rows add per-part partial sums in a fixed order,
+# so a given thread count always gives the same numbers. CuPy arrays never go through the pool.
+
+_THREADS: int | None = None  # None: default_threads()
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_MIN_PAR = 1 << 17  # elements: a part smaller than this is not worth a thread hand-off (~50 us)
+
+
+def default_threads() -> int:
+    """1. Measured on the 2-core Xeon (bench/README.md): with the BLAS on both cores, a second pool
+    thread made the C1 step slower (5.29 -> 5.61 s) and C0's no faster, because OpenBLAS's worker
+    threads keep spinning between calls and take the core the pool's thread wants. Raise it with
+    :func:`set_threads` where the BLAS runs on fewer threads than there are cores."""
+    return 1
+
+
+def set_threads(n: int | None) -> None:
+    """Threads for the fast path's CPU elementwise passes (None: :func:`default_threads`)."""
+    global _THREADS
+    if n is not None and (int(n) != n or n < 1):
+        raise ValueError(f"threads must be an int >= 1 or None, got {n!r}")
+    _THREADS = None if n is None else int(n)
+
+
+def get_threads() -> int:
+    """The thread count the fast path's CPU passes use now."""
+    return default_threads() if _THREADS is None else _THREADS
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    n = get_threads()
+    if _POOL is None or _POOL_SIZE != n:
+        if _POOL is not None:
+            _POOL.shutdown(wait=True)
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(n, thread_name_prefix="minidpo-fast"), n
+    return _POOL
+
+
+def _forget_pool() -> None:  # a forked child has none of the parent's threads
+    global _POOL, _POOL_SIZE
+    _POOL, _POOL_SIZE = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _madvise():
+    """NumPy's multiarray module if it has the hugepage switch (NumPy >= 1.20 on Linux), else None."""
+    core = getattr(np, "_core", None) or getattr(np, "core", None)
+    m = getattr(core, "multiarray", None)
+    return m if hasattr(m, "_set_madvise_hugepage") and hasattr(m, "_get_madvise_hugepage") else None
+
+
+def hugepage_advice() -> bool | None:
+    """Whether NumPy advises transparent hugepages for its large arrays now (None: no switch)."""
+    m = _madvise()
+    return None if m is None else bool(m._get_madvise_hugepage())
+
+
+def set_hugepage_advice(flag: bool) -> bool | None:
+    """Turn NumPy's hugepage advice on or off (the run-time form of NUMPY_MADVISE_HUGEPAGE);
+    returns the previous setting (None: this NumPy has no switch, nothing done)."""
+    m = _madvise()
+    return None if m is None else bool(m._set_madvise_hugepage(bool(flag)))
+
+
+def cpu_defaults(threads: int | None = None) -> None:
+    """The fast path's CPU settings, for a training or benchmark run (the CLI and bench/ call it):
+
+    - ``threads`` for the elementwise passes (:func:`set_threads`; None: :func:`default_threads`);
+    - NumPy's transparent-hugepage advice off, unless NUMPY_MADVISE_HUGEPAGE is set. Every step
+      allocates fresh activation arrays; on a VM a hugepage fault may first compact memory, and
+      C1's step (bench/README.md) took 12.0 s with the advice and 8.8 s without (1 thread).
+    """
+    set_threads(threads)
+    if "NUMPY_MADVISE_HUGEPAGE" not in os.environ:
+        set_hugepage_advice(False)
+
+
+def _parts(n: int, row_size: int = 1, align: int = 1) -> list[slice]:
+    """Contiguous slices covering rows 0..n, one per thread (fewer when a part would hold under
+    _MIN_PAR elements), each starting at a multiple of ``align`` rows."""
+    k = max(1, min(get_threads(), (n * row_size) // _MIN_PAR, n))
+    if k == 1:
+        return [slice(0, n)]
+    edges = [min(n, round(j * n / k / align) * align) for j in range(k)] + [n]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def parallel_for(fn, items) -> None:
+    """``fn(item)`` for each item, on the pool when there are several (exceptions re-raised here).
+    ``fn`` must not itself call parallel_for."""
+    items = list(items)
+    if len(items) <= 1 or get_threads() == 1:
+        for it in items:
+            fn(it)
+        return
+    for _ in _pool().map(fn, items):
+        pass
 
 
 # ------------------------------------------------------------------------------------ embedding, linear
@@ -113,14 +223,46 @@ def linear_forward(x, w, b=None):
 # ------------------------------------------------------------------------------------ layernorm
 
 
+def _row_blocks(rows: slice, C: int) -> list[slice]:
+    """The rows of one part cut into blocks of about _BLOCK elements (their temporaries stay in L2)."""
+    nb = max(1, _BLOCK // max(1, C))
+    return [slice(i, min(i + nb, rows.stop)) for i in range(rows.start, rows.stop, nb)]
+
+
+def _layernorm_forward_rows(x2, w, b, eps, y, mean, rstd, rows):
+    """y, mean, rstd of layers.layernorm_forward for ``rows`` of x2 (N, C), block by block."""
+    C = x2.shape[1]
+    t = x2.dtype.type
+    for r in _row_blocks(rows, C):
+        x_, y_, m_, s_ = x2[r], y[r], mean[r], rstd[r]  # (n, C), (n, C), (n, 1), (n, 1)
+        np.einsum("nc->n", x_, out=m_[:, 0])
+        m_ *= t(1.0 / C)
+        np.subtract(x_, m_, out=y_)  # centred; becomes the output in place
+        np.einsum("nc,nc->n", y_, y_, out=s_[:, 0])
+        s_ *= t(1.0 / C)
+        s_ += t(eps)
+        np.sqrt(s_, out=s_)
+        np.reciprocal(s_, out=s_)  # rstd
+        y_ *= s_  # x_hat
+        y_ *= w
+        y_ += b
+
+
 def layernorm_forward(x, w, b, eps=1e-5):
-    """layers.layernorm_forward: row sums as einsum (one read, no (N, C) square), in place.
-    CuPy: one fused kernel, one block per row."""
+    """layers.layernorm_forward: row sums as einsum (one read, no (N, C) square), in place, in
+    row blocks shared among the threads. CuPy: one fused kernel, one block per row."""
     C = x.shape[-1]
     xp = get_array_module(x)
     x2 = x.reshape(-1, C)  # (N, C)
     if kernels.use(x):
         y, mean, rstd = kernels.layernorm_forward(x2, w, b, eps)  # (N, C), (N, 1), (N, 1)
+        return y.reshape(x.shape), (x, w, mean, rstd)
+    if xp is np:
+        N = x2.shape[0]
+        y = np.empty((N, C), dtype=x.dtype)
+        mean = np.empty((N, 1), dtype=x.dtype)
+        rstd = np.empty((N, 1), dtype=x.dtype)
+        parallel_for(lambda r: _layernorm_forward_rows(x2, w, b, eps, y, mean, rstd, r), _parts(N, C))
         return y.reshape(x.shape), (x, w, mean, rstd)
     t = x.dtype.type
     mean = xp.einsum("nc->n", x2)[:, None]  # (N, 1)
@@ -137,8 +279,28 @@ def layernorm_forward(x, w, b, eps=1e-5):
     return y.reshape(x.shape), (x, w, mean, rstd)
 
 
+def _layernorm_backward_rows(dy2, x2, w, mean, rstd, dx, rows):
+    """dx of layers.layernorm_backward for ``rows``, block by block."""
+    C = x2.shape[1]
+    t = x2.dtype.type
+    for r in _row_blocks(rows, C):
+        d_, g = dy2[r], dx[r]  # (n, C)
+        xhat = x2[r] - mean[r]  # (n, C)
+        xhat *= rstd[r]
+        np.multiply(d_, w, out=g)  # g = dy w
+        m_g = np.einsum("nc->n", g)[:, None]  # (n, 1)
+        m_g *= t(1.0 / C)
+        m_gx = np.einsum("nc,nc->n", g, xhat)[:, None]  # (n, 1)
+        m_gx *= t(1.0 / C)
+        g -= m_g
+        xhat *= m_gx
+        g -= xhat
+        g *= rstd[r]
+
+
 def layernorm_backward(dy, cache):
-    """layers.layernorm_backward: four einsum reductions, in place.
+    """layers.layernorm_backward: four einsum reductions, in place; dx in row blocks shared among
+    the threads, dw and db over all rows at once.
     CuPy: dx by one kernel per row, dw by one reduction kernel."""
     x, w, mean, rstd = cache
     C = x.shape[-1]
@@ -149,6 +311,15 @@ def layernorm_backward(dy, cache):
         dx, dw, db = kernels.layernorm_backward(dy2, x2, w, mean, rstd)
         return dx.reshape(x.shape), {"w": dw, "b": db}
     xp = get_array_module(dy)
+    if xp is np:
+        N = x2.shape[0]
+        dx = np.empty((N, C), dtype=dy.dtype)
+        parallel_for(lambda r: _layernorm_backward_rows(dy2, x2, w, mean, rstd, dx, r), _parts(N, C))
+        xhat = x2 - mean  # (N, C); dw and db as sums over all N rows at once: the numbers of the
+        xhat *= rstd  # unblocked path (and of the CuPy path without kernels), bit for bit
+        db = dy2.sum(axis=0)  # (C,)
+        dw = np.einsum("nc,nc->c", dy2, xhat)  # (C,)
+        return dx.reshape(x.shape), {"w": dw, "b": db}
     t = dy.dtype.type
     xhat = x2 - mean  # (N, C)
     xhat *= rstd
@@ -180,30 +351,66 @@ def _cache_blocks(n: int, xp):
     return [slice(i, min(i + _BLOCK, n)) for i in range(0, n, _BLOCK)]
 
 
+def _flat_parts(n: int, xp) -> list[slice]:
+    """The flat range 0..n cut into one part per thread, at block edges (NumPy only)."""
+    if xp is not np:
+        return [slice(0, n)]
+    return _parts(n, 1, align=min(_BLOCK, max(1, n)))
+
+
+def _gelu_forward_part(x_, y_, t):
+    """y_ = GELU(x_) for flat views x_, y_, block by block."""
+    xp = get_array_module(x_)
+    for s in _cache_blocks(x_.size, xp):
+        x, u = x_[s], y_[s]
+        xp.multiply(x, x, out=u)  # x^2
+        u *= t(_GELU_C)
+        u += t(1.0)
+        u *= x  # x + c x^3
+        u *= t(_GELU_K)
+        xp.tanh(u, out=u)  # tanh z
+        u += t(1.0)
+        u *= x
+        u *= t(0.5)
+
+
 def gelu_forward(x):
-    """layers.gelu_forward, in place, block by block. CuPy: one fused elementwise kernel."""
+    """layers.gelu_forward, block by block, the blocks shared among the threads.
+    CuPy: one fused elementwise kernel."""
     if kernels.use(x):
         return kernels.gelu_forward(x), x
     xp = get_array_module(x)
     t = x.dtype.type
     y = xp.empty(x.shape, dtype=x.dtype)
     xf, yf = x.reshape(-1), y.reshape(-1)  # flat views
-    for s in _cache_blocks(xf.size, xp):
-        x_, u = xf[s], yf[s]
-        xp.multiply(x_, x_, out=u)  # x^2
-        u *= t(_GELU_C)
-        u += t(1.0)
-        u *= x_  # x + c x^3
-        u *= t(_GELU_K)
-        xp.tanh(u, out=u)  # tanh z
-        u += t(1.0)
-        u *= x_
-        u *= t(0.5)
+    parallel_for(lambda s: _gelu_forward_part(xf[s], yf[s], t), _flat_parts(xf.size, xp))
     return y, x
 
 
+def _gelu_backward_part(x_, dy_, dx_, t):
+    """dx_ = GELU'(x_) dy_ for flat views, block by block."""
+    xp = get_array_module(x_)
+    for s in _cache_blocks(x_.size, xp):
+        x, d = x_[s], dx_[s]
+        th = x * x  # x^2
+        xp.multiply(th, t(3.0 * _GELU_C * _GELU_K), out=d)
+        d += t(_GELU_K)  # dz/dx = k (1 + 3 c x^2)
+        th *= t(_GELU_C)
+        th += t(1.0)
+        th *= x
+        th *= t(_GELU_K)
+        xp.tanh(th, out=th)  # tanh z
+        d *= x  # x dz/dx
+        d -= d * th  # x dz/dx (1 - tanh z)
+        d += t(1.0)
+        th += t(1.0)
+        d *= th
+        d *= t(0.5)
+        d *= dy_[s]
+
+
 def gelu_backward(dy, cache):
-    """layers.gelu_backward, in place, block by block, with
+    """layers.gelu_backward, block by block, the blocks shared among the threads, with
     dy/dx = 0.5 (1 + tanh z) (1 + x dz/dx (1 - tanh z)). CuPy: one fused elementwise kernel."""
     x = cache
     if kernels.use(x):
@@ -212,23 +419,7 @@ def gelu_backward(dy, cache):
     t = x.dtype.type
     dx = xp.empty(x.shape, dtype=x.dtype)
     xf, dyf, dxf = x.reshape(-1), dy.reshape(-1), dx.reshape(-1)  # flat views
-    for s in _cache_blocks(xf.size, xp):
-        x_, d = xf[s], dxf[s]
-        th = x_ * x_  # x^2
-        xp.multiply(th, t(3.0 * _GELU_C * _GELU_K), out=d)
-        d += t(_GELU_K)  # dz/dx = k (1 + 3 c x^2)
-        th *= t(_GELU_C)
-        th += t(1.0)
-        th *= x_
-        th *= t(_GELU_K)
-        xp.tanh(th, out=th)  # tanh z
-        d *= x_  # x dz/dx
-        d -= d * th  # x dz/dx (1 - tanh z)
-        d += t(1.0)
-        th += t(1.0)
-        d *= th
-        d *= t(0.5)
-        d *= dyf[s]
+    parallel_for(lambda s: _gelu_backward_part(xf[s], dyf[s], dxf[s], t), _flat_parts(xf.size, xp))
     return dx, {}
 
 
@@ -269,6 +460,30 @@ def _softmax_lastaxis_(s):
     return s
 
 
+def _biased_softmax_(att, bias):
+    """att += bias; softmax over the last axis; in place. att (..., nq, L), bias None or
+    broadcastable to att. On NumPy with a contiguous att and a bias of at most 2 dims, in blocks
+    of whole (nq, L) matrices that fit in L2, so the five passes read the cache, not memory; every
+    row is computed as unblocked, so the numbers are identical."""
+    xp = get_array_module(att)
+    if (xp is not np or not att.flags.c_contiguous or (bias is not None and bias.ndim > 2) or att.ndim < 2
+            or att.size < _SOFTMAX_BLOCKED):
+        if bias is not None:
+            att += bias
+        return _softmax_lastaxis_(att)
+    nq, L = att.shape[-2:]
+    mats = att.reshape(-1, nq, L)  # (M, nq, L) view
+    m = max(1, _BLOCK // max(1, nq * L))  # matrices per block
+    for i in range(0, mats.shape[0], m):
+        a = mats[i:i + m]  # (m, nq, L)
+        if bias is not None:
+            a += bias
+        a -= a.max(axis=-1, keepdims=True)
+        np.exp(a, out=a)
+        a /= a.sum(axis=-1, keepdims=True)  # (m, nq, 1): the same numbers as unblocked
+    return att
+
+
 def softmax(s):
     """layers.softmax, on a copy, in place."""
     return _softmax_lastaxis_(s.copy())
@@ -281,10 +496,21 @@ def _query_blocks(T: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
+def _batch_parts(B: int, work_per_row: int, xp) -> list[slice]:
+    """Batch rows cut into one part per thread (NumPy); on CuPy one part."""
+    return _parts(B, work_per_row) if xp is np else [slice(0, B)]
+
+
+_COPY_KV_T = 128  # from this T on, attention copies k and v (C1, T 256: -12 ms a layer forward +
+#                   backward at 1 thread; C0, T 64: +0.8 ms, so not there)
+_SOFTMAX_BLOCKED = 1 << 20  # elements: from this size on the masked softmax runs in L2-sized blocks
+
+
 def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
     """layers.attention_forward with the causal skip: the queries i0..i1-1 of each block of
     :func:`_query_blocks` are scored against keys 0..i1-1 only (the later keys are masked for all
-    of them). CuPy: the scaled, masked softmax as one kernel pass.
+    of them). The batch rows are shared among the threads. CuPy: the scaled, masked softmax as one
+    kernel pass.
 
     Cache: (qs, k, v, atts, y) with qs = q / sqrt(D), atts each block's (B, H, i1 - i0, i1)
     softmax and y the output, referenced.
@@ -294,24 +520,37 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
     B, T, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
-    q, k, v = layers._split_heads(qkv, n_head)  # (B, H, T, D) views
-    qs = q * qkv.dtype.type(1.0 / math.sqrt(D))  # (B, H, T, D)
+    scale = qkv.dtype.type(1.0 / math.sqrt(D))
+    q, k_view, v_view = layers._split_heads(qkv, n_head)  # (B, H, T, D) views
+    qs = xp.empty(q.shape, dtype=qkv.dtype)  # (B, H, T, D) = q / sqrt(D), filled per part
+    copy_kv = T >= _COPY_KV_T  # (B, H, T, D) contiguous copies of k and v, filled per part: the
+    k = xp.empty(q.shape, dtype=qkv.dtype) if copy_kv else k_view  # batched matmuls run faster
+    v = xp.empty(q.shape, dtype=qkv.dtype) if copy_kv else v_view  # on them, and qkv is freed
     fused = bias is None and attention_mask is None and kernels.use(qkv)
     if bias is None and not fused:
         bias = attention_bias(xp, qkv.dtype, T, T, 0, attention_mask)  # (T, T) or (B, 1, T, T)
     yh = xp.empty((B, T, n_head, D), dtype=qkv.dtype)  # heads side by side
-    atts = []
-    for i0, i1 in _query_blocks(T):
-        kt = k[:, :, :i1].transpose(0, 1, 3, 2)  # (B, H, D, i1)
-        if fused:
-            att = q[:, :, i0:i1] @ kt  # (B, H, i1 - i0, i1) unscaled
-            kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
-        else:
-            att = qs[:, :, i0:i1] @ kt  # (B, H, i1 - i0, i1)
-            att += bias[..., i0:i1, :i1]
-            _softmax_lastaxis_(att)
-        yh[:, i0:i1] = (att @ v[:, :, :i1]).transpose(0, 2, 1, 3)  # (B, i1 - i0, H, D)
-        atts.append(att)
+    blocks = _query_blocks(T)
+    atts = [xp.empty((B, n_head, i1 - i0, i1), dtype=qkv.dtype) for i0, i1 in blocks]
+
+    def part(bs):
+        xp.multiply(q[bs], scale, out=qs[bs])
+        if copy_kv:
+            k[bs] = k_view[bs]
+            v[bs] = v_view[bs]
+        bias_b = bias if bias is None or bias.ndim < 4 or bias.shape[0] == 1 else bias[bs]
+        for (i0, i1), att_full in zip(blocks, atts):
+            att = att_full[bs]  # (b, H, i1 - i0, i1)
+            kt = k[bs, :, :i1].transpose(0, 1, 3, 2)  # (b, H, D, i1)
+            if fused:
+                xp.matmul(q[bs, :, i0:i1], kt, out=att)  # unscaled
+                kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
+            else:
+                xp.matmul(qs[bs, :, i0:i1], kt, out=att)
+                _biased_softmax_(att, bias_b[..., i0:i1, :i1])
+            yh[bs, i0:i1] = (att @ v[bs, :, :i1]).transpose(0, 2, 1, 3)  # (b, i1 - i0, H, D)
+
+    parallel_for(part, _batch_parts(B, n_head * T * T, xp))
     y = yh.reshape(B, T, C)
     return y, (qs, k, v, atts, y)
 
@@ -319,35 +558,44 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
 def attention_backward(dy, cache):
     """layers.attention_backward, block by block as the forward: a block reaches keys 0..i1-1,
     so their dk and dv sum the blocks that see them. The softmax's row sum is taken on the
-    (T, D) side, sum_j datt_ij att_ij = dy_i . y_i. CuPy: ds = att (datt - delta) in one pass."""
+    (T, D) side, sum_j datt_ij att_ij = dy_i . y_i. The batch rows are shared among the threads.
+    CuPy: ds = att (datt - delta) in one pass."""
     qs, k, v, atts, y = cache
     xp = get_array_module(dy)
     B, H, T, D = qs.shape
     C = H * D
-    dyh = dy.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-    delta = (dy * y).reshape(B, T, H, D).sum(axis=-1)  # (B, T, H)
-    delta = delta.transpose(0, 2, 1)[..., None]  # (B, H, T, 1)
+    scale = dy.dtype.type(1.0 / math.sqrt(D))
     dqkv = xp.empty((B, T, 3, H, D), dtype=dy.dtype)
     d = dqkv.transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D) view: dq, dk, dv
     blocks = _query_blocks(T)
-    for (i0, i1), att in reversed(list(zip(blocks, atts))):  # the last block sees every key
-        dy_b = dyh[:, :, i0:i1]  # (B, H, nq, D)
-        dv = att.transpose(0, 1, 3, 2) @ dy_b  # (B, H, i1, D)
-        ds = dy_b @ v[:, :, :i1].transpose(0, 1, 3, 2)  # datt (B, H, nq, i1)
-        if kernels.use(ds):
-            kernels.softmax_backward_(ds, att, delta[:, :, i0:i1])
-        else:
-            ds -= delta[:, :, i0:i1]
-            ds *= att
-        dk = ds.transpose(0, 1, 3, 2) @ qs[:, :, i0:i1]  # (B, H, i1, D)
-        if i1 == T:
-            d[2], d[1] = dv, dk
-        else:
-            d[2][:, :, :i1] += dv
-            d[1][:, :, :i1] += dk
-        dq = ds @ k[:, :, :i1]  # (B, H, nq, D)
-        dq *= dy.dtype.type(1.0 / math.sqrt(D))
-        d[0][:, :, i0:i1] = dq
+
+    def part(bs):
+        dyb = dy[bs]  # (b, T, C)
+        b = dyb.shape[0]
+        dyh = dyb.reshape(b, T, H, D).transpose(0, 2, 1, 3)  # (b, H, T, D)
+        delta = (dyb * y[bs]).reshape(b, T, H, D).sum(axis=-1)  # (b, T, H)
+        delta = delta.transpose(0, 2, 1)[..., None]  # (b, H, T, 1)
+        for (i0, i1), att_full in reversed(list(zip(blocks, atts))):  # the last block sees every key
+            att = att_full[bs]  # (b, H, nq, i1)
+            dy_b = dyh[:, :, i0:i1]  # (b, H, nq, D)
+            dv = att.transpose(0, 1, 3, 2) @ dy_b  # (b, H, i1, D)
+            ds = dy_b @ v[bs, :, :i1].transpose(0, 1, 3, 2)  # datt (b, H, nq, i1)
+            if kernels.use(ds):
+                kernels.softmax_backward_(ds, att, delta[:, :, i0:i1])
+            else:
+                ds -= delta[:, :, i0:i1]
+                ds *= att
+            dk = ds.transpose(0, 1, 3, 2) @ qs[bs, :, i0:i1]  # (b, H, i1, D)
+            if i1 == T:
+                d[2][bs], d[1][bs] = dv, dk
+            else:
+                d[2][bs, :, :i1] += dv
+                d[1][bs, :, :i1] += dk
+            dq = ds @ k[bs, :, :i1]  # (b, H, nq, D)
+            dq *= scale
+            d[0][bs, :, i0:i1] = dq
+
+    parallel_for(part, _batch_parts(B, H * T * T, xp))
     return dqkv.reshape(B, T, 3 * C), {}
 
 
@@ -410,8 +658,12 @@ def _token_logps(logits, safe_labels):
     B, T, V = logits.shape
     scoring = logits[:, :-1]  # (B, T-1, V) view
     lse = xp.empty((B, T - 1), dtype=logits.dtype)
-    for bs, ts in _row_pieces(B, T - 1, V, xp):
+
+    def piece(p):
+        bs, ts = p
         lse[bs, ts] = logsumexp(scoring[bs, ts], axis=-1)
+
+    parallel_for(piece, _row_pieces(B, T - 1, V, xp))  # the pieces shared among the threads
     picked = scoring[xp.arange(B)[:, None], xp.arange(T - 1)[None, :], safe_labels]  # (B, T-1)
     return picked - lse, lse
 
@@ -458,13 +710,17 @@ def sequence_logps_backward(dlogps, cache, *, overwrite_logits: bool = False):
     else:
         dlogits = xp.empty_like(logits)
     lse, labels = cache["lse"], cache["labels"]
-    for bs, ts in _row_pieces(B, T - 1, V, xp):
+
+    def piece(p):
+        bs, ts = p
         body = dlogits[:, :-1][bs, ts]  # (b, t, V) view
         xp.subtract(logits[:, :-1][bs, ts], lse[bs, ts][:, :, None], out=body)  # log p
         xp.exp(body, out=body)  # p
         nb, nt = body.shape[:2]
         body[xp.arange(nb)[:, None], xp.arange(nt)[None, :], labels[bs, ts]] -= dt.type(1)  # p - onehot
         body *= (-g[bs, ts])[:, :, None]  # g (onehot - p)
+
+    parallel_for(piece, _row_pieces(B, T - 1, V, xp))  # the pieces shared among the threads
     dlogits[:, -1] = 0
     return dlogits
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from . import kernels
+from . import fast, kernels
 from .backend import get_array_module
 
 _SCALAR_KEYS = ("step", "lr", "beta1", "beta2", "eps", "weight_decay")
@@ -116,13 +116,19 @@ class AdamW:
         sqrt_bc2 = math.sqrt(1.0 - b2**t)
         step_size = lr / bc1                  # lr * m_hat = (lr / bc1) * m
         on_gpu: dict = {}
+        on_cpu: list = []
         for name, m in self.m.items():
             p, g, v = params[name], grads[name], self.v[name]
             if kernels.use(p):  # CuPy: collected here, updated below in one launch per dtype
                 on_gpu.setdefault(p.dtype, []).append(name)
                 continue
             lr_wd = lr * self.weight_decay if self.decay[name] else 0.0
-            adamw_update(p, g, m, v, b1, b2, eps, step_size, sqrt_bc2, lr_wd)
+            if isinstance(p, np.ndarray) and not fast.is_plain():  # NumPy: below, in blocks
+                on_cpu.append((p, g, m, v, lr_wd))
+            else:
+                adamw_update(p, g, m, v, b1, b2, eps, step_size, sqrt_bc2, lr_wd)
+        if on_cpu:
+            _adamw_update_blocked(on_cpu, b1, b2, eps, step_size, sqrt_bc2)
         for names in on_gpu.values():  # pragma: no cover - needs a GPU
             kernels.adamw_multi_tensor([params[n] for n in names], [grads[n] for n in names],
                                        [self.m[n] for n in names], [self.v[n] for n in names],
@@ -208,6 +214,30 @@ def adamw_update(p, g, m, v, b1, b2, eps, step_size, sqrt_bc2, lr_wd) -> None:
     denom = get_array_module(v).divide(m, denom, out=denom)    # m / (sqrt(v_hat) + eps)
     denom *= step_size                        # lr m_hat / (sqrt(v_hat) + eps)
     p -= denom
+
+
+def _adamw_update_blocked(tensors, b1, b2, eps, step_size, sqrt_bc2) -> None:
+    """The fast path of :func:`adamw_update` on NumPy, the same numbers: every tensor
+    [(p, g, m, v, lr_wd), ...] cut into flat parts shared among fast's threads, each part updated
+    in cache-sized blocks (the one temporary stays in L2). Non-contiguous tensors: whole."""
+    work = []
+    for p, g, m, v, lr_wd in tensors:
+        if not all(a.flags.c_contiguous for a in (p, g, m, v)):
+            work.append(((p, g, m, v), slice(None), lr_wd))
+            continue
+        flat = tuple(a.reshape(-1) for a in (p, g, m, v))  # views
+        work += [(flat, s, lr_wd) for s in fast._flat_parts(p.size, np)]
+
+    def run(item):
+        arrays, part, lr_wd = item
+        if part == slice(None):
+            adamw_update(*arrays, b1, b2, eps, step_size, sqrt_bc2, lr_wd)
+            return
+        for blk in fast._cache_blocks(part.stop - part.start, np):
+            s = slice(part.start + blk.start, part.start + blk.stop)
+            adamw_update(*(a[s] for a in arrays), b1, b2, eps, step_size, sqrt_bc2, lr_wd)
+
+    fast.parallel_for(run, work)
 
 
 def _adamw_update_each(params, grads, ms, vs, decay, b1, b2, eps, step_size, sqrt_bc2, lr_wd) -> None:

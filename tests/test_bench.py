@@ -57,7 +57,20 @@ def test_failing_gate_exits_nonzero_before_any_timing(monkeypatch, capsys, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-def test_run_writes_the_table_and_json_rows(tmp_path, capsys):
+@pytest.fixture
+def keep_fast_settings():
+    """bench's CPU run calls fast.cpu_defaults (threads, NumPy's hugepage advice): restore them."""
+    from minidpo import fast
+
+    threads, advice = fast._THREADS, fast.hugepage_advice()
+    yield
+    fast.set_threads(threads)
+    if advice is not None:
+        fast.set_hugepage_advice(advice)
+
+
+def test_run_writes_the_table_and_json_rows(tmp_path, capsys, monkeypatch, keep_fast_settings):
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
     rc = bs.main(["--configs", "micro", "--steps", "2", "--warmup", "0", "--threads", "1", "--ceiling-n", "128",
                   "--gap", "0", "--out", str(tmp_path)])
     assert rc == 0
@@ -84,7 +97,7 @@ def test_run_writes_the_table_and_json_rows(tmp_path, capsys):
     assert doc["gates"][0]["passed"] and doc["gates"][0]["config"] == "micro"
     assert bs.main(["--show", str(path)]) == 0
     md = capsys.readouterr().out
-    assert md.count("| micro | cpu | fp32 |") == 2 and "| micro | fp32 | - | default | cached_ref | torch |" in md
+    assert md.count("| micro | cpu | fp32 |") == 2 and "| micro | fp32 | - | off | 1 | 1 | cached_ref | torch |" in md
 
 
 def test_results_merge_by_row_key(tmp_path):

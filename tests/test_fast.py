@@ -371,3 +371,136 @@ def test_the_plain_reference_imports_no_fast_code_and_nothing_imports_in_a_circl
 
     for m in graph:
         visit(m, [])
+
+
+# ----------------------------------------------------------------------------------- the thread pool
+
+
+@contextlib.contextmanager
+def threaded(n):
+    """n threads, and every pass cut into parts however small the array; attention copies k and v
+    and runs its softmax in blocks at every size."""
+    old = fast._THREADS
+    fast.set_threads(n)
+    try:
+        with mock.patch.object(fast, "_MIN_PAR", 1), mock.patch.object(fast, "_COPY_KV_T", 1), \
+                mock.patch.object(fast, "_SOFTMAX_BLOCKED", 1):
+            yield
+    finally:
+        fast.set_threads(old)
+
+
+def test_parallel_for_runs_the_parts_at_once_and_reraises():
+    import threading
+
+    barrier = threading.Barrier(2, timeout=10)  # passes only if two parts run at the same time
+    seen = []
+    with threaded(2):
+        fast.parallel_for(lambda i: seen.append((i, barrier.wait())), [0, 1])
+        assert sorted(i for i, _ in seen) == [0, 1]
+
+        def boom(i):
+            if i == 3:
+                raise ValueError("part 3")
+
+        with pytest.raises(ValueError, match="part 3"):
+            fast.parallel_for(boom, range(5))
+    with pytest.raises(ValueError):
+        fast.set_threads(0)
+    assert fast.get_threads() >= 1 and fast.default_threads() >= 1
+
+
+@given(n=st.integers(1, 200), threads=st.integers(1, 5), align=st.integers(1, 16), row=st.integers(1, 9))
+def test_parts_cover_the_rows_once_in_order(n, threads, align, row):
+    with threaded(threads):
+        parts = fast._parts(n, row, align)
+    assert parts[0].start == 0 and parts[-1].stop == n
+    assert all(a.stop == b.start for a, b in zip(parts, parts[1:])) and all(p.stop > p.start for p in parts)
+    assert all(p.start % align == 0 for p in parts) and len(parts) <= threads
+
+
+@given(B=st.integers(1, 4), T=st.integers(2, 9), H=st.integers(1, 2), D=st.integers(1, 4), masked=st.booleans(),
+       threads=st.integers(2, 4), dtype=DTYPES, seed=seeds, blocks=blocking)
+def test_threaded_fast_path_equals_plain(B, T, H, D, masked, threads, dtype, seed, blocks):
+    """Every pass cut into parts on 2-4 threads (GELU, layernorm, attention, log-probs) gives the
+    plain twins' numbers; the elementwise ones (GELU, log-probs) the one-thread numbers exactly."""
+    rng = np.random.default_rng(seed)
+    C = H * D
+    x = (3 * rng.standard_normal((B, T, 4 * C))).astype(dtype)
+    dx_up = rng.standard_normal(x.shape).astype(dtype)
+    h = (2 * rng.standard_normal((B, T, C)) + 1).astype(dtype)
+    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    qkv = (2 * rng.standard_normal((B, T, 3 * C))).astype(dtype)
+    mask = rng.integers(0, 2, (B, T)) if masked else None
+    dy = rng.standard_normal((B, T, C)).astype(dtype)
+    logits = (3 * rng.standard_normal((B, T, 5))).astype(dtype)
+    labels = rng.integers(0, 5, (B, T))
+    lmask = rng.random((B, T)) < 0.7
+    lmask[:, -1] = True
+    dlogps = rng.standard_normal(B).astype(dtype)
+
+    def run():
+        g = [fast.gelu_forward(x)[0], fast.gelu_backward(dx_up, x)[0]]
+        y, c = fast.layernorm_forward(h, w, b)
+        dh, gln = fast.layernorm_backward(dy, c)
+        a, ca = fast.attention_forward(qkv, H, mask)
+        da = fast.attention_backward(dy, ca)[0]
+        lp, cl = fast.sequence_logps(logits, labels, lmask, allow_empty=True)
+        dl = fast.sequence_logps_backward(dlogps, cl)
+        return g, [lp, cl["lse"], dl], [y, dh, gln["w"], gln["b"], a, da]
+
+    with small_blocks(**blocks):
+        one = run()
+        with threaded(threads):
+            many = run()
+    for p, q in zip(one[0] + one[1], many[0] + many[1]):
+        np.testing.assert_array_equal(p, q)
+    y0, c0 = layers.layernorm_forward(h, w, b)
+    dh0, g0 = layers.layernorm_backward(dy, c0)
+    a0, ca0 = layers.attention_forward(qkv, H, mask)
+    da0 = layers.attention_backward(dy, ca0)[0]
+    for got, want, scale in zip(many[2], [y0, dh0, g0["w"], g0["b"], a0, da0], [10, 100, 10, 10, 10, 10]):
+        close(got, want, dtype, scale=scale)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_blocked_adamw_gives_the_plain_update_bit_for_bit(monkeypatch, threads):
+    """optim's fast path (tensors cut into parts on the pool, each part in cache blocks) and the
+    plain path (whole tensors) give identical parameters and moments, non-contiguous ones too."""
+    from minidpo.optim import AdamW
+
+    rng = np.random.default_rng(3)
+    base = {"w": rng.standard_normal((37, 11)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32),
+            "t": np.asfortranarray(rng.standard_normal((6, 9)).astype(np.float32))}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()} for _ in range(3)]
+    out = {}
+    for path in ("plain", "fast"):
+        params = {k: v.copy(order="K") for k, v in base.items()}
+        opt = AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+        with fast.plain(path == "plain"), threaded(threads), mock.patch.object(fast, "_BLOCK", 7):
+            for g in grads:
+                opt.step(params, {k: v.copy() for k, v in g.items()})
+        out[path] = (params, opt.m, opt.v)
+    for a, b in zip(out["plain"], out["fast"]):
+        for k in base:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(out["fast"][0]["w"], base["w"])  # it did update
+
+
+def test_cpu_defaults_set_the_threads_and_hugepage_advice_unless_the_environment_says(monkeypatch):
+    if fast.hugepage_advice() is None:
+        pytest.skip("this NumPy has no hugepage switch")
+    old_threads, old_advice = fast._THREADS, fast.hugepage_advice()
+    try:
+        monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+        fast.set_hugepage_advice(True)
+        fast.cpu_defaults(3)
+        assert fast.get_threads() == 3 and fast.hugepage_advice() is False
+        monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")  # the user's explicit choice is kept
+        fast.set_hugepage_advice(True)
+        fast.cpu_defaults(None)
+        assert fast.get_threads() == fast.default_threads() and fast.hugepage_advice() is True
+        assert fast.set_hugepage_advice(False) is True and fast.hugepage_advice() is False
+    finally:
+        fast.set_threads(old_threads)
+        fast.set_hugepage_advice(old_advice)
