@@ -94,20 +94,20 @@ def pair_sequences(pairs, share_prompt: bool = True) -> list[Sequence]:
         if share_prompt:
             out.append(Sequence(
                 tokens=_i64(x, yw, yl),
-                positions=_i64(np.arange(P), P + np.arange(C), P + np.arange(R)),
-                branch=_i64(np.full(P, PROMPT), np.full(C, CHOSEN), np.full(R, REJECTED)),
+                positions=_i64(np.arange(P, dtype=np.int64), P + np.arange(C, dtype=np.int64), P + np.arange(R, dtype=np.int64)),
+                branch=_i64(np.full(P, PROMPT, dtype=np.int64), np.full(C, CHOSEN, dtype=np.int64), np.full(R, REJECTED, dtype=np.int64)),
                 # chosen token j is scored at P-1+j; rejected token 0 at P-1 (the prompt's end),
                 # rejected token j > 0 at P+C+j-1 (its own previous token)
-                src=_i64(P - 1 + np.arange(C), [P - 1], P + C + np.arange(R - 1)),
+                src=_i64(P - 1 + np.arange(C, dtype=np.int64), [P - 1], P + C + np.arange(R - 1, dtype=np.int64)),
                 labels=_i64(yw, yl),
-                example=_i64(np.full(C, i), np.full(R, N + i)),
+                example=_i64(np.full(C, i, dtype=np.int64), np.full(R, N + i, dtype=np.int64)),
             ))
         else:
             for y, e in ((yw, i), (yl, N + i)):
                 n = len(y)
                 out.append(Sequence(tokens=_i64(x, y), positions=np.arange(P + n, dtype=np.int64),
                                     branch=np.zeros(P + n, np.int64), src=P - 1 + np.arange(n, dtype=np.int64),
-                                    labels=_i64(y), example=np.full(n, e, np.int64)))
+                                    labels=_i64(y), example=np.full(n, e, dtype=np.int64)))
     if share_prompt:
         return out
     return out[0::2] + out[1::2]  # all chosen first, then all rejected: the padded rows' order
@@ -122,7 +122,7 @@ def sft_sequences(items) -> list[Sequence]:
         P, n = len(x), len(y)
         out.append(Sequence(tokens=_i64(x, y), positions=np.arange(P + n, dtype=np.int64),
                             branch=np.zeros(P + n, np.int64), src=P - 1 + np.arange(n, dtype=np.int64),
-                            labels=_i64(y), example=np.full(n, b, np.int64)))
+                            labels=_i64(y), example=np.full(n, b, dtype=np.int64)))
     return out
 
 
