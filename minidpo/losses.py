@@ -414,6 +414,30 @@ def nll_loss(policy_chosen_logps, chosen_token_counts, *, validate: bool = True)
     return losses, grad
 
 
+def dpo_step_loss(logps, token_counts, ref_chosen, ref_rejected, tc):
+    """The loss part of a DPO training step, shared by the padded and the packed step.
+
+    logps: (2N,) log pi(y|x) of the batch's rows [chosen; rejected]; token_counts: (2N,) their
+    scored tokens; ref_chosen, ref_rejected: (N,) constants; tc: the TrainConfig's loss options
+    (beta, loss_type, label_smoothing, reference_free, rpo_alpha, average_logps).
+    Returns (out, dlogps): the DPOOutput (eq. 7 and variants, eq. 8 rewards) and the eq. 9
+    gradient on the (2N,) log-probs, in their dtype."""
+    n = logps.shape[0] // 2
+    xp = get_array_module(logps)
+    kwargs = {}
+    if tc.rpo_alpha:
+        # the NLL term is a per-token mean: summed log-probs are divided by their token counts;
+        # per-token-mean log-probs (average_logps) already are, so their counts are ones
+        counts = token_counts[:n]
+        kwargs["rpo_alpha"] = tc.rpo_alpha
+        kwargs["chosen_token_counts"] = xp.ones_like(counts) if tc.average_logps else counts
+    out = dpo_loss(logps[:n], logps[n:], ref_chosen, ref_rejected, beta=tc.beta, loss_type=tc.loss_type,
+                   label_smoothing=tc.label_smoothing, reference_free=tc.reference_free, **kwargs)
+    # eq. 9: the gradient reaches the two log-probs with weight sigma(r_l - r_w), opposite signs
+    dlogps = xp.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps])  # (2N,)
+    return out, dlogps.astype(logps.dtype, copy=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # metrics
 

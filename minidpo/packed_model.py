@@ -30,7 +30,7 @@ import numpy as np
 
 from . import fast
 from .backend import get_array_module, scatter_add
-from .losses import dpo_loss, preference_metrics
+from .losses import dpo_step_loss, preference_metrics
 from .model import GPTConfig, check_params
 from .packing import PackedBatch, attention_allowed
 
@@ -352,20 +352,10 @@ def packed_dpo_step(params: dict, model_config: GPTConfig, batch: PackedBatch, r
     logits, model_cache = packed_forward(params, model_config, batch)  # (M, V)
     logps, lp_cache = scored_logps(logits, batch)  # (2N,)
     del logits
-    policy_chosen, policy_rejected = logps[:n], logps[n:]
-    xp = get_array_module(logps)
-    kwargs = {}
-    if tc.rpo_alpha:
-        counts = lp_cache["token_counts"][:n]
-        kwargs["rpo_alpha"] = tc.rpo_alpha
-        kwargs["chosen_token_counts"] = xp.ones_like(counts) if tc.average_logps else counts
-    out = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=tc.beta,
-                   loss_type=tc.loss_type, label_smoothing=tc.label_smoothing,
-                   reference_free=tc.reference_free, **kwargs)
-    dlogps = xp.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps])  # (2N,)
+    out, dlogps = dpo_step_loss(logps, lp_cache["token_counts"], ref_chosen, ref_rejected, tc)  # eq. 7, eq. 9
     dlogits = scored_logps_backward(dlogps, lp_cache, overwrite_logits=True)  # (M, V)
     grads = packed_backward(dlogits, model_cache)
-    return out.loss, preference_metrics(out, policy_chosen, policy_rejected), grads
+    return out.loss, preference_metrics(out, logps[:n], logps[n:]), grads
 
 
 def packed_sft_step(params: dict, model_config: GPTConfig, batch: PackedBatch):

@@ -74,7 +74,7 @@ from .checkpoint import (CheckpointError, atomic_write_text, has_checkpoint, loa
 from .data import check_token_ids, collate_preferences, collate_sft
 from .distributed import (SingleProcess, all_reduce_step, collective, local_shard, make_optimizer, on_rank0,
                           shard_range)
-from .losses import dpo_loss, preference_metrics
+from .losses import dpo_loss, dpo_step_loss, preference_metrics
 from .model import GPTConfig, gpt_backward, gpt_forward
 from .optim import AdamW, clip_grad_norm, lr_at
 from .packed_model import packed_dpo_step, packed_sft_step
@@ -258,25 +258,11 @@ def dpo_step(params: dict, model_config: GPTConfig, batch: dict, ref_chosen, ref
     ops = fast.ops()
     logps, lp_cache = ops.sequence_logps(logits, input_ids, loss_mask, average=tc.average_logps, validate=False)  # (2N,)
     del logits
-    policy_chosen, policy_rejected = logps[:n], logps[n:]  # (N,), (N,)
-    xp = get_array_module(logps)
-    kwargs = {}
-    if tc.rpo_alpha:
-        # the NLL term is a per-token mean: summed log-probs are divided by their token counts;
-        # per-token-mean log-probs (average_logps) already are, so their counts are ones
-        counts = lp_cache["token_counts"][:n]
-        kwargs["rpo_alpha"] = tc.rpo_alpha
-        kwargs["chosen_token_counts"] = xp.ones_like(counts) if tc.average_logps else counts
-    out = dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=tc.beta,
-                   loss_type=tc.loss_type, label_smoothing=tc.label_smoothing,
-                   reference_free=tc.reference_free, **kwargs)
-    # eq. 9: the gradient reaches the two log-probs with weight sigma(r_l - r_w), opposite signs
-    dlogps = xp.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps])  # (2N,)
+    out, dlogps = dpo_step_loss(logps, lp_cache["token_counts"], ref_chosen, ref_rejected, tc)  # eq. 7, eq. 9
     # the logits are not needed again: their buffer becomes dlogits (one (2N, T, V) array, not two)
-    dlogits = ops.sequence_logps_backward(dlogps.astype(logps.dtype, copy=False), lp_cache, overwrite_logits=True)
+    dlogits = ops.sequence_logps_backward(dlogps, lp_cache, overwrite_logits=True)
     grads = gpt_backward(dlogits, model_cache)
-    metrics = preference_metrics(out, policy_chosen, policy_rejected)
-    return out.loss, metrics, grads
+    return out.loss, preference_metrics(out, logps[:n], logps[n:]), grads
 
 
 def sft_step(params: dict, model_config: GPTConfig, batch: dict):
