@@ -279,23 +279,30 @@ def layernorm_forward(x, w, b, eps=1e-5):
     return y.reshape(x.shape), (x, w, mean, rstd)
 
 
+def _layernorm_dx_(g, xhat, rstd):
+    """In place: g (n, C) = dy w on entry, dx = rstd (g - mean(g) - x_hat mean(g x_hat)) on exit;
+    x_hat (n, C) is overwritten."""
+    xp = get_array_module(g)
+    t = g.dtype.type
+    C = g.shape[1]
+    m_g = xp.einsum("nc->n", g)[:, None]  # (n, 1)
+    m_g *= t(1.0 / C)
+    m_gx = xp.einsum("nc,nc->n", g, xhat)[:, None]  # (n, 1)
+    m_gx *= t(1.0 / C)
+    g -= m_g
+    xhat *= m_gx
+    g -= xhat
+    g *= rstd
+
+
 def _layernorm_backward_rows(dy2, x2, w, mean, rstd, dx, rows):
     """dx of layers.layernorm_backward for ``rows``, block by block."""
     C = x2.shape[1]
-    t = x2.dtype.type
     for r in _row_blocks(rows, C):
-        d_, g = dy2[r], dx[r]  # (n, C)
         xhat = x2[r] - mean[r]  # (n, C)
         xhat *= rstd[r]
-        np.multiply(d_, w, out=g)  # g = dy w
-        m_g = np.einsum("nc->n", g)[:, None]  # (n, 1)
-        m_g *= t(1.0 / C)
-        m_gx = np.einsum("nc,nc->n", g, xhat)[:, None]  # (n, 1)
-        m_gx *= t(1.0 / C)
-        g -= m_g
-        xhat *= m_gx
-        g -= xhat
-        g *= rstd[r]
+        np.multiply(dy2[r], w, out=dx[r])  # g = dy w
+        _layernorm_dx_(dx[r], xhat, rstd[r])
 
 
 def layernorm_backward(dy, cache):
@@ -320,20 +327,12 @@ def layernorm_backward(dy, cache):
         db = dy2.sum(axis=0)  # (C,)
         dw = np.einsum("nc,nc->c", dy2, xhat)  # (C,)
         return dx.reshape(x.shape), {"w": dw, "b": db}
-    t = dy.dtype.type
     xhat = x2 - mean  # (N, C)
     xhat *= rstd
     db = dy2.sum(axis=0)  # (C,)
     dw = xp.einsum("nc,nc->c", dy2, xhat)  # (C,)
     g = dy2 * w  # (N, C)
-    m_g = xp.einsum("nc->n", g)[:, None]  # (N, 1)
-    m_g *= t(1.0 / C)
-    m_gx = xp.einsum("nc,nc->n", g, xhat)[:, None]  # (N, 1)
-    m_gx *= t(1.0 / C)
-    g -= m_g
-    xhat *= m_gx
-    g -= xhat
-    g *= rstd
+    _layernorm_dx_(g, xhat, rstd)
     return g.reshape(x.shape), {"w": dw, "b": db}
 
 
