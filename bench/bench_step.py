@@ -570,20 +570,12 @@ def layout_gate(cfg: BenchConfig, device: Device, layouts, seed: int = 0, rtol: 
     return {"passed": not failures, "failures": failures, "worst": worst[:5], "n_checked": n}
 
 
-def time_layouts(cfg: BenchConfig, device: Device, layouts, steps: int, warmup: int, attn_impl: str,
-                 seed: int = 0, phase_steps: int = 2, gap: float = 0.0) -> dict:
-    """minidpo in each of ``layouts`` and torch (padded) on the same pairs, interleaved A B C D A
-    B C D ..., cached reference (the reference log-probs of each layout are timed separately, in the
-    phase steps, as "reference": the once-per-dataset cache pass). Returns, per implementation,
-    what :func:`time_pair` returns, plus the layout's row and token counts."""
-    policy, reference = make_params(cfg, seed)
-    pairs = make_pairs(cfg, seed)
-    ids, mask = make_batch(cfg, seed)
-    impls = [LayoutStep(cfg, policy, reference, device, lay, pairs) for lay in layouts]
-    impls.append(TorchStep(cfg, policy, reference, device, attn_impl))
-    impls[-1].name = "torch padded"
-    batches = [impl.batch(ids, mask) for impl in impls]
-    refs = [impl.reference_logps(*b) for impl, b in zip(impls, batches)]
+def _interleave(impls, batches, refs, device: Device, warmup: int, steps: int, phase_steps: int, gap: float,
+                time_reference: bool = False):
+    """Run the implementations' steps interleaved, A B A B ..., ``warmup`` untimed rounds then
+    ``steps`` timed ones (one sync per step), then ``phase_steps`` rounds synced at every phase
+    (with ``time_reference``, each preceded by the reference log-prob pass, marked "reference").
+    Returns ({name: [seconds]}, {name: [phase dicts]})."""
     times = {impl.name: [] for impl in impls}
     phases = {impl.name: [] for impl in impls}
     clock = Clock(device, sync_each=False)
@@ -602,11 +594,31 @@ def time_layouts(cfg: BenchConfig, device: Device, layouts, steps: int, warmup: 
             if gap:
                 time.sleep(gap)
             pclock.start()
-            impl.reference_logps(*b)
-            pclock.mark("reference")
+            if time_reference:
+                impl.reference_logps(*b)
+                pclock.mark("reference")
             impl.step(*b, ref_logps=r, clock=pclock)
             pclock.stop()
             phases[impl.name].append(dict(pclock.phases))
+    return times, phases
+
+
+def time_layouts(cfg: BenchConfig, device: Device, layouts, steps: int, warmup: int, attn_impl: str,
+                 seed: int = 0, phase_steps: int = 2, gap: float = 0.0) -> dict:
+    """minidpo in each of ``layouts`` and torch (padded) on the same pairs, interleaved A B C D A
+    B C D ..., cached reference (the reference log-probs of each layout are timed separately, in the
+    phase steps, as "reference": the once-per-dataset cache pass). Returns, per implementation,
+    what :func:`time_pair` returns, plus the layout's row and token counts."""
+    policy, reference = make_params(cfg, seed)
+    pairs = make_pairs(cfg, seed)
+    ids, mask = make_batch(cfg, seed)
+    impls = [LayoutStep(cfg, policy, reference, device, lay, pairs) for lay in layouts]
+    impls.append(TorchStep(cfg, policy, reference, device, attn_impl))
+    impls[-1].name = "torch padded"
+    batches = [impl.batch(ids, mask) for impl in impls]
+    refs = [impl.reference_logps(*b) for impl, b in zip(impls, batches)]
+    times, phases = _interleave(impls, batches, refs, device, warmup, steps, phase_steps, gap,
+                                time_reference=True)
     out = {}
     real = int(mask.sum() + sum(len(p.prompt_ids) for p in pairs) * 2)  # the padded rows' non-pad tokens
     for impl, b, r in zip(impls, batches, refs):
@@ -894,27 +906,7 @@ def time_pair(cfg: BenchConfig, device: Device, variant: str, steps: int, warmup
     refs = [None, None]
     if variant == "cached_ref":
         refs = [impl.reference_logps(*b) for impl, b in zip(impls, batches)]
-    times = {impl.name: [] for impl in impls}
-    phases = {impl.name: [] for impl in impls}
-    clock = Clock(device, sync_each=False)
-    for i in range(warmup + steps):
-        for impl, b, r in zip(impls, batches, refs):
-            if gap:
-                time.sleep(gap)
-            clock.start()
-            impl.step(*b, ref_logps=r)
-            dt = clock.stop()
-            if i >= warmup:
-                times[impl.name].append(dt)
-    pclock = Clock(device, sync_each=True)
-    for _ in range(phase_steps):
-        for impl, b, r in zip(impls, batches, refs):
-            if gap:
-                time.sleep(gap)
-            pclock.start()
-            impl.step(*b, ref_logps=r, clock=pclock)
-            pclock.stop()
-            phases[impl.name].append(dict(pclock.phases))
+    times, phases = _interleave(impls, batches, refs, device, warmup, steps, phase_steps, gap)
     mem = {}
     for impl, b, r in zip(impls, batches, refs):
         mem[impl.name] = device.peak_memory_mb(lambda: impl.step(*b, ref_logps=r), impl.name)
