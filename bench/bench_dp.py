@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -46,22 +45,14 @@ from minidpo.model import GPTConfig, init_params, num_params  # noqa: E402
 from minidpo.optim import clip_grad_norm  # noqa: E402
 from minidpo.train import TrainConfig, batch_for_step, dpo_step  # noqa: E402
 
+from bench.bench_step import cpu_model  # noqa: E402
+
 # (layers, channels, heads, T, vocab, pairs in the global batch)
 CONFIGS = {
     "D0": dict(n_layer=4, n_embd=128, n_head=4, T=64, vocab=512, pairs=16),  # bench_step's C0: tiny
     "D1": dict(n_layer=4, n_embd=256, n_head=4, T=128, vocab=8192, pairs=8),  # a small GPT-2
     "micro": dict(n_layer=1, n_embd=16, n_head=2, T=16, vocab=64, pairs=4),  # for the tests
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _slug(s: str) -> str:
