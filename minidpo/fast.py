@@ -7,7 +7,9 @@ round-off; tests/test_fast.py checks every function against its plain twin) with
   logits run in pieces that stay in the cache, in place, with no full-size temporaries;
 - the causal skip: attention cuts its queries into a few blocks, each scored only against the
   keys it can see;
-- fused CUDA kernels (kernels.py) on CuPy arrays, one visible ``if kernels.use(x):`` per layer.
+- fused CUDA kernels (kernels.py) on CuPy arrays, one visible ``if kernels.use(x):`` per layer;
+- fused compiled CPU kernels (cpu_kernels.py, Numba, when installed) on NumPy arrays, one visible
+  ``ck = cpu_kernels(x)`` per layer; their rows are shared among the threads like the NumPy passes.
 
 One switch picks the path for the model, the trainer and everything built on them:
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -40,6 +43,7 @@ from .logprobs import log_softmax, log_softmax_backward, logsumexp
 __all__ = [
     "ops", "set_plain", "is_plain", "plain", "PLAIN", "FAST", "set_threads", "get_threads",
     "default_threads", "parallel_for", "cpu_defaults", "hugepage_advice", "set_hugepage_advice",
+    "cpu_kernels", "set_cpu_kernels", "no_cpu_kernels", "keep_freed_memory",
     *layers.__all__, "sequence_logps", "sequence_logps_backward",
 ]
 
@@ -146,17 +150,119 @@ def set_hugepage_advice(flag: bool) -> bool | None:
     return None if m is None else bool(m._set_madvise_hugepage(bool(flag)))
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def _glibc():
+    """The C library as a ctypes handle when it is glibc (it has mallopt), else None."""
+    import ctypes
+    import platform
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:  # pragma: no cover - a Linux without a loadable C library
+        return None
+
+
+def keep_freed_memory(flag: bool = True) -> bool:
+    """glibc only: keep freed memory in the process for the next allocation (True) or give it back
+    to the system as glibc does by default (False). Returns whether the setting was applied.
+
+    glibc serves an allocation over 32 MiB with its own mmap and unmaps it when freed, so every
+    step's fresh (B, T, 4C) activations and (B, T, V) logits are page-faulted in again, page by
+    page: C1's step (bench/README.md) took 526,000 minor faults and 0.8 s of system time. With
+    mmap off and the heap never trimmed, those pages are reused: 0 faults a step after the first.
+    The price: the process keeps its peak heap until it exits (a training run's peak anyway)."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    if flag:
+        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    else:  # glibc's documented defaults
+        ok = libc.mallopt(_M_MMAP_MAX, 65536) and libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+    return bool(ok)
+
+
 def cpu_defaults(threads: int | None = None) -> None:
     """The fast path's CPU settings, for a training or benchmark run (the CLI and bench/ call it):
 
     - ``threads`` for the elementwise passes (:func:`set_threads`; None: :func:`default_threads`);
     - NumPy's transparent-hugepage advice off, unless NUMPY_MADVISE_HUGEPAGE is set. Every step
       allocates fresh activation arrays; on a VM a hugepage fault may first compact memory, and
-      C1's step (bench/README.md) took 12.0 s with the advice and 8.8 s without (1 thread).
+      C1's step (bench/README.md) took 12.0 s with the advice and 8.8 s without (1 thread);
+    - freed memory kept for reuse (:func:`keep_freed_memory`), unless MINIDPO_KEEP_MEMORY=0.
     """
     set_threads(threads)
     if "NUMPY_MADVISE_HUGEPAGE" not in os.environ:
         set_hugepage_advice(False)
+    if os.environ.get("MINIDPO_KEEP_MEMORY", "1") != "0":
+        keep_freed_memory(True)
+
+
+# ------------------------------------------------------------------------------------ CPU kernels
+
+_CPU_KERNELS = os.environ.get("MINIDPO_CPU_KERNELS", "1") != "0"
+_CK = None  # the cpu_kernels module once imported and working; False: not available
+
+
+def set_cpu_kernels(flag: bool) -> bool:
+    """Use the compiled CPU kernels (True, the default when Numba is installed) or the NumPy
+    passes (False); returns the previous setting. ``MINIDPO_CPU_KERNELS=0`` starts a run with False."""
+    global _CPU_KERNELS
+    old, _CPU_KERNELS = _CPU_KERNELS, bool(flag)
+    return old
+
+
+@contextlib.contextmanager
+def no_cpu_kernels():
+    """``with no_cpu_kernels():`` the fast path runs its NumPy passes inside the block."""
+    old = set_cpu_kernels(False)
+    try:
+        yield
+    finally:
+        set_cpu_kernels(old)
+
+
+def _load_cpu_kernels():
+    """cpu_kernels, compiled (or loaded from Numba's disk cache) and tried once on small float32
+    arrays; False with one warning when Numba is missing is silent, a failing Numba warns."""
+    try:
+        from . import cpu_kernels as ck
+    except ImportError:
+        return False
+    try:
+        x = np.linspace(-3, 3, 8, dtype=np.float32)
+        y = np.empty_like(x)
+        ck.gelu_forward(x, y)
+        if not np.allclose(y, layers.gelu_forward(x)[0], rtol=1e-5, atol=1e-6):
+            raise RuntimeError("gelu_forward gave wrong numbers")
+    except Exception as e:  # a Numba that cannot compile here: the NumPy passes still work
+        import warnings
+
+        warnings.warn(f"minidpo: the compiled CPU kernels are off ({type(e).__name__}: {e}); "
+                      "set MINIDPO_CPU_KERNELS=0 to silence this", RuntimeWarning, stacklevel=3)
+        return False
+    return ck
+
+
+def cpu_kernels(*arrays):
+    """The compiled CPU kernels module when they should run on these arrays, else None: they are
+    on, Numba is installed, and every array is a NumPy float32 or float64 array."""
+    global _CK
+    if not _CPU_KERNELS:
+        return None
+    for a in arrays:
+        if type(a) is not np.ndarray or a.dtype not in _KERNEL_DTYPES:
+            return None
+    if _CK is None:
+        _CK = _load_cpu_kernels()
+    return _CK or None
+
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _parts(n: int, row_size: int = 1, align: int = 1) -> list[slice]:
@@ -262,7 +368,12 @@ def layernorm_forward(x, w, b, eps=1e-5):
         y = np.empty((N, C), dtype=x.dtype)
         mean = np.empty((N, 1), dtype=x.dtype)
         rstd = np.empty((N, 1), dtype=x.dtype)
-        parallel_for(lambda r: _layernorm_forward_rows(x2, w, b, eps, y, mean, rstd, r), _parts(N, C))
+        ck = cpu_kernels(x2, w, b) if x2.flags.c_contiguous else None
+        if ck:
+            m1, r1 = mean.reshape(-1), rstd.reshape(-1)  # (N,) views
+            parallel_for(lambda r: ck.layernorm_forward(x2[r], w, b, eps, y[r], m1[r], r1[r]), _parts(N, C))
+        else:
+            parallel_for(lambda r: _layernorm_forward_rows(x2, w, b, eps, y, mean, rstd, r), _parts(N, C))
         return y.reshape(x.shape), (x, w, mean, rstd)
     t = x.dtype.type
     mean = xp.einsum("nc->n", x2)[:, None]  # (N, 1)
@@ -318,6 +429,18 @@ def layernorm_backward(dy, cache):
         dx, dw, db = kernels.layernorm_backward(dy2, x2, w, mean, rstd)
         return dx.reshape(x.shape), {"w": dw, "b": db}
     xp = get_array_module(dy)
+    ck = cpu_kernels(dy2, x2, w) if xp is np and dy2.flags.c_contiguous and x2.flags.c_contiguous else None
+    if ck:
+        N = x2.shape[0]
+        dx = np.empty((N, C), dtype=dy.dtype)
+        parts = _parts(N, C)
+        m1 = np.ascontiguousarray(mean.reshape(-1))  # (N,)
+        r1 = np.ascontiguousarray(rstd.reshape(-1))
+        dws = np.zeros((len(parts), C), dtype=dy.dtype)  # one partial sum per part, added in order
+        dbs = np.zeros((len(parts), C), dtype=dy.dtype)
+        parallel_for(lambda i: ck.layernorm_backward(dy2[parts[i]], x2[parts[i]], w, m1[parts[i]], r1[parts[i]],
+                                                     dx[parts[i]], dws[i], dbs[i]), range(len(parts)))
+        return dx.reshape(x.shape), {"w": dws.sum(axis=0), "b": dbs.sum(axis=0)}
     if xp is np:
         N = x2.shape[0]
         dx = np.empty((N, C), dtype=dy.dtype)
@@ -382,6 +505,10 @@ def gelu_forward(x):
     t = x.dtype.type
     y = xp.empty(x.shape, dtype=x.dtype)
     xf, yf = x.reshape(-1), y.reshape(-1)  # flat views
+    ck = cpu_kernels(x) if x.flags.c_contiguous else None
+    if ck:
+        parallel_for(lambda s: ck.gelu_forward(xf[s], yf[s]), _flat_parts(xf.size, xp))
+        return y, x
     parallel_for(lambda s: _gelu_forward_part(xf[s], yf[s], t), _flat_parts(xf.size, xp))
     return y, x
 
@@ -418,6 +545,10 @@ def gelu_backward(dy, cache):
     t = x.dtype.type
     dx = xp.empty(x.shape, dtype=x.dtype)
     xf, dyf, dxf = x.reshape(-1), dy.reshape(-1), dx.reshape(-1)  # flat views
+    ck = cpu_kernels(dy, x) if x.flags.c_contiguous and dy.flags.c_contiguous and dy.dtype == x.dtype else None
+    if ck:
+        parallel_for(lambda s: ck.gelu_backward(dyf[s], xf[s], dxf[s]), _flat_parts(xf.size, xp))
+        return dx, {}
     parallel_for(lambda s: _gelu_backward_part(xf[s], dyf[s], dxf[s], t), _flat_parts(xf.size, xp))
     return dx, {}
 
@@ -526,7 +657,8 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
     k = xp.empty(q.shape, dtype=qkv.dtype) if copy_kv else k_view  # batched matmuls run faster
     v = xp.empty(q.shape, dtype=qkv.dtype) if copy_kv else v_view  # on them, and qkv is freed
     fused = bias is None and attention_mask is None and kernels.use(qkv)
-    if bias is None and not fused:
+    ck = cpu_kernels(qkv) if bias is None and attention_mask is None else None  # causal only
+    if bias is None and not (fused or ck):
         bias = attention_bias(xp, qkv.dtype, T, T, 0, attention_mask)  # (T, T) or (B, 1, T, T)
     yh = xp.empty((B, T, n_head, D), dtype=qkv.dtype)  # heads side by side
     blocks = _query_blocks(T)
@@ -544,6 +676,9 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
             if fused:
                 xp.matmul(q[bs, :, i0:i1], kt, out=att)  # unscaled
                 kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
+            elif ck:  # query i0 + r sees keys 0..i0 + r
+                xp.matmul(qs[bs, :, i0:i1], kt, out=att)
+                ck.causal_softmax_(att.reshape(-1, i1 - i0, i1), 1.0, i0)
             else:
                 xp.matmul(qs[bs, :, i0:i1], kt, out=att)
                 _biased_softmax_(att, bias_b[..., i0:i1, :i1])
@@ -574,6 +709,7 @@ def attention_backward(dy, cache):
         dyh = dyb.reshape(b, T, H, D).transpose(0, 2, 1, 3)  # (b, H, T, D)
         delta = (dyb * y[bs]).reshape(b, T, H, D).sum(axis=-1)  # (b, T, H)
         delta = delta.transpose(0, 2, 1)[..., None]  # (b, H, T, 1)
+        ck = cpu_kernels(dyb, atts[0])
         for (i0, i1), att_full in reversed(list(zip(blocks, atts))):  # the last block sees every key
             att = att_full[bs]  # (b, H, nq, i1)
             dy_b = dyh[:, :, i0:i1]  # (b, H, nq, D)
@@ -581,6 +717,10 @@ def attention_backward(dy, cache):
             ds = dy_b @ v[bs, :, :i1].transpose(0, 1, 3, 2)  # datt (b, H, nq, i1)
             if kernels.use(ds):
                 kernels.softmax_backward_(ds, att, delta[:, :, i0:i1])
+            elif ck and ds.flags.c_contiguous and att.flags.c_contiguous:
+                nq = i1 - i0
+                ck.softmax_backward_(ds.reshape(-1, nq, i1), att.reshape(-1, nq, i1),
+                                     np.ascontiguousarray(delta[:, :, i0:i1, 0]).reshape(-1, nq))
             else:
                 ds -= delta[:, :, i0:i1]
                 ds *= att
@@ -617,11 +757,15 @@ def attention_forward_kv(qkv, n_head, k_cache, v_cache, start, key_mask=None, *,
         _softmax_lastaxis_(att)
         return (att @ v_cache[:, :, :L]).transpose(0, 2, 1, 3).reshape(B, Tn, C)  # (B, Tn, C)
     yh = xp.empty((B, Tn, n_head, D), dtype=qkv.dtype)
+    ck = cpu_kernels(qkv)
     for i0, i1 in _query_blocks(Tn):  # query i (position start + i) sees keys 0 .. start + i
         kt = k_cache[:, :, : start + i1].transpose(0, 1, 3, 2)  # (B, H, D, start + i1)
         if kernels.use(qkv):
             att = q[:, :, i0:i1] @ kt  # (B, H, i1 - i0, start + i1) unscaled
             kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
+        elif ck:
+            att = qs[:, :, i0:i1] @ kt  # (B, H, i1 - i0, start + i1)
+            ck.causal_softmax_(att.reshape(-1, i1 - i0, start + i1), 1.0, start + i0)
         else:
             att = qs[:, :, i0:i1] @ kt
             if i1 - i0 > 1:  # one query sees every key before it: no bias
@@ -655,6 +799,13 @@ def _token_logps(logits, safe_labels):
         return kernels.logsoftmax_gather(logits, safe_labels)
     xp = get_array_module(logits)
     B, T, V = logits.shape
+    ck = cpu_kernels(logits) if logits.flags.c_contiguous and V else None
+    if ck:
+        lp = np.empty((B, T - 1), dtype=logits.dtype)
+        lse = np.empty((B, T - 1), dtype=logits.dtype)
+        labels = np.ascontiguousarray(safe_labels, dtype=np.int64)  # (B, T-1)
+        parallel_for(lambda bs: ck.logsoftmax_gather(logits, labels, lp, lse, bs.start, bs.stop), _parts(B, T * V))
+        return lp, lse
     scoring = logits[:, :-1]  # (B, T-1, V) view
     lse = xp.empty((B, T - 1), dtype=logits.dtype)
 
@@ -709,6 +860,15 @@ def sequence_logps_backward(dlogps, cache, *, overwrite_logits: bool = False):
     else:
         dlogits = xp.empty_like(logits)
     lse, labels = cache["lse"], cache["labels"]
+    ck = cpu_kernels(logits, lse, g) if dlogits.flags.c_contiguous and V else None
+    if ck:
+        if dlogits is not logits:
+            np.copyto(dlogits, logits)  # the kernel works in place
+        lse_c, g_c = np.ascontiguousarray(lse, dtype=dt), np.ascontiguousarray(g, dtype=dt)  # (B, T-1)
+        lab = np.ascontiguousarray(labels, dtype=np.int64)
+        parallel_for(lambda bs: ck.logsoftmax_gather_backward_(dlogits, lse_c, lab, g_c, bs.start, bs.stop),
+                     _parts(B, T * V))
+        return dlogits
 
     def piece(p):
         bs, ts = p

@@ -19,6 +19,30 @@ from minidpo import fast, layers, logprobs
 from minidpo.model import GPTConfig, gpt_backward, gpt_forward, gpt_forward_kv, inference_logits, init_params
 
 DTYPES = st.sampled_from([np.float32, np.float64])
+
+
+def pytest_generate_tests(metafunc):
+    """Every test here runs on the fast path's NumPy passes and, where Numba is installed, on its
+    compiled CPU kernels; a test marked ``numpy_passes`` (it checks the NumPy passes' blocking)
+    on the NumPy passes only."""
+    if "cpu_path" in metafunc.fixturenames:
+        only_numpy = metafunc.definition.get_closest_marker("numpy_passes") is not None
+        metafunc.parametrize("cpu_path", ["numpy"] if only_numpy else ["numpy", "kernels"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def cpu_path(request):
+    if request.param == "numpy":
+        with fast.no_cpu_kernels():
+            yield
+        return
+    pytest.importorskip("numba", reason="the compiled CPU kernels need Numba (pip install minidpo[fast])")
+    old = fast.set_cpu_kernels(True)
+    try:
+        assert fast.cpu_kernels(np.zeros(1, np.float32)) is not None
+        yield
+    finally:
+        fast.set_cpu_kernels(old)
 seeds = st.integers(0, 2**32 - 1)
 
 
@@ -200,6 +224,7 @@ def test_sequence_logps_fast_equals_plain(batch, average, overwrite, blocks):
     close(c["weights"], c0["weights"], dtype)
 
 
+@pytest.mark.numpy_passes
 @pytest.mark.parametrize("piece", [1, 24, 64, 128, 10**9])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_logprobs_pieces_give_identical_numbers(monkeypatch, piece, dtype):
@@ -225,6 +250,7 @@ def test_logprobs_pieces_give_identical_numbers(monkeypatch, piece, dtype):
     np.testing.assert_array_equal(results[0][2], results[0][3])  # overwrite_logits: the same numbers
 
 
+@pytest.mark.numpy_passes
 @pytest.mark.parametrize("block", [1, 5, 64])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gelu_blocks_give_identical_numbers(monkeypatch, block, dtype):
