@@ -98,8 +98,10 @@ def parse_args(argv=None):
     p.add_argument("--dpo-steps", type=int, default=None,
                    help="DPO steps (default: the preset's, 300 or 60 with --quick); more extend a finished run")
     p.add_argument("--threads", type=int, default=1,
-                   help="CPU BLAS threads (default 1: this model's matrices are small, and idle BLAS threads "
-                        "spinning on a busy machine can slow every matmul several-fold); 0 = the library default")
+                   help="CPU threads for minidpo's fast path, each matrix product shared among them with the "
+                        "BLAS on one thread each (default 1: this model's matrices are small); 0 = the BLAS "
+                        "library's own threading, whose idle threads spinning on a busy machine can slow every "
+                        "matmul several-fold")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("--zero1", action="store_true", help="under mpiexec: shard the AdamW moments across the ranks")
     args = p.parse_args(argv)
@@ -145,10 +147,11 @@ def main(argv=None) -> dict | None:
     """Run the experiment; the summary dict, or None when an interrupt stopped it (a checkpoint
     was saved: the same command resumes)."""
     args = parse_args(argv)
-    if args.threads > 0:
-        from threadpoolctl import threadpool_limits
+    from minidpo import fast
 
-        with threadpool_limits(limits=args.threads, user_api="blas"):
+    fast.cpu_defaults()  # NumPy's hugepage advice off, freed memory kept for reuse (minidpo/fast.py)
+    if args.threads > 0:
+        with fast.use_threads(args.threads):  # the fast path's pool threads, the BLAS on one each
             return run(args)
     return run(args)
 

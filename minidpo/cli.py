@@ -563,8 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-length", type=_int_at_least(2), default=512,
                         help="longest prompt+response in tokens (at most the model's context)")
         sp.add_argument("--threads", type=_int_at_least(0), default=1,
-                        help="CPU BLAS threads; 0 = the library's default (all cores). 1 is fastest for small "
-                             "models: SFT of the default model ran 3-4x slower with the default on 2 cores")
+                        help="CPU threads: the fast path's pool, which shares every pass and matrix product "
+                             "among them (the BLAS on one thread each); 0 = the BLAS library's own threading "
+                             "(all cores), which ran SFT of the default model 3-4x slower on 2 cores")
         sp.add_argument("--plain", action="store_true",
                         help="run the plain reference (layers.py, logprobs.py) instead of the fast paths (slower)")
         if not train:
@@ -730,12 +731,10 @@ def _error_line(err: BaseException) -> str:
 def _run(args) -> int:
     from . import fast
 
-    fast.cpu_defaults()  # the fast path's pool threads and NumPy's hugepage advice (see fast.py)
+    fast.cpu_defaults()  # the fast path's pool threads, NumPy's hugepage advice, freed memory kept (fast.py)
     with fast.plain(getattr(args, "plain", False)):  # --plain: the plain reference for every layer
         if getattr(args, "threads", 0):
-            from threadpoolctl import threadpool_limits
-
-            with threadpool_limits(limits=args.threads, user_api="blas"):
+            with fast.use_threads(args.threads):  # the pool's threads, the BLAS on one each
                 return args.func(args)
         return args.func(args)
 

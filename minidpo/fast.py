@@ -33,17 +33,12 @@ import numpy as np
 
 from . import checks, kernels, layers, logprobs
 from .backend import get_array_module, scatter_add
-from .layers import (  # the same code on both paths: nothing to make fast
-    linear_backward,
-    unembed_backward,
-    unembed_forward,
-)
 from .logprobs import log_softmax, log_softmax_backward, logsumexp
 
 __all__ = [
     "ops", "set_plain", "is_plain", "plain", "PLAIN", "FAST", "set_threads", "get_threads",
     "default_threads", "parallel_for", "cpu_defaults", "hugepage_advice", "set_hugepage_advice",
-    "cpu_kernels", "set_cpu_kernels", "no_cpu_kernels", "keep_freed_memory",
+    "cpu_kernels", "set_cpu_kernels", "no_cpu_kernels", "keep_freed_memory", "use_threads",
     *layers.__all__, "sequence_logps", "sequence_logps_backward",
 ]
 
@@ -202,6 +197,25 @@ def cpu_defaults(threads: int | None = None) -> None:
         keep_freed_memory(True)
 
 
+@contextlib.contextmanager
+def use_threads(n: int):
+    """``with use_threads(n):`` a run on n CPU threads: the pool has n and, when n > 1, the fast
+    path shares each matrix product among them with the BLAS on one thread (threadpoolctl), so the
+    BLAS's idle workers do not spin on the cores the pool's threads want; n = 1: one thread for
+    both. Restores both on exit."""
+    from threadpoolctl import threadpool_limits
+
+    if int(n) != n or n < 1:
+        raise ValueError(f"threads must be an int >= 1, got {n!r}")
+    old = _THREADS
+    set_threads(int(n))
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        set_threads(old)
+
+
 # ------------------------------------------------------------------------------------ CPU kernels
 
 _CPU_KERNELS = os.environ.get("MINIDPO_CPU_KERNELS", "1") != "0"
@@ -318,12 +332,107 @@ def embedding_backward(dx, cache, dwte=None):
     return None, {"wte": dwte, "wpe": dwpe}
 
 
+# With several threads the fast path shares each matrix product among them, each part one BLAS
+# call on its own rows (or its own rows of dw): the BLAS is then meant to run on one thread (see
+# use_threads), so that no BLAS worker spins on a core the pool's thread wants.
+
+
+def _split_gemms(*arrays) -> bool:
+    """Whether to share the matrix products among the pool's threads (NumPy, more than one)."""
+    return get_threads() > 1 and all(type(a) is np.ndarray for a in arrays)
+
+
+def _matmul_rows(a, b, out=None):
+    """out (M, P) = a (M, K) @ b (K, P), the rows of a shared among the threads."""
+    if out is None:
+        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+    parallel_for(lambda s: np.matmul(a[s], b, out=out[s]), _parts(a.shape[0], a.shape[1] * b.shape[1]))
+    return out
+
+
 def linear_forward(x, w, b=None):
-    """layers.linear_forward, the bias added in place."""
-    y = x.reshape(-1, w.shape[0]) @ w  # (N, Cout)
-    if b is not None:
-        y += b
+    """layers.linear_forward, the bias added in place; with several threads, the rows shared."""
+    x2 = x.reshape(-1, w.shape[0])  # (N, Cin)
+    if _split_gemms(x2, w):
+        y = np.empty((x2.shape[0], w.shape[1]), dtype=np.result_type(x2, w))
+
+        def part(s):
+            np.matmul(x2[s], w, out=y[s])
+            if b is not None:
+                y[s] += b
+
+        parallel_for(part, _parts(x2.shape[0], w.shape[0] * w.shape[1]))
+    else:
+        y = x2 @ w  # (N, Cout)
+        if b is not None:
+            y += b
     return y.reshape(*x.shape[:-1], w.shape[1]), (x, w, b is not None)
+
+
+def linear_backward(dy, cache):
+    """layers.linear_backward; with several threads dx by row parts, dw by parts of its rows
+    (x[:, s]^T @ dy) and db by column parts, all on the pool at once."""
+    x, w, has_bias = cache
+    x2 = x.reshape(-1, w.shape[0])  # (N, Cin)
+    dy2 = dy.reshape(-1, w.shape[1])  # (N, Cout)
+    if not _split_gemms(x2, dy2, w):
+        return layers.linear_backward(dy, cache)
+    N, Cin = x2.shape
+    Cout = w.shape[1]
+    dt = np.result_type(x2, dy2, w)
+    dx = np.empty((N, Cin), dtype=dt)
+    dw = np.empty((Cin, Cout), dtype=dt)
+    db = np.empty(Cout, dtype=dt) if has_bias else None
+    tasks = [("dx", s) for s in _parts(N, Cin * Cout)] + [("dw", s) for s in _parts(Cin, N * Cout)]
+    if has_bias:
+        tasks += [("db", s) for s in _parts(Cout, N)]
+
+    def part(task):
+        kind, s = task
+        if kind == "dx":
+            np.matmul(dy2[s], w.T, out=dx[s])  # (n, Cin)
+        elif kind == "dw":
+            np.matmul(x2[:, s].T, dy2, out=dw[s])  # (cin, Cout)
+        else:
+            np.sum(dy2[:, s], axis=0, out=db[s])  # (cout,)
+
+    parallel_for(part, tasks)
+    return dx.reshape(x.shape), {"w": dw, "b": db}
+
+
+def unembed_forward(x, wte):
+    """layers.unembed_forward; with several threads, the rows shared."""
+    B, T, C = x.shape
+    if not _split_gemms(x, wte):
+        return layers.unembed_forward(x, wte)
+    logits = _matmul_rows(x.reshape(B * T, C), wte.T)  # (N, V)
+    return logits.reshape(B, T, wte.shape[0]), (x, wte)
+
+
+def unembed_backward(dlogits, cache):
+    """layers.unembed_backward; with several threads dx by row parts and dwte by parts of its
+    rows (dlogits[:, s]^T @ x), on the pool at once."""
+    x, wte = cache
+    if not _split_gemms(dlogits, x, wte):
+        return layers.unembed_backward(dlogits, cache)
+    B, T, C = x.shape
+    V = wte.shape[0]
+    dl2 = dlogits.reshape(B * T, V)  # (N, V)
+    x2 = x.reshape(B * T, C)  # (N, C)
+    dt = np.result_type(dl2, x2, wte)
+    dx = np.empty((B * T, C), dtype=dt)
+    dwte = np.empty((V, C), dtype=dt)
+    tasks = [("dx", s) for s in _parts(B * T, V * C)] + [("dw", s) for s in _parts(V, B * T * C)]
+
+    def part(task):
+        kind, s = task
+        if kind == "dx":
+            np.matmul(dl2[s], wte, out=dx[s])  # (n, C)
+        else:
+            np.matmul(dl2[:, s].T, x2, out=dwte[s])  # (v, C)
+
+    parallel_for(part, tasks)
+    return dx.reshape(B, T, C), {"wte": dwte}
 
 
 # ------------------------------------------------------------------------------------ layernorm
@@ -758,20 +867,24 @@ def attention_forward_kv(qkv, n_head, k_cache, v_cache, start, key_mask=None, *,
         return (att @ v_cache[:, :, :L]).transpose(0, 2, 1, 3).reshape(B, Tn, C)  # (B, Tn, C)
     yh = xp.empty((B, Tn, n_head, D), dtype=qkv.dtype)
     ck = cpu_kernels(qkv)
-    for i0, i1 in _query_blocks(Tn):  # query i (position start + i) sees keys 0 .. start + i
-        kt = k_cache[:, :, : start + i1].transpose(0, 1, 3, 2)  # (B, H, D, start + i1)
-        if kernels.use(qkv):
-            att = q[:, :, i0:i1] @ kt  # (B, H, i1 - i0, start + i1) unscaled
-            kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
-        elif ck:
-            att = qs[:, :, i0:i1] @ kt  # (B, H, i1 - i0, start + i1)
-            ck.causal_softmax_(att.reshape(-1, i1 - i0, start + i1), 1.0, start + i0)
-        else:
-            att = qs[:, :, i0:i1] @ kt
-            if i1 - i0 > 1:  # one query sees every key before it: no bias
-                att += attention_bias(xp, qkv.dtype, i1 - i0, start + i1, start + i0)
-            _softmax_lastaxis_(att)
-        yh[:, i0:i1] = (att @ v_cache[:, :, : start + i1]).transpose(0, 2, 1, 3)
+
+    def part(bs):  # query i (position start + i) sees keys 0 .. start + i
+        for i0, i1 in _query_blocks(Tn):
+            kt = k_cache[bs, :, : start + i1].transpose(0, 1, 3, 2)  # (b, H, D, start + i1)
+            if kernels.use(qkv):
+                att = q[bs, :, i0:i1] @ kt  # (b, H, i1 - i0, start + i1) unscaled
+                kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
+            elif ck:
+                att = qs[bs, :, i0:i1] @ kt  # (b, H, i1 - i0, start + i1)
+                ck.causal_softmax_(att.reshape(-1, i1 - i0, start + i1), 1.0, start + i0)
+            else:
+                att = qs[bs, :, i0:i1] @ kt
+                if i1 - i0 > 1:  # one query sees every key before it: no bias
+                    att += attention_bias(xp, qkv.dtype, i1 - i0, start + i1, start + i0)
+                _softmax_lastaxis_(att)
+            yh[bs, i0:i1] = (att @ v_cache[bs, :, : start + i1]).transpose(0, 2, 1, 3)
+
+    parallel_for(part, _batch_parts(B, n_head * Tn * L, xp))  # the batch rows shared among the threads
     return yh.reshape(B, Tn, C)  # (B, Tn, C)
 
 

@@ -465,6 +465,10 @@ def test_threaded_fast_path_equals_plain(B, T, H, D, masked, threads, dtype, see
     lmask[:, -1] = True
     dlogps = rng.standard_normal(B).astype(dtype)
 
+    wl, bl = rng.standard_normal((C, 3 * C)).astype(dtype), rng.standard_normal(3 * C).astype(dtype)
+    wte = rng.standard_normal((5, C)).astype(dtype)
+    kv = (np.zeros((B, H, T, D), dtype), np.zeros((B, H, T, D), dtype))
+
     def run():
         g = [fast.gelu_forward(x)[0], fast.gelu_backward(dx_up, x)[0]]
         y, c = fast.layernorm_forward(h, w, b)
@@ -473,7 +477,13 @@ def test_threaded_fast_path_equals_plain(B, T, H, D, masked, threads, dtype, see
         da = fast.attention_backward(dy, ca)[0]
         lp, cl = fast.sequence_logps(logits, labels, lmask, allow_empty=True)
         dl = fast.sequence_logps_backward(dlogps, cl)
-        return g, [lp, cl["lse"], dl], [y, dh, gln["w"], gln["b"], a, da]
+        lin, cli = fast.linear_forward(h, wl, bl)  # matrix products: rows, dw's rows, db's columns
+        dlin, glin = fast.linear_backward(qkv, cli)
+        un, cu = fast.unembed_forward(h, wte)
+        dun, gun = fast.unembed_backward(logits, cu)
+        akv = fast.attention_forward_kv(qkv, H, *(a.copy() for a in kv), 0)
+        return g, [lp, cl["lse"], dl], [y, dh, gln["w"], gln["b"], a, da, lin, dlin, glin["w"], glin["b"], un, dun,
+                                        gun["wte"], akv]
 
     with small_blocks(**blocks):
         one = run()
@@ -485,8 +495,14 @@ def test_threaded_fast_path_equals_plain(B, T, H, D, masked, threads, dtype, see
     dh0, g0 = layers.layernorm_backward(dy, c0)
     a0, ca0 = layers.attention_forward(qkv, H, mask)
     da0 = layers.attention_backward(dy, ca0)[0]
-    for got, want, scale in zip(many[2], [y0, dh0, g0["w"], g0["b"], a0, da0], [10, 100, 10, 10, 10, 10]):
-        close(got, want, dtype, scale=scale)
+    lin0, cli0 = layers.linear_forward(h, wl, bl)
+    dlin0, glin0 = layers.linear_backward(qkv, cli0)
+    un0, cu0 = layers.unembed_forward(h, wte)
+    dun0, gun0 = layers.unembed_backward(logits, cu0)
+    akv0 = layers.attention_forward_kv(qkv, H, *(a.copy() for a in kv), 0)
+    want = [y0, dh0, g0["w"], g0["b"], a0, da0, lin0, dlin0, glin0["w"], glin0["b"], un0, dun0, gun0["wte"], akv0]
+    for got, w0, scale in zip(many[2], want, [10, 100, 10, 10, 10, 10] + [100] * 8):
+        close(got, w0, dtype, scale=scale)
 
 
 @pytest.mark.parametrize("threads", [1, 3])

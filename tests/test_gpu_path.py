@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from minidpo import kernels
+from minidpo import fast, kernels
 from minidpo.cli import main
 from minidpo.tasks import sentiment
 from tests import cupy_standin
@@ -90,11 +90,13 @@ def test_cli_on_cuda(files, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.skipif(CUDA_OK, reason="compares the stand-in's array code with NumPy's")
 def test_cuda_sft_without_kernels_equals_cpu_bit_for_bit(files, tmp_path, capsys, cuda_or_standin):
-    """Same seed, same array code: the CuPy path with the kernels off computes what NumPy does."""
+    """Same seed, same array code: the CuPy path with the kernels off computes what NumPy does
+    (the CPU run on the fast path's NumPy passes, without the compiled CPU kernels)."""
     t = tmp_path
     run(["tokenizer", "--corpus", files / "sft.jsonl", "--vocab-size", 300, "--out", t / "tok"], capsys)
     sft = ["sft", "--data", files / "sft.jsonl", "--tokenizer", t / "tok", *MODEL, *TRAIN, "--steps", 4]
-    assert run([*sft, "--out", t / "cpu", "--device", "cpu"], capsys)[0] == 0
+    with fast.no_cpu_kernels():
+        assert run([*sft, "--out", t / "cpu", "--device", "cpu"], capsys)[0] == 0
     with kernels.disabled():
         assert run([*sft, "--out", t / "cuda", "--device", "cuda"], capsys)[0] == 0
     a, b = weights(t / "cpu"), weights(t / "cuda")
@@ -107,6 +109,8 @@ def _train_tiny(out: Path, device: str, kernels_on: bool = True) -> dict:
         env = cupy_standin.subprocess_env(env)
     if not kernels_on:
         env["MINIDPO_KERNELS"] = "0"
+    if device == "cpu":  # the NumPy passes, the array code the stand-in runs (no compiled CPU kernels)
+        env["MINIDPO_CPU_KERNELS"] = "0"
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "train_tiny.py"), "--quick", "--device", device,
                         "--out", str(out), "--no-progress"], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
