@@ -999,9 +999,11 @@ def results_path(out_dir: Path, device: Device) -> Path:
     return Path(out_dir) / f"{device.kind}-{_slug(device.name())}.json"
 
 
-ROW_KEYS = ("config", "device", "mode", "step", "kernels", "numpy_hugepage", "layout", "threads", "fast_threads")
-# fast_threads: minidpo.fast's thread pool for the elementwise passes (absent in rows measured
-# before it existed: those rows are kept as the baseline)
+ROW_KEYS = ("config", "device", "mode", "step", "kernels", "numpy_hugepage", "layout", "threads", "fast_threads",
+            "blas_threads", "cpu_kernels")
+# fast_threads: minidpo.fast's thread pool (absent in rows measured before it existed: those rows
+# are kept as the baseline); blas_threads: NumPy's BLAS threads during minidpo's step (absent: the
+# same as threads); cpu_kernels: minidpo's compiled CPU kernels on or off (absent: before they existed)
 
 
 def write_results(path: Path, machine: dict, rows: list[dict], gates: list[dict]) -> dict:
@@ -1055,6 +1057,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _kernels_cell(r: dict) -> str:
+    """CUDA: its fused kernels on/off; CPU: the compiled CPU kernels on/off ("-" before they existed)."""
+    if r["device"] == "cuda":
+        return "on" if r.get("kernels") else "off"
+    return "-" if r.get("cpu_kernels") is None else ("on" if r["cpu_kernels"] else "off")
+
+
+def _blas_cell(r: dict) -> str:
+    return str(r.get("blas_threads") or r.get("threads", "-"))
+
+
 def _fast_cell(r: dict) -> str:
     """The fast threads column: the count, "-" on CUDA, "none" for rows from before the pool."""
     if "fast_threads" not in r:
@@ -1064,7 +1077,7 @@ def _fast_cell(r: dict) -> str:
 
 def markdown_table(doc: dict) -> str:
     """The rows of a results JSON as a Markdown table (for bench/README.md)."""
-    cols = ["config", "device", "mode", "kernels", "NumPy hugepages", "threads", "fast threads", "step",
+    cols = ["config", "device", "mode", "kernels", "NumPy hugepages", "threads", "fast threads", "BLAS threads", "step",
             "minidpo ms (p10-p90)",
             "torch ms (p10-p90)", "ratio", "minidpo tok/s", "torch tok/s", "minidpo % of ceiling",
             "torch % of ceiling", "minidpo MB", "torch MB"]
@@ -1073,23 +1086,21 @@ def markdown_table(doc: dict) -> str:
     doc = dict(doc, rows=[r for r in doc["rows"] if not r.get("layout")])
     for r in doc["rows"]:
         m, t = r["minidpo"], r["torch"]
-        kern = ("on" if r.get("kernels") else "off") if r["device"] == "cuda" else "-"
-        cells = [r["config"], r["device"], r["mode"], kern, r.get("numpy_hugepage", "-"),
-                 str(r.get("threads", "-")), _fast_cell(r), r["step"],
+        cells = [r["config"], r["device"], r["mode"], _kernels_cell(r), r.get("numpy_hugepage", "-"),
+                 str(r.get("threads", "-")), _fast_cell(r), _blas_cell(r), r["step"],
                  f"{m['median_ms']:.1f} ({m['p10_ms']:.1f}-{m['p90_ms']:.1f})",
                  f"{t['median_ms']:.1f} ({t['p10_ms']:.1f}-{t['p90_ms']:.1f})", f"**{r['ratio']:.2f}**",
                  f"{m['tokens_per_s']:.0f}", f"{t['tokens_per_s']:.0f}", f"{100 * m['frac_of_ceiling']:.1f}",
                  f"{100 * t['frac_of_ceiling']:.1f}", f"{m['peak_mem_mb']:.0f}", f"{t['peak_mem_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    head = ["config", "mode", "kernels", "NumPy hugepages", "threads", "fast threads", "step", "impl"]
+    head = ["config", "mode", "kernels", "NumPy hugepages", "threads", "fast threads", "BLAS threads", "step", "impl"]
     head += [f"{p} ms" for p in PHASES]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in doc["rows"]:
-        kern = ("on" if r.get("kernels") else "off") if r["device"] == "cuda" else "-"
         for impl in ("minidpo", "torch"):
             ph = r[impl]["phases_ms"]
-            cells = [r["config"], r["mode"], kern, r.get("numpy_hugepage", "-"), str(r.get("threads", "-")),
-                     _fast_cell(r), r["step"], impl]
+            cells = [r["config"], r["mode"], _kernels_cell(r), r.get("numpy_hugepage", "-"), str(r.get("threads", "-")),
+                     _fast_cell(r), _blas_cell(r), r["step"], impl]
             cells += [f"{ph[p]:.1f}" if p in ph else "-" for p in PHASES]
             lines.append("| " + " | ".join(cells) + " |")
     if layout_rows_:
@@ -1125,6 +1136,23 @@ def _fast_threads(device: Device):
     return fast.get_threads() if device.kind == "cpu" else None
 
 
+def _blas_threads():
+    """NumPy's BLAS threads now (threadpoolctl), or None where it cannot tell."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    counts = [d["num_threads"] for d in threadpool_info() if d.get("user_api") == "blas"]
+    return counts[0] if counts else None
+
+
+def _cpu_kernels_on(device: Device):
+    """Whether minidpo's compiled CPU kernels run (None on CUDA)."""
+    from minidpo import fast
+
+    return fast.cpu_kernels(np.zeros(1, np.float32)) is not None if device.kind == "cpu" else None
+
+
 def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params: int, ceiling: dict,
              steps: int, warmup: int, threads, gap: float = 0.0) -> dict:
     flops = step_flops(cfg, n_params, variant)
@@ -1138,7 +1166,8 @@ def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params
         "n_params": n_params, "tokens_per_step": cfg.tokens, "flops_per_step": flops,
         "matmul_ceiling_flops": ceiling["array_flops"], "torch_matmul_flops": ceiling["torch_flops"],
         "steps": steps, "warmup": warmup, "threads": threads, "gap_s": gap,
-        "fast_threads": _fast_threads(device),
+        "fast_threads": _fast_threads(device), "blas_threads": _blas_threads() if device.kind == "cpu" else None,
+        "cpu_kernels": _cpu_kernels_on(device),
     }
     for impl in ("minidpo", "torch"):
         r = dict(res[impl])
@@ -1168,8 +1197,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for NumPy's BLAS and for torch alike (default: all cores)")
     ap.add_argument("--fast-threads", type=int, default=None,
-                    help="cpu: threads of minidpo.fast's pool for the elementwise passes "
-                         "(default: fast.default_threads(), 1)")
+                    help="cpu: threads of minidpo.fast's pool (default: --threads, as the CLI's --threads: "
+                         "the pool shares every pass and matrix product, NumPy's BLAS on one thread); 1: the "
+                         "pool on one thread and the BLAS on --threads")
     ap.add_argument("--variants", default="full,cached_ref", help="full, cached_ref or both")
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "math"], help="torch's attention")
     ap.add_argument("--gap", type=float, default=None,
@@ -1183,6 +1213,9 @@ def parse_args(argv=None):
                     help="also measure both float32 gradients against a float64 torch run")
     ap.add_argument("--no-json", action="store_true", help="print the table only")
     ap.add_argument("--show", metavar="JSON", help="print a results file as a Markdown table and exit")
+    ap.add_argument("--no-cpu-kernels", action="store_true",
+                    help="cpu: run the fast path's NumPy passes instead of the compiled CPU kernels "
+                         "(rows get cpu_kernels=false)")
     ap.add_argument("--no-kernels", action="store_true",
                     help="cuda: run minidpo's array code instead of its fused kernels (rows get kernels=false)")
     ap.add_argument("--layouts", default=None,
@@ -1225,12 +1258,19 @@ def run(args) -> int:
     torch.set_num_threads(threads)
     from minidpo import fast
 
-    if args.device == "cpu":  # what the CLI runs with: minidpo.fast's pool threads (default 1),
-        fast.cpu_defaults(args.fast_threads)  # NumPy's hugepage advice off (see fast.py)
+    blas_threads = threads
+    if args.device == "cpu":  # what the CLI's --threads runs with (fast.use_threads): the fast path's pool
+        # on `threads` threads sharing every matrix product, NumPy's BLAS on one thread; --fast-threads 1:
+        # the pool on one thread and the BLAS on all `threads` (how minidpo ran before the pool shared them)
+        fast_threads = args.fast_threads if args.fast_threads is not None else threads
+        fast.cpu_defaults(fast_threads)  # also NumPy's hugepage advice off, freed memory kept (see fast.py)
+        if args.no_cpu_kernels:
+            fast.set_cpu_kernels(False)
+        blas_threads = 1 if fast_threads > 1 else threads
     try:
         from threadpoolctl import threadpool_limits
 
-        limiter = threadpool_limits(limits=threads, user_api="blas")
+        limiter = threadpool_limits(limits=blas_threads, user_api="blas")
     except ImportError:
         limiter = None
         print("note: threadpoolctl is not installed; NumPy's BLAS threads are not pinned "
@@ -1292,7 +1332,11 @@ def run(args) -> int:
         return 0
 
     # 2. the matmul ceiling, measured in this run
-    ceiling = matmul_ceiling(device, n=args.ceiling_n)
+    if limiter is not None:  # the ceiling on all `threads`, whatever minidpo's step runs the BLAS on
+        with threadpool_limits(limits=threads, user_api="blas"):
+            ceiling = matmul_ceiling(device, n=args.ceiling_n)
+    else:
+        ceiling = matmul_ceiling(device, n=args.ceiling_n)
     print(f"# matmul ceiling ({ceiling['n']}^3 fp32{'/tf32' if device.mode == 'tf32' else ''}): "
           f"{'numpy' if device.kind == 'cpu' else 'cupy'} {ceiling['array_flops'] / 1e9:.1f} GFLOP/s, "
           f"torch {ceiling['torch_flops'] / 1e9:.1f} GFLOP/s")

@@ -59,12 +59,14 @@ def test_failing_gate_exits_nonzero_before_any_timing(monkeypatch, capsys, tmp_p
 
 @pytest.fixture
 def keep_fast_settings():
-    """bench's CPU run calls fast.cpu_defaults (threads, NumPy's hugepage advice): restore them."""
+    """bench's CPU run calls fast.cpu_defaults (threads, NumPy's hugepage advice) and may turn the
+    CPU kernels off: restore them."""
     from minidpo import fast
 
-    threads, advice = fast._THREADS, fast.hugepage_advice()
+    threads, advice, kernels = fast._THREADS, fast.hugepage_advice(), fast._CPU_KERNELS
     yield
     fast.set_threads(threads)
+    fast.set_cpu_kernels(kernels)
     if advice is not None:
         fast.set_hugepage_advice(advice)
 
@@ -95,9 +97,28 @@ def test_run_writes_the_table_and_json_rows(tmp_path, capsys, monkeypatch, keep_
             assert s["peak_mem_mb"] >= 0 and s["mem_method"]
     assert rows[0]["flops_per_step"] > rows[1]["flops_per_step"]  # the full step adds a reference forward
     assert doc["gates"][0]["passed"] and doc["gates"][0]["config"] == "micro"
+    from minidpo import fast
+
+    kern = fast.cpu_kernels(np.zeros(1, np.float32)) is not None
+    assert all(r["cpu_kernels"] is kern and r["blas_threads"] == 1 and r["fast_threads"] == 1 for r in rows)
     assert bs.main(["--show", str(path)]) == 0
     md = capsys.readouterr().out
-    assert md.count("| micro | cpu | fp32 |") == 2 and "| micro | fp32 | - | off | 1 | 1 | cached_ref | torch |" in md
+    cell = "on" if kern else "off"
+    assert md.count("| micro | cpu | fp32 |") == 2 and f"| micro | fp32 | {cell} | off | 1 | 1 | 1 | cached_ref | torch |" in md
+
+
+def test_two_threads_run_minidpo_on_the_pool_with_one_blas_thread(tmp_path, capsys, monkeypatch, keep_fast_settings):
+    """As the CLI's --threads 2: the fast path's pool on 2 threads, NumPy's BLAS on 1 (the rows
+    say so); --fast-threads 1 --no-cpu-kernels: the pool on 1, the BLAS on 2, the NumPy passes."""
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    common = ["--configs", "micro", "--steps", "1", "--warmup", "0", "--threads", "2", "--ceiling-n", "128", "--gap",
+              "0", "--variants", "cached_ref", "--out", str(tmp_path)]
+    assert bs.main(common) == 0
+    assert bs.main([*common, "--fast-threads", "1", "--no-cpu-kernels"]) == 0
+    capsys.readouterr()
+    rows = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())["rows"]
+    got = sorted((r["threads"], r["fast_threads"], r["blas_threads"], r["cpu_kernels"]) for r in rows)
+    assert got[0] == (2, 1, 2, False) and got[1][:3] == (2, 2, 1)
 
 
 def test_results_merge_by_row_key(tmp_path):
