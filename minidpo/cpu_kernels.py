@@ -12,6 +12,7 @@ kernels.py's CUDA kernels, with the same math (the twins are the same plain func
     softmax_backward_               ds = att * (datt - delta)                         layers.attention_backward
     logsoftmax_gather               logsumexp of a row and the label's log-prob       logprobs.sequence_logps
     logsoftmax_gather_backward_     g * (onehot - softmax), in place                  logprobs.sequence_logps_backward
+    scatter_add_rows                target[idx[i]] += values[i], repeats accumulated  backend.scatter_add
 
 Each kernel works on the rows (or the flat range) it is given and releases the GIL, so fast.py
 shares the rows among its thread pool exactly as it does for its NumPy passes. Every kernel
@@ -48,6 +49,7 @@ __all__ = [
     "softmax_backward_",
     "logsoftmax_gather",
     "logsoftmax_gather_backward_",
+    "scatter_add_rows",
 ]
 
 # fastmath without 'nnan'/'ninf': a NaN or inf in the input still reaches the output, so a
@@ -317,3 +319,17 @@ def logsoftmax_gather_backward_(dlogits, lse, labels, g, b0, b1):
             dlogits[b, t, labels[b, t]] += gg
         for v in range(V):
             dlogits[b, T - 1, v] = zero
+
+
+# ------------------------------------------------------------------------------------ embedding
+
+
+@_jit
+def scatter_add_rows(target, idx, values):
+    """In place: target[idx[i]] += values[i] for i in order, repeated rows accumulated (the
+    embedding backward's dwte). target (V, C); idx (M,) int in 0..V-1; values (M, C)."""
+    M, C = values.shape
+    for i in range(M):
+        r = idx[i]
+        for j in range(C):
+            target[r, j] += values[i, j]

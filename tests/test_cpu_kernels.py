@@ -151,6 +151,18 @@ def test_logsoftmax_kernels_equal_plain_on_the_rows_given(B, T, V, dtype, seed, 
     np.testing.assert_array_equal(d[b1:], logits[b1:])
 
 
+@given(V=st.integers(1, 6), M=st.integers(0, 20), C=st.integers(1, 9), dtype=DTYPES, seed=seeds)
+def test_scatter_add_rows_accumulates_repeats_as_add_at(V, M, C, dtype, seed):
+    rng = np.random.default_rng(seed)
+    target = rng.standard_normal((V, C)).astype(dtype)
+    idx = rng.integers(0, V, M)  # repeats likely
+    values = rng.standard_normal((M, C)).astype(dtype)
+    want = target.copy()
+    np.add.at(want, idx, values)
+    ck.scatter_add_rows(target, idx, values)
+    close(target, want, dtype)
+
+
 def test_a_nan_reaches_the_output_of_every_kernel():
     """No 'nnan' fast-math: a diverged input stays visible to the trainer's finiteness checks."""
     f = np.float32

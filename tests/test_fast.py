@@ -273,7 +273,7 @@ def test_query_blocks_cover_every_query():
     for T in (1, 2, 127, 128, 255, 256, 257, 300, 512, 1024, 1025):
         bl = fast._query_blocks(T)
         assert bl[0][0] == 0 and bl[-1][1] == T and all(a[1] == b[0] for a, b in zip(bl, bl[1:]))
-        assert all(i1 > i0 for i0, i1 in bl) and len(bl) == max(1, min(4, T // 128))
+        assert all(i1 > i0 for i0, i1 in bl) and len(bl) == max(1, min(4, T // 64))
 
 
 # ----------------------------------------------------------------------------------- the switch
