@@ -1000,10 +1000,11 @@ def results_path(out_dir: Path, device: Device) -> Path:
 
 
 ROW_KEYS = ("config", "device", "mode", "step", "kernels", "numpy_hugepage", "layout", "threads", "fast_threads",
-            "blas_threads", "cpu_kernels")
+            "blas_threads", "cpu_kernels", "gap_s")
 # fast_threads: minidpo.fast's thread pool (absent in rows measured before it existed: those rows
 # are kept as the baseline); blas_threads: NumPy's BLAS threads during minidpo's step (absent: the
-# same as threads); cpu_kernels: minidpo's compiled CPU kernels on or off (absent: before they existed)
+# same as threads); cpu_kernels: minidpo's compiled CPU kernels on or off (absent: before they existed);
+# gap_s: the idle time between steps (a run with --gap 0 keeps the default run's rows)
 
 
 def write_results(path: Path, machine: dict, rows: list[dict], gates: list[dict]) -> dict:
@@ -1039,7 +1040,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         m, t = r["minidpo"], r["torch"]
-        kern = ("on" if r["kernels"] else "off") if r["device"] == "cuda" else "-"
+        kern = _kernels_cell(r)
         lines.append(
             f"{r['config']:6} {r['device']:6} {r['mode']:5} {kern:4} {r['step']:10} {r['minidpo_ms']:11.1f} "
             f"{'(%.1f-%.1f)' % (m['p10_ms'], m['p90_ms']):>15} {r['torch_ms']:9.1f} "
@@ -1077,7 +1078,8 @@ def _fast_cell(r: dict) -> str:
 
 def markdown_table(doc: dict) -> str:
     """The rows of a results JSON as a Markdown table (for bench/README.md)."""
-    cols = ["config", "device", "mode", "kernels", "NumPy hugepages", "threads", "fast threads", "BLAS threads", "step",
+    cols = ["config", "device", "mode", "kernels", "NumPy hugepages", "threads", "fast threads", "BLAS threads", "gap s",
+            "step",
             "minidpo ms (p10-p90)",
             "torch ms (p10-p90)", "ratio", "minidpo tok/s", "torch tok/s", "minidpo % of ceiling",
             "torch % of ceiling", "minidpo MB", "torch MB"]
@@ -1087,20 +1089,21 @@ def markdown_table(doc: dict) -> str:
     for r in doc["rows"]:
         m, t = r["minidpo"], r["torch"]
         cells = [r["config"], r["device"], r["mode"], _kernels_cell(r), r.get("numpy_hugepage", "-"),
-                 str(r.get("threads", "-")), _fast_cell(r), _blas_cell(r), r["step"],
+                 str(r.get("threads", "-")), _fast_cell(r), _blas_cell(r), f"{r.get('gap_s', 0):g}", r["step"],
                  f"{m['median_ms']:.1f} ({m['p10_ms']:.1f}-{m['p90_ms']:.1f})",
                  f"{t['median_ms']:.1f} ({t['p10_ms']:.1f}-{t['p90_ms']:.1f})", f"**{r['ratio']:.2f}**",
                  f"{m['tokens_per_s']:.0f}", f"{t['tokens_per_s']:.0f}", f"{100 * m['frac_of_ceiling']:.1f}",
                  f"{100 * t['frac_of_ceiling']:.1f}", f"{m['peak_mem_mb']:.0f}", f"{t['peak_mem_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    head = ["config", "mode", "kernels", "NumPy hugepages", "threads", "fast threads", "BLAS threads", "step", "impl"]
+    head = ["config", "mode", "kernels", "NumPy hugepages", "threads", "fast threads", "BLAS threads", "gap s", "step",
+            "impl"]
     head += [f"{p} ms" for p in PHASES]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in doc["rows"]:
         for impl in ("minidpo", "torch"):
             ph = r[impl]["phases_ms"]
             cells = [r["config"], r["mode"], _kernels_cell(r), r.get("numpy_hugepage", "-"), str(r.get("threads", "-")),
-                     _fast_cell(r), _blas_cell(r), r["step"], impl]
+                     _fast_cell(r), _blas_cell(r), f"{r.get('gap_s', 0):g}", r["step"], impl]
             cells += [f"{ph[p]:.1f}" if p in ph else "-" for p in PHASES]
             lines.append("| " + " | ".join(cells) + " |")
     if layout_rows_:

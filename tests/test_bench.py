@@ -104,7 +104,7 @@ def test_run_writes_the_table_and_json_rows(tmp_path, capsys, monkeypatch, keep_
     assert bs.main(["--show", str(path)]) == 0
     md = capsys.readouterr().out
     cell = "on" if kern else "off"
-    assert md.count("| micro | cpu | fp32 |") == 2 and f"| micro | fp32 | {cell} | off | 1 | 1 | 1 | cached_ref | torch |" in md
+    assert md.count("| micro | cpu | fp32 |") == 2 and f"| micro | fp32 | {cell} | off | 1 | 1 | 1 | 0 | cached_ref | torch |" in md
 
 
 def test_two_threads_run_minidpo_on_the_pool_with_one_blas_thread(tmp_path, capsys, monkeypatch, keep_fast_settings):

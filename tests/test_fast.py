@@ -46,6 +46,15 @@ def cpu_path(request):
 seeds = st.integers(0, 2**32 - 1)
 
 
+def same(got, want, dtype, scale=1.0):
+    """Bit for bit where both sides multiply with NumPy; to round-off where the fast path's
+    products go through MKL's GEMM (mkl_blas.py)."""
+    if fast._gemm_lib() is None:
+        np.testing.assert_array_equal(got, want)
+    else:
+        close(got, want, dtype, scale)
+
+
 def close(got, want, dtype, scale=1.0):
     assert got.dtype == want.dtype == dtype, (got.dtype, want.dtype, dtype)
     if dtype == np.float64:
@@ -116,12 +125,14 @@ def test_linear_fast_equals_plain(B, T, cin, cout, bias, dtype, seed):
     b = rng.standard_normal(cout).astype(dtype) if bias else None
     y, c = fast.linear_forward(x, w, b)
     y0, c0 = layers.linear_forward(x, w, b)
-    np.testing.assert_array_equal(y, y0)  # the same matmul; the bias added in place or not
+    same(y, y0, dtype, scale=10)  # the same matmul; the bias added in place or not
     dy = rng.standard_normal(y.shape).astype(dtype)
     (dx, g), (dx0, g0) = fast.linear_backward(dy, c), layers.linear_backward(dy, c0)
-    np.testing.assert_array_equal(dx, dx0)
+    same(dx, dx0, dtype, scale=10)
     for k in ("w", "b"):
-        assert (g[k] is None) == (g0[k] is None) and (g[k] is None or np.array_equal(g[k], g0[k]))
+        assert (g[k] is None) == (g0[k] is None)
+        if g[k] is not None:
+            same(g[k], g0[k], dtype, scale=10)
 
 
 @given(B=st.integers(1, 3), T=st.integers(1, 5), V=st.integers(1, 5), C=st.integers(1, 4),
@@ -187,7 +198,7 @@ def test_unembed_and_softmax_fast_equal_plain(B, T, dtype, seed):
     s = (5 * rng.standard_normal((B, T, 6))).astype(dtype)
     close(fast.softmax(s), layers.softmax(s), dtype)
     x, wte = rng.standard_normal((B, T, 3)).astype(dtype), rng.standard_normal((6, 3)).astype(dtype)
-    np.testing.assert_array_equal(fast.unembed_forward(x, wte)[0], layers.unembed_forward(x, wte)[0])
+    same(fast.unembed_forward(x, wte)[0], layers.unembed_forward(x, wte)[0], dtype, scale=10)
 
 
 # ----------------------------------------------------------------------------------- log pi(y|x)

@@ -1,0 +1,105 @@
+"""Matrix products through Intel MKL's GEMM, for the fast path on the CPU (the ``fast`` extra).
+
+NumPy's wheels multiply matrices with OpenBLAS. On the 2-core Xeon where minidpo is measured
+(bench/README.md), MKL's sgemm, which PyTorch's CPU build uses, was 10-16% faster on the
+model's shapes (N x 384 @ 384 x 1152: 45.0 ms against 51.0; the 2048^3 ceiling 159 GFLOP/s
+against 149), and the matrix products are about 80% of a training step. This module calls
+``cblas_sgemm`` / ``cblas_dgemm`` of the ``mkl`` package's ``libmkl_rt`` through ctypes, with
+MKL's sequential threading layer: the fast path's thread pool shares each product among its
+threads (fast.py), as it does with NumPy's BLAS on one thread.
+
+:func:`matmul` takes the 2-D operands NumPy's matmul does and gives the same numbers to float
+round-off; an operand in a layout a GEMM cannot read (no unit stride) goes to ``np.matmul``.
+fast.py imports this module on first use only; without the ``mkl`` package, or with
+``MINIDPO_CPU_KERNELS=0``, ``np.matmul`` does all products.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import os
+
+import numpy as np
+
+__all__ = ["load", "matmul"]
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+_SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
+_LIB = None  # the loaded library, or False when it cannot be loaded
+
+
+def _library_path() -> str | None:
+    """Where the ``mkl`` package put libmkl_rt (the installed files' own record), else None."""
+    try:
+        files = importlib.metadata.files("mkl") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name.startswith("libmkl_rt.so"):
+            path = str(f.locate())
+            if os.path.exists(path):
+                return path
+    return None
+
+
+def load():
+    """libmkl_rt with its GEMMs typed and MKL on one thread, or None when it is not installed or
+    does not load. Loaded once."""
+    global _LIB
+    if _LIB is None:
+        _LIB = _load() or False
+    return _LIB or None
+
+
+def _load():
+    path = _library_path()
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(path)  # RTLD_LOCAL: its symbols stay out of other libraries' way
+        lib.MKL_Set_Threading_Layer(_SEQUENTIAL)  # before any other MKL call
+    except (OSError, AttributeError):
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    for name, real in (("cblas_sgemm", ctypes.c_float), ("cblas_dgemm", ctypes.c_double)):
+        f = getattr(lib, name)
+        f.argtypes = [i, i, i, i, i, i, real, p, i, p, i, real, p, i]
+        f.restype = None
+    return lib
+
+
+def _as_gemm_operand(a):
+    """(transpose flag, leading dimension) to read the 2-D array ``a`` as a GEMM operand in
+    row-major order, or None when neither of its strides is one element (or it is empty)."""
+    item = a.itemsize
+    rows, cols = a.shape
+    s0, s1 = a.strides
+    if (s1 == item or cols == 1) and s0 % item == 0 and s0 >= max(cols, 1) * item:
+        return _NO_TRANS, max(s0 // item, cols, 1)  # row-major: row i starts s0 / item elements on
+    if (s0 == item or rows == 1) and s1 % item == 0 and s1 >= max(rows, 1) * item:
+        return _TRANS, max(s1 // item, rows, 1)  # the transpose of a row-major (cols, rows) array
+    return None
+
+
+def matmul(a, b, out=None):
+    """out (M, N) = a (M, K) @ b (K, N) for 2-D float32 or float64 NumPy arrays of one dtype.
+
+    ``a`` and ``b`` may be C- or F-ordered or views with a row stride (``x[:, s]``, ``w.T``);
+    ``out`` (made when None) must be C-contiguous. Through MKL's GEMM when it is loaded and the
+    layouts allow, else ``np.matmul``: the same numbers to round-off either way."""
+    M, K = a.shape
+    N = b.shape[1]
+    if out is None:
+        out = np.empty((M, N), dtype=np.result_type(a, b))
+    lib = load()
+    fa, fb = _as_gemm_operand(a), _as_gemm_operand(b)
+    ok = (lib is not None and fa is not None and fb is not None and a.dtype == b.dtype == out.dtype
+          and a.dtype in (np.float32, np.float64) and out.flags.c_contiguous and M and N and K
+          and max(M, N, K, fa[1], fb[1]) < 2**31)
+    if not ok:
+        return np.matmul(a, b, out=out)
+    gemm = lib.cblas_sgemm if a.dtype == np.float32 else lib.cblas_dgemm
+    gemm(_ROW_MAJOR, fa[0], fb[0], M, N, K, 1.0, a.ctypes.data, fa[1], b.ctypes.data, fb[1], 0.0,
+         out.ctypes.data, max(N, 1))
+    return out
