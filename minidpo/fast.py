@@ -834,6 +834,10 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
     yh = xp.empty((B, T, n_head, D), dtype=qkv.dtype)  # heads side by side
     blocks = _query_blocks(T)
     atts = [xp.empty((B, n_head, i1 - i0, i1), dtype=qkv.dtype) for i0, i1 in blocks]
+    mkl = _gemm_lib() if xp is np else None  # MKL's batched GEMM, its outputs written in place
+
+    def mm(a, b, out):
+        return mkl.bmm(a, b, out) if mkl is not None else xp.matmul(a, b, out=out)
 
     def part(bs):
         xp.multiply(q[bs], scale, out=qs[bs])
@@ -848,12 +852,15 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
                 xp.matmul(q[bs, :, i0:i1], kt, out=att)  # unscaled
                 kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
             elif ck:  # query i0 + r sees keys 0..i0 + r
-                xp.matmul(qs[bs, :, i0:i1], kt, out=att)
+                mm(qs[bs, :, i0:i1], kt, att)
                 ck.causal_softmax_(att.reshape(-1, i1 - i0, i1), 1.0, i0)
             else:
-                xp.matmul(qs[bs, :, i0:i1], kt, out=att)
+                mm(qs[bs, :, i0:i1], kt, att)
                 _biased_softmax_(att, bias_b[..., i0:i1, :i1])
-            yh[bs, i0:i1] = (att @ v[bs, :, :i1]).transpose(0, 2, 1, 3)  # (b, i1 - i0, H, D)
+            if mkl is not None:  # straight into the heads-side-by-side output
+                mkl.bmm(att, v[bs, :, :i1], yh[bs, i0:i1].transpose(0, 2, 1, 3))
+            else:
+                yh[bs, i0:i1] = (att @ v[bs, :, :i1]).transpose(0, 2, 1, 3)  # (b, i1 - i0, H, D)
 
     parallel_for(part, _batch_parts(B, n_head * T * T, xp))
     y = yh.reshape(B, T, C)
@@ -873,6 +880,7 @@ def attention_backward(dy, cache):
     dqkv = xp.empty((B, T, 3, H, D), dtype=dy.dtype)
     d = dqkv.transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D) view: dq, dk, dv
     blocks = _query_blocks(T)
+    mkl = _gemm_lib() if xp is np else None  # MKL's batched GEMM: dq, dk, dv written (or added) in place
 
     def part(bs):
         dyb = dy[bs]  # (b, T, C)
@@ -884,8 +892,13 @@ def attention_backward(dy, cache):
         for (i0, i1), att_full in reversed(list(zip(blocks, atts))):  # the last block sees every key
             att = att_full[bs]  # (b, H, nq, i1)
             dy_b = dyh[:, :, i0:i1]  # (b, H, nq, D)
-            dv = att.transpose(0, 1, 3, 2) @ dy_b  # (b, H, i1, D)
-            ds = dy_b @ v[bs, :, :i1].transpose(0, 1, 3, 2)  # datt (b, H, nq, i1)
+            first = i1 == T  # the first block here: dk, dv written; the others add theirs
+            if mkl is not None:
+                mkl.bmm(att.transpose(0, 1, 3, 2), dy_b, d[2][bs, :, :i1], beta=0.0 if first else 1.0)  # dv
+                ds = mkl.bmm(dy_b, v[bs, :, :i1].transpose(0, 1, 3, 2), np.empty(att.shape, dtype=dy.dtype))
+            else:
+                dv = att.transpose(0, 1, 3, 2) @ dy_b  # (b, H, i1, D)
+                ds = dy_b @ v[bs, :, :i1].transpose(0, 1, 3, 2)  # datt (b, H, nq, i1)
             if kernels.use(ds):
                 kernels.softmax_backward_(ds, att, delta[:, :, i0:i1])
             elif ck and ds.flags.c_contiguous and att.flags.c_contiguous:
@@ -895,8 +908,12 @@ def attention_backward(dy, cache):
             else:
                 ds -= delta[:, :, i0:i1]
                 ds *= att
+            if mkl is not None:
+                mkl.bmm(ds.transpose(0, 1, 3, 2), qs[bs, :, i0:i1], d[1][bs, :, :i1], beta=0.0 if first else 1.0)
+                mkl.bmm(ds, k[bs, :, :i1], d[0][bs, :, i0:i1], alpha=float(scale))  # dq
+                continue
             dk = ds.transpose(0, 1, 3, 2) @ qs[bs, :, i0:i1]  # (b, H, i1, D)
-            if i1 == T:
+            if first:
                 d[2][bs], d[1][bs] = dv, dk
             else:
                 d[2][bs, :, :i1] += dv
@@ -929,6 +946,7 @@ def attention_forward_kv(qkv, n_head, k_cache, v_cache, start, key_mask=None, *,
         return (att @ v_cache[:, :, :L]).transpose(0, 2, 1, 3).reshape(B, Tn, C)  # (B, Tn, C)
     yh = xp.empty((B, Tn, n_head, D), dtype=qkv.dtype)
     ck = cpu_kernels(qkv)
+    mkl = _gemm_lib() if xp is np else None  # MKL's batched GEMM, the output written in place
 
     def part(bs):  # query i (position start + i) sees keys 0 .. start + i
         for i0, i1 in _query_blocks(Tn):
@@ -937,14 +955,21 @@ def attention_forward_kv(qkv, n_head, k_cache, v_cache, start, key_mask=None, *,
                 att = q[bs, :, i0:i1] @ kt  # (b, H, i1 - i0, start + i1) unscaled
                 kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
             elif ck:
-                att = qs[bs, :, i0:i1] @ kt  # (b, H, i1 - i0, start + i1)
+                att = np.empty((qs[bs].shape[0], n_head, i1 - i0, start + i1), dtype=qkv.dtype)
+                if mkl is not None:
+                    mkl.bmm(qs[bs, :, i0:i1], kt, att)
+                else:
+                    np.matmul(qs[bs, :, i0:i1], kt, out=att)  # (b, H, i1 - i0, start + i1)
                 ck.causal_softmax_(att.reshape(-1, i1 - i0, start + i1), 1.0, start + i0)
             else:
                 att = qs[bs, :, i0:i1] @ kt
                 if i1 - i0 > 1:  # one query sees every key before it: no bias
                     att += attention_bias(xp, qkv.dtype, i1 - i0, start + i1, start + i0)
                 _softmax_lastaxis_(att)
-            yh[bs, i0:i1] = (att @ v_cache[bs, :, : start + i1]).transpose(0, 2, 1, 3)
+            if mkl is not None:
+                mkl.bmm(att, v_cache[bs, :, : start + i1], yh[bs, i0:i1].transpose(0, 2, 1, 3))
+            else:
+                yh[bs, i0:i1] = (att @ v_cache[bs, :, : start + i1]).transpose(0, 2, 1, 3)
 
     parallel_for(part, _batch_parts(B, n_head * Tn * L, xp))  # the batch rows shared among the threads
     return yh.reshape(B, Tn, C)  # (B, Tn, C)

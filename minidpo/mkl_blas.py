@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-__all__ = ["load", "matmul"]
+__all__ = ["load", "matmul", "bmm"]
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
@@ -62,10 +62,18 @@ def _load():
     except (OSError, AttributeError):
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
-    for name, real in (("cblas_sgemm", ctypes.c_float), ("cblas_dgemm", ctypes.c_double)):
-        f = getattr(lib, name)
-        f.argtypes = [i, i, i, i, i, i, real, p, i, p, i, real, p, i]
-        f.restype = None
+    try:
+        for name, real in (("cblas_sgemm", ctypes.c_float), ("cblas_dgemm", ctypes.c_double)):
+            f = getattr(lib, name)
+            f.argtypes = [i, i, i, i, i, i, real, p, i, p, i, real, p, i]
+            f.restype = None
+        for name, real in (("cblas_sgemm_batch_strided", ctypes.c_float),
+                           ("cblas_dgemm_batch_strided", ctypes.c_double)):
+            f = getattr(lib, name)
+            f.argtypes = [i, i, i, i, i, i, real, p, i, i, p, i, i, real, p, i, i, i]
+            f.restype = None
+    except AttributeError:  # an MKL older than 2020.2 (no batch-strided GEMM)
+        return None
     return lib
 
 
@@ -102,4 +110,47 @@ def matmul(a, b, out=None):
     gemm = lib.cblas_sgemm if a.dtype == np.float32 else lib.cblas_dgemm
     gemm(_ROW_MAJOR, fa[0], fb[0], M, N, K, 1.0, a.ctypes.data, fa[1], b.ctypes.data, fb[1], 0.0,
          out.ctypes.data, max(N, 1))
+    return out
+
+
+def bmm(a, b, out, alpha: float = 1.0, beta: float = 0.0):
+    """out = alpha a @ b + beta out for 4-D arrays: a (P, Q, M, K), b (P, Q, K, N), out (P, Q, M, N),
+    each matrix with a unit stride in one of its two last axes (views such as a transposed
+    ``x[:, :, i0:i1]`` are read in place, and ``out`` may be a view into a larger array). One
+    batch-strided GEMM over Q for each of the P leading indices, through MKL; np.matmul (and the
+    same alpha, beta arithmetic) where MKL or a layout does not allow it."""
+    P, Q, M, K = a.shape
+    N = b.shape[3]
+    lib = load()
+    fa, fb = _as_gemm_operand(a[0, 0]) if P and Q else None, _as_gemm_operand(b[0, 0]) if P and Q else None
+    item = out.itemsize
+    ok = (lib is not None and fa is not None and fb is not None and a.dtype == b.dtype == out.dtype
+          and a.dtype in (np.float32, np.float64) and M and N and K
+          and out.strides[3] == item and out.strides[2] % item == 0 and out.strides[2] >= N * item
+          and all(x.strides[1] % item == 0 and x.strides[1] >= 0 for x in (a, b, out))
+          and max(M, N, K, fa[1], fb[1], out.strides[2] // item) < 2**31)
+    if not ok:
+        if beta == 0.0:
+            np.matmul(a, b, out=out)
+            if alpha != 1.0:
+                out *= out.dtype.type(alpha)
+        else:
+            out *= out.dtype.type(beta)
+            out += out.dtype.type(alpha) * np.matmul(a, b)
+        return out
+    sa, sb, sc = a.strides[1] // item, b.strides[1] // item, out.strides[1] // item
+    ldc = out.strides[2] // item
+    if Q == 1:
+        sc = ldc * M  # one matrix: any stride will do, and MKL asks for at least this
+    if sc >= ldc * M:  # the output matrices one after another, as MKL's batch requires
+        gemm = lib.cblas_sgemm_batch_strided if a.dtype == np.float32 else lib.cblas_dgemm_batch_strided
+        for p in range(P):
+            gemm(_ROW_MAJOR, fa[0], fb[0], M, N, K, alpha, a[p].ctypes.data, fa[1], sa, b[p].ctypes.data, fb[1],
+                 sb, beta, out[p].ctypes.data, ldc, sc, Q)
+        return out
+    gemm = lib.cblas_sgemm if a.dtype == np.float32 else lib.cblas_dgemm  # interleaved outputs (heads side
+    for p in range(P):  # by side): one GEMM a matrix
+        for q in range(Q):
+            gemm(_ROW_MAJOR, fa[0], fb[0], M, N, K, alpha, a[p, q].ctypes.data, fa[1], b[p, q].ctypes.data, fb[1],
+                 beta, out[p, q].ctypes.data, ldc)
     return out

@@ -68,3 +68,24 @@ def test_the_fast_path_uses_it_and_the_switch_turns_it_off(monkeypatch):
         y2 = fast.linear_forward(x, w)[0]
     assert calls == [1]
     np.testing.assert_allclose(y, y2, rtol=1e-6, atol=1e-6)
+
+
+@given(P=st.integers(1, 3), Q=st.integers(1, 4), M=st.integers(1, 6), K=st.integers(1, 6), N=st.integers(1, 6),
+       ta=st.booleans(), tb=st.booleans(), out_view=st.booleans(), beta=st.sampled_from([0.0, 1.0]),
+       alpha=st.sampled_from([1.0, 0.125]), dtype=st.sampled_from([np.float32, np.float64]), seed=seeds)
+def test_bmm_equals_numpy_on_transposed_and_strided_views(P, Q, M, K, N, ta, tb, out_view, beta, alpha, dtype, seed):
+    """The attention's shapes: (B, H, T, D) arrays and their transposes, outputs written into a
+    (B, T, H, D) array's (B, H, T, D) view, accumulated (beta 1) or not, scaled (alpha)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((P, Q, K, M) if ta else (P, Q, M, K)).astype(dtype)
+    b = rng.standard_normal((P, Q, N, K) if tb else (P, Q, K, N)).astype(dtype)
+    a, b = (a.transpose(0, 1, 3, 2) if ta else a), (b.transpose(0, 1, 3, 2) if tb else b)
+    base = rng.standard_normal((P, M, Q, N)).astype(dtype)  # heads side by side, as yh
+    out = base.transpose(0, 2, 1, 3) if out_view else np.ascontiguousarray(base.transpose(0, 2, 1, 3))
+    want = alpha * np.matmul(a.astype(np.float64), b.astype(np.float64)) + beta * out.astype(np.float64)
+    got = mkl_blas.bmm(a, b, out, alpha=alpha, beta=beta)
+    assert got is out
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got, want, **tol)
+    if out_view:  # written through the view into the (P, M, Q, N) array
+        np.testing.assert_allclose(base.transpose(0, 2, 1, 3), want, **tol)
