@@ -1145,8 +1145,9 @@ def _blas_threads():
         from threadpoolctl import threadpool_info
     except ImportError:
         return None
-    counts = [d["num_threads"] for d in threadpool_info() if d.get("user_api") == "blas"]
-    return counts[0] if counts else None
+    blas = [d for d in threadpool_info() if d.get("user_api") == "blas"]
+    numpy_blas = [d for d in blas if d.get("internal_api") == "openblas"] or blas  # not MKL's, sequential
+    return numpy_blas[0]["num_threads"] if numpy_blas else None
 
 
 def _cpu_kernels_on(device: Device):

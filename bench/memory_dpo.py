@@ -118,7 +118,7 @@ def synthetic_pairs(pairs: int, seq: int, prompt: int, vocab: int, seed: int = 0
 def attention_prob_elems(rows: int, n_head: int, T: int) -> int:
     """Elements of the softmax probabilities one attention_forward keeps for its backward: one
     (B, H, i1 - i0, i1) array per query block (the causal skip scores queries i0..i1-1 against
-    keys 0..i1-1 only). B H T^2 below T = 256 (one block); 5/8 of it at T = 512 (four blocks)."""
+    keys 0..i1-1 only). B H T^2 below T = 128 (one block); 5/8 of it from T = 256 on (four blocks)."""
     return sum(rows * n_head * (i1 - i0) * i1 for i0, i1 in _query_blocks(T))
 
 
