@@ -802,6 +802,9 @@ def _batch_parts(B: int, work_per_row: int, xp) -> list[slice]:
     return _parts(B, work_per_row) if xp is np else [slice(0, B)]
 
 
+_MKL_ATTENTION_T = 256  # from this T on, attention's products go through MKL's batched GEMM (C1, T 256:
+#                         160 against 167 ms forward + backward a layer at 1 thread; C0, T 64: 29 against
+#                         15 ms a step at 2 threads, the small products faster through np.matmul)
 _COPY_KV_T = 128  # from this T on, attention copies k and v (C1, T 256: -12 ms a layer forward +
 #                   backward at 1 thread; C0, T 64: +0.8 ms, so not there)
 _SOFTMAX_BLOCKED = 1 << 20  # elements: from this size on the masked softmax runs in L2-sized blocks
@@ -834,7 +837,7 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
     yh = xp.empty((B, T, n_head, D), dtype=qkv.dtype)  # heads side by side
     blocks = _query_blocks(T)
     atts = [xp.empty((B, n_head, i1 - i0, i1), dtype=qkv.dtype) for i0, i1 in blocks]
-    mkl = _gemm_lib() if xp is np else None  # MKL's batched GEMM, its outputs written in place
+    mkl = _gemm_lib() if xp is np and T >= _MKL_ATTENTION_T else None  # MKL's batched GEMM
 
     def mm(a, b, out):
         return mkl.bmm(a, b, out) if mkl is not None else xp.matmul(a, b, out=out)
@@ -880,7 +883,7 @@ def attention_backward(dy, cache):
     dqkv = xp.empty((B, T, 3, H, D), dtype=dy.dtype)
     d = dqkv.transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D) view: dq, dk, dv
     blocks = _query_blocks(T)
-    mkl = _gemm_lib() if xp is np else None  # MKL's batched GEMM: dq, dk, dv written (or added) in place
+    mkl = _gemm_lib() if xp is np and T >= _MKL_ATTENTION_T else None  # MKL: dq, dk, dv written or added
 
     def part(bs):
         dyb = dy[bs]  # (b, T, C)
@@ -946,7 +949,7 @@ def attention_forward_kv(qkv, n_head, k_cache, v_cache, start, key_mask=None, *,
         return (att @ v_cache[:, :, :L]).transpose(0, 2, 1, 3).reshape(B, Tn, C)  # (B, Tn, C)
     yh = xp.empty((B, Tn, n_head, D), dtype=qkv.dtype)
     ck = cpu_kernels(qkv)
-    mkl = _gemm_lib() if xp is np else None  # MKL's batched GEMM, the output written in place
+    mkl = _gemm_lib() if xp is np and start + Tn >= _MKL_ATTENTION_T else None  # MKL's batched GEMM
 
     def part(bs):  # query i (position start + i) sees keys 0 .. start + i
         for i0, i1 in _query_blocks(Tn):

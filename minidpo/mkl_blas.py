@@ -113,22 +113,37 @@ def matmul(a, b, out=None):
     return out
 
 
+def _batch_stride(x, P: int, Q: int):
+    """The one stride (in elements) between consecutive matrices of x (P, Q, ., .) taken in (p, q)
+    order, or None when the P and Q axes do not flatten into one."""
+    item = x.itemsize
+    if P * Q == 1:
+        return 0
+    if Q == 1:
+        return x.strides[0] // item
+    if P == 1 or x.strides[0] == Q * x.strides[1]:
+        return x.strides[1] // item
+    return None
+
+
 def bmm(a, b, out, alpha: float = 1.0, beta: float = 0.0):
     """out = alpha a @ b + beta out for 4-D arrays: a (P, Q, M, K), b (P, Q, K, N), out (P, Q, M, N),
-    each matrix with a unit stride in one of its two last axes (views such as a transposed
-    ``x[:, :, i0:i1]`` are read in place, and ``out`` may be a view into a larger array). One
-    batch-strided GEMM over Q for each of the P leading indices, through MKL; np.matmul (and the
-    same alpha, beta arithmetic) where MKL or a layout does not allow it."""
+    each matrix of a and b with a unit stride in one of its two last axes (views such as a
+    transposed ``x[:, :, i0:i1]`` are read in place). ``out`` may be a view into a larger array:
+    where its matrices interleave (heads side by side), the product goes to a contiguous
+    temporary first. Batch-strided GEMMs through MKL: one call when the P and Q axes of a, b and
+    out flatten into one, else one a leading index; np.matmul (and the same alpha, beta
+    arithmetic) where MKL or a layout does not allow it."""
     P, Q, M, K = a.shape
     N = b.shape[3]
     lib = load()
-    fa, fb = _as_gemm_operand(a[0, 0]) if P and Q else None, _as_gemm_operand(b[0, 0]) if P and Q else None
+    fa = _as_gemm_operand(a[0, 0]) if P and Q else None
+    fb = _as_gemm_operand(b[0, 0]) if P and Q else None
     item = out.itemsize
     ok = (lib is not None and fa is not None and fb is not None and a.dtype == b.dtype == out.dtype
           and a.dtype in (np.float32, np.float64) and M and N and K
-          and out.strides[3] == item and out.strides[2] % item == 0 and out.strides[2] >= N * item
-          and all(x.strides[1] % item == 0 and x.strides[1] >= 0 for x in (a, b, out))
-          and max(M, N, K, fa[1], fb[1], out.strides[2] // item) < 2**31)
+          and all(x.strides[1] % item == 0 and x.strides[1] >= 0 for x in (a, b))
+          and max(M, N, K, fa[1], fb[1]) < 2**31)
     if not ok:
         if beta == 0.0:
             np.matmul(a, b, out=out)
@@ -138,19 +153,24 @@ def bmm(a, b, out, alpha: float = 1.0, beta: float = 0.0):
             out *= out.dtype.type(beta)
             out += out.dtype.type(alpha) * np.matmul(a, b)
         return out
-    sa, sb, sc = a.strides[1] // item, b.strides[1] // item, out.strides[1] // item
-    ldc = out.strides[2] // item
-    if Q == 1:
-        sc = ldc * M  # one matrix: any stride will do, and MKL asks for at least this
-    if sc >= ldc * M:  # the output matrices one after another, as MKL's batch requires
-        gemm = lib.cblas_sgemm_batch_strided if a.dtype == np.float32 else lib.cblas_dgemm_batch_strided
+    direct = out.flags.c_contiguous  # MKL writes its matrices one after another
+    tgt = out if direct else np.empty(out.shape, dtype=out.dtype)
+    gemm = lib.cblas_sgemm_batch_strided if a.dtype == np.float32 else lib.cblas_dgemm_batch_strided
+    g_beta = beta if direct else 0.0
+    sa, sb, sc = _batch_stride(a, P, Q), _batch_stride(b, P, Q), _batch_stride(tgt, P, Q)
+    if sa is not None and sb is not None:  # one call for all P Q matrices
+        gemm(_ROW_MAJOR, fa[0], fb[0], M, N, K, alpha, a.ctypes.data, fa[1], sa, b.ctypes.data, fb[1], sb,
+             g_beta, tgt.ctypes.data, N, max(sc, M * N), P * Q)
+    else:  # one call a leading index, over Q
+        sa, sb = a.strides[1] // item, b.strides[1] // item
         for p in range(P):
-            gemm(_ROW_MAJOR, fa[0], fb[0], M, N, K, alpha, a[p].ctypes.data, fa[1], sa, b[p].ctypes.data, fb[1],
-                 sb, beta, out[p].ctypes.data, ldc, sc, Q)
-        return out
-    gemm = lib.cblas_sgemm if a.dtype == np.float32 else lib.cblas_dgemm  # interleaved outputs (heads side
-    for p in range(P):  # by side): one GEMM a matrix
-        for q in range(Q):
-            gemm(_ROW_MAJOR, fa[0], fb[0], M, N, K, alpha, a[p, q].ctypes.data, fa[1], b[p, q].ctypes.data, fb[1],
-                 beta, out[p, q].ctypes.data, ldc)
+            gemm(_ROW_MAJOR, fa[0], fb[0], M, N, K, alpha, a[p].ctypes.data, fa[1], sa, b[p].ctypes.data, fb[1], sb,
+                 g_beta, tgt[p].ctypes.data, N, M * N, Q)
+    if not direct:
+        if beta == 0.0:
+            np.copyto(out, tgt)
+        else:
+            if beta != 1.0:
+                out *= out.dtype.type(beta)
+            out += tgt
     return out
