@@ -1139,15 +1139,9 @@ def _fast_threads(device: Device):
     return fast.get_threads() if device.kind == "cpu" else None
 
 
-def _blas_threads():
-    """NumPy's BLAS threads now (threadpoolctl), or None where it cannot tell."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return None
-    blas = [d for d in threadpool_info() if d.get("user_api") == "blas"]
-    numpy_blas = [d for d in blas if d.get("internal_api") == "openblas"] or blas  # not MKL's, sequential
-    return numpy_blas[0]["num_threads"] if numpy_blas else None
+def _blas_threads(device: Device):
+    """NumPy's BLAS threads during minidpo's step, as this run set them (threadpoolctl), or None."""
+    return getattr(device, "blas_threads", None) if device.kind == "cpu" else None
 
 
 def _cpu_kernels_on(device: Device):
@@ -1170,7 +1164,7 @@ def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params
         "n_params": n_params, "tokens_per_step": cfg.tokens, "flops_per_step": flops,
         "matmul_ceiling_flops": ceiling["array_flops"], "torch_matmul_flops": ceiling["torch_flops"],
         "steps": steps, "warmup": warmup, "threads": threads, "gap_s": gap,
-        "fast_threads": _fast_threads(device), "blas_threads": _blas_threads() if device.kind == "cpu" else None,
+        "fast_threads": _fast_threads(device), "blas_threads": _blas_threads(device),
         "cpu_kernels": _cpu_kernels_on(device),
     }
     for impl in ("minidpo", "torch"):
@@ -1280,6 +1274,7 @@ def run(args) -> int:
         print("note: threadpoolctl is not installed; NumPy's BLAS threads are not pinned "
               "(pip install threadpoolctl)", file=sys.stderr)
     device = Device(args.device, args.mode, kernels=not args.no_kernels)
+    device.blas_threads = blas_threads if limiter is not None else None
     if args.no_kernels:
         from minidpo import kernels
 
