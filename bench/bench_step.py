@@ -1148,7 +1148,7 @@ def _cpu_kernels_on(device: Device):
     """Whether minidpo's compiled CPU kernels run (None on CUDA)."""
     from minidpo import fast
 
-    return fast.cpu_kernels(np.zeros(1, np.float32)) is not None if device.kind == "cpu" else None
+    return fast.cpu_kernels() is not None if device.kind == "cpu" else None
 
 
 def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params: int, ceiling: dict,

@@ -814,7 +814,7 @@ def measure(config: GPTConfig, pairs: int = 8, seq: int = 512, *, prompt: int | 
         gc.collect()  # the mode's arrays are gone before the next one starts
     from minidpo import fast
 
-    fused = backend.is_cuda or fast.cpu_kernels(np.zeros(1, np.float32)) is not None
+    fused = backend.is_cuda or fast.cpu_kernels() is not None
     analytic = analytic_breakdown(config, pairs, seq, ref_batch_pairs=spec.ref_batch_pairs,
                                   eval_batch_pairs=eval_batch_pairs, eval_pairs=eval_pairs, gpu=fused)
     return {

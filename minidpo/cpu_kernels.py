@@ -40,6 +40,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from . import layers
+
 __all__ = [
     "gelu_forward",
     "gelu_backward",
@@ -59,8 +61,7 @@ _FLAGS = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _jit = numba.njit(nogil=True, cache=True, fastmath=_FLAGS, error_model="numpy")
 _inline = numba.njit(inline="always", fastmath=_FLAGS, error_model="numpy")
 
-_GELU_K = math.sqrt(2.0 / math.pi)
-_GELU_C = 0.044715
+_GELU_K, _GELU_C = layers.GELU_K, layers.GELU_C  # GELU's tanh approximation, as layers.py
 
 
 # ------------------------------------------------------------------------------------ scalars

@@ -245,7 +245,7 @@ def no_cpu_kernels():
 
 def _load_cpu_kernels():
     """cpu_kernels, compiled (or loaded from Numba's disk cache) and tried once on small float32
-    arrays; False with one warning when Numba is missing is silent, a failing Numba warns."""
+    arrays; False when Numba is missing (silently) or fails here (with one warning)."""
     try:
         from . import cpu_kernels as ck
     except ImportError:
@@ -267,7 +267,8 @@ def _load_cpu_kernels():
 
 def cpu_kernels(*arrays):
     """The compiled CPU kernels module when they should run on these arrays, else None: they are
-    on, Numba is installed, and every array is a NumPy float32 or float64 array."""
+    on, Numba is installed, and every array is a NumPy float32 or float64 array. With no arrays:
+    whether the kernels run at all."""
     global _CK
     if not _CPU_KERNELS:
         return None
@@ -394,30 +395,63 @@ def _matmul(a, b, out):
     return lib.matmul(a, b, out) if lib is not None else np.matmul(a, b, out=out)
 
 
+def _bmm(mkl, a, b, out):
+    """out = a @ b for stacks of matrices (a (P, Q, M, K), b (P, Q, K, N)): through MKL's batched
+    GEMM when ``mkl`` is mkl_blas, else the arrays' own matmul."""
+    return mkl.bmm(a, b, out) if mkl is not None else get_array_module(a).matmul(a, b, out=out)
+
+
 def _numpy(*arrays) -> bool:
     return all(type(a) is np.ndarray for a in arrays)
 
 
-def _matmul_rows(a, b, out=None):
-    """out (M, P) = a (M, K) @ b (K, P), the rows of a shared among the threads."""
-    if out is None:
-        out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
-    parallel_for(lambda s: _matmul(a[s], b, out[s]), _parts(a.shape[0], a.shape[1] * b.shape[1]))
+def _matmul_rows(a, b, bias=None):
+    """a (M, K) @ b (K, P) (+ bias (P,), added in place), the rows of a shared among the threads."""
+    out = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
+
+    def part(s):
+        _matmul(a[s], b, out[s])
+        if bias is not None:
+            out[s] += bias
+
+    parallel_for(part, _parts(a.shape[0], a.shape[1] * b.shape[1]))
     return out
+
+
+def _two_products(a, b, p, q, db_of=None):
+    """The two products of a matrix product's backward, at once, each on half the threads:
+    (a @ b, p^T @ q) with a (N, I), b (I, J), p (N, R), q (N, S) -> (N, J), (R, S); the first
+    by rows of a, the second by its own rows (p[:, s]^T @ q). ``db_of`` (N, S): also its column
+    sums (the bias gradient), by columns. Returns (a @ b, p^T @ q, sums or None)."""
+    N = a.shape[0]
+    dt = np.result_type(a, b, p, q)
+    first = np.empty((N, b.shape[1]), dtype=dt)
+    second = np.empty((p.shape[1], q.shape[1]), dtype=dt)
+    sums = None if db_of is None else np.empty(db_of.shape[1], dtype=dt)
+    half = _half_threads()  # both products cost N I J = N R S multiply-adds
+    tasks = [(0, s) for s in _parts(N, a.shape[1] * b.shape[1], threads=half)]
+    tasks += [(1, s) for s in _parts(p.shape[1], N * q.shape[1], threads=half)]
+    if db_of is not None:
+        tasks += [(2, s) for s in _parts(db_of.shape[1], N, threads=half)]
+
+    def part(task):
+        which, s = task
+        if which == 0:
+            _matmul(a[s], b, first[s])
+        elif which == 1:
+            _matmul(p[:, s].T, q, second[s])
+        else:
+            np.sum(db_of[:, s], axis=0, out=sums[s])
+
+    parallel_for(part, tasks)
+    return first, second, sums
 
 
 def linear_forward(x, w, b=None):
     """layers.linear_forward, the bias added in place; on NumPy the rows shared among the threads."""
     x2 = x.reshape(-1, w.shape[0])  # (N, Cin)
     if _numpy(x2, w):
-        y = np.empty((x2.shape[0], w.shape[1]), dtype=np.result_type(x2, w))
-
-        def part(s):
-            _matmul(x2[s], w, y[s])
-            if b is not None:
-                y[s] += b
-
-        parallel_for(part, _parts(x2.shape[0], w.shape[0] * w.shape[1]))
+        y = _matmul_rows(x2, w, bias=b)  # (N, Cout)
     else:
         y = x2 @ w  # (N, Cout)
         if b is not None:
@@ -426,35 +460,14 @@ def linear_forward(x, w, b=None):
 
 
 def linear_backward(dy, cache):
-    """layers.linear_backward; with several threads dx by row parts, dw by parts of its rows
-    (x[:, s]^T @ dy) and db by column parts, all on the pool at once."""
+    """layers.linear_backward; on NumPy dx by row parts, dw by parts of its rows (x[:, s]^T @ dy)
+    and db by column parts, all on the pool at once."""
     x, w, has_bias = cache
     x2 = x.reshape(-1, w.shape[0])  # (N, Cin)
     dy2 = dy.reshape(-1, w.shape[1])  # (N, Cout)
     if not _numpy(x2, dy2, w):
         return layers.linear_backward(dy, cache)
-    N, Cin = x2.shape
-    Cout = w.shape[1]
-    dt = np.result_type(x2, dy2, w)
-    dx = np.empty((N, Cin), dtype=dt)
-    dw = np.empty((Cin, Cout), dtype=dt)
-    db = np.empty(Cout, dtype=dt) if has_bias else None
-    half = _half_threads()  # dx and dw cost the same: each gets half the threads
-    tasks = [("dx", s) for s in _parts(N, Cin * Cout, threads=half)]
-    tasks += [("dw", s) for s in _parts(Cin, N * Cout, threads=half)]
-    if has_bias:
-        tasks += [("db", s) for s in _parts(Cout, N, threads=half)]
-
-    def part(task):
-        kind, s = task
-        if kind == "dx":
-            _matmul(dy2[s], w.T, dx[s])  # (n, Cin)
-        elif kind == "dw":
-            _matmul(x2[:, s].T, dy2, dw[s])  # (cin, Cout)
-        else:
-            np.sum(dy2[:, s], axis=0, out=db[s])  # (cout,)
-
-    parallel_for(part, tasks)
+    dx, dw, db = _two_products(dy2, w.T, x2, dy2, db_of=dy2 if has_bias else None)  # (N, Cin), (Cin, Cout)
     return dx.reshape(x.shape), {"w": dw, "b": db}
 
 
@@ -468,30 +481,14 @@ def unembed_forward(x, wte):
 
 
 def unembed_backward(dlogits, cache):
-    """layers.unembed_backward; with several threads dx by row parts and dwte by parts of its
-    rows (dlogits[:, s]^T @ x), on the pool at once."""
+    """layers.unembed_backward; on NumPy dx by row parts and dwte by parts of its rows
+    (dlogits[:, s]^T @ x), on the pool at once."""
     x, wte = cache
     if not _numpy(dlogits, x, wte):
         return layers.unembed_backward(dlogits, cache)
     B, T, C = x.shape
-    V = wte.shape[0]
-    dl2 = dlogits.reshape(B * T, V)  # (N, V)
-    x2 = x.reshape(B * T, C)  # (N, C)
-    dt = np.result_type(dl2, x2, wte)
-    dx = np.empty((B * T, C), dtype=dt)
-    dwte = np.empty((V, C), dtype=dt)
-    half = _half_threads()  # dx and dwte cost the same: each gets half the threads
-    tasks = [("dx", s) for s in _parts(B * T, V * C, threads=half)]
-    tasks += [("dw", s) for s in _parts(V, B * T * C, threads=half)]
-
-    def part(task):
-        kind, s = task
-        if kind == "dx":
-            _matmul(dl2[s], wte, dx[s])  # (n, C)
-        else:
-            _matmul(dl2[:, s].T, x2, dwte[s])  # (v, C)
-
-    parallel_for(part, tasks)
+    dl2 = dlogits.reshape(B * T, wte.shape[0])  # (N, V)
+    dx, dwte, _ = _two_products(dl2, wte, dl2, x.reshape(B * T, C))  # (N, C), (V, C)
     return dx.reshape(B, T, C), {"wte": dwte}
 
 
@@ -839,9 +836,6 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
     atts = [xp.empty((B, n_head, i1 - i0, i1), dtype=qkv.dtype) for i0, i1 in blocks]
     mkl = _gemm_lib() if xp is np and T >= _MKL_ATTENTION_T else None  # MKL's batched GEMM
 
-    def mm(a, b, out):
-        return mkl.bmm(a, b, out) if mkl is not None else xp.matmul(a, b, out=out)
-
     def part(bs):
         xp.multiply(q[bs], scale, out=qs[bs])
         if copy_kv:
@@ -855,10 +849,10 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
                 xp.matmul(q[bs, :, i0:i1], kt, out=att)  # unscaled
                 kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
             elif ck:  # query i0 + r sees keys 0..i0 + r
-                mm(qs[bs, :, i0:i1], kt, att)
+                _bmm(mkl, qs[bs, :, i0:i1], kt, att)
                 ck.causal_softmax_(att.reshape(-1, i1 - i0, i1), 1.0, i0)
             else:
-                mm(qs[bs, :, i0:i1], kt, att)
+                _bmm(mkl, qs[bs, :, i0:i1], kt, att)
                 _biased_softmax_(att, bias_b[..., i0:i1, :i1])
             if mkl is not None:  # straight into the heads-side-by-side output
                 mkl.bmm(att, v[bs, :, :i1], yh[bs, i0:i1].transpose(0, 2, 1, 3))
@@ -959,10 +953,7 @@ def attention_forward_kv(qkv, n_head, k_cache, v_cache, start, key_mask=None, *,
                 kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
             elif ck:
                 att = np.empty((qs[bs].shape[0], n_head, i1 - i0, start + i1), dtype=qkv.dtype)
-                if mkl is not None:
-                    mkl.bmm(qs[bs, :, i0:i1], kt, att)
-                else:
-                    np.matmul(qs[bs, :, i0:i1], kt, out=att)  # (b, H, i1 - i0, start + i1)
+                _bmm(mkl, qs[bs, :, i0:i1], kt, att)  # (b, H, i1 - i0, start + i1)
                 ck.causal_softmax_(att.reshape(-1, i1 - i0, start + i1), 1.0, start + i0)
             else:
                 att = qs[bs, :, i0:i1] @ kt

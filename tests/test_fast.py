@@ -39,7 +39,7 @@ def cpu_path(request):
     pytest.importorskip("numba", reason="the compiled CPU kernels need Numba (pip install minidpo[fast])")
     old = fast.set_cpu_kernels(True)
     try:
-        assert fast.cpu_kernels(np.zeros(1, np.float32)) is not None
+        assert fast.cpu_kernels() is not None
         with mock.patch.object(fast, "_MKL_ATTENTION_T", 1):  # MKL's batched GEMM (if installed) at every T
             yield
     finally:
