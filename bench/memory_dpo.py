@@ -667,14 +667,14 @@ def run_mode(mode: str, spec: RunSpec, backend: Backend, meter) -> dict:
             if tc.cache_reference:  # train_dpo: log pi_ref of every training pair, once
                 rec.stage = "reference cache pass"
                 ref_c, ref_r = batched_sequence_logps(reference, cfg, pairs, PAD_ID, spec.ref_batch_pairs, backend,
-                                                      tc.average_logps)  # (N,), (N,) host float64
+                                                      tc.logps_averaged)  # (N,), (N,) host float64
                 ref_c = backend.asarray(ref_c.astype(np.float32))  # (N,) as train_dpo stores them
                 ref_r = backend.asarray(ref_r.astype(np.float32))  # (N,)
                 out["reference_pass_peak_bytes"] = rec.peak_of("reference cache pass")
             if eval_pairs:  # train_dpo: log pi_ref of every held-out pair, in either mode
                 rec.stage = "held-out reference pass"
                 e_ref_c, e_ref_r = batched_sequence_logps(reference, cfg, eval_pairs, PAD_ID, tc.eval_batch_size,
-                                                          backend, tc.average_logps)  # (E,), (E,) host float64
+                                                          backend, tc.logps_averaged)  # (E,), (E,) host float64
                 out["eval_reference_pass_peak_bytes"] = rec.peak_of("held-out reference pass")
             out["reference_params_bytes"] = _nbytes(reference) if mode == "recompute" else 0
             if tc.cache_reference:
@@ -688,7 +688,7 @@ def run_mode(mode: str, spec: RunSpec, backend: Backend, meter) -> dict:
                 else:
                     logits = inference_logits(reference, batch["input_ids"], cfg)  # (2N, T, V)
                     logps, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"],
-                                              average=tc.average_logps, validate=False)  # (2N,)
+                                              average=tc.logps_averaged, validate=False)  # (2N,)
                     del logits
                     n = len(idx)
                     batch["ref_chosen"], batch["ref_rejected"] = logps[:n], logps[n:]  # (N,), (N,)

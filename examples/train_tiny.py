@@ -50,7 +50,7 @@ from minidpo.backend import get_backend
 from minidpo.data import PreferenceExample, build_preference_dataset, build_sft_dataset
 from minidpo.evaluate import kl_from_samples, mean_and_stderr, sample_continuations
 from minidpo.model import GPTConfig, init_params, num_params
-from minidpo.losses import average_logps_for
+from minidpo.losses import LOSS_TABLE
 from minidpo.plots import plot_reward_vs_kl, plot_training_curves
 from minidpo.tasks import sentiment
 from minidpo.tokenizer import BPETokenizer
@@ -87,7 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus, the model, the batches and the sampling")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's KL strength beta (eq. 7); small = further from pi_ref")
     p.add_argument("--betas", default=None, help="comma-separated betas for a sweep, e.g. 0.05,0.1,0.5 (first is the main run)")
-    p.add_argument("--loss", default="sigmoid", choices=["sigmoid", "robust", "ipo", "hinge"],
+    p.add_argument("--loss", default="sigmoid", choices=list(LOSS_TABLE),
                    help="DPO loss variant (see minidpo.losses)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO epsilon")
     p.add_argument("--pair-mode", default="argmax", choices=["argmax", "bt"],
@@ -342,8 +342,8 @@ def _run(args, cfg, betas, out, backend, comm) -> dict | None:
         run_dir = out / f"dpo_beta{beta:g}"
         tc = TrainConfig(steps=cfg["dpo_steps"], batch_size=cfg["dpo_batch"], lr=cfg["dpo_lr"], warmup_steps=10,
                          schedule="constant", seed=args.seed, log_every=10, eval_every=max(cfg["dpo_steps"] // 5, 1),
-                         save_every=100, beta=beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
-                         average_logps=average_logps_for(args.loss), progress=show)
+                         save_every=100, beta=beta, loss_type=args.loss, progress=show,
+                         loss_options={"label_smoothing": args.label_smoothing} if args.label_smoothing else {})
         policy = {k: v.copy() for k, v in reference.items()}
         log(f"[4/5] DPO beta={beta:g} loss={args.loss} on {len(pair_sets['train'])} pairs for {tc.steps} steps")
         t0 = time.perf_counter()
@@ -361,7 +361,7 @@ def _run(args, cfg, betas, out, backend, comm) -> dict | None:
         rewards = reward_fn([p + t for p, t in zip(samples.prompts, samples.texts)])
         kls = kl_from_samples(policy, reference, mcfg, samples, tokenizer.pad_id, backend=backend)
         acc = evaluate_preferences(policy, mcfg, pair_sets["eval"], *batched_sequence_logps(
-            reference, mcfg, pair_sets["eval"], tokenizer.pad_id, tc.eval_batch_size, backend, tc.average_logps,
+            reference, mcfg, pair_sets["eval"], tokenizer.pad_id, tc.eval_batch_size, backend, tc.logps_averaged,
             comm=comm), tokenizer.pad_id, tc, backend, comm=comm)["eval/rewards/accuracies"]
         r_mean, r_se = mean_and_stderr(rewards)
         kl_mean, kl_se = mean_and_stderr(kls)

@@ -41,16 +41,25 @@ from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 130, 141
 
-LOSS_HELP = (
-    "DPO loss: sigmoid = the paper's eq. 7, -log sigma(beta*h); robust = label-noise-corrected DPO "
-    "(Chowdhury et al.) using --label-smoothing as the flip rate; ipo = (h - 1/(2 beta))^2 (Azar et al.), "
-    "always on per-token mean log-probs (IPO's official convention, as if --average-logps); "
-    "hinge = SLiC's max(0, 1 - beta*h). h = (log pi_w - log ref_w) - (log pi_l - log ref_l)."
-)
+def losses_description() -> str:
+    """The losses of losses.LOSS_TABLE, one line each, for ``minidpo dpo|eval --help``."""
+    from .losses import LOSS_TABLE
+
+    w = max(len(n) for n in LOSS_TABLE)
+    rows = []
+    for name, row in LOSS_TABLE.items():
+        extra = [f"--{o.replace('_', '-')}" for o in row.options] + ([] if row.reference else ["no pi_ref"])
+        extra += ["per-token mean log-probs"] if row.average_logps else []
+        rows.append(f"  {name:<{w}}  {row.help}" + (f" ({', '.join(extra)})" if extra else ""))
+    return ("losses (--loss), h = (log pi_w - log ref_w) - (log pi_l - log ref_l):\n" + "\n".join(rows))
 
 
 class CLIError(Exception):
     """A one-line error the command prints as ``minidpo: error: ...`` (exit status 1)."""
+
+
+class UsageError(CLIError):
+    """A bad command line that argparse cannot see (options that do not go together): exit status 2."""
 
 
 def _die(msg: str):
@@ -152,11 +161,32 @@ def _split_eval(items: list, args):
     return items[:-n_eval], items[-n_eval:]
 
 
-def _average_logps(args) -> bool:
-    """One rule for dpo and eval: per-token mean log-probs with --average-logps, and always for IPO."""
-    from .losses import average_logps_for
+def _loss_settings(args) -> dict:
+    """TrainConfig's loss fields from the command line: the --loss row's options that were given
+    (an option of another loss, or out of range, is a usage error), --average-logps (None: the
+    loss's own rule)."""
+    from .losses import LOSS_TABLE
 
-    return bool(args.average_logps or average_logps_for(args.loss))
+    row = LOSS_TABLE[args.loss]
+    given = {name: getattr(args, name) for name in _loss_option_names() if getattr(args, name, None) is not None}
+    for name, value in given.items():
+        flag = f"--{name.replace('_', '-')}"
+        if name not in row.options:
+            takes = [n for n, r in LOSS_TABLE.items() if name in r.options]
+            raise UsageError(f"{flag} applies to --loss {' or '.join(takes)}, not {args.loss}")
+        try:
+            row.options[name].check(flag, value, args.loss)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    return dict(loss_type=args.loss, loss_options=given, reference_free=args.reference_free,
+                average_logps=True if args.average_logps else None)
+
+
+def _loss_option_names() -> list[str]:
+    """Every option name of every loss in the table, each once, in table order."""
+    from .losses import LOSS_TABLE
+
+    return list(dict.fromkeys(n for row in LOSS_TABLE.values() for n in row.options))
 
 
 def _communicator(args):
@@ -306,10 +336,8 @@ def cmd_dpo(args) -> int:
     if bool(args.ref) == bool(args.model):
         _die("dpo needs exactly one of --ref or --model (the frozen reference and starting point)")
     ref_path = args.ref or args.model
-    tc = _train_config(args, beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
-                       rpo_alpha=args.rpo_alpha, reference_free=args.reference_free,
-                       average_logps=_average_logps(args), cache_reference=not args.recompute_reference,
-                       share_prompt=not args.no_share_prompt)
+    tc = _train_config(args, beta=args.beta, rpo_alpha=args.rpo_alpha, **_loss_settings(args),
+                       cache_reference=not args.recompute_reference, share_prompt=not args.no_share_prompt)
     for what, path in (("--ref" if args.ref else "--model", ref_path), ("--policy", args.policy)):
         stopped = _unfinished(path) if path else None
         if stopped and not args.allow_unfinished_ref:
@@ -418,18 +446,17 @@ def cmd_eval(args) -> int:
     from .train import TrainConfig, evaluate_preferences
 
     backend = get_backend(args.device)
-    tc = TrainConfig(beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
-                     reference_free=args.reference_free, average_logps=_average_logps(args),
-                     eval_batch_size=args.batch_size, share_prompt=not args.no_share_prompt, pack=not args.no_pack)
+    tc = TrainConfig(beta=args.beta, rpo_alpha=args.rpo_alpha, **_loss_settings(args), eval_batch_size=args.batch_size,
+                     share_prompt=not args.no_share_prompt, pack=not args.no_pack)
     policy, config, tokenizer = load_model(args.policy, backend)
     reference, rconfig, _ = load_model(args.ref, backend)
     if rconfig != config:
         _die("--policy and --ref have different model configs")
     pairs = _preference_pairs(args.data, tokenizer, config, args)
     rc, rr = batched_sequence_logps(reference, config, pairs, tokenizer.pad_id, args.batch_size, backend,
-                                    tc.average_logps, share_prompt=tc.share_prompt, pack=tc.pack)
+                                    tc.logps_averaged, share_prompt=tc.share_prompt, pack=tc.pack)
     m = evaluate_preferences(policy, config, pairs, rc, rr, tokenizer.pad_id, tc, backend)
-    m = {"n_pairs": len(pairs), "average_logps": tc.average_logps, **{k[5:]: v for k, v in m.items()}}
+    m = {"n_pairs": len(pairs), "average_logps": tc.logps_averaged, **{k[5:]: v for k, v in m.items()}}
     print(json.dumps(m, indent=2))
     return EXIT_OK
 
@@ -543,6 +570,13 @@ def _adam_betas(text: str) -> tuple[float, float]:
 
 
 INF = float("inf")
+
+
+def verify_variants() -> list[str]:
+    """``minidpo verify --variant`` names: minidpo.verify.variants(), i.e. the loss table's losses."""
+    from .verify import variants
+
+    return [*variants(), "sigmoid"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -681,8 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "fn(pi_w, pi_l, ref_w, ref_l, beta, **hyper-parameters) on (N,) arrays")
     sp.add_argument("--framework", choices=["numpy", "torch", "jax"], default="torch",
                     help="the function's array library (gradients by its autograd; NumPy: central differences)")
-    sp.add_argument("--variant", choices=["dpo", "cdpo", "robust", "ipo", "hinge"], default="dpo",
-                    help="which loss the function claims to compute (its laws are checked)")
+    sp.add_argument("--variant", choices=verify_variants(), default="dpo", metavar="VARIANT",
+                    help=f"which loss the function claims to compute (its laws are checked): "
+                         f"{', '.join(verify_variants())}")
     sp.add_argument("--label-smoothing", type=float, default=0.1, help="eps for cdpo/robust, passed as label_smoothing=")
     sp.add_argument("--arg", action="append", metavar="KEY=VALUE", help="a fixed keyword argument (JSON value), e.g. ipo=true")
     sp.add_argument("--max-examples", type=int, default=25, help="hypothesis examples per property")
@@ -699,21 +734,32 @@ _NO_PACK_HELP = ("pad every sequence to the longest of its batch instead of pack
 
 
 def _dpo_options(sp, train: bool) -> None:
+    """The loss and layout options of ``dpo`` and ``eval``, the losses and their options read from
+    losses.LOSS_TABLE."""
+    from .losses import LOSS_TABLE
+
+    sp.description = losses_description()
     sp.add_argument("--no-share-prompt", action="store_true",
                     help="run each prompt twice, [x; y_w] and [x; y_l], instead of once per pair with both "
                          "responses after it under a block mask (same numbers; sharing skips the repeat)")
     sp.add_argument("--beta", type=_float_in(0, INF, lo_open=True, hi_open=True), default=0.1,
                     help="beta: strength of the KL leash to pi_ref (eq. 3/7); smaller lets the policy move further")
-    sp.add_argument("--loss", default="sigmoid", choices=["sigmoid", "robust", "ipo", "hinge"], help=LOSS_HELP)
-    sp.add_argument("--label-smoothing", type=_float_in(0, 0.5), default=0.0,
-                    help="conservative DPO: assumed probability epsilon that a preference label is flipped")
-    if train:
-        sp.add_argument("--rpo-alpha", type=_float_in(0, INF, hi_open=True), default=0.0,
-                        help="add alpha * NLL of the chosen responses (RPO-style SFT term)")
+    sp.add_argument("--loss", default="sigmoid", choices=list(LOSS_TABLE), metavar="LOSS",
+                    help="the preference loss, one of the list above")
+    for name in _loss_option_names():
+        rows = [(n, r.options[name]) for n, r in LOSS_TABLE.items() if name in r.options]
+        ranges = {f"{o.interval()} (default {o.default:g})": None for _, o in rows}  # the distinct ones
+        where = (f"in {next(iter(ranges))}" if len(ranges) == 1 else
+                 "; ".join(f"{n}: in {o.interval()} (default {o.default:g})" for n, o in rows))
+        sp.add_argument(f"--{name.replace('_', '-')}", type=_float_in(-INF, INF, True, True), default=None,
+                        help=f"{rows[0][1].help}; for --loss {' or '.join(n for n, _ in rows)}; {where}")
+    sp.add_argument("--rpo-alpha", type=_float_in(0, INF, hi_open=True), default=0.0,
+                    help="add alpha * NLL of the chosen responses (RPO-style SFT term)")
     sp.add_argument("--reference-free", action="store_true",
                     help="ignore pi_ref: the implicit reward is beta log pi (reference-free DPO)")
     sp.add_argument("--average-logps", action="store_true",
-                    help="use per-token mean log-probs instead of sums (IPO always does)")
+                    help="use per-token mean log-probs instead of sums (a loss marked 'per-token mean log-probs' "
+                         "always does)")
     sp.add_argument("--max-prompt-length", type=_int_at_least(1), default=128,
                     help="prompt tokens kept when truncating (at most half of --max-length)")
     sp.add_argument("--truncation-mode", choices=["keep_end", "keep_start"], default="keep_end",
@@ -767,6 +813,9 @@ def main(argv=None) -> int:
     except NonFiniteError as err:
         _report(err, str(err))
         return EXIT_NONFINITE
+    except UsageError as err:
+        _report(err, str(err))
+        return EXIT_USAGE
     except (CLIError, DataError, CheckpointError, RunFolderError, OSError, ValueError) as err:
         # the project's own errors (DataError, CheckpointError, PretrainedError, RunFolderError are
         # ValueErrors) and the file system's, one line each

@@ -32,7 +32,8 @@ array-valued hyper-parameters are never mixed in, only Python floats.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,12 @@ from . import checks
 from .backend import get_array_module, to_numpy
 
 __all__ = [
+    "LOSS_TABLE",
     "LOSS_TYPES",
+    "Loss",
+    "Option",
+    "register_loss",
+    "loss_row",
     "IPO_CONVENTIONS",
     "log_sigmoid",
     "sigmoid",
@@ -210,33 +216,36 @@ class DPOOutput:
         return xp.asarray(xp.mean(self.losses))
 
 
-# Each variant: (h, beta, eps) -> (loss (N,), dloss/dz (N,)), with z = beta h the reward margin.
+# Each margin loss: (h, beta, **options) -> (loss (N,), dloss/dz (N,)), with z = beta h the reward margin.
 
 
-def sigmoid_loss(h, beta: float, eps: float = 0.0):
-    """Eq. (7), DPO; with eps > 0 conservative DPO (cDPO: each label flipped with probability eps):
+def sigmoid_loss(h, beta: float, label_smoothing: float = 0.0):
+    """Eq. (7), DPO; with eps = label_smoothing > 0 conservative DPO (cDPO: each label flipped
+    with probability eps):
 
         loss = -(1 - eps) log sigma(z) - eps log sigma(-z)
         dloss/dz = -(1 - eps) sigma(-z) + eps sigma(z)        (eps = 0: -sigma(r_hat_l - r_hat_w), eq. 9)
     """
+    eps = label_smoothing
     z = beta * h
     loss = -(1.0 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
     return loss, -((1.0 - eps) * sigmoid(-z) - eps * sigmoid(z))
 
 
-def robust_loss(h, beta: float, eps: float = 0.0):
-    """Robust DPO (Chowdhury et al. 2024), unbiased under label-flip rate eps < 0.5:
+def robust_loss(h, beta: float, label_smoothing: float = 0.0):
+    """Robust DPO (Chowdhury et al. 2024), unbiased under label-flip rate eps = label_smoothing < 0.5:
 
         loss = ((1 - eps) (-log sigma(z)) - eps (-log sigma(-z))) / (1 - 2 eps)
         dloss/dz = -((1 - eps) sigma(-z) + eps sigma(z)) / (1 - 2 eps)
     For eps > 0 it is unbounded below (~ -eps z / (1 - 2 eps)).
     """
+    eps = label_smoothing
     z = beta * h
     loss = ((1.0 - eps) * -log_sigmoid(z) - eps * -log_sigmoid(-z)) / (1.0 - 2.0 * eps)
     return loss, -(((1.0 - eps) * sigmoid(-z) + eps * sigmoid(z)) / (1.0 - 2.0 * eps))
 
 
-def ipo_loss(h, beta: float, eps: float = 0.0):
+def ipo_loss(h, beta: float):
     """IPO (Azar et al. 2023), a square pulling h to 1 / (2 beta):
 
         loss = (h - 1/(2 beta))^2,    dloss/dz = (1/beta) dloss/dh = 2 (h - 1/(2 beta)) / beta
@@ -245,7 +254,7 @@ def ipo_loss(h, beta: float, eps: float = 0.0):
     return gap * gap, -((-2.0 / beta) * gap)
 
 
-def hinge_loss(h, beta: float, eps: float = 0.0):
+def hinge_loss(h, beta: float):
     """SLiC (Zhao et al. 2023), a hinge on the reward margin:
 
         loss = max(0, 1 - z),    dloss/dz = -1[z < 1]   (the subgradient 0 at z = 1)
@@ -254,8 +263,133 @@ def hinge_loss(h, beta: float, eps: float = 0.0):
     return get_array_module(z).maximum(1.0 - z, z.dtype.type(0)), -((z < 1.0).astype(z.dtype))
 
 
-LOSSES = {"sigmoid": sigmoid_loss, "robust": robust_loss, "ipo": ipo_loss, "hinge": hinge_loss}
-LOSS_TYPES = tuple(LOSSES)
+# ----------------------------------------------------------------------------------------------
+# the loss table: every fact about a loss in one row
+
+
+@dataclass(frozen=True)
+class Option:
+    """A loss's hyper-parameter: its default, one line of help, and the interval it must lie in
+    (``lo``/``hi`` closed unless ``lo_open``/``hi_open``)."""
+
+    default: float
+    help: str
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def interval(self) -> str:
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+    def check(self, name: str, value, loss: str) -> float:
+        """value as a float inside the interval, else ValueError naming the option and the loss."""
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} of the {loss!r} loss must be a number, got {value!r}") from None
+        ok = math.isfinite(v) and (v > self.lo if self.lo_open else v >= self.lo) and (
+            v < self.hi if self.hi_open else v <= self.hi)
+        if not ok:
+            raise ValueError(f"{name} of the {loss!r} loss must lie in {self.interval()}, got {value!r}")
+        return v
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One row of :data:`LOSS_TABLE`: what the trainer, the command line, held-out evaluation and
+    ``minidpo verify`` know about a loss.
+
+    Attributes:
+        name: the loss_type / ``--loss`` name.
+        margin: (h, beta, **options) -> (losses (N,), dloss/dz (N,)): the per-pair loss as a
+            function of the log-ratio margin h (z = beta h), and its derivative in z; or None
+            for a loss given by ``pair``.
+        help: one line for ``minidpo dpo --help``.
+        options: the loss's hyper-parameters, name -> :class:`Option` (passed to ``margin`` by name).
+        reference: whether the loss needs pi_ref (a reference-free loss skips its forward pass).
+        average_logps: the log-prob rule the loss is defined with: per-token means (True) or eq.
+            (7)'s sums (False); ``TrainConfig.average_logps`` may override it.
+        source: the paper the loss and its defaults come from.
+        pair: for a loss that is not a function of the margin alone: (chosen, rejected, beta,
+            **options) -> (losses (N,), d sum(losses) / d chosen (N,), d sum(losses) / d rejected
+            (N,)), with chosen = log pi(y_w|x) - log pi_ref(y_w|x) and rejected likewise (log pi
+            alone for a reference-free loss). Exactly one of ``margin`` and ``pair`` is given.
+    """
+
+    name: str
+    margin: Callable | None
+    help: str
+    options: Mapping[str, Option] = field(default_factory=dict)
+    reference: bool = True
+    average_logps: bool = False
+    source: str = ""
+    pair: Callable | None = None
+
+    def __post_init__(self):
+        if (self.margin is None) == (self.pair is None):
+            raise ValueError(f"loss {self.name!r}: give exactly one of margin (a function of h) and pair")
+
+    def losses(self, chosen, rejected, beta: float, options: Mapping):
+        """This loss at the log-ratios chosen, rejected (N,) (h = chosen - rejected): (losses (N,),
+        d sum / d chosen (N,), d sum / d rejected (N,), weight (N,)), where weight is eq. (9)'s
+        weight on (grad log pi_w - grad log pi_l) in units of beta: -dloss/dz for a loss of the
+        margin (sigma(r_hat_l - r_hat_w) for DPO), (d_rejected - d_chosen) / (2 beta) otherwise."""
+        if self.pair is not None:
+            losses, d_chosen, d_rejected = self.pair(chosen, rejected, beta, **options)
+            return losses, d_chosen, d_rejected, (d_rejected - d_chosen) / (2.0 * beta)
+        losses, dloss_dz = self.margin(chosen - rejected, beta, **options)
+        weight = -dloss_dz
+        return losses, -beta * weight, beta * weight, weight  # dz/dchosen = beta, dz/drejected = -beta
+
+    def resolve(self, options: Mapping | None = None) -> dict:
+        """Every option of this loss with its value: ``options`` checked (names and ranges), the
+        defaults for the rest. ValueError names an unknown option and the ones the loss has."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            has = ", ".join(self.options) or "none"
+            raise ValueError(f"the {self.name!r} loss has no option {unknown[0]!r} (its options: {has})")
+        return {k: opt.check(k, options.get(k, opt.default), self.name) for k, opt in self.options.items()}
+
+
+_EPS = "label-flip rate epsilon (the assumed probability that a preference label is wrong)"
+LOSS_TABLE: dict[str, Loss] = {}
+"""name -> :class:`Loss`, in the order ``--help`` lists them. Add a loss with :func:`register_loss`."""
+
+
+def register_loss(loss: Loss) -> Loss:
+    """Add a row to :data:`LOSS_TABLE` (a new loss is one margin function and this one call); the
+    trainer, ``--loss``, held-out evaluation and ``minidpo verify`` then all know it."""
+    if not isinstance(loss, Loss):
+        raise TypeError(f"register_loss needs a losses.Loss row, got {type(loss).__name__}")
+    if loss.name in LOSS_TABLE and LOSS_TABLE[loss.name] is not loss:
+        raise ValueError(f"a loss named {loss.name!r} is already in the table")
+    LOSS_TABLE[loss.name] = loss
+    return loss
+
+
+for _row in (
+    Loss("sigmoid", sigmoid_loss, "the paper's eq. 7, -log sigma(beta h); conservative DPO (cDPO) with label smoothing",
+         {"label_smoothing": Option(0.0, _EPS, 0.0, 0.5)}, source="Rafailov et al. 2023; cDPO: Mitchell 2023"),
+    Loss("robust", robust_loss, "DPO corrected for a label-flip rate eps, unbiased under noisy labels",
+         {"label_smoothing": Option(0.0, _EPS, 0.0, 0.5, hi_open=True)}, source="Chowdhury et al. 2024"),
+    Loss("ipo", ipo_loss, "IPO's square (h - 1/(2 beta))^2", average_logps=True,
+         source="Azar et al. 2023"),
+    Loss("hinge", hinge_loss, "SLiC's hinge max(0, 1 - beta h)", source="Zhao et al. 2023"),
+):
+    register_loss(_row)
+del _row
+
+LOSS_TYPES = tuple(LOSS_TABLE)  # the built-in losses' names
+
+
+def loss_row(loss_type: str) -> Loss:
+    """The table row of ``loss_type``; ValueError listing the known names."""
+    row = LOSS_TABLE.get(loss_type)
+    if row is None:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(map(repr, LOSS_TABLE))}")
+    return row
 
 
 def dpo_loss(
@@ -269,40 +403,45 @@ def dpo_loss(
     reference_free: bool = False,
     rpo_alpha: float = 0.0,
     chosen_token_counts=None,
+    **options,
 ) -> DPOOutput:
-    """Eq. (7), the DPO loss, or a variant (:data:`LOSSES`), with the eq. (8) rewards and eq. (9) gradients.
+    """Eq. (7), the DPO loss, or a variant (a row of :data:`LOSS_TABLE`), with the eq. (8) rewards
+    and eq. (9) gradients.
 
         r_hat_w = beta (log pi_w - log pi_ref_w),  r_hat_l = beta (log pi_l - log pi_ref_l)   eq. (8)
         h = log pi_w/pi_ref_w - log pi_l/pi_ref_l,  z = beta h = r_hat_w - r_hat_l
-        loss, dloss/dz = LOSSES[loss_type](h, beta, label_smoothing)
+        loss, dloss/dz = LOSS_TABLE[loss_type].margin(h, beta, **options)
         d mean(loss) / d log pi_w = beta dloss/dz / N = -d mean(loss) / d log pi_l              eq. (9)
+    (a loss of the table that is not a function of h alone gives its derivatives in the two
+    log-ratios itself: Loss.pair).
 
     ``reference_free=True`` takes log pi_ref = 0 (ref log-probs may be None). ``rpo_alpha > 0``
     adds RPO's term (Pang et al. 2024), alpha times the chosen response's per-token NLL
     (:func:`nll_loss`), which needs ``chosen_token_counts`` (sequence_logps' token counts; ones
-    for per-token-mean log-probs). label_smoothing (eps) applies to "sigmoid" (in [0, 0.5]) and
-    "robust" (in [0, 0.5)) only.
+    for per-token-mean log-probs). ``label_smoothing`` (eps) and ``**options`` are the loss's own
+    options (its row's ``options``; label_smoothing: "sigmoid" in [0, 0.5], "robust" in [0, 0.5));
+    an option the loss does not have is an error unless it is 0.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: (N,) float, log pi(y_w|x) and log pi(y_l|x).
         ref_chosen_logps, ref_rejected_logps: (N,) float, the reference's, constants (cast to the
             policy's dtype; they may live on the host).
-        beta: KL coefficient > 0 (the paper's 0.1). loss_type: one of LOSS_TYPES.
-        label_smoothing, reference_free, rpo_alpha, chosen_token_counts: see above.
+        beta: KL coefficient > 0 (the paper's 0.1). loss_type: a name of LOSS_TABLE.
+        label_smoothing, reference_free, rpo_alpha, chosen_token_counts, options: see above.
     Returns:
         DPOOutput; all (N,) arrays in the policy's dtype, on its device.
     """
-    pi_w, pi_l, ref_w, ref_l, b, eps, alpha = _check_dpo_args(
+    pi_w, pi_l, ref_w, ref_l, b, row, opts, alpha = _check_dpo_args(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
-        label_smoothing, reference_free, rpo_alpha, chosen_token_counts)
+        label_smoothing, options, reference_free, rpo_alpha, chosen_token_counts)
     n = pi_w.shape[0]
     chosen_rewards = b * (pi_w - ref_w)  # (N,) r_hat_w, eq. (8)
     rejected_rewards = b * (pi_l - ref_l)  # (N,) r_hat_l
     h = (pi_w - ref_w) - (pi_l - ref_l)  # (N,)
-    losses, dloss_dz = LOSSES[loss_type](h, b, eps)  # (N,), (N,)
-    weight = -dloss_dz  # (N,) eq. (9)'s sigma(r_hat_l - r_hat_w) for plain DPO
-    grad_chosen = (-b / n) * weight  # (N,) d mean(loss) / d log pi_w
-    grad_rejected = (b / n) * weight  # (N,) d mean(loss) / d log pi_l
+    # eq. (9)'s weight: sigma(r_hat_l - r_hat_w) for plain DPO, -dloss/dz for any loss of the margin
+    losses, d_chosen, d_rejected, weight = row.losses(pi_w - ref_w, pi_l - ref_l, b, opts)  # (N,) each
+    grad_chosen = d_chosen / n  # (N,) d mean(loss) / d log pi_w = -beta weight / N
+    grad_rejected = d_rejected / n  # (N,) d mean(loss) / d log pi_l = +beta weight / N
     nll_losses = None
     if alpha > 0.0:  # RPO: the chosen response's per-token NLL, its gradient added
         nll_losses, nll_grad = nll_loss(pi_w, chosen_token_counts, validate=False)
@@ -322,60 +461,63 @@ def _check_pair(chosen, rejected, name_w: str, name_l: str):
     return w, l_
 
 
-def _check_dpo_args(pi_w, pi_l, ref_w, ref_l, beta, loss_type, label_smoothing, reference_free, rpo_alpha,
+def _check_dpo_args(pi_w, pi_l, ref_w, ref_l, beta, loss_type, label_smoothing, options, reference_free, rpo_alpha,
                     chosen_token_counts):
     """dpo_loss's checks; returns (pi_w, pi_l, ref_w, ref_l) as (N,) arrays of the policy's dtype
-    and device (zeros when reference-free), and beta, eps, alpha as Python floats."""
+    and device (zeros when reference-free), beta, the table row, its options (Python floats) and
+    alpha."""
     pi_w, pi_l = _check_pair(pi_w, pi_l, "policy_chosen_logps", "policy_rejected_logps")
     xp, n, dt = get_array_module(pi_w, pi_l), pi_w.shape[0], pi_w.dtype
     b = checks.positive_beta(beta)
-    if loss_type not in LOSSES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(map(repr, LOSS_TYPES))}")
-    eps = float(label_smoothing)
-    if loss_type == "sigmoid" and not 0.0 <= eps <= 0.5:
-        raise ValueError(f"label_smoothing (the label-flip rate eps) must lie in [0, 0.5] for 'sigmoid', got {label_smoothing!r}")
-    if loss_type == "robust" and not 0.0 <= eps < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5) for 'robust' (it divides by 1 - 2 eps), got {label_smoothing!r}")
-    if loss_type in ("ipo", "hinge") and eps != 0.0:
-        raise ValueError(f"label_smoothing applies to 'sigmoid' (cDPO) and 'robust' only, not {loss_type!r}; got {label_smoothing!r}")
+    row = loss_row(loss_type)
+    options = dict(options)
+    if "label_smoothing" in row.options:
+        options["label_smoothing"] = label_smoothing
+    elif float(label_smoothing) != 0.0:
+        takes = [name for name, r in LOSS_TABLE.items() if "label_smoothing" in r.options]
+        raise ValueError(f"label_smoothing applies to {' and '.join(map(repr, takes))} only, not {loss_type!r}; "
+                         f"got {label_smoothing!r}")
+    opts = row.resolve(options)
     alpha = float(rpo_alpha)
     if not (math.isfinite(alpha) and alpha >= 0.0):
         raise ValueError(f"rpo_alpha must be a finite number >= 0, got {rpo_alpha!r}")
     if alpha > 0.0 and chosen_token_counts is None:
         raise ValueError("rpo_alpha > 0 needs chosen_token_counts (the chosen responses' counted tokens)")
     if reference_free:
-        return pi_w, pi_l, xp.zeros(n, dtype=dt), xp.zeros(n, dtype=dt), b, eps, alpha
+        return pi_w, pi_l, xp.zeros(n, dtype=dt), xp.zeros(n, dtype=dt), b, row, opts, alpha
     if ref_w is None or ref_l is None:
         raise ValueError("ref_chosen_logps and ref_rejected_logps are required unless reference_free=True")
     # xp.asarray: cached reference log-probs may live on the host while the policy is on the GPU
     ref_w = xp.asarray(checks.vector(ref_w, "ref_chosen_logps", n)).astype(dt, copy=False)
     ref_l = xp.asarray(checks.vector(ref_l, "ref_rejected_logps", n)).astype(dt, copy=False)
-    return pi_w, pi_l, ref_w, ref_l, b, eps, alpha
+    return pi_w, pi_l, ref_w, ref_l, b, row, opts, alpha
 
 
 def average_logps_for(loss_type: str, ipo_convention: str = "per_token") -> bool:
-    """The ``average`` argument to give sequence_logps for a loss type: make the choice explicit.
+    """The ``average`` argument to give sequence_logps for a loss type (its table row's
+    ``average_logps``): make the choice explicit.
 
     Eq. (7) and its sigmoid/robust/hinge relatives score a response by its summed log-prob,
     log pi(y|x), so they get False. IPO is where conventions differ:
 
     - ``"summed"``: the IPO paper (Azar et al. 2023) defines its loss on sequence
       log-probabilities, h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l), summed over tokens.
-    - ``"per_token"`` (default): the official DPO repository (and TRL) feed IPO per-token
-      averaged log-probs, which makes the target 1/(2 beta) independent of response length
-      (and means a suitable beta is larger than with summed log-probs).
+    - ``"per_token"`` (default, the table's rule): the official DPO repository (and TRL) feed IPO
+      per-token averaged log-probs, which makes the target 1/(2 beta) independent of response
+      length (and means a suitable beta is larger than with summed log-probs).
 
     Args:
-        loss_type: one of LOSS_TYPES.
+        loss_type: a name of LOSS_TABLE.
         ipo_convention: "per_token" or "summed"; only consulted for "ipo".
     Returns:
         True if the log-probs should be per-token means, False for sums.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(map(repr, LOSS_TYPES))}")
+    row = loss_row(loss_type)
     if ipo_convention not in IPO_CONVENTIONS:
         raise ValueError(f"unknown ipo_convention {ipo_convention!r}; choose 'per_token' or 'summed'")
-    return loss_type == "ipo" and ipo_convention == "per_token"
+    if loss_type == "ipo" and ipo_convention == "summed":
+        return False
+    return row.average_logps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,24 +557,25 @@ def nll_loss(policy_chosen_logps, chosen_token_counts, *, validate: bool = True)
 
 
 def dpo_step_loss(logps, token_counts, ref_chosen, ref_rejected, tc):
-    """The loss part of a DPO training step, shared by the padded and the packed step.
+    """The loss part of a DPO step, the same for training and held-out evaluation.
 
-    logps: (2N,) log pi(y|x) of the batch's rows [chosen; rejected]; token_counts: (2N,) their
+    logps: (2N,) log pi(y|x) of the batch's examples [chosen; rejected]; token_counts: (2N,) their
     scored tokens; ref_chosen, ref_rejected: (N,) constants; tc: the TrainConfig's loss options
-    (beta, loss_type, label_smoothing, reference_free, rpo_alpha, average_logps).
+    (beta, loss_type, loss_options, reference_free, rpo_alpha, and whether the log-probs are
+    per-token means).
     Returns (out, dlogps): the DPOOutput (eq. 7 and variants, eq. 8 rewards) and the eq. 9
     gradient on the (2N,) log-probs, in their dtype."""
     n = logps.shape[0] // 2
     xp = get_array_module(logps)
-    kwargs = {}
+    kwargs = dict(tc.loss_options)
     if tc.rpo_alpha:
         # the NLL term is a per-token mean: summed log-probs are divided by their token counts;
-        # per-token-mean log-probs (average_logps) already are, so their counts are ones
-        counts = token_counts[:n]
+        # per-token-mean log-probs already are, so their counts are ones
+        counts = xp.asarray(token_counts[:n])
         kwargs["rpo_alpha"] = tc.rpo_alpha
-        kwargs["chosen_token_counts"] = xp.ones_like(counts) if tc.average_logps else counts
+        kwargs["chosen_token_counts"] = xp.ones_like(counts) if tc.logps_averaged else counts
     out = dpo_loss(logps[:n], logps[n:], ref_chosen, ref_rejected, beta=tc.beta, loss_type=tc.loss_type,
-                   label_smoothing=tc.label_smoothing, reference_free=tc.reference_free, **kwargs)
+                   reference_free=tc.reference_free, **kwargs)
     # eq. 9: the gradient reaches the two log-probs with weight sigma(r_l - r_w), opposite signs
     dlogps = xp.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps])  # (2N,)
     return out, dlogps.astype(logps.dtype, copy=False)

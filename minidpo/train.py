@@ -103,8 +103,10 @@ _BOOKKEEPING = ("progress", "log_every", "eval_every", "save_every", "eval_batch
 class TrainConfig:
     """Hyperparameters of one training stage (SFT or DPO).
 
-    DPO-specific fields (ignored by SFT): beta, loss_type, label_smoothing, rpo_alpha,
-    average_logps, cache_reference. The defaults follow the paper's (beta 0.1, sigmoid loss).
+    DPO-specific fields (ignored by SFT): beta, loss_type, loss_options, rpo_alpha, reference_free,
+    average_logps, cache_reference. The defaults follow the paper's (beta 0.1, sigmoid loss). What a
+    loss accepts (its options, their ranges, its log-prob rule) comes from its row of
+    losses.LOSS_TABLE.
     ``adam_betas`` are AdamW's moment decay rates (beta1, beta2), unrelated to DPO's ``beta``.
     Every field is checked on construction (a ValueError names the field).
     """
@@ -125,11 +127,11 @@ class TrainConfig:
     eval_batch_size: int = 16  # pairs (or sequences) per no-gradient forward: reference cache, eval
     # DPO
     beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
+    loss_type: str = "sigmoid"  # a row of losses.LOSS_TABLE
+    loss_options: dict = field(default_factory=dict)  # that row's options (e.g. label_smoothing); unset: defaults
     rpo_alpha: float = 0.0
     reference_free: bool = False  # treat log pi_ref as 0 (the reference-free variant)
-    average_logps: bool = False  # per-token mean log-probs (IPO's official convention)
+    average_logps: bool | None = None  # per-token mean log-probs; None: the loss's own rule (IPO: True)
     cache_reference: bool = True
     # layout (minidpo.packing): the prompt once per pair, and sequences packed into rows instead
     # of padded to the longest; the same numbers as the padded batch, less work
@@ -139,7 +141,7 @@ class TrainConfig:
     plain: bool = False  # run the plain reference (layers.py, logprobs.py) instead of the fast paths
 
     def __post_init__(self):
-        from .losses import LOSS_TYPES
+        from .losses import LOSS_TABLE
 
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
 
@@ -166,13 +168,24 @@ class TrainConfig:
              "two numbers in [0, 1) (AdamW's beta1, beta2)")
         need(is_num(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a finite number >= 0 (0: no clipping)")
         need(is_num(self.beta) and self.beta > 0, "beta", "a finite number > 0")
-        need(self.loss_type in LOSS_TYPES, "loss_type", f"one of {', '.join(LOSS_TYPES)}")
-        need(is_num(self.label_smoothing) and 0 <= self.label_smoothing <= 0.5, "label_smoothing", "in [0, 0.5]")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
-            raise ValueError(f"label_smoothing applies to the sigmoid and robust losses only, not {self.loss_type!r}")
-        if self.loss_type == "robust":
-            need(self.label_smoothing < 0.5, "label_smoothing", "below 0.5 for the robust loss")
+        need(self.loss_type in LOSS_TABLE, "loss_type", f"one of {', '.join(LOSS_TABLE)}")
+        need(isinstance(self.loss_options, dict), "loss_options", "a dict of the loss's options")
+        # the row's checks (names, ranges); only what was set is kept, so a default stays a default
+        try:
+            checked = LOSS_TABLE[self.loss_type].resolve(self.loss_options)
+        except ValueError as err:
+            raise ValueError(f"loss_options: {err}") from None
+        self.loss_options = {k: checked[k] for k in self.loss_options}
         need(is_num(self.rpo_alpha) and self.rpo_alpha >= 0, "rpo_alpha", "a finite number >= 0")
+        need(self.average_logps is None or isinstance(self.average_logps, (bool, np.bool_)), "average_logps",
+             "True, False or None (the loss's own rule)")
+
+    @property
+    def logps_averaged(self) -> bool:
+        """Whether the DPO log-probs are per-token means: ``average_logps``, or the loss's own rule."""
+        from .losses import LOSS_TABLE
+
+        return LOSS_TABLE[self.loss_type].average_logps if self.average_logps is None else bool(self.average_logps)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -184,6 +197,10 @@ class TrainConfig:
         d = dict(d)
         if "betas" in d:  # the name of adam_betas in checkpoints written before the rename
             d["adam_betas"] = d.pop("betas")
+        if "label_smoothing" in d:  # a top-level field before the loss table held each loss's options
+            eps = d.pop("label_smoothing")
+            if eps:
+                d.setdefault("loss_options", {})["label_smoothing"] = eps
         if "adam_betas" in d:
             d["adam_betas"] = tuple(d["adam_betas"])
         known = {f for f in cls.__dataclass_fields__}
@@ -224,10 +241,10 @@ def evaluate_preferences(
     pairs, as host floats; keys are prefixed with ``eval/``. With a ``comm`` of K ranks the
     log-probs are computed in shares and gathered: every rank returns the same numbers. The
     batches are laid out as ``tc.share_prompt`` / ``tc.pack`` say (the same numbers)."""
-    pc, pr = batched_sequence_logps(policy, model_config, pairs, pad_id, tc.eval_batch_size, backend, tc.average_logps,
+    pc, pr = batched_sequence_logps(policy, model_config, pairs, pad_id, tc.eval_batch_size, backend, tc.logps_averaged,
                                     comm=comm, share_prompt=tc.share_prompt, pack=tc.pack)
-    out = dpo_loss(pc, pr, ref_chosen, ref_rejected, beta=tc.beta, loss_type=tc.loss_type,
-                   label_smoothing=tc.label_smoothing, reference_free=tc.reference_free)
+    counts = np.array([len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs], dtype=np.int64)
+    out, _ = dpo_step_loss(np.concatenate([pc, pr]), counts, ref_chosen, ref_rejected, tc)  # the training step's loss
     m = {"loss": float(np.mean(out.losses))}
     m.update({k: float(v) for k, v in preference_metrics(out, pc, pr).items()})
     return {f"eval/{k}": v for k, v in m.items()}
@@ -256,7 +273,7 @@ def dpo_step(params: dict, model_config: GPTConfig, batch: dict, ref_chosen, ref
     # (check_token_ids), so the per-step value checks, a host sync each on a GPU, are skipped
     logits, model_cache = gpt_forward(params, input_ids, model_config, validate=False)  # (2N, T, V)
     ops = fast.ops()
-    logps, lp_cache = ops.sequence_logps(logits, input_ids, loss_mask, average=tc.average_logps, validate=False)  # (2N,)
+    logps, lp_cache = ops.sequence_logps(logits, input_ids, loss_mask, average=tc.logps_averaged, validate=False)  # (2N,)
     del logits
     out, dlogps = dpo_step_loss(logps, lp_cache["token_counts"], ref_chosen, ref_rejected, tc)  # eq. 7, eq. 9
     # the logits are not needed again: their buffer becomes dlogits (one (2N, T, V) array, not two)
@@ -470,8 +487,10 @@ def _differences(saved: dict, stage: str, model_config: GPTConfig, tc: TrainConf
         if saved_inputs.get(k) != inputs.get(k):
             diffs.append(f"{k} ({saved_inputs.get(k, 'absent')} there, {inputs.get(k, 'absent')} now)")
     saved_tc = dict(saved.get("train", {}))
-    if "betas" in saved_tc:
-        saved_tc["adam_betas"] = saved_tc.pop("betas")
+    try:  # in today's field names (a checkpoint written before a rename reads the same)
+        saved_tc = TrainConfig.from_dict(saved_tc).to_dict()
+    except (TypeError, ValueError):
+        pass  # an option that is no longer valid: compared as saved, so it shows as a difference
     now = tc.to_dict()
     for k, v in now.items():
         if k in _BOOKKEEPING or k not in saved_tc or saved_tc[k] == v:
@@ -910,11 +929,11 @@ def train_dpo(
         show = "reference log-probs" if tc.progress else None
         if tc.cache_reference:
             c, r = batched_sequence_logps(reference, model_config, pairs, pad_id, tc.eval_batch_size, backend,
-                                          tc.average_logps, desc=show, comm=comm, **layout)
+                                          tc.logps_averaged, desc=show, comm=comm, **layout)
             cache["c"], cache["r"] = backend.asarray(c.astype(np.float32)), backend.asarray(r.astype(np.float32))
         if eval_pairs:
             cache["eval"] = batched_sequence_logps(reference, model_config, eval_pairs, pad_id, tc.eval_batch_size,
-                                                   backend, tc.average_logps, desc=show and "held-out " + show,
+                                                   backend, tc.logps_averaged, desc=show and "held-out " + show,
                                                    comm=comm, **layout)
 
     packed = tc.share_prompt or tc.pack
@@ -924,14 +943,14 @@ def train_dpo(
         chunk = [pairs[i] for i in idx]
         if packed:  # this rank's share, prompts shared and/or packed (dpo_step runs packed_dpo_step)
             batch = {"packed": pack_preferences(chunk, pad_id, tc.share_prompt, tc.pack, backend=backend,
-                                                average=tc.average_logps)}
+                                                average=tc.logps_averaged)}
         else:
             batch = collate_preferences(chunk, pad_id, backend=backend)
         if tc.cache_reference:
             didx = backend.asarray(idx)
             batch["ref_chosen"], batch["ref_rejected"] = cache["c"][didx], cache["r"][didx]
         else:
-            logps, _ = batch_logps(reference, model_config, batch, tc.average_logps, validate=False)
+            logps, _ = batch_logps(reference, model_config, batch, tc.logps_averaged, validate=False)
             n = len(idx)
             batch["ref_chosen"], batch["ref_rejected"] = logps[:n], logps[n:]
         batch["shard_weight"] = weight

@@ -57,7 +57,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .losses import dpo_loss, log_sigmoid
+from .losses import LOSS_TABLE, dpo_loss, log_sigmoid
 
 __all__ = [
     "VARIANTS",
@@ -70,28 +70,48 @@ __all__ = [
     "load_function",
 ]
 
-VARIANTS = ("dpo", "cdpo", "robust", "ipo", "hinge")
 FRAMEWORKS = ("numpy", "torch", "jax")
-_LOSS_TYPE = {"dpo": "sigmoid", "cdpo": "sigmoid", "robust": "robust", "ipo": "ipo", "hinge": "hinge"}
 
+
+def variants() -> tuple[str, ...]:
+    """The losses a function can claim to compute: "dpo" (eq. 7, the "sigmoid" row of
+    losses.LOSS_TABLE), "cdpo" (the same row with label smoothing), then every other row of the
+    table by its name (a loss added to the table is a variant at once)."""
+    return ("dpo", "cdpo", *[n for n in LOSS_TABLE if n != "sigmoid"])
+
+
+VARIANTS = variants()  # the built-in ones; variants() also lists losses registered later
+
+
+def _loss_name(variant: str) -> str:
+    """The LOSS_TABLE row a variant names ("sigmoid" for dpo and cdpo)."""
+    return "sigmoid" if variant in ("dpo", "cdpo", "sigmoid") else variant
+
+
+def _smoothed(variant: str) -> bool:
+    """Whether the variant is checked with label smoothing eps (cdpo, and a row with that option)."""
+    return variant == "cdpo" or (variant != "dpo" and "label_smoothing" in LOSS_TABLE[_loss_name(variant)].options)
+
+
+ALL = "every variant"  # a property that applies to whatever loss is claimed
 # property name -> the variants it applies to
 PROPERTIES = {
-    "worked example": VARIANTS,
-    "value at the reference": VARIANTS,
-    "margin only (Z(x) shift)": VARIANTS,
-    "beta only through beta*h": VARIANTS,
-    "agrees with minidpo": VARIANTS,
-    "rewards (eq. 8)": VARIANTS,
-    "gradient (eq. 9)": VARIANTS,
-    "reference gets no gradient": VARIANTS,
+    "worked example": ALL,
+    "value at the reference": ALL,
+    "margin only (Z(x) shift)": ALL,
+    "beta only through beta*h": ALL,
+    "agrees with minidpo": ALL,
+    "rewards (eq. 8)": ALL,
+    "gradient (eq. 9)": ALL,
+    "reference gets no gradient": ALL,
     "DPO: L(h) - L(-h) = -beta*h": ("dpo",),
     "cDPO: label-mixture law": ("cdpo",),
     "cDPO at 0.5: symmetric, min at h = 0": ("cdpo",),
     "robust: unbiased under label flips": ("robust",),
     "IPO: minimum at h = 1/(2 beta)": ("ipo",),
-    "log-probs: summed or per-token": VARIANTS,
+    "log-probs: summed or per-token": ALL,
     "hinge: zero for beta*h >= 1": ("hinge",),
-    "numerics (large margins, dtypes)": VARIANTS,
+    "numerics (large margins, dtypes)": ALL,
 }
 
 # the worked example: beta 0.1; policy -30 / -35; reference -34 / -31  ->  h = 8, z = 0.8
@@ -354,10 +374,10 @@ def _parse(out) -> _Out:
 # the oracle: minidpo's loss in float64, and the closed forms written out with math
 
 
-def _oracle(variant, eps, pw, pl, rw, rl, beta):
-    """minidpo.losses.dpo_loss in float64: the DPOOutput for the same variant."""
+def _oracle(ck, pw, pl, rw, rl, beta):
+    """minidpo.losses.dpo_loss in float64: the DPOOutput of the claimed variant, with its options."""
     a = [np.asarray(v, dtype=np.float64) for v in (pw, pl, rw, rl)]
-    return dpo_loss(*a, beta=beta, loss_type=_LOSS_TYPE[variant], label_smoothing=eps)
+    return dpo_loss(*a, beta=beta, loss_type=_loss_name(ck.variant), label_smoothing=ck.eps, **ck.options)
 
 
 def _softplus(x: float) -> float:
@@ -365,8 +385,9 @@ def _softplus(x: float) -> float:
     return math.log1p(math.exp(x)) if x < 30 else x + math.log1p(math.exp(-x))
 
 
-def _closed_form(variant, eps, h, beta):
+def _closed_form(ck, h, beta):
     """(loss, weight) for one pair with margin h, from the formulas (not from minidpo's code)."""
+    variant, eps = ck.variant, ck.eps
     z = beta * h
     if variant in ("dpo", "cdpo"):
         sig = 1.0 / (1.0 + math.exp(-z))
@@ -376,7 +397,11 @@ def _closed_form(variant, eps, h, beta):
         return ((1 - eps) * _softplus(-z) - eps * _softplus(z)) / (1 - 2 * eps), ((1 - eps) * (1 - sig) + eps * sig) / (1 - 2 * eps)
     if variant == "ipo":
         return (h - 1 / (2 * beta)) ** 2, -2 * (h - 1 / (2 * beta)) / beta
-    return max(0.0, 1 - z), float(z < 1)
+    if variant == "hinge":
+        return max(0.0, 1 - z), float(z < 1)
+    # a loss of the table without a formula written out here: its own row, in float64
+    out = _oracle(ck, np.array([h]), np.zeros(1), np.zeros(1), np.zeros(1), beta)
+    return float(out.losses[0]), float(out.gradient_weight[0])
 
 
 def _fmt(v) -> str:
@@ -401,8 +426,12 @@ class _Checker:
     def __init__(self, fn, fw, variant, label_smoothing, kwargs, max_examples, reduction, ipo_convention,
                  require_detached_reference):
         self.fn, self.fw, self.variant = fn, fw, variant
-        self.eps = float(label_smoothing) if variant in ("cdpo", "robust") else 0.0
+        self.eps = float(label_smoothing) if _smoothed(variant) else 0.0
         self.kwargs = dict(kwargs or {})
+        # the fixed keyword arguments that are options of the claimed loss's table row (such as a
+        # temperature) are the oracle's options too
+        row_options = LOSS_TABLE[_loss_name(variant)].options
+        self.options = {k: v for k, v in self.kwargs.items() if k in row_options and k != "label_smoothing"}
         self.max_examples = int(max_examples)
         self.want_reduction = reduction
         self.want_ipo = ipo_convention
@@ -419,7 +448,7 @@ class _Checker:
     # -- calling the function
     def call(self, pw, pl, rw, rl, beta, eps=None, counts=None):
         kw = dict(self.kwargs)
-        if self.variant in ("cdpo", "robust"):
+        if _smoothed(self.variant):
             kw["label_smoothing"] = self.eps if eps is None else eps
         if self.takes_counts:
             if counts is None:  # ones: summed and per-token log-probs coincide
@@ -519,7 +548,7 @@ class _Checker:
 def _prop_worked_example(ck):
     w = WORKED
     h = (w["pw"] - w["rw"]) - (w["pl"] - w["rl"])  # 8
-    loss, weight = _closed_form(ck.variant, ck.eps, h, w["beta"])
+    loss, weight = _closed_form(ck, h, w["beta"])
     arrays = [np.array([w[k]]) for k in ("pw", "pl", "rw", "rl")]
     case = _case_str(dict(zip(("pw", "pl", "rw", "rl"), arrays), beta=w["beta"]))
     try:
@@ -574,12 +603,13 @@ def _central_differences(ck, arrays, beta, counts=None, step=1e-6):
 
 
 def _prop_at_reference(ck):
-    at_h0 = _closed_form(ck.variant, ck.eps, 0.0, 1.0)[0]  # depends on beta for IPO only
+    at_h0 = _closed_form(ck, 0.0, 1.0)[0]  # depends on beta for IPO only
 
     def check(c):
         want_each = np.full(len(c["pw"]), (1 / (4 * c["beta"] ** 2)) if ck.variant == "ipo" else at_h0, dtype=np.float64)
         got = ck.loss_of(dict(c, rw=c["pw"].copy(), rl=c["pl"].copy()))
-        label = "ln 2 = 0.6931" if ck.variant in ("dpo", "cdpo", "robust") else ("1/(4 beta^2)" if ck.variant == "ipo" else "1")
+        label = ("ln 2 = 0.6931" if ck.variant in ("dpo", "cdpo", "robust") else "1/(4 beta^2)" if ck.variant == "ipo"
+                 else "1" if ck.variant == "hinge" else f"{at_h0:.6g}")
         ck.expect(got, ck.reduce(want_each), f"at policy = reference (h = 0) the loss should be {label} per pair", 1e-9, 1e-12)
 
     return check, ck.strategy()
@@ -639,7 +669,7 @@ def _prop_agrees(ck):
     def check(c):
         for dtype in ("float64", "float32"):
             r = [ck.fw.numpy(ck.fw.tensor(c[k], dtype)) for k in ("pw", "pl", "rw", "rl")]  # inputs as rounded
-            ref = _oracle(ck.variant, ck.eps, *r, c["beta"])
+            ref = _oracle(ck, *r, c["beta"])
             _, got = ck.run(*r, c["beta"], dtype=dtype)
             rtol, atol = _tolerance(dtype, c, ref)
             if ck.reduction == "sum":
@@ -674,7 +704,7 @@ def _prop_rewards(ck):
 def _prop_gradient(ck):
     def check(c):
         arrays = [c[k] for k in ("pw", "pl", "rw", "rl")]
-        ref = _oracle(ck.variant, ck.eps, *arrays, c["beta"])
+        ref = _oracle(ck, *arrays, c["beta"])
         if ck.variant == "hinge":  # no derivative at the kink beta h = 1
             from hypothesis import assume
 
@@ -800,8 +830,8 @@ def _prop_logp_convention(ck):
     def check(c):
         nw, nl = np.array(c["counts_w"], dtype=np.float64), np.array(c["counts_l"], dtype=np.float64)
         got = ck.loss_of(c, counts=(nw, nl))
-        summed = ck.reduce(_oracle(ck.variant, ck.eps, c["pw"], c["pl"], c["rw"], c["rl"], c["beta"]).losses)
-        per_tok = ck.reduce(_oracle(ck.variant, ck.eps, c["pw"] / nw, c["pl"] / nl, c["rw"] / nw, c["rl"] / nl, c["beta"]).losses)
+        summed = ck.reduce(_oracle(ck, c["pw"], c["pl"], c["rw"], c["rl"], c["beta"]).losses)
+        per_tok = ck.reduce(_oracle(ck, c["pw"] / nw, c["pl"] / nl, c["rw"] / nw, c["rl"] / nl, c["beta"]).losses)
         tol = 1e-9 * max(1.0, float(np.max(np.abs(summed))))
         conv = [name for name, want in (("summed", summed), ("per_token", per_tok)) if ck.close(got, want, 1e-8, tol)]
         if not conv:
@@ -865,7 +895,7 @@ def _prop_numerics(ck):
                     pw, pl = np.array([-1.0 if h > 0 else -1.0 + h]), np.array([-1.0 - h if h > 0 else -1.0])
                     rw = rl = np.array([-1.0])
                     with _quiet():  # IPO's square overflows at the dtype's range: that margin is skipped below
-                        ref = _oracle(ck.variant, ck.eps, pw, pl, rw, rl, beta)
+                        ref = _oracle(ck, pw, pl, rw, rl, beta)
                     if not np.all(np.abs(ref.losses) < big / 16):  # the correct value itself does not fit the dtype
                         continue
                     case = _case_str(dict(pw=pw, pl=pl, rw=rw, rl=rl, beta=beta)) + f" dtype={dtype}"
@@ -936,7 +966,7 @@ def _detect(ck) -> str | None:
             out, got = ck.run(p["pw"], p["pl"], p["rw"], p["rl"], p["beta"])
     except Exception as err:
         return f"calling the function raised {type(err).__name__}: {err}"
-    per = _oracle(ck.variant, ck.eps, p["pw"], p["pl"], p["rw"], p["rl"], p["beta"]).losses
+    per = _oracle(ck, p["pw"], p["pl"], p["rw"], p["rl"], p["beta"]).losses
     got = np.asarray(got)
     if got.ndim == 1 and got.shape[0] == len(per):
         ck.reduction, how = "none", "per-pair losses (N,)"
@@ -975,8 +1005,10 @@ def check_loss(fn: Callable, framework: str = "numpy", variant: str = "dpo", *, 
         fn: the loss, called as fn(pi_w, pi_l, ref_w, ref_l, beta, **hyper_parameters) with (N,)
             arrays of `framework` (module docstring: what it may return).
         framework: "numpy", "torch" or "jax" (raises FrameworkUnavailable if not installed).
-        variant: "dpo" (eq. 7), "cdpo" (label-smoothed eq. 7), "robust", "ipo" or "hinge".
-        label_smoothing: eps for "cdpo" and "robust", passed as label_smoothing=eps.
+        variant: "dpo" (eq. 7), "cdpo" (label-smoothed eq. 7), or the name of any other loss of
+            losses.LOSS_TABLE ("robust", "ipo", "hinge", ...; :func:`variants`).
+        label_smoothing: eps for "cdpo" and the losses with that option ("robust"), passed as
+            label_smoothing=eps.
         kwargs: fixed keyword arguments for every call (e.g. {"ipo": True}).
         max_examples: hypothesis examples per property (derandomized: the same every run).
         reduction: None to accept per-pair, mean or sum; "none", "mean" or "sum" to require one.
@@ -988,8 +1020,10 @@ def check_loss(fn: Callable, framework: str = "numpy", variant: str = "dpo", *, 
     Returns:
         Report (``.ok``, ``.failed``, ``.table()``, ``.conventions``).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if variant == "sigmoid":
+        variant = "dpo"
+    if variant not in variants():
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(variants())}")
     if variant == "cdpo" and not 0.0 < float(label_smoothing) <= 0.5:
         raise ValueError(f"cdpo needs label_smoothing in (0, 0.5], got {label_smoothing!r}")
     if variant == "robust" and not 0.0 <= float(label_smoothing) < 0.5:
@@ -1007,7 +1041,7 @@ def check_loss(fn: Callable, framework: str = "numpy", variant: str = "dpo", *, 
                   require_detached_reference)
     name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
     report = Report(name, framework, variant)
-    wanted = [p for p, vs in PROPERTIES.items() if variant in vs and (properties is None or p in properties)]
+    wanted = [p for p, vs in PROPERTIES.items() if (vs == ALL or variant in vs) and (properties is None or p in properties)]
     if properties is not None:
         unknown = set(properties) - set(PROPERTIES)
         if unknown:

@@ -3,6 +3,7 @@ it: interrupts, re-runs, damaged checkpoints, bad options, full disks, pipes. Ea
 case that once lost work, gave a wrong result or printed a traceback."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -158,7 +159,7 @@ def test_a_different_tokenizer_is_refused_before_anything_is_written(files, tmp_
     for bad in (["--loss", "ipo", "--label-smoothing", "0.2"],):
         code, _, err = run(["dpo", "--data", d / "prefs.jsonl", "--ref", d / "sft", "--out", tmp_path / "new", *TRAIN,
                             *bad], capsys)
-        assert code == 1 and "label_smoothing" in err
+        assert code == 2 and "--label-smoothing applies to --loss sigmoid or robust, not ipo" in err
         assert not (tmp_path / "new").exists()
 
 
@@ -264,11 +265,19 @@ def test_nonsense_options_are_usage_errors(files, tmp_path, capsys, bad):
     assert bad[0] in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-def test_eval_takes_no_rpo_alpha(files, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["eval", "--policy", str(files / "sft"), "--ref", str(files / "sft"), "--data", str(files / "prefs.jsonl"),
-              "--rpo-alpha", "1"])
-    assert e.value.code == 2
+def test_eval_scores_the_rpo_term_as_dpo_trains_it(files, capsys):
+    """`eval --rpo-alpha` adds alpha times the chosen responses' per-token NLL, as the training loss does
+    (tests/test_loss_table.py: held-out evaluation equals the step's loss); the rest is unchanged."""
+    args = ["eval", "--policy", str(files / "sft"), "--ref", str(files / "sft"), "--data", str(files / "prefs.jsonl")]
+    code, out, _ = run(args, capsys)
+    assert code == 0
+    plain = json.loads(out)
+    code, out, _ = run(args + ["--rpo-alpha", "1"], capsys)
+    assert code == 0
+    rpo = json.loads(out)
+    assert plain["loss"] == pytest.approx(math.log(2), rel=1e-6)  # policy = reference
+    assert rpo["loss"] > plain["loss"] + 1.0  # an NLL per token of a barely trained model is well above 1
+    assert {k: v for k, v in rpo.items() if k != "loss"} == {k: v for k, v in plain.items() if k != "loss"}
 
 
 # ------------------------------------------------------------------ one line, not a traceback

@@ -540,21 +540,27 @@ def test_cupy_matches_numpy():  # pragma: no cover - needs a GPU
        variant=st.sampled_from([("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.0), ("robust", 0.3), ("ipo", 0.0),
                                 ("hinge", 0.0)]))
 def test_each_free_loss_returns_its_derivative_in_z(h, beta, variant):
-    """LOSSES[name](h, beta, eps) -> (loss, dloss/dz): dloss/dz against central differences in z = beta h."""
-    from minidpo.losses import LOSSES
+    """LOSS_TABLE[name].margin(h, beta, **options) -> (loss, dloss/dz): dloss/dz against central
+    differences in z = beta h; dpo_loss runs the same row."""
+    from minidpo.losses import LOSS_TABLE
 
     name, eps = variant
-    f = LOSSES[name]
+    row = LOSS_TABLE[name]
+    opts = {"label_smoothing": eps} if "label_smoothing" in row.options else {}
+
+    def f(h_):
+        return row.margin(h_, beta, **opts)
+
     h = np.array(h)
-    loss, dz = f(h, beta, eps)
+    loss, dz = f(h)
     assert loss.shape == dz.shape == h.shape and loss.dtype == dz.dtype == np.float64
     d = 1e-6
-    numeric = (f(h + d / beta, beta, eps)[0] - f(h - d / beta, beta, eps)[0]) / (2 * d)
+    numeric = (f(h + d / beta)[0] - f(h - d / beta)[0]) / (2 * d)
     if name == "hinge":  # the kink at z = 1
         keep = np.abs(beta * h - 1.0) > 1e-4
         h, dz, numeric = h[keep], dz[keep], numeric[keep]
     np.testing.assert_allclose(dz, numeric, rtol=1e-5, atol=1e-7)
     out = dpo_loss(h, np.zeros_like(h), np.zeros_like(h), np.zeros_like(h), beta=beta, loss_type=name,
                    label_smoothing=eps)
-    np.testing.assert_array_equal(out.losses, f(h, beta, eps)[0])
+    np.testing.assert_array_equal(out.losses, f(h)[0])
     np.testing.assert_array_equal(out.gradient_weight, -dz)

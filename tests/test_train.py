@@ -319,7 +319,9 @@ def test_resume_rewrites_the_log_through_a_rename(world, tmp_path, monkeypatch):
 @pytest.mark.parametrize("field, value", [("steps", -1), ("batch_size", 0), ("log_every", 0), ("save_every", 0),
                                           ("eval_every", 0), ("eval_batch_size", 0), ("grad_clip", -1.0),
                                           ("lr", 0.0), ("beta", 0.0), ("adam_betas", (0.9, 1.0)),
-                                          ("schedule", "linear"), ("loss_type", "dpo"), ("label_smoothing", 0.6)])
+                                          ("schedule", "linear"), ("loss_type", "dpo"),
+                                          ("loss_options", {"label_smoothing": 0.6}), ("loss_options", {"gamma": 1.0}),
+                                          ("average_logps", "yes")])
 def test_train_config_refuses_nonsense_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})

@@ -46,13 +46,13 @@ def log_sigmoid(x):
 
 def expected_dpo_loss(params, batch, ref_c, ref_r, tc):
     """The mean loss of the DPO family, from the papers' formulas (not from losses.py)."""
-    lp, counts = logps_of(params, batch, tc.average_logps)
+    lp, counts = logps_of(params, batch, tc.logps_averaged)
     n = len(lp) // 2
     pc, pr = lp[:n], lp[n:]
     rc, rr = (np.zeros(n), np.zeros(n)) if tc.reference_free else (np.asarray(ref_c, np.float64),
                                                                    np.asarray(ref_r, np.float64))
     h = (pc - rc) - (pr - rr)
-    b, eps = tc.beta, tc.label_smoothing
+    b, eps = tc.beta, tc.loss_options.get("label_smoothing", 0.0)
     z = b * h
     if tc.loss_type == "sigmoid":  # eq. (7); cDPO with eps > 0
         loss = -(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z)
@@ -63,7 +63,7 @@ def expected_dpo_loss(params, batch, ref_c, ref_r, tc):
     else:
         loss = np.maximum(0.0, 1 - z)
     if tc.rpo_alpha:
-        per_token = pc if tc.average_logps else pc / counts[:n]
+        per_token = pc if tc.logps_averaged else pc / counts[:n]
         loss = loss - tc.rpo_alpha * per_token
     return float(loss.mean())
 
@@ -83,10 +83,10 @@ def directional_check(step_grads, f, params, seed, rtol=1e-5):
 OPTIONS = [
     dict(),
     dict(beta=0.5),
-    dict(loss_type="sigmoid", label_smoothing=0.2),
-    dict(loss_type="robust", label_smoothing=0.2),
+    dict(loss_type="sigmoid", loss_options={"label_smoothing": 0.2}),
+    dict(loss_type="robust", loss_options={"label_smoothing": 0.2}),
+    dict(loss_type="ipo", beta=0.7, average_logps=False),
     dict(loss_type="ipo", beta=0.7),
-    dict(loss_type="ipo", beta=0.7, average_logps=True),
     dict(loss_type="hinge", beta=2.0),
     dict(rpo_alpha=0.5),
     dict(rpo_alpha=0.5, average_logps=True),
@@ -100,7 +100,7 @@ def test_dpo_step_computes_the_configured_loss_and_its_gradient(opts):
     policy = init_params(CFG, seed=1, dtype=np.float64)
     reference = init_params(CFG, seed=2, dtype=np.float64)
     batch = collate_preferences(random_pairs(5, seed=3), pad_id=0)
-    ref, _ = logps_of(reference, batch, tc.average_logps)
+    ref, _ = logps_of(reference, batch, tc.logps_averaged)
     ref_c, ref_r = ref[:5], ref[5:]
     loss, metrics, grads = T.dpo_step({k: v.copy() for k, v in policy.items()}, CFG, batch, ref_c, ref_r, tc)
     f = lambda p: expected_dpo_loss(p, batch, ref_c, ref_r, tc)  # noqa: E731
@@ -117,7 +117,7 @@ def test_the_options_are_not_interchangeable():
     losses = []
     for opts in OPTIONS:
         tc = T.TrainConfig(**opts)
-        ref, _ = logps_of(reference, batch, tc.average_logps)
+        ref, _ = logps_of(reference, batch, tc.logps_averaged)
         losses.append(round(expected_dpo_loss(policy, batch, ref[:5], ref[5:], tc), 9))
     assert len(set(losses)) == len(OPTIONS), losses
 
@@ -200,12 +200,12 @@ def test_each_batch_gets_its_own_reference_logps_and_the_configured_loss(tmp_pat
             assert pb.n_tokens == sum(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)
                                       for i in idx)
         s = dict(s, batch=padded)
-        ref, _ = logps_of(reference, s["batch"], tc.average_logps)  # a separate forward of the frozen reference
+        ref, _ = logps_of(reference, s["batch"], tc.logps_averaged)  # a separate forward of the frozen reference
         n = len(ref) // 2
         np.testing.assert_allclose(s["ref"][0], ref[:n], rtol=2e-5, atol=2e-5, err_msg=f"step {k} chosen")
         np.testing.assert_allclose(s["ref"][1], ref[n:], rtol=2e-5, atol=2e-5, err_msg=f"step {k} rejected")
         if k:  # the policy has moved: its own log-probs are no longer the reference's
-            own, _ = logps_of(s["params"], s["batch"], tc.average_logps)
+            own, _ = logps_of(s["params"], s["batch"], tc.logps_averaged)
             assert np.abs(own - ref).max() > 1e-3
         want = expected_dpo_loss({p: v.astype(np.float64) for p, v in s["params"].items()}, s["batch"],
                                  ref[:n], ref[n:], tc)
