@@ -9,7 +9,7 @@
 - **Online (iterative) DPO**: rounds of fresh pairs sampled from the current policy, labelled by
   the ground truth, each followed by DPO steps against the fixed pi_ref (:func:`online_dpo`).
 
-Shape letters: N pairs, B rows, T time, S = T - 1 scored steps, V vocabulary.
+Shape letters: N pairs, B rows, T time, M scored tokens, V vocabulary.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from . import fast
 from .backend import Backend, get_array_module, get_backend, to_numpy
-from .data import PreferenceExample, build_preference_dataset, collate_preferences, collate_sft
+from .data import PreferenceExample, build_preference_dataset, collate_sft
 from .model import GPTConfig, gpt_backward, gpt_forward
 from .optim import AdamW, clip_grad_norm, lr_at
-from .ppo import token_logps_backward, token_logps_forward
 from .scoring import batched_sequence_logps
-from .train import TrainConfig, batch_for_step, dpo_step, sft_step
+from .train import TrainConfig, batch_for_step, batcher_for, dpo_step, sft_step
 
 __all__ = [
     "optimize",
@@ -83,8 +83,8 @@ def preferred_ft_step(params: dict, config: GPTConfig, pairs: Sequence, idx, pad
 _UL_CAP = -1e-5  # log p is clamped here in the unlikelihood term: -log(1 - p) stays finite
 
 
-def unlikelihood_loss(logp, mask, n_chosen: int, alpha: float):
-    """The unlikelihood objective on token log-probs of a [chosen; rejected] batch, and dL/dlogp.
+def unlikelihood_loss(logp, chosen, alpha: float):
+    """The unlikelihood objective on the token log-probs of a [chosen; rejected] batch, and dL/dlogp.
 
         L = -1/n_w sum_{t in y_w} log p_t  +  alpha * 1/n_l sum_{t in y_l} -log(1 - p_t)
         dL/dlogp_t = -1/n_w                          (t in y_w)
@@ -93,32 +93,33 @@ def unlikelihood_loss(logp, mask, n_chosen: int, alpha: float):
     with n_w, n_l the token counts of the two halves and -log(1 - p) computed as
     -log(-expm1(logp)); log p is clamped at -1e-5 there (gradient 0 above: p > 0.99999).
 
-    Args: logp, mask (2N, S) (rows 0..N-1 chosen), n_chosen = N, alpha >= 0.
-    Returns: loss 0-d, dlogp (2N, S), both logp's dtype.
+    Args: logp (M,) the scored tokens' log-probs (logprobs.token_logps), chosen (M,) bool: the
+        token belongs to a chosen response; alpha >= 0.
+    Returns: loss 0-d, dlogp (M,), both logp's dtype.
     """
     xp = get_array_module(logp)
     dt = logp.dtype.type
-    m = mask.astype(logp.dtype)
-    n = n_chosen
-    nw = xp.maximum(m[:n].sum(), dt(1))
-    nl = xp.maximum(m[n:].sum(), dt(1))
-    lw, ll = logp[:n], logp[n:]
-    ll_c = xp.minimum(ll, dt(_UL_CAP))
-    neg_log_1mp = -xp.log(-xp.expm1(ll_c))  # (N, S) -log(1 - p)
-    loss = -(lw * m[:n]).sum() / nw + dt(alpha) * (neg_log_1mp * m[n:]).sum() / nl
-    d_w = -m[:n] / nw
-    d_l = dt(alpha) / nl * m[n:] * (ll < dt(_UL_CAP)) / xp.expm1(-ll_c)
-    return loss, xp.concatenate([d_w, d_l]).astype(logp.dtype, copy=False)
+    w = chosen.astype(logp.dtype)  # (M,) 1 on y_w's tokens
+    r = dt(1) - w  # (M,) 1 on y_l's tokens
+    nw = xp.maximum(w.sum(), dt(1))
+    nl = xp.maximum(r.sum(), dt(1))
+    lp_c = xp.minimum(logp, dt(_UL_CAP))
+    neg_log_1mp = -xp.log(-xp.expm1(lp_c))  # (M,) -log(1 - p)
+    loss = -(logp * w).sum() / nw + dt(alpha) * (neg_log_1mp * r).sum() / nl
+    d = -w / nw + dt(alpha) / nl * r * (logp < dt(_UL_CAP)) / xp.expm1(-lp_c)
+    return loss, d.astype(logp.dtype, copy=False)
 
 
-def unlikelihood_step(params: dict, config: GPTConfig, batch: dict, alpha: float):
-    """Loss and gradients of :func:`unlikelihood_loss` on a collate_preferences batch."""
-    ids = batch["input_ids"]
-    logits, mcache = gpt_forward(params, ids, config, validate=False)  # (2N, T, V)
-    logp, lcache = token_logps_forward(logits, ids)  # (2N, S)
+def unlikelihood_step(params: dict, config: GPTConfig, batch, alpha: float):
+    """Loss and gradients of :func:`unlikelihood_loss` on a preference packing.Batch (any layout;
+    examples 0..N-1 chosen, N..2N-1 rejected)."""
+    ops = fast.ops()
+    logits, mcache = gpt_forward(params, batch.input_ids, config, batch.layout, logits_at=batch.logits_at,
+                                 validate=False)  # (M, V)
+    logp, lcache = ops.token_logps(logits, batch.labels)  # (M,)
     del logits
-    loss, dlogp = unlikelihood_loss(logp, batch["loss_mask"][:, 1:], ids.shape[0] // 2, alpha)
-    return loss, gpt_backward(token_logps_backward(dlogp, lcache), mcache)
+    loss, dlogp = unlikelihood_loss(logp, batch.example < batch.n_examples // 2, alpha)
+    return loss, gpt_backward(ops.token_logps_backward(dlogp, lcache, overwrite_logits=True), mcache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +165,7 @@ def online_dpo(policy: dict, reference: dict, config: GPTConfig, tokenizer, prom
     Returns one record per round (pairs made, mean sampled reward, mean DPO loss).
     """
     backend = get_backend(backend)
+    batcher = batcher_for(tc, tokenizer.pad_id, backend)
     rng = np.random.default_rng([seed, 61])
     opt = None
     history = []
@@ -177,14 +179,13 @@ def online_dpo(policy: dict, reference: dict, config: GPTConfig, tokenizer, prom
                                                 max_prompt_length=config.n_ctx // 2)
         rec = {"round": r + 1, "pairs": len(tokenized), "mean_sample_reward": stats.get("mean_reward")}
         if tokenized:
-            ref_c, ref_r = batched_sequence_logps(reference, config, tokenized, tokenizer.pad_id,
-                                                  tc.eval_batch_size, backend)
-            ref_c = backend.asarray(ref_c.astype(np.float32))
-            ref_r = backend.asarray(ref_r.astype(np.float32))
+            ref_c, ref_r = batched_sequence_logps(reference, config, tokenized, batcher, tc.eval_batch_size)
+            ref_c = backend.asarray(ref_c, dtype=ref_c.dtype)
+            ref_r = backend.asarray(ref_r, dtype=ref_r.dtype)
             losses = []
 
             def step_fn(p, idx):
-                batch = collate_preferences([tokenized[i] for i in idx], tokenizer.pad_id, backend=backend)
+                batch = batcher.pairs([tokenized[i] for i in idx])
                 didx = backend.asarray(idx)
                 loss, _, grads = dpo_step(p, config, batch, ref_c[didx], ref_r[didx], tc)
                 return loss, grads

@@ -443,7 +443,7 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from .backend import get_backend
     from .scoring import batched_sequence_logps
-    from .train import TrainConfig, evaluate_preferences
+    from .train import TrainConfig, batcher_for, evaluate_preferences
 
     backend = get_backend(args.device)
     tc = TrainConfig(beta=args.beta, rpo_alpha=args.rpo_alpha, **_loss_settings(args), eval_batch_size=args.batch_size,
@@ -453,9 +453,9 @@ def cmd_eval(args) -> int:
     if rconfig != config:
         _die("--policy and --ref have different model configs")
     pairs = _preference_pairs(args.data, tokenizer, config, args)
-    rc, rr = batched_sequence_logps(reference, config, pairs, tokenizer.pad_id, args.batch_size, backend,
-                                    tc.logps_averaged, share_prompt=tc.share_prompt, pack=tc.pack)
-    m = evaluate_preferences(policy, config, pairs, rc, rr, tokenizer.pad_id, tc, backend)
+    batcher = batcher_for(tc, tokenizer.pad_id, backend)
+    rc, rr = batched_sequence_logps(reference, config, pairs, batcher, args.batch_size)
+    m = evaluate_preferences(policy, config, pairs, rc, rr, batcher, tc)
     m = {"n_pairs": len(pairs), "average_logps": tc.logps_averaged, **{k[5:]: v for k, v in m.items()}}
     print(json.dumps(m, indent=2))
     return EXIT_OK
@@ -775,12 +775,12 @@ def _error_line(err: BaseException) -> str:
 
 
 def _run(args) -> int:
-    from . import fast
+    from . import fast, runtime
 
-    fast.cpu_defaults()  # the fast path's pool threads, NumPy's hugepage advice, freed memory kept (fast.py)
+    runtime.cpu_defaults()  # the fast path's pool threads, NumPy's hugepage advice, freed memory kept
     with fast.plain(getattr(args, "plain", False)):  # --plain: the plain reference for every layer
         if getattr(args, "threads", 0):
-            with fast.use_threads(args.threads):  # the pool's threads, the BLAS on one each
+            with runtime.use_threads(args.threads):  # the pool's threads, the BLAS on one each
                 return args.func(args)
         return args.func(args)
 

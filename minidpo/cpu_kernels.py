@@ -8,10 +8,10 @@ kernels.py's CUDA kernels, with the same math (the twins are the same plain func
     gelu_forward / gelu_backward    GELU and its derivative, elementwise              layers.gelu_*
     layernorm_forward               mean, rstd and the normalised row, row by row     layers.layernorm_forward
     layernorm_backward              dx row by row; dw and db summed over the rows     layers.layernorm_backward
-    causal_softmax_                 scale, causal mask, softmax of attention scores   layers.softmax + bias
+    masked_softmax_                 scale, the layout's mask, softmax of attention    layers.softmax + layers.sees
     softmax_backward_               ds = att * (datt - delta)                         layers.attention_backward
-    logsoftmax_gather               logsumexp of a row and the label's log-prob       logprobs.sequence_logps
-    logsoftmax_gather_backward_     g * (onehot - softmax), in place                  logprobs.sequence_logps_backward
+    logsoftmax_gather               logsumexp of a row and the label's log-prob       logprobs.token_logps
+    logsoftmax_gather_backward_     g * (onehot - softmax), in place                  logprobs.token_logps_backward
     scatter_add_rows                target[idx[i]] += values[i], repeats accumulated  backend.scatter_add
 
 Each kernel works on the rows (or the flat range) it is given and releases the GIL, so fast.py
@@ -47,7 +47,7 @@ __all__ = [
     "gelu_backward",
     "layernorm_forward",
     "layernorm_backward",
-    "causal_softmax_",
+    "masked_softmax_",
     "softmax_backward_",
     "logsoftmax_gather",
     "logsoftmax_gather_backward_",
@@ -249,26 +249,48 @@ def layernorm_backward(dy, x, w, mean, rstd, dx, dw, db):
 
 
 @_jit
-def causal_softmax_(att, scale, offset):
-    """In place: att (M, nq, L) -> softmax over the last axis of scale * att plus the causal mask;
-    query row i sits at position i + offset and sees keys 0..i + offset (the rest become 0)."""
-    M, nq, L = att.shape
+def masked_softmax_(att, H, scale, start, hidden_lo, hidden_hi, q0, self0, k0):
+    """In place: att (b H, nq, nk), the scores of a query block (matrix mi is batch row mi // H) ->
+    softmax over the last axis of scale * att, over the keys each query sees, 0 elsewhere.
+    Query i reads column q0 + i of its row of start, hidden_lo, hidden_hi (b, S) and sits at key
+    index self0 + i; the block holds keys k0..k0 + nk - 1; key j is visible iff
+    start <= j <= self0 + i and not hidden_lo <= j < hidden_hi (layers.sees)."""
+    M, nq, nk = att.shape
     sc = _cast(scale, att)
     zero = _cast(0.0, att)
+    neg_inf = _cast(-np.inf, att)
     for mi in range(M):
+        bi = mi // H
         for i in range(nq):
-            last = min(L, i + offset + 1)  # keys 0..last-1 are visible
-            mx = _row_max(att[mi, i, :last]) * sc  # scale > 0
+            first = max(start[bi, q0 + i] - k0, 0)  # visible keys: [first, last) less [lo, hi), block-local
+            last = min(self0 + i - k0 + 1, nk)
+            lo = min(max(hidden_lo[bi, q0 + i] - k0, first), last)
+            hi = min(max(hidden_hi[bi, q0 + i] - k0, lo), last)
+            row = att[mi, i]
+            mx = _row_max(row[first:lo]) if lo > first else neg_inf
+            if last > hi:
+                mx = max(mx, _row_max(row[hi:last]))
+            mx = mx * sc  # scale > 0
             s = zero
-            for j in range(last):
-                e = _exp(att[mi, i, j] * sc - mx)
-                att[mi, i, j] = e
+            for j in range(first, lo):
+                e = _exp(row[j] * sc - mx)
+                row[j] = e
+                s += e
+            for j in range(hi, last):
+                e = _exp(row[j] * sc - mx)
+                row[j] = e
                 s += e
             inv = _cast(1.0, s) / s
-            for j in range(last):
-                att[mi, i, j] *= inv
-            for j in range(last, L):
-                att[mi, i, j] = zero
+            for j in range(first, lo):
+                row[j] *= inv
+            for j in range(hi, last):
+                row[j] *= inv
+            for j in range(0, first):
+                row[j] = zero
+            for j in range(lo, hi):
+                row[j] = zero
+            for j in range(last, nk):
+                row[j] = zero
 
 
 @_jit
@@ -286,40 +308,33 @@ def softmax_backward_(ds, att, delta):
 
 
 @_jit
-def logsoftmax_gather(logits, labels, lp, lse, b0, b1):
-    """Batch rows b0..b1-1 of logprobs.sequence_logps's lse and lp lines, for positions
-    t = 0..T-2: lse = logsumexp_v logits[b, t]; lp = logits[b, t, labels[b, t]] - lse.
-    logits (B, T, V); labels (B, T-1) int; lp, lse (B, T-1)."""
-    B, T, V = logits.shape
+def logsoftmax_gather(logits, labels, lp, lse, m0, m1):
+    """Rows m0..m1-1 of logprobs.token_logps: lse = logsumexp_v logits[m]; lp = logits[m, labels[m]]
+    - lse. logits (M, V); labels (M,) int; lp, lse (M,)."""
+    M, V = logits.shape
     zero = _cast(0.0, logits)
-    for b in range(b0, b1):
-        for t in range(T - 1):
-            mx = _row_max(logits[b, t])
-            s = zero
-            for v in range(V):
-                s += _exp(logits[b, t, v] - mx)
-            z = mx + _cast(math.log(s), logits)
-            lse[b, t] = z
-            lp[b, t] = logits[b, t, labels[b, t]] - z
+    for m in range(m0, m1):
+        mx = _row_max(logits[m])
+        s = zero
+        for v in range(V):
+            s += _exp(logits[m, v] - mx)
+        z = mx + _cast(math.log(s), logits)
+        lse[m] = z
+        lp[m] = logits[m, labels[m]] - z
 
 
 @_jit
-def logsoftmax_gather_backward_(dlogits, lse, labels, g, b0, b1):
-    """In place, batch rows b0..b1-1 of logprobs.sequence_logps_backward: dlogits holds the logits on
-    entry and on exit dlogits[b, t] = g[b, t] (onehot(labels[b, t]) - exp(logits[b, t] - lse[b, t]))
-    for t < T-1, dlogits[b, T-1] = 0 (one array read and written in place: the loop vectorizes).
-    dlogits (B, T, V); lse, g (B, T-1); labels (B, T-1) int."""
-    B, T, V = dlogits.shape
-    zero = _cast(0.0, dlogits)
-    for b in range(b0, b1):
-        for t in range(T - 1):
-            z = lse[b, t]
-            gg = g[b, t]
-            for v in range(V):
-                dlogits[b, t, v] = -gg * _exp(dlogits[b, t, v] - z)
-            dlogits[b, t, labels[b, t]] += gg
+def logsoftmax_gather_backward_(dlogits, lse, labels, g, m0, m1):
+    """In place, rows m0..m1-1 of logprobs.token_logps_backward: dlogits holds the logits on entry
+    and on exit dlogits[m] = g[m] (onehot(labels[m]) - exp(logits[m] - lse[m])) (one array read and
+    written in place: the loop vectorizes). dlogits (M, V); lse, g (M,); labels (M,) int."""
+    M, V = dlogits.shape
+    for m in range(m0, m1):
+        z = lse[m]
+        gg = g[m]
         for v in range(V):
-            dlogits[b, T - 1, v] = zero
+            dlogits[m, v] = -gg * _exp(dlogits[m, v] - z)
+        dlogits[m, labels[m]] += gg
 
 
 # ------------------------------------------------------------------------------------ embedding

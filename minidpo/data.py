@@ -1,14 +1,14 @@
 """Preference and SFT data: read and validate JSONL, tokenize, truncate, pad, mask, batch.
 
 The DPO loss (eq. 7) needs, for every preference pair (x, y_w, y_l), the summed log-probability
-log pi(y|x) of each response given its prompt. This module turns files into the arrays that the
-training code feeds to ``sequence_logps(logits, input_ids, loss_mask)``:
+log pi(y|x) of each response given its prompt. This module turns files into tokenized examples
+(prompt ids, response ids ending in EOS), which packing.py lays out into batches; a padded row is
 
-    row  = prompt tokens | response tokens | EOS | pad ... pad
-    mask =   False ...   |   True  ...     | True| False ... False
+    row    = prompt tokens | response tokens | EOS | pad ... pad
+    scored =   no  ...     |   yes  ...      | yes | no  ...  no
 
-where the token at position t+1 is scored by the logits at t, so ``loss_mask`` marks *label*
-positions and ``loss_mask[:, 0]`` is always False (the first token has no logits before it).
+where the token at position t+1 is predicted by the logits at t (the first token has no logits
+before it).
 
 Pitfalls handled here:
 - BPE merging across the prompt/response join: prompt and responses are encoded SEPARATELY
@@ -44,7 +44,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .backend import get_backend
 
 HH_ASSISTANT = "\n\nAssistant:"
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -610,8 +609,11 @@ def build_sft_dataset(
 # ============================================================================ collation
 
 
-def _pad_rows(prefixes: list[list[int]], suffixes: list[list[int]], pad_id: int, pad_to_multiple: int):
-    """Rows prefix|suffix right-padded with pad_id; mask True exactly on suffix positions.
+def right_pad(prefixes: list[list[int]], suffixes: list[list[int]], pad_id: int):
+    """Rows prefix|suffix right-padded with pad_id to the longest, and the mask of the suffix
+    positions (the label positions: the token at t is predicted by the logits at t - 1). For
+    token-level work on whole rows (PPO's rollouts); preference and SFT batches are
+    packing.Batch (:func:`collate_preferences`, :func:`collate_sft`).
 
     Built without a Python loop over positions: the rows' tokens are concatenated, and each
     token's (row, column) comes from the row lengths.
@@ -619,8 +621,6 @@ def _pad_rows(prefixes: list[list[int]], suffixes: list[list[int]], pad_id: int,
     """
     if not isinstance(pad_id, (int, np.integer)) or pad_id < 0:
         raise ValueError(f"pad_id must be a non-negative int, got {pad_id!r}")
-    if not isinstance(pad_to_multiple, (int, np.integer)) or pad_to_multiple < 1:
-        raise ValueError(f"pad_to_multiple must be a positive int, got {pad_to_multiple!r}")
     p_len = np.array([len(p) for p in prefixes], dtype=np.int64)                  # (R,)
     s_len = np.array([len(s) for s in suffixes], dtype=np.int64)                  # (R,)
     if (p_len < 1).any():
@@ -630,7 +630,6 @@ def _pad_rows(prefixes: list[list[int]], suffixes: list[list[int]], pad_id: int,
     lengths = p_len + s_len                                                       # (R,)
     R = len(prefixes)
     T = int(lengths.max())
-    T = -(-T // pad_to_multiple) * pad_to_multiple
     flat = np.fromiter((t for p, s in zip(prefixes, suffixes) for part in (p, s) for t in part),
                        dtype=np.int64, count=int(lengths.sum()))                   # (sum L,)
     rows = np.repeat(np.arange(R, dtype=np.int64), lengths)                       # (sum L,)
@@ -643,50 +642,42 @@ def _pad_rows(prefixes: list[list[int]], suffixes: list[list[int]], pad_id: int,
     return input_ids, loss_mask
 
 
-def _to_backend(arrays: dict, backend) -> dict:
-    if backend is None:
-        return arrays
-    be = get_backend(backend)
-    return {k: be.asarray(v, dtype=v.dtype) for k, v in arrays.items()}
-
-
-def collate_preferences(pairs: list[TokenizedPair], pad_id: int, backend=None, pad_to_multiple: int = 1) -> dict:
-    """Stack N pairs into one policy batch of 2N rows: chosen first, then rejected.
+def collate_preferences(pairs: list[TokenizedPair], pad_id: int, backend=None, average: bool = False):
+    """N pairs as one padded packing.Batch of 2N rows: chosen first, then rejected.
 
         rows 0 .. N-1   : prompt_i + chosen_i      (y_w)
         rows N .. 2N-1  : prompt_i + rejected_i    (y_l)
 
-    Right-padded with ``pad_id``. ``loss_mask`` is True exactly on the response tokens including
-    the EOS, False on the prompt and on padding, built from positions (so pad_id == eos_id is
-    safe). The token at t+1 is scored by logits at t, hence ``loss_mask[:, 0]`` is False.
+    Right-padded with ``pad_id``; the scored tokens are exactly the response tokens including
+    the EOS, never the prompt or the padding, chosen from positions (so pad_id == eos_id is
+    safe). The token at t+1 is predicted by the logits at t. This is packing's padded layout
+    (pack_preferences with share_prompt=False, pack=False).
 
     Args:
         pairs: N >= 1 :class:`TokenizedPair`.
-        pad_id: padding token id (its value never affects the loss: padded positions are masked,
-            and causal attention keeps real tokens from seeing later pads).
+        pad_id: padding token id (its value never affects the loss: no real token sees a pad).
         backend: None -> NumPy arrays; else a Backend or device string, arrays go there.
-        pad_to_multiple: T is rounded up to a multiple of this (e.g. 8 or 64 for kernels); 1 = none.
+        average: the batch's log-probs are per-token means (IPO's convention).
     Returns:
-        {"input_ids": (2N, T) int64, "loss_mask": (2N, T) bool}, T = the longest row (rounded).
+        packing.Batch with E = 2N examples.
     """
+    from .packing import pack_preferences
+
     pairs = list(pairs)
     if not pairs:
         raise ValueError("collate_preferences: no pairs given")
-    prefixes = [p.prompt_ids for p in pairs] * 2
-    suffixes = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    input_ids, loss_mask = _pad_rows(prefixes, suffixes, pad_id, pad_to_multiple)  # (2N, T) each
-    return _to_backend({"input_ids": input_ids, "loss_mask": loss_mask}, backend)
+    return pack_preferences(pairs, pad_id, share_prompt=False, pack=False, backend=backend, average=average)
 
 
-def collate_sft(items: list[TokenizedSFT], pad_id: int, backend=None, pad_to_multiple: int = 1) -> dict:
-    """Stack B SFT items: {"input_ids": (B, T) int64, "loss_mask": (B, T) bool}, mask True on the
-    response tokens + EOS (same convention as :func:`collate_preferences`)."""
+def collate_sft(items: list[TokenizedSFT], pad_id: int, backend=None):
+    """B SFT items as one padded packing.Batch of B rows [prompt | response + EOS], the response
+    tokens scored (same conventions as :func:`collate_preferences`)."""
+    from .packing import pack_sft
+
     items = list(items)
     if not items:
         raise ValueError("collate_sft: no items given")
-    input_ids, loss_mask = _pad_rows([t.prompt_ids for t in items], [t.response_ids for t in items],
-                                     pad_id, pad_to_multiple)                      # (B, T) each
-    return _to_backend({"input_ids": input_ids, "loss_mask": loss_mask}, backend)
+    return pack_sft(items, pad_id, pack=False, backend=backend)
 
 
 # ============================================================================ batching

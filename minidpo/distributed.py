@@ -47,11 +47,11 @@ import numpy as np
 
 from . import kernels
 from .backend import get_array_module
-from .optim import AdamW, _check_hparams, _SCALAR_KEYS, adamw_update, default_decay_filter
+from .optim import AdamW, check_hparams, SCALAR_KEYS, adamw_update, default_decay_filter
 
 __all__ = [
     "SingleProcess", "MPIComm", "NCCLComm", "from_environment", "launched_ranks",
-    "shard_range", "local_shard", "all_reduce_step", "gather_rows", "make_optimizer", "ZeroAdamW",
+    "shard_range", "local_shard", "all_reduce_step", "gather_concat", "gather_scatter", "make_optimizer", "ZeroAdamW",
     "abort_on_error", "on_rank0",
 ]
 
@@ -320,16 +320,22 @@ def all_reduce_step(comm, loss, metrics: dict, grads: dict, weight: float):
     return scal[0].reshape(()), {k: scal[1 + j].reshape(()) for j, k in enumerate(keys)}
 
 
-def gather_rows(comm, fn: Callable[[int, int], tuple], n: int) -> tuple:
-    """Run ``fn(lo, hi)`` on this rank's share [lo, hi) of n rows (host NumPy arrays back, first
-    axis = rows) and concatenate every rank's results in rank order: the full (n, ...) arrays on
-    every rank. Used for the reference log-prob cache and held-out evaluation."""
+def gather_concat(comm, rows: np.ndarray) -> np.ndarray:
+    """Every rank's host array of rows (its share, first axis = rows) concatenated in rank order,
+    on every rank: the reference log-prob cache and held-out evaluation are computed in shares
+    (shard_range) and gathered with this."""
     if comm.size == 1:
-        return fn(0, n)
-    lo, hi = shard_range(n, comm.rank, comm.size)
-    mine = fn(lo, hi) if hi > lo else None
-    parts = [p for p in comm.allgather_host(mine) if p is not None]
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
+        return rows
+    return np.concatenate([np.asarray(p) for p in comm.allgather_host(np.asarray(rows))])
+
+
+def gather_scatter(comm, index: np.ndarray, values: np.ndarray, n: int, dtype) -> np.ndarray:
+    """The (n,) host array whose entries ``index`` are ``values``, assembled from every rank's
+    (index, values) (each entry set by exactly one rank), on every rank."""
+    out = np.zeros(n, dtype=dtype)
+    for idx, val in comm.allgather_host((np.asarray(index), np.asarray(values))):
+        out[idx] = val
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +398,7 @@ class ZeroAdamW:
                  weight_decay: float = 0.0, decay_filter=None):
         if not params:
             raise ValueError("AdamW needs at least one parameter")
-        _check_hparams(lr, betas, eps, weight_decay)
+        check_hparams(lr, betas, eps, weight_decay)
         self.comm = comm
         self.lr = float(lr)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
@@ -492,11 +498,11 @@ class ZeroAdamW:
 
     def load_state_dict(self, d: Mapping[str, object]) -> None:
         """Take this rank's chunk of full moments (a checkpoint written with any rank count)."""
-        missing = [k for k in _SCALAR_KEYS if k not in d]
+        missing = [k for k in SCALAR_KEYS if k not in d]
         missing += [f"{c}.{n}" for n in self.names for c in ("m", "v") if f"{c}.{n}" not in d]
         if missing:
             raise KeyError(f"optimizer state is missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        _check_hparams(d["lr"], (d["beta1"], d["beta2"]), d["eps"], d["weight_decay"])
+        check_hparams(d["lr"], (d["beta1"], d["beta2"]), d["eps"], d["weight_decay"])
         xp = get_array_module(self.m)
         for c_name, store in (("m", self.m), ("v", self.v)):
             for k, a, b in self.pieces:

@@ -23,7 +23,8 @@ from typing import Sequence
 import numpy as np
 
 from .backend import Backend, get_backend
-from .data import TokenizedSFT, collate_sft
+from .data import TokenizedSFT
+from .packing import Batcher
 from .generate import generate
 from .model import GPTConfig
 from .scoring import chunked_logps
@@ -94,7 +95,8 @@ def continuation_logps(
     rows = [i for i, ids in enumerate(samples.ids) if ids]
     items = [TokenizedSFT(prompt_ids=list(samples.prompt_ids[i]), response_ids=list(samples.ids[i])) for i in rows]
     start = 0
-    for logps, _ in chunked_logps(params, config, items, collate_sft, pad_id, batch_size, backend):
+    batcher = Batcher(pad_id, backend=backend)  # the continuations packed into rows
+    for logps, _ in chunked_logps(params, config, items, batcher.sft, batch_size):
         out[rows[start : start + len(logps)]] = logps.astype(np.float64)
         start += len(logps)
     return out

@@ -3,13 +3,14 @@
 Read layers.py and logprobs.py for the math; this module computes the same numbers (to
 round-off; tests/test_fast.py checks every function against its plain twin) with:
 
-- cache blocking on the CPU: GELU's elementwise chain and the log-softmax over the (B, T, V)
+- cache blocking on the CPU: GELU's elementwise chain and the log-softmax over the (M, V)
   logits run in pieces that stay in the cache, in place, with no full-size temporaries;
-- the causal skip: attention cuts its queries into a few blocks, each scored only against the
-  keys it can see;
+- the causal skip: attention cuts its queries into blocks, each scored only against the keys
+  it can see (the batch layout's blocks: packing.query_blocks);
 - fused CUDA kernels (kernels.py) on CuPy arrays, one visible ``if kernels.use(x):`` per layer;
 - fused compiled CPU kernels (cpu_kernels.py, Numba, when installed) on NumPy arrays, one visible
-  ``ck = cpu_kernels(x)`` per layer; their rows are shared among the threads like the NumPy passes.
+  ``ck = rt.cpu_kernels(x)`` per layer; their rows are shared among the threads like the NumPy
+  passes. Where they run and on how many threads is runtime.py's business, not this module's.
 
 One switch picks the path for the model, the trainer and everything built on them:
 
@@ -17,31 +18,29 @@ One switch picks the path for the model, the trainer and everything built on the
     set_plain(True)             use the plain reference everywhere (for reading, and for checks)
     with plain():               the same, inside a block
 
-Shapes: B batch, T time, C channels, V vocabulary, H heads, D head size, N = B * T rows.
+Shapes: B batch, T time, C channels, V vocabulary, H heads, D head size, N = B * T rows,
+M scored tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
 
 from . import checks, kernels, layers, logprobs
+from . import runtime as rt
 from .backend import get_array_module, scatter_add
 from .logprobs import log_softmax, log_softmax_backward, logsumexp
+from .packing import query_blocks
 
-__all__ = [
-    "ops", "set_plain", "is_plain", "plain", "PLAIN", "FAST", "set_threads", "get_threads",
-    "default_threads", "parallel_for", "cpu_defaults", "hugepage_advice", "set_hugepage_advice",
-    "cpu_kernels", "set_cpu_kernels", "no_cpu_kernels", "keep_freed_memory", "use_threads",
-    *layers.__all__, "sequence_logps", "sequence_logps_backward",
-]
+__all__ = ["ops", "set_plain", "is_plain", "plain", "PLAIN", "FAST", "embedding_forward", "embedding_backward",
+           "linear_forward", "linear_backward", "layernorm_forward", "layernorm_backward", "gelu_forward",
+           "gelu_backward", "attention_forward", "attention_backward", "attention_forward_kv", "unembed_forward",
+           "unembed_backward", "softmax", "token_logps", "token_logps_backward", "sequence_logps",
+           "sequence_logps_backward"]
 
 # ------------------------------------------------------------------------------------ the switch
 
@@ -74,263 +73,6 @@ def ops():
     return PLAIN if _PLAIN else FAST
 
 
-# ------------------------------------------------------------------------------------ the thread pool
-# NumPy's ufuncs, reductions and BLAS calls release the GIL, so a long elementwise pass cut into
-# row blocks runs on several cores from a small pool of Python threads. Each part writes its own
-# rows of a preallocated output; reductions over rows add per-part partial sums in a fixed order,
-# so a given thread count always gives the same numbers. CuPy arrays never go through the pool.
-
-_THREADS: int | None = None  # None: default_threads()
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-_MIN_PAR = 1 << 18  # elements: a part smaller than this is not worth a thread hand-off (~90 us on
-#                   the 2-core VM; C0's step at 2 threads: 2^17 94.2 ms, 2^18 92.5, 2^19 102.8)
-
-
-def default_threads() -> int:
-    """1. Measured on the 2-core Xeon (bench/README.md): with the BLAS on both cores, a second pool
-    thread made the C1 step slower (5.29 -> 5.61 s) and C0's no faster, because OpenBLAS's worker
-    threads keep spinning between calls and take the core the pool's thread wants. Raise it with
-    :func:`set_threads` where the BLAS runs on fewer threads than there are cores."""
-    return 1
-
-
-def set_threads(n: int | None) -> None:
-    """Threads for the fast path's CPU elementwise passes (None: :func:`default_threads`)."""
-    global _THREADS
-    if n is not None and (int(n) != n or n < 1):
-        raise ValueError(f"threads must be an int >= 1 or None, got {n!r}")
-    _THREADS = None if n is None else int(n)
-
-
-def get_threads() -> int:
-    """The thread count the fast path's CPU passes use now."""
-    return default_threads() if _THREADS is None else _THREADS
-
-
-def _pool() -> ThreadPoolExecutor:
-    """The pool's n - 1 worker threads (the calling thread is the n-th)."""
-    global _POOL, _POOL_SIZE
-    n = max(1, get_threads() - 1)
-    if _POOL is None or _POOL_SIZE != n:
-        if _POOL is not None:
-            _POOL.shutdown(wait=True)
-        _POOL, _POOL_SIZE = ThreadPoolExecutor(n, thread_name_prefix="minidpo-fast"), n
-    return _POOL
-
-
-def _forget_pool() -> None:  # a forked child has none of the parent's threads
-    global _POOL, _POOL_SIZE
-    _POOL, _POOL_SIZE = None, 0
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-def _madvise():
-    """NumPy's multiarray module if it has the hugepage switch (NumPy >= 1.20 on Linux), else None."""
-    core = getattr(np, "_core", None) or getattr(np, "core", None)
-    m = getattr(core, "multiarray", None)
-    return m if hasattr(m, "_set_madvise_hugepage") and hasattr(m, "_get_madvise_hugepage") else None
-
-
-def hugepage_advice() -> bool | None:
-    """Whether NumPy advises transparent hugepages for its large arrays now (None: no switch)."""
-    m = _madvise()
-    return None if m is None else bool(m._get_madvise_hugepage())
-
-
-def set_hugepage_advice(flag: bool) -> bool | None:
-    """Turn NumPy's hugepage advice on or off (the run-time form of NUMPY_MADVISE_HUGEPAGE);
-    returns the previous setting (None: this NumPy has no switch, nothing done)."""
-    m = _madvise()
-    return None if m is None else bool(m._set_madvise_hugepage(bool(flag)))
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-
-
-def _glibc():
-    """The C library as a ctypes handle when it is glibc (it has mallopt), else None."""
-    import ctypes
-    import platform
-
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "mallopt") else None
-    except OSError:  # pragma: no cover - a Linux without a loadable C library
-        return None
-
-
-def keep_freed_memory(flag: bool = True) -> bool:
-    """glibc only: keep freed memory in the process for the next allocation (True) or give it back
-    to the system as glibc does by default (False). Returns whether the setting was applied.
-
-    glibc serves an allocation over 32 MiB with its own mmap and unmaps it when freed, so every
-    step's fresh (B, T, 4C) activations and (B, T, V) logits are page-faulted in again, page by
-    page: C1's step (bench/README.md) took 526,000 minor faults and 0.8 s of system time. With
-    mmap off and the heap never trimmed, those pages are reused: 0 faults a step after the first.
-    The price: the process keeps its peak heap until it exits (a training run's peak anyway)."""
-    libc = _glibc()
-    if libc is None:
-        return False
-    if flag:
-        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    else:  # glibc's documented defaults
-        ok = libc.mallopt(_M_MMAP_MAX, 65536) and libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
-    return bool(ok)
-
-
-def cpu_defaults(threads: int | None = None) -> None:
-    """The fast path's CPU settings, for a training or benchmark run (the CLI and bench/ call it):
-
-    - ``threads`` for the elementwise passes (:func:`set_threads`; None: :func:`default_threads`);
-    - NumPy's transparent-hugepage advice off, unless NUMPY_MADVISE_HUGEPAGE is set. Every step
-      allocates fresh activation arrays; on a VM a hugepage fault may first compact memory, and
-      C1's step (bench/README.md) took 12.0 s with the advice and 8.8 s without (1 thread);
-    - freed memory kept for reuse (:func:`keep_freed_memory`), unless MINIDPO_KEEP_MEMORY=0.
-    """
-    set_threads(threads)
-    if "NUMPY_MADVISE_HUGEPAGE" not in os.environ:
-        set_hugepage_advice(False)
-    if os.environ.get("MINIDPO_KEEP_MEMORY", "1") != "0":
-        keep_freed_memory(True)
-
-
-@contextlib.contextmanager
-def use_threads(n: int):
-    """``with use_threads(n):`` a run on n CPU threads: the pool has n and, when n > 1, the fast
-    path shares each matrix product among them with the BLAS on one thread (threadpoolctl), so the
-    BLAS's idle workers do not spin on the cores the pool's threads want; n = 1: one thread for
-    both. Restores both on exit."""
-    from threadpoolctl import threadpool_limits
-
-    if int(n) != n or n < 1:
-        raise ValueError(f"threads must be an int >= 1, got {n!r}")
-    old = _THREADS
-    set_threads(int(n))
-    try:
-        with threadpool_limits(limits=1, user_api="blas"):
-            yield
-    finally:
-        set_threads(old)
-
-
-# ------------------------------------------------------------------------------------ CPU kernels
-
-_CPU_KERNELS = os.environ.get("MINIDPO_CPU_KERNELS", "1") != "0"
-_CK = None  # the cpu_kernels module once imported and working; False: not available
-
-
-def set_cpu_kernels(flag: bool) -> bool:
-    """Use the compiled CPU kernels (True, the default when Numba is installed) or the NumPy
-    passes (False); returns the previous setting. ``MINIDPO_CPU_KERNELS=0`` starts a run with False."""
-    global _CPU_KERNELS
-    old, _CPU_KERNELS = _CPU_KERNELS, bool(flag)
-    return old
-
-
-@contextlib.contextmanager
-def no_cpu_kernels():
-    """``with no_cpu_kernels():`` the fast path runs its NumPy passes inside the block."""
-    old = set_cpu_kernels(False)
-    try:
-        yield
-    finally:
-        set_cpu_kernels(old)
-
-
-def _load_cpu_kernels():
-    """cpu_kernels, compiled (or loaded from Numba's disk cache) and tried once on small float32
-    arrays; False when Numba is missing (silently) or fails here (with one warning)."""
-    try:
-        from . import cpu_kernels as ck
-    except ImportError:
-        return False
-    try:
-        x = np.linspace(-3, 3, 8, dtype=np.float32)
-        y = np.empty_like(x)
-        ck.gelu_forward(x, y)
-        if not np.allclose(y, layers.gelu_forward(x)[0], rtol=1e-5, atol=1e-6):
-            raise RuntimeError("gelu_forward gave wrong numbers")
-    except Exception as e:  # a Numba that cannot compile here: the NumPy passes still work
-        import warnings
-
-        warnings.warn(f"minidpo: the compiled CPU kernels are off ({type(e).__name__}: {e}); "
-                      "set MINIDPO_CPU_KERNELS=0 to silence this", RuntimeWarning, stacklevel=3)
-        return False
-    return ck
-
-
-def cpu_kernels(*arrays):
-    """The compiled CPU kernels module when they should run on these arrays, else None: they are
-    on, Numba is installed, and every array is a NumPy float32 or float64 array. With no arrays:
-    whether the kernels run at all."""
-    global _CK
-    if not _CPU_KERNELS:
-        return None
-    for a in arrays:
-        if type(a) is not np.ndarray or a.dtype not in _KERNEL_DTYPES:
-            return None
-    if _CK is None:
-        _CK = _load_cpu_kernels()
-    return _CK or None
-
-
-_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _half_threads() -> int:
-    """Threads for each of two equal halves of a pass (at least 1)."""
-    return max(1, get_threads() // 2)
-
-
-def _parts(n: int, row_size: int = 1, align: int = 1, threads: int | None = None) -> list[slice]:
-    """Contiguous slices covering rows 0..n, one per thread (``threads``, default all; fewer when a
-    part would hold under _MIN_PAR elements), each starting at a multiple of ``align`` rows."""
-    k = max(1, min(get_threads() if threads is None else threads, (n * row_size) // _MIN_PAR, n))
-    if k == 1:
-        return [slice(0, n)]
-    edges = [min(n, round(j * n / k / align) * align) for j in range(k)] + [n]
-    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
-def parallel_for(fn, items) -> None:
-    """``fn(item)`` for each item, on the calling thread and the pool's workers at once when there
-    are several: each takes the next item until none is left (so a worker is woken only when there
-    is more than one item). Exceptions are re-raised here; ``fn`` must not itself call parallel_for.
-    Which thread runs an item varies; what it computes does not (each item writes its own rows)."""
-    items = list(items)
-    n = get_threads()
-    if len(items) <= 1 or n == 1:
-        for it in items:
-            fn(it)
-        return
-    todo = iter(items)
-    lock = threading.Lock()
-
-    def drain():
-        while True:
-            with lock:
-                item = next(todo, _DONE)
-            if item is _DONE:
-                return
-            fn(item)
-
-    workers = [_pool().submit(drain) for _ in range(min(n, len(items)) - 1)]
-    try:
-        drain()
-    finally:
-        for w in workers:  # every worker finishes before this returns (or raises)
-            w.result()
-
-
-_DONE = object()
-
-
 # ------------------------------------------------------------------------------------ embedding, linear
 
 
@@ -343,15 +85,15 @@ def embedding_forward(idx, wte, wpe, position_ids=None):
 
 
 def embedding_backward(dx, cache, dwte=None):
-    """layers.embedding_backward; positions 0..T-1 (the training case) by a sum over B instead
-    of a scatter-add."""
+    """layers.embedding_backward; positions 0..T-1 (a padded batch) by a sum over B instead of a
+    scatter-add; the scatter-adds compiled (cpu_kernels.scatter_add_rows) when available."""
     idx, position_ids, wte_shape, wpe_shape = cache
     xp = get_array_module(dx)
     B, T, C = dx.shape
     dx2 = dx.reshape(B * T, C)  # (N, C)
     if dwte is None:
         dwte = xp.zeros(wte_shape, dtype=dx.dtype)  # (V, C)
-    ck = cpu_kernels(dwte, dx2) if dwte.flags.c_contiguous and dx2.flags.c_contiguous and dwte.dtype == dx2.dtype \
+    ck = rt.cpu_kernels(dwte, dx2) if dwte.flags.c_contiguous and dx2.flags.c_contiguous and dwte.dtype == dx2.dtype \
         else None
     if ck:  # np.add.at's row by row loop, compiled
         ck.scatter_add_rows(dwte, np.ascontiguousarray(idx.reshape(-1), dtype=np.int64), dx2)
@@ -362,36 +104,16 @@ def embedding_backward(dx, cache, dwte=None):
         dwpe[:T] = dx.sum(axis=0)  # positions 0..T-1 are distinct: a plain sum over B
     elif position_ids.ndim == 1:
         scatter_add(dwpe, position_ids, dx.sum(axis=0))  # (T,) ids, (T, C) values
+    elif ck:  # per-token positions (a packed layout): the compiled scatter-add
+        ck.scatter_add_rows(dwpe, np.ascontiguousarray(position_ids.reshape(-1), dtype=np.int64), dx2)
     else:
         scatter_add(dwpe, position_ids.reshape(-1), dx2)  # (N,) ids, (N, C) values
     return None, {"wte": dwte, "wpe": dwpe}
 
 
-# On NumPy the fast path does its own matrix products: through MKL's GEMM when the ``mkl``
-# package is installed (mkl_blas.py: 10-16% faster than NumPy's OpenBLAS on the model's shapes
-# here), else np.matmul; with several threads each product is shared among them, each part one
-# GEMM on its own rows (or its own rows of dw), the BLAS on one thread (see use_threads), so that
-# no BLAS worker spins on a core the pool's thread wants.
-
-_MKL = None  # the mkl_blas module once it loaded MKL; False: not available
-
-
-def _gemm_lib():
-    """mkl_blas when MKL's GEMM should do the products (the CPU kernels are on and the ``mkl``
-    package loads), else None (np.matmul)."""
-    global _MKL
-    if not _CPU_KERNELS:
-        return None
-    if _MKL is None:
-        from . import mkl_blas
-
-        _MKL = mkl_blas if mkl_blas.load() is not None else False
-    return _MKL or None
-
-
 def _matmul(a, b, out):
-    """out (M, P) = a (M, K) @ b (K, P) on NumPy: MKL's GEMM or np.matmul (see _gemm_lib)."""
-    lib = _gemm_lib()
+    """out (M, P) = a (M, K) @ b (K, P) on NumPy: MKL's GEMM or np.matmul (see runtime.gemm_lib)."""
+    lib = rt.gemm_lib()
     return lib.matmul(a, b, out) if lib is not None else np.matmul(a, b, out=out)
 
 
@@ -414,7 +136,7 @@ def _matmul_rows(a, b, bias=None):
         if bias is not None:
             out[s] += bias
 
-    parallel_for(part, _parts(a.shape[0], a.shape[1] * b.shape[1]))
+    rt.parallel_for(part, rt.parts(a.shape[0], a.shape[1] * b.shape[1]))
     return out
 
 
@@ -428,11 +150,11 @@ def _two_products(a, b, p, q, db_of=None):
     first = np.empty((N, b.shape[1]), dtype=dt)
     second = np.empty((p.shape[1], q.shape[1]), dtype=dt)
     sums = None if db_of is None else np.empty(db_of.shape[1], dtype=dt)
-    half = _half_threads()  # both products cost N I J = N R S multiply-adds
-    tasks = [(0, s) for s in _parts(N, a.shape[1] * b.shape[1], threads=half)]
-    tasks += [(1, s) for s in _parts(p.shape[1], N * q.shape[1], threads=half)]
+    half = rt.half_threads()  # both products cost N I J = N R S multiply-adds
+    tasks = [(0, s) for s in rt.parts(N, a.shape[1] * b.shape[1], threads=half)]
+    tasks += [(1, s) for s in rt.parts(p.shape[1], N * q.shape[1], threads=half)]
     if db_of is not None:
-        tasks += [(2, s) for s in _parts(db_of.shape[1], N, threads=half)]
+        tasks += [(2, s) for s in rt.parts(db_of.shape[1], N, threads=half)]
 
     def part(task):
         which, s = task
@@ -443,7 +165,7 @@ def _two_products(a, b, p, q, db_of=None):
         else:
             np.sum(db_of[:, s], axis=0, out=sums[s])
 
-    parallel_for(part, tasks)
+    rt.parallel_for(part, tasks)
     return first, second, sums
 
 
@@ -473,11 +195,11 @@ def linear_backward(dy, cache):
 
 def unembed_forward(x, wte):
     """layers.unembed_forward; on NumPy the rows shared among the threads."""
-    B, T, C = x.shape
     if not _numpy(x, wte):
         return layers.unembed_forward(x, wte)
-    logits = _matmul_rows(x.reshape(B * T, C), wte.T)  # (N, V)
-    return logits.reshape(B, T, wte.shape[0]), (x, wte)
+    C = x.shape[-1]
+    logits = _matmul_rows(x.reshape(-1, C), wte.T)  # (N, V)
+    return logits.reshape(*x.shape[:-1], wte.shape[0]), (x, wte)
 
 
 def unembed_backward(dlogits, cache):
@@ -486,18 +208,18 @@ def unembed_backward(dlogits, cache):
     x, wte = cache
     if not _numpy(dlogits, x, wte):
         return layers.unembed_backward(dlogits, cache)
-    B, T, C = x.shape
-    dl2 = dlogits.reshape(B * T, wte.shape[0])  # (N, V)
-    dx, dwte, _ = _two_products(dl2, wte, dl2, x.reshape(B * T, C))  # (N, C), (V, C)
-    return dx.reshape(B, T, C), {"wte": dwte}
+    C = x.shape[-1]
+    dl2 = dlogits.reshape(-1, wte.shape[0])  # (N, V)
+    dx, dwte, _ = _two_products(dl2, wte, dl2, x.reshape(-1, C))  # (N, C), (V, C)
+    return dx.reshape(x.shape), {"wte": dwte}
 
 
 # ------------------------------------------------------------------------------------ layernorm
 
 
 def _row_blocks(rows: slice, C: int) -> list[slice]:
-    """The rows of one part cut into blocks of about _BLOCK elements (their temporaries stay in L2)."""
-    nb = max(1, _BLOCK // max(1, C))
+    """The rows of one part cut into blocks of about runtime.BLOCK elements (their temporaries stay in L2)."""
+    nb = max(1, rt.BLOCK // max(1, C))
     return [slice(i, min(i + nb, rows.stop)) for i in range(rows.start, rows.stop, nb)]
 
 
@@ -534,12 +256,12 @@ def layernorm_forward(x, w, b, eps=1e-5):
         y = np.empty((N, C), dtype=x.dtype)
         mean = np.empty((N, 1), dtype=x.dtype)
         rstd = np.empty((N, 1), dtype=x.dtype)
-        ck = cpu_kernels(x2, w, b) if x2.flags.c_contiguous else None
+        ck = rt.cpu_kernels(x2, w, b) if x2.flags.c_contiguous else None
         if ck:
             m1, r1 = mean.reshape(-1), rstd.reshape(-1)  # (N,) views
-            parallel_for(lambda r: ck.layernorm_forward(x2[r], w, b, eps, y[r], m1[r], r1[r]), _parts(N, C))
+            rt.parallel_for(lambda r: ck.layernorm_forward(x2[r], w, b, eps, y[r], m1[r], r1[r]), rt.parts(N, C))
         else:
-            parallel_for(lambda r: _layernorm_forward_rows(x2, w, b, eps, y, mean, rstd, r), _parts(N, C))
+            rt.parallel_for(lambda r: _layernorm_forward_rows(x2, w, b, eps, y, mean, rstd, r), rt.parts(N, C))
         return y.reshape(x.shape), (x, w, mean, rstd)
     t = x.dtype.type
     mean = xp.einsum("nc->n", x2)[:, None]  # (N, 1)
@@ -595,22 +317,22 @@ def layernorm_backward(dy, cache):
         dx, dw, db = kernels.layernorm_backward(dy2, x2, w, mean, rstd)
         return dx.reshape(x.shape), {"w": dw, "b": db}
     xp = get_array_module(dy)
-    ck = cpu_kernels(dy2, x2, w) if xp is np and dy2.flags.c_contiguous and x2.flags.c_contiguous else None
+    ck = rt.cpu_kernels(dy2, x2, w) if xp is np and dy2.flags.c_contiguous and x2.flags.c_contiguous else None
     if ck:
         N = x2.shape[0]
         dx = np.empty((N, C), dtype=dy.dtype)
-        parts = _parts(N, C)
+        parts = rt.parts(N, C)
         m1 = np.ascontiguousarray(mean.reshape(-1))  # (N,)
         r1 = np.ascontiguousarray(rstd.reshape(-1))
         dws = np.zeros((len(parts), C), dtype=dy.dtype)  # one partial sum per part, added in order
         dbs = np.zeros((len(parts), C), dtype=dy.dtype)
-        parallel_for(lambda i: ck.layernorm_backward(dy2[parts[i]], x2[parts[i]], w, m1[parts[i]], r1[parts[i]],
+        rt.parallel_for(lambda i: ck.layernorm_backward(dy2[parts[i]], x2[parts[i]], w, m1[parts[i]], r1[parts[i]],
                                                      dx[parts[i]], dws[i], dbs[i]), range(len(parts)))
         return dx.reshape(x.shape), {"w": dws.sum(axis=0), "b": dbs.sum(axis=0)}
     if xp is np:
         N = x2.shape[0]
         dx = np.empty((N, C), dtype=dy.dtype)
-        parallel_for(lambda r: _layernorm_backward_rows(dy2, x2, w, mean, rstd, dx, r), _parts(N, C))
+        rt.parallel_for(lambda r: _layernorm_backward_rows(dy2, x2, w, mean, rstd, dx, r), rt.parts(N, C))
         xhat = x2 - mean  # (N, C); dw and db as sums over all N rows at once: the numbers of the
         xhat *= rstd  # unblocked path (and of the CuPy path without kernels), bit for bit
         db = dy2.sum(axis=0)  # (C,)
@@ -627,29 +349,13 @@ def layernorm_backward(dy, cache):
 
 # ------------------------------------------------------------------------------------ GELU
 
-_BLOCK = 1 << 16  # elements: 256 KiB of float32 per operand, so a block's temporaries stay in L2
 _GELU_K, _GELU_C = layers.GELU_K, layers.GELU_C
-
-
-def _cache_blocks(n: int, xp):
-    """Slices covering 0..n: a chain of elementwise passes run block by block reads the cache,
-    not memory, after its first pass. On CuPy (the kernels' twin) one block."""
-    if xp is not np or n <= _BLOCK:
-        return [slice(0, n)]
-    return [slice(i, min(i + _BLOCK, n)) for i in range(0, n, _BLOCK)]
-
-
-def _flat_parts(n: int, xp) -> list[slice]:
-    """The flat range 0..n cut into one part per thread, at block edges (NumPy only)."""
-    if xp is not np:
-        return [slice(0, n)]
-    return _parts(n, 1, align=min(_BLOCK, max(1, n)))
 
 
 def _gelu_forward_part(x_, y_, t):
     """y_ = GELU(x_) for flat views x_, y_, block by block."""
     xp = get_array_module(x_)
-    for s in _cache_blocks(x_.size, xp):
+    for s in rt.cache_blocks(x_.size, xp):
         x, u = x_[s], y_[s]
         xp.multiply(x, x, out=u)  # x^2
         u *= t(_GELU_C)
@@ -671,18 +377,18 @@ def gelu_forward(x):
     t = x.dtype.type
     y = xp.empty(x.shape, dtype=x.dtype)
     xf, yf = x.reshape(-1), y.reshape(-1)  # flat views
-    ck = cpu_kernels(x) if x.flags.c_contiguous else None
+    ck = rt.cpu_kernels(x) if x.flags.c_contiguous else None
     if ck:
-        parallel_for(lambda s: ck.gelu_forward(xf[s], yf[s]), _flat_parts(xf.size, xp))
+        rt.parallel_for(lambda s: ck.gelu_forward(xf[s], yf[s]), rt.flat_parts(xf.size, xp))
         return y, x
-    parallel_for(lambda s: _gelu_forward_part(xf[s], yf[s], t), _flat_parts(xf.size, xp))
+    rt.parallel_for(lambda s: _gelu_forward_part(xf[s], yf[s], t), rt.flat_parts(xf.size, xp))
     return y, x
 
 
 def _gelu_backward_part(x_, dy_, dx_, t):
     """dx_ = GELU'(x_) dy_ for flat views, block by block."""
     xp = get_array_module(x_)
-    for s in _cache_blocks(x_.size, xp):
+    for s in rt.cache_blocks(x_.size, xp):
         x, d = x_[s], dx_[s]
         th = x * x  # x^2
         xp.multiply(th, t(3.0 * _GELU_C * _GELU_K), out=d)
@@ -711,17 +417,17 @@ def gelu_backward(dy, cache):
     t = x.dtype.type
     dx = xp.empty(x.shape, dtype=x.dtype)
     xf, dyf, dxf = x.reshape(-1), dy.reshape(-1), dx.reshape(-1)  # flat views
-    ck = cpu_kernels(dy, x) if x.flags.c_contiguous and dy.flags.c_contiguous and dy.dtype == x.dtype else None
+    ck = rt.cpu_kernels(dy, x) if x.flags.c_contiguous and dy.flags.c_contiguous and dy.dtype == x.dtype else None
     if ck:
-        parallel_for(lambda s: ck.gelu_backward(dyf[s], xf[s], dxf[s]), _flat_parts(xf.size, xp))
+        rt.parallel_for(lambda s: ck.gelu_backward(dyf[s], xf[s], dxf[s]), rt.flat_parts(xf.size, xp))
         return dx, {}
-    parallel_for(lambda s: _gelu_backward_part(xf[s], dyf[s], dxf[s], t), _flat_parts(xf.size, xp))
+    rt.parallel_for(lambda s: _gelu_backward_part(xf[s], dyf[s], dxf[s], t), rt.flat_parts(xf.size, xp))
     return dx, {}
 
 
 # ------------------------------------------------------------------------------------ attention
 
-_BIAS_CACHE: dict = {}
+_MASK_CACHE: dict = {}
 
 
 def _device_key(xp):
@@ -730,21 +436,33 @@ def _device_key(xp):
     return (xp.__name__, xp.cuda.Device().id)  # pragma: no cover - needs a GPU
 
 
-def attention_bias(xp, dtype, t_q, t_k, offset=0, key_mask=None):
-    """layers.attention_bias; without a key mask built once per (device, dtype, shape, offset)
-    and reused (read-only)."""
-    if key_mask is not None:
-        return layers.attention_bias(xp, dtype, t_q, t_k, offset, key_mask)
-    key = (_device_key(xp), np.dtype(dtype).str, t_q, t_k, offset)
-    bias = _BIAS_CACHE.get(key)
+def _causal_bias(xp, dtype, nq, nk, offset):
+    """(nq, nk) additive bias of the causal mask: 0 where query i (key index offset + i) may see
+    key j (layers.sees), -inf where not; built once per (device, dtype, shape, offset), read-only."""
+    key = (_device_key(xp), np.dtype(dtype).str, nq, nk, offset)
+    bias = _MASK_CACHE.get(key)
     if bias is None:
-        if len(_BIAS_CACHE) > 256:
-            _BIAS_CACHE.clear()
-        bias = layers.attention_bias(xp, dtype, t_q, t_k, offset)
+        if len(_MASK_CACHE) > 256:
+            _MASK_CACHE.clear()
+        t = np.dtype(dtype).type
+        bias = xp.where(layers.sees(nk, offset=offset, n_queries=nq), t(0), t(-math.inf)).astype(dtype)
         if xp is np:
             bias.flags.writeable = False  # shared by every call
-        _BIAS_CACHE[key] = bias
+        _MASK_CACHE[key] = bias
     return bias
+
+
+def _zero_rows(xp, B, S):
+    """A cached read-only (B, S) int64 array of zeros: the start and hidden range of causal queries
+    for the kernels, which always read a layout."""
+    key = (_device_key(xp), "zeros", B, S)
+    z = _MASK_CACHE.get(key)
+    if z is None:
+        z = xp.zeros((B, S), dtype=np.int64)
+        if xp is np:
+            z.flags.writeable = False
+        _MASK_CACHE[key] = z
+    return z
 
 
 def _softmax_lastaxis_(s):
@@ -757,23 +475,20 @@ def _softmax_lastaxis_(s):
 
 
 def _biased_softmax_(att, bias):
-    """att += bias; softmax over the last axis; in place. att (..., nq, L), bias None or
-    broadcastable to att. On NumPy with a contiguous att and a bias of at most 2 dims, in blocks
-    of whole (nq, L) matrices that fit in L2, so the five passes read the cache, not memory; every
-    row is computed as unblocked, so the numbers are identical."""
+    """att += bias; softmax over the last axis; in place. att (..., nq, L), bias broadcastable to
+    att. On NumPy with a contiguous att and a bias of at most 2 dims, in blocks of whole (nq, L)
+    matrices that fit in L2, so the five passes read the cache, not memory; every row is computed
+    as unblocked, so the numbers are identical."""
     xp = get_array_module(att)
-    if (xp is not np or not att.flags.c_contiguous or (bias is not None and bias.ndim > 2) or att.ndim < 2
-            or att.size < _SOFTMAX_BLOCKED):
-        if bias is not None:
-            att += bias
+    if xp is not np or not att.flags.c_contiguous or bias.ndim > 2 or att.ndim < 2 or att.size < _SOFTMAX_BLOCKED:
+        att += bias
         return _softmax_lastaxis_(att)
     nq, L = att.shape[-2:]
     mats = att.reshape(-1, nq, L)  # (M, nq, L) view
-    m = max(1, _BLOCK // max(1, nq * L))  # matrices per block
+    m = max(1, rt.BLOCK // max(1, nq * L))  # matrices per block
     for i in range(0, mats.shape[0], m):
         a = mats[i:i + m]  # (m, nq, L)
-        if bias is not None:
-            a += bias
+        a += bias
         a -= a.max(axis=-1, keepdims=True)
         np.exp(a, out=a)
         a /= a.sum(axis=-1, keepdims=True)  # (m, nq, 1): the same numbers as unblocked
@@ -785,18 +500,40 @@ def softmax(s):
     return _softmax_lastaxis_(s.copy())
 
 
-def _query_blocks(T: int) -> list[tuple[int, int]]:
-    """[(i0, i1), ...]: T queries cut into T // 64 blocks (1 to 4) of near-equal size (attention
-    forward + backward, one thread, 32 rows x 6 heads: T 128 45 ms with 2 blocks against 56 with 1;
-    T 256 155 ms with 4 against 160 with 2 and 168 with 8)."""
-    n = max(1, min(4, T // 64))
-    edges = [round(j * T / n) for j in range(n + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+def _masked_softmax_(att, scale, start, hidden_lo, hidden_hi, q0, self0, k0, causal):
+    """In place: att (b, H, nq, nk) holds q k^T for the queries q0..q0+nq-1 of each row (their
+    own key indices self0..self0+nq-1) and the keys k0..k0+nk-1; on exit softmax(scale att) over
+    the keys each query sees (layers.sees with the layout's start, hidden_lo, hidden_hi (b, S),
+    the rest 0). CuPy: one fused kernel; NumPy: one compiled loop, else the NumPy passes with an
+    -inf bias (a cached one for the causal mask, a block-sized one from the layout otherwise)."""
+    xp = get_array_module(att)
+    if kernels.use(att):
+        return kernels.masked_softmax_(att, scale, start, hidden_lo, hidden_hi, q0, self0, k0)
+    ck = rt.cpu_kernels(att) if att.flags.c_contiguous else None
+    if ck:
+        b, H, nq, nk = att.shape
+        ck.masked_softmax_(att.reshape(b * H, nq, nk), H, scale, start, hidden_lo, hidden_hi, q0, self0, k0)
+        return att
+    if scale != 1.0:
+        att *= att.dtype.type(scale)
+    nq, nk = att.shape[-2:]
+    if causal:
+        return _biased_softmax_(att, _causal_bias(xp, att.dtype, nq, k0 + nk, self0)[:, k0:])
+    sl = slice(q0, q0 + nq)
+    allowed = layers.sees(k0 + nk, start[:, sl], hidden_lo[:, sl], hidden_hi[:, sl], self0)  # (b, nq, k0 + nk)
+    t = att.dtype.type
+    bias = xp.where(allowed[:, None, :, k0:], t(0), t(-math.inf))  # (b, 1, nq, nk)
+    return _biased_softmax_(att, bias)
+
+
+def _causal_blocks(T: int) -> tuple:
+    """((i0, i1, 0), ...): the blocks of packing.query_blocks for causal queries (every key from 0)."""
+    return query_blocks(np.zeros((1, T), dtype=np.int64))
 
 
 def _batch_parts(B: int, work_per_row: int, xp) -> list[slice]:
     """Batch rows cut into one part per thread (NumPy); on CuPy one part."""
-    return _parts(B, work_per_row) if xp is np else [slice(0, B)]
+    return rt.parts(B, work_per_row) if xp is np else [slice(0, B)]
 
 
 _MKL_ATTENTION_T = 256  # from this T on, attention's products go through MKL's batched GEMM (C1, T 256:
@@ -807,14 +544,15 @@ _COPY_KV_T = 128  # from this T on, attention copies k and v (C1, T 256: -12 ms 
 _SOFTMAX_BLOCKED = 1 << 20  # elements: from this size on the masked softmax runs in L2-sized blocks
 
 
-def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
-    """layers.attention_forward with the causal skip: the queries i0..i1-1 of each block of
-    :func:`_query_blocks` are scored against keys 0..i1-1 only (the later keys are masked for all
-    of them). The batch rows are shared among the threads. CuPy: the scaled, masked softmax as one
-    kernel pass.
+def attention_forward(qkv, n_head, layout=None):
+    """layers.attention_forward block by block: the queries i0..i1-1 of each of the layout's query
+    blocks (packing.query_blocks) are scored against keys k0..i1-1 only, the keys they may see
+    (causal: from key 0; packed rows: from their sequences' start); the softmax applies the
+    layout's rule inside one kernel (_masked_softmax_). The batch rows are shared among the
+    threads.
 
-    Cache: (qs, k, v, atts, y) with qs = q / sqrt(D), atts each block's (B, H, i1 - i0, i1)
-    softmax and y the output, referenced.
+    Cache: (qs, k, v, atts, y, blocks, layout) with qs = q / sqrt(D), atts each block's
+    (B, H, i1 - i0, i1 - k0) softmax and y the output, referenced.
     """
     checks.qkv(qkv, n_head)
     xp = get_array_module(qkv)
@@ -822,266 +560,237 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
     C = C3 // 3
     D = C // n_head
     scale = qkv.dtype.type(1.0 / math.sqrt(D))
-    q, k_view, v_view = layers._split_heads(qkv, n_head)  # (B, H, T, D) views
+    causal = layout is None or layout.causal
+    blocks = _causal_blocks(T) if causal else layout.blocks
+    if causal:
+        start = lo = hi = _zero_rows(xp, B, T)
+    else:
+        start, lo, hi = layout.start, layout.hidden_lo, layout.hidden_hi  # (B, T) each
+    q, k_view, v_view = layers.split_heads(qkv, n_head)  # (B, H, T, D) views
     qs = xp.empty(q.shape, dtype=qkv.dtype)  # (B, H, T, D) = q / sqrt(D), filled per part
     copy_kv = T >= _COPY_KV_T  # (B, H, T, D) contiguous copies of k and v, filled per part: the
     k = xp.empty(q.shape, dtype=qkv.dtype) if copy_kv else k_view  # batched matmuls run faster
     v = xp.empty(q.shape, dtype=qkv.dtype) if copy_kv else v_view  # on them, and qkv is freed
-    fused = bias is None and attention_mask is None and kernels.use(qkv)
-    ck = cpu_kernels(qkv) if bias is None and attention_mask is None else None  # causal only
-    if bias is None and not (fused or ck):
-        bias = attention_bias(xp, qkv.dtype, T, T, 0, attention_mask)  # (T, T) or (B, 1, T, T)
+    fused = kernels.use(qkv)  # the CUDA kernel scales the raw scores itself
     yh = xp.empty((B, T, n_head, D), dtype=qkv.dtype)  # heads side by side
-    blocks = _query_blocks(T)
-    atts = [xp.empty((B, n_head, i1 - i0, i1), dtype=qkv.dtype) for i0, i1 in blocks]
-    mkl = _gemm_lib() if xp is np and T >= _MKL_ATTENTION_T else None  # MKL's batched GEMM
+    atts = [xp.empty((B, n_head, i1 - i0, i1 - k0), dtype=qkv.dtype) for i0, i1, k0 in blocks]
+    mkl = rt.gemm_lib() if xp is np and T >= _MKL_ATTENTION_T else None  # MKL's batched GEMM
 
     def part(bs):
         xp.multiply(q[bs], scale, out=qs[bs])
         if copy_kv:
             k[bs] = k_view[bs]
             v[bs] = v_view[bs]
-        bias_b = bias if bias is None or bias.ndim < 4 or bias.shape[0] == 1 else bias[bs]
-        for (i0, i1), att_full in zip(blocks, atts):
-            att = att_full[bs]  # (b, H, i1 - i0, i1)
-            kt = k[bs, :, :i1].transpose(0, 1, 3, 2)  # (b, H, D, i1)
-            if fused:
-                xp.matmul(q[bs, :, i0:i1], kt, out=att)  # unscaled
-                kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
-            elif ck:  # query i0 + r sees keys 0..i0 + r
-                _bmm(mkl, qs[bs, :, i0:i1], kt, att)
-                ck.causal_softmax_(att.reshape(-1, i1 - i0, i1), 1.0, i0)
-            else:
-                _bmm(mkl, qs[bs, :, i0:i1], kt, att)
-                _biased_softmax_(att, bias_b[..., i0:i1, :i1])
+        for (i0, i1, k0), att_full in zip(blocks, atts):
+            att = att_full[bs]  # (b, H, nq, nk)
+            kt = k[bs, :, k0:i1].transpose(0, 1, 3, 2)  # (b, H, D, nk)
+            _bmm(mkl, (q if fused else qs)[bs, :, i0:i1], kt, att)
+            _masked_softmax_(att, 1.0 / math.sqrt(D) if fused else 1.0, start[bs], lo[bs], hi[bs], i0, i0, k0,
+                             causal)
             if mkl is not None:  # straight into the heads-side-by-side output
-                mkl.bmm(att, v[bs, :, :i1], yh[bs, i0:i1].transpose(0, 2, 1, 3))
+                mkl.bmm(att, v[bs, :, k0:i1], yh[bs, i0:i1].transpose(0, 2, 1, 3))
             else:
-                yh[bs, i0:i1] = (att @ v[bs, :, :i1]).transpose(0, 2, 1, 3)  # (b, i1 - i0, H, D)
+                yh[bs, i0:i1] = (att @ v[bs, :, k0:i1]).transpose(0, 2, 1, 3)  # (b, nq, H, D)
 
-    parallel_for(part, _batch_parts(B, n_head * T * T, xp))
+    rt.parallel_for(part, _batch_parts(B, n_head * T * T, xp))
     y = yh.reshape(B, T, C)
-    return y, (qs, k, v, atts, y)
+    return y, (qs, k, v, atts, y, blocks)
 
 
 def attention_backward(dy, cache):
-    """layers.attention_backward, block by block as the forward: a block reaches keys 0..i1-1,
-    so their dk and dv sum the blocks that see them. The softmax's row sum is taken on the
-    (T, D) side, sum_j datt_ij att_ij = dy_i . y_i. The batch rows are shared among the threads.
-    CuPy: ds = att (datt - delta) in one pass."""
-    qs, k, v, atts, y = cache
+    """layers.attention_backward, block by block as the forward: block i0..i1-1 reaches keys
+    k0..i1-1, so their dk and dv sum the blocks that see them (a hidden key has att = 0: nothing).
+    The softmax's row sum is taken on the (T, D) side, sum_j datt_ij att_ij = dy_i . y_i. The batch
+    rows are shared among the threads. CuPy: ds = att (datt - delta) in one pass."""
+    qs, k, v, atts, y, blocks = cache
     xp = get_array_module(dy)
     B, H, T, D = qs.shape
     C = H * D
     scale = dy.dtype.type(1.0 / math.sqrt(D))
     dqkv = xp.empty((B, T, 3, H, D), dtype=dy.dtype)
     d = dqkv.transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D) view: dq, dk, dv
-    blocks = _query_blocks(T)
-    mkl = _gemm_lib() if xp is np and T >= _MKL_ATTENTION_T else None  # MKL: dq, dk, dv written or added
+    # the last block of a causal layout reaches every key, so dk and dv can be written by it and
+    # added to by the others; otherwise they start at 0
+    write_first = blocks[-1][1] == T and blocks[-1][2] == 0
+    mkl = rt.gemm_lib() if xp is np and T >= _MKL_ATTENTION_T else None  # MKL: dq, dk, dv written or added
 
     def part(bs):
         dyb = dy[bs]  # (b, T, C)
         b = dyb.shape[0]
+        if not write_first:
+            d[1][bs] = 0
+            d[2][bs] = 0
         dyh = dyb.reshape(b, T, H, D).transpose(0, 2, 1, 3)  # (b, H, T, D)
         delta = (dyb * y[bs]).reshape(b, T, H, D).sum(axis=-1)  # (b, T, H)
         delta = delta.transpose(0, 2, 1)[..., None]  # (b, H, T, 1)
-        ck = cpu_kernels(dyb, atts[0])
-        for (i0, i1), att_full in reversed(list(zip(blocks, atts))):  # the last block sees every key
-            att = att_full[bs]  # (b, H, nq, i1)
+        ck = rt.cpu_kernels(dyb, atts[0])
+        for (i0, i1, k0), att_full in reversed(list(zip(blocks, atts))):
+            att = att_full[bs]  # (b, H, nq, nk)
             dy_b = dyh[:, :, i0:i1]  # (b, H, nq, D)
-            first = i1 == T  # the first block here: dk, dv written; the others add theirs
+            first = write_first and i1 == T  # the last block, processed first, writes dk and dv
             if mkl is not None:
-                mkl.bmm(att.transpose(0, 1, 3, 2), dy_b, d[2][bs, :, :i1], beta=0.0 if first else 1.0)  # dv
-                ds = mkl.bmm(dy_b, v[bs, :, :i1].transpose(0, 1, 3, 2), np.empty(att.shape, dtype=dy.dtype))
+                mkl.bmm(att.transpose(0, 1, 3, 2), dy_b, d[2][bs, :, k0:i1], beta=0.0 if first else 1.0)  # dv
+                ds = mkl.bmm(dy_b, v[bs, :, k0:i1].transpose(0, 1, 3, 2), np.empty(att.shape, dtype=dy.dtype))
             else:
-                dv = att.transpose(0, 1, 3, 2) @ dy_b  # (b, H, i1, D)
-                ds = dy_b @ v[bs, :, :i1].transpose(0, 1, 3, 2)  # datt (b, H, nq, i1)
+                dv = att.transpose(0, 1, 3, 2) @ dy_b  # (b, H, nk, D)
+                ds = dy_b @ v[bs, :, k0:i1].transpose(0, 1, 3, 2)  # datt (b, H, nq, nk)
             if kernels.use(ds):
                 kernels.softmax_backward_(ds, att, delta[:, :, i0:i1])
             elif ck and ds.flags.c_contiguous and att.flags.c_contiguous:
-                nq = i1 - i0
-                ck.softmax_backward_(ds.reshape(-1, nq, i1), att.reshape(-1, nq, i1),
+                nq, nk = att.shape[-2:]
+                ck.softmax_backward_(ds.reshape(-1, nq, nk), att.reshape(-1, nq, nk),
                                      np.ascontiguousarray(delta[:, :, i0:i1, 0]).reshape(-1, nq))
             else:
                 ds -= delta[:, :, i0:i1]
                 ds *= att
             if mkl is not None:
-                mkl.bmm(ds.transpose(0, 1, 3, 2), qs[bs, :, i0:i1], d[1][bs, :, :i1], beta=0.0 if first else 1.0)
-                mkl.bmm(ds, k[bs, :, :i1], d[0][bs, :, i0:i1], alpha=float(scale))  # dq
+                mkl.bmm(ds.transpose(0, 1, 3, 2), qs[bs, :, i0:i1], d[1][bs, :, k0:i1], beta=0.0 if first else 1.0)
+                mkl.bmm(ds, k[bs, :, k0:i1], d[0][bs, :, i0:i1], alpha=float(scale))  # dq
                 continue
-            dk = ds.transpose(0, 1, 3, 2) @ qs[bs, :, i0:i1]  # (b, H, i1, D)
+            dk = ds.transpose(0, 1, 3, 2) @ qs[bs, :, i0:i1]  # (b, H, nk, D)
             if first:
                 d[2][bs], d[1][bs] = dv, dk
             else:
-                d[2][bs, :, :i1] += dv
-                d[1][bs, :, :i1] += dk
-            dq = ds @ k[bs, :, :i1]  # (b, H, nq, D)
+                d[2][bs, :, k0:i1] += dv
+                d[1][bs, :, k0:i1] += dk
+            dq = ds @ k[bs, :, k0:i1]  # (b, H, nq, D)
             dq *= scale
             d[0][bs, :, i0:i1] = dq
 
-    parallel_for(part, _batch_parts(B, H * T * T, xp))
+    rt.parallel_for(part, _batch_parts(B, H * T * T, xp))
     return dqkv.reshape(B, T, 3 * C), {}
 
 
-def attention_forward_kv(qkv, n_head, k_cache, v_cache, start, key_mask=None, *, bias=None):
-    """layers.attention_forward_kv, the scale applied to q; without padding with the causal skip
-    and, on CuPy, the fused causal softmax."""
+def attention_forward_kv(qkv, n_head, k_cache, v_cache, offset, start=None):
+    """layers.attention_forward_kv with the causal skip (query block i0..i1-1 scored against keys
+    0..offset + i1 - 1 only) and the fused masked softmax; start (B, T_new): each new query's
+    first visible key (a left-padded row)."""
     checks.qkv(qkv, n_head)
     xp = get_array_module(qkv)
     B, Tn, C3 = qkv.shape
     C = C3 // 3
     D = C // n_head
-    L = start + Tn
-    q, k, v = layers._split_heads(qkv, n_head)  # (B, H, Tn, D) views
-    k_cache[:, :, start:L] = k
-    v_cache[:, :, start:L] = v
+    L = offset + Tn
+    q, k, v = layers.split_heads(qkv, n_head)  # (B, H, Tn, D) views
+    k_cache[:, :, offset:L] = k
+    v_cache[:, :, offset:L] = v
     qs = q * qkv.dtype.type(1.0 / math.sqrt(D))  # (B, H, Tn, D)
-    if bias is not None or key_mask is not None:  # padding: one (B, H, Tn, L) softmax
-        att = qs @ k_cache[:, :, :L].transpose(0, 1, 3, 2)  # (B, H, Tn, L)
-        att += attention_bias(xp, qkv.dtype, Tn, L, start, key_mask) if bias is None else bias
-        _softmax_lastaxis_(att)
-        return (att @ v_cache[:, :, :L]).transpose(0, 2, 1, 3).reshape(B, Tn, C)  # (B, Tn, C)
+    causal = start is None
+    z = _zero_rows(xp, B, Tn)
+    start = z if causal else start
     yh = xp.empty((B, Tn, n_head, D), dtype=qkv.dtype)
-    ck = cpu_kernels(qkv)
-    mkl = _gemm_lib() if xp is np and start + Tn >= _MKL_ATTENTION_T else None  # MKL's batched GEMM
+    mkl = rt.gemm_lib() if xp is np and L >= _MKL_ATTENTION_T else None  # MKL's batched GEMM
+    fused = kernels.use(qkv)
 
-    def part(bs):  # query i (position start + i) sees keys 0 .. start + i
-        for i0, i1 in _query_blocks(Tn):
-            kt = k_cache[bs, :, : start + i1].transpose(0, 1, 3, 2)  # (b, H, D, start + i1)
-            if kernels.use(qkv):
-                att = q[bs, :, i0:i1] @ kt  # (b, H, i1 - i0, start + i1) unscaled
-                kernels.causal_softmax_(att, 1.0 / math.sqrt(D))
-            elif ck:
-                att = np.empty((qs[bs].shape[0], n_head, i1 - i0, start + i1), dtype=qkv.dtype)
-                _bmm(mkl, qs[bs, :, i0:i1], kt, att)  # (b, H, i1 - i0, start + i1)
-                ck.causal_softmax_(att.reshape(-1, i1 - i0, start + i1), 1.0, start + i0)
-            else:
-                att = qs[bs, :, i0:i1] @ kt
-                if i1 - i0 > 1:  # one query sees every key before it: no bias
-                    att += attention_bias(xp, qkv.dtype, i1 - i0, start + i1, start + i0)
-                _softmax_lastaxis_(att)
+    def part(bs):  # query i (key index offset + i) sees keys start[b, i] .. offset + i
+        for i0, i1, _ in _causal_blocks(Tn):
+            kt = k_cache[bs, :, : offset + i1].transpose(0, 1, 3, 2)  # (b, H, D, offset + i1)
+            att = xp.empty((qs[bs].shape[0], n_head, i1 - i0, offset + i1), dtype=qkv.dtype)
+            _bmm(mkl, (q if fused else qs)[bs, :, i0:i1], kt, att)  # (b, H, i1 - i0, offset + i1)
+            _masked_softmax_(att, 1.0 / math.sqrt(D) if fused else 1.0, start[bs], z[bs], z[bs], i0, offset + i0, 0,
+                             causal)
             if mkl is not None:
-                mkl.bmm(att, v_cache[bs, :, : start + i1], yh[bs, i0:i1].transpose(0, 2, 1, 3))
+                mkl.bmm(att, v_cache[bs, :, : offset + i1], yh[bs, i0:i1].transpose(0, 2, 1, 3))
             else:
-                yh[bs, i0:i1] = (att @ v_cache[bs, :, : start + i1]).transpose(0, 2, 1, 3)
+                yh[bs, i0:i1] = (att @ v_cache[bs, :, : offset + i1]).transpose(0, 2, 1, 3)
 
-    parallel_for(part, _batch_parts(B, n_head * Tn * L, xp))  # the batch rows shared among the threads
+    rt.parallel_for(part, _batch_parts(B, n_head * Tn * L, xp))  # the batch rows shared among the threads
     return yh.reshape(B, Tn, C)  # (B, Tn, C)
 
 
 # ------------------------------------------------------------------------------------ log pi(y|x)
 
-_PIECE = 1 << 18  # elements (1 MiB of float32) per piece of the (B, T-1, V) loops
+_PIECE = 1 << 18  # elements (1 MiB of float32) per piece of the (M, V) loops
 
 
-def _row_pieces(B: int, rows: int, V: int, xp):
-    """(batch slice, row slice) pieces of about _PIECE elements covering the (B, rows, V)
-    scoring rows: several batch rows, or some positions of one. On CuPy: the whole array."""
-    if xp is not np or B * rows * V <= _PIECE:
-        return [(slice(None), slice(None))]
-    if rows * V <= _PIECE:
-        nb = _PIECE // (rows * V)
-        return [(slice(b, b + nb), slice(None)) for b in range(0, B, nb)]
-    nt = max(1, _PIECE // V)
-    return [(slice(b, b + 1), slice(t, t + nt)) for b in range(B) for t in range(0, rows, nt)]
+def _row_pieces(M: int, V: int, xp) -> list[slice]:
+    """Slices of about _PIECE elements covering the M rows of an (M, V) array (on CuPy: one)."""
+    if xp is not np or M * V <= _PIECE:
+        return [slice(0, M)]
+    nm = max(1, _PIECE // max(V, 1))
+    return [slice(i, min(i + nm, M)) for i in range(0, M, nm)]
 
 
-def _token_logps(logits, safe_labels):
-    """lp = logits[label] - lse and lse, each (B, T-1), for the scoring rows 0..T-2, without a
-    (B, T-1, V) temporary. CuPy: one fused kernel, one read of each row."""
+def token_logps(logits, labels):
+    """logprobs.token_logps: lse in row pieces that stay in the cache, shared among the threads,
+    without an (M, V) temporary. CPU: one compiled loop a row; CuPy: one fused kernel."""
+    xp = get_array_module(logits, labels)
+    M, V = logits.shape
     if kernels.use(logits):
-        return kernels.logsoftmax_gather(logits, safe_labels)
-    xp = get_array_module(logits)
-    B, T, V = logits.shape
-    ck = cpu_kernels(logits) if logits.flags.c_contiguous and V else None
+        lp, lse = kernels.logsoftmax_gather(logits, labels)
+        return lp, {"logits": logits, "labels": labels, "lse": lse}
+    lse = xp.empty((M,), dtype=logits.dtype)
+    ck = rt.cpu_kernels(logits) if logits.flags.c_contiguous and V else None
     if ck:
-        lp = np.empty((B, T - 1), dtype=logits.dtype)
-        lse = np.empty((B, T - 1), dtype=logits.dtype)
-        labels = np.ascontiguousarray(safe_labels, dtype=np.int64)  # (B, T-1)
-        parallel_for(lambda bs: ck.logsoftmax_gather(logits, labels, lp, lse, bs.start, bs.stop), _parts(B, T * V))
-        return lp, lse
-    scoring = logits[:, :-1]  # (B, T-1, V) view
-    lse = xp.empty((B, T - 1), dtype=logits.dtype)
+        lp = np.empty((M,), dtype=logits.dtype)
+        lab = np.ascontiguousarray(labels, dtype=np.int64)
+        rt.parallel_for(lambda s: ck.logsoftmax_gather(logits, lab, lp, lse, s.start, s.stop), rt.parts(M, V))
+        return lp, {"logits": logits, "labels": labels, "lse": lse}
 
-    def piece(p):
-        bs, ts = p
-        lse[bs, ts] = logsumexp(scoring[bs, ts], axis=-1)
+    def piece(s):
+        lse[s] = logsumexp(logits[s], axis=-1)
 
-    parallel_for(piece, _row_pieces(B, T - 1, V, xp))  # the pieces shared among the threads
-    picked = scoring[xp.arange(B)[:, None], xp.arange(T - 1)[None, :], safe_labels]  # (B, T-1)
-    return picked - lse, lse
+    rt.parallel_for(piece, _row_pieces(M, V, xp))
+    lp = logits[xp.arange(M), labels] - lse  # (M,)
+    return lp, {"logits": logits, "labels": labels, "lse": lse}
 
 
-def sequence_logps(logits, labels, loss_mask, average: bool = False, *, validate: bool = True,
-                   allow_empty: bool = False):
-    """logprobs.sequence_logps, the log-softmax in cache-sized pieces (see :func:`_token_logps`)."""
-    checks.sequence_logps_args(logits, labels, loss_mask, validate=validate, allow_empty=allow_empty)
-    xp = get_array_module(logits, labels, loss_mask)
-    V = logits.shape[-1]
-    dt = logits.dtype
-    mask = loss_mask[:, 1:]  # (B, T-1)
-    mask = mask if mask.dtype == np.bool_ else (mask != 0)
-    counts = xp.sum(mask, axis=1, dtype=xp.int64)  # (B,)
-    safe = xp.where(mask, labels[:, 1:], 0)  # (B, T-1)
-    if not validate:
-        safe = xp.clip(safe, 0, V - 1)
-    lp, lse = _token_logps(logits, safe)  # (B, T-1), (B, T-1)
-    weights = mask.astype(dt)  # (B, T-1)
-    if average:
-        weights /= xp.maximum(counts, 1).astype(dt)[:, None]
-    logps = xp.sum(xp.where(mask, lp, dt.type(0)) * weights, axis=1)  # (B,)
-    return logps, {"logits": logits, "labels": safe, "lse": lse, "weights": weights, "token_counts": counts}
-
-
-def sequence_logps_backward(dlogps, cache, *, overwrite_logits: bool = False):
-    """logprobs.sequence_logps_backward writing one (B, T, V) array, piece by piece: the softmax
+def token_logps_backward(dlp, cache, *, overwrite_logits: bool = False):
+    """logprobs.token_logps_backward writing one (M, V) array, piece by piece: the softmax
     exp(logits - lse) into it, the one-hot subtracted in place, the row scale applied in place.
     ``overwrite_logits``: that array is the forward's logits (destroyed; call once per cache).
-    CuPy: the (B, T, V) array written in one kernel pass."""
-    logits = cache["logits"]
+    CPU: one compiled loop a row; CuPy: the (M, V) array written in one kernel pass."""
+    logits, labels, lse = cache["logits"], cache["labels"], cache["lse"]
     xp = get_array_module(logits)
-    B, T, V = logits.shape
+    M, V = logits.shape
     dt = logits.dtype
-    checks.dlogps(dlogps, B)
-    g = xp.asarray(dlogps).astype(dt, copy=False)[:, None] * cache["weights"]  # (B, T-1)
+    g = xp.asarray(dlp).astype(dt, copy=False)  # (M,)
     if kernels.use(logits) and logits.flags.c_contiguous:
-        return kernels.logsoftmax_gather_backward(logits, cache["lse"], cache["labels"], g,
-                                                  out=logits if overwrite_logits else None)
+        return kernels.logsoftmax_gather_backward(logits, lse, labels, g, out=logits if overwrite_logits else None)
     if overwrite_logits:
         if xp is np and not logits.flags.writeable:
             raise ValueError("overwrite_logits=True needs writable logits, got a read-only array")
-        dlogits = logits  # (B, T, V) the forward's buffer, reused
+        out = logits  # (M, V) the forward's buffer, reused
     else:
-        dlogits = xp.empty_like(logits)
-    lse, labels = cache["lse"], cache["labels"]
-    ck = cpu_kernels(logits, lse, g) if dlogits.flags.c_contiguous and V else None
+        out = xp.empty_like(logits)
+    ck = rt.cpu_kernels(logits, lse, g) if out.flags.c_contiguous and V else None
     if ck:
-        if dlogits is not logits:
-            np.copyto(dlogits, logits)  # the kernel works in place
-        lse_c, g_c = np.ascontiguousarray(lse, dtype=dt), np.ascontiguousarray(g, dtype=dt)  # (B, T-1)
+        if out is not logits:
+            np.copyto(out, logits)  # the kernel works in place
+        g_c = np.ascontiguousarray(g)
         lab = np.ascontiguousarray(labels, dtype=np.int64)
-        parallel_for(lambda bs: ck.logsoftmax_gather_backward_(dlogits, lse_c, lab, g_c, bs.start, bs.stop),
-                     _parts(B, T * V))
-        return dlogits
+        rt.parallel_for(lambda s: ck.logsoftmax_gather_backward_(out, lse, lab, g_c, s.start, s.stop), rt.parts(M, V))
+        return out
 
-    def piece(p):
-        bs, ts = p
-        body = dlogits[:, :-1][bs, ts]  # (b, t, V) view
-        xp.subtract(logits[:, :-1][bs, ts], lse[bs, ts][:, :, None], out=body)  # log p
+    def piece(s):
+        body = out[s]  # (m, V) view
+        xp.subtract(logits[s], lse[s][:, None], out=body)  # log p
         xp.exp(body, out=body)  # p
-        nb, nt = body.shape[:2]
-        body[xp.arange(nb)[:, None], xp.arange(nt)[None, :], labels[bs, ts]] -= dt.type(1)  # p - onehot
-        body *= (-g[bs, ts])[:, :, None]  # g (onehot - p)
+        body[xp.arange(body.shape[0]), labels[s]] -= dt.type(1)  # p - onehot
+        body *= (-g[s])[:, None]  # g (onehot - p)
 
-    parallel_for(piece, _row_pieces(B, T - 1, V, xp))  # the pieces shared among the threads
-    dlogits[:, -1] = 0
-    return dlogits
+    rt.parallel_for(piece, _row_pieces(M, V, xp))
+    return out
+
+
+def sequence_logps(logits, labels, weights):
+    """logprobs.sequence_logps on the fast token_logps: logps = weights @ lp."""
+    lp, cache = token_logps(logits, labels)  # (M,)
+    cache["weights"] = weights
+    return weights @ lp, cache
+
+
+def sequence_logps_backward(dlogps, cache, *, overwrite_logits: bool = False):
+    """logprobs.sequence_logps_backward on the fast token_logps_backward: dlp = weights^T dlogps."""
+    w = cache["weights"]
+    dlp = w.T @ get_array_module(w).asarray(dlogps).astype(w.dtype, copy=False)  # (M,)
+    return token_logps_backward(dlp, cache, overwrite_logits=overwrite_logits)
 
 
 # ------------------------------------------------------------------------------------ the two namespaces
 
-_NAMES = [*layers.__all__, "logsumexp", "log_softmax", "log_softmax_backward", "sequence_logps",
-          "sequence_logps_backward"]
+_NAMES = [n for n in layers.__all__ if n not in ("sees", "split_heads")] + logprobs.__all__
+"""The functions with a fast twin: every layer's forward and backward, the softmax, the log-probs."""
 PLAIN = SimpleNamespace(name="plain", **{n: getattr(layers, n, None) or getattr(logprobs, n) for n in _NAMES})
 """The plain reference: layers.py and logprobs.py."""
 FAST = SimpleNamespace(name="fast", **{n: globals()[n] for n in _NAMES})

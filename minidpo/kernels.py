@@ -9,10 +9,10 @@ of each output):
     gelu_forward / gelu_backward    GELU and its derivative, elementwise              fast.py
     layernorm_forward               mean, rstd and the normalised row, one block/row  fast.py
     layernorm_backward              dx one block per row; dw one reduction            fast.py
-    causal_softmax_                 scale, causal mask, softmax of attention scores   fast.py
+    masked_softmax_                 scale, the layout's mask, softmax of attention    fast.py
     softmax_backward_               ds = att * (datt - delta)                         fast.py
     logsoftmax_gather               logsumexp of a row and the label's log-prob       fast.py
-    logsoftmax_gather_backward      (B, T, V) written once: g * (onehot - softmax)    fast.py
+    logsoftmax_gather_backward      (M, V) written once: g * (onehot - softmax)       fast.py
     adamw_multi_tensor              AdamW for every parameter in one launch           optim.py
 
 The fast path dispatches in one visible line, ``if kernels.use(x):``. Each kernel's twin (in
@@ -26,7 +26,8 @@ Kernels are built lazily, on first use, one per dtype (float32 in training, floa
 gradient checks); importing this module never imports CuPy. Every kernel computes in the
 arrays' own dtype.
 
-Shape letters: B batch, T time, C channels, V vocabulary, H heads, N = B * T rows.
+Shape letters: B batch, T time, C channels, V vocabulary, H heads, N = B * T rows, M scored
+tokens (rows of the logits).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ __all__ = [
     "gelu_backward",
     "layernorm_forward",
     "layernorm_backward",
-    "causal_softmax_",
+    "masked_softmax_",
     "softmax_backward_",
     "logsoftmax_gather",
     "logsoftmax_gather_backward",
@@ -227,41 +228,55 @@ extern "C" __global__ void minidpo_layernorm_backward_dx(
 }
 """
 
-CAUSAL_SOFTMAX = _COMMON + r"""
-// In place over scores (rows, Tk), one block per row; row = ((b * H + h) * Tq + i), and query i
-// sits at absolute position i + (Tk - Tq), so it may attend to keys j <= i + Tk - Tq:
-//   att_j = exp(scale s_j - max) / sum_{j' allowed} exp(scale s_j' - max)  (allowed j), else 0
-extern "C" __global__ void minidpo_causal_softmax(
-        real* __restrict__ att, const long long rows, const int Tq, const int Tk, const real scale) {
+MASKED_SOFTMAX = _COMMON + r"""
+// In place over the scores of a query block, att (b, H, nq, nk), one block per row
+// row = (bi * H + h) * nq + i: query i of batch row bi reads its layout at column q0 + i of the
+// (b, S) arrays start, hidden_lo, hidden_hi (packing.Layout), sits at key index self0 + i, and the
+// row holds keys k0 .. k0 + nk - 1. Key j is visible iff
+//   start <= j <= self0 + i  and not  hidden_lo <= j < hidden_hi                  (layers.sees)
+// and att_j = exp(scale s_j - max) / sum over the visible j' of exp(scale s_j' - max), else 0.
+extern "C" __global__ void minidpo_masked_softmax(
+        real* __restrict__ att, const long long* __restrict__ start, const long long* __restrict__ hidden_lo,
+        const long long* __restrict__ hidden_hi, const long long rows, const int H, const int nq, const int nk,
+        const long long S, const long long q0, const long long self0, const long long k0, const real scale) {
     __shared__ real shared[32];
     const long long row = blockIdx.x;
     if (row >= rows) return;
-    const int last = (int)(row % Tq) + (Tk - Tq);      // last allowed key
-    real* a = att + row * Tk;
+    const long long i = row % nq, bi = row / ((long long)nq * H);
+    const long long at = bi * S + q0 + i;
+    const long long first = start[at], lo = hidden_lo[at], hi = hidden_hi[at], last = self0 + i;
+    real* a = att + row * nk;
     real mx = NEG_INF;
-    for (int j = threadIdx.x; j <= last; j += blockDim.x) mx = fmax(mx, scale * a[j]);
+    for (int c = threadIdx.x; c < nk; c += blockDim.x) {
+        const long long j = k0 + c;
+        if (j >= first && j <= last && !(j >= lo && j < hi)) mx = fmax(mx, scale * a[c]);
+    }
     mx = block_max(mx, shared);
     real s = 0;
-    for (int j = threadIdx.x; j <= last; j += blockDim.x) { real e = exp(scale * a[j] - mx); a[j] = e; s += e; }
+    for (int c = threadIdx.x; c < nk; c += blockDim.x) {
+        const long long j = k0 + c;
+        const bool seen = j >= first && j <= last && !(j >= lo && j < hi);
+        const real e = seen ? exp(scale * a[c] - mx) : (real)0;
+        a[c] = e;
+        s += e;
+    }
     const real inv = (real)1 / block_sum(s, shared);
-    for (int j = threadIdx.x; j < Tk; j += blockDim.x) a[j] = (j <= last) ? a[j] * inv : (real)0;
+    for (int c = threadIdx.x; c < nk; c += blockDim.x) a[c] *= inv;
 }
 """
 
 LOGSOFTMAX_GATHER = _COMMON + r"""
-// One block per scoring row r = b * (T - 1) + t of logits (B, T, V), t = 0 .. T-2:
-//   lse[r] = log sum_v exp(logits[b, t, v]),  lp[r] = logits[b, t, labels[r]] - lse[r]
+// One block per row m of logits (M, V), the logits that predict scored token m:
+//   lse[m] = log sum_v exp(logits[m, v]),  lp[m] = logits[m, labels[m]] - lse[m]
 // One read of the row: each thread keeps a running (max, sum of exp(x - max)) pair, and the
 // pairs are merged across the block.
 extern "C" __global__ void minidpo_logsoftmax_gather(
         const real* __restrict__ logits, const long long* __restrict__ labels,
-        real* __restrict__ lp, real* __restrict__ lse_out, const long long rows, const int T,
-        const long long V) {
+        real* __restrict__ lp, real* __restrict__ lse_out, const long long rows, const long long V) {
     __shared__ real shared[32];
     const long long r = blockIdx.x;
     if (r >= rows) return;
-    const long long b = r / (T - 1), t = r - b * (T - 1);
-    const real* x = logits + (b * T + t) * V;
+    const real* x = logits + r * V;
     real m = NEG_INF, s = 0;
     for (long long v = threadIdx.x; v < V; v += blockDim.x) {
         real xv = x[v];
@@ -283,24 +298,19 @@ extern "C" __global__ void minidpo_logsoftmax_gather(
 """
 
 LOGSOFTMAX_GATHER_BACKWARD = r"""
-// dlogits (B, T, V), written once (may alias logits: each entry is read, then written, by the
-// same thread). With r = b * (T - 1) + t and p = exp(logits - lse[r]):
-//   dlogits[b, t, v] = g[r] * (1[v == labels[r]] - p)     t = 0 .. T-2
-//   dlogits[b, T-1, v] = 0                                 (the last position scores nothing)
-// g[r] = dlogps[b] * w[b, t] is the upstream gradient of each scoring row.
+// dlogits (M, V), written once (may alias logits: each entry is read, then written, by the same
+// thread). With p = exp(logits - lse[m]):
+//   dlogits[m, v] = g[m] * (1[v == labels[m]] - p)
+// g[m] = d loss / d lp[m], the upstream gradient of each scored token's log-prob.
 extern "C" __global__ void minidpo_logsoftmax_gather_backward(
         const real* logits, const real* __restrict__ lse, const long long* __restrict__ labels,
-        const real* __restrict__ g, real* dlogits, const long long B, const int T,
-        const long long V) {
-    const long long total = B * T * V;
+        const real* __restrict__ g, real* dlogits, const long long M, const long long V) {
+    const long long total = M * V;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
-        const long long row = i / V, v = i - row * V;
-        const long long b = row / T, t = row - b * T;
-        if (t == T - 1) { dlogits[i] = (real)0; continue; }
-        const long long r = b * (T - 1) + t;
-        const real p = exp(logits[i] - lse[r]);
-        dlogits[i] = g[r] * (((v == labels[r]) ? (real)1 : (real)0) - p);
+        const long long m = i / V, v = i - m * V;
+        const real p = exp(logits[i] - lse[m]);
+        dlogits[i] = g[m] * (((v == labels[m]) ? (real)1 : (real)0) - p);
     }
 }
 """
@@ -340,7 +350,7 @@ extern "C" __global__ void minidpo_adamw_multi_tensor(
 RAW_SOURCES = {
     "layernorm_forward": (LAYERNORM_FORWARD, "minidpo_layernorm_forward"),
     "layernorm_backward_dx": (LAYERNORM_BACKWARD_DX, "minidpo_layernorm_backward_dx"),
-    "causal_softmax": (CAUSAL_SOFTMAX, "minidpo_causal_softmax"),
+    "masked_softmax": (MASKED_SOFTMAX, "minidpo_masked_softmax"),
     "logsoftmax_gather": (LOGSOFTMAX_GATHER, "minidpo_logsoftmax_gather"),
     "logsoftmax_gather_backward": (LOGSOFTMAX_GATHER_BACKWARD, "minidpo_logsoftmax_gather_backward"),
     "adamw_multi_tensor": (ADAMW_MULTI_TENSOR, "minidpo_adamw_multi_tensor"),
@@ -460,17 +470,22 @@ def layernorm_backward(dy2, x2, w, mean, rstd):
     return dx, dw, db
 
 
-def causal_softmax_(scores, scale: float):
-    """In place: scores (B, H, Tq, Tk) -> softmax(scale * scores + causal mask) over the last axis,
-    query i at position i + Tk - Tq. Twin: layers.softmax of the scaled scores plus layers.attention_bias."""
+def masked_softmax_(scores, scale: float, start, hidden_lo, hidden_hi, q0: int, self0: int, k0: int):
+    """In place: scores (b, H, nq, nk) -> softmax over the last axis of scale * scores, over the
+    keys each query sees (the layout's start, hidden_lo, hidden_hi (b, S) int64; query i reads
+    column q0 + i, sits at key index self0 + i; the row holds keys k0..k0 + nk - 1), 0 elsewhere.
+    Twin: layers.softmax of the scaled scores where layers.sees, -inf elsewhere."""
     if not scores.flags.c_contiguous:
-        raise ValueError("causal_softmax_ needs a C-contiguous scores array (it works in place)")
-    Tq, Tk = scores.shape[-2:]
-    rows = scores.size // Tk if Tk else 0
+        raise ValueError("masked_softmax_ needs a C-contiguous scores array (it works in place)")
+    cp = _cupy()
+    b, H, nq, nk = scores.shape
+    start, hidden_lo, hidden_hi = (cp.ascontiguousarray(a, dtype=cp.int64) for a in (start, hidden_lo, hidden_hi))
+    rows = scores.size // nk if nk else 0
     if rows:
-        _raw("causal_softmax", scores.dtype)((rows,), (_threads(Tk),),
-                                             (scores, np.int64(rows), np.int32(Tq), np.int32(Tk),
-                                              scores.dtype.type(scale)))
+        _raw("masked_softmax", scores.dtype)((rows,), (_threads(nk),),
+                                             (scores, start, hidden_lo, hidden_hi, np.int64(rows), np.int32(H),
+                                              np.int32(nq), np.int32(nk), np.int64(start.shape[1]), np.int64(q0),
+                                              np.int64(self0), np.int64(k0), scores.dtype.type(scale)))
     return scores
 
 
@@ -481,43 +496,39 @@ def softmax_backward_(datt, att, delta):
     return datt
 
 
-def logsoftmax_gather(logits, safe_labels):
-    """(lp (B, T-1), lse (B, T-1)) with lse = logsumexp of logits[:, :-1] over V and
-    lp = logits[b, t, safe_labels[b, t]] - lse, in one read of each scoring row.
-    Twin: the ``lse`` and ``lp`` lines of logprobs.sequence_logps."""
+def logsoftmax_gather(logits, labels):
+    """(lp (M,), lse (M,)) with lse = logsumexp of each row of logits (M, V) and lp = logits[m,
+    labels[m]] - lse, in one read of each row. Twin: logprobs.token_logps."""
     cp = _cupy()
     logits = cp.ascontiguousarray(logits)
-    labels = cp.ascontiguousarray(safe_labels, dtype=cp.int64)
-    B, T, V = logits.shape
-    rows = B * (T - 1)
-    lp = cp.empty((B, T - 1), dtype=logits.dtype)
-    lse = cp.empty((B, T - 1), dtype=logits.dtype)
-    if rows:
-        _raw("logsoftmax_gather", logits.dtype)((rows,), (_threads(V),),
-                                                (logits, labels, lp, lse, np.int64(rows), np.int32(T),
-                                                 np.int64(V)))
+    labels = cp.ascontiguousarray(labels, dtype=cp.int64)
+    M, V = logits.shape
+    lp = cp.empty((M,), dtype=logits.dtype)
+    lse = cp.empty((M,), dtype=logits.dtype)
+    if M:
+        _raw("logsoftmax_gather", logits.dtype)((M,), (_threads(V),),
+                                                (logits, labels, lp, lse, np.int64(M), np.int64(V)))
     return lp, lse
 
 
-def logsoftmax_gather_backward(logits, lse, safe_labels, g, out=None):
-    """dlogits (B, T, V) = g * (onehot(labels) - softmax(logits)) on rows t < T-1, 0 on t = T-1,
-    written in one pass. ``out`` may be ``logits`` itself (then it is overwritten).
-    Twin: logprobs.sequence_logps_backward. g, lse, safe_labels: (B, T-1)."""
+def logsoftmax_gather_backward(logits, lse, labels, g, out=None):
+    """dlogits (M, V) = g[m] (onehot(labels[m]) - softmax(logits[m])), written in one pass. ``out``
+    may be ``logits`` itself (then it is overwritten). Twin: logprobs.token_logps_backward.
+    lse, labels, g: (M,)."""
     cp = _cupy()
     if not logits.flags.c_contiguous:
         raise ValueError("logsoftmax_gather_backward needs C-contiguous logits")
-    B, T, V = logits.shape
+    M, V = logits.shape
     if out is None:
         out = cp.empty_like(logits)
     elif out.shape != logits.shape or out.dtype != logits.dtype or not out.flags.c_contiguous:
         raise ValueError("out must be a C-contiguous array of the logits' shape and dtype")
     lse, g = _contiguous(lse.astype(logits.dtype, copy=False), g.astype(logits.dtype, copy=False))
-    labels = cp.ascontiguousarray(safe_labels, dtype=cp.int64)
-    total = B * T * V
+    labels = cp.ascontiguousarray(labels, dtype=cp.int64)
+    total = M * V
     if total:
         _raw("logsoftmax_gather_backward", logits.dtype)((_grid_stride(total),), (256,),
-                                                         (logits, lse, labels, g, out, np.int64(B),
-                                                          np.int32(T), np.int64(V)))
+                                                         (logits, lse, labels, g, out, np.int64(M), np.int64(V)))
     return out
 
 
@@ -580,10 +591,12 @@ def _twin_layernorm_backward(dy2, x2, w, mean, rstd):
     return dx, g["w"], g["b"]
 
 
-def _twin_causal_softmax_(scores, scale):
+def _twin_masked_softmax_(scores, scale, start, hidden_lo, hidden_hi, q0, self0, k0):
     xp = get_array_module(scores)
-    Tq, Tk = scores.shape[-2:]
-    scores[...] = layers.softmax(scores * scale + layers.attention_bias(xp, scores.dtype, Tq, Tk, Tk - Tq))
+    nq, nk = scores.shape[-2:]
+    q = slice(q0, q0 + nq)
+    seen = layers.sees(k0 + nk, start[:, q], hidden_lo[:, q], hidden_hi[:, q], self0)[:, None, :, k0:]  # (b, 1, nq, nk)
+    scores[...] = layers.softmax(xp.where(seen, scores * scale, -math.inf))
     return scores
 
 
@@ -592,18 +605,13 @@ def _twin_softmax_backward_(datt, att, delta):
     return datt
 
 
-def _twin_logsoftmax_gather(logits, safe_labels):
-    xp = get_array_module(logits)
-    lse = logprobs.logsumexp(logits[:, :-1], axis=-1)  # (B, T-1)
-    lp = xp.take_along_axis(logits[:, :-1], safe_labels[:, :, None], axis=-1)[:, :, 0] - lse
-    return lp, lse
+def _twin_logsoftmax_gather(logits, labels):
+    lp, cache = logprobs.token_logps(logits, labels)
+    return lp, cache["lse"]
 
 
-def _twin_logsoftmax_gather_backward(logits, lse, safe_labels, g, out=None):
-    dt = logits.dtype
-    xp = get_array_module(logits)
-    cache = {"logits": logits, "lse": lse, "labels": safe_labels, "weights": g}
-    d = logprobs.sequence_logps_backward(xp.ones(logits.shape[0], dtype=dt), cache)
+def _twin_logsoftmax_gather_backward(logits, lse, labels, g, out=None):
+    d = logprobs.token_logps_backward(g, {"logits": logits, "labels": labels, "lse": lse})
     if out is None:
         return d
     out[...] = d
@@ -615,7 +623,7 @@ TWINS = {
     "gelu_backward": (gelu_backward, _twin_gelu_backward),
     "layernorm_forward": (layernorm_forward, _twin_layernorm_forward),
     "layernorm_backward": (layernorm_backward, _twin_layernorm_backward),
-    "causal_softmax_": (causal_softmax_, _twin_causal_softmax_),
+    "masked_softmax_": (masked_softmax_, _twin_masked_softmax_),
     "softmax_backward_": (softmax_backward_, _twin_softmax_backward_),
     "logsoftmax_gather": (logsoftmax_gather, _twin_logsoftmax_gather),
     "logsoftmax_gather_backward": (logsoftmax_gather_backward, _twin_logsoftmax_gather_backward),

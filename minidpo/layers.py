@@ -27,7 +27,7 @@ __all__ = [
     "gelu_forward", "gelu_backward",
     "attention_forward", "attention_backward", "attention_forward_kv",
     "unembed_forward", "unembed_backward",
-    "attention_bias", "softmax",
+    "sees", "split_heads", "softmax",
 ]
 
 
@@ -167,44 +167,51 @@ def softmax(s):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention_bias(xp, dtype, t_q, t_k, offset=0, key_mask=None):
-    """Additive bias: 0 where query i (at position offset + i) may see key j, -inf where not.
+def sees(n_keys, start=None, hidden_lo=None, hidden_hi=None, offset=0, n_queries=None):
+    """The attention mask: may query i see key j?  (a batch's layout, packing.Layout)
 
-    Allowed: j <= offset + i (causal) and key_mask[b, j] != 0 (not padding); the query's own
-    position is always allowed, so every softmax row has a finite entry (a pad query sees itself).
-    Returns (t_q, t_k) without a key mask, else (B, 1, t_q, t_k); dtype ``dtype``.
+        sees[i, j] = start[i] <= j <= offset + i  and not  hidden_lo[i] <= j < hidden_hi[i]
+
+    Query i sits at key index offset + i (a KV cache's new tokens come after ``offset`` cached
+    ones) and never sees a later key. start, hidden_lo, hidden_hi: (..., Tq) ints, or None for the
+    causal mask (start 0, nothing hidden; then n_queries gives Tq).
+    Returns bool (..., Tq, n_keys), or (Tq, n_keys) for the causal mask.
     """
-    j = xp.arange(t_k)[None, :]  # (1, t_k)
-    i = offset + xp.arange(t_q)[:, None]  # (t_q, 1)
-    allowed = j <= i  # (t_q, t_k)
-    if key_mask is not None:
-        allowed = allowed & ((key_mask != 0)[:, None, None, :] | (j == i))  # (B, 1, t_q, t_k)
-    return xp.where(allowed, 0.0, -math.inf).astype(dtype)
+    xp = get_array_module(*[a for a in (start, hidden_lo, hidden_hi) if a is not None])
+    Tq = start.shape[-1] if start is not None else n_queries
+    j = xp.arange(n_keys)  # (n_keys,) key index
+    i = offset + xp.arange(Tq)[:, None]  # (Tq, 1) each query's own index among the keys
+    if start is None:
+        return j <= i
+    start, lo, hi = start[..., None], hidden_lo[..., None], hidden_hi[..., None]  # (..., Tq, 1)
+    return (start <= j) & (j <= i) & ~((lo <= j) & (j < hi))
 
 
-def _split_heads(qkv, n_head):
-    """(B, T, 3C) -> q, k, v, each (B, H, T, D)."""
+def split_heads(qkv, n_head):
+    """(B, T, 3C) -> q, k, v, each (B, H, T, D) (views)."""
     B, T, C3 = qkv.shape
     qkv5 = qkv.reshape(B, T, 3, n_head, C3 // 3 // n_head)  # (B, T, 3, H, D)
     return [qkv5[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]
 
 
-def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
+def attention_forward(qkv, n_head, layout=None):
     """q, k, v = split(qkv)                          each (B, H, T, D)
-    att = softmax(q k^T / sqrt(D) + bias)            (B, H, T, T)
+    att = softmax(q k^T / sqrt(D)) over the keys each query sees     (B, H, T, T)
     y = att v, heads side by side                    (B, T, C)
 
-    qkv (B, T, 3C) = [q | k | v]; attention_mask None or (B, T) key padding (1 real, 0 pad);
-    bias: optionally the precomputed attention_bias(xp, dtype, T, T, 0, attention_mask).
+    qkv (B, T, 3C) = [q | k | v]; layout: None for causal attention (query i sees keys 0..i), or
+    a packing.Layout of the batch (its start, hidden_lo, hidden_hi: :func:`sees`).
     """
     checks.qkv(qkv, n_head)
-    xp = get_array_module(qkv)
     B, T, _ = qkv.shape
-    q, k, v = _split_heads(qkv, n_head)  # (B, H, T, D)
+    q, k, v = split_heads(qkv, n_head)  # (B, H, T, D)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if bias is None:
-        bias = attention_bias(xp, qkv.dtype, T, T, 0, attention_mask)  # (T, T) or (B, 1, T, T)
-    att = softmax(q @ k.transpose(0, 1, 3, 2) * scale + bias)  # (B, H, T, T)
+    if layout is None or layout.causal:
+        mask = sees(T, n_queries=T)  # (T, T)
+    else:
+        mask = sees(T, layout.start, layout.hidden_lo, layout.hidden_hi)[:, None]  # (B, 1, T, T)
+    s = q @ k.transpose(0, 1, 3, 2) * scale  # (B, H, T, T)
+    att = softmax(get_array_module(s).where(mask, s, -math.inf))  # a hidden key: exp(-inf) = 0
     y = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, -1)  # (B, T, C)
     return y, (q, k, v, att)
 
@@ -212,9 +219,9 @@ def attention_forward(qkv, n_head, attention_mask=None, *, bias=None):
 def attention_backward(dy, cache):
     """forward:  y = att v
     backward: datt = dy v^T;  dv = att^T dy
-    forward:  att = softmax(s)   (row-wise)
-    backward: ds = att * (datt - sum_j datt_j att_j)
-    forward:  s = q k^T / sqrt(D) + bias   (bias is a constant)
+    forward:  att = softmax(s)   (row-wise, over the keys the query sees)
+    backward: ds = att * (datt - sum_j datt_j att_j)   (0 where att is 0: a hidden key gets none)
+    forward:  s = q k^T / sqrt(D)
     backward: dq = ds k / sqrt(D);  dk = ds^T q / sqrt(D)
 
     dy (B, T, C) -> dqkv (B, T, 3C) laid out like qkv, and {} (the projections are linear layers).
@@ -233,28 +240,33 @@ def attention_backward(dy, cache):
     return dqkv.transpose(0, 3, 2, 1, 4).reshape(B, T, 3 * H * D), {}  # (B, T, 3, H, D) -> (B, T, 3C)
 
 
-def attention_forward_kv(qkv, n_head, k_cache, v_cache, start, key_mask=None, *, bias=None):
+def attention_forward_kv(qkv, n_head, k_cache, v_cache, offset, start=None):
     """Inference-only attention of T_new new tokens against every cached one (no backward).
 
-    The new keys and values are written into the caches at start .. start + T_new - 1; then
-        att = softmax(q K^T / sqrt(D) + bias),  y = att V        over all L = start + T_new keys,
-    with bias = attention_bias(xp, dtype, T_new, L, start, key_mask) unless given. On the same
-    tokens this is attention_forward, one chunk at a time.
+    The new keys and values are written into the caches at offset .. offset + T_new - 1; then
+        att = softmax(q K^T / sqrt(D)) over the keys each query sees,  y = att V
+    over all L = offset + T_new keys, new query i (key index offset + i) seeing keys start[b, i]
+    .. offset + i (:func:`sees`; start None: all of them, the causal mask). On the same tokens
+    this is attention_forward, one chunk at a time.
 
-    qkv (B, T_new, 3C); k_cache, v_cache (B, H, capacity, D), written in place; key_mask None or
-    (B, L). Returns y (B, T_new, C).
+    qkv (B, T_new, 3C); k_cache, v_cache (B, H, capacity, D), written in place; start None or
+    (B, T_new) ints (a left-padded row's first real token; a pad's own index). Returns y (B, T_new, C).
     """
     checks.qkv(qkv, n_head)
     xp = get_array_module(qkv)
     B, Tn, _ = qkv.shape
-    L = start + Tn
-    q, k, v = _split_heads(qkv, n_head)  # (B, H, Tn, D)
-    k_cache[:, :, start:L] = k
-    v_cache[:, :, start:L] = v
-    if bias is None:
-        bias = attention_bias(xp, qkv.dtype, Tn, L, start, key_mask)  # (Tn, L) or (B, 1, Tn, L)
+    L = offset + Tn
+    q, k, v = split_heads(qkv, n_head)  # (B, H, Tn, D)
+    k_cache[:, :, offset:L] = k
+    v_cache[:, :, offset:L] = v
+    if start is None:
+        mask = sees(L, offset=offset, n_queries=Tn)  # (Tn, L)
+    else:
+        zero = xp.zeros_like(start)
+        mask = sees(L, start, zero, zero, offset)[:, None]  # (B, 1, Tn, L)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    att = softmax(q @ k_cache[:, :, :L].transpose(0, 1, 3, 2) * scale + bias)  # (B, H, Tn, L)
+    s = q @ k_cache[:, :, :L].transpose(0, 1, 3, 2) * scale  # (B, H, Tn, L)
+    att = softmax(xp.where(mask, s, -math.inf))
     return (att @ v_cache[:, :, :L]).transpose(0, 2, 1, 3).reshape(B, Tn, -1)  # (B, Tn, C)
 
 
@@ -262,21 +274,21 @@ def attention_forward_kv(qkv, n_head, k_cache, v_cache, start, key_mask=None, *,
 
 
 def unembed_forward(x, wte):
-    """logits = x @ wte^T.   x (B, T, C), wte (V, C) -> logits (B, T, V); the cache is (x, wte)."""
-    B, T, C = x.shape
-    logits = x.reshape(B * T, C) @ wte.T  # (N, V)
-    return logits.reshape(B, T, wte.shape[0]), (x, wte)
+    """logits = x @ wte^T.   x (..., C), wte (V, C) -> logits (..., V); the cache is (x, wte)."""
+    C = x.shape[-1]
+    logits = x.reshape(-1, C) @ wte.T  # (N, V)
+    return logits.reshape(*x.shape[:-1], wte.shape[0]), (x, wte)
 
 
 def unembed_backward(dlogits, cache):
     """forward:  logits = x @ wte^T
     backward: dx = dlogits @ wte;  dwte = dlogits^T @ x   (this use's share of the tied weight)
 
-    dlogits (B, T, V) -> dx (B, T, C), {"wte": (V, C)}.
+    dlogits (..., V) -> dx (..., C), {"wte": (V, C)}.
     """
     x, wte = cache
-    B, T, C = x.shape
-    dl2 = dlogits.reshape(B * T, wte.shape[0])  # (N, V)
-    dx = (dl2 @ wte).reshape(B, T, C)  # (B, T, C)
-    dwte = dl2.T @ x.reshape(B * T, C)  # (V, C)
+    C = x.shape[-1]
+    dl2 = dlogits.reshape(-1, wte.shape[0])  # (N, V)
+    dx = (dl2 @ wte).reshape(x.shape)  # (..., C)
+    dwte = dl2.T @ x.reshape(-1, C)  # (V, C)
     return dx, {"wte": dwte}

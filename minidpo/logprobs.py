@@ -6,29 +6,26 @@ response tokens,
 
     log pi(y|x) = sum_k log pi(y_k | x, y_<k),                                       (R)
 
-read off the logits. Conventions (those of the official DPO code, `_get_batch_logps`):
+each term read off the logits of the position just before y_k. A batch (packing.Batch) says
+which: the logits of M positions (``logits_at``) predict the M scored tokens (``labels``), and
+``weights`` (E, M) say which tokens make up each of the E examples (1, or 1/n_e for the
+per-token mean that IPO's official code uses). So, with the model's logits at those positions,
 
-- ``labels`` are the input ids themselves (B, T): the token at t+1 is scored by the logits at
-  t, so the last position's logits score nothing and the token at position 0 is never scored.
-- ``loss_mask`` (B, T) marks LABEL positions: loss_mask[b, t] says whether labels[b, t] counts.
-  Other positions may hold any label, -100 included: they become 0 before the gather (-100 is
-  a legal negative index in NumPy and CuPy) and their terms are masked out.
+    lp[m]    = log softmax(logits[m])[labels[m]]          log pi(y_k | x, y_<k)     (M,)
+    logps[e] = sum_m weights[e, m] lp[m]                   (R), or its mean          (E,)
 
-So, with lp[b, t] = log softmax(logits[b, t])[labels[b, t+1]] for t = 0 .. T-2,
-
-    logps[b] = sum_t loss_mask[b, t+1] * lp[b, t]                         (R)
-    logps[b] = (R) / n[b],   n[b] = sum_t loss_mask[b, t+1]               (average=True)
-
-Shapes: B batch rows, T time, V vocabulary. Dtypes are preserved. minidpo/fast.py has the same
-functions made fast (the log-softmax in cache-sized pieces, a fused CUDA kernel on the GPU).
+Only the scored positions reach the output projection, so no logits of the prompt or the
+padding are computed, and there is nothing to mask. Shapes: M scored tokens, V vocabulary, E
+examples. Dtypes are preserved. minidpo/fast.py has the same functions made fast (the
+log-softmax in cache-sized pieces, fused CPU and CUDA kernels).
 """
 
 from __future__ import annotations
 
-from . import checks
 from .backend import get_array_module
 
-__all__ = ["logsumexp", "log_softmax", "log_softmax_backward", "sequence_logps", "sequence_logps_backward"]
+__all__ = ["logsumexp", "log_softmax", "log_softmax_backward", "token_logps", "token_logps_backward",
+           "sequence_logps", "sequence_logps_backward"]
 
 
 def logsumexp(x, axis: int = -1, keepdims: bool = False):
@@ -62,55 +59,57 @@ def log_softmax_backward(dlogp, logp, axis: int = -1):
     return dlogp - xp.exp(logp) * xp.sum(dlogp, axis=axis, keepdims=True)
 
 
-def sequence_logps(logits, labels, loss_mask, average: bool = False, *, validate: bool = True,
-                   allow_empty: bool = False):
-    """(R) for each row: the masked sum (or mean) of its response tokens' log-probs.
+def token_logps(logits, labels):
+    """The log-prob of each scored token:
 
-        y[b, t]   = labels[b, t+1], or 0 where it does not count               (B, T-1)
-        lse[b, t] = logsumexp_v logits[b, t, v]                                 (B, T-1)
-        lp[b, t]  = logits[b, t, y[b, t]] - lse[b, t]                           (B, T-1)
-        logps[b]  = sum_t w[b, t] lp[b, t],   w = mask (or mask / n)            (B,)
+        lse[m] = logsumexp_v logits[m, v]                  (M,)
+        lp[m]  = logits[m, labels[m]] - lse[m]             (M,)   log pi(y_k | x, y_<k)
 
-    ``average=False`` is eq. (7)'s log pi(y|x); True gives the per-token mean (the official
-    code's IPO). A row with no counted token is an error unless ``allow_empty`` (its log pi would
-    be 0 for any policy). ``validate`` checks the counted labels' range and empty rows (one host
-    sync on a GPU); unchecked, labels are clipped into [0, V).
-
-    Args: logits (B, T, V) float; labels (B, T) int; loss_mask (B, T) bool or 0/1 (column 0 unused).
-    Returns: logps (B,), and the cache {"logits" (referenced), "labels" y, "lse", "weights" w,
-        "token_counts" n (B,) int64}.
+    logits (M, V) float, the logits that predict each token; labels (M,) int in [0, V).
+    Returns lp (M,) and the cache {"logits" (referenced), "labels", "lse"}.
     """
-    checks.sequence_logps_args(logits, labels, loss_mask, validate=validate, allow_empty=allow_empty)
-    xp = get_array_module(logits, labels, loss_mask)
+    xp = get_array_module(logits, labels)
+    M = logits.shape[0]
+    lse = logsumexp(logits, axis=-1)  # (M,)
+    lp = logits[xp.arange(M), labels] - lse  # (M,)
+    return lp, {"logits": logits, "labels": labels, "lse": lse}
+
+
+def token_logps_backward(dlp, cache, *, overwrite_logits: bool = False):
+    """forward:  lp[m] = logits[m, y_m] - lse[m]
+    backward: d lse[m] / d logits[m, v] = softmax(logits[m])_v = p[m, v], so
+              dlogits[m, v] = dlp[m] (1[v == y_m] - p[m, v])
+
+    dlp (M,) -> dlogits (M, V), the logits' dtype. ``overwrite_logits`` is the fast twin's memory
+    option; the plain code always writes a new array.
+    """
+    logits, labels, lse = cache["logits"], cache["labels"], cache["lse"]
+    xp = get_array_module(logits)
     V = logits.shape[-1]
-    mask = loss_mask[:, 1:] != 0  # (B, T-1) the label at t+1 counts
-    y = xp.clip(xp.where(mask, labels[:, 1:], 0), 0, V - 1)  # (B, T-1) never index with an ignored label
-    lse = logsumexp(logits[:, :-1], axis=-1)  # (B, T-1)
-    lp = xp.take_along_axis(logits[:, :-1], y[:, :, None], axis=-1)[:, :, 0] - lse  # (B, T-1)
-    n = mask.sum(axis=1, dtype=xp.int64)  # (B,)
-    w = mask.astype(logits.dtype)  # (B, T-1)
-    if average:
-        w = w / xp.maximum(n, 1).astype(logits.dtype)[:, None]
-    logps = (xp.where(mask, lp, 0.0) * w).sum(axis=1)  # (B,) a masked lp may be anything: where, not *
-    return logps, {"logits": logits, "labels": y, "lse": lse, "weights": w, "token_counts": n}
+    p = xp.exp(logits - lse[:, None])  # (M, V) softmax
+    onehot = xp.arange(V) == labels[:, None]  # (M, V)
+    return xp.asarray(dlp).astype(logits.dtype)[:, None] * (onehot - p)
+
+
+def sequence_logps(logits, labels, weights):
+    """(R) for each example: its tokens' log-probs summed (or averaged), eq. (7)'s log pi(y|x).
+
+        lp       = token_logps(logits, labels)             (M,)
+        logps[e] = sum_m weights[e, m] lp[m]                (E,)
+
+    logits (M, V) at the scored positions; labels (M,) int; weights (E, M) of the logits' dtype
+    (packing.Batch.weights). Returns logps (E,) and the cache (token_logps' plus "weights").
+    """
+    lp, cache = token_logps(logits, labels)  # (M,)
+    cache["weights"] = weights
+    return weights @ lp, cache
 
 
 def sequence_logps_backward(dlogps, cache, *, overwrite_logits: bool = False):
-    """forward:  logps[b] = sum_t w[b, t] (logits[b, t, y] - lse[b, t]),  y = labels[b, t+1]
-    backward: d lse / d logits[b, t, v] = softmax(logits[b, t])_v = p[b, t, v], so
-              dlogits[b, t, v] = dlogps[b] w[b, t] (1[v == y] - p[b, t, v])    t = 0 .. T-2
-              dlogits[b, T-1, :] = 0                     (the last position scores nothing)
+    """forward:  logps = weights @ lp
+    backward: dlp = weights^T @ dlogps  (M,), then token_logps_backward.
 
-    dlogps (B,) -> dlogits (B, T, V), the logits' dtype. ``overwrite_logits`` is the fast twin's
-    memory option; the plain code always writes a new array.
-    """
-    logits = cache["logits"]
-    checks.dlogps(dlogps, logits.shape[0])
-    xp = get_array_module(logits)
-    V = logits.shape[-1]
-    g = xp.asarray(dlogps).astype(logits.dtype)[:, None] * cache["weights"]  # (B, T-1)
-    p = xp.exp(logits[:, :-1] - cache["lse"][:, :, None])  # (B, T-1, V) softmax
-    onehot = xp.arange(V) == cache["labels"][:, :, None]  # (B, T-1, V)
-    dlogits = xp.zeros_like(logits)  # (B, T, V)
-    dlogits[:, :-1] = g[:, :, None] * (onehot - p)
-    return dlogits
+    dlogps (E,) -> dlogits (M, V)."""
+    w = cache["weights"]
+    dlp = w.T @ get_array_module(w).asarray(dlogps).astype(w.dtype)  # (M,)
+    return token_logps_backward(dlp, cache, overwrite_logits=overwrite_logits)

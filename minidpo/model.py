@@ -2,8 +2,10 @@
 
 The model is the composition of the layers in layers.py; its backward calls their backwards in
 exact reverse order. The layer functions come from ``fast.ops()``: fast.py's twins by default,
-layers.py itself under ``fast.plain()``. One block function serves the training forward and the
-KV-cache forward. Parameters are one flat dict keyed by the names of a GPT-2 checkpoint
+layers.py itself under ``fast.plain()``. ONE block function (:func:`block_forward`,
+:func:`block_backward`) serves every batch layout (padded, shared prompts, packed rows: a
+packing.Layout is data for the block's attention, never a copy of the block), training and
+evaluation, SFT, DPO, the reward model and PPO, and the KV-cache forward of sampling. Parameters are one flat dict keyed by the names of a GPT-2 checkpoint
 (``transformer.h.0.attn.c_attn.weight`` ...), in GPT-2's Conv1D layout (in, out), with the
 output projection tied to ``transformer.wte.weight`` (there is no ``lm_head.weight`` key), so a
 GPT-2 checkpoint loads without renames.
@@ -16,8 +18,9 @@ One block (pre-norm, as GPT-2):
 Residual gradients add: for ``x_out = x + f(x)``, ``dx = dx_out + (df/dx)^T dx_out``; the
 backward computes the branch's input gradient and adds it into the residual gradient in place.
 
-Shape letters: B batch, T time, C channels (n_embd), V vocabulary, H heads, D head size,
-L keys in a KV cache.
+Shape letters: B batch, T time, C channels (n_embd), V vocabulary, H heads, D head size;
+a batch of R rows of L tokens with M scored positions (packing.Batch); L also the keys in a
+KV cache.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from . import fast
-from .backend import get_array_module, get_backend
+from .backend import get_array_module, get_backend, scatter_add, to_numpy
+from .packing import Layout
 
 __all__ = [
     "GPTConfig",
@@ -45,7 +49,7 @@ __all__ = [
     "init_kv_cache",
     "gpt_forward_kv",
     "block_forward",
-    "inference_logits",
+    "block_backward",
 ]
 
 
@@ -285,9 +289,8 @@ def _check_range(a, name, upper, what):
         raise ValueError(f"{name} must lie in [0, {upper}) ({what}), got values in [{lo}, {hi}]")
 
 
-def _check_inputs(idx, config, xp, attention_mask, position_ids, validate, mask_len=None):
-    """Validate and move to the device: idx (B, T), attention_mask (B, mask_len or T),
-    position_ids (T,) or (B, T)."""
+def _check_inputs(idx, config, xp, position_ids, validate):
+    """Validate and move to the device: idx (B, T), position_ids (T,) or (B, T)."""
     idx = _as_int_array(idx, "idx", xp, (2,), config.vocab_size if validate else None, "vocab_size")
     B, T = idx.shape
     if B == 0 or T == 0:
@@ -297,18 +300,17 @@ def _check_inputs(idx, config, xp, attention_mask, position_ids, validate, mask_
                                      config.n_ctx if validate else None, "n_ctx")
         if position_ids.shape not in ((T,), (B, T)):
             raise ValueError(f"position_ids must have shape ({T},) or ({B}, {T}), got {tuple(position_ids.shape)}")
-    if attention_mask is not None:
-        if get_array_module(attention_mask) is not np and xp is np:
-            raise TypeError("attention_mask is a GPU array but the parameters are NumPy arrays")
-        if not hasattr(attention_mask, "dtype"):
-            attention_mask = np.asarray(attention_mask)
-        if attention_mask.dtype.kind not in "biuf":
-            raise TypeError(f"attention_mask must be a 0/1 array, got dtype {attention_mask.dtype}")
-        want = (B, T if mask_len is None else mask_len)
-        if tuple(attention_mask.shape) != want:
-            raise ValueError(f"attention_mask must have shape {want}, got {tuple(attention_mask.shape)}")
-        attention_mask = xp.asarray(attention_mask)
-    return idx, attention_mask, position_ids
+    return idx, position_ids
+
+
+def _host_mask(attention_mask, shape) -> np.ndarray:
+    """A (B, T) key-padding mask as host bools (1 real token, 0 pad), checked."""
+    m = to_numpy(attention_mask)
+    if m.dtype.kind not in "biuf":
+        raise TypeError(f"attention_mask must be a 0/1 array, got dtype {m.dtype}")
+    if tuple(m.shape) != tuple(shape):
+        raise ValueError(f"attention_mask must have shape {tuple(shape)}, got {tuple(m.shape)}")
+    return m != 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +329,8 @@ def block_forward(ops, p, n: str, x, eps: float, attend, keep=None):
         p: the params; n: this block's name prefix, "transformer.h.{i}.".
         x: (B, T, C) the residual stream.
         eps: the layernorms' epsilon.
-        attend: (B, T, 3C) qkv -> ((B, T, C), cache): causal attention with or without a KV cache.
+        attend: (B, T, 3C) qkv -> ((B, T, C), cache): the attention of the batch's layout, or of a
+            KV cache.
         keep: None, or a list that receives each layer's cache in forward order (training).
     Returns:
         x: (B, T, C).
@@ -373,58 +376,75 @@ def block_backward(ops, dx, caches, grads: dict, n: str):
     return dx
 
 
-def gpt_forward(params, idx, config: GPTConfig, attention_mask=None, position_ids=None, *, validate=True):
-    """Logits of every position, and the cache :func:`gpt_backward` needs.
+def gpt_forward(params, idx, config: GPTConfig, layout: Layout | None = None, *, logits_at=None,
+                keep_cache: bool = True, validate: bool = True):
+    """Logits, and the cache :func:`gpt_backward` needs; every batch layout runs through here.
 
-        x = wte[idx] + wpe[pos]                                   (B, T, C)
+        x = wte[idx] + wpe[pos]                                   (R, L, C)
         for each block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
-        logits = ln_f(x) @ wte^T                                  (B, T, V)
+        h = ln_f(x), at every position or at logits_at only      (R, L, C) or (M, C)
+        logits = h @ wte^T                                        (R, L, V) or (M, V)
 
-    Padding. Training batches are right-padded and the loss is masked: causal attention already
-    keeps every real token from attending to the pad tokens after it, so no attention mask is
-    needed. ``attention_mask`` and ``position_ids`` exist for left-padded batches (generation).
+    The batch's layout (packing.Layout) says each token's position and which keys each query
+    may see; None is a padded batch: positions 0..L-1, query i sees keys 0..i (right padding
+    needs no mask: a real token never sees the pads after it). ``logits_at`` (M,) flat row
+    positions r * L + t: only those reach ln_f and the output projection (a training batch's
+    scored positions, packing.Batch.logits_at; they may repeat).
 
     The layer functions are ``fast.ops()``: the fast paths by default, the plain reference
     under ``fast.plain()``.
 
     Args:
         params: dict of :func:`param_shapes`, one floating dtype, one device.
-        idx: (B, T) integer token ids in [0, V), T <= n_ctx (NumPy or on the params' device).
+        idx: (R, L) integer token ids in [0, V) (NumPy or on the params' device).
         config: the model size.
-        attention_mask: None, or (B, T) with 1 = real token, 0 = pad.
-        position_ids: None for 0..T-1, or (T,) or (B, T) integers in [0, n_ctx).
-        validate: check idx / position_ids ranges (on a GPU array this reads one value back
-            from the device; pass False in a hot loop over inputs already checked).
+        layout: None or a packing.Layout of shape (R, L) on the params' device.
+        logits_at: None (logits of every position) or (M,) ints in [0, R * L) on the device.
+        keep_cache: False for a forward that will not be differentiated (reference log-probs,
+            evaluation): each block's activations are freed as soon as the next block runs.
+        validate: check the idx range (on a GPU array this reads one value back from the
+            device; pass False in a hot loop over inputs already checked).
 
     Returns:
-        logits: (B, T, V), the params' dtype.
-        cache: everything :func:`gpt_backward` needs (references into this forward).
+        logits: (R, L, V), or (M, V) with logits_at; the params' dtype.
+        cache: everything :func:`gpt_backward` needs (references into this forward), or None
+            when keep_cache is False.
     """
     xp, dtype = check_params(params, config)
-    idx, attention_mask, position_ids = _check_inputs(idx, config, xp, attention_mask, position_ids, validate)
-    B, T = idx.shape
-    if position_ids is None and T > config.n_ctx:
-        raise ValueError(f"idx has T={T} tokens, more than n_ctx={config.n_ctx}")
+    idx, _ = _check_inputs(idx, config, xp, None, validate)
+    R, L = idx.shape
+    if layout is not None and tuple(layout.shape) != (R, L):
+        raise ValueError(f"the layout is for a batch of shape {tuple(layout.shape)}, not {(R, L)}")
+    top = L - 1 if layout is None or layout.causal else layout.max_position  # host ints: no device read-back
+    if top >= config.n_ctx:
+        raise ValueError(f"the batch reaches position {top}, beyond the model's n_ctx={config.n_ctx}; "
+                         f"truncate the data to max_length <= n_ctx")
     ops, p, H, eps = fast.ops(), params, config.n_head, config.layer_norm_epsilon
-    # the (B, 1, T, T) key-padding bias is built once and shared by every block
-    bias = None if attention_mask is None else ops.attention_bias(xp, dtype, T, T, 0, attention_mask)
+    positions = None if layout is None or layout.causal else layout.positions  # None: 0..L-1
 
-    def attend(qkv):  # (B, T, 3C) -> (B, T, C), cache
-        return ops.attention_forward(qkv, H, bias=bias)
+    def attend(qkv):  # (R, L, 3C) -> (R, L, C), cache
+        return ops.attention_forward(qkv, H, layout)
 
-    x, emb_cache = ops.embedding_forward(idx, p["transformer.wte.weight"], p["transformer.wpe.weight"], position_ids)
+    x, emb_cache = ops.embedding_forward(idx, p["transformer.wte.weight"], p["transformer.wpe.weight"], positions)
     blocks = []
     for i in range(config.n_layer):
-        blocks.append([])
-        x = block_forward(ops, p, f"transformer.h.{i}.", x, eps, attend, keep=blocks[-1])  # (B, T, C)
-    x, c_lnf = ops.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], eps)  # (B, T, C)
-    logits, c_unembed = ops.unembed_forward(x, p["transformer.wte.weight"])  # (B, T, V)
+        keep = [] if keep_cache else None
+        x = block_forward(ops, p, f"transformer.h.{i}.", x, eps, attend, keep=keep)  # (R, L, C)
+        blocks.append(keep)
+    if logits_at is not None:
+        x = x.reshape(R * L, x.shape[-1])[logits_at]  # (M, C) the scored positions only
+    x, c_lnf = ops.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], eps)
+    logits, c_unembed = ops.unembed_forward(x, p["transformer.wte.weight"])  # (R, L, V) or (M, V)
+    if not keep_cache:
+        return logits, None
     cache = {
         "config": config,
         "ops": ops,
         "shapes": {k: tuple(v.shape) for k, v in params.items()},
         "dtype": dtype,
         "logits_shape": logits.shape,
+        "RL": (R, L),
+        "logits_at": logits_at,
         "emb": emb_cache,
         "blocks": blocks,
         "ln_f": c_lnf,
@@ -434,8 +454,8 @@ def gpt_forward(params, idx, config: GPTConfig, attention_mask=None, position_id
 
 
 def final_hidden(cache):
-    """The final hidden states ln_f(x), (B, T, C), of the forward that made ``cache`` (a
-    reference into the cache, not a copy): what a scalar head (reward model, value head) reads."""
+    """The final hidden states ln_f(x), (R, L, C) or (M, C), of the forward that made ``cache``
+    (a reference into the cache, not a copy): what a scalar head (reward model, value head) reads."""
     return cache["unembed"][0]
 
 
@@ -443,24 +463,28 @@ def gpt_backward(dlogits, cache, dhidden=None) -> dict:
     """Gradient of a scalar loss with respect to every parameter, given dloss/dlogits.
 
     A loss may also read the final hidden states h = ln_f(x) (:func:`final_hidden`) directly,
-    e.g. through a scalar head; ``dhidden`` (B, T, C) is then dloss/dh, added to the gradient
+    e.g. through a scalar head; ``dhidden`` (h's shape) is then dloss/dh, added to the gradient
     that reaches h through the logits (``dlogits`` may be None when the loss reads h only).
 
     Calls the layers' backwards in exact reverse order of :func:`gpt_forward` (with the layer
-    functions its forward used). The residual gradient ``dx`` flows straight through each block
-    and each branch's input gradient is added into it. The tied ``transformer.wte.weight``
-    gradient is the SUM of its two uses: the output projection's ``dlogits^T @ ln_f(x)`` plus
-    the embedding's scatter-add of ``dx`` at the input ids (repeated ids accumulate).
+    functions its forward used). With ``logits_at`` the gradient of the M positions is scattered
+    back into the (R, L, C) residual stream with a scatter-ADD (a shared prompt's last position
+    predicts both responses' first tokens: its two gradients add). The residual gradient ``dx``
+    flows straight through each block and each branch's input gradient is added into it. The
+    tied ``transformer.wte.weight`` gradient is the SUM of its two uses: the output projection's
+    ``dlogits^T @ ln_f(x)`` plus the embedding's scatter-add of ``dx`` at the input ids.
 
     Args:
-        dlogits: (B, T, V), same dtype and device as the forward's logits, or None.
+        dlogits: the logits' shape ((R, L, V) or (M, V)), same dtype and device, or None.
         cache: from :func:`gpt_forward`.
-        dhidden: None, or (B, T, C) dloss/d ln_f(x), same dtype and device.
+        dhidden: None, or dloss / d ln_f(x) of h's shape, same dtype and device.
 
     Returns:
         dict with exactly the keys of params (in the params' order), each gradient of the
         parameter's shape and dtype.
     """
+    if cache is None:
+        raise ValueError("gpt_backward needs the cache of a gpt_forward run with keep_cache=True")
     config, dtype, ops = cache["config"], cache["dtype"], cache["ops"]
     if dhidden is not None:
         h = final_hidden(cache)
@@ -478,14 +502,19 @@ def gpt_backward(dlogits, cache, dhidden=None) -> dict:
         raise TypeError(f"dlogits has dtype {dlogits.dtype} but the model runs in {dtype}; cast it first")
     grads = {}
     # logits = ln_f(x) @ wte^T
-    dx, g = ops.unembed_backward(dlogits, cache["unembed"])  # (B, T, C)
+    dx, g = ops.unembed_backward(dlogits, cache["unembed"])  # (R, L, C) or (M, C)
     dwte = g["wte"]  # (V, C): the output projection's share; the embedding's is added below
     if dhidden is not None:
         dx += dhidden  # h = ln_f(x) feeds both the logits and the scalar head: gradients add
-    dx, g = ops.layernorm_backward(dx, cache["ln_f"])  # (B, T, C)
+    dx, g = ops.layernorm_backward(dx, cache["ln_f"])
     grads["transformer.ln_f.weight"], grads["transformer.ln_f.bias"] = g["w"], g["b"]
+    if cache["logits_at"] is not None:  # x[logits_at] -> scatter-add back into every position
+        R, L = cache["RL"]
+        full = get_array_module(dx).zeros((R * L, dx.shape[-1]), dtype=dtype)  # (R L, C)
+        scatter_add(full, cache["logits_at"], dx)
+        dx = full.reshape(R, L, -1)  # (R, L, C)
     for i in reversed(range(config.n_layer)):
-        dx = block_backward(ops, dx, cache["blocks"][i], grads, f"transformer.h.{i}.")  # (B, T, C)
+        dx = block_backward(ops, dx, cache["blocks"][i], grads, f"transformer.h.{i}.")  # (R, L, C)
     # x = wte[idx] + wpe[pos]: scatter-add into the output projection's dwte (tied weight: sum)
     _, g = ops.embedding_backward(dx, cache["emb"], dwte=dwte)
     grads["transformer.wte.weight"], grads["transformer.wpe.weight"] = g["wte"], g["wpe"]
@@ -503,25 +532,19 @@ class KVCache:
     Attributes:
         keys, values: lists (one per layer) of (B, H, capacity, D) arrays; the first ``length``
             positions are filled.
-        key_mask: (B, capacity) bool, True = real token (the attention_mask of every token fed).
+        first_real: None while every token fed was real (causal attention from key 0), else
+            (B,) host ints: the index of each row's first real token (``capacity`` while a row has
+            only pads). Rows are left-padded: a row's pads come before its real tokens.
         length: number of tokens fed so far.
-        masked: whether any attention_mask was given (else no key-padding bias is built).
     """
 
-    def __init__(self, keys, values, key_mask, length: int = 0, masked: bool = False):
+    def __init__(self, keys, values, batch_size: int, capacity: int, length: int = 0, first_real=None):
         self.keys = keys
         self.values = values
-        self.key_mask = key_mask
+        self.batch_size = int(batch_size)
+        self.capacity = int(capacity)
         self.length = length
-        self.masked = masked
-
-    @property
-    def batch_size(self) -> int:
-        return self.key_mask.shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.key_mask.shape[1]
+        self.first_real = first_real
 
     def __repr__(self) -> str:
         return f"KVCache(batch_size={self.batch_size}, length={self.length}, capacity={self.capacity})"
@@ -543,36 +566,39 @@ def init_kv_cache(params, config: GPTConfig, batch_size: int, capacity: int | No
     shape = (batch_size, config.n_head, capacity, config.head_size)  # (B, H, capacity, D)
     keys = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layer)]
     values = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layer)]
-    key_mask = xp.ones((batch_size, capacity), dtype=bool)
-    return KVCache(keys, values, key_mask)
+    return KVCache(keys, values, batch_size, capacity)
 
 
-def _extend_kv_cache(params, config, kv_cache, idx_new, attention_mask, position_ids, xp):
-    """Check the cache against the new tokens and record their padding mask in it. Returns
-    (kv_cache, start, position_ids, key_mask): start = tokens already cached; position_ids
-    start..L-1 when none were given; key_mask (B, L) over every cached token, or None without
-    padding."""
-    B, Tn = idx_new.shape
-    if kv_cache is None:
-        kv_cache = init_kv_cache(params, config, B)
-    if not isinstance(kv_cache, KVCache):
-        raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+def _extend_kv_cache(config, kv_cache, B, Tn, attention_mask, position_ids, xp):
+    """Check the cache against the new tokens and record their padding in it. Returns (offset,
+    position_ids, start): offset = tokens already cached; position_ids offset..L-1 when none were
+    given; start None (causal from key 0) or (B, T_new) on the device: a real new token's first
+    visible key (its row's first real token), a pad's own index (it sees itself only)."""
     if kv_cache.batch_size != B:
         raise ValueError(f"idx_new has batch size {B} but the kv_cache was made for {kv_cache.batch_size}")
-    start = kv_cache.length
-    L = start + Tn
+    offset = kv_cache.length
+    L = offset + Tn
     if L > kv_cache.capacity:
-        raise ValueError(f"kv_cache holds {start} tokens; {Tn} more exceed its capacity {kv_cache.capacity}")
+        raise ValueError(f"kv_cache holds {offset} tokens; {Tn} more exceed its capacity {kv_cache.capacity}")
     if position_ids is None:
         if L > config.n_ctx:
-            raise ValueError(f"positions {start}..{L - 1} exceed n_ctx={config.n_ctx}")
-        if start > 0:
-            position_ids = xp.arange(start, L)  # (T_new,)
-    if attention_mask is not None:
-        kv_cache.key_mask[:, start:L] = attention_mask != 0
-        kv_cache.masked = True
-    key_mask = kv_cache.key_mask[:, :L] if kv_cache.masked else None  # (B, L)
-    return kv_cache, start, position_ids, key_mask
+            raise ValueError(f"positions {offset}..{L - 1} exceed n_ctx={config.n_ctx}")
+        if offset > 0:
+            position_ids = xp.arange(offset, L)  # (T_new,)
+    if attention_mask is None and kv_cache.first_real is None:
+        return offset, position_ids, None
+    real = np.ones((B, Tn), dtype=bool) if attention_mask is None else _host_mask(attention_mask, (B, Tn))
+    first = (np.full(B, offset, dtype=np.int64) if kv_cache.first_real is None
+             else kv_cache.first_real.copy())  # (B,) before these tokens
+    seen = first < offset  # (B,) rows with a real token already cached
+    if (seen[:, None] & ~real).any() or (np.diff(real.astype(np.int8), axis=1) < 0).any():
+        raise ValueError("attention_mask: rows must be left-padded (a pad may not come after a real token)")
+    new_first = offset + np.where(real.any(axis=1), real.argmax(axis=1), Tn)  # (B,) first real new token
+    first = np.where(seen, first, np.where(real.any(axis=1), new_first, kv_cache.capacity))
+    kv_cache.first_real = first
+    own = offset + np.arange(Tn, dtype=np.int64)  # (T_new,) each new token's key index
+    start = np.where(real, first[:, None], own[None, :])  # (B, T_new)
+    return offset, position_ids, xp.asarray(start)
 
 
 def gpt_forward_kv(
@@ -589,7 +615,8 @@ def gpt_forward_kv(
     """Inference forward for new tokens, reusing the keys and values of the tokens before them.
 
     Keeps no backward caches. On the same tokens, feeding them in any number of chunks gives the
-    logits that :func:`gpt_forward` gives in one call (same attention mask, same positions).
+    logits that :func:`gpt_forward` gives in one call (with the layout of the same left padding,
+    packing.layout_from_attention_mask, and the same positions).
 
     Args:
         params: as for :func:`gpt_forward`.
@@ -598,7 +625,7 @@ def gpt_forward_kv(
         kv_cache: from :func:`init_kv_cache` or a previous call; None starts an empty one of
             capacity n_ctx. It is updated in place and also returned.
         attention_mask: None, or (B, T_new): the key-padding mask of the NEW tokens only (the
-            cache remembers the earlier ones). 1 = real, 0 = pad.
+            cache remembers the earlier ones). 1 = real, 0 = pad; rows are left-padded.
         position_ids: None for positions ``length .. length + T_new - 1``, or (T_new,) or
             (B, T_new) integers in [0, n_ctx).
         last_only: compute logits for the last new position only (generation's case).
@@ -609,37 +636,23 @@ def gpt_forward_kv(
         kv_cache: the updated cache.
     """
     xp, dtype = check_params(params, config)
-    idx_new, attention_mask, position_ids = _check_inputs(
-        idx_new, config, xp, attention_mask, position_ids, validate
-    )
-    kv_cache, start, position_ids, key_mask = _extend_kv_cache(params, config, kv_cache, idx_new, attention_mask,
-                                                               position_ids, xp)
-    Tn = idx_new.shape[1]
-    L = start + Tn
-    # a key-padding bias is built once, shared by every block; without padding the attention is
-    # causal only, which attention_forward_kv handles itself (bias None: the causal skip)
-    bias = None if key_mask is None else fast.ops().attention_bias(xp, dtype, Tn, L, start, key_mask)
-
+    idx_new, position_ids = _check_inputs(idx_new, config, xp, position_ids, validate)
+    B, Tn = idx_new.shape
+    if kv_cache is None:
+        kv_cache = init_kv_cache(params, config, B)
+    if not isinstance(kv_cache, KVCache):
+        raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+    offset, position_ids, start = _extend_kv_cache(config, kv_cache, B, Tn, attention_mask, position_ids, xp)
     ops, p, H, eps = fast.ops(), params, config.n_head, config.layer_norm_epsilon
     x, _ = ops.embedding_forward(idx_new, p["transformer.wte.weight"], p["transformer.wpe.weight"], position_ids)
     for i in range(config.n_layer):
         def attend(qkv, i=i):  # (B, Tn, 3C) -> (B, Tn, C), no cache; writes this layer's keys and values
-            return ops.attention_forward_kv(qkv, H, kv_cache.keys[i], kv_cache.values[i], start, bias=bias), None
+            return ops.attention_forward_kv(qkv, H, kv_cache.keys[i], kv_cache.values[i], offset, start), None
 
         x = block_forward(ops, p, f"transformer.h.{i}.", x, eps, attend)  # (B, Tn, C)
     if last_only:
         x = x[:, -1:]  # (B, 1, C)
     x, _ = ops.layernorm_forward(x, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], eps)
     logits, _ = ops.unembed_forward(x, p["transformer.wte.weight"])  # (B, Tn or 1, V)
-    kv_cache.length = L
+    kv_cache.length = offset + Tn
     return logits, kv_cache
-
-
-def inference_logits(params: dict, idx, config: GPTConfig, validate: bool = True):
-    """The logits of :func:`gpt_forward` for a pass that will not be differentiated (reference
-    log-probs, evaluation), through the KV-cache forward: it keeps only each layer's keys and
-    values, not the backward's caches. idx (B, T) int -> logits (B, T, V). ``validate=False``
-    skips the id range check (a device read-back on a GPU) for ids already checked on the host."""
-    kv = init_kv_cache(params, config, idx.shape[0], capacity=idx.shape[1])
-    logits, _ = gpt_forward_kv(params, idx, config, kv, validate=validate)  # (B, T, V)
-    return logits

@@ -28,9 +28,10 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from . import fast, kernels
+from . import runtime as rt
 from .backend import get_array_module
 
-_SCALAR_KEYS = ("step", "lr", "beta1", "beta2", "eps", "weight_decay")
+SCALAR_KEYS = ("step", "lr", "beta1", "beta2", "eps", "weight_decay")
 
 
 def default_decay_filter(name: str, param) -> bool:
@@ -63,7 +64,7 @@ class AdamW:
     ):
         if not params:
             raise ValueError("AdamW needs at least one parameter")
-        _check_hparams(lr, betas, eps, weight_decay)
+        check_hparams(lr, betas, eps, weight_decay)
         self.lr = float(lr)
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps = float(eps)
@@ -157,11 +158,11 @@ class AdamW:
     def load_state_dict(self, d: Mapping[str, object]) -> None:
         """Restore :meth:`state_dict`'s output (arrays may be NumPy or CuPy; they are copied into
         this optimizer's moment arrays, keeping their device and dtype)."""
-        missing = [k for k in _SCALAR_KEYS if k not in d]
+        missing = [k for k in SCALAR_KEYS if k not in d]
         missing += [f"{c}.{n}" for n in self.m for c in ("m", "v") if f"{c}.{n}" not in d]
         if missing:
             raise KeyError(f"optimizer state is missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        known = set(_SCALAR_KEYS) | {f"{c}.{n}" for n in self.m for c in ("m", "v")}
+        known = set(SCALAR_KEYS) | {f"{c}.{n}" for n in self.m for c in ("m", "v")}
         unknown = sorted(set(d) - known)
         if unknown:
             raise KeyError(f"optimizer state has entries for unknown parameters: {unknown[:8]}")
@@ -174,7 +175,7 @@ class AdamW:
         step = int(d["step"])
         if step < 0:
             raise ValueError(f"optimizer state step must be >= 0, got {step}")
-        _check_hparams(d["lr"], (d["beta1"], d["beta2"]), d["eps"], d["weight_decay"])
+        check_hparams(d["lr"], (d["beta1"], d["beta2"]), d["eps"], d["weight_decay"])
         for name in self.m:
             for c, store in (("m", self.m), ("v", self.v)):
                 dst = store[name]
@@ -187,7 +188,7 @@ class AdamW:
         self.weight_decay = float(d["weight_decay"])
 
 
-def _check_hparams(lr, betas, eps, weight_decay) -> None:
+def check_hparams(lr, betas, eps, weight_decay) -> None:
     if not (float(lr) >= 0.0 and math.isfinite(float(lr))):
         raise ValueError(f"lr must be finite and >= 0, got {lr}")
     if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
@@ -226,18 +227,18 @@ def _adamw_update_blocked(tensors, b1, b2, eps, step_size, sqrt_bc2) -> None:
             work.append(((p, g, m, v), slice(None), lr_wd))
             continue
         flat = tuple(a.reshape(-1) for a in (p, g, m, v))  # views
-        work += [(flat, s, lr_wd) for s in fast._flat_parts(p.size, np)]
+        work += [(flat, s, lr_wd) for s in rt.flat_parts(p.size, np)]
 
     def run(item):
         arrays, part, lr_wd = item
         if part == slice(None):
             adamw_update(*arrays, b1, b2, eps, step_size, sqrt_bc2, lr_wd)
             return
-        for blk in fast._cache_blocks(part.stop - part.start, np):
+        for blk in rt.cache_blocks(part.stop - part.start, np):
             s = slice(part.start + blk.start, part.start + blk.stop)
             adamw_update(*(a[s] for a in arrays), b1, b2, eps, step_size, sqrt_bc2, lr_wd)
 
-    fast.parallel_for(run, work)
+    rt.parallel_for(run, work)
 
 
 def _adamw_update_each(params, grads, ms, vs, decay, b1, b2, eps, step_size, sqrt_bc2, lr_wd) -> None:

@@ -37,17 +37,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .backend import Backend, get_array_module, get_backend, to_numpy
-from .data import TokenizedSFT, collate_sft
+from . import fast
+from .data import TokenizedSFT, right_pad
 from .generate import generate
-from .logprobs import log_softmax
 from .model import GPTConfig, final_hidden, gpt_backward, gpt_forward
 from .optim import AdamW, clip_grad_norm
 from .reward_model import scalar_head_backward, scalar_head_forward, split_head
 
 __all__ = [
     "PPOConfig",
-    "token_logps_forward",
-    "token_logps_backward",
+    "action_positions",
     "gae",
     "whiten",
     "clipped_surrogate",
@@ -61,42 +60,15 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------
-# per-token log-probs and their backward
+# the states before each action
 # ---------------------------------------------------------------------------------------------
 
 
-def token_logps_forward(logits, input_ids):
-    """logp[b, t] = log softmax(logits[b, t])[input_ids[b, t+1]], t = 0..T-2.
-
-    Args: logits (B, T, V) float; input_ids (B, T) int.
-    Returns: logp (B, S) logits' dtype; cache for :func:`token_logps_backward`.
-    """
-    xp = get_array_module(logits)
-    B, T, V = logits.shape
-    ls = log_softmax(logits[:, :-1])  # (B, S, V)
-    labels = input_ids[:, 1:]  # (B, S)
-    logp = xp.take_along_axis(ls, labels[..., None], axis=-1)[..., 0]  # (B, S)
-    return logp, (ls, labels, (B, T, V))
-
-
-def token_logps_backward(dlogp, cache):
-    """Backward of :func:`token_logps_forward`.
-
-    forward:  logp_t = z_t[y] - logsumexp(z_t)
-    backward: dz_t = dlogp_t * (onehot(y) - softmax(z_t));  the last position's logits score
-              nothing, so their gradient is 0.
-    Returns dlogits (B, T, V) in the logits' dtype.
-    """
-    ls, labels, (B, T, V) = cache
-    xp = get_array_module(ls)
-    dlogits = xp.zeros((B, T, V), dtype=ls.dtype)
-    d = dlogits[:, :-1]  # (B, S, V) view
-    d -= xp.exp(ls) * dlogp[..., None]
-    S = T - 1
-    b_idx = xp.arange(B)[:, None]  # (B, 1)
-    t_idx = xp.arange(S)[None, :]  # (1, S)
-    d[b_idx, t_idx, labels] += dlogp  # one (b, t) per label: no duplicate indices
-    return dlogits
+def action_positions(B: int, T: int, xp=np):
+    """(B S,) flat positions b T + t, t = 0..T-2: the state after token t, whose logits predict
+    the action token t+1 (model.gpt_forward's ``logits_at``), row by row."""
+    t = xp.arange(T - 1)[None, :]  # (1, S)
+    return (xp.arange(B)[:, None] * T + t).reshape(-1)  # (B S,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,14 +192,17 @@ def add_value_head(policy: dict, config: GPTConfig) -> dict:
 
 
 def policy_value_forward(params: dict, config: GPTConfig, input_ids):
-    """logp (B, S), values (B, S) and the caches for the backward."""
+    """logp (B, S), values (B, S) and the caches for the backward: the model's logits and final
+    hidden states at the B S states before each action only (:func:`action_positions`), the
+    actions' token log-probs (logprobs.token_logps) and the value head on the same states."""
     trunk, head = split_head(params, "value")
-    logits, mcache = gpt_forward(trunk, input_ids, config, validate=False)  # (B, T, V)
-    logp, lcache = token_logps_forward(logits, input_ids)  # (B, S)
-    del logits
-    h = final_hidden(mcache)[:, :-1]  # (B, S, C): the state before each action
-    v, hcache = scalar_head_forward(h, head["weight"], head["bias"])  # (B, S)
-    return logp, v, (mcache, lcache, hcache)
+    B, T = input_ids.shape
+    xp = get_array_module(input_ids)
+    logits, mcache = gpt_forward(trunk, input_ids, config, logits_at=action_positions(B, T, xp),
+                                 validate=False)  # (B S, V)
+    logp, lcache = fast.ops().token_logps(logits, input_ids[:, 1:].reshape(-1))  # (B S,)
+    v, hcache = scalar_head_forward(final_hidden(mcache), head["weight"], head["bias"])  # (B S,)
+    return logp.reshape(B, T - 1), v.reshape(B, T - 1), (mcache, lcache, hcache)
 
 
 def ppo_loss_and_grads(params: dict, config: GPTConfig, mb: dict, clip: float = 0.2, clip_value: float = 0.2,
@@ -241,12 +216,9 @@ def ppo_loss_and_grads(params: dict, config: GPTConfig, mb: dict, clip: float = 
     pl, dlogp, clipfrac = clipped_surrogate(logp, mb["old_logp"], mb["advantages"], mb["mask"], clip)
     vl, dv = clipped_value_loss(v, mb["old_values"], mb["returns"], mb["mask"], clip_value)
     dt = logp.dtype.type
-    dlogits = token_logps_backward(dlogp, lcache)  # (B, T, V)
-    dh_s, g_head = scalar_head_backward(dv * dt(vf_coef), hcache)  # (B, S, C)
-    xp = get_array_module(dh_s)
-    h = final_hidden(mcache)
-    dh = xp.zeros(h.shape, dtype=h.dtype)  # (B, T, C); the last position has no action
-    dh[:, :-1] = dh_s
+    dlogits = fast.ops().token_logps_backward(dlogp.reshape(-1), lcache, overwrite_logits=True)  # (B S, V)
+    dh, g_head = scalar_head_backward((dv * dt(vf_coef)).reshape(-1), hcache)  # (B S, C)
+    xp = get_array_module(dh)
     grads = gpt_backward(dlogits, mcache, dhidden=dh)
     grads["value.weight"], grads["value.bias"] = g_head["weight"], g_head["bias"]
     m = mb["mask"].astype(logp.dtype)
@@ -315,12 +287,14 @@ def collect_rollout(params: dict, reference: dict, config: GPTConfig, prompt_ids
                    eos_id=eos, rng=rng, backend=backend)
     items = [TokenizedSFT(prompt_ids=list(p), response_ids=list(y)) for p, y in zip(prompt_ids, ids)]
     texts = [tokenizer.decode([t for t in y if t != eos]) for y in ids]
-    batch = collate_sft(items, tokenizer.pad_id, backend=backend)
-    input_ids = batch["input_ids"]
-    mask = batch["loss_mask"][:, 1:]  # (B, S)
+    ids_host, mask_host = right_pad([list(p) for p in prompt_ids], [list(y) for y in ids], tokenizer.pad_id)
+    input_ids = backend.asarray(ids_host, dtype=np.int64)  # (B, T)
+    mask = backend.asarray(mask_host[:, 1:])  # (B, S) the actions that are response tokens
     old_logp, old_v, _ = policy_value_forward(params, config, input_ids)  # (B, S) each, no backward
-    ref_logits, _ = gpt_forward(reference, input_ids, config, validate=False)
-    ref_logp, _ = token_logps_forward(ref_logits, input_ids)  # (B, S)
+    B, T = ids_host.shape
+    ref_logits, _ = gpt_forward(reference, input_ids, config, logits_at=action_positions(B, T, backend.xp),
+                                keep_cache=False, validate=False)  # (B S, V)
+    ref_logp = fast.ops().token_logps(ref_logits, input_ids[:, 1:].reshape(-1))[0].reshape(B, T - 1)  # (B, S)
     del ref_logits
     scores = np.asarray(score_fn(list(prompt_texts), texts, items), dtype=np.float64)  # (B,)
     xp = backend.xp

@@ -6,19 +6,20 @@ r_phi(x, y) to the preference pairs by maximum likelihood under Bradley-Terry, e
     L_R(r_phi) = -E_{(x, y_w, y_l)} [ log sigma(r_phi(x, y_w) - r_phi(x, y_l)) ]      eq. (2)
 
 As in the paper ("a linear layer on top of the final transformer layer that produces a scalar
-prediction"), r_phi reads the final hidden state h = ln_f(x) of the LAST response token:
+prediction"), r_phi reads the final hidden state h = ln_f(x) of the LAST response token of each
+example of a batch (packing.Batch, any layout: a shared prompt's two responses are read in one
+row):
 
-    h      = final_hidden(gpt_forward(trunk, [x; y]))              (B, T, C)
-    h_last = h[b, last_b]                                          (B, C)    last_b: y's last token
-    r      = h_last @ w + b                                        (B,)
+    h_last = final_hidden(gpt_forward(trunk, batch, logits_at=last))     (E, C)   last: y's last token
+    r      = h_last @ w + b                                              (E,)
 
-and its backward is the head's, then the trunk's with a gradient on the hidden states only:
+and its backward is the head's, then the trunk's with a gradient on those hidden states only:
 
-    dw = h_last^T dr;   db = sum_b dr_b;   dh[b, last_b] = dr_b * w   (0 elsewhere)
-    trunk grads = gpt_backward(None, cache, dhidden=dh)
+    dw = h_last^T dr;   db = sum_e dr_e;   dh_last = dr_e * w
+    trunk grads = gpt_backward(None, cache, dhidden=dh_last)
 
 The parameters are the trunk's GPT-2 names plus ``score.weight`` (C,) and ``score.bias`` (1,).
-Shape letters: B rows, T time, C channels, N pairs.
+Shape letters: E examples (2N for N pairs: [chosen; rejected]), C channels.
 """
 
 from __future__ import annotations
@@ -29,15 +30,14 @@ from typing import Sequence
 import numpy as np
 
 from .backend import Backend, get_array_module, get_backend, to_numpy
-from .data import collate_preferences, collate_sft
 from .losses import reward_model_loss
 from .model import GPTConfig, final_hidden, gpt_backward, gpt_forward
+from .packing import Batcher
 
 __all__ = [
     "HEAD_KEYS",
     "init_reward_model",
     "split_head",
-    "last_token_index",
     "scalar_head_forward",
     "scalar_head_backward",
     "reward_forward",
@@ -71,18 +71,6 @@ def split_head(params: dict, prefix: str = "score") -> tuple[dict, dict]:
     return trunk, head
 
 
-def last_token_index(loss_mask):
-    """Position of each row's last response token: loss_mask (B, T) bool -> (B,) int64.
-    Rows without a response token are an error."""
-    xp = get_array_module(loss_mask)
-    m = loss_mask.astype(bool)
-    T = m.shape[1]
-    if xp is np and not m.any(axis=1).all():
-        bad = np.flatnonzero(~m.any(axis=1))[:8].tolist()
-        raise ValueError(f"rows {bad} have no response token: the reward is read at the last one")
-    return (T - 1 - xp.argmax(m[:, ::-1].astype(np.int8), axis=1)).astype(np.int64)  # (B,)
-
-
 def scalar_head_forward(h, w, b):
     """s = h @ w + b over the last axis: h (..., C), w (C,), b (1,) -> s (...), cache."""
     return h @ w + b[0], (h, w)
@@ -99,49 +87,38 @@ def scalar_head_backward(ds, cache):
     return dh, {"weight": dw, "bias": db}
 
 
-def reward_forward(params: dict, config: GPTConfig, input_ids, loss_mask, *, validate: bool = False,
-                   prefix: str = "score"):
-    """r_phi(x, y) of each row: the scalar head on the last response token's final hidden state.
+def reward_forward(params: dict, config: GPTConfig, batch, *, validate: bool = False, prefix: str = "score"):
+    """r_phi(x, y) of each example of ``batch``: the scalar head on its last response token's
+    final hidden state (the trunk's logits and states are computed at those E positions only).
 
     Args:
         params: trunk + head (:func:`init_reward_model`).
-        input_ids: (B, T) int, rows [x; y] right-padded.
-        loss_mask: (B, T) bool, True on y's tokens (EOS included), as collate_* make it.
+        batch: a packing.Batch (data.collate_*, or a Batcher's) whose E examples are scored.
     Returns:
-        rewards: (B,) params' dtype.
+        rewards: (E,) params' dtype.
         cache: for :func:`reward_backward`.
     """
     trunk, head = split_head(params, prefix)
-    _, mcache = gpt_forward(trunk, input_ids, config, validate=validate)  # logits unused
-    h = final_hidden(mcache)  # (B, T, C)
-    xp = get_array_module(h)
-    last = xp.asarray(last_token_index(loss_mask))  # (B,)
-    rows = xp.arange(h.shape[0])
-    h_last = h[rows, last]  # (B, C)
-    r, hcache = scalar_head_forward(h_last, head["weight"], head["bias"])  # (B,)
-    return r, {"model": mcache, "head": hcache, "last": last, "rows": rows, "prefix": prefix}
+    _, mcache = gpt_forward(trunk, batch.input_ids, config, batch.layout, logits_at=batch.last_token_at(),
+                            validate=validate)  # logits (E, V) unused
+    r, hcache = scalar_head_forward(final_hidden(mcache), head["weight"], head["bias"])  # (E,)
+    return r, {"model": mcache, "head": hcache, "prefix": prefix}
 
 
 def reward_backward(dr, cache) -> dict:
-    """Gradients of a loss with respect to trunk and head, given dr = dloss/dr (B,).
+    """Gradients of a loss with respect to trunk and head, given dr = dloss/dr (E,).
     Returns a dict with the keys of params (trunk names, then the head's)."""
-    mcache = cache["model"]
-    h = final_hidden(mcache)
-    xp = get_array_module(h)
-    dh_last, g = scalar_head_backward(dr, cache["head"])  # (B, C)
-    dh = xp.zeros(h.shape, dtype=h.dtype)  # (B, T, C): only the last response token is read
-    dh[cache["rows"], cache["last"]] = dh_last
-    grads = gpt_backward(None, mcache, dhidden=dh)
+    dh_last, g = scalar_head_backward(dr, cache["head"])  # (E, C): only the last response tokens are read
+    grads = gpt_backward(None, cache["model"], dhidden=dh_last)
     p = cache["prefix"]
     grads[f"{p}.weight"], grads[f"{p}.bias"] = g["weight"], g["bias"]
     return grads
 
 
-def reward_model_step(params: dict, config: GPTConfig, batch: dict):
-    """One step of eq. (2) on a preference batch (rows [chosen; rejected], collate_preferences).
-
-    Returns (loss 0-d, metrics {"accuracy": 0-d}, grads)."""
-    r, cache = reward_forward(params, config, batch["input_ids"], batch["loss_mask"])  # (2N,)
+def reward_model_step(params: dict, config: GPTConfig, batch):
+    """One step of eq. (2) on a preference batch (examples [chosen; rejected]: collate_preferences
+    or a Batcher's ``pairs``). Returns (loss 0-d, metrics {"accuracy": 0-d}, grads)."""
+    r, cache = reward_forward(params, config, batch)  # (2N,)
     n = r.shape[0] // 2
     losses, g_w, g_l = reward_model_loss(r[:n], r[n:])  # eq. (2), mean-loss gradients (N,) each
     xp = get_array_module(r)
@@ -153,11 +130,10 @@ def reward_model_step(params: dict, config: GPTConfig, batch: dict):
 def score_batch(params: dict, config: GPTConfig, items: Sequence, pad_id: int, backend: Backend | str = "cpu",
                 batch_size: int = 64) -> np.ndarray:
     """r_phi of TokenizedSFT-like items (``prompt_ids``, ``response_ids``), (N,) float64 host."""
-    backend = get_backend(backend)
+    batcher = Batcher(pad_id, backend=get_backend(backend))
     out = []
     for s in range(0, len(items), batch_size):
-        batch = collate_sft(list(items[s : s + batch_size]), pad_id, backend=backend)
-        r, _ = reward_forward(params, config, batch["input_ids"], batch["loss_mask"])
+        r, _ = reward_forward(params, config, batcher.sft(list(items[s : s + batch_size])))
         out.append(to_numpy(r).astype(np.float64))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
 
@@ -165,12 +141,11 @@ def score_batch(params: dict, config: GPTConfig, items: Sequence, pad_id: int, b
 def score_pairs(params: dict, config: GPTConfig, pairs: Sequence, pad_id: int, backend: Backend | str = "cpu",
                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(r_phi(x, y_w), r_phi(x, y_l)) of TokenizedPairs, each (N,) float64 host."""
-    backend = get_backend(backend)
+    batcher = Batcher(pad_id, backend=get_backend(backend))
     cw, cl = [], []
     for s in range(0, len(pairs), batch_size):
         chunk = list(pairs[s : s + batch_size])
-        batch = collate_preferences(chunk, pad_id, backend=backend)
-        r, _ = reward_forward(params, config, batch["input_ids"], batch["loss_mask"])
+        r, _ = reward_forward(params, config, batcher.pairs(chunk))
         r = to_numpy(r).astype(np.float64)
         cw.append(r[: len(chunk)])
         cl.append(r[len(chunk):])

@@ -51,9 +51,7 @@ The loop (:func:`_run_loop`) is a few small functions: :func:`_resume`, :func:`_
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -71,14 +69,13 @@ from . import fast
 from .backend import Backend, get_array_module, get_backend, to_numpy
 from .checkpoint import (CheckpointError, atomic_write_text, has_checkpoint, load_checkpoint, read_checkpoint_state,
                          save_checkpoint, verify_params)
-from .data import check_token_ids, collate_preferences, collate_sft
-from .distributed import (SingleProcess, all_reduce_step, collective, local_shard, make_optimizer, on_rank0,
-                          shard_range)
-from .losses import dpo_loss, dpo_step_loss, preference_metrics
+from .data import check_token_ids
+from .distributed import (SingleProcess, all_reduce_step, collective, gather_scatter, local_shard, make_optimizer,
+                          on_rank0, shard_range)
+from .losses import dpo_step_loss, preference_metrics
 from .model import GPTConfig, gpt_backward, gpt_forward
 from .optim import AdamW, clip_grad_norm, lr_at
-from .packed_model import packed_dpo_step, packed_sft_step
-from .packing import pack_preferences, pack_sft, packed_of
+from .packing import Batch, Batcher
 from .scoring import batch_logps, batched_sequence_logps, chunked_logps
 
 
@@ -233,18 +230,26 @@ def batch_for_step(step: int, n_items: int, batch_size: int, seed: int) -> np.nd
 # ---------------------------------------------------------------------------------------------
 
 
+def batcher_for(tc: TrainConfig, pad_id: int, backend) -> Batcher:
+    """The one place a stage's batch layout is decided: ``tc.share_prompt`` and ``tc.pack``, and
+    for DPO the loss's log-prob rule (``tc.logps_averaged``). Every batch of the stage, its
+    steps, its reference log-probs and its held-out evaluation, comes from the returned Batcher."""
+    return Batcher(pad_id, share_prompt=tc.share_prompt, pack=tc.pack, average=tc.logps_averaged,
+                   backend=get_backend(backend))
+
+
 def evaluate_preferences(
     policy: dict, model_config: GPTConfig, pairs: Sequence, ref_chosen: np.ndarray,
-    ref_rejected: np.ndarray, pad_id: int, tc: TrainConfig, backend: Backend, comm=None,
+    ref_rejected: np.ndarray, batcher: Batcher, tc: TrainConfig, comm=None,
 ) -> dict:
-    """The DPO loss and the preference metrics (rewards/accuracies, margins, ...) on held-out
-    pairs, as host floats; keys are prefixed with ``eval/``. With a ``comm`` of K ranks the
-    log-probs are computed in shares and gathered: every rank returns the same numbers. The
-    batches are laid out as ``tc.share_prompt`` / ``tc.pack`` say (the same numbers)."""
-    pc, pr = batched_sequence_logps(policy, model_config, pairs, pad_id, tc.eval_batch_size, backend, tc.logps_averaged,
-                                    comm=comm, share_prompt=tc.share_prompt, pack=tc.pack)
+    """The DPO loss (the training step's: :func:`losses.dpo_step_loss`) and the preference metrics
+    (rewards/accuracies, margins, ...) on held-out pairs, as host floats; keys are prefixed with
+    ``eval/``. The pairs are laid out by ``batcher`` in chunks of ``tc.eval_batch_size``; with a
+    ``comm`` of K ranks the log-probs are computed in shares and gathered: every rank returns the
+    same numbers."""
+    pc, pr = batched_sequence_logps(policy, model_config, pairs, batcher, tc.eval_batch_size, comm=comm)
     counts = np.array([len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs], dtype=np.int64)
-    out, _ = dpo_step_loss(np.concatenate([pc, pr]), counts, ref_chosen, ref_rejected, tc)  # the training step's loss
+    out, _ = dpo_step_loss(np.concatenate([pc, pr]), counts, ref_chosen, ref_rejected, tc)  # the step's loss
     m = {"loss": float(np.mean(out.losses))}
     m.update({k: float(v) for k, v in preference_metrics(out, pc, pr).items()})
     return {f"eval/{k}": v for k, v in m.items()}
@@ -255,50 +260,38 @@ def evaluate_preferences(
 # ---------------------------------------------------------------------------------------------
 
 
-def dpo_step(params: dict, model_config: GPTConfig, batch: dict, ref_chosen, ref_rejected, tc: TrainConfig):
-    """Loss, metrics and gradients of one DPO step on a concatenated batch.
+def dpo_step(params: dict, model_config: GPTConfig, batch: Batch, ref_chosen, ref_rejected, tc: TrainConfig):
+    """Loss, metrics and gradients of one DPO step on a batch of N pairs, in any layout.
 
-    batch: ``input_ids`` (2N, T) int, ``loss_mask`` (2N, T) bool; rows [chosen; rejected].
+    batch: packing.Batch with E = 2N examples [chosen; rejected] (Batcher.pairs).
     ref_chosen, ref_rejected: (N,) device arrays of log pi_ref(y|x), constants.
-    Returns (loss (0-d device array), metrics dict of 0-d device arrays, grads dict).
-
-    A packed batch, {"packed": packing.PackedBatch} or the PackedBatch itself (shared prompts,
-    packed rows), runs packed_model.packed_dpo_step: the same loss and gradients."""
-    packed = packed_of(batch)
-    if packed is not None:
-        return packed_dpo_step(params, model_config, packed, ref_chosen, ref_rejected, tc)
-    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-    n = input_ids.shape[0] // 2
+    Returns (loss (0-d device array), metrics dict of 0-d device arrays, grads dict)."""
+    n = batch.n_examples // 2
+    ops = fast.ops()
     # token ids and non-empty responses were checked once for the whole dataset
     # (check_token_ids), so the per-step value checks, a host sync each on a GPU, are skipped
-    logits, model_cache = gpt_forward(params, input_ids, model_config, validate=False)  # (2N, T, V)
-    ops = fast.ops()
-    logps, lp_cache = ops.sequence_logps(logits, input_ids, loss_mask, average=tc.logps_averaged, validate=False)  # (2N,)
+    logits, model_cache = gpt_forward(params, batch.input_ids, model_config, batch.layout,
+                                      logits_at=batch.logits_at, validate=False)  # (M, V)
+    logps, lp_cache = ops.sequence_logps(logits, batch.labels, batch.weights(logits.dtype))  # (2N,) eq. 7
     del logits
-    out, dlogps = dpo_step_loss(logps, lp_cache["token_counts"], ref_chosen, ref_rejected, tc)  # eq. 7, eq. 9
-    # the logits are not needed again: their buffer becomes dlogits (one (2N, T, V) array, not two)
-    dlogits = ops.sequence_logps_backward(dlogps, lp_cache, overwrite_logits=True)
+    out, dlogps = dpo_step_loss(logps, batch.token_counts, ref_chosen, ref_rejected, tc)  # eq. 7, eq. 9
+    # the logits are not needed again: their buffer becomes dlogits (one (M, V) array, not two)
+    dlogits = ops.sequence_logps_backward(dlogps, lp_cache, overwrite_logits=True)  # (M, V)
     grads = gpt_backward(dlogits, model_cache)
     return out.loss, preference_metrics(out, logps[:n], logps[n:]), grads
 
 
-def sft_step(params: dict, model_config: GPTConfig, batch: dict):
-    """Negative log-likelihood of the response tokens (per-token mean over the batch).
-
-    batch: ``input_ids`` (B, T) int, ``loss_mask`` (B, T) bool over response tokens.
-    Returns (loss (0-d device array), grads dict). A packed batch, {"packed": packing.PackedBatch}
-    or the PackedBatch itself, runs packed_model.packed_sft_step (the same loss and gradients)."""
-    packed = packed_of(batch)
-    if packed is not None:
-        return packed_sft_step(params, model_config, packed)
-    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-    logits, model_cache = gpt_forward(params, input_ids, model_config, validate=False)  # (B, T, V)
+def sft_step(params: dict, model_config: GPTConfig, batch: Batch):
+    """Negative log-likelihood of the response tokens (per-token mean over the batch):
+    L = -sum_b logps_b / sum_b n_b, on a packing.Batch of B items (Batcher.sft), any layout.
+    Returns (loss (0-d device array), grads dict)."""
     ops = fast.ops()
-    logps, lp_cache = ops.sequence_logps(logits, input_ids, loss_mask, validate=False)  # (B,) summed
+    logits, model_cache = gpt_forward(params, batch.input_ids, model_config, batch.layout,
+                                      logits_at=batch.logits_at, validate=False)  # (M, V)
+    logps, lp_cache = ops.sequence_logps(logits, batch.labels, batch.weights(logits.dtype))  # (B,) summed
     del logits
     xp = get_array_module(logps)
-    # per-token mean over the whole batch: L = -sum_b logps_b / sum_b n_b
-    n_tokens = xp.maximum(loss_mask[:, 1:].sum(), 1).astype(logps.dtype)
+    n_tokens = logps.dtype.type(max(int(batch.host_token_counts.sum()), 1))  # counted on the host
     loss = -logps.sum() / n_tokens
     dlogps = xp.full(logps.shape, -1.0, dtype=logps.dtype) / n_tokens  # (B,)
     dlogits = ops.sequence_logps_backward(dlogps, lp_cache, overwrite_logits=True)  # reuses the logits buffer
@@ -741,7 +734,7 @@ def _evaluate(L: _Loop, eval_fn: Callable, bar) -> None:
 
 def _run_loop(
     stage: str, params: dict, model_config: GPTConfig, tc: TrainConfig, n_items: int,
-    make_batch: Callable[[np.ndarray], dict], step_fn: Callable, out_dir: Path, backend: Backend,
+    make_batch: Callable[[np.ndarray], object], step_fn: Callable, out_dir: Path, backend: Backend,
     eval_fn: Callable[[dict], dict] | None = None, resume: bool = True, inputs: dict | None = None,
     stale: str = "raise", prepare: Callable[[], None] | None = None, comm=None,
 ) -> StageResult:
@@ -761,6 +754,8 @@ def _run_loop(
     L.acc = _Accumulator(backend.xp)
     note = say if comm.rank == 0 else (lambda msg: None)
     with contextlib.ExitStack() as held:
+        if tc.plain:  # the stage runs the plain reference (layers.py, logprobs.py), and only the stage
+            held.enter_context(fast.plain())
         on_rank0(comm, lambda: held.enter_context(run_lock(L.out_dir)))  # one writer: rank 0
         resumed = _resume(L, resume, stale)
         comm.barrier()  # rank 0 has trimmed (or removed) metrics.jsonl before any rank reads it
@@ -822,19 +817,6 @@ def stage_inputs(items: Sequence, eval_items: Sequence | None, inputs: dict | No
     return d
 
 
-def _on_configured_path(train_fn):
-    """Run a stage on the path its TrainConfig names (``tc.plain``: the plain reference)."""
-    sig = inspect.signature(train_fn)
-
-    @functools.wraps(train_fn)
-    def run(*args, **kwargs):
-        with fast.plain(sig.bind(*args, **kwargs).arguments["tc"].plain):
-            return train_fn(*args, **kwargs)
-
-    return run
-
-
-@_on_configured_path
 @collective
 def train_sft(
     params: dict, model_config: GPTConfig, items: Sequence, pad_id: int, tc: TrainConfig,
@@ -858,22 +840,19 @@ def train_sft(
     check_token_ids(items, model_config.vocab_size, "SFT")
     if eval_items:
         check_token_ids(eval_items, model_config.vocab_size, "held-out SFT")
+    batcher = batcher_for(tc, pad_id, backend)
 
-    # response tokens of each item, what sft_step's loss mask counts: the shard weights N_r / N
+    # response tokens of each item, what sft_step's loss counts: the shard weights N_r / N
     item_tokens = np.array([len(t.response_ids) for t in items], dtype=np.int64) if comm.size > 1 else None
 
     def make_batch(idx):
         idx, weight = local_shard(idx, comm, item_tokens)  # this rank's share of the global batch
-        chunk = [items[i] for i in idx]
-        if tc.pack:  # this rank's share packed into rows (sft_step runs packed_sft_step)
-            return {"packed": pack_sft(chunk, pad_id, backend=backend), "shard_weight": weight}
-        batch = collate_sft(chunk, pad_id, backend=backend)
-        batch["shard_weight"] = weight
-        return batch
+        return batcher.sft([items[i] for i in idx]), weight
 
-    def step_fn(p, batch):
+    def step_fn(p, step_batch):
+        batch, weight = step_batch
         loss, grads = sft_step(p, model_config, batch)
-        loss, _ = all_reduce_step(comm, loss, {}, grads, batch["shard_weight"])  # grads: reduced in place
+        loss, _ = all_reduce_step(comm, loss, {}, grads, weight)  # grads: reduced in place
         return loss, {}, grads
 
     eval_fn = None
@@ -881,9 +860,7 @@ def train_sft(
         def eval_fn(p):
             tot, ntok = 0.0, 0
             lo, hi = (0, len(eval_items)) if comm.size == 1 else shard_range(len(eval_items), comm.rank, comm.size)
-            collate = pack_sft if tc.pack else collate_sft  # packing: this rank's share in packed rows
-            for logps, counts in chunked_logps(p, model_config, eval_items[lo:hi], collate, pad_id,
-                                               tc.eval_batch_size, backend):
+            for logps, counts in chunked_logps(p, model_config, eval_items[lo:hi], batcher.sft, tc.eval_batch_size):
                 tot += float(logps.sum())  # host arrays: one read-back a chunk
                 ntok += int(counts.sum())
             if comm.size > 1:
@@ -896,22 +873,56 @@ def train_sft(
                      comm=comm)
 
 
-@_on_configured_path
+def reference_logps(reference: dict, model_config: GPTConfig, pairs: Sequence, batcher: Batcher, tc: TrainConfig,
+                    comm=None, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """log pi_ref(y_w|x) and log pi_ref(y_l|x) of every training pair, computed once (the cache of
+    ``tc.cache_reference``), on the very batches the first epoch trains on (batch_for_step 0 ..
+    steps_per_epoch - 1, each rank its share), then the pairs that epoch leaves out. So at step 0,
+    where policy = reference, the step's log-probs of its batch equal the cached ones bit for bit
+    (the same forward on the same batch) and every implicit reward is exactly 0.
+
+    Returns host arrays (N,) in the model's dtype (a float64 model keeps float64)."""
+    comm = comm if comm is not None else SingleProcess()
+    n = len(pairs)
+    bs = min(tc.batch_size, n)
+    epoch = [batch_for_step(s, n, tc.batch_size, tc.seed) for s in range(n // bs)]
+    left = np.setdiff1d(np.arange(n), np.concatenate(epoch))
+    batches = epoch + [left[i:i + bs] for i in range(0, len(left), bs)]
+    mine, chosen, rejected = [], [], []
+    bar = _progress(n, 0, desc, desc is not None and comm.rank == 0)
+    for idx in batches:
+        lo, hi = shard_range(len(idx), comm.rank, comm.size)  # this rank's share, as local_shard cuts it
+        local = idx[lo:hi]
+        if len(local):
+            logps, _ = batch_logps(reference, model_config, batcher.pairs([pairs[i] for i in local]))
+            logps = to_numpy(logps)
+            mine.append(local)
+            chosen.append(logps[: len(local)])
+            rejected.append(logps[len(local):])
+        bar.update(len(idx))
+    bar.close()
+    dt = next((c.dtype for c in chosen), np.dtype(np.float64))
+    idx = np.concatenate(mine) if mine else np.zeros(0, np.int64)
+    c = np.concatenate(chosen) if chosen else np.zeros(0, dt)
+    r = np.concatenate(rejected) if rejected else np.zeros(0, dt)
+    return gather_scatter(comm, idx, c, n, dt), gather_scatter(comm, idx, r, n, dt)
+
+
 @collective
 def train_dpo(
     policy: dict, reference: dict, model_config: GPTConfig, pairs: Sequence, pad_id: int, tc: TrainConfig,
     out_dir: str | Path, backend: Backend | str = "cpu", eval_pairs: Sequence | None = None, resume: bool = True,
     inputs: dict | None = None, stale: str = "raise", comm=None,
 ) -> StageResult:
-    """Stage 2: minimise the DPO loss (eq. 7, or the variant ``tc.loss_type``) of ``policy``
-    against the frozen ``reference`` on tokenized preference ``pairs``.
+    """Stage 2: minimise the DPO loss (eq. 7, or the loss ``tc.loss_type`` of losses.LOSS_TABLE)
+    of ``policy`` against the frozen ``reference`` on tokenized preference ``pairs``.
 
     ``policy`` is updated in place; ``reference`` is never written. With
     ``tc.cache_reference`` the reference log-probs of every training and held-out pair are
-    computed once, before the first step (with a progress bar); otherwise each step runs the
-    reference forward pass on its batch. The reference's fingerprint is one of the recorded
-    inputs, so a run folder built against another reference is never resumed (see train_sft
-    for ``resume``, ``inputs`` and ``stale``).
+    computed once, before the first step (with a progress bar; :func:`reference_logps`);
+    otherwise each step runs the reference forward pass on its batch. The reference's
+    fingerprint is one of the recorded inputs, so a run folder built against another reference
+    is never resumed (see train_sft for ``resume``, ``inputs`` and ``stale``).
 
     ``comm`` (minidpo.distributed): with K ranks each takes its share of every global batch,
     weighted n_r / B before the step's all-reduce; the reference cache and the held-out
@@ -922,49 +933,39 @@ def train_dpo(
     check_token_ids(pairs, model_config.vocab_size, "preference pair")
     if eval_pairs:
         check_token_ids(eval_pairs, model_config.vocab_size, "held-out preference pair")
+    batcher = batcher_for(tc, pad_id, backend)
     cache: dict = {}
-    layout = dict(share_prompt=tc.share_prompt, pack=tc.pack)
 
     def prepare():
         show = "reference log-probs" if tc.progress else None
         if tc.cache_reference:
-            c, r = batched_sequence_logps(reference, model_config, pairs, pad_id, tc.eval_batch_size, backend,
-                                          tc.logps_averaged, desc=show, comm=comm, **layout)
-            cache["c"], cache["r"] = backend.asarray(c.astype(np.float32)), backend.asarray(r.astype(np.float32))
+            c, r = reference_logps(reference, model_config, pairs, batcher, tc, comm, desc=show)
+            cache["c"], cache["r"] = backend.asarray(c, dtype=c.dtype), backend.asarray(r, dtype=r.dtype)
         if eval_pairs:
-            cache["eval"] = batched_sequence_logps(reference, model_config, eval_pairs, pad_id, tc.eval_batch_size,
-                                                   backend, tc.logps_averaged, desc=show and "held-out " + show,
-                                                   comm=comm, **layout)
-
-    packed = tc.share_prompt or tc.pack
+            cache["eval"] = batched_sequence_logps(reference, model_config, eval_pairs, batcher, tc.eval_batch_size,
+                                                   desc=show and "held-out " + show, comm=comm)
 
     def make_batch(idx):
         idx, weight = local_shard(idx, comm)  # this rank's share of the global batch
-        chunk = [pairs[i] for i in idx]
-        if packed:  # this rank's share, prompts shared and/or packed (dpo_step runs packed_dpo_step)
-            batch = {"packed": pack_preferences(chunk, pad_id, tc.share_prompt, tc.pack, backend=backend,
-                                                average=tc.logps_averaged)}
-        else:
-            batch = collate_preferences(chunk, pad_id, backend=backend)
+        batch = batcher.pairs([pairs[i] for i in idx])
         if tc.cache_reference:
             didx = backend.asarray(idx)
-            batch["ref_chosen"], batch["ref_rejected"] = cache["c"][didx], cache["r"][didx]
+            ref = cache["c"][didx], cache["r"][didx]
         else:
-            logps, _ = batch_logps(reference, model_config, batch, tc.logps_averaged, validate=False)
-            n = len(idx)
-            batch["ref_chosen"], batch["ref_rejected"] = logps[:n], logps[n:]
-        batch["shard_weight"] = weight
-        return batch
+            logps, _ = batch_logps(reference, model_config, batch)
+            ref = logps[: len(idx)], logps[len(idx):]
+        return batch, ref, weight
 
-    def step_fn(p, batch):
-        loss, metrics, grads = dpo_step(p, model_config, batch, batch["ref_chosen"], batch["ref_rejected"], tc)
-        loss, metrics = all_reduce_step(comm, loss, metrics, grads, batch["shard_weight"])  # grads: in place
+    def step_fn(p, step_batch):
+        batch, (ref_c, ref_r), weight = step_batch
+        loss, metrics, grads = dpo_step(p, model_config, batch, ref_c, ref_r, tc)
+        loss, metrics = all_reduce_step(comm, loss, metrics, grads, weight)  # grads: in place
         return loss, metrics, grads
 
     eval_fn = None
     if eval_pairs:
         def eval_fn(p):
-            return evaluate_preferences(p, model_config, eval_pairs, *cache["eval"], pad_id, tc, backend, comm=comm)
+            return evaluate_preferences(p, model_config, eval_pairs, *cache["eval"], batcher, tc, comm=comm)
 
     return _run_loop("dpo", policy, model_config, tc, len(pairs), make_batch, step_fn, Path(out_dir), backend,
                      eval_fn=eval_fn, resume=resume, stale=stale, prepare=prepare, comm=comm,
