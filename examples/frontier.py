@@ -51,7 +51,7 @@ from minidpo.baselines import (
     unlikelihood_step,
 )
 from minidpo.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from minidpo.data import PreferenceExample, TokenizedSFT, build_preference_dataset, build_sft_dataset, collate_preferences
+from minidpo.data import PreferenceExample, TokenizedSFT, build_preference_dataset, build_sft_dataset
 from minidpo.evaluate import kl_from_samples, mean_and_stderr, sample_continuations
 from minidpo.model import GPTConfig, init_params, num_params
 from minidpo.ppo import PPOConfig, add_value_head, train_ppo
@@ -59,6 +59,7 @@ from minidpo.reward_model import init_reward_model, pair_accuracy, pearson, rewa
 from minidpo.reward_model import split_head
 from minidpo.tasks import sentiment
 from minidpo.tokenizer import BPETokenizer
+from minidpo.packing import Batcher
 from minidpo.scoring import batched_sequence_logps
 from minidpo.train import TrainConfig, dpo_step, train_sft
 
@@ -250,6 +251,7 @@ def run(args) -> dict:
         tokenizer.save(tok_path)
     mcfg = GPTConfig(vocab_size=tokenizer.vocab_size, n_ctx=cfg["n_ctx"], n_layer=cfg["n_layer"],
                      n_head=cfg["n_head"], n_embd=cfg["n_embd"])
+    batcher = Batcher(tokenizer.pad_id, backend=backend)  # every preference batch: shared prompts, packed rows
     sft_items, _ = build_sft_dataset(corpus, tokenizer, max_length=mcfg.n_ctx)
     sft_tc = TrainConfig(steps=cfg["sft_steps"], batch_size=cfg["sft_batch"], lr=cfg["sft_lr"], warmup_steps=20,
                          schedule="cosine", weight_decay=0.01, seed=args.seed, log_every=20,
@@ -301,8 +303,7 @@ def run(args) -> dict:
         rm = init_reward_model(reference, mcfg, seed=args.seed)
 
         def rm_step(p, idx):
-            batch = collate_preferences([train_pairs[i] for i in idx], tokenizer.pad_id, backend=backend)
-            loss, _, grads = reward_model_step(p, mcfg, batch)
+            loss, _, grads = reward_model_step(p, mcfg, batcher.pairs([train_pairs[i] for i in idx]))
             return loss, grads
 
         optimize(rm, len(train_pairs), rm_step, cfg["rm_steps"], cfg["batch"], cfg["rm_lr"], seed=args.seed,
@@ -352,11 +353,11 @@ def run(args) -> dict:
     def run_dpo(beta):
         policy = copy_ref()
         tc = dpo_tc(beta)
-        ref_c, ref_r = batched_sequence_logps(reference, mcfg, train_pairs, tokenizer.pad_id, 32, backend)
-        ref_c, ref_r = backend.asarray(ref_c.astype(np.float32)), backend.asarray(ref_r.astype(np.float32))
+        ref_c, ref_r = batched_sequence_logps(reference, mcfg, train_pairs, batcher, 32)
+        ref_c, ref_r = backend.asarray(ref_c, dtype=ref_c.dtype), backend.asarray(ref_r, dtype=ref_r.dtype)
 
         def step_fn(p, idx):
-            batch = collate_preferences([train_pairs[i] for i in idx], tokenizer.pad_id, backend=backend)
+            batch = batcher.pairs([train_pairs[i] for i in idx])
             didx = backend.asarray(idx)
             loss, _, grads = dpo_step(p, mcfg, batch, ref_c[didx], ref_r[didx], tc)
             return loss, grads
@@ -411,8 +412,7 @@ def run(args) -> dict:
         policy = copy_ref()
 
         def step_fn(p, idx):
-            batch = collate_preferences([train_pairs[i] for i in idx], tokenizer.pad_id, backend=backend)
-            return unlikelihood_step(p, mcfg, batch, alpha)
+            return unlikelihood_step(p, mcfg, batcher.pairs([train_pairs[i] for i in idx]), alpha)
 
         optimize(policy, len(train_pairs), step_fn, steps, B, lr, seed=args.seed, warmup_steps=10,
                  on_log=lambda s, l: log(f"    step {s}/{steps}: loss {l:.4f}"), log_every=max(steps // 4, 1))

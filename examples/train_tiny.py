@@ -55,7 +55,7 @@ from minidpo.plots import plot_reward_vs_kl, plot_training_curves
 from minidpo.tasks import sentiment
 from minidpo.tokenizer import BPETokenizer
 from minidpo.scoring import batched_sequence_logps
-from minidpo.train import (RunFolderError, TrainConfig, evaluate_preferences, fingerprint, interrupt_hook,
+from minidpo.train import (RunFolderError, TrainConfig, batcher_for, evaluate_preferences, fingerprint, interrupt_hook,
                            read_metrics, run_lock, train_dpo, train_sft)
 
 # Two sizes of the same experiment. "default" is sized for a 2-core CPU in under 10 minutes.
@@ -147,11 +147,11 @@ def main(argv=None) -> dict | None:
     """Run the experiment; the summary dict, or None when an interrupt stopped it (a checkpoint
     was saved: the same command resumes)."""
     args = parse_args(argv)
-    from minidpo import fast
+    from minidpo import runtime
 
-    fast.cpu_defaults()  # NumPy's hugepage advice off, freed memory kept for reuse (minidpo/fast.py)
+    runtime.cpu_defaults()  # NumPy's hugepage advice off, freed memory kept for reuse (minidpo/runtime.py)
     if args.threads > 0:
-        with fast.use_threads(args.threads):  # the fast path's pool threads, the BLAS on one each
+        with runtime.use_threads(args.threads):  # the fast path's pool threads, the BLAS on one each
             return run(args)
     return run(args)
 
@@ -360,9 +360,10 @@ def _run(args, cfg, betas, out, backend, comm) -> dict | None:
         interrupt_hook("evaluation-dpo")
         rewards = reward_fn([p + t for p, t in zip(samples.prompts, samples.texts)])
         kls = kl_from_samples(policy, reference, mcfg, samples, tokenizer.pad_id, backend=backend)
+        batcher = batcher_for(tc, tokenizer.pad_id, backend)  # the layout DPO trained with
         acc = evaluate_preferences(policy, mcfg, pair_sets["eval"], *batched_sequence_logps(
-            reference, mcfg, pair_sets["eval"], tokenizer.pad_id, tc.eval_batch_size, backend, tc.logps_averaged,
-            comm=comm), tokenizer.pad_id, tc, backend, comm=comm)["eval/rewards/accuracies"]
+            reference, mcfg, pair_sets["eval"], batcher, tc.eval_batch_size, comm=comm), batcher, tc,
+            comm=comm)["eval/rewards/accuracies"]
         r_mean, r_se = mean_and_stderr(rewards)
         kl_mean, kl_se = mean_and_stderr(kls)
         runs.append({"beta": beta, "reward_mean": r_mean, "reward_se": r_se, "kl": kl_mean, "kl_se": kl_se,

@@ -55,63 +55,33 @@ def qkv(qkv_array, n_head: int) -> None:
         raise ValueError(f"qkv must have shape (B, T, 3C) with C divisible by n_head={n_head}, got {s}")
 
 
-def logits_labels(logits, labels) -> tuple[int, int, int]:
-    """logits (B, T, V) floating, labels (B, T) integer, T >= 2; returns (B, T, V)."""
-    if logits.ndim != 3:
-        raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
+def token_logps_args(logits, labels) -> tuple[int, int]:
+    """logits (M, V) floating, labels (M,) integer token ids; returns (M, V). Shapes and dtypes
+    only (the ids' range is checked once per dataset on the host: data.check_token_ids)."""
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (M, V), the logits that predict the M scored tokens, got shape "
+                         f"{tuple(logits.shape)}")
     if logits.dtype.kind != "f":
         raise TypeError(f"logits must be a floating array, got dtype {logits.dtype}")
-    B, T, V = logits.shape
-    if labels.shape != (B, T):
-        raise ValueError(f"labels must be (B, T) = {(B, T)} to match logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
+    M, V = logits.shape
+    if tuple(labels.shape) != (M,):
+        raise ValueError(f"labels must be (M,) = ({M},) to match logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
     if labels.dtype.kind not in "iu":
         raise TypeError(f"labels must be integer token ids, got dtype {labels.dtype}")
-    if T < 2:
-        raise ValueError(f"need T >= 2 positions (the token at t+1 is scored by the logits at t), got T = {T}")
-    return B, T, V
+    return M, V
 
 
-def loss_mask(mask, B: int, T: int) -> None:
-    """mask (B, T) bool or 0/1 numbers."""
-    if mask.shape != (B, T):
-        raise ValueError(f"loss_mask must be (B, T) = {(B, T)}, got {tuple(mask.shape)}")
-    if mask.dtype.kind not in "biuf":
-        raise TypeError(f"loss_mask must be bool or 0/1 numbers, got dtype {mask.dtype}")
+def sequence_logps_args(logits, labels, weights) -> None:
+    """All of sequence_logps' checks (plain and fast): logits (M, V), labels (M,), weights (E, M)
+    of the logits' dtype."""
+    M, _ = token_logps_args(logits, labels)
+    if weights.ndim != 2 or weights.shape[1] != M:
+        raise ValueError(f"weights must be (E, M) with M = {M} scored tokens, got shape {tuple(weights.shape)}")
+    if weights.dtype != logits.dtype:
+        raise TypeError(f"weights are {weights.dtype} but the logits {logits.dtype}: use batch.weights(logits.dtype)")
 
 
-def counted_labels(shifted, counted, V: int) -> None:
-    """Every label that counts lies in [0, V). shifted, counted: (B, T-1). One host sync on a GPU."""
-    xp = get_array_module(shifted, counted)
-    out_of_range = counted & ((shifted < 0) | (shifted >= V))  # (B, T-1)
-    if bool(xp.any(out_of_range)):
-        raise ValueError(
-            f"labels counted by loss_mask must be token ids in [0, V={V}); rows "
-            f"{first_bad_rows(xp.any(out_of_range, axis=1))} have a counted label outside it "
-            f"(-100 or padding inside the response?)"
-        )
-
-
-def sequence_logps_args(logits, labels, mask, *, validate: bool, allow_empty: bool) -> None:
-    """All of sequence_logps' checks (plain and fast): shapes and dtypes always; with ``validate``
-    also the counted labels' range and, unless ``allow_empty``, that every row counts a token."""
-    B, T, V = logits_labels(logits, labels)
-    loss_mask(mask, B, T)
-    if not validate:
-        return
-    xp = get_array_module(logits, labels, mask)
-    counted = mask[:, 1:] != 0  # (B, T-1)
-    counted_labels(labels[:, 1:], counted, V)
-    empty = ~xp.any(counted, axis=1)  # (B,)
-    if not allow_empty and bool(xp.any(empty)):
-        raise ValueError(
-            f"sequence_logps: rows {first_bad_rows(empty)} have no counted response token "
-            f"(loss_mask[:, 1:] is all zero); their log pi(y|x) would be 0 for any policy and their "
-            f"DPO loss stuck at ln 2. Fix the data (truncation? empty response?) or pass allow_empty=True "
-            f"and check cache['token_counts']"
-        )
-
-
-def dlogps(dlogps_array, B: int) -> None:
-    """The upstream gradient of sequence_logps: (B,)."""
-    if tuple(dlogps_array.shape) != (B,):
-        raise ValueError(f"dlogps must be (B,) = ({B},), got {tuple(dlogps_array.shape)}")
+def dlogps(dlogps_array, E: int) -> None:
+    """The upstream gradient of sequence_logps: (E,)."""
+    if tuple(dlogps_array.shape) != (E,):
+        raise ValueError(f"dlogps must be (E,) = ({E},), got {tuple(dlogps_array.shape)}")

@@ -249,12 +249,24 @@ def layernorm_backward(dy, x, w, mean, rstd, dx, dw, db):
 
 
 @_jit
+def _exp_segment_(row, j0, j1, sc, mx):
+    """In place: row[j] = exp(row[j] sc - mx) for j0 <= j < j1; returns their sum."""
+    s = _cast(0.0, row)
+    for j in range(j0, j1):
+        e = _exp(row[j] * sc - mx)
+        row[j] = e
+        s += e
+    return s
+
+
+@_jit
 def masked_softmax_(att, H, scale, start, hidden_lo, hidden_hi, q0, self0, k0):
     """In place: att (b H, nq, nk), the scores of a query block (matrix mi is batch row mi // H) ->
     softmax over the last axis of scale * att, over the keys each query sees, 0 elsewhere.
     Query i reads column q0 + i of its row of start, hidden_lo, hidden_hi (b, S) and sits at key
     index self0 + i; the block holds keys k0..k0 + nk - 1; key j is visible iff
-    start <= j <= self0 + i and not hidden_lo <= j < hidden_hi (layers.sees)."""
+    start <= j <= self0 + i and not hidden_lo <= j < hidden_hi (layers.sees): the visible keys
+    are the block-local runs [first, lo) and [hi, last)."""
     M, nq, nk = att.shape
     sc = _cast(scale, att)
     zero = _cast(0.0, att)
@@ -262,24 +274,18 @@ def masked_softmax_(att, H, scale, start, hidden_lo, hidden_hi, q0, self0, k0):
     for mi in range(M):
         bi = mi // H
         for i in range(nq):
-            first = max(start[bi, q0 + i] - k0, 0)  # visible keys: [first, last) less [lo, hi), block-local
+            first = max(start[bi, q0 + i] - k0, 0)
             last = min(self0 + i - k0 + 1, nk)
             lo = min(max(hidden_lo[bi, q0 + i] - k0, first), last)
             hi = min(max(hidden_hi[bi, q0 + i] - k0, lo), last)
             row = att[mi, i]
-            mx = _row_max(row[first:lo]) if lo > first else neg_inf
+            mx = neg_inf
+            if lo > first:
+                mx = max(mx, _row_max(row[first:lo]))
             if last > hi:
                 mx = max(mx, _row_max(row[hi:last]))
             mx = mx * sc  # scale > 0
-            s = zero
-            for j in range(first, lo):
-                e = _exp(row[j] * sc - mx)
-                row[j] = e
-                s += e
-            for j in range(hi, last):
-                e = _exp(row[j] * sc - mx)
-                row[j] = e
-                s += e
+            s = _exp_segment_(row, first, lo, sc, mx) + _exp_segment_(row, hi, last, sc, mx)
             inv = _cast(1.0, s) / s
             for j in range(first, lo):
                 row[j] *= inv

@@ -445,7 +445,7 @@ def _causal_bias(xp, dtype, nq, nk, offset):
         if len(_MASK_CACHE) > 256:
             _MASK_CACHE.clear()
         t = np.dtype(dtype).type
-        bias = xp.where(layers.sees(nk, offset=offset, n_queries=nq), t(0), t(-math.inf)).astype(dtype)
+        bias = xp.where(layers.sees(nk, offset=offset, n_queries=nq, xp=xp), t(0), t(-math.inf)).astype(dtype)
         if xp is np:
             bias.flags.writeable = False  # shared by every call
         _MASK_CACHE[key] = bias
@@ -714,8 +714,8 @@ def _row_pieces(M: int, V: int, xp) -> list[slice]:
 def token_logps(logits, labels):
     """logprobs.token_logps: lse in row pieces that stay in the cache, shared among the threads,
     without an (M, V) temporary. CPU: one compiled loop a row; CuPy: one fused kernel."""
+    M, V = checks.token_logps_args(logits, labels)
     xp = get_array_module(logits, labels)
-    M, V = logits.shape
     if kernels.use(logits):
         lp, lse = kernels.logsoftmax_gather(logits, labels)
         return lp, {"logits": logits, "labels": labels, "lse": lse}
@@ -775,6 +775,7 @@ def token_logps_backward(dlp, cache, *, overwrite_logits: bool = False):
 
 def sequence_logps(logits, labels, weights):
     """logprobs.sequence_logps on the fast token_logps: logps = weights @ lp."""
+    checks.sequence_logps_args(logits, labels, weights)
     lp, cache = token_logps(logits, labels)  # (M,)
     cache["weights"] = weights
     return weights @ lp, cache
@@ -783,6 +784,7 @@ def sequence_logps(logits, labels, weights):
 def sequence_logps_backward(dlogps, cache, *, overwrite_logits: bool = False):
     """logprobs.sequence_logps_backward on the fast token_logps_backward: dlp = weights^T dlogps."""
     w = cache["weights"]
+    checks.dlogps(dlogps, w.shape[0])
     dlp = w.T @ get_array_module(w).asarray(dlogps).astype(w.dtype, copy=False)  # (M,)
     return token_logps_backward(dlp, cache, overwrite_logits=overwrite_logits)
 

@@ -167,17 +167,18 @@ def softmax(s):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def sees(n_keys, start=None, hidden_lo=None, hidden_hi=None, offset=0, n_queries=None):
+def sees(n_keys, start=None, hidden_lo=None, hidden_hi=None, offset=0, n_queries=None, xp=None):
     """The attention mask: may query i see key j?  (a batch's layout, packing.Layout)
 
         sees[i, j] = start[i] <= j <= offset + i  and not  hidden_lo[i] <= j < hidden_hi[i]
 
     Query i sits at key index offset + i (a KV cache's new tokens come after ``offset`` cached
     ones) and never sees a later key. start, hidden_lo, hidden_hi: (..., Tq) ints, or None for the
-    causal mask (start 0, nothing hidden; then n_queries gives Tq).
+    causal mask (start 0, nothing hidden; then n_queries gives Tq, and xp the array module).
     Returns bool (..., Tq, n_keys), or (Tq, n_keys) for the causal mask.
     """
-    xp = get_array_module(*[a for a in (start, hidden_lo, hidden_hi) if a is not None])
+    if start is not None:
+        xp = get_array_module(start)
     Tq = start.shape[-1] if start is not None else n_queries
     j = xp.arange(n_keys)  # (n_keys,) key index
     i = offset + xp.arange(Tq)[:, None]  # (Tq, 1) each query's own index among the keys
@@ -207,7 +208,7 @@ def attention_forward(qkv, n_head, layout=None):
     q, k, v = split_heads(qkv, n_head)  # (B, H, T, D)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if layout is None or layout.causal:
-        mask = sees(T, n_queries=T)  # (T, T)
+        mask = sees(T, n_queries=T, xp=get_array_module(qkv))  # (T, T)
     else:
         mask = sees(T, layout.start, layout.hidden_lo, layout.hidden_hi)[:, None]  # (B, 1, T, T)
     s = q @ k.transpose(0, 1, 3, 2) * scale  # (B, H, T, T)
@@ -260,7 +261,7 @@ def attention_forward_kv(qkv, n_head, k_cache, v_cache, offset, start=None):
     k_cache[:, :, offset:L] = k
     v_cache[:, :, offset:L] = v
     if start is None:
-        mask = sees(L, offset=offset, n_queries=Tn)  # (Tn, L)
+        mask = sees(L, offset=offset, n_queries=Tn, xp=xp)  # (Tn, L)
     else:
         zero = xp.zeros_like(start)
         mask = sees(L, start, zero, zero, offset)[:, None]  # (B, 1, Tn, L)

@@ -22,6 +22,7 @@ log-softmax in cache-sized pieces, fused CPU and CUDA kernels).
 
 from __future__ import annotations
 
+from . import checks
 from .backend import get_array_module
 
 __all__ = ["logsumexp", "log_softmax", "log_softmax_backward", "token_logps", "token_logps_backward",
@@ -68,6 +69,7 @@ def token_logps(logits, labels):
     logits (M, V) float, the logits that predict each token; labels (M,) int in [0, V).
     Returns lp (M,) and the cache {"logits" (referenced), "labels", "lse"}.
     """
+    checks.token_logps_args(logits, labels)
     xp = get_array_module(logits, labels)
     M = logits.shape[0]
     lse = logsumexp(logits, axis=-1)  # (M,)
@@ -100,6 +102,7 @@ def sequence_logps(logits, labels, weights):
     logits (M, V) at the scored positions; labels (M,) int; weights (E, M) of the logits' dtype
     (packing.Batch.weights). Returns logps (E,) and the cache (token_logps' plus "weights").
     """
+    checks.sequence_logps_args(logits, labels, weights)
     lp, cache = token_logps(logits, labels)  # (M,)
     cache["weights"] = weights
     return weights @ lp, cache
@@ -111,5 +114,6 @@ def sequence_logps_backward(dlogps, cache, *, overwrite_logits: bool = False):
 
     dlogps (E,) -> dlogits (M, V)."""
     w = cache["weights"]
+    checks.dlogps(dlogps, w.shape[0])
     dlp = w.T @ get_array_module(w).asarray(dlogps).astype(w.dtype)  # (M,)
     return token_logps_backward(dlp, cache, overwrite_logits=overwrite_logits)

@@ -405,19 +405,21 @@ def pack_sft(items, pad_id: int, pack: bool = True, backend=None, pack_length: i
 
 
 def padded_batch(input_ids, loss_mask, average: bool = False, backend=None) -> Batch:
-    """The batch of right-padded (B, T) rows given as arrays: ``loss_mask`` (B, T) marks the
-    scored label positions (the token at t is predicted by the logits at t - 1; column 0 is never
-    scored). Each row is one example; its scored tokens must be at least one."""
+    """The batch of right-padded (B, T) rows given as arrays: ``loss_mask`` (B, T, bool or 0/1)
+    marks the scored label positions (the token at t is predicted by the logits at t - 1; column
+    0 is never scored, whatever the mask holds there). Each row is one example and must score at
+    least one token; the ids of positions not scored are never read as labels."""
     ids = np.asarray(input_ids).astype(np.int64, copy=False)
     mask = np.asarray(loss_mask) != 0
     if ids.ndim != 2 or mask.shape != ids.shape:
         raise ValueError(f"input_ids and loss_mask must be (B, T) of one shape, got {ids.shape} and {mask.shape}")
     B, T = ids.shape
-    if mask[:, 0].any():
-        raise ValueError("loss_mask[:, 0] must be False: the first token has no logits before it")
+    mask = mask.copy()
+    mask[:, 0] = False  # the first token has no logits before it: never scored
     counts = mask.sum(axis=1).astype(np.int64)
     if (counts == 0).any():
-        raise ValueError(f"rows {np.flatnonzero(counts == 0).tolist()[:8]} have no scored token")
+        raise ValueError(f"rows {', '.join(map(str, np.flatnonzero(counts == 0)[:8]))} have no scored token "
+                         f"(loss_mask[:, 1:] is all zero): their log pi(y|x) would be 0 for any policy")
     b, t = np.nonzero(mask)  # row-major: example by example, in order
     at = b * T + t
     be = get_backend(backend) if backend is not None else None

@@ -167,22 +167,26 @@ def _layernorm_backward_dx(grid, block, dy, x, w, mean, rstd, dx, N, C):
     dx.reshape(N, C)[:n] = r * (g - g.mean(axis=1, keepdims=True) - xhat * (g * xhat).mean(axis=1, keepdims=True))
 
 
-def _causal_softmax(grid, block, att, rows, Tq, Tk, scale):
-    _full_warps(block, "causal_softmax")
+def _masked_softmax(grid, block, att, start, hidden_lo, hidden_hi, rows, H, nq, nk, S, q0, self0, k0, scale):
+    _full_warps(block, "masked_softmax")
     n = _rows_covered(grid, rows)
-    a = att.reshape(rows, Tk)[:n]
-    q = np.arange(n) % Tq + (Tk - Tq)  # each row's last visible key
-    visible = np.arange(Tk)[None, :] <= q[:, None]
+    a = att.reshape(rows, nk)[:n]
+    r = np.arange(n)
+    i = r % nq  # query within the block
+    at = (r // (nq * H)) * S + q0 + i  # its column of the (b, S) layout arrays
+    first = start.reshape(-1)[at][:, None]
+    lo, hi = hidden_lo.reshape(-1)[at][:, None], hidden_hi.reshape(-1)[at][:, None]
+    j = k0 + np.arange(nk)[None, :]
+    visible = (j >= first) & (j <= (self0 + i)[:, None]) & ~((j >= lo) & (j < hi))
     s = np.where(visible, a * scale, -np.inf)
     s = np.exp(s - s.max(axis=1, keepdims=True))
     a[...] = s / s.sum(axis=1, keepdims=True)
 
 
-def _logsoftmax_gather(grid, block, logits, labels, lp, lse, rows, T, V):
+def _logsoftmax_gather(grid, block, logits, labels, lp, lse, rows, V):
     _full_warps(block, "logsoftmax_gather")
     n = _rows_covered(grid, rows)
-    B = rows // (T - 1) if T > 1 else 0
-    z = logits.reshape(B, T, V)[:, :-1].reshape(rows, V)[:n]
+    z = logits.reshape(rows, V)[:n]
     m = z.max(axis=1, keepdims=True)
     finite = np.isfinite(m)  # an all -inf row (or one holding +inf): lse is the max itself
     s = np.where(finite, np.log(np.exp(z - np.where(finite, m, 0)).sum(axis=1, keepdims=True)) + m, m)[:, 0]
@@ -190,14 +194,12 @@ def _logsoftmax_gather(grid, block, logits, labels, lp, lse, rows, T, V):
     lp.reshape(rows)[:n] = z[np.arange(n), labels.reshape(rows)[:n]] - s
 
 
-def _logsoftmax_gather_backward(grid, block, logits, lse, labels, g, dlogits, B, T, V):
-    z = logits.reshape(B, T, V)
-    out = np.zeros_like(z)
-    p = np.exp(z[:, :-1] - lse.reshape(B, T - 1)[:, :, None])
+def _logsoftmax_gather_backward(grid, block, logits, lse, labels, g, dlogits, M, V):
+    z = logits.reshape(M, V)
+    p = np.exp(z - lse.reshape(M)[:, None])
     onehot = np.zeros_like(p)
-    np.put_along_axis(onehot, labels.reshape(B, T - 1)[:, :, None], 1, axis=2)
-    out[:, :-1] = g.reshape(B, T - 1)[:, :, None] * (onehot - p)
-    dlogits.reshape(B, T, V)[...] = out
+    onehot[np.arange(M), labels.reshape(M)] = 1
+    dlogits.reshape(M, V)[...] = g.reshape(M)[:, None] * (onehot - p)
 
 
 def _adamw_multi_tensor(grid, block, ptrs, offsets, decay, K, b1, b2, eps, step_size, sqrt_bc2, lr_wd):
@@ -230,7 +232,7 @@ def _adamw_multi_tensor(grid, block, ptrs, offsets, decay, K, b1, b2, eps, step_
 RAW_TWINS = {
     "minidpo_layernorm_forward": _layernorm_forward,
     "minidpo_layernorm_backward_dx": _layernorm_backward_dx,
-    "minidpo_causal_softmax": _causal_softmax,
+    "minidpo_masked_softmax": _masked_softmax,
     "minidpo_logsoftmax_gather": _logsoftmax_gather,
     "minidpo_logsoftmax_gather_backward": _logsoftmax_gather_backward,
     "minidpo_adamw_multi_tensor": _adamw_multi_tensor,
