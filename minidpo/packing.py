@@ -55,7 +55,7 @@ import numpy as np
 from .backend import get_array_module, get_backend
 
 __all__ = ["Layout", "Batch", "Batcher", "Sequence", "pair_sequences", "sft_sequences", "pack_sequences",
-           "pack_preferences", "pack_sft", "padded_batch", "causal_layout", "layout_from_attention_mask",
+           "pack_preferences", "pack_sft", "padded_batch", "causal_layout", "layout_from_attention_mask", "layout_of",
            "query_blocks"]
 
 
@@ -102,6 +102,19 @@ class Layout:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.start.shape)
+
+
+def layout_of(start, hidden_lo, hidden_hi, positions=None, backend=None, causal=None) -> Layout:
+    """A Layout from host (R, L) int arrays (positions None: 0..L-1 in every row), copied to
+    ``backend`` (None: NumPy). Every query must see itself: start[i] <= i, i outside [hidden_lo,
+    hidden_hi)."""
+    start, hidden_lo, hidden_hi = (np.asarray(a, dtype=np.int64) for a in (start, hidden_lo, hidden_hi))
+    if positions is None:
+        positions = np.tile(np.arange(start.shape[1], dtype=np.int64), (start.shape[0], 1))
+    own = np.arange(start.shape[1])
+    if (start > own).any() or ((hidden_lo <= own) & (own < hidden_hi)).any():
+        raise ValueError("a layout must let every query see itself (start <= its index, itself not hidden)")
+    return _layout(np.asarray(positions, dtype=np.int64), start, hidden_lo, hidden_hi, backend, causal)
 
 
 def _layout(positions, start, hidden_lo, hidden_hi, backend=None, causal=None) -> Layout:

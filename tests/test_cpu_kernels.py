@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minidpo import fast, layers, logprobs
+from minidpo import runtime as rt
 
 ck = pytest.importorskip("minidpo.cpu_kernels", reason="the compiled CPU kernels need Numba (pip install minidpo[fast])")
 
@@ -96,20 +97,29 @@ def test_layernorm_kernels_equal_plain(n, C, dtype, seed):
     close(db, g0["b"] + 2, dtype, scale=10)
 
 
-@given(M=st.integers(1, 4), L=st.integers(1, 20), dtype=DTYPES, seed=seeds, data=st.data())
-def test_causal_softmax_kernel_equals_plain(M, L, dtype, seed, data):
-    """Query row i at position i + offset sees keys 0..i + offset: layers.softmax of the scaled
-    scores plus layers.attention_bias's causal mask."""
-    nq = data.draw(st.integers(1, L))
-    offset = L - nq
-    scale = data.draw(st.floats(0.1, 2.0))
+@given(b=st.integers(1, 3), H=st.integers(1, 3), S=st.integers(1, 20), dtype=DTYPES, seed=seeds, data=st.data())
+def test_masked_softmax_kernel_equals_plain(b, H, S, dtype, seed, data):
+    """A block of queries q0.. (own key index self0 + i) over keys k0.., each seeing the keys of
+    layers.sees (start <= j <= its own index, less its hidden range): the softmax of the scaled
+    scores over exactly those keys, exact zeros elsewhere."""
     rng = np.random.default_rng(seed)
-    s = (5 * rng.standard_normal((M, nq, L))).astype(dtype)
-    want = layers.softmax(s * dtype(scale) + layers.attention_bias(np, dtype, nq, L, offset))
+    q0 = data.draw(st.integers(0, S - 1))
+    nq = data.draw(st.integers(1, S - q0))
+    self0 = q0 + data.draw(st.integers(0, 5))  # queries after cached keys (a KV chunk) or not
+    own = self0 - q0 + np.arange(S)  # (S,) each query's own key index
+    start = np.minimum(rng.integers(0, own.max() + 1, (b, S)), own)
+    lo = np.minimum(rng.integers(0, own.max() + 1, (b, S)), own)
+    hi = np.minimum(lo + rng.integers(0, 4, (b, S)), own)  # a query always sees itself
+    k0 = data.draw(st.integers(0, int(start[:, q0:q0 + nq].min())))
+    nk = self0 + nq - k0  # up to the last query's own key
+    scale = data.draw(st.floats(0.1, 2.0))
+    s = (5 * rng.standard_normal((b, H, nq, nk))).astype(dtype)
+    seen = layers.sees(k0 + nk, start[:, q0:q0 + nq], lo[:, q0:q0 + nq], hi[:, q0:q0 + nq], self0)[:, None, :, k0:]
+    want = layers.softmax(np.where(seen, s * dtype(scale), -np.inf))
     got = s.copy()
-    ck.causal_softmax_(got, scale, offset)
+    ck.masked_softmax_(got.reshape(b * H, nq, nk), H, scale, start, lo, hi, q0, self0, k0)
     close(got, want, dtype)
-    assert np.all(got[:, np.triu_indices(nq, offset + 1, L)[0], np.triu_indices(nq, offset + 1, L)[1]] == 0)
+    assert np.all(got[~np.broadcast_to(seen, got.shape)] == 0)
 
 
 @given(M=st.integers(1, 4), nq=st.integers(1, 6), L=st.integers(1, 9), dtype=DTYPES, seed=seeds)
@@ -122,33 +132,29 @@ def test_softmax_backward_kernel_equals_plain(M, nq, L, dtype, seed):
     close(got, att * (datt - delta[..., None]), dtype)
 
 
-@given(B=st.integers(1, 4), T=st.integers(1, 6), V=st.integers(1, 30), dtype=DTYPES, seed=seeds, data=st.data())
-def test_logsoftmax_kernels_equal_plain_on_the_rows_given(B, T, V, dtype, seed, data):
-    """lse and lp for positions 0..T-2 of batch rows b0..b1-1 (the other rows untouched), and the
-    backward in place: g (onehot - softmax) on those rows, zero at T-1."""
-    b0 = data.draw(st.integers(0, B - 1))
-    b1 = data.draw(st.integers(b0 + 1, B))
+@given(M=st.integers(1, 12), V=st.integers(1, 30), dtype=DTYPES, seed=seeds, data=st.data())
+def test_logsoftmax_kernels_equal_plain_on_the_rows_given(M, V, dtype, seed, data):
+    """lse and lp of rows m0..m1-1 of the scored logits (M, V) (the other rows untouched), and the
+    backward in place on those rows: g (onehot - softmax)."""
+    m0 = data.draw(st.integers(0, M - 1))
+    m1 = data.draw(st.integers(m0 + 1, M))
     rng = np.random.default_rng(seed)
-    logits = (4 * rng.standard_normal((B, T, V))).astype(dtype)
-    labels = rng.integers(0, V, (B, max(T - 1, 0)))
-    lp = np.full((B, max(T - 1, 0)), 7, dtype)
-    lse = np.full((B, max(T - 1, 0)), 7, dtype)
-    ck.logsoftmax_gather(logits, labels, lp, lse, b0, b1)
-    lse0 = logprobs.logsumexp(logits[:, :-1], axis=-1)
-    lp0 = np.take_along_axis(logits[:, :-1], labels[..., None], -1)[..., 0] - lse0
-    close(lse[b0:b1], lse0[b0:b1], dtype, scale=10)
-    close(lp[b0:b1], lp0[b0:b1], dtype, scale=10)
-    assert np.all(lse[:b0] == 7) and np.all(lse[b1:] == 7)
-    g = rng.standard_normal(lse.shape).astype(dtype)
+    logits = (4 * rng.standard_normal((M, V))).astype(dtype)
+    labels = rng.integers(0, V, M)
+    lp = np.full(M, 7, dtype)
+    lse = np.full(M, 7, dtype)
+    ck.logsoftmax_gather(logits, labels, lp, lse, m0, m1)
+    lp0, cache = logprobs.token_logps(logits, labels)
+    close(lse[m0:m1], cache["lse"][m0:m1], dtype, scale=10)
+    close(lp[m0:m1], lp0[m0:m1], dtype, scale=10)
+    assert np.all(lse[:m0] == 7) and np.all(lse[m1:] == 7)
+    g = rng.standard_normal(M).astype(dtype)
     d = logits.copy()
-    ck.logsoftmax_gather_backward_(d, lse0.astype(dtype), labels, g, b0, b1)
-    onehot = np.zeros_like(logits[:, :-1])
-    np.put_along_axis(onehot, labels[..., None], 1, -1)
-    want = g[..., None] * (onehot - np.exp(logits[:, :-1] - lse0[..., None]))
-    close(d[b0:b1, :-1], want[b0:b1].astype(dtype), dtype)
-    assert np.all(d[b0:b1, -1] == 0)
-    np.testing.assert_array_equal(d[:b0], logits[:b0])
-    np.testing.assert_array_equal(d[b1:], logits[b1:])
+    ck.logsoftmax_gather_backward_(d, cache["lse"], labels, g, m0, m1)
+    want = logprobs.token_logps_backward(g, cache)
+    close(d[m0:m1], want[m0:m1], dtype)
+    np.testing.assert_array_equal(d[:m0], logits[:m0])
+    np.testing.assert_array_equal(d[m1:], logits[m1:])
 
 
 @given(V=st.integers(1, 6), M=st.integers(0, 20), C=st.integers(1, 9), dtype=DTYPES, seed=seeds)
@@ -177,27 +183,28 @@ def test_a_nan_reaches_the_output_of_every_kernel():
     ck.layernorm_forward(h, np.ones(3, f), np.zeros(3, f), 1e-5, out, mean, rstd)
     assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
     s = np.array([[[0.5, np.nan, 0.1], [0.2, 0.3, 0.4]], [[0.5, 0.2, np.nan], [0.2, 0.3, np.nan]]], f)
-    ck.causal_softmax_(s, 1.0, 1)  # row 0 sees keys 0, 1; row 1 all three
+    z = np.zeros((2, 2), np.int64)
+    ck.masked_softmax_(s, 1, 1.0, z, z, z, 0, 1, 0)  # query 0 sees keys 0, 1; query 1 all three
     assert np.isnan(s[0, 0, :2]).all() and s[0, 0, 2] == 0 and np.isfinite(s[0, 1]).all()
-    assert np.isfinite(s[1, 0]).all() and s[1, 0, 2] == 0  # the NaN is masked out for row 0
+    assert np.isfinite(s[1, 0]).all() and s[1, 0, 2] == 0  # the NaN is masked out for query 0
     assert np.isnan(s[1, 1]).all()
-    lg = np.array([[[0.0, np.nan], [0.0, 1.0], [0.0, 0.0]]], f)
-    lp, lse = np.empty((1, 2), f), np.empty((1, 2), f)
-    ck.logsoftmax_gather(lg, np.zeros((1, 2), np.int64), lp, lse, 0, 1)
-    assert np.isnan(lse[0, 0]) and np.isfinite(lse[0, 1])
+    lg = np.array([[0.0, np.nan], [0.0, 1.0]], f)
+    lp, lse = np.empty(2, f), np.empty(2, f)
+    ck.logsoftmax_gather(lg, np.zeros(2, np.int64), lp, lse, 0, 2)
+    assert np.isnan(lse[0]) and np.isfinite(lse[1])
 
 
-# ----------------------------------------------------------------------------------- fast.py's switch
+# ----------------------------------------------------------------------------------- runtime.py's switch
 
 
 def test_fast_uses_the_kernels_only_on_numpy_float_arrays_and_when_on():
     x32 = np.zeros(3, np.float32)
-    assert fast.cpu_kernels(x32) is ck and fast.cpu_kernels(x32, np.zeros(2)) is ck
-    assert fast.cpu_kernels(np.zeros(3, np.float16)) is None
-    assert fast.cpu_kernels(x32, np.zeros(3, np.int64)) is None
-    with fast.no_cpu_kernels():
-        assert fast.cpu_kernels(x32) is None
-    assert fast.cpu_kernels(x32) is ck
+    assert rt.cpu_kernels(x32) is ck and rt.cpu_kernels(x32, np.zeros(2)) is ck
+    assert rt.cpu_kernels(np.zeros(3, np.float16)) is None
+    assert rt.cpu_kernels(x32, np.zeros(3, np.int64)) is None
+    with rt.no_cpu_kernels():
+        assert rt.cpu_kernels(x32) is None
+    assert rt.cpu_kernels(x32) is ck
 
 
 def test_gelu_goes_through_the_kernel_and_not_when_off(monkeypatch):
@@ -207,22 +214,22 @@ def test_gelu_goes_through_the_kernel_and_not_when_off(monkeypatch):
     x = np.linspace(-2, 2, 11, dtype=np.float32)
     y = fast.gelu_forward(x)[0]
     assert calls == [1]
-    with fast.no_cpu_kernels():
+    with rt.no_cpu_kernels():
         y2 = fast.gelu_forward(x)[0]
     assert calls == [1]
     np.testing.assert_allclose(y, y2, rtol=1e-6, atol=1e-7)
 
 
 def test_a_kernel_that_fails_to_run_turns_them_off_with_one_warning(monkeypatch):
-    monkeypatch.setattr(fast, "_CK", None)
+    monkeypatch.setattr(rt, "_CK", None)
 
     def broken(*a):
         raise RuntimeError("no compiler")
 
     monkeypatch.setattr(ck, "gelu_forward", broken)
     with pytest.warns(RuntimeWarning, match="compiled CPU kernels are off.*no compiler"):
-        assert fast.cpu_kernels(np.zeros(2, np.float32)) is None
-    assert fast.cpu_kernels(np.zeros(2, np.float32)) is None  # decided once
+        assert rt.cpu_kernels(np.zeros(2, np.float32)) is None
+    assert rt.cpu_kernels(np.zeros(2, np.float32)) is None  # decided once
 
 
 def _run(code: str, **env) -> str:
@@ -236,9 +243,9 @@ def _run(code: str, **env) -> str:
 def test_without_numba_or_with_the_environment_switch_the_numpy_passes_run():
     code = """
         import sys, numpy as np
-        from minidpo import fast
+        from minidpo import fast, runtime
         x = np.linspace(-2, 2, 5, dtype=np.float32)
-        print(fast.cpu_kernels(x) is None, float(fast.gelu_forward(x)[0][0]))
+        print(runtime.cpu_kernels(x) is None, float(fast.gelu_forward(x)[0][0]))
     """
     assert _run(code, MINIDPO_CPU_KERNELS="0").startswith("True -0.04")
     blocked = "import sys; sys.modules['numba'] = None\n" + textwrap.dedent(code)  # import numba fails
@@ -254,9 +261,9 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_reused_large_array():
     faults to touch it); kept memory is touched again with next to none."""
     code = """
         import resource, sys, numpy as np
-        from minidpo import fast
-        fast.set_hugepage_advice(False)
-        if sys.argv[1] == "keep" and not fast.keep_freed_memory(True):
+        from minidpo import runtime
+        runtime.set_hugepage_advice(False)
+        if sys.argv[1] == "keep" and not runtime.keep_freed_memory(True):
             print("unsupported"); raise SystemExit
         def touch():
             a = np.empty(16 << 20, np.float32); a.fill(1.0); del a
@@ -273,5 +280,5 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_reused_large_array():
 
     kept = faults("keep")
     if kept == "unsupported":
-        pytest.skip("not glibc: fast.keep_freed_memory does nothing here")
+        pytest.skip("not glibc: runtime.keep_freed_memory does nothing here")
     assert int(faults("default")) > 10_000 and int(kept) < 100

@@ -268,11 +268,11 @@ def _pairs(n, rng, V=61):
 
 def _measure(cp, capsys=None):
     from minidpo.backend import Backend
-    from minidpo.data import TokenizedSFT, collate_preferences
+    from minidpo.data import TokenizedSFT, collate_preferences, collate_sft
     from minidpo.generate import generate
     from minidpo.optim import AdamW, clip_grad_norm
-    from minidpo.packing import pack_preferences, pack_sft
-    from minidpo.train import TrainConfig, dpo_step, evaluate_preferences, sft_step
+    from minidpo.packing import Batcher, pack_preferences, pack_sft
+    from minidpo.train import TrainConfig, batcher_for, dpo_step, evaluate_preferences, sft_step
 
     be = Backend("cuda")
     cfg, params = _tiny(cp)
@@ -281,13 +281,13 @@ def _measure(cp, capsys=None):
     tc = TrainConfig(beta=0.1, eval_batch_size=4)
     opt = AdamW(params, lr=1e-3, weight_decay=0.1)
     counts = {}
-    batch = collate_preferences(pairs[:4], pad_id=0, backend=be)
+    items = [TokenizedSFT(p.prompt_ids, p.chosen_ids) for p in pairs[:4]]
     ref = cp.asarray(rng.standard_normal(4).astype(np.float32))
-    # the packed layouts as train_dpo / train_sft build them (host arrays copied to the device)
-    packed_dpo = {"packed": pack_preferences(pairs[:4], 0, backend=be)}
-    packed_sft = {"packed": pack_sft([TokenizedSFT(p.prompt_ids, p.chosen_ids) for p in pairs[:4]], 0, backend=be)}
-    for name, b in (("dpo step", batch), ("sft step", batch), ("dpo step (packed)", packed_dpo),
-                    ("sft step (packed)", packed_sft)):
+    # the padded batch, and the default layout as train_dpo / train_sft build it (host arrays copied)
+    for name, b in (("dpo step", collate_preferences(pairs[:4], 0, backend=be)),
+                    ("sft step", collate_sft(items, 0, backend=be)),
+                    ("dpo step (packed)", pack_preferences(pairs[:4], 0, backend=be)),
+                    ("sft step (packed)", pack_sft(items, 0, backend=be))):
         if name.startswith("dpo"):
             step = lambda: dpo_step(params, cfg, b, ref, ref + 1, tc)  # noqa: E731
         else:
@@ -304,13 +304,13 @@ def _measure(cp, capsys=None):
     with S.counting() as c1:
         generate(params, cfg, [[1, 2, 3], [4, 5]], max_new_tokens=1, rng=np.random.default_rng(1), top_k=5)
     counts["generated token"] = (S.syncs(c) - S.syncs(c1)) / 5
-    ref_c = np.zeros(8)
+    ref_c = np.zeros(8, np.float32)
     with S.counting() as c:
-        evaluate_preferences(params, cfg, pairs, ref_c, ref_c, 0, tc, be)
+        evaluate_preferences(params, cfg, pairs, ref_c, ref_c, batcher_for(tc, 0, be), tc)
     counts["evaluation pass (8 pairs, chunks of 4)"] = S.syncs(c)
     padded = TrainConfig(beta=0.1, eval_batch_size=4, share_prompt=False, pack=False)
     with S.counting() as c:
-        evaluate_preferences(params, cfg, pairs, ref_c, ref_c, 0, padded, be)
+        evaluate_preferences(params, cfg, pairs, ref_c, ref_c, batcher_for(padded, 0, be), padded)
     counts["evaluation pass, padded (8 pairs, chunks of 4)"] = S.syncs(c)
     assert bool(finite)
     return counts
@@ -331,3 +331,42 @@ def test_syncs_per_step_are_held(cp, capsys):
         print("\n  device-to-host read-backs and syncs on the CuPy path: "
               + ", ".join(f"{k} {v:g}" for k, v in counts.items()))
     assert counts == HELD
+
+
+def test_a_default_dpo_step_on_the_gpu_runs_fused_kernels_only(cp, monkeypatch):
+    """The kernel launches of one default DPO step (shared prompts, packed rows) on --device cuda,
+    counted on the stand-in, are held: the attention softmax (the layout's mask applied inside the
+    kernel), GELU, layernorm and the log-softmax all fused, AdamW in one launch. No attention mask or
+    bias is built on the way: the array-code mask (layers.sees, fast._causal_bias) must not run."""
+    from minidpo import fast, layers
+    from minidpo.backend import Backend
+    from minidpo.optim import AdamW, clip_grad_norm
+    from minidpo.packing import pack_preferences
+    from minidpo.train import TrainConfig, dpo_step
+
+    be = Backend("cuda")
+    cfg, params = _tiny(cp)
+    pairs = _pairs(4, np.random.default_rng(3))
+    batch = pack_preferences(pairs, 0, backend=be)  # the default layout: shared prompts, packed rows
+    assert not batch.layout.causal
+    ref = cp.asarray(np.full(4, -20.0, np.float32))
+    opt = AdamW(params, lr=1e-3, weight_decay=0.1)
+    dpo_step(params, cfg, batch, ref, ref, TrainConfig())  # the first call builds the kernels
+
+    def no_mask(*a, **k):
+        raise AssertionError("an attention mask was built on the fused path")
+
+    monkeypatch.setattr(layers, "sees", no_mask)
+    monkeypatch.setattr(fast, "_causal_bias", no_mask)
+    with S.counting() as c:
+        _, _, grads = dpo_step(params, cfg, batch, ref, ref, TrainConfig())
+        clip_grad_norm(grads, 1.0)
+        opt.step(params, grads, lr=1e-3)
+    n, blocks = cfg.n_layer, len(batch.layout.blocks)
+    assert S.launches(c) == {
+        "adamw_multi_tensor": 1,
+        "gelu_backward": n, "gelu_forward": n,
+        "layernorm_backward_dx": 2 * n + 1, "layernorm_dw": 2 * n + 1, "layernorm_forward": 2 * n + 1,
+        "logsoftmax_gather": 1, "logsoftmax_gather_backward": 1,
+        "masked_softmax": n * blocks, "softmax_backward": n * blocks,
+    }

@@ -190,7 +190,7 @@ def test_no_bpe_merge_across_join(bpe):
     assert pair.rejected_ids == bpe.encode(rejected) + [bpe.eos_id]
     batch = collate_preferences([pair], pad_id=bpe.pad_id)
     n = len(pair.prompt_ids) + len(pair.chosen_ids)
-    assert batch["input_ids"][0, :n].tolist() == bpe.encode(prompt) + bpe.encode(chosen) + [bpe.eos_id]
+    assert batch.input_ids[0, :n].tolist() == bpe.encode(prompt) + bpe.encode(chosen) + [bpe.eos_id]
 
 
 @given(st.text(max_size=30), st.text(min_size=1, max_size=30), st.text(min_size=1, max_size=30))
@@ -204,6 +204,13 @@ def test_ids_are_concatenation_of_separate_encodings(prompt, chosen, rejected):
     assert pair.rejected_ids == tok.encode(rejected) + [tok.eos_id]
 
 
+def scored_positions(batch):
+    """(R, L) bool: the positions of the batch's scored tokens (a padded batch's loss mask)."""
+    m = np.zeros(batch.shape, dtype=bool)
+    m.reshape(-1)[batch.host_at] = True
+    return m
+
+
 _BPE = BPETokenizer.train(["the cat sat on the mat", "unicode ünïcödé 東京"] * 5, vocab_size=300)
 
 
@@ -211,8 +218,8 @@ def test_empty_prompt_gets_eos_as_bos():
     pair = tokenize_preference(ex("", "ab", "cd"), CharTok(), max_length=10, max_prompt_length=4)
     assert pair.prompt_ids == [CharTok.eos_id]
     batch = collate_preferences([pair], pad_id=1)
-    assert not batch["loss_mask"][:, 0].any()
-    assert batch["loss_mask"][0].tolist() == [False, True, True, True]
+    assert not scored_positions(batch)[:, 0].any()
+    assert scored_positions(batch)[0].tolist() == [False, True, True, True]
 
 
 def test_truncation_modes_exact():
@@ -299,38 +306,39 @@ def test_build_with_bpe_matches_single(bpe):
 token_ids = st.lists(st.integers(0, 50), min_size=1, max_size=12)
 
 
-@given(st.lists(st.tuples(token_ids, token_ids, token_ids), min_size=1, max_size=5),
-       st.booleans(), st.integers(1, 8))
-def test_collated_mask_is_exactly_response_plus_eos(raw, pad_is_eos, multiple):
+@given(st.lists(st.tuples(token_ids, token_ids, token_ids), min_size=1, max_size=5), st.booleans())
+def test_collated_scored_tokens_are_exactly_response_plus_eos(raw, pad_is_eos):
     eos = 3
     pad = eos if pad_is_eos else 99
     pairs = [TokenizedPair(p, c + [eos], r + [eos]) for p, c, r in raw]  # EOS may also occur inside
-    batch = collate_preferences(pairs, pad_id=pad, pad_to_multiple=multiple)
-    ids, mask = batch["input_ids"], batch["loss_mask"]
+    batch = collate_preferences(pairs, pad_id=pad)
+    ids = batch.input_ids
     N = len(pairs)
-    longest = max(max(pr.chosen_length, pr.rejected_length) for pr in pairs)
-    assert ids.shape == mask.shape == (2 * N, ids.shape[1])
-    assert ids.shape[1] >= longest and ids.shape[1] % multiple == 0 and ids.shape[1] < longest + multiple
-    assert ids.dtype == np.int64 and mask.dtype == np.bool_
-    assert not mask[:, 0].any()
+    T = max(max(pr.chosen_length, pr.rejected_length) for pr in pairs)
+    assert ids.shape == (2 * N, T) and ids.dtype == np.int64 and batch.layout.causal
+    scored = np.zeros(ids.shape, dtype=bool)
+    scored.reshape(-1)[batch.host_at] = True
+    assert not scored[:, 0].any()
     for row in range(2 * N):
         pr = pairs[row % N]
         resp = pr.chosen_ids if row < N else pr.rejected_ids
         lp, lr = len(pr.prompt_ids), len(resp)
         assert ids[row, : lp + lr].tolist() == pr.prompt_ids + resp
         assert (ids[row, lp + lr:] == pad).all()
-        expect = np.zeros(ids.shape[1], dtype=bool)
+        expect = np.zeros(T, dtype=bool)
         expect[lp: lp + lr] = True
-        np.testing.assert_array_equal(mask[row], expect)
-        assert mask[row, lp + lr - 1] and ids[row, lp + lr - 1] == eos  # the EOS is a label
-    assert mask.sum() == sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        np.testing.assert_array_equal(scored[row], expect)  # response + EOS, never prompt or pad
+        assert scored[row, lp + lr - 1] and ids[row, lp + lr - 1] == eos  # the EOS is a label
+    np.testing.assert_array_equal(batch.labels, ids.reshape(-1)[batch.host_at])
+    np.testing.assert_array_equal(batch.logits_at, batch.host_at - 1)  # predicted by the token before
+    assert scored.sum() == sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
 
 
 def test_collate_errors_and_backend():
     pair = TokenizedPair([5], [6, 0], [7, 0])
     out = collate_preferences([pair], pad_id=0, backend="cpu")
-    assert out["input_ids"].dtype == np.int64 and out["loss_mask"].dtype == np.bool_
-    with pytest.raises(ValueError, match="non-empty prompt"):
+    assert out.input_ids.dtype == np.int64 and out.labels.dtype == np.int64 and out.n_examples == 2
+    with pytest.raises(ValueError, match="empty prompt"):
         collate_preferences([TokenizedPair([], [6], [7])], pad_id=0)
     with pytest.raises(ValueError, match="no pairs"):
         collate_preferences([], pad_id=0)
@@ -345,9 +353,12 @@ def test_collate_on_cuda_matches_cpu():  # pragma: no cover - needs a GPU
     pairs = [TokenizedPair([5, 6], [7, 0], [8, 9, 0]), TokenizedPair([4], [1, 0], [2, 0])]
     cpu = collate_preferences(pairs, pad_id=0)
     gpu = collate_preferences(pairs, pad_id=0, backend="cuda")
-    for k in cpu:
-        assert isinstance(gpu[k], cupy.ndarray) and gpu[k].dtype == cpu[k].dtype
-        np.testing.assert_array_equal(cupy.asnumpy(gpu[k]), cpu[k])
+    for k in ("input_ids", "logits_at", "labels", "example", "token_counts"):
+        g, c = getattr(gpu, k), getattr(cpu, k)
+        assert isinstance(g, cupy.ndarray) and g.dtype == c.dtype
+        np.testing.assert_array_equal(cupy.asnumpy(g), c)
+    for k in ("start", "hidden_lo", "hidden_hi", "positions"):
+        assert isinstance(getattr(gpu.layout, k), cupy.ndarray)
 
 
 def test_sft_tokenize_and_collate(bpe):
@@ -356,7 +367,7 @@ def test_sft_tokenize_and_collate(bpe):
     assert item.response_ids == bpe.encode("The movie was great") + [bpe.eos_id]
     qa = tokenize_sft("Q:", " A", bpe, max_length=64)
     batch = collate_sft([item, qa], pad_id=bpe.eos_id)  # pad == eos on purpose
-    ids, mask = batch["input_ids"], batch["loss_mask"]
+    ids, mask = batch.input_ids, scored_positions(batch)
     assert ids.shape == (2, 1 + len(item.response_ids)) and mask.dtype == np.bool_
     assert mask[0].tolist() == [False] + [True] * len(item.response_ids)
     lq = len(qa.prompt_ids)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from minidpo import fast, kernels
+from minidpo import kernels, runtime
 from minidpo.cli import main
 from minidpo.tasks import sentiment
 from tests import cupy_standin
@@ -95,7 +95,7 @@ def test_cuda_sft_without_kernels_equals_cpu_bit_for_bit(files, tmp_path, capsys
     t = tmp_path
     run(["tokenizer", "--corpus", files / "sft.jsonl", "--vocab-size", 300, "--out", t / "tok"], capsys)
     sft = ["sft", "--data", files / "sft.jsonl", "--tokenizer", t / "tok", *MODEL, *TRAIN, "--steps", 4]
-    with fast.no_cpu_kernels():
+    with runtime.no_cpu_kernels():
         assert run([*sft, "--out", t / "cpu", "--device", "cpu"], capsys)[0] == 0
     with kernels.disabled():
         assert run([*sft, "--out", t / "cuda", "--device", "cuda"], capsys)[0] == 0

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from minidpo import fast
 from minidpo import layers as L
+from minidpo.packing import layout_from_attention_mask, layout_of
 from tests.conftest import numeric_grad
 
 seeds = st.integers(0, 2**32 - 1)
@@ -107,8 +108,9 @@ def test_gelu_forward_formula_and_backward(shape, scale, seed):
 # ---------------------------------------------------------------------------------- attention
 
 
-def naive_attention(qkv, H, mask=None):
-    """Loops over batch, heads and queries: the definition, written independently."""
+def naive_attention(qkv, H, layout=None):
+    """Loops over batch, heads and queries: the definition, written independently: query i sees the
+    keys j <= i from its start on, less its hidden range."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     D = C // H
@@ -118,12 +120,25 @@ def naive_attention(qkv, H, mask=None):
         for h in range(H):
             sl = slice(h * D, (h + 1) * D)
             for i in range(T):
-                keys = [j for j in range(i + 1) if mask is None or mask[b, j] or j == i]
+                if layout is None:
+                    keys = list(range(i + 1))
+                else:
+                    lo, hi = layout.hidden_lo[b, i], layout.hidden_hi[b, i]
+                    keys = [j for j in range(layout.start[b, i], i + 1) if not lo <= j < hi]
                 s = np.array([q[b, i, sl] @ k[b, j, sl] / math.sqrt(D) for j in keys])
                 p = np.exp(s - s.max())
                 p /= p.sum()
                 y[b, i, sl] = sum(pj * v[b, j, sl] for pj, j in zip(p, keys))
     return y
+
+
+def random_layout(rng, B, T):
+    """Random start and hidden ranges (every query sees itself): any layout the rule allows."""
+    own = np.arange(T)
+    start = np.minimum(rng.integers(0, T, (B, T)), own)
+    lo = rng.integers(0, T, (B, T))
+    hi = np.minimum(lo + rng.integers(0, 3, (B, T)), np.where(lo <= own, own, lo))  # never hides itself
+    return layout_of(start, lo, hi)
 
 
 attn_shapes = dict(B=st.integers(1, 2), T=st.integers(1, 5), H=st.integers(1, 3), D=st.integers(1, 4))
@@ -133,22 +148,22 @@ attn_shapes = dict(B=st.integers(1, 2), T=st.integers(1, 5), H=st.integers(1, 3)
 def test_attention_forward_matches_naive_loops(B, T, H, D, masked, seed):
     rng = np.random.default_rng(seed)
     qkv = rng.standard_normal((B, T, 3 * H * D)) * 2
-    mask = rng.integers(0, 2, (B, T)) if masked else None
-    y, _ = L.attention_forward(qkv, H, mask)
-    close(y, naive_attention(qkv, H, mask), rtol=1e-10, atol=1e-12)
+    layout = random_layout(rng, B, T) if masked else None
+    y, _ = L.attention_forward(qkv, H, layout)
+    close(y, naive_attention(qkv, H, layout), rtol=1e-10, atol=1e-12)
 
 
 @given(**attn_shapes, masked=st.booleans(), seed=seeds)
 def test_attention_backward_matches_finite_differences(B, T, H, D, masked, seed):
     rng = np.random.default_rng(seed)
     qkv = rng.standard_normal((B, T, 3 * H * D))
-    mask = rng.integers(0, 2, (B, T)) if masked else None
+    layout = random_layout(rng, B, T) if masked else None
     G = rng.standard_normal((B, T, H * D))
 
     def loss():
-        return float((L.attention_forward(qkv, H, mask)[0] * G).sum())
+        return float((L.attention_forward(qkv, H, layout)[0] * G).sum())
 
-    _, cache = L.attention_forward(qkv, H, mask)
+    _, cache = L.attention_forward(qkv, H, layout)
     dqkv, grads = L.attention_backward(G, cache)
     assert grads == {}
     assert dqkv.shape == qkv.shape
@@ -157,46 +172,50 @@ def test_attention_backward_matches_finite_differences(B, T, H, D, masked, seed)
 
 @given(B=st.integers(1, 3), T=st.integers(1, 6), H=st.integers(1, 2), D=st.integers(1, 3), seed=seeds, data=st.data())
 def test_left_padding_with_mask_leaves_real_positions_unchanged(B, T, H, D, seed, data):
-    """Rows of different lengths left-padded to T, with their key-padding mask, give at their
-    real positions exactly what each row gives alone, unpadded."""
+    """Rows of different lengths left-padded to T, with the layout of their key-padding mask, give at
+    their real positions exactly what each row gives alone, unpadded."""
     rng = np.random.default_rng(seed)
     lens = [data.draw(st.integers(1, T)) for _ in range(B)]
     padded = rng.standard_normal((B, T, 3 * H * D)) * 5  # garbage at pad positions
     mask = np.zeros((B, T), dtype=np.int64)
     for b, n in enumerate(lens):
         mask[b, T - n:] = 1
-    y_pad, _ = L.attention_forward(padded, H, mask)
+    y_pad, _ = L.attention_forward(padded, H, layout_from_attention_mask(mask))
     assert np.isfinite(y_pad).all()
     for b, n in enumerate(lens):
         y_alone, _ = L.attention_forward(padded[b:b + 1, T - n:], H)
         close(y_pad[b, T - n:], y_alone[0], rtol=1e-12, atol=1e-12)
 
 
-def test_attention_fully_masked_keys_give_finite_output():
-    """Every key masked: each query still attends to itself (no 0/0 in the softmax)."""
+def test_attention_with_every_other_key_hidden_gives_finite_output():
+    """Every query sees itself only (start = its own index): y = v, and a finite backward."""
     rng = np.random.default_rng(0)
     qkv = rng.standard_normal((2, 4, 3 * 6))
-    y, cache = L.attention_forward(qkv, 2, np.zeros((2, 4), dtype=np.int64))
+    own = np.tile(np.arange(4), (2, 1))
+    y, cache = L.attention_forward(qkv, 2, layout_of(own, own * 0, own * 0))
     np.testing.assert_allclose(y, qkv[..., 12:], rtol=1e-12)  # attends to itself only: y = v
     dqkv, _ = L.attention_backward(np.ones_like(y), cache)
     assert np.isfinite(dqkv).all()
 
 
-@given(B=st.integers(1, 2), T=st.integers(1, 6), H=st.integers(1, 2), D=st.integers(1, 3), masked=st.booleans(),
+@given(B=st.integers(1, 2), T=st.integers(1, 6), H=st.integers(1, 2), D=st.integers(1, 3), padded=st.booleans(),
        seed=seeds, data=st.data())
-def test_attention_kv_chunks_equal_full_attention(B, T, H, D, masked, seed, data):
+def test_attention_kv_chunks_equal_full_attention(B, T, H, D, padded, seed, data):
+    """The KV-cache attention, fed in chunks, is the full attention of the same left-padded rows."""
     rng = np.random.default_rng(seed)
     qkv = rng.standard_normal((B, T, 3 * H * D))
-    mask = rng.integers(0, 2, (B, T)) if masked else None
-    y_full, _ = L.attention_forward(qkv, H, mask)
+    first = rng.integers(0, T, B) if padded else np.zeros(B, np.int64)
+    mask = (np.arange(T)[None, :] >= first[:, None]).astype(np.int64)
+    layout = layout_from_attention_mask(mask) if padded else None
+    y_full, _ = L.attention_forward(qkv, H, layout)
     kc = np.zeros((B, H, T + 2, D))
     vc = np.zeros_like(kc)
-    start, outs = 0, []
-    while start < T:
-        n = data.draw(st.integers(1, T - start))
-        km = None if mask is None else mask[:, :start + n]
-        outs.append(L.attention_forward_kv(qkv[:, start:start + n], H, kc, vc, start, km))
-        start += n
+    offset, outs = 0, []
+    while offset < T:
+        n = data.draw(st.integers(1, T - offset))
+        st_ = None if layout is None else layout.start[:, offset:offset + n]
+        outs.append(L.attention_forward_kv(qkv[:, offset:offset + n], H, kc, vc, offset, st_))
+        offset += n
     close(np.concatenate(outs, axis=1), y_full, rtol=1e-12, atol=1e-12)
 
 
@@ -208,17 +227,30 @@ def test_attention_rejects_badly_shaped_qkv(impl):
         impl.attention_forward(np.zeros((1, 2, 10)), 1)
 
 
-@BOTH
-def test_attention_bias_is_typed(impl):
-    b1 = impl.attention_bias(np, np.float32, 5, 5)
-    assert b1.dtype == np.float32 and b1.shape == (5, 5)
-    assert (b1[np.tril_indices(5)] == 0).all() and np.isneginf(b1[np.triu_indices(5, 1)]).all()
-    bm = impl.attention_bias(np, np.float64, 3, 5, offset=2, key_mask=np.array([[0, 1, 1, 0, 1]]))
-    assert bm.shape == (1, 1, 3, 5) and bm.dtype == np.float64
-    allowed = np.isfinite(bm[0, 0])
-    # query i sits at position 2 + i: keys <= 2 + i, minus pads (0 and 3) except its own position
-    expect = np.array([[0, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 1, 1, 0, 1]], dtype=bool)
-    np.testing.assert_array_equal(allowed, expect)
+def test_the_mask_rule_sees():
+    """layers.sees: causal (query i sees keys 0..i, at an offset after cached keys), and a layout's
+    start and hidden range (a packed row: two sequences; a shared prompt's rejected token)."""
+    from minidpo.layers import sees
+
+    c = sees(5, n_queries=5, xp=np)
+    np.testing.assert_array_equal(c, np.tril(np.ones((5, 5), bool)))
+    kv = sees(5, n_queries=3, offset=2, xp=np)  # queries at key indices 2, 3, 4
+    np.testing.assert_array_equal(kv, np.tril(np.ones((3, 5), bool), k=2))
+    # a row [x0 x1 | w0 | l0 l1] then [x0' w0']: the rejected tokens (3, 4) skip the chosen one (2)
+    start = np.array([[0, 0, 0, 0, 0, 5, 5]])
+    lo = np.array([[0, 0, 0, 2, 2, 0, 0]])
+    hi = np.array([[0, 0, 0, 3, 3, 0, 0]])
+    got = sees(7, start, lo, hi)[0]
+    want = np.array([[1, 0, 0, 0, 0, 0, 0],
+                     [1, 1, 0, 0, 0, 0, 0],
+                     [1, 1, 1, 0, 0, 0, 0],
+                     [1, 1, 0, 1, 0, 0, 0],
+                     [1, 1, 0, 1, 1, 0, 0],
+                     [0, 0, 0, 0, 0, 1, 0],
+                     [0, 0, 0, 0, 0, 1, 1]], bool)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="see itself"):
+        layout_of(np.array([[1, 1]]), np.zeros((1, 2)), np.zeros((1, 2)))
 
 
 # ---------------------------------------------------------------------------------- embedding
@@ -325,12 +357,13 @@ def _run_all_layers(L, dtype, rng):
     dx, _ = L.gelu_backward(f(B, T, C), c)
     yield "gelu.dx", dx
     for mask in (None, np.array([[0, 1, 1], [1, 1, 1]])):
-        y, c = L.attention_forward(f(B, T, 3 * C), H, mask)
+        lay = None if mask is None else layout_from_attention_mask(mask)
+        y, c = L.attention_forward(f(B, T, 3 * C), H, lay)
         yield f"attention(mask={mask is not None}).out", y
         dx, _ = L.attention_backward(f(B, T, C), c)
         yield f"attention(mask={mask is not None}).dx", dx
     kc = np.zeros((B, H, T, C // H), dtype=dtype)
-    yield "attention_kv.out", L.attention_forward_kv(f(B, T, 3 * C), H, kc, kc.copy(), 0, np.ones((B, T), dtype=bool))
+    yield "attention_kv.out", L.attention_forward_kv(f(B, T, 3 * C), H, kc, kc.copy(), 0, np.zeros((B, T), np.int64))
     y, c = L.unembed_forward(f(B, T, C), f(V, C))
     yield "unembed.out", y
     dx, g = L.unembed_backward(f(B, T, V), c)

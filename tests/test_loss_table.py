@@ -11,8 +11,9 @@ from minidpo import cli
 from minidpo.losses import LOSS_TABLE, Loss, Option, dpo_loss, log_sigmoid, register_loss, sigmoid
 from minidpo.model import GPTConfig, init_params
 from minidpo.scoring import batched_sequence_logps
-from minidpo.train import TrainConfig, dpo_step, evaluate_preferences, train_dpo
+from minidpo.train import TrainConfig, batcher_for, dpo_step, evaluate_preferences, train_dpo
 from minidpo.data import TokenizedPair, collate_preferences
+from minidpo.packing import Batcher
 from minidpo.verify import check_loss, variants
 
 CFG = GPTConfig(vocab_size=31, n_ctx=24, n_layer=2, n_head=2, n_embd=16)
@@ -98,12 +99,12 @@ def test_eval_loss_is_the_training_loss_under_rpo_alpha():
     pairs = _pairs(6, 3)
     for tc in (TrainConfig(rpo_alpha=0.7, beta=0.2), TrainConfig(rpo_alpha=0.7, beta=0.2, average_logps=True),
                TrainConfig(loss_type="robust", loss_options={"label_smoothing": 0.2})):
-        kw = dict(average=tc.logps_averaged)
-        ref_c, ref_r = batched_sequence_logps(params, CFG, pairs, 0, 6, "cpu", **kw)
+        batcher = batcher_for(tc, 0, "cpu")
+        ref_c, ref_r = batched_sequence_logps(params, CFG, pairs, batcher, 6)
         rng = np.random.default_rng(0)
         ref_c, ref_r = ref_c + rng.normal(0, 0.5, 6), ref_r + rng.normal(0, 0.5, 6)
-        loss, _, _ = dpo_step(params, CFG, collate_preferences(pairs, 0), ref_c, ref_r, tc)
-        m = evaluate_preferences(params, CFG, pairs, ref_c, ref_r, 0, tc, "cpu")
+        loss, _, _ = dpo_step(params, CFG, collate_preferences(pairs, 0, average=tc.logps_averaged), ref_c, ref_r, tc)
+        m = evaluate_preferences(params, CFG, pairs, ref_c, ref_r, batcher, tc)
         assert m["eval/loss"] == pytest.approx(float(loss), rel=1e-10)
 
 
@@ -116,12 +117,12 @@ def test_a_loss_added_as_one_row_trains_evaluates_and_verifies(tempered, tmp_pat
     policy = {k: v.copy() for k, v in params.items()}
     res = train_dpo(policy, params, CFG, pairs, 0, tc, tmp_path / "exp", eval_pairs=held)
     first = [r for r in res.history if r["step"] == 1 and "loss" in r][0]
-    assert first["loss"] == pytest.approx(2 * math.log(2), rel=1e-6)  # h = 0 at step 0: t ln 2
+    assert first["loss"] == pytest.approx(2 * math.log(2), rel=1e-12)  # h = 0 at step 0: t ln 2
     evals = [r["eval/loss"] for r in res.history if "eval/loss" in r]
     assert evals[0] == pytest.approx(2 * math.log(2), rel=1e-12) and evals[-1] < evals[0]  # it trains
     # held-out evaluation computes the row's loss at the trained policy
-    ref_c, ref_r = batched_sequence_logps(params, CFG, held, 0, 6, "cpu")
-    pol_c, pol_r = batched_sequence_logps(policy, CFG, held, 0, 6, "cpu")
+    ref_c, ref_r = batched_sequence_logps(params, CFG, held, Batcher(0), 6)
+    pol_c, pol_r = batched_sequence_logps(policy, CFG, held, Batcher(0), 6)
     want = np.mean(tempered_loss((pol_c - ref_c) - (pol_r - ref_r), 0.5, 2.0)[0])
     assert evals[-1] == pytest.approx(want, rel=1e-9)
 
@@ -141,3 +142,41 @@ def test_a_loss_added_as_one_row_trains_evaluates_and_verifies(tempered, tmp_pat
     code = cli.main(["dpo", "--data", str(tmp_path / "none.jsonl"), "--ref", str(tmp_path), "--out",
                      str(tmp_path / "o"), "--loss", "sigmoid", "--temperature", "3"])
     assert code == 2 and "--temperature applies to --loss tempered, not sigmoid" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# numbers that hold across dtypes: the reference cache keeps the model's dtype, and step 0 sees
+# the cached reference of its own batch
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(share_prompt=False, pack=False)], ids=["shared_packed", "padded"])
+def test_step_0_reports_zero_margins_because_the_cache_is_the_same_forward(tmp_path, layout):
+    """policy = reference at step 0: the cached reference log-probs were computed on the very
+    batches the first epoch trains on, so the step's log-probs equal them bit for bit (float32,
+    the training dtype) and the first record reports accuracy 0 and margins 0, not round-off's
+    coin flips."""
+    params = init_params(CFG, seed=7)  # float32
+    pairs = _pairs(20, 8)
+    tc = TrainConfig(steps=1, batch_size=8, lr=1e-3, log_every=1, save_every=10, progress=False, **layout)
+    res = train_dpo({k: v.copy() for k, v in params.items()}, params, CFG, pairs, 0, tc, tmp_path / "run")
+    (rec,) = [r for r in res.history if "rewards/accuracies" in r]
+    assert rec["rewards/accuracies"] == 0.0 and rec["rewards/margins"] == 0.0
+    assert rec["rewards/chosen"] == 0.0 and rec["loss"] == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_a_float64_run_with_the_cache_equals_one_that_recomputes_the_reference(tmp_path):
+    """The cache keeps the model's dtype: a float64 run with cached reference log-probs trains to
+    what a float64 run that recomputes them every step trains to, to float64 round-off (a float32
+    cache would leave ~1e-7)."""
+    params = init_params(CFG, seed=8, dtype=np.float64)
+    pairs = _pairs(16, 9)
+    out = {}
+    for cache in (True, False):
+        tc = TrainConfig(steps=4, batch_size=4, lr=1e-2, log_every=1, save_every=10, progress=False,
+                         cache_reference=cache)
+        res = train_dpo({k: v.copy() for k, v in params.items()}, params, CFG, pairs, 0, tc, tmp_path / str(cache))
+        out[cache] = res
+    for a, b in zip(out[True].history, out[False].history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-13)
+    for k in params:
+        np.testing.assert_allclose(out[True].params[k], out[False].params[k], rtol=1e-12, atol=1e-14, err_msg=k)

@@ -14,6 +14,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from minidpo.logprobs import sequence_logps, sequence_logps_backward
+from minidpo.packing import padded_batch
 from minidpo.losses import (
     LOSS_TYPES,
     average_logps_for,
@@ -398,16 +399,17 @@ def test_logits_to_loss_chain_matches_finite_differences(kw):
     average = kw.pop("average", False)
     rng = np.random.default_rng(11)
     N, T, V = 2, 5, 4
-    logits = rng.standard_normal((2 * N, T, V))
     labels = rng.integers(0, V, (2 * N, T))
     mask = np.zeros((2 * N, T), bool)
     mask[:, 2:] = True
     mask[1, -1] = False  # a padded row
+    batch = padded_batch(labels, mask, average=average)  # the scored tokens: logits_at, labels, weights
+    logits = rng.standard_normal((len(batch.labels), V))  # the logits at the scored positions
     ref = rng.standard_normal(2 * N) - 6.0
 
     def loss_of(L):
-        lp, cache = sequence_logps(L, labels, mask, average=average)
-        out = dpo_loss(lp[:N], lp[N:], ref[:N], ref[N:], beta=0.3, chosen_token_counts=cache["token_counts"][:N], **kw)
+        lp, cache = sequence_logps(L, batch.labels, batch.weights(L.dtype))
+        out = dpo_loss(lp[:N], lp[N:], ref[:N], ref[N:], beta=0.3, chosen_token_counts=batch.token_counts[:N], **kw)
         return out, cache
 
     out, cache = loss_of(logits)

@@ -22,6 +22,7 @@ from minidpo.model import (
     param_names,
     param_shapes,
 )
+from minidpo.packing import layout_from_attention_mask, pack_preferences
 from tests.conftest import requires_cuda
 
 TINY = GPTConfig(vocab_size=7, n_ctx=8, n_layer=2, n_head=2, n_embd=6)  # head size D = 3
@@ -45,22 +46,32 @@ def tokens(config, B, T, seed):
 
 
 @settings(max_examples=20)
-@given(seed=st.integers(0, 2**31), B=st.integers(1, 3), T=st.integers(1, 6), left_padded=st.booleans())
-def test_gradient_of_every_parameter_matches_finite_differences(seed, B, T, left_padded):
+@given(seed=st.integers(0, 2**31), B=st.integers(1, 3), T=st.integers(1, 6),
+       mode=st.sampled_from(["causal", "left_padded", "shared_packed"]))
+def test_gradient_of_every_parameter_matches_finite_differences(seed, B, T, mode):
+    """Every layout through the one model: causal rows with logits everywhere; left padding (the
+    generation path: per-row first keys and positions); shared prompts packed into rows with the
+    logits at the scored positions only (a prompt's last position scores two tokens: its two
+    gradients add)."""
     rng = np.random.default_rng(seed)
     params = random_params(TINY, seed)
     idx = tokens(TINY, B, T, seed)
-    G = rng.standard_normal((B, T, TINY.vocab_size))
-    mask = pos = None
-    if left_padded:  # the generation path: key-padding mask and per-row position ids
+    layout = at = None
+    if mode == "left_padded":
         lens = rng.integers(1, T + 1, B)
         mask = (np.arange(T)[None, :] >= (T - lens)[:, None]).astype(np.int64)
-        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        layout = layout_from_attention_mask(mask, np.maximum(np.cumsum(mask, axis=1) - 1, 0))
+    elif mode == "shared_packed":
+        ln = lambda: rng.integers(0, TINY.vocab_size, int(rng.integers(1, 3))).tolist()  # noqa: E731
+        batch = pack_preferences([(ln(), ln(), ln()) for _ in range(B)], 0)
+        idx, layout, at = batch.input_ids, batch.layout, batch.logits_at
+    n_out = (len(at),) if at is not None else idx.shape
+    G = rng.standard_normal((*n_out, TINY.vocab_size))
 
     def loss():
-        return float((gpt_forward(params, idx, TINY, mask, pos)[0] * G).sum())
+        return float((gpt_forward(params, idx, TINY, layout, logits_at=at)[0] * G).sum())
 
-    logits, cache = gpt_forward(params, idx, TINY, mask, pos)
+    logits, cache = gpt_forward(params, idx, TINY, layout, logits_at=at)
     grads = gpt_backward(G, cache)
     assert list(grads) == list(params)
     eps = 1e-6
@@ -119,7 +130,7 @@ def test_forward_and_backward_keep_the_params_dtype(dtype):
     assert all(v.dtype == dtype for v in params.values())
     idx = tokens(TINY, 2, 5, 0)
     for mask in (None, np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])):
-        logits, cache = gpt_forward(params, idx, TINY, attention_mask=mask)
+        logits, cache = gpt_forward(params, idx, TINY, None if mask is None else layout_from_attention_mask(mask))
         assert logits.dtype == dtype and logits.shape == (2, 5, TINY.vocab_size)
         grads = gpt_backward(np.ones_like(logits), cache)
         assert {k: v.dtype for k, v in grads.items()} == {k: np.dtype(dtype) for k in params}
@@ -167,7 +178,7 @@ def test_left_padding_with_mask_and_positions_equals_each_row_alone():
         idx[b, P - len(r):] = r
         mask[b, P - len(r):] = 1
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    batch, _ = gpt_forward(params, idx, TINY, attention_mask=mask, position_ids=pos)
+    batch, _ = gpt_forward(params, idx, TINY, layout_from_attention_mask(mask, pos))
     for b, r in enumerate(rows):
         alone, _ = gpt_forward(params, np.array([r]), TINY)
         np.testing.assert_allclose(batch[b, P - len(r):], alone[0], rtol=1e-11, atol=1e-11)
@@ -188,7 +199,7 @@ def test_kv_cache_chunks_equal_full_forward(seed, B, T, left_padded, data):
         lens = rng.integers(1, T + 1, B)
         mask = (np.arange(T)[None, :] >= (T - lens)[:, None]).astype(np.int64)
         pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    full, _ = gpt_forward(params, idx, TINY, mask, pos)
+    full, _ = gpt_forward(params, idx, TINY, None if mask is None else layout_from_attention_mask(mask, pos))
     cache = init_kv_cache(params, TINY, B, capacity=T)
     start, outs = 0, []
     while start < T:
@@ -311,12 +322,20 @@ def test_bad_idx_and_inputs_fail_clearly():
         gpt_forward(params, np.zeros((1, 9), dtype=np.int64), TINY)
     with pytest.raises(ValueError, match="at least one"):
         gpt_forward(params, np.zeros((1, 0), dtype=np.int64), TINY)
+    with pytest.raises(ValueError, match="reaches position 8, beyond the model's n_ctx=8"):
+        gpt_forward(params, ok, TINY, layout_from_attention_mask(np.ones((1, 3)), np.array([0, 1, 8])))
+    with pytest.raises(ValueError, match=r"the layout is for a batch of shape \(1, 4\), not \(1, 3\)"):
+        gpt_forward(params, ok, TINY, layout_from_attention_mask(np.ones((1, 4))))
+    with pytest.raises(ValueError, match="one contiguous run"):
+        layout_from_attention_mask(np.array([[1, 0, 1]]))
     with pytest.raises(ValueError, match="position_ids must lie"):
-        gpt_forward(params, ok, TINY, position_ids=np.array([0, 1, 8]))
+        gpt_forward_kv(params, ok, TINY, position_ids=np.array([0, 1, 8]))
     with pytest.raises(ValueError, match="position_ids must have shape"):
-        gpt_forward(params, ok, TINY, position_ids=np.array([0, 1]))
+        gpt_forward_kv(params, ok, TINY, position_ids=np.array([0, 1]))
     with pytest.raises(ValueError, match="attention_mask must have shape"):
-        gpt_forward(params, ok, TINY, attention_mask=np.ones((1, 4)))
+        gpt_forward_kv(params, ok, TINY, attention_mask=np.ones((1, 4)))
+    with pytest.raises(ValueError, match="left-padded"):
+        gpt_forward_kv(params, ok, TINY, attention_mask=np.array([[1, 0, 1]]))
     logits, cache = gpt_forward(params, [[1, 2, 3]], TINY)  # nested lists of ints are accepted
     with pytest.raises(TypeError, match="dlogits has dtype float32"):
         gpt_backward(logits.astype(np.float32), cache)
@@ -360,8 +379,10 @@ def test_cupy_matches_numpy():  # pragma: no cover - needs a GPU
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
         G = np.random.default_rng(0).standard_normal((3, 9, cfg.vocab_size)).astype(dtype)
         for m, ps in ((None, None), (mask, pos)):
-            lc, cc = gpt_forward(p_cpu, idx, cfg, m, ps)
-            lg, cg = gpt_forward(p_gpu, cupy.asarray(idx), cfg, m, ps)
+            lay = None if m is None else layout_from_attention_mask(m, ps)
+            lc, cc = gpt_forward(p_cpu, idx, cfg, lay)
+            lay_gpu = None if m is None else layout_from_attention_mask(m, ps, backend="cuda")
+            lg, cg = gpt_forward(p_gpu, cupy.asarray(idx), cfg, lay_gpu)
             assert isinstance(lg, cupy.ndarray) and lg.dtype == dtype
             np.testing.assert_allclose(cupy.asnumpy(lg), lc, rtol=tol, atol=tol)
             gc, gg = gpt_backward(G, cc), gpt_backward(cupy.asarray(G), cg)

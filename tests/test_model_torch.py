@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 
 from bench.torch_reference import TorchGPT, numpy_from_torch, torch_params_from_numpy  # noqa: E402
 from minidpo.generate import generate, left_pad  # noqa: E402
+from minidpo.packing import layout_from_attention_mask
 from minidpo.model import GPTConfig, gpt_backward, gpt_forward, init_params  # noqa: E402
 
 CFG = GPTConfig(vocab_size=23, n_ctx=12, n_layer=2, n_head=3, n_embd=12)  # D = 4
@@ -40,7 +41,7 @@ def test_same_logits_and_gradients_as_torch_float32(seed, B, T, left_padded, imp
     idx, mask, pos = batch(CFG, B, T, rng, left_padded)
     W = rng.standard_normal((B, T, CFG.vocab_size)).astype(np.float32)
 
-    logits, cache = gpt_forward(params, idx, CFG, mask, pos)
+    logits, cache = gpt_forward(params, idx, CFG, None if mask is None else layout_from_attention_mask(mask, pos))
     grads = gpt_backward(W, cache)
 
     ref = TorchGPT(CFG, params, dtype=torch.float32, attn_impl=impl)
@@ -61,7 +62,7 @@ def test_same_gradients_as_torch_float64_tightly():
     params = noisy_params(CFG, 1, np.float64)
     idx, mask, pos = batch(CFG, 3, 10, rng, True)
     W = rng.standard_normal((3, 10, CFG.vocab_size))
-    logits, cache = gpt_forward(params, idx, CFG, mask, pos)
+    logits, cache = gpt_forward(params, idx, CFG, None if mask is None else layout_from_attention_mask(mask, pos))
     grads = gpt_backward(W, cache)
     ref = TorchGPT(CFG.to_dict(), params, dtype=torch.float64, attn_impl="math")
     t_logits = ref(idx, mask, pos)

@@ -1,6 +1,6 @@
-"""Shared prompts and packed rows (minidpo.packing, minidpo.packed_model): the layout, the masked
-attention against finite differences, and every step against the padded path it replaces
-(float64: the loss, the log-probs and every parameter gradient)."""
+"""Shared prompts and packed rows (minidpo.packing): the layout as data, the layout's attention
+against finite differences, and every step on every layout against the padded batch (float64:
+the loss, the log-probs and every parameter gradient). One model runs them all."""
 
 import math
 
@@ -9,19 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dataclasses
+
+from minidpo import layers
 from minidpo.data import TokenizedPair, TokenizedSFT, collate_preferences, collate_sft
-from minidpo.layers import attention_forward
+from minidpo.layers import attention_backward, attention_forward
 from minidpo.model import GPTConfig, init_params
-from minidpo.packed_model import (
-    attention_bias_from_allowed,
-    masked_attention_backward,
-    masked_attention_forward,
-    packed_dpo_step,
-    packed_logps,
-    packed_sft_step,
-)
-from minidpo.packing import attention_allowed, pack_preferences, pack_sft, pair_sequences, query_blocks
-from minidpo.scoring import batched_sequence_logps
+from minidpo.packing import (CHOSEN, PROMPT, REJECTED, Batcher, causal_layout, pack_preferences, pack_sft,
+                             pair_sequences, query_blocks)
+from minidpo.scoring import batch_logps, batched_sequence_logps
 from minidpo.train import TrainConfig, dpo_step, sft_step
 from tests.conftest import requires_cuda
 
@@ -55,52 +51,80 @@ def _assert_grads_equal(g0, g1, rtol=1e-10, zero=False):
 # the layout
 
 
-def test_shared_layout_positions_branches_and_scores():
+def test_shared_layout_positions_visibility_and_scores():
     x, yw, yl = [5, 6, 7], [8, 9], [10, 11, 12, 13]
     (s,) = pair_sequences([TokenizedPair(x, yw, yl)], share_prompt=True)
     assert s.tokens.tolist() == x + yw + yl
     assert s.positions.tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6]  # the rejected restarts at len(prompt)
-    assert s.branch.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
-    # chosen: scored at 2, 3; rejected: its first token at the prompt's end (2), then at 5, 6, 7
+    assert s.part.tolist() == [PROMPT] * 3 + [CHOSEN] * 2 + [REJECTED] * 4
+    assert s.hidden.tolist() == [[0, 0]] * 5 + [[3, 5]] * 4  # a rejected token never sees the chosen ones
+    # chosen: predicted at 2, 3; rejected: its first token at the prompt's end (2), then at 5, 6, 7
     assert s.src.tolist() == [2, 3, 2, 5, 6, 7]
+    assert s.at.tolist() == [3, 4, 5, 6, 7, 8]
     assert s.labels.tolist() == yw + yl
     assert s.example.tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def _allowed(layout):
+    """(R, L, L) the layout's mask by layers.sees, the plain attention's rule."""
+    return layers.sees(layout.shape[1], layout.start, layout.hidden_lo, layout.hidden_hi)
 
 
 def test_mask_keeps_responses_apart_and_sequences_apart():
     pairs = [TokenizedPair([1, 2], [3], [4, 5]), TokenizedPair([6], [7, 8], [9]), TokenizedPair([1], [2], [3])]
     pb = pack_preferences(pairs, pad_id=0, pack=True, pack_length=10)
     assert pb.shape == (2, 9)  # pairs 0 and 1 in row 0; pair 2 in row 1, then 6 pads
-    allowed = attention_allowed(pb.seq_id, pb.branch)[0]  # (L, L)
-    br, seq = pb.branch[0], pb.seq_id[0]
+    allowed = _allowed(pb.layout)[0]  # (L, L)
+    parts = pb.parts[0]
+    seq = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1])  # row 0: pair 0 at 0..4, pair 1 at 5..8
     for q in range(9):
         for k in range(9):
-            want = seq[q] == seq[k] and k <= q and (br[k] == 0 or br[k] == br[q])
-            assert allowed[q, k] == want or (q == k and seq[q] < 0)
+            want = seq[q] == seq[k] and k <= q and (parts[k] == PROMPT or parts[k] == parts[q])
+            assert allowed[q, k] == want, (q, k)
     assert allowed.diagonal().all()  # every softmax row has a key
     assert not allowed[3, 2] and not allowed[4, 2]  # pair 0's rejected tokens never see its chosen token
     assert allowed[4, 3] and allowed[4, 0] and allowed[2, 1]  # their own earlier tokens and the prompt
     assert not allowed[5, 0]  # pair 1's prompt never sees pair 0
-    assert pb.position_ids[0].tolist() == [0, 1, 2, 2, 3, 0, 1, 2, 1]
-    pads = attention_allowed(pb.seq_id, pb.branch)[1]
+    assert pb.layout.positions[0].tolist() == [0, 1, 2, 2, 3, 0, 1, 2, 1]
+    pads = _allowed(pb.layout)[1]
     assert (pads[3:] == np.eye(9, dtype=bool)[3:]).all()  # a pad sees itself only
     assert not pads[:3, 3:].any()  # no real token sees a pad
+    assert not pb.layout.causal and collate_preferences(pairs, 0).layout.causal
 
 
 def test_packing_fills_rows_and_never_splits_a_sequence():
     rng = np.random.default_rng(1)
     pairs = _pairs(rng, 9, max_p=8, max_r=8)
-    pb = pack_preferences(pairs, 0, share_prompt=True, pack=True)
-    padded = pack_preferences(pairs, 0, share_prompt=True, pack=False)
+    pad = CFG.vocab_size  # no token id: the real positions are the others
+    pb = pack_preferences(pairs, pad, share_prompt=True, pack=True)
+    padded = pack_preferences(pairs, pad, share_prompt=True, pack=False)
     assert pb.n_tokens == padded.n_tokens == sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
                                                  for p in pairs)
     assert pb.n_padded < padded.n_padded and pb.shape[1] <= padded.shape[1] * 3 // 2
-    assert (np.bincount(pb.seq_id[pb.seq_id >= 0]) > 0).sum() == 9
-    for j in range(9):  # each sequence contiguous in one row
-        r, c = np.nonzero(pb.seq_id == j)
-        assert len(set(r.tolist())) == 1 and (np.diff(c) == 1).all()
+    real = pb.input_ids != pad
+    starts = {(r, int(pb.layout.start[r, t])) for r, t in zip(*np.nonzero(real))}
+    assert len(starts) == 9  # nine sequences, each one run of a row from its start
+    for r, s0 in starts:
+        run = np.nonzero((pb.layout.start[r] == s0) & real[r])[0]
+        assert run[0] == s0 and (np.diff(run) == 1).all()
     with pytest.raises(ValueError, match="shorter than the longest"):
         pack_preferences(pairs, 0, pack_length=3)
+
+
+def test_the_padded_layout_is_collate_and_causal():
+    """pack=False, share_prompt=False is the padded batch: one [x | y] a row, [chosen; rejected],
+    the trivial layout (positions 0..L-1, query i sees keys 0..i)."""
+    rng = np.random.default_rng(2)
+    pairs = _pairs(rng, 4)
+    b = pack_preferences(pairs, 0, share_prompt=False, pack=False)
+    c = collate_preferences(pairs, 0)
+    for f in ("input_ids", "logits_at", "labels", "example", "token_counts"):
+        np.testing.assert_array_equal(getattr(b, f), getattr(c, f), err_msg=f)
+    assert b.layout.causal and b.layout.blocks == causal_layout(*b.shape).blocks
+    for row, p in enumerate(pairs + pairs):
+        y = p.chosen_ids if row < len(pairs) else p.rejected_ids
+        n = len(p.prompt_ids) + len(y)
+        assert b.input_ids[row, :n].tolist() == p.prompt_ids + y and (b.input_ids[row, n:] == 0).all()
 
 
 def test_empty_response_and_prompt_are_refused():
@@ -115,70 +139,67 @@ def test_empty_response_and_prompt_are_refused():
 def test_positions_beyond_n_ctx_are_refused(params64):
     long = TokenizedPair(list(range(1, 20)), [1, 2, 3, 4, 5, 6], [7])  # positions up to 24 > n_ctx 24 - 1
     pb = pack_preferences([long], 0)
-    assert pb.max_position == 24
+    assert pb.layout.max_position == 24
     with pytest.raises(ValueError, match="beyond the model's n_ctx=24"):
-        packed_dpo_step(params64, CFG, pb, np.zeros(1), np.zeros(1), TrainConfig())
+        dpo_step(params64, CFG, pb, np.zeros(1), np.zeros(1), TrainConfig())
     ok = pack_preferences([TokenizedPair(list(range(1, 19)), [1, 2, 3, 4, 5, 6], [7])], 0)  # shared row of 25
-    assert ok.max_position == 23 and ok.shape[1] == 25  # longer than n_ctx as a row, fine as positions
-    packed_dpo_step(params64, CFG, ok, np.zeros(1), np.zeros(1), TrainConfig())
+    assert ok.layout.max_position == 23 and ok.shape[1] == 25  # longer than n_ctx as a row, fine as positions
+    dpo_step(params64, CFG, ok, np.zeros(1), np.zeros(1), TrainConfig())
 
 
-def test_query_blocks_skip_only_masked_keys():
-    seq_start = np.array([[0, 0, 0, 3, 3, 3, 3, 7], [0, 0, 2, 2, 2, 2, 2, 2]])
-    assert query_blocks(8, seq_start, block=4) == [(0, 4, 0), (4, 8, 2)]
+def test_query_blocks_skip_only_keys_no_query_of_the_block_sees():
+    start = np.array([[0, 0, 0, 3, 3, 3, 3, 7], [0, 0, 2, 2, 2, 2, 2, 2]])
+    assert query_blocks(start, block=4) == ((0, 4, 0), (4, 8, 2))
 
 
 # ---------------------------------------------------------------------------------------------
-# masked attention
+# the layout's attention (layers.attention_forward with a Layout)
 
 
-def _random_allowed(rng, R, L):
-    allowed = rng.random((R, L, L)) < 0.5
-    allowed |= np.eye(L, dtype=bool)[None]
-    return allowed
+def _random_layout(rng, max_pairs=4):
+    """The layout of drawn pairs, shared prompts and packed rows: (layout, R, L)."""
+    pairs = _pairs(rng, int(rng.integers(1, max_pairs + 1)), 4, 4)
+    b = pack_preferences(pairs, 0, share_prompt=True, pack=True)
+    return b.layout, *b.shape
 
 
-def test_masked_attention_equals_causal_attention_on_a_causal_mask():
+def test_layout_attention_equals_causal_attention_on_the_causal_layout():
     rng = np.random.default_rng(0)
     R, L, C, H = 2, 9, 8, 2
     qkv = rng.standard_normal((R, L, 3 * C))
-    causal = np.broadcast_to(np.tril(np.ones((L, L), dtype=bool)), (R, L, L))
-    y, _ = masked_attention_forward(qkv, H, attention_bias_from_allowed(causal, np.float64),
-                                    [(0, 4, 0), (4, 9, 0)])
+    lay = dataclasses.replace(causal_layout(R, L), causal=False)  # its arrays read, not skipped
+    y, _ = attention_forward(qkv, H, lay)
     y_ref, _ = attention_forward(qkv, H)
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-14)
 
 
 @settings(max_examples=15)
-@given(seed=st.integers(0, 2**31 - 1), R=st.integers(1, 2), L=st.integers(1, 7), H=st.sampled_from([1, 2]))
-def test_masked_attention_backward_matches_finite_differences(seed, R, L, H):
+@given(seed=st.integers(0, 2**31 - 1), H=st.sampled_from([1, 2]))
+def test_layout_attention_backward_matches_finite_differences(seed, H):
     rng = np.random.default_rng(seed)
+    layout, R, L = _random_layout(rng, 2)
     C = 2 * H
     qkv = rng.standard_normal((R, L, 3 * C))
-    allowed = _random_allowed(rng, R, L)
-    bias = attention_bias_from_allowed(allowed, np.float64)
-    blocks = [(0, L, 0)] if L < 4 else [(0, L // 2, 0), (L // 2, L, 0)]
     w = rng.standard_normal((R, L, C))  # loss = sum(w * y)
-    y, cache = masked_attention_forward(qkv, H, bias, blocks)
+    y, cache = attention_forward(qkv, H, layout)
     assert y.dtype == np.float64
-    dqkv, _ = masked_attention_backward(w, cache)
+    dqkv, _ = attention_backward(w, cache)
     num = np.zeros_like(qkv)
     eps = 1e-6
     for i in np.ndindex(qkv.shape):
         a, b = qkv.copy(), qkv.copy()
         a[i] += eps
         b[i] -= eps
-        num[i] = (np.sum(w * masked_attention_forward(a, H, bias, blocks)[0])
-                  - np.sum(w * masked_attention_forward(b, H, bias, blocks)[0])) / (2 * eps)
+        num[i] = (np.sum(w * attention_forward(a, H, layout)[0]) - np.sum(w * attention_forward(b, H, layout)[0])) / (2 * eps)
     np.testing.assert_allclose(dqkv, num, rtol=1e-6, atol=1e-8)
 
 
-def test_masked_attention_keeps_float32():
+def test_layout_attention_keeps_float32():
     rng = np.random.default_rng(0)
-    qkv = rng.standard_normal((1, 5, 12)).astype(np.float32)
-    bias = attention_bias_from_allowed(_random_allowed(rng, 1, 5), np.float32)
-    y, cache = masked_attention_forward(qkv, 2, bias)
-    dq, _ = masked_attention_backward(np.ones_like(y), cache)
+    layout, R, L = _random_layout(rng)
+    qkv = rng.standard_normal((R, L, 12)).astype(np.float32)
+    y, cache = attention_forward(qkv, 2, layout)
+    dq, _ = attention_backward(np.ones_like(y), cache)
     assert y.dtype == dq.dtype == np.float32
 
 
@@ -194,9 +215,7 @@ def params64():
 def _near_policy_reference(params, pairs, rng):
     """Reference log-probs within ~1 of the policy's: the DPO loss is then far from saturation
     and the gradients are O(beta), so comparing them to rtol 1e-10 means something."""
-    from minidpo.backend import Backend
-
-    pc, pr = batched_sequence_logps(params, CFG, pairs, 0, 8, Backend("cpu"))
+    pc, pr = batched_sequence_logps(params, CFG, pairs, Batcher(0, False, False), 8)
     return pc + rng.standard_normal(len(pairs)), pr + rng.standard_normal(len(pairs))
 
 
@@ -211,7 +230,7 @@ def test_packed_dpo_step_equals_the_padded_step(params64, seed, n, layout, max_p
     ref_c, ref_r = _near_policy_reference(params64, pairs, rng)
     loss0, m0, g0 = dpo_step(params64, CFG, collate_preferences(pairs, 0), ref_c, ref_r, tc)
     pb = pack_preferences(pairs, 0, *layout)
-    loss1, m1, g1 = packed_dpo_step(params64, CFG, pb, ref_c, ref_r, tc)
+    loss1, m1, g1 = dpo_step(params64, CFG, pb, ref_c, ref_r, tc)
     assert loss1.dtype == np.float64
     np.testing.assert_allclose(loss1, loss0, rtol=1e-12)
     for k in m0:
@@ -226,28 +245,34 @@ def test_packed_dpo_step_equals_the_padded_step_for_the_variants(params64, kw):
     pairs = _pairs(rng, 3, 5, 5)
     tc = TrainConfig(beta=0.2, **kw)
     ref_c, ref_r = _near_policy_reference(params64, pairs, rng)
-    loss0, _, g0 = dpo_step(params64, CFG, collate_preferences(pairs, 0), ref_c, ref_r, tc)
+    loss0, _, g0 = dpo_step(params64, CFG, collate_preferences(pairs, 0, average=tc.logps_averaged), ref_c, ref_r, tc)
     pb = pack_preferences(pairs, 0, average=tc.logps_averaged)
-    loss1, _, g1 = packed_dpo_step(params64, CFG, pb, ref_c, ref_r, tc)
+    loss1, _, g1 = dpo_step(params64, CFG, pb, ref_c, ref_r, tc)
     np.testing.assert_allclose(loss1, loss0, rtol=1e-12)
     _assert_grads_equal(g0, g1)
 
 
-def test_a_wrong_mask_is_caught(params64, monkeypatch):
-    """The equality tests can fail: let the rejected response see the chosen one, and the
-    rejected log-probs (hence loss and gradients) move."""
-    import minidpo.packed_model as pm
+@pytest.mark.parametrize("plain", [False, True], ids=["fast", "plain"])
+def test_a_wrong_mask_is_caught(params64, monkeypatch, plain):
+    """The equality tests can fail: let the rejected response see the chosen one (the layout's
+    hidden ranges emptied), and the rejected log-probs (hence loss and gradients) move, on the
+    fast path (the mask inside the kernel) and on the plain one (layers.sees)."""
+    from minidpo import fast
 
     rng = np.random.default_rng(2)
     pairs = _pairs(rng, 2, 4, 4)
     pairs = [TokenizedPair(p.prompt_ids, p.chosen_ids + [1], p.rejected_ids) for p in pairs]
     tc = TrainConfig(beta=0.3)
     ref = np.zeros(2)
-    loss0, _, _ = dpo_step(params64, CFG, collate_preferences(pairs, 0), ref, ref, tc)
-    leaky = lambda seq, br, xp=None: attention_allowed(seq, np.zeros_like(br), xp)  # noqa: E731
-    monkeypatch.setattr(pm, "attention_allowed", leaky)
-    loss1, _, _ = packed_dpo_step(params64, CFG, pack_preferences(pairs, 0), ref, ref, tc)
-    assert abs(float(loss1) - float(loss0)) > 1e-6
+    with fast.plain(plain):
+        loss0, _, _ = dpo_step(params64, CFG, collate_preferences(pairs, 0), ref, ref, tc)
+        good = pack_preferences(pairs, 0)
+        loss1, _, _ = dpo_step(params64, CFG, good, ref, ref, tc)
+        zero = np.zeros_like(good.layout.hidden_lo)
+        leaky = dataclasses.replace(good, layout=dataclasses.replace(good.layout, hidden_lo=zero, hidden_hi=zero))
+        loss2, _, _ = dpo_step(params64, CFG, leaky, ref, ref, tc)
+    assert float(loss1) == pytest.approx(float(loss0), rel=1e-12)
+    assert abs(float(loss2) - float(loss0)) > 1e-6
 
 
 @settings(max_examples=15)
@@ -257,7 +282,7 @@ def test_packed_sft_step_equals_the_padded_step(params64, seed, n, pack):
     items = [TokenizedSFT(rng.integers(0, 37, int(rng.integers(1, 7))).tolist(),
                           rng.integers(0, 37, int(rng.integers(1, 9))).tolist()) for _ in range(n)]
     loss0, g0 = sft_step(params64, CFG, collate_sft(items, 0))
-    loss1, g1 = packed_sft_step(params64, CFG, pack_sft(items, 0, pack=pack))
+    loss1, g1 = sft_step(params64, CFG, pack_sft(items, 0, pack=pack))
     np.testing.assert_allclose(loss1, loss0, rtol=1e-12)
     _assert_grads_equal(g0, g1)
 
@@ -265,13 +290,11 @@ def test_packed_sft_step_equals_the_padded_step(params64, seed, n, pack):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("average", [False, True])
 def test_reference_logps_equal_the_padded_ones(params64, layout, average):
-    from minidpo.backend import Backend
-
     rng = np.random.default_rng(4)
     pairs = _pairs(rng, 7, 6, 6)
-    be = Backend("cpu")
-    c0, r0 = batched_sequence_logps(params64, CFG, pairs, 0, 3, be, average)
-    c1, r1 = batched_sequence_logps(params64, CFG, pairs, 0, 3, be, average, share_prompt=layout[0], pack=layout[1])
+    c0, r0 = batched_sequence_logps(params64, CFG, pairs, Batcher(0, False, False, average), 3)
+    c1, r1 = batched_sequence_logps(params64, CFG, pairs, Batcher(0, *layout, average), 3)
+    assert c1.dtype == np.float64
     np.testing.assert_allclose(c1, c0, rtol=1e-12)
     np.testing.assert_allclose(r1, r0, rtol=1e-12)
 
@@ -281,10 +304,10 @@ def test_float32_step_stays_float32():
     rng = np.random.default_rng(0)
     pairs = _pairs(rng, 3)
     ref = np.zeros(3, dtype=np.float32)
-    loss, m, g = packed_dpo_step(p32, CFG, pack_preferences(pairs, 0), ref, ref, TrainConfig())
+    loss, m, g = dpo_step(p32, CFG, pack_preferences(pairs, 0), ref, ref, TrainConfig())
     assert loss.dtype == np.float32 and all(v.dtype == np.float32 for v in g.values())
-    lp = packed_logps(p32, CFG, pack_preferences(pairs, 0))
-    assert lp.dtype == np.float32 and lp.shape == (6,)
+    lp, counts = batch_logps(p32, CFG, pack_preferences(pairs, 0))
+    assert lp.dtype == np.float32 and lp.shape == (6,) and counts.dtype == np.int64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,17 +326,17 @@ def test_packed_steps_on_cupy_equal_numpy(cuda_or_standin):
     p_gpu = {k: cp.asarray(v) for k, v in p64.items()}
     tc = TrainConfig(beta=0.2)
     ref = rng.standard_normal(3) - 3
-    loss0, _, g0 = packed_dpo_step(p64, CFG, pack_preferences(pairs, 0), ref, ref + 0.5, tc)
-    loss1, _, g1 = packed_dpo_step(p_gpu, CFG, pack_preferences(pairs, 0, backend=be), cp.asarray(ref),
-                                   cp.asarray(ref + 0.5), tc)
+    loss0, _, g0 = dpo_step(p64, CFG, pack_preferences(pairs, 0), ref, ref + 0.5, tc)
+    loss1, _, g1 = dpo_step(p_gpu, CFG, pack_preferences(pairs, 0, backend=be), cp.asarray(ref),
+                            cp.asarray(ref + 0.5), tc)
     np.testing.assert_allclose(to_numpy(loss1), loss0, rtol=1e-10)
     _assert_grads_equal(g0, {k: to_numpy(v) for k, v in g1.items()}, rtol=1e-9)
     items = [TokenizedSFT(p.prompt_ids, p.chosen_ids) for p in pairs]
-    l0, _ = packed_sft_step(p64, CFG, pack_sft(items, 0))
-    l1, _ = packed_sft_step(p_gpu, CFG, pack_sft(items, 0, backend=be))
+    l0, _ = sft_step(p64, CFG, pack_sft(items, 0))
+    l1, _ = sft_step(p_gpu, CFG, pack_sft(items, 0, backend=be))
     np.testing.assert_allclose(to_numpy(l1), l0, rtol=1e-10)
-    c0, r0 = batched_sequence_logps(p64, CFG, pairs, 0, 2, Backend("cpu"), share_prompt=True, pack=True)
-    c1, r1 = batched_sequence_logps(p_gpu, CFG, pairs, 0, 2, be, share_prompt=True, pack=True)
+    c0, r0 = batched_sequence_logps(p64, CFG, pairs, Batcher(0), 2)
+    c1, r1 = batched_sequence_logps(p_gpu, CFG, pairs, Batcher(0, backend=be), 2)
     np.testing.assert_allclose(c1, c0, rtol=1e-10)
     np.testing.assert_allclose(r1, r0, rtol=1e-10)
 
@@ -387,10 +410,10 @@ def test_cli_flags_turn_the_layout_off():
 
 
 @pytest.mark.parametrize("plain", [False, True], ids=["fast", "plain"])
-def test_packed_steps_run_on_the_chosen_path_and_equal_the_padded_steps(params64, plain, monkeypatch):
-    """packed_model takes its layers from fast.ops(), as model.py does: under fast.plain() the
-    plain reference runs (counted), by default the fast paths; on both the packed steps are the
-    padded ones (float64)."""
+def test_every_layout_runs_the_one_model_on_the_chosen_path(params64, plain, monkeypatch):
+    """One block function for every layout: under fast.plain() the plain reference runs (counted:
+    the same number of layernorm calls for the padded and the packed batch, the same blocks), by
+    default the fast paths; on both the packed steps are the padded ones (float64)."""
     from minidpo import fast
 
     space = fast.PLAIN if plain else fast.FAST
@@ -405,10 +428,10 @@ def test_packed_steps_run_on_the_chosen_path_and_equal_the_padded_steps(params64
     with fast.plain(plain):
         loss0, _, g0 = dpo_step(params64, CFG, collate_preferences(pairs, 0), ref_c, ref_r, tc)
         n_padded = len(calls)
-        loss1, _, g1 = dpo_step(params64, CFG, {"packed": pack_preferences(pairs, 0)}, ref_c, ref_r, tc)
-        assert len(calls) > n_padded  # the packed forward ran this path's layernorm
+        loss1, _, g1 = dpo_step(params64, CFG, pack_preferences(pairs, 0), ref_c, ref_r, tc)
+        assert len(calls) == 2 * n_padded == 2 * (2 * CFG.n_layer + 1)  # ln_1, ln_2 a block, and ln_f
         l0, h0 = sft_step(params64, CFG, collate_sft(items, 0))
-        l1, h1 = sft_step(params64, CFG, {"packed": pack_sft(items, 0)})
+        l1, h1 = sft_step(params64, CFG, pack_sft(items, 0))
     np.testing.assert_allclose(loss1, loss0, rtol=1e-12)
     _assert_grads_equal(g0, g1)
     np.testing.assert_allclose(l1, l0, rtol=1e-12)

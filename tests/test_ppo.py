@@ -1,4 +1,4 @@
-"""PPO's pieces: the token log-prob backward, GAE against a direct sum, the clipped surrogate at
+"""PPO's pieces: the actions' log-probs and values at the states before them, GAE against a direct sum, the clipped surrogate at
 ratio 1 (the plain policy gradient) and its clipping, the value loss's clipping region, the whole
 PPO loss's gradient against float64 finite differences, and the Unlikelihood gradient."""
 
@@ -16,9 +16,9 @@ from minidpo.ppo import (
     clipped_surrogate,
     clipped_value_loss,
     gae,
+    action_positions,
+    policy_value_forward,
     ppo_loss_and_grads,
-    token_logps_backward,
-    token_logps_forward,
     whiten,
 )
 from tests.test_reward_model import TINY, fd_check, random_params
@@ -142,24 +142,24 @@ def test_value_loss_gradient_matches_finite_differences(seed, B, S, clip):
             assert dv[b, t] == pytest.approx(num, rel=1e-5, abs=1e-8)
 
 
-def test_token_logps_backward_matches_finite_differences():
+def test_actions_log_probs_and_values_are_read_at_the_states_before_them():
+    """logp[b, t] = log softmax(logits[b, t])[ids[b, t+1]] and V[b, t] = h[b, t] w + b_v, t = 0..T-2,
+    from the full forward; policy_value_forward computes only those B (T-1) positions."""
+    from minidpo.logprobs import log_softmax
+    from minidpo.model import final_hidden, gpt_forward
+    from minidpo.reward_model import split_head
+
     rng = np.random.default_rng(0)
-    logits = rng.standard_normal((2, 5, 7))
-    ids = rng.integers(0, 7, (2, 5))
-    G = rng.standard_normal((2, 4))
-    lp, cache = token_logps_forward(logits, ids)
-    assert lp.shape == (2, 4)
-    d = token_logps_backward(G, cache)
-    assert d.shape == logits.shape and d.dtype == np.float64 and np.all(d[:, -1] == 0)
-    flat = logits.reshape(-1)
-    for j in rng.choice(flat.size, 20, replace=False):
-        o = flat[j]
-        flat[j] = o + 1e-6
-        a = (G * token_logps_forward(logits, ids)[0]).sum()
-        flat[j] = o - 1e-6
-        b = (G * token_logps_forward(logits, ids)[0]).sum()
-        flat[j] = o
-        assert d.reshape(-1)[j] == pytest.approx((a - b) / 2e-6, rel=1e-5, abs=1e-9)
+    params = add_value_head(random_params(TINY, 0), TINY)
+    params["value.weight"] = rng.standard_normal(TINY.n_embd)
+    ids = rng.integers(0, TINY.vocab_size, (2, 5))
+    assert action_positions(2, 5).tolist() == [0, 1, 2, 3, 5, 6, 7, 8]
+    logp, v, _ = policy_value_forward(params, TINY, ids)
+    trunk, head = split_head(params, "value")
+    logits, cache = gpt_forward(trunk, ids, TINY)
+    want = np.take_along_axis(log_softmax(logits[:, :-1]), ids[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(logp, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(v, final_hidden(cache)[:, :-1] @ head["weight"] + head["bias"][0], rtol=1e-12)
 
 
 @settings(max_examples=10)
@@ -174,8 +174,6 @@ def test_ppo_loss_gradient_matches_finite_differences(seed, B, T, vf_coef):
     S = T - 1
     ids = rng.integers(0, TINY.vocab_size, (B, T))
     mask = contiguous_mask(rng, B, S)
-    from minidpo.ppo import policy_value_forward
-
     logp, v, _ = policy_value_forward(params, TINY, ids)
     mb = {"input_ids": ids, "mask": mask, "old_logp": logp + rng.uniform(-0.5, 0.5, (B, S)),
           "old_values": v + rng.uniform(-0.5, 0.5, (B, S)), "advantages": rng.standard_normal((B, S)),
@@ -200,14 +198,14 @@ def test_unlikelihood_gradient_matches_finite_differences(seed, N, T, alpha):
 
 
 def test_unlikelihood_loss_values():
-    lp = np.log(np.array([[0.5, 0.25], [0.5, 0.9]]))
-    m = np.array([[True, True], [False, True]])
-    loss, d = unlikelihood_loss(lp, m, 1, alpha=0.5)
+    lp = np.log(np.array([0.5, 0.25, 0.9]))  # two chosen tokens, one rejected
+    chosen = np.array([True, True, False])
+    loss, d = unlikelihood_loss(lp, chosen, alpha=0.5)
     assert loss == pytest.approx(-(math.log(0.5) + math.log(0.25)) / 2 - 0.5 * math.log(0.1))
-    np.testing.assert_allclose(d, [[-0.5, -0.5], [0.0, 0.5 * 0.9 / 0.1]], rtol=1e-9)
+    np.testing.assert_allclose(d, [-0.5, -0.5, 0.5 * 0.9 / 0.1], rtol=1e-9)
     # alpha = 0 is Preferred-FT's NLL on the chosen half
-    _, d0 = unlikelihood_loss(lp, m, 1, alpha=0.0)
-    assert np.all(d0[1] == 0)
+    _, d0 = unlikelihood_loss(lp, chosen, alpha=0.0)
+    assert d0[2] == 0
 
 
 def test_best_of_n_kl_matches_a_sampled_estimate():
@@ -242,7 +240,7 @@ def test_float32_in_float32_out():
     assert loss.dtype == f and d.dtype == f
     loss, d = clipped_value_loss(r, v, ret, m)
     assert loss.dtype == f and d.dtype == f
-    loss, d = unlikelihood_loss(-np.abs(r), np.concatenate([m[:1], m[1:]]), 1, 0.5)
+    loss, d = unlikelihood_loss(-np.abs(r).reshape(-1), m.reshape(-1), 0.5)
     assert loss.dtype == f and d.dtype == f
     params = add_value_head(random_params(TINY, 0, dtype=f), TINY)
     ids = rng.integers(0, TINY.vocab_size, (B, S + 1))

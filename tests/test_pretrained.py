@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 from minidpo.checkpoint import save_checkpoint
 from minidpo.generate import generate, left_pad
 from minidpo.logprobs import sequence_logps, sequence_logps_backward
+from minidpo.packing import padded_batch
 from minidpo.losses import dpo_loss
 from minidpo.model import GPTConfig, gpt_backward, gpt_forward, init_params, param_names, param_shapes
 from minidpo.pretrained import (
@@ -122,7 +123,9 @@ def test_import_matches_transformers_logits_and_logps(hf):
     assert logits.dtype == np.float32
     np.testing.assert_allclose(logits, ref_logits.numpy(), rtol=1e-4, atol=1e-5)
 
-    logps, _ = sequence_logps(logits, idx, mask)
+    batch = padded_batch(idx, mask)  # the scored tokens of the padded rows
+    logps, _ = sequence_logps(logits.reshape(-1, logits.shape[-1])[batch.logits_at], batch.labels,
+                              batch.weights(logits.dtype))
     with torch.no_grad():
         ref_logps = torch_logps(torch, ref_logits, idx, mask).numpy()
     assert logps.dtype == np.float32 and np.all(logps < 0)
@@ -143,9 +146,10 @@ def test_dpo_gradient_of_every_parameter_matches_torch_autograd(hf, dtype):
     N = len(PAIRS)
     ref_logps = np.array([-30.0, -12.5, -20.0, -33.0])  # fixed reference log-probs (constants)
 
-    # minidpo: forward, (R), eq. (7), then the backward chain by hand
-    logits, cache = gpt_forward(params, idx, config)
-    logps, lcache = sequence_logps(logits, idx, mask)
+    # minidpo: forward at the scored positions, (R), eq. (7), then the backward chain by hand
+    batch = padded_batch(idx, mask)
+    logits, cache = gpt_forward(params, idx, config, batch.layout, logits_at=batch.logits_at)
+    logps, lcache = sequence_logps(logits, batch.labels, batch.weights(dtype))
     out = dpo_loss(logps[:N], logps[N:], ref_logps[:N], ref_logps[N:], beta=BETA)
     assert out.losses.dtype == dtype
     dlogps = np.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps])  # (2N,)

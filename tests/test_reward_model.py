@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidpo.model import GPTConfig, final_hidden, gpt_backward, gpt_forward, init_params
+from minidpo.packing import Batcher, padded_batch
 from minidpo.reward_model import (
     init_reward_model,
-    last_token_index,
     pair_accuracy,
     pearson,
     reward_forward,
@@ -43,15 +43,15 @@ def fd_check(params, loss, grads, rng, n_entries=3, eps=1e-6, rtol=1e-5, atol=1e
 
 
 def pref_batch(rng, N, T):
-    """Rows [chosen; rejected] with prompts of 1..T-1 tokens and responses to the row's end or
-    padded before it."""
+    """A padded batch of rows [chosen; rejected] with prompts of 1..T-1 tokens and responses to the
+    row's end or padded before it (packing.padded_batch)."""
     ids = rng.integers(0, TINY.vocab_size, (2 * N, T))
     mask = np.zeros((2 * N, T), dtype=bool)
     for b in range(2 * N):
         p = int(rng.integers(1, T))
         end = int(rng.integers(p + 1, T + 1))
         mask[b, p:end] = True
-    return {"input_ids": ids, "loss_mask": mask}
+    return padded_batch(ids, mask)
 
 
 @settings(max_examples=15)
@@ -94,19 +94,40 @@ def test_reward_is_read_at_the_last_response_token():
     params = init_reward_model(random_params(TINY, 0, dtype=np.float32), TINY)
     ids = rng.integers(0, TINY.vocab_size, (1, 6))
     mask = np.array([[False, False, True, True, False, False]])
-    r, _ = reward_forward(params, TINY, ids, mask)
+    r, _ = reward_forward(params, TINY, padded_batch(ids, mask))
     assert r.dtype == np.float32 and r.shape == (1,)
     ids2 = ids.copy()
     ids2[0, 4:] = (ids2[0, 4:] + 1) % TINY.vocab_size  # change only what comes after the last response token
-    r2, _ = reward_forward(params, TINY, ids2, mask)
+    r2, _ = reward_forward(params, TINY, padded_batch(ids2, mask))
     np.testing.assert_array_equal(r, r2)
     ids3 = ids.copy()
     ids3[0, 3] = (ids3[0, 3] + 1) % TINY.vocab_size  # the last response token itself
-    r3, _ = reward_forward(params, TINY, ids3, mask)
+    r3, _ = reward_forward(params, TINY, padded_batch(ids3, mask))
     assert r3[0] != r[0]
-    np.testing.assert_array_equal(last_token_index(np.array([[0, 1, 1, 0], [0, 0, 0, 1]], dtype=bool)), [2, 3])
-    with pytest.raises(ValueError, match="no response token"):
-        last_token_index(np.zeros((1, 4), dtype=bool))
+    last = padded_batch(np.zeros((2, 4), np.int64), np.array([[0, 1, 1, 0], [0, 0, 0, 1]], dtype=bool)).last_token_at()
+    np.testing.assert_array_equal(last, [2, 4 + 3])  # flat positions r * L + t
+
+
+def test_reward_is_the_same_in_every_layout():
+    """The reward of each response, read at its last token, is the same whether the pairs are padded
+    or share their prompt in packed rows (where a rejected response's last token is not at the end
+    of its own row), and so is the gradient of eq. 2 (float64)."""
+    rng = np.random.default_rng(4)
+    params = init_reward_model(random_params(TINY, 4), TINY, seed=4)
+    ln = lambda: [int(t) for t in rng.integers(0, TINY.vocab_size, int(rng.integers(1, 3)))]  # noqa: E731
+    pairs = [(ln(), ln(), ln()) for _ in range(3)]
+    out = {}
+    for share, pack in ((False, False), (True, True), (True, False)):
+        batch = Batcher(0, share, pack).pairs(pairs)
+        r, _ = reward_forward(params, TINY, batch)
+        loss, _, grads = reward_model_step(params, TINY, batch)
+        out[share, pack] = (r, float(loss), grads)
+    r0, l0, g0 = out[False, False]
+    for r, loss, g in out.values():
+        np.testing.assert_allclose(r, r0, rtol=1e-12)
+        assert loss == pytest.approx(l0, rel=1e-12)
+        for k in g0:
+            np.testing.assert_allclose(g[k], g0[k], rtol=1e-9, atol=1e-13, err_msg=k)
 
 
 def test_training_separates_a_learnable_preference():
@@ -122,7 +143,7 @@ def test_training_separates_a_learnable_preference():
         ids[:n, 4], ids[n:, 4] = 1, 2
         mask = np.zeros((2 * n, 5), dtype=bool)
         mask[:, 2:] = True
-        return {"input_ids": ids, "loss_mask": mask}
+        return padded_batch(ids, mask)
 
     opt = AdamW(params, lr=1e-2)
     for _ in range(60):

@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 
 from minidpo.checkpoint import load_checkpoint
 from minidpo.data import PreferenceExample, TokenizedPair, build_preference_dataset, build_sft_dataset, collate_preferences
-from minidpo.logprobs import sequence_logps
+from minidpo.logprobs import logsumexp
 from minidpo.model import GPTConfig, gpt_forward, init_params
 from minidpo.tokenizer import BPETokenizer
-from minidpo.scoring import batched_sequence_logps
+from minidpo.packing import Batcher
+from minidpo.scoring import batch_logps, batched_sequence_logps
 from minidpo.train import NonFiniteError, RunFolderError, TrainConfig, batch_for_step, train_dpo, train_sft
 
 GOOD = ["great", "lovely", "superb", "wonderful", "brilliant", "charming"]
@@ -85,15 +86,9 @@ def test_sft_then_dpo_learns_the_preference(world, tmp_path):
     assert lines[-1]["eval/rewards/accuracies"] == final_eval["eval/rewards/accuracies"]
     # independent check of the held-out accuracy from the saved checkpoint
     ck = load_checkpoint(tmp_path / "dpo" / "checkpoint")
-    pc, pr = batched_sequence_logps(ck.params, cfg, held_pairs, tok.pad_id, 64, ck_backend())
-    rc, rr = batched_sequence_logps(ref, cfg, held_pairs, tok.pad_id, 64, ck_backend())
+    pc, pr = batched_sequence_logps(ck.params, cfg, held_pairs, Batcher(tok.pad_id), 64)
+    rc, rr = batched_sequence_logps(ref, cfg, held_pairs, Batcher(tok.pad_id), 64)
     assert np.mean((pc - rc) > (pr - rr)) > 0.9
-
-
-def ck_backend():
-    from minidpo.backend import Backend
-
-    return Backend("cpu")
 
 
 class interrupt_at:
@@ -187,16 +182,14 @@ def test_padded_concatenated_batch_equals_one_at_a_time(seed):
         pairs.append(TokenizedPair(prompt_ids=list(rng.integers(1, V, pl)), chosen_ids=list(rng.integers(1, V, cl)),
                                    rejected_ids=list(rng.integers(1, V, rl))))
     batch = collate_preferences(pairs, pad_id=0)
-    logits, _ = gpt_forward(params, batch["input_ids"], cfg)
-    batched, _ = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+    batched, _ = batch_logps(params, cfg, batch)
     for row, (p, which) in enumerate([(p, "chosen") for p in pairs] + [(p, "rejected") for p in pairs]):
         resp = p.chosen_ids if which == "chosen" else p.rejected_ids
         ids = np.array([p.prompt_ids + resp])
-        mask = np.zeros_like(ids, dtype=bool)
-        mask[0, len(p.prompt_ids):] = True
-        lg, _ = gpt_forward(params, ids, cfg)
-        alone, _ = sequence_logps(lg, ids, mask)
-        np.testing.assert_allclose(batched[row], alone[0], rtol=1e-10, atol=1e-10)
+        lg, _ = gpt_forward(params, ids, cfg)  # the row alone, every position's logits
+        lp = [lg[0, t - 1] - logsumexp(lg[0, t - 1]) for t in range(len(p.prompt_ids), ids.shape[1])]
+        alone = sum(float(v[tok]) for v, tok in zip(lp, resp))
+        np.testing.assert_allclose(batched[row], alone, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.slow
@@ -234,14 +227,17 @@ def test_crash_then_resume_keeps_one_metrics_record_per_step_and_refuses_changed
     assert steps == [2, 4, 6, 8, 10]
 
 
-def test_inference_logits_equal_the_training_forward(world):
-    from minidpo.model import inference_logits
-
+def test_the_no_gradient_forward_equals_the_training_forward(world):
+    """keep_cache=False (reference log-probs, evaluation) runs the same functions on the same
+    batch: the same logits bit for bit, at every position or at the scored ones."""
     tok, cfg, pairs, _, _ = world
-    params = init_params(cfg, "cpu", seed=5, dtype=np.float64)
-    batch = collate_preferences(pairs[:5], pad_id=tok.pad_id)
-    full, _ = gpt_forward(params, batch["input_ids"], cfg)
-    np.testing.assert_allclose(inference_logits(params, batch["input_ids"], cfg), full, rtol=1e-12, atol=1e-12)
+    params = init_params(cfg, "cpu", seed=5)
+    batch = Batcher(tok.pad_id).pairs(pairs[:5])
+    for at in (None, batch.logits_at):
+        full, cache = gpt_forward(params, batch.input_ids, cfg, batch.layout, logits_at=at)
+        nograd, none = gpt_forward(params, batch.input_ids, cfg, batch.layout, logits_at=at, keep_cache=False)
+        assert cache is not None and none is None
+        np.testing.assert_array_equal(nograd, full)
 
 
 def test_a_non_finite_update_is_never_saved_and_the_message_names_a_good_checkpoint(world, tmp_path, monkeypatch):

@@ -34,10 +34,14 @@ def random_pairs(n, seed):
 
 
 def logps_of(params, batch, average=False):
-    """log pi(y|x) of every row by the training forward: (B,) float64."""
-    logits, _ = gpt_forward(params, batch["input_ids"], CFG)
-    lp, cache = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average)
-    return lp.astype(np.float64), cache["token_counts"]
+    """log pi(y|x) of every example of a batch by the training forward, summed or averaged over its
+    tokens: (E,) float64, and the token counts (E,)."""
+    logits, _ = gpt_forward(params, batch.input_ids, CFG, batch.layout, logits_at=batch.logits_at)  # (M, V)
+    counts = batch.host_token_counts
+    w = np.zeros((batch.n_examples, len(batch.host_example)), dtype=logits.dtype)
+    w[batch.host_example, np.arange(len(batch.host_example))] = 1.0 / counts[batch.host_example] if average else 1.0
+    lp, _ = sequence_logps(logits, batch.labels, w)
+    return lp.astype(np.float64), counts
 
 
 def log_sigmoid(x):
@@ -99,7 +103,7 @@ def test_dpo_step_computes_the_configured_loss_and_its_gradient(opts):
     tc = T.TrainConfig(**opts)
     policy = init_params(CFG, seed=1, dtype=np.float64)
     reference = init_params(CFG, seed=2, dtype=np.float64)
-    batch = collate_preferences(random_pairs(5, seed=3), pad_id=0)
+    batch = collate_preferences(random_pairs(5, seed=3), pad_id=0, average=tc.logps_averaged)
     ref, _ = logps_of(reference, batch, tc.logps_averaged)
     ref_c, ref_r = ref[:5], ref[5:]
     loss, metrics, grads = T.dpo_step({k: v.copy() for k, v in policy.items()}, CFG, batch, ref_c, ref_r, tc)
@@ -154,8 +158,7 @@ class Recorder:
         def step(params, model_config, batch, ref_chosen, ref_rejected, tc):
             before = {k: np.array(v, copy=True) for k, v in params.items()}
             out = original_step(params, model_config, batch, ref_chosen, ref_rejected, tc)
-            kept = {k: v if k == "packed" else np.array(v) for k, v in batch.items()}  # packed: the PackedBatch
-            self.steps.append(dict(params=before, batch=kept,
+            self.steps.append(dict(params=before, batch=batch,
                                    ref=(np.array(ref_chosen), np.array(ref_rejected)), loss=float(out[0])))
             return out
 
@@ -193,10 +196,11 @@ def test_each_batch_gets_its_own_reference_logps_and_the_configured_loss(tmp_pat
         idx = T.batch_for_step(k, len(pairs), tc.batch_size, tc.seed)
         padded = collate_preferences([pairs[i] for i in idx], pad_id=0)
         if layout:  # the loop's batch is the padded batch of these pairs
-            np.testing.assert_array_equal(s["batch"]["input_ids"], padded["input_ids"])
+            np.testing.assert_array_equal(s["batch"].input_ids, padded.input_ids)
+            assert s["batch"].layout.causal
         else:  # the loop's batch lays out these pairs' tokens: each prompt once, both responses
-            pb = s["batch"]["packed"]
-            assert pb.n_examples == 2 * len(idx)
+            pb = s["batch"]
+            assert pb.n_examples == 2 * len(idx) and not pb.layout.causal
             assert pb.n_tokens == sum(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)
                                       for i in idx)
         s = dict(s, batch=padded)

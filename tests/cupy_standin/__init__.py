@@ -16,7 +16,8 @@ Backed by NumPy on the CPU, it behaves like CuPy 14 wherever minidpo can tell th
   functions CuPy implements, ``float()``/``int()``/``bool()``/``.item()`` on one element.
 - Counting. Every device-to-host transfer or implicit sync (``.get()``, ``asnumpy``,
   ``float``, ``int``, ``bool``, ``.item()``, ``tolist``, printing, stream synchronize) is counted
-  in ``COUNTS``; ``counting()`` measures a block.
+  in ``COUNTS``; ``counting()`` measures a block. Every kernel launch is counted too, by name
+  (``launches()``).
 - Kernels. ``RawKernel``, ``ElementwiseKernel`` and ``ReductionKernel`` take CuPy's constructor
   signatures; a launch checks what CuPy or the driver would refuse and then runs the kernel's
   array-code twin (``kernel_twins.py``) over what the launch covers.
@@ -54,6 +55,12 @@ def syncs(counter=None) -> int:
     """Total device-to-host transfers and syncs in ``counter`` (default: all so far)."""
     c = COUNTS if counter is None else counter
     return sum(c[k] for k in SYNC_KINDS)
+
+
+def launches(counter=None) -> dict:
+    """Kernel launches in ``counter`` (default: all so far) by kernel name (the minidpo_ prefix off)."""
+    c = COUNTS if counter is None else counter
+    return {k[len("launch:minidpo_"):]: v for k, v in sorted(c.items()) if k.startswith("launch:")}
 
 
 @contextlib.contextmanager

@@ -35,6 +35,13 @@ def _arr():
     return ndarray
 
 
+def _launched(name: str) -> None:
+    """Count a kernel launch (``COUNTS["launch:" + name]``; package's :func:`launches`)."""
+    from . import COUNTS
+
+    COUNTS["launch:" + name] += 1
+
+
 def _scalar_dtype(x):
     """The C type CuPy passes a scalar kernel argument as."""
     if type(x) is bool:
@@ -131,6 +138,7 @@ class RawKernel:
         twin = RAW_TWINS.get(self.name)
         if twin is None:
             raise NotImplementedError(f"the CuPy stand-in has no array-code twin for RawKernel {self.name}")
+        _launched(self.name)
         with np.errstate(all="ignore"):  # a GPU raises no floating-point warnings
             twin(grid, block, *[a._a if isinstance(a, ndarray) else a for a in args])
 
@@ -301,6 +309,7 @@ class ElementwiseKernel:
         twin = ELEMENTWISE_TWINS.get(self.name)
         if twin is None:
             raise NotImplementedError(f"the CuPy stand-in has no array-code twin for ElementwiseKernel {self.name}")
+        _launched(self.name)
         twin(*ins, *[o._a for o in outs])
         return outs[0] if self.nout == 1 else tuple(outs)
 
@@ -351,6 +360,7 @@ class ReductionKernel:
         twin = REDUCTION_TWINS.get(self.name)
         if twin is None:
             raise NotImplementedError(f"the CuPy stand-in has no array-code twin for ReductionKernel {self.name}")
+        _launched(self.name)
         r = np.asarray(twin(*[a._a if isinstance(a, ndarray) else a for a in args], axis=axis,
                             keepdims=keepdims), dtype=T)
         if out is not None:
