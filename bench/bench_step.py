@@ -140,10 +140,11 @@ def make_batch(cfg: BenchConfig, seed: int = 0):
         input_ids: (2N, T) int64, 0 = pad; loss_mask: (2N, T) bool over response tokens.
     """
     if cfg.prompt_range is not None:
-        from minidpo.data import collate_preferences
+        from minidpo.data import right_pad
 
-        b = collate_preferences(make_pairs(cfg, seed), pad_id=0)
-        return b["input_ids"], b["loss_mask"]
+        pairs = make_pairs(cfg, seed)
+        return right_pad([p.prompt_ids for p in pairs] * 2,
+                         [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs], 0)
     rng = np.random.default_rng(seed)
     N, T, V = cfg.pairs, cfg.T, cfg.vocab
     ids = np.zeros((2 * N, T), dtype=np.int64)
@@ -328,7 +329,8 @@ class _NoClock:
 
 
 class MinidpoStep:
-    """One minidpo training step: minidpo.train.dpo_step itself, then clipping and AdamW.
+    """One minidpo training step: minidpo.train.dpo_step itself, then clipping and AdamW, on the
+    padded batch torch runs (packing.padded_batch of the same ids and loss mask).
 
     Timed steps call ``train.dpo_step`` (what training runs). For the phase split,
     :meth:`loss_and_grads` repeats dpo_step's calls with a clock mark between them (the same
@@ -350,34 +352,41 @@ class MinidpoStep:
 
         self.dpo_step, self.tc = dpo_step, TrainConfig(beta=h["beta"], progress=False)
 
-    def batch(self, ids, mask):
-        return self.device.asarray(ids), self.device.asarray(mask)
+    def _backend(self):
+        return None if self.device.xp is np else self.device.backend
 
-    def reference_logps(self, ids, mask):
+    def batch(self, ids, mask):
+        """(packing.Batch,): the padded rows' scored tokens, on the device."""
+        from minidpo.packing import padded_batch
+
+        return (padded_batch(ids, mask, backend=self._backend()),)
+
+    def reference_logps(self, batch):
         """(2N,) log pi_ref(y|x): a forward pass of the frozen reference, nothing kept, as
-        minidpo.train computes it (scoring.batch_logps: model.inference_logits, the KV-cache forward)."""
+        minidpo.train computes it (scoring.batch_logps: gpt_forward without the backward's cache)."""
         from minidpo.scoring import batch_logps
 
-        logps, _ = batch_logps(self.reference, self.mc, {"input_ids": ids, "loss_mask": mask}, validate=False)
+        logps, _ = batch_logps(self.reference, self.mc, batch)
         return logps
 
-    def loss_and_grads(self, ids, mask, ref_logps, clock=_NoClock()):
+    def loss_and_grads(self, batch, ref_logps, clock=_NoClock()):
         """dpo_step's lines, a clock mark between phases: loss (0-d), policy log-probs (2N,), grads."""
         from minidpo.fast import sequence_logps, sequence_logps_backward  # the default (fast) path, as dpo_step
         from minidpo.losses import dpo_loss
         from minidpo.model import gpt_backward, gpt_forward
 
         xp = self.device.xp
-        n = ids.shape[0] // 2
-        logits, model_cache = gpt_forward(self.params, ids, self.mc, validate=False)  # (2N, T, V)
+        n = batch.n_examples // 2
+        logits, model_cache = gpt_forward(self.params, batch.input_ids, self.mc, batch.layout,
+                                          logits_at=batch.logits_at, validate=False)  # (M, V)
         clock.mark("forward")
-        logps, lp_cache = sequence_logps(logits, ids, mask, validate=False)  # (2N,)
+        logps, lp_cache = sequence_logps(logits, batch.labels, batch.weights(logits.dtype))  # (2N,)
         del logits
         out = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], beta=HPARAMS["beta"])
         clock.mark("logps_loss")
         dlogps = xp.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps])  # (2N,)
         dlogits = sequence_logps_backward(dlogps.astype(logps.dtype, copy=False), lp_cache,
-                                          overwrite_logits=True)  # (2N, T, V), in the logits' buffer
+                                          overwrite_logits=True)  # (M, V), in the logits' buffer
         grads = gpt_backward(dlogits, model_cache)
         clock.mark("backward")
         return out.losses.mean(), logps, grads
@@ -389,18 +398,17 @@ class MinidpoStep:
         self.opt.step(self.params, grads)
         return norm
 
-    def step(self, ids, mask, ref_logps=None, clock=None):
+    def step(self, batch, ref_logps=None, clock=None):
         """One training step; with a ``clock``, the phase-split lines and a mark after each phase."""
         if ref_logps is None:
-            ref_logps = self.reference_logps(ids, mask)
+            ref_logps = self.reference_logps(batch)
             if clock is not None:
                 clock.mark("reference")
         if clock is None:
-            n = ids.shape[0] // 2
-            loss, _, grads = self.dpo_step(self.params, self.mc, {"input_ids": ids, "loss_mask": mask},
-                                           ref_logps[:n], ref_logps[n:], self.tc)
+            n = batch.n_examples // 2
+            loss, _, grads = self.dpo_step(self.params, self.mc, batch, ref_logps[:n], ref_logps[n:], self.tc)
         else:
-            loss, _, grads = self.loss_and_grads(ids, mask, ref_logps, clock or _NoClock())
+            loss, _, grads = self.loss_and_grads(batch, ref_logps, clock or _NoClock())
         self.clip_and_update(grads)
         if clock is not None:
             clock.mark("optimizer")
@@ -464,18 +472,16 @@ class TorchStep:
         return self.impl.policy.params_numpy()
 
 
-LAYOUTS = {"padded": None, "padded_scored": (False, False), "packed": (False, True), "shared": (True, False),
-           "shared_packed": (True, True)}
+LAYOUTS = {"padded": (False, False), "packed": (False, True), "shared": (True, False), "shared_packed": (True, True)}
 
 
 class LayoutStep(MinidpoStep):
-    """minidpo's step on one batch layout (minidpo.packing): ``padded`` is train.dpo_step on the
-    right-padded batch (MinidpoStep itself); ``padded_scored`` the same 2N padded rows through
-    packed_model (logits only at the scored positions: what the layout saves beyond sharing and
-    packing); ``packed`` packs the 2N rows; ``shared`` runs the prompt once per pair with both
-    responses after it under a block mask; ``shared_packed`` also packs those sequences into rows. The shared and packed steps are
-    packed_model.packed_dpo_step (what train_dpo runs with share_prompt / pack); their phase split
-    repeats its lines with a clock mark in between."""
+    """minidpo's step on one batch layout (minidpo.packing, as train_dpo's Batcher builds it):
+    ``padded`` is the right-padded batch of the pairs (MinidpoStep's, torch's); ``packed`` packs the
+    2N [x | y] sequences into rows; ``shared`` runs the prompt once per pair with both responses
+    after it (the rejected response does not see the chosen one); ``shared_packed`` (the default)
+    also packs those sequences into rows. The same model and step run every layout: only the
+    batch differs."""
 
     def __init__(self, cfg, policy, reference, device, layout: str, pairs):
         super().__init__(cfg, policy, reference, device)
@@ -488,53 +494,7 @@ class LayoutStep(MinidpoStep):
         from minidpo.packing import pack_preferences
 
         share, pack = LAYOUTS[self.layout]
-        backend = None if self.device.xp is np else self.device.backend
-        return (pack_preferences(self.pairs, 0, share, pack, backend=backend),)
-
-    def reference_logps(self, *b):
-        if self.layout == "padded":
-            return super().reference_logps(*b)
-        from minidpo.packed_model import packed_logps
-
-        return packed_logps(self.reference, self.mc, b[0])
-
-    def loss_and_grads(self, *b, clock=None):
-        if b and isinstance(b[-1], (Clock, _NoClock)):  # MinidpoStep.step passes it positionally
-            b, clock = b[:-1], b[-1]
-        clock = clock or _NoClock()
-        if self.layout == "padded":
-            return super().loss_and_grads(*b, clock=clock)
-        from minidpo.losses import dpo_loss
-        from minidpo.packed_model import packed_backward, packed_forward, scored_logps, scored_logps_backward
-
-        pb, ref_logps = b
-        xp = self.device.xp
-        n = pb.n_examples // 2
-        logits, cache = packed_forward(self.params, self.mc, pb)  # (M, V)
-        clock.mark("forward")
-        logps, lp_cache = scored_logps(logits, pb)
-        del logits
-        out = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], beta=HPARAMS["beta"])
-        clock.mark("logps_loss")
-        dlogps = xp.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps])
-        grads = packed_backward(scored_logps_backward(dlogps, lp_cache, overwrite_logits=True), cache)
-        clock.mark("backward")
-        return out.losses.mean(), logps, grads
-
-    def step(self, *b, ref_logps=None, clock=None):
-        if self.layout == "padded":
-            return super().step(*b, ref_logps=ref_logps, clock=clock)
-        if clock is None:
-            from minidpo.packed_model import packed_dpo_step
-
-            n = b[0].n_examples // 2
-            loss, _, grads = packed_dpo_step(self.params, self.mc, b[0], ref_logps[:n], ref_logps[n:], self.tc)
-        else:
-            loss, _, grads = self.loss_and_grads(*b, ref_logps, clock=clock)
-        self.clip_and_update(grads)
-        if clock is not None:
-            clock.mark("optimizer")
-        return loss
+        return (pack_preferences(self.pairs, 0, share, pack, backend=self._backend()),)
 
 
 def layout_gate(cfg: BenchConfig, device: Device, layouts, seed: int = 0, rtol: float | None = None) -> dict:
@@ -751,9 +711,9 @@ def correctness_gate(cfg: BenchConfig, device: Device, attn_impl: str = "sdpa", 
     failures: list[str] = []
     worst: list[tuple[float, str]] = []
 
-    m_ids, m_mask = mini.batch(ids, mask)
-    m_ref = mini.reference_logps(m_ids, m_mask)
-    m_loss, m_logps, m_grads = mini.loss_and_grads(m_ids, m_mask, m_ref)
+    (m_batch,) = mini.batch(ids, mask)
+    m_ref = mini.reference_logps(m_batch)
+    m_loss, m_logps, m_grads = mini.loss_and_grads(m_batch, m_ref)
     m_grads_host = {k: to_numpy(v).copy() for k, v in m_grads.items()}
 
     t_ids, t_mask = tor.batch(ids, mask)
@@ -779,8 +739,7 @@ def correctness_gate(cfg: BenchConfig, device: Device, attn_impl: str = "sdpa", 
         n = cfg.pairs
         tc = TrainConfig(beta=HPARAMS["beta"], progress=False)
         params_before = {k: v.copy() for k, v in mini.params.items()}
-        loss2, _, grads2 = dpo_step(params_before, mini.mc, {"input_ids": m_ids, "loss_mask": m_mask},
-                                    m_ref[:n], m_ref[n:], tc)
+        loss2, _, grads2 = dpo_step(params_before, mini.mc, m_batch, m_ref[:n], m_ref[n:], tc)
         g_fail: list[str] = []
         _compare("train.dpo_step loss", to_numpy(loss2), to_numpy(m_loss), 1e-6, 1e-7, g_fail, [])
         for name, g in grads2.items():
@@ -935,11 +894,11 @@ def time_pair(cfg: BenchConfig, device: Device, variant: str, steps: int, warmup
 
 def numpy_hugepage() -> str:
     """NumPy's transparent-hugepage advice for its large arrays, as it is now: "default" (on, on
-    Linux) or "off" (NUMPY_MADVISE_HUGEPAGE=0 before NumPy was imported, or minidpo.fast.cpu_defaults,
+    Linux) or "off" (NUMPY_MADVISE_HUGEPAGE=0 before NumPy was imported, or minidpo.runtime.cpu_defaults,
     which the CPU run calls, unless NUMPY_MADVISE_HUGEPAGE is set)."""
-    from minidpo import fast
+    from minidpo import runtime
 
-    if fast.hugepage_advice() is False:
+    if runtime.hugepage_advice() is False:
         return "off"
     return "off" if os.environ.get("NUMPY_MADVISE_HUGEPAGE", "").strip() == "0" else "default"
 
@@ -1001,7 +960,7 @@ def results_path(out_dir: Path, device: Device) -> Path:
 
 ROW_KEYS = ("config", "device", "mode", "step", "kernels", "numpy_hugepage", "layout", "threads", "fast_threads",
             "blas_threads", "cpu_kernels", "gap_s")
-# fast_threads: minidpo.fast's thread pool (absent in rows measured before it existed: those rows
+# fast_threads: minidpo.runtime's thread pool (absent in rows measured before it existed: those rows
 # are kept as the baseline); blas_threads: NumPy's BLAS threads during minidpo's step (absent: the
 # same as threads); cpu_kernels: minidpo's compiled CPU kernels on or off (absent: before they existed);
 # gap_s: the idle time between steps (a run with --gap 0 keeps the default run's rows)
@@ -1133,10 +1092,10 @@ def markdown_layout_table(rows: list[dict]) -> str:
 
 
 def _fast_threads(device: Device):
-    """minidpo.fast's CPU thread count (None on CUDA: the pool is not used there)."""
-    from minidpo import fast
+    """minidpo.runtime's CPU thread count (None on CUDA: the pool is not used there)."""
+    from minidpo import runtime
 
-    return fast.get_threads() if device.kind == "cpu" else None
+    return runtime.get_threads() if device.kind == "cpu" else None
 
 
 def _blas_threads(device: Device):
@@ -1146,9 +1105,9 @@ def _blas_threads(device: Device):
 
 def _cpu_kernels_on(device: Device):
     """Whether minidpo's compiled CPU kernels run (None on CUDA)."""
-    from minidpo import fast
+    from minidpo import runtime
 
-    return fast.cpu_kernels() is not None if device.kind == "cpu" else None
+    return runtime.cpu_kernels() is not None if device.kind == "cpu" else None
 
 
 def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params: int, ceiling: dict,
@@ -1195,7 +1154,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for NumPy's BLAS and for torch alike (default: all cores)")
     ap.add_argument("--fast-threads", type=int, default=None,
-                    help="cpu: threads of minidpo.fast's pool (default: --threads, as the CLI's --threads: "
+                    help="cpu: threads of minidpo.runtime's pool (default: --threads, as the CLI's --threads: "
                          "the pool shares every pass and matrix product, NumPy's BLAS on one thread); 1: the "
                          "pool on one thread and the BLAS on --threads")
     ap.add_argument("--variants", default="full,cached_ref", help="full, cached_ref or both")
@@ -1254,16 +1213,16 @@ def run(args) -> int:
 
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
-    from minidpo import fast
+    from minidpo import runtime
 
     blas_threads = threads
-    if args.device == "cpu":  # what the CLI's --threads runs with (fast.use_threads): the fast path's pool
+    if args.device == "cpu":  # what the CLI's --threads runs with (runtime.use_threads): the fast path's pool
         # on `threads` threads sharing every matrix product, NumPy's BLAS on one thread; --fast-threads 1:
         # the pool on one thread and the BLAS on all `threads` (how minidpo ran before the pool shared them)
         fast_threads = args.fast_threads if args.fast_threads is not None else threads
-        fast.cpu_defaults(fast_threads)  # also NumPy's hugepage advice off, freed memory kept (see fast.py)
+        runtime.cpu_defaults(fast_threads)  # also NumPy's hugepage advice off, freed memory kept (see runtime.py)
         if args.no_cpu_kernels:
-            fast.set_cpu_kernels(False)
+            runtime.set_cpu_kernels(False)
         blas_threads = 1 if fast_threads > 1 else threads
     try:
         from threadpoolctl import threadpool_limits

@@ -59,16 +59,16 @@ def test_failing_gate_exits_nonzero_before_any_timing(monkeypatch, capsys, tmp_p
 
 @pytest.fixture
 def keep_fast_settings():
-    """bench's CPU run calls fast.cpu_defaults (threads, NumPy's hugepage advice) and may turn the
+    """bench's CPU run calls runtime.cpu_defaults (threads, NumPy's hugepage advice) and may turn the
     CPU kernels off: restore them."""
-    from minidpo import fast
+    from minidpo import runtime
 
-    threads, advice, kernels = fast._THREADS, fast.hugepage_advice(), fast._CPU_KERNELS
+    threads, advice, kernels = runtime._THREADS, runtime.hugepage_advice(), runtime._CPU_KERNELS
     yield
-    fast.set_threads(threads)
-    fast.set_cpu_kernels(kernels)
+    runtime.set_threads(threads)
+    runtime.set_cpu_kernels(kernels)
     if advice is not None:
-        fast.set_hugepage_advice(advice)
+        runtime.set_hugepage_advice(advice)
 
 
 def test_run_writes_the_table_and_json_rows(tmp_path, capsys, monkeypatch, keep_fast_settings):
@@ -97,9 +97,9 @@ def test_run_writes_the_table_and_json_rows(tmp_path, capsys, monkeypatch, keep_
             assert s["peak_mem_mb"] >= 0 and s["mem_method"]
     assert rows[0]["flops_per_step"] > rows[1]["flops_per_step"]  # the full step adds a reference forward
     assert doc["gates"][0]["passed"] and doc["gates"][0]["config"] == "micro"
-    from minidpo import fast
+    from minidpo import runtime
 
-    kern = fast.cpu_kernels() is not None
+    kern = runtime.cpu_kernels() is not None
     assert all(r["cpu_kernels"] is kern and r["blas_threads"] == 1 and r["fast_threads"] == 1 for r in rows)
     assert bs.main(["--show", str(path)]) == 0
     md = capsys.readouterr().out
@@ -180,10 +180,18 @@ def test_layout_gate_passes_and_catches_a_leaky_mask(cpu, monkeypatch):
     assert gate["passed"], gate["failures"]
     n_params = len(bs.make_params(MICRO_LP)[0])
     assert gate["n_checked"] == (len(bs.LAYOUTS) - 1) * (3 + n_params)
-    import minidpo.packed_model as pm
-    from minidpo.packing import attention_allowed
+    import dataclasses
 
-    monkeypatch.setattr(pm, "attention_allowed", lambda s, b, xp=None: attention_allowed(s, b * 0, xp))
+    import minidpo.packing as packing
+
+    real = packing.pack_preferences
+
+    def leaky(*a, **k):  # the shared prompt's rejected response sees the chosen one
+        b = real(*a, **k)
+        zero = b.layout.hidden_lo * 0
+        return dataclasses.replace(b, layout=dataclasses.replace(b.layout, hidden_lo=zero, hidden_hi=zero))
+
+    monkeypatch.setattr(packing, "pack_preferences", leaky)
     assert not bs.layout_gate(MICRO_LP, cpu, ["shared"])["passed"]
 
 
