@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import checks
 from .backend import get_array_module, scatter_add
 
@@ -177,8 +179,7 @@ def sees(n_keys, start=None, hidden_lo=None, hidden_hi=None, offset=0, n_queries
     causal mask (start 0, nothing hidden; then n_queries gives Tq, and xp the array module).
     Returns bool (..., Tq, n_keys), or (Tq, n_keys) for the causal mask.
     """
-    if start is not None:
-        xp = get_array_module(start)
+    xp = get_array_module(start) if start is not None else (xp or np)
     Tq = start.shape[-1] if start is not None else n_queries
     j = xp.arange(n_keys)  # (n_keys,) key index
     i = offset + xp.arange(Tq)[:, None]  # (Tq, 1) each query's own index among the keys

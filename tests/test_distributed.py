@@ -72,7 +72,7 @@ def test_sft_token_weighted_shards_sum_to_the_batch_gradient_and_naive_mean_does
     for r in range(k):
         local, w = local_shard(idx, _Rank(r, k), tokens)
         batch = collate_sft([items[i] for i in local], 0)
-        assert w == pytest.approx(float(batch["loss_mask"][:, 1:].sum()) / float(tokens.sum()))  # host count = mask
+        assert w == pytest.approx(float(batch.host_token_counts.sum()) / float(tokens.sum()))  # host count = scored
         loss_r, g = sft_step(params, dp_worker.CONFIG, batch)
         weighted = weighted + w * _flat(g)
         naive = naive + _flat(g) / k
