@@ -111,7 +111,7 @@ def layout_of(start, hidden_lo, hidden_hi, positions=None, backend=None, causal=
     start, hidden_lo, hidden_hi = (np.asarray(a, dtype=np.int64) for a in (start, hidden_lo, hidden_hi))
     if positions is None:
         positions = np.tile(np.arange(start.shape[1], dtype=np.int64), (start.shape[0], 1))
-    own = np.arange(start.shape[1])
+    own = np.arange(start.shape[1], dtype=np.int64)
     if (start > own).any() or ((hidden_lo <= own) & (own < hidden_hi)).any():
         raise ValueError("a layout must let every query see itself (start <= its index, itself not hidden)")
     return _layout(np.asarray(positions, dtype=np.int64), start, hidden_lo, hidden_hi, backend, causal)
@@ -190,7 +190,7 @@ class Sequence:
 
 
 def _i64(*parts) -> np.ndarray:
-    return np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1) for p in parts]) if parts else np.zeros(0, np.int64)
+    return np.concatenate([np.asarray(p, dtype=np.int64).reshape(-1) for p in parts]) if parts else np.zeros(0, dtype=np.int64)
 
 
 def _check_pair(i, prompt, chosen, rejected):
@@ -205,7 +205,7 @@ def _one(x, y, e) -> Sequence:
     """[x | y] as its own sequence: y's tokens scored, example e."""
     P, n = len(x), len(y)
     return Sequence(tokens=_i64(x, y), positions=np.arange(P + n, dtype=np.int64),
-                    hidden=np.zeros((P + n, 2), np.int64), part=_i64(np.full(P, PROMPT), np.full(n, CHOSEN)),
+                    hidden=np.zeros((P + n, 2), dtype=np.int64), part=_i64([PROMPT] * P, [CHOSEN] * n),
                     src=P - 1 + np.arange(n, dtype=np.int64), at=P + np.arange(n, dtype=np.int64), labels=_i64(y),
                     example=np.full(n, e, dtype=np.int64))
 
@@ -230,15 +230,15 @@ def pair_sequences(pairs, share_prompt: bool = True) -> list[Sequence]:
         hidden[P + C:] = (P, P + C)  # a rejected token does not see the chosen response
         out.append(Sequence(
             tokens=_i64(x, yw, yl),
-            positions=_i64(np.arange(P), P + np.arange(C), P + np.arange(R)),
+            positions=_i64(range(P), range(P, P + C), range(P, P + R)),
             hidden=hidden,
-            part=_i64(np.full(P, PROMPT), np.full(C, CHOSEN), np.full(R, REJECTED)),
+            part=_i64([PROMPT] * P, [CHOSEN] * C, [REJECTED] * R),
             # chosen token j is predicted at P-1+j; rejected token 0 at P-1 (the prompt's end),
             # rejected token j > 0 at P+C+j-1 (its own previous token)
-            src=_i64(P - 1 + np.arange(C), [P - 1], P + C + np.arange(R - 1)),
-            at=_i64(P + np.arange(C), P + C + np.arange(R)),
+            src=_i64(range(P - 1, P - 1 + C), [P - 1], range(P + C, P + C + R - 1)),
+            at=_i64(range(P, P + C), range(P + C, P + C + R)),
             labels=_i64(yw, yl),
-            example=_i64(np.full(C, i), np.full(R, N + i)),
+            example=_i64([i] * C, [N + i] * R),
         ))
     if share_prompt:
         return out
@@ -395,7 +395,7 @@ def pack_sequences(seqs: list[Sequence], n_examples: int, pad_id: int, pack: boo
 def _plain_rows(seqs) -> bool:
     """Whether one-sequence-a-row rows are the padded layout: every sequence starts at position 0,
     counts up and hides nothing (no shared prompt)."""
-    return all(not s.hidden.any() and (s.positions == np.arange(len(s))).all() for s in seqs)
+    return all(not s.hidden.any() and (s.positions == np.arange(len(s), dtype=np.int64)).all() for s in seqs)
 
 
 def pack_preferences(pairs, pad_id: int, share_prompt: bool = True, pack: bool = True, backend=None,

@@ -73,8 +73,8 @@ def batched_sequence_logps(
             chosen.append(logps[:n])
             rejected.append(logps[n:])
     dt = np.result_type(*chosen) if chosen else np.float64
-    c = np.concatenate(chosen) if chosen else np.zeros(0, dt)
-    r = np.concatenate(rejected) if rejected else np.zeros(0, dt)
+    c = np.concatenate(chosen) if chosen else np.zeros(0, dtype=dt)
+    r = np.concatenate(rejected) if rejected else np.zeros(0, dtype=dt)
     if comm is None or comm.size == 1:
         return c, r
     return gather_concat(comm, c), gather_concat(comm, r)

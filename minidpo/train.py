@@ -6,25 +6,28 @@ The DPO recipe of the paper (Sec. 4, "DPO outline"):
   2. optimise the DPO loss, eq. (7), of a policy initialised at pi_ref, with pi_ref frozen
      (:func:`train_dpo`).
 
-One DPO step (:func:`dpo_step`), with N preference pairs and B = 2N rows:
+One DPO step (:func:`dpo_step`), with N preference pairs, E = 2N examples [chosen; rejected], on a
+batch (packing.Batch) of R rows of L tokens whose M scored tokens are the responses':
 
-    input_ids, loss_mask   (2N, T)      rows 0..N-1 = [x; y_w], rows N..2N-1 = [x; y_l]
-    logits = gpt_forward(policy, input_ids)                           # (2N, T, V)
-    logps  = sequence_logps(logits, input_ids, loss_mask)             # (2N,)  log pi(y|x)
+    logits = gpt_forward(policy, batch.input_ids, batch.layout, logits_at=batch.logits_at)  # (M, V)
+    logps  = sequence_logps(logits, batch.labels, batch.weights)      # (2N,)  log pi(y|x), eq. 7
     out    = dpo_loss(logps[:N], logps[N:], ref_w, ref_l, beta)       # eq. 7, eq. 8, eq. 9
     dlogps = [out.grad_policy_chosen_logps; out.grad_policy_rejected_logps]   # (2N,)
-    dlogits = sequence_logps_backward(dlogps, ...)                    # (2N, T, V)
+    dlogits = sequence_logps_backward(dlogps, ...)                    # (M, V)
     grads  = gpt_backward(dlogits, ...)                               # same keys as params
 
-Layout (minidpo.packing, packed_model). By default (``share_prompt``, ``pack``) the batch is not
-the padded (2N, T) above: each pair runs its prompt once with both responses after it under a
-block mask, and the sequences are packed into rows instead of padded; the loss, log-probs and
-gradients are those of the padded batch (tests/test_packing.py), for less work.
+The layout is the batch's data, decided once (:func:`batcher_for`: ``share_prompt``, ``pack``
+and the loss's log-prob rule): by default each pair runs its prompt once with both responses
+after it, and the sequences are packed into rows instead of padded; ``share_prompt=False,
+pack=False`` is the padded batch [x; y_w] / [x; y_l]. The same step, the same model, computes
+every layout; the loss, log-probs and gradients are those of the padded batch
+(tests/test_packing.py).
 
 The reference log-probs log pi_ref(y|x) are constants of each example, so by default they are
-computed once, before training, and cached (``TrainConfig.cache_reference=True``); the
-alternative recomputes them every step, which costs one extra forward pass per step and gives
-the same numbers.
+computed once, before training, on the batches the first epoch trains on (:func:`reference_logps`:
+at step 0 they equal the policy's bit for bit), and cached in the model's dtype
+(``TrainConfig.cache_reference=True``); the alternative recomputes them every step, which costs
+one extra forward pass per step and gives the same numbers.
 
 Robustness a user can rely on:
 - the batch order is a pure function of (seed, step), so a resumed run replays exactly the
@@ -886,7 +889,7 @@ def reference_logps(reference: dict, model_config: GPTConfig, pairs: Sequence, b
     n = len(pairs)
     bs = min(tc.batch_size, n)
     epoch = [batch_for_step(s, n, tc.batch_size, tc.seed) for s in range(n // bs)]
-    left = np.setdiff1d(np.arange(n), np.concatenate(epoch))
+    left = np.setdiff1d(np.arange(n, dtype=np.int64), np.concatenate(epoch))
     batches = epoch + [left[i:i + bs] for i in range(0, len(left), bs)]
     mine, chosen, rejected = [], [], []
     bar = _progress(n, 0, desc, desc is not None and comm.rank == 0)
@@ -902,9 +905,9 @@ def reference_logps(reference: dict, model_config: GPTConfig, pairs: Sequence, b
         bar.update(len(idx))
     bar.close()
     dt = next((c.dtype for c in chosen), np.dtype(np.float64))
-    idx = np.concatenate(mine) if mine else np.zeros(0, np.int64)
-    c = np.concatenate(chosen) if chosen else np.zeros(0, dt)
-    r = np.concatenate(rejected) if rejected else np.zeros(0, dt)
+    idx = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
+    c = np.concatenate(chosen) if chosen else np.zeros(0, dtype=dt)
+    r = np.concatenate(rejected) if rejected else np.zeros(0, dtype=dt)
     return gather_scatter(comm, idx, c, n, dt), gather_scatter(comm, idx, r, n, dt)
 
 

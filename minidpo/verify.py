@@ -400,7 +400,7 @@ def _closed_form(ck, h, beta):
     if variant == "hinge":
         return max(0.0, 1 - z), float(z < 1)
     # a loss of the table without a formula written out here: its own row, in float64
-    out = _oracle(ck, np.array([h]), np.zeros(1), np.zeros(1), np.zeros(1), beta)
+    out = _oracle(ck, np.array([h]), np.zeros(1, dtype=np.float64), np.zeros(1, dtype=np.float64), np.zeros(1, dtype=np.float64), beta)
     return float(out.losses[0]), float(out.gradient_weight[0])
 
 
