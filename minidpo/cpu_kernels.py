@@ -249,14 +249,28 @@ def layernorm_backward(dy, x, w, mean, rstd, dx, dw, db):
 
 
 @_jit
-def _exp_segment_(row, j0, j1, sc, mx):
-    """In place: row[j] = exp(row[j] sc - mx) for j0 <= j < j1; returns their sum."""
-    s = _cast(0.0, row)
-    for j in range(j0, j1):
-        e = _exp(row[j] * sc - mx)
-        row[j] = e
+def _exp_sum_(seg, sc, mx):
+    """In place: seg[j] = exp(seg[j] sc - mx); returns their sum."""
+    s = _cast(0.0, seg)
+    for j in range(seg.size):
+        e = _exp(seg[j] * sc - mx)
+        seg[j] = e
         s += e
     return s
+
+
+@_inline
+def _scale_(seg, c):
+    """In place: seg *= c."""
+    for j in range(seg.size):
+        seg[j] *= c
+
+
+@_inline
+def _fill_(seg, v):
+    """In place: seg[:] = v."""
+    for j in range(seg.size):
+        seg[j] = v
 
 
 @_jit
@@ -265,12 +279,12 @@ def masked_softmax_(att, H, scale, start, hidden_lo, hidden_hi, q0, self0, k0):
     softmax over the last axis of scale * att, over the keys each query sees, 0 elsewhere.
     Query i reads column q0 + i of its row of start, hidden_lo, hidden_hi (b, S) and sits at key
     index self0 + i; the block holds keys k0..k0 + nk - 1; key j is visible iff
-    start <= j <= self0 + i and not hidden_lo <= j < hidden_hi (layers.sees): the visible keys
-    are the block-local runs [first, lo) and [hi, last)."""
+    start <= j <= self0 + i and not hidden_lo <= j < hidden_hi (layers.sees): block-locally the
+    run [first, last), less the hidden run [lo, hi) when a query has one (a shared prompt's
+    rejected token). Each run is a view indexed from 0 (the loops vectorize)."""
     M, nq, nk = att.shape
     sc = _cast(scale, att)
     zero = _cast(0.0, att)
-    neg_inf = _cast(-np.inf, att)
     for mi in range(M):
         bi = mi // H
         for i in range(nq):
@@ -279,24 +293,24 @@ def masked_softmax_(att, H, scale, start, hidden_lo, hidden_hi, q0, self0, k0):
             lo = min(max(hidden_lo[bi, q0 + i] - k0, first), last)
             hi = min(max(hidden_hi[bi, q0 + i] - k0, lo), last)
             row = att[mi, i]
-            mx = neg_inf
-            if lo > first:
-                mx = max(mx, _row_max(row[first:lo]))
-            if last > hi:
-                mx = max(mx, _row_max(row[hi:last]))
-            mx = mx * sc  # scale > 0
-            s = _exp_segment_(row, first, lo, sc, mx) + _exp_segment_(row, hi, last, sc, mx)
-            inv = _cast(1.0, s) / s
-            for j in range(first, lo):
-                row[j] *= inv
-            for j in range(hi, last):
-                row[j] *= inv
-            for j in range(0, first):
-                row[j] = zero
-            for j in range(lo, hi):
-                row[j] = zero
-            for j in range(last, nk):
-                row[j] = zero
+            if hi > lo:  # two visible runs: [first, lo) and [hi, last)
+                a, b = row[first:lo], row[hi:last]
+                mx = _cast(-np.inf, att)
+                if a.size:
+                    mx = max(mx, _row_max(a))
+                if b.size:
+                    mx = max(mx, _row_max(b))
+                mx = mx * sc  # scale > 0
+                inv = _cast(1.0, mx) / (_exp_sum_(a, sc, mx) + _exp_sum_(b, sc, mx))
+                _scale_(a, inv)
+                _scale_(b, inv)
+                _fill_(row[lo:hi], zero)
+            else:  # one run, the causal case
+                a = row[first:last]
+                mx = _row_max(a) * sc
+                _scale_(a, _cast(1.0, mx) / _exp_sum_(a, sc, mx))
+            _fill_(row[:first], zero)
+            _fill_(row[last:], zero)
 
 
 @_jit
