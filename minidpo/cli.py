@@ -244,8 +244,6 @@ def cmd_sft(args) -> int:
         params, config, tokenizer = load_model(args.model, backend)
         start = f"model {fingerprint(params)}"
     else:
-        if not args.tokenizer:
-            _die("sft needs --tokenizer (from `minidpo tokenizer`) or --model (a model to start from)")
         tokenizer = BPETokenizer.load(args.tokenizer)
         config = GPTConfig(vocab_size=tokenizer.vocab_size, n_ctx=args.n_ctx, n_layer=args.n_layer,
                            n_head=args.n_head, n_embd=args.n_embd)
@@ -303,8 +301,6 @@ def cmd_dpo(args) -> int:
     comm = _communicator(args)
     backend = get_backend(comm.device or args.device)  # under NCCL: this rank's own GPU
     out = Path(args.out)
-    if bool(args.ref) == bool(args.model):
-        _die("dpo needs exactly one of --ref or --model (the frozen reference and starting point)")
     ref_path = args.ref or args.model
     tc = _train_config(args, beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
                        rpo_alpha=args.rpo_alpha, reference_free=args.reference_free,
@@ -395,7 +391,7 @@ def cmd_sample(args) -> int:
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
     if not prompts:
-        _die("give --prompt TEXT (repeatable) or --prompts-file FILE")
+        _die(f"{args.prompts_file}: no prompts in it")
     params, config, tokenizer = load_model(args.model, backend)
     longest = max(len(tokenizer.encode(p)) for p in prompts)
     max_new = min(args.max_new_tokens, config.n_ctx - longest)
@@ -493,6 +489,38 @@ def cmd_verify(args) -> int:
 # ---------------------------------------------------------------------------------------- parser
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, ``PROG: error: MESSAGE (see `PROG --help`)`` and exit
+    status 2 (not the whole usage first), with "did you mean" for a misspelt option or command.
+    The ``minidpo`` command and the examples parse their options with it."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog.split()[0]}: error: {message}{_did_you_mean(self, message)} "
+                              f"(see `{self.prog} --help`)\n")
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
+    """"; did you mean --steps?" for an unrecognised option or an invalid choice close to a known one."""
+    import difflib
+
+    if message.startswith("unrecognized arguments:"):
+        known = [s for s in parser._option_string_actions if s.startswith("--")]
+        for word in message.split(":", 1)[1].split():
+            close = difflib.get_close_matches(word.split("=")[0], known, n=1) if word.startswith("--") else []
+            if close:
+                return f"; did you mean {close[0]}?"
+    m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if m:
+        close = difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'", m.group(2)), n=1)
+        if close:
+            return f"; did you mean {close[0]!r}?"
+    return ""
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return parser._subparsers._group_actions[0].choices[command]
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """The docstring's layout kept, and every option's default shown (unless the help already
     says it, or there is none: a required option, a flag that is off unless given)."""
@@ -532,6 +560,17 @@ def _float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
     return parse
 
 
+def _device(text: str) -> str:
+    """--device: cpu, cuda or cuda:N (checked here, so a typo is a usage error before any work)."""
+    from .backend import parse_device
+
+    try:
+        parse_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _adam_betas(text: str) -> tuple[float, float]:
     try:
         b = tuple(float(x) for x in text.split(","))
@@ -546,7 +585,7 @@ INF = float("inf")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minidpo", description="Direct Preference Optimization from scratch: "
+    p = ArgumentParser(prog="minidpo", description="Direct Preference Optimization from scratch: "
                                 "SFT a GPT-2, then DPO it against the frozen SFT model.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
                                 allow_abbrev=False)
@@ -556,8 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, formatter_class=_Formatter, allow_abbrev=False, **kw)
 
     def common(sp, train: bool):
-        sp.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda / cuda:N (CuPy)")
-        sp.add_argument("--seed", type=int, default=0, help="random seed (init, batch order, sampling)")
+        sp.add_argument("--device", type=_device, default="cpu", help="cpu (NumPy) or cuda / cuda:N (CuPy)")
+        sp.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (init, batch order, sampling)")
         sp.add_argument("--on-error", choices=["raise", "warn"], default="raise",
                         help="bad data lines: stop with file:line (raise) or skip them with a warning and a count (warn)")
         sp.add_argument("--max-length", type=_int_at_least(2), default=512,
@@ -620,9 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("sft", help="supervised fine-tuning (NLL on responses): makes pi_ref")
     common(sp, train=True)
     sp.add_argument("--data", required=True, help='JSONL {"prompt","response"} or {"text"}, or .txt')
-    sp.add_argument("--tokenizer", help="tokenizer.json or its folder (for a new model)")
-    sp.add_argument("--model", help="start from this model (run folder, checkpoint or GPT-2 directory) "
-                                    "instead of a new one")
+    start = sp.add_mutually_exclusive_group(required=True)
+    start.add_argument("--tokenizer", help="tokenizer.json or its folder (for a new model)")
+    start.add_argument("--model", help="start from this model (run folder, checkpoint or GPT-2 directory) "
+                                       "instead of a new one")
     sp.add_argument("--n-layer", type=_int_at_least(1), default=4, help="transformer blocks of a new model")
     sp.add_argument("--n-head", type=_int_at_least(1), default=4, help="attention heads of a new model")
     sp.add_argument("--n-embd", type=_int_at_least(1), default=128,
@@ -633,8 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("dpo", help="Direct Preference Optimization against a frozen reference (eq. 7)")
     common(sp, train=True)
     sp.add_argument("--data", required=True, help='preference JSONL: {"prompt","chosen","rejected"} or HH {"chosen","rejected"}')
-    sp.add_argument("--ref", help="the frozen reference pi_ref (usually the SFT run)")
-    sp.add_argument("--model", help="the starting point, used as both pi_ref and the initial policy (same as --ref)")
+    start = sp.add_mutually_exclusive_group(required=True)
+    start.add_argument("--ref", help="the frozen reference pi_ref (usually the SFT run)")
+    start.add_argument("--model", help="the starting point, used as both pi_ref and the initial policy (same as --ref)")
     sp.add_argument("--policy", help="initial policy (default: a copy of the reference)")
     sp.add_argument("--allow-unfinished-ref", action="store_true",
                     help="accept a reference (or --policy) run that stopped before its planned steps")
@@ -659,7 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample among the k most likely tokens")
     sp.add_argument("--greedy", action="store_true", help="argmax decoding")
     sp.add_argument("--jsonl", action="store_true", help="print JSON lines")
-    sp.set_defaults(func=cmd_sample)
+    sp.set_defaults(func=cmd_sample, usage_check=lambda a: None if a.prompt or a.prompts_file else
+                    "give --prompt TEXT (repeatable) or --prompts-file FILE")
 
     sp = add("eval", help="DPO loss and implicit-reward accuracy/margins of a policy on preference pairs")
     common(sp, train=False)
@@ -685,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which loss the function claims to compute (its laws are checked)")
     sp.add_argument("--label-smoothing", type=float, default=0.1, help="eps for cdpo/robust, passed as label_smoothing=")
     sp.add_argument("--arg", action="append", metavar="KEY=VALUE", help="a fixed keyword argument (JSON value), e.g. ipo=true")
-    sp.add_argument("--max-examples", type=int, default=25, help="hypothesis examples per property")
+    sp.add_argument("--max-examples", type=_int_at_least(1), default=25, help="hypothesis examples per property")
     sp.add_argument("--reduction", choices=["none", "mean", "sum"], default=None, help="require this batch reduction (default: detect and report it)")
     sp.add_argument("--ipo-convention", choices=["summed", "per_token"], default=None, help="require this IPO log-prob convention (default: detect and report it)")
     sp.add_argument("--require-detached-reference", action="store_true",
@@ -741,6 +783,7 @@ def _run(args) -> int:
 
 def main(argv=None) -> int:
     """Run one ``minidpo`` command; returns its exit status (see the module docstring)."""
+    from .backend import DeviceError
     from .checkpoint import CheckpointError
     from .data import DataError
     from .train import NonFiniteError, RunFolderError
@@ -754,7 +797,13 @@ def main(argv=None) -> int:
             pass
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        sub = _subparser(parser, args.command)
+        if unknown:
+            sub.error(f"unrecognized arguments: {' '.join(unknown)}")
+        problem = getattr(args, "usage_check", lambda a: None)(args)
+        if problem:
+            sub.error(problem)
         if getattr(args, "lr", "absent") is None:
             args.lr = args.lr_default
         return _run(args)
@@ -767,9 +816,9 @@ def main(argv=None) -> int:
     except NonFiniteError as err:
         _report(err, str(err))
         return EXIT_NONFINITE
-    except (CLIError, DataError, CheckpointError, RunFolderError, OSError, ValueError) as err:
+    except (CLIError, DataError, CheckpointError, RunFolderError, DeviceError, OSError, ValueError) as err:
         # the project's own errors (DataError, CheckpointError, PretrainedError, RunFolderError are
-        # ValueErrors) and the file system's, one line each
+        # ValueErrors), a device that cannot be used, and the file system's, one line each
         _report(err, _error_line(err))
         return EXIT_ERROR
 

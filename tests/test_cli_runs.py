@@ -264,6 +264,42 @@ def test_nonsense_options_are_usage_errors(files, tmp_path, capsys, bad):
     assert bad[0] in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["dpo", "--data", "{prefs}", "--out", "{x}"], "one of the arguments --ref --model is required"),
+    (["sft", "--data", "{sft_data}", "--out", "{x}"], "one of the arguments --tokenizer --model is required"),
+    (["sample", "--model", "{sft}"], "give --prompt TEXT (repeatable) or --prompts-file FILE"),
+    (["sample", "--model", "{sft}", "--prompt", "hi", "--device", "foo"], "unknown device 'foo'"),
+    (["sample", "--model", "{sft}", "--prompt", "hi", "--device", "gpu"], "unknown device 'gpu': use 'cpu', 'cuda' "
+     "or 'cuda:N'; did you mean 'cuda'?"),
+    (["sft", "--data", "{sft_data}", "--tokenizer", "{tok}", "--out", "{x}", "--stepz", "3"],
+     "unrecognized arguments: --stepz 3; did you mean --steps?"),
+    (["smaple", "--model", "{sft}"], "invalid choice: 'smaple'"),
+    (["sample", "--model", "{sft}", "--prompt", "hi", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["verify", "tests.verify_corpus.numpy_losses:dpo", "--max-examples", "0"],
+     "argument --max-examples: must be >= 1, got 0"),
+])
+def test_usage_errors_are_one_line_with_exit_2_and_a_pointer_to_help(files, tmp_path, capsys, argv, says):
+    paths = {"prefs": files / "prefs.jsonl", "sft_data": files / "sft.jsonl", "sft": files / "sft",
+             "tok": files / "tok", "x": tmp_path / "x"}
+    with pytest.raises(SystemExit) as e:
+        main([a.format(**paths) for a in argv])
+    err = capsys.readouterr().err
+    command = argv[0] if argv[0] != "smaple" else ""
+    assert e.value.code == 2 and err.count("\n") == 1 and says in err, err
+    assert err.startswith("minidpo: error: ") and err.endswith(f"(see `minidpo{' ' + command if command else ''} "
+                                                                f"--help`)\n"), err
+    if argv[0] == "smaple":
+        assert "did you mean 'sample'?" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cuda_without_cupy_is_one_line(files, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy now raises ImportError
+    code, out, err = run(["sample", "--model", files / "sft", "--prompt", "hi", "--device", "cuda"], capsys)
+    assert code == 1 and err.count("\n") == 1 and out == "", err
+    assert err.startswith("minidpo: error: device 'cuda' needs CuPy, which is not installed") and "pip install" in err
+
+
 def test_eval_takes_no_rpo_alpha(files, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--policy", str(files / "sft"), "--ref", str(files / "sft"), "--data", str(files / "prefs.jsonl"),
