@@ -314,8 +314,8 @@ def read_checkpoint_state(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"checkpoint file missing: {state_file}")
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{state_file}: corrupt JSON ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{state_file}: corrupt JSON ({err})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{state_file}: not a {FORMAT} file")
     if state.get("version") != VERSION:

@@ -372,6 +372,8 @@ def read_prompts_file(path: str | Path) -> list[str]:
             v = json.loads(line)
         except ValueError as err:
             raise DataError(path, i, f"invalid JSON ({err})") from None
+        except RecursionError:
+            raise DataError(path, i, "invalid JSON: nested too deeply to read") from None
         if isinstance(v, dict):
             v = v.get("prompt")
         if not isinstance(v, str):

@@ -98,8 +98,8 @@ class PretrainedError(ValueError):
 def _read_json(file: Path) -> dict:
     try:
         d = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PretrainedError(f"{file}: invalid JSON ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise PretrainedError(f"{file}: invalid JSON ({err})") from None
     if not isinstance(d, dict):
         raise PretrainedError(f"{file}: expected a JSON object, got {type(d).__name__}")
     return d

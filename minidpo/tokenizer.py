@@ -327,8 +327,8 @@ def read_special_names(directory: Path) -> dict:
             continue
         try:
             raw = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{file}: invalid JSON ({err})") from err
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise ValueError(f"{file}: invalid JSON ({err})") from None
         for key in ("eos_token", "pad_token"):
             v = raw.get(key) if isinstance(raw, dict) else None
             if isinstance(v, dict):

@@ -326,6 +326,29 @@ def test_bad_paths_are_one_line_errors(files, tmp_path, capsys):
         assert code == 1 and err.startswith("minidpo: error:") and words in err and err.count("\n") == 1, (argv, err)
 
 
+def test_json_nested_100000_deep_is_one_line(files, tmp_path, capsys):
+    import shutil
+
+    deep = "[" * 100_000 + "]" * 100_000
+    good = (files / "prefs.jsonl").read_text().splitlines()
+    (tmp_path / "deep.jsonl").write_text("\n".join(good[:2] + [deep] + good[2:]) + "\n")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps("hi") + "\n" + deep + "\n")
+    run_dir = tmp_path / "run"
+    shutil.copytree(files / "sft", run_dir)
+    (run_dir / "checkpoint" / "trainer_state.json").write_text(deep)
+    cases = [
+        (["dpo", "--data", tmp_path / "deep.jsonl", "--ref", files / "sft", "--out", tmp_path / "d", *TRAIN],
+         f"{tmp_path / 'deep.jsonl'}:3: invalid JSON: nested too deeply to read"),
+        (["sample", "--model", files / "sft", "--prompts-file", tmp_path / "prompts.jsonl"],
+         f"{tmp_path / 'prompts.jsonl'}:2: invalid JSON: nested too deeply to read"),
+        (["sample", "--model", run_dir, "--prompt", "hi"], f"{run_dir / 'checkpoint' / 'trainer_state.json'}: corrupt JSON"),
+    ]
+    for argv, says in cases:
+        code, out, err = run(argv, capsys)
+        assert code == 1 and err.count("\n") == 1 and err.startswith(f"minidpo: error: {says}") and out == "", err
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("code_,text", [("ENOSPC", "No space left on device"), ("EROFS", "Read-only file system")])
 def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(files, tmp_path, capsys, monkeypatch, code_, text):
     import errno
