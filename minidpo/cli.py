@@ -535,14 +535,15 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _int_at_least(lo: int):
+def _int_at_least(lo: int, hi: int | None = None):
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be >= {lo}" + (f" and <= {hi:,}" if hi is not None else "") +
+                                             f", got {v}")
         return v
     parse.__name__ = f"integer >= {lo}"
     return parse
@@ -587,6 +588,8 @@ INF = float("inf")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .tokenizer import MAX_VOCAB_SIZE
+
     p = ArgumentParser(prog="minidpo", description="Direct Preference Optimization from scratch: "
                                 "SFT a GPT-2, then DPO it against the frozen SFT model.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
@@ -649,8 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("tokenizer", help="train a byte-level BPE tokenizer on text/JSONL files")
     sp.add_argument("--corpus", nargs="+", required=True, help=".txt (one document a line) or .jsonl files")
-    sp.add_argument("--vocab-size", type=_int_at_least(257), default=8000,
-                    help="largest vocabulary (256 bytes + EOS + merges); a small corpus may give fewer")
+    sp.add_argument("--vocab-size", type=_int_at_least(257, MAX_VOCAB_SIZE), default=8000,
+                    help=f"largest vocabulary (256 bytes + EOS + merges), at most {MAX_VOCAB_SIZE:,}; "
+                         f"a small corpus may give fewer")
     sp.add_argument("--min-frequency", type=_int_at_least(1), default=2,
                     help="merge only pairs seen at least this often")
     sp.add_argument("--on-error", choices=["raise", "warn"], default="raise",

@@ -44,6 +44,9 @@ DEFAULT_PAD = "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+# the largest vocabulary train() asks for: `tokenizers` allocates about 71 bytes per requested
+# token before it starts (1e9 asked for 71 GB and aborted the process); GPT-2 has 50,257 tokens
+MAX_VOCAB_SIZE = 2**20
 
 
 class BPETokenizer:
@@ -98,7 +101,8 @@ class BPETokenizer:
 
         Args:
             texts: an iterable of strings (documents or lines).
-            vocab_size: the largest vocabulary wanted, >= 256 + len(special_tokens).
+            vocab_size: the largest vocabulary wanted, >= 256 + len(special_tokens) and at most
+                MAX_VOCAB_SIZE (2**20).
             min_frequency: the fewest occurrences a pair needs to be merged.
             special_tokens: special_tokens[0] is EOS; special_tokens[1], when given, is pad
                 (otherwise pad == EOS); any further ones are registered but have no role.
@@ -110,10 +114,10 @@ class BPETokenizer:
             raise ValueError("special_tokens must hold at least the EOS token")
         if len(set(special_tokens)) != len(special_tokens):
             raise ValueError(f"special_tokens has duplicates: {special_tokens}")
-        if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
+        if not isinstance(vocab_size, int) or not 256 + len(special_tokens) <= vocab_size <= MAX_VOCAB_SIZE:
             raise ValueError(
                 f"vocab_size must be an int >= 256 + {len(special_tokens)} special tokens "
-                f"(the byte alphabet must fit), got {vocab_size!r}"
+                f"(the byte alphabet must fit) and <= {MAX_VOCAB_SIZE:,}, got {vocab_size!r}"
             )
         if not isinstance(min_frequency, int) or min_frequency < 1:
             raise ValueError(f"min_frequency must be a positive int, got {min_frequency!r}")

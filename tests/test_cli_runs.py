@@ -293,6 +293,18 @@ def test_usage_errors_are_one_line_with_exit_2_and_a_pointer_to_help(files, tmp_
     assert not (tmp_path / "x").exists()
 
 
+def test_a_huge_vocabulary_is_a_usage_error_not_a_native_abort(files, tmp_path):
+    # `tokenizers` allocates ~71 bytes per requested token up front: 10**12 aborted the process
+    p = cli("tokenizer", "--corpus", files / "sft.jsonl", "--vocab-size", 10**12, "--out", tmp_path / "t")
+    assert p.returncode == 2 and p.stderr.count(b"\n") == 1, p.stderr[-2000:]
+    assert b"argument --vocab-size: must be >= 257 and <= 1,048,576, got 1000000000000" in p.stderr
+    from minidpo.tokenizer import BPETokenizer
+
+    with pytest.raises(ValueError, match="<= 1,048,576"):
+        BPETokenizer.train(["a b c"], vocab_size=2**20 + 1)
+    assert not (tmp_path / "t").exists()
+
+
 def test_cuda_without_cupy_is_one_line(files, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy now raises ImportError
     code, out, err = run(["sample", "--model", files / "sft", "--prompt", "hi", "--device", "cuda"], capsys)
