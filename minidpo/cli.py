@@ -115,6 +115,25 @@ def load_model(path: str | Path, backend):
     return ck.params, config, tokenizer
 
 
+def _check_fits(config, backend) -> None:
+    """Refuse a new model whose float32 weights, gradients and AdamW's two moments (16 bytes a
+    parameter, before any activation) exceed the device's memory, saying how much it would need."""
+    import math
+    import os
+
+    from .model import param_shapes
+
+    n = sum(math.prod(shape) for shape in param_shapes(config).values())
+    if backend.is_cuda:
+        have = backend.xp.cuda.runtime.memGetInfo()[1]
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 16 * n > have:
+        _die(f"a model of {n:,} parameters (n_layer {config.n_layer}, n_embd {config.n_embd}, n_ctx {config.n_ctx:,}, "
+             f"vocabulary {config.vocab_size:,}) needs {16 * n / 2**30:,.1f} GiB for its float32 weights, gradients "
+             f"and AdamW's two moments alone; {backend.device} has {have / 2**30:,.1f} GiB")
+
+
 def _unfinished(path: str | Path) -> tuple[int, int] | None:
     """(step reached, steps planned) when ``path`` is a run or checkpoint folder whose training
     stopped before its planned steps; None otherwise."""
@@ -247,6 +266,7 @@ def cmd_sft(args) -> int:
         tokenizer = BPETokenizer.load(args.tokenizer)
         config = GPTConfig(vocab_size=tokenizer.vocab_size, n_ctx=args.n_ctx, n_layer=args.n_layer,
                            n_head=args.n_head, n_embd=args.n_embd)
+        _check_fits(config, backend)
         params = init_params(config, backend, seed=args.seed)
         start = f"random init, seed {args.seed}"
     data = read_sft_corpus(args.data, on_error=args.on_error)
@@ -822,6 +842,9 @@ def main(argv=None) -> int:
     except NonFiniteError as err:
         _report(err, str(err))
         return EXIT_NONFINITE
+    except MemoryError as err:
+        _report(err, f"out of memory: {err}")
+        return EXIT_ERROR
     except (CLIError, DataError, CheckpointError, RunFolderError, DeviceError, OSError, ValueError) as err:
         # the project's own errors (DataError, CheckpointError, PretrainedError, RunFolderError are
         # ValueErrors), a device that cannot be used, and the file system's, one line each

@@ -305,6 +305,25 @@ def test_a_huge_vocabulary_is_a_usage_error_not_a_native_abort(files, tmp_path):
     assert not (tmp_path / "t").exists()
 
 
+def test_a_model_too_large_for_memory_is_refused_before_allocating(files, tmp_path, capsys, monkeypatch):
+    import minidpo.model as M
+
+    args = ["sft", "--data", files / "sft.jsonl", "--tokenizer", files / "tok", "--out", tmp_path / "s", *TRAIN]
+    code, out, err = run(args + ["--n-ctx", 10**9], capsys)
+    # 1e9 positions x 128 channels (wpe) + the rest: 128,000,831,744 parameters, 16 bytes each
+    assert code == 1 and err.count("\n") == 1 and out == "", err
+    assert "a model of 128,000,831,744 parameters" in err and "n_ctx 1,000,000,000" in err and "needs 1,907.4 GiB" in err
+    assert not (tmp_path / "s").exists()
+
+    def allocation_fails(*a, **kw):  # what NumPy raises when an array does not fit
+        raise MemoryError("Unable to allocate 477. GiB for an array with shape (1000000000, 128) and data type float32")
+
+    monkeypatch.setattr(M, "init_params", allocation_fails)
+    code, out, err = run(args, capsys)
+    assert code == 1 and err == "minidpo: error: out of memory: Unable to allocate 477. GiB for an array with shape " \
+                               "(1000000000, 128) and data type float32\n"
+
+
 def test_cuda_without_cupy_is_one_line(files, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy now raises ImportError
     code, out, err = run(["sample", "--model", files / "sft", "--prompt", "hi", "--device", "cuda"], capsys)
