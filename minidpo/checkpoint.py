@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -177,7 +178,9 @@ def atomic_directory(path: str | os.PathLike):
     Yields a sibling temporary directory to fill. On a normal exit its files and the directory
     are fsynced and it replaces ``path`` (the previous ``path`` moved aside to ``<path>.old``
     first and removed last); on an exception the temporary directory is removed and ``path`` is
-    left as it was. Used for checkpoints and for GPT-2 model directories alike.
+    left as it was, and an OSError (a full or read-only disk) is raised again naming ``path``
+    and the file being written, not the temporary directory. Used for checkpoints and for GPT-2
+    model directories alike.
     """
     path = Path(path)
     parent = path.parent
@@ -193,6 +196,10 @@ def atomic_directory(path: str | os.PathLike):
             if f.is_file():
                 _fsync_file(f)
         _fsync_dir(tmp)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = f" while writing {Path(err.filename).name}" if err.filename else ""
+        raise OSError(err.errno, f"{err.strerror or err}{what}", str(path)) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -212,6 +219,18 @@ def atomic_directory(path: str | os.PathLike):
     _fsync_dir(parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_safetensors(file: Path, tensors: dict, metadata: dict) -> None:
+    """``safetensors.numpy.save_file``, whose I/O failures (a full disk) arrive as a
+    SafetensorError: raised as the OSError they are ("... (os error 28)": ENOSPC), naming ``file``."""
+    try:
+        save_file(tensors, str(file), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(file)) from err
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -274,9 +293,9 @@ def save_checkpoint(
     json.dumps(state)  # fail here, not half-way, on anything the checks above missed
 
     with atomic_directory(path) as tmp:
-        save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": "np", "writer": FORMAT})
+        write_safetensors(tmp / MODEL_FILE, model_tensors, {"format": "np", "writer": FORMAT})
         if opt_tensors is not None:
-            save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "np", "writer": FORMAT})
+            write_safetensors(tmp / OPTIMIZER_FILE, opt_tensors, {"format": "np", "writer": FORMAT})
         _write_json(tmp / STATE_FILE, state)
     return path
 
@@ -437,5 +456,6 @@ def has_checkpoint(path: str | os.PathLike) -> bool:
 
 __all__ = [
     "Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "has_checkpoint", "atomic_write_text",
+    "write_safetensors",
     "read_checkpoint_state", "verify_params", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE",
 ]

@@ -460,7 +460,12 @@ def cmd_export(args) -> int:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_pretrained_dir(out))):
         _die(f"--out {out} exists and is not an empty folder or a GPT-2 model directory; choose a new folder")
     params, config, tokenizer = load_model(args.model, get_backend("cpu"))
-    path = save_pretrained(out, params, config, tokenizer)
+    existed = is_pretrained_dir(out)
+    try:
+        path = save_pretrained(out, params, config, tokenizer)
+    except OSError as err:  # a full or read-only disk: atomic_directory left ``out`` as it was
+        _die(f"cannot write {out} ({err.strerror or err}); "
+             + ("the model directory there is intact" if existed else "nothing was written"))
     print(f"wrote a GPT-2 model directory (config.json, model.safetensors, tokenizer.json) -> {path or out}")
     return EXIT_OK
 

@@ -380,26 +380,69 @@ def test_json_nested_100000_deep_is_one_line(files, tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
-@pytest.mark.parametrize("code_,text", [("ENOSPC", "No space left on device"), ("EROFS", "Read-only file system")])
-def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(files, tmp_path, capsys, monkeypatch, code_, text):
+def _disk_error(kind: str):
+    """What a write raises on a full or read-only disk: an OSError from Python's own writes, a
+    SafetensorError (its I/O error in the text) from safetensors' writer."""
     import errno
 
+    from safetensors import SafetensorError
+
+    def fail(tensors, filename, metadata=None):  # safetensors.numpy.save_file's signature
+        if kind == "safetensors":  # the text safetensors gives on a full disk
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(getattr(errno, kind), os.strerror(getattr(errno, kind)), filename)
+
+    return fail
+
+
+@pytest.mark.parametrize("kind", ["ENOSPC", "EROFS", "safetensors"])
+def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(files, tmp_path, capsys, monkeypatch, kind):
     import minidpo.checkpoint as CK
 
     out = tmp_path / "dpo"
     base = ["dpo", "--data", files / "prefs.jsonl", "--ref", files / "sft", "--out", out, *TRAIN]
     assert run(base, capsys)[0] == 0
     before = weights(out)
-
-    def full(*a, **kw):
-        raise OSError(getattr(errno, code_), text)
-
-    monkeypatch.setattr(CK, "save_file", full)
+    monkeypatch.setattr(CK, "save_file", _disk_error(kind))
     code, _, err = run(base + ["--steps", 8], capsys)
-    assert code == 1 and "cannot write the checkpoint" in err and text in err
-    assert "(step 6), intact" in err
+    text = "Read-only file system" if kind == "EROFS" else "No space left on device"
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"minidpo: error: cannot write the checkpoint {out / 'checkpoint'} ({text} while writing "
+                          f"model.safetensors); the last good checkpoint is {out / 'checkpoint'} (step 6), intact"), err
     after = weights(out)
     assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")]  # no temporary left
+
+
+def test_a_full_disk_while_exporting_names_the_folder_and_keeps_what_was_there(files, tmp_path, capsys, monkeypatch):
+    import minidpo.checkpoint as CK
+
+    hf = tmp_path / "hf"
+    assert run(["export", "--model", files / "sft", "--out", hf], capsys)[0] == 0
+    kept = {p.name: p.read_bytes() for p in hf.iterdir()}
+    monkeypatch.setattr(CK, "save_file", _disk_error("safetensors"))
+    for out, then in ((tmp_path / "new", "nothing was written"), (hf, "the model directory there is intact")):
+        code, stdout, err = run(["export", "--model", files / "sft", "--out", out], capsys)
+        assert code == 1 and stdout == "" and err == (f"minidpo: error: cannot write {out} (No space left on device "
+                                                      f"while writing model.safetensors); {then}\n"), err
+    assert not (tmp_path / "new").exists() and {p.name: p.read_bytes() for p in hf.iterdir()} == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary directory left
+
+
+def test_a_real_full_disk_while_exporting(files, tmp_path):
+    """The same on a real 40 KiB tmpfs, where mounting one is allowed (root); skipped elsewhere."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        p = cli("export", "--model", files / "sft", "--out", mnt / "hf")
+        assert p.returncode == 1 and p.stderr.decode() == (f"minidpo: error: cannot write {mnt / 'hf'} (No space left "
+                                                           f"on device while writing model.safetensors); nothing was "
+                                                           f"written\n"), p.stderr[-2000:]
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
 def test_a_read_only_disk_while_saving_a_tokenizer_names_the_file(files, tmp_path, capsys, monkeypatch):
