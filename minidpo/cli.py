@@ -500,7 +500,7 @@ def cmd_verify(args) -> int:
             print(f"{args.function}: not checked: framework {err.name!r} is not installed")
             return EXIT_NO_FRAMEWORK
         _die(f"cannot import {args.function}: {err}")
-    except ImportError as err:
+    except ImportError as err:  # also a module that fails to run: a syntax error, an exception at import
         _die(f"cannot import {args.function}: {err}")
     try:
         report = check_loss(fn, framework=args.framework, variant=args.variant, label_smoothing=args.label_smoothing,
@@ -752,8 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("verify", help="check a DPO loss function (yours, in NumPy/PyTorch/JAX) against the paper's properties")
     sp.add_argument("function", help="MODULE:FUNCTION or path/to/file.py:FUNCTION, called as "
                     "fn(pi_w, pi_l, ref_w, ref_l, beta, **hyper-parameters) on (N,) arrays")
-    sp.add_argument("--framework", choices=["numpy", "torch", "jax"], default="torch",
-                    help="the function's array library (gradients by its autograd; NumPy: central differences)")
+    sp.add_argument("--framework", choices=["numpy", "torch", "jax"], default=None,
+                    help="the function's array library (gradients by its autograd; NumPy: central differences); "
+                         "default: read from what the function's module imports (torch, jax, else numpy)")
     sp.add_argument("--variant", choices=["dpo", "cdpo", "robust", "ipo", "hinge"], default="dpo",
                     help="which loss the function claims to compute (its laws are checked)")
     sp.add_argument("--label-smoothing", type=float, default=0.1, help="eps for cdpo/robust, passed as label_smoothing=")
