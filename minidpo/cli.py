@@ -64,12 +64,30 @@ _RANK = 0  # under mpiexec (sft, dpo): this process's rank; rank 0 alone prints 
 
 
 def find_tokenizer(path: Path):
+    """(the tokenizer beside a model in ``path``, the file it was read from: tokenizer.json, or
+    the folder holding GPT-2's vocab.json and merges.txt)."""
     from .tokenizer import BPETokenizer
 
     for cand in (path, path / "tokenizer.json", path.parent / "tokenizer.json"):
         if cand.is_file() or (cand.is_dir() and ((cand / "tokenizer.json").exists() or (cand / "vocab.json").exists())):
-            return BPETokenizer.load(cand)
+            return BPETokenizer.load(cand), (cand / "tokenizer.json" if (cand / "tokenizer.json").is_file() else cand)
     _die(f"{path}: no tokenizer.json found beside the model (pass --tokenizer)")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """The fingerprint a run folder records of its tokenizer (train.fingerprint of tokenizer.json's text)."""
+    from .train import fingerprint
+
+    return fingerprint(tokenizer.backend_tokenizer.to_str())
+
+
+def same_tokenizer(policy, reference, policy_path, reference_path) -> None:
+    """Refuse a policy and a reference read with different tokenizers: token ids would mean
+    different text, and every log-prob ratio would compare unrelated sequences."""
+    a, b = tokenizer_fingerprint(policy), tokenizer_fingerprint(reference)
+    if a != b:
+        _die(f"--policy {policy_path} and --ref {reference_path} use different tokenizers (fingerprints {a} and {b}); "
+             f"a policy is scored against the reference it was trained from, with the same tokenizer")
 
 
 def _checkpoint_dir(path: Path) -> Path | None:
@@ -108,10 +126,15 @@ def load_model(path: str | Path, backend):
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{ck_dir}: no usable model config in trainer_state.json ({err})") from None
     verify_params(ck.params, config, ck_dir)
-    tokenizer = find_tokenizer(path if ck_dir != path else path.parent)
+    tokenizer, where = find_tokenizer(path if ck_dir != path else path.parent)
     if tokenizer.vocab_size > config.vocab_size:
         _die(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}; "
              f"they do not belong together")
+    inputs = ck.config.get("inputs")
+    recorded, now = inputs.get("tokenizer") if isinstance(inputs, dict) else None, tokenizer_fingerprint(tokenizer)
+    if recorded is not None and recorded != now:  # the run recorded the tokenizer it was trained with
+        _die(f"{where}: this tokenizer (fingerprint {now}) is not the one {path} was trained with (fingerprint "
+             f"{recorded} in {ck_dir / 'trainer_state.json'}); put that run's tokenizer.json back beside it")
     return ck.params, config, tokenizer
 
 
@@ -238,6 +261,7 @@ def cmd_tokenizer(args) -> int:
         _note_skipped(data, f)
         texts += [p + r for p, r in data]
     tok = BPETokenizer.train(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    _keep_a_models_tokenizer(out, tok)
     path = tok.save(out)
     print(f"trained a byte-level BPE with {tok.vocab_size} tokens on {len(texts)} texts -> {path}")
     if tok.vocab_size < args.vocab_size:
@@ -245,6 +269,21 @@ def cmd_tokenizer(args) -> int:
               f"--min-frequency {args.min_frequency} times to merge (use more text or a lower --min-frequency)",
               file=sys.stderr)
     return EXIT_OK
+
+
+def _keep_a_models_tokenizer(out: Path, new) -> None:
+    """Refuse to replace the tokenizer.json of a model's folder (a run, checkpoint or GPT-2
+    directory) by a different one: the model's token ids would silently mean other text."""
+    from .pretrained import is_pretrained_dir
+
+    file = out if out.suffix == ".json" else out / "tokenizer.json"
+    folder = file.parent
+    if not file.is_file() or (_checkpoint_dir(folder) is None and not is_pretrained_dir(folder)):
+        return
+    old, new = tokenizer_fingerprint(find_tokenizer(file)[0]), tokenizer_fingerprint(new)
+    if old != new:
+        _die(f"--out {out}: {file} belongs to the model in {folder} (tokenizer fingerprint {old}); the new tokenizer "
+             f"(fingerprint {new}) would not match its weights: choose another --out")
 
 
 def cmd_sft(args) -> int:
@@ -278,7 +317,7 @@ def cmd_sft(args) -> int:
         eval_items, _ = build_sft_dataset(eval_data, tokenizer, max_length=min(args.max_length, config.n_ctx))
     else:
         items, eval_items = _split_eval(items, args)
-    inputs = {"start": start, "tokenizer": fingerprint(tokenizer.backend_tokenizer.to_str())}
+    inputs = {"start": start, "tokenizer": tokenizer_fingerprint(tokenizer)}
 
     def prepare_folder():  # rank 0 alone: the lock (held until training ends), the checks, then the writes
         held.enter_context(run_lock(out))
@@ -333,7 +372,8 @@ def cmd_dpo(args) -> int:
                  f"re-running its command, or pass --allow-unfinished-ref to use it as it is")
     reference, config, tokenizer = load_model(ref_path, backend)
     if args.policy:
-        policy, pconfig, _ = load_model(args.policy, backend)
+        policy, pconfig, ptokenizer = load_model(args.policy, backend)
+        same_tokenizer(ptokenizer, tokenizer, args.policy, ref_path)
         if pconfig != config:
             _die("--policy and --ref have different model configs")
         start = f"policy {fingerprint(policy)}"
@@ -345,7 +385,7 @@ def cmd_dpo(args) -> int:
         eval_pairs = _preference_pairs(args.eval_data, tokenizer, config, args)
     else:
         pairs, eval_pairs = _split_eval(pairs, args)
-    inputs = {"start": start, "tokenizer": fingerprint(tokenizer.backend_tokenizer.to_str())}
+    inputs = {"start": start, "tokenizer": tokenizer_fingerprint(tokenizer)}
 
     def prepare_folder():  # rank 0 alone: the lock (held until training ends), the checks, then the writes
         held.enter_context(run_lock(out))
@@ -440,7 +480,8 @@ def cmd_eval(args) -> int:
                      reference_free=args.reference_free, average_logps=_average_logps(args),
                      eval_batch_size=args.batch_size, share_prompt=not args.no_share_prompt, pack=not args.no_pack)
     policy, config, tokenizer = load_model(args.policy, backend)
-    reference, rconfig, _ = load_model(args.ref, backend)
+    reference, rconfig, rtokenizer = load_model(args.ref, backend)
+    same_tokenizer(tokenizer, rtokenizer, args.policy, args.ref)
     if rconfig != config:
         _die("--policy and --ref have different model configs")
     pairs = _preference_pairs(args.data, tokenizer, config, args)

@@ -162,6 +162,53 @@ def test_a_different_tokenizer_is_refused_before_anything_is_written(files, tmp_
         assert not (tmp_path / "new").exists()
 
 
+def test_a_model_with_another_tokenizer_is_refused_naming_both_fingerprints(files, tmp_path, capsys):
+    import shutil
+
+    from minidpo.cli import tokenizer_fingerprint
+    from minidpo.tokenizer import BPETokenizer
+
+    d = files
+    assert run(["tokenizer", "--corpus", d / "sft.jsonl", "--vocab-size", 290, "--out", tmp_path / "tok290"], capsys)[0] == 0
+    ours, other = (tokenizer_fingerprint(BPETokenizer.load(t)) for t in (d / "tok", tmp_path / "tok290"))
+    swapped = tmp_path / "swapped"  # a finished run whose tokenizer.json was replaced by another one
+    shutil.copytree(d / "sft", swapped)
+    shutil.copy(tmp_path / "tok290" / "tokenizer.json", swapped / "tokenizer.json")
+    replaced = (f"{swapped / 'tokenizer.json'}: this tokenizer (fingerprint {other}) is not the one {swapped} was "
+                f"trained with (fingerprint {ours} in {swapped / 'checkpoint' / 'trainer_state.json'})")
+    assert run(["sft", "--data", d / "sft.jsonl", "--tokenizer", tmp_path / "tok290", "--out", tmp_path / "sft290",
+                *MODEL, *TRAIN], capsys)[0] == 0
+    mixed = f"--policy {tmp_path / 'sft290'} and --ref {d / 'sft'} use different tokenizers (fingerprints {other} and {ours})"
+    for argv, says in [
+        (["sample", "--model", swapped, "--prompt", "the movie"], replaced),
+        (["eval", "--policy", swapped, "--ref", d / "sft", "--data", d / "prefs.jsonl"], replaced),
+        (["export", "--model", swapped, "--out", tmp_path / "hf"], replaced),
+        (["dpo", "--data", d / "prefs.jsonl", "--ref", swapped, "--out", tmp_path / "dpo", *TRAIN], replaced),
+        (["dpo", "--data", d / "prefs.jsonl", "--ref", d / "sft", "--policy", tmp_path / "sft290", "--out",
+          tmp_path / "dpo", *TRAIN], mixed),
+        (["eval", "--policy", tmp_path / "sft290", "--ref", d / "sft", "--data", d / "prefs.jsonl"], mixed),
+    ]:
+        code, out, err = run(argv, capsys)
+        assert code == 1 and out == "" and err.count("\n") == 1 and err.startswith(f"minidpo: error: {says}"), (argv, err)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "dpo").exists()
+
+
+def test_a_new_tokenizer_never_replaces_a_models_own(files, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(files / "sft", run_dir)
+    before = (run_dir / "tokenizer.json").read_bytes()
+    for out in (run_dir, run_dir / "tokenizer.json"):
+        code, _, err = run(["tokenizer", "--corpus", files / "sft.jsonl", "--vocab-size", 290, "--out", out], capsys)
+        assert code == 1 and err.count("\n") == 1 and f"{run_dir / 'tokenizer.json'} belongs to the model in {run_dir}" in err
+        assert err.count("fingerprint") == 2 and "choose another --out" in err
+        assert (run_dir / "tokenizer.json").read_bytes() == before
+    # the same tokenizer again changes nothing and is fine
+    assert run(["tokenizer", "--corpus", files / "sft.jsonl", "--vocab-size", 300, "--out", run_dir], capsys)[0] == 0
+    assert run(["sample", "--model", run_dir, "--prompt", "the movie", "--max-new-tokens", 2], capsys)[0] == 0
+
+
 def test_two_processes_on_one_out_the_second_is_told_who_holds_it(files, tmp_path, capsys):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom minidpo.train import run_lock\n"
