@@ -69,8 +69,8 @@ import numpy as np
 
 from . import fast
 from .backend import Backend, get_array_module, get_backend, to_numpy
-from .checkpoint import (CheckpointError, atomic_write_text, has_checkpoint, load_checkpoint, read_checkpoint_state,
-                         save_checkpoint, verify_params)
+from .checkpoint import (CheckpointError, atomic_write_text, has_checkpoint, is_integer, is_number, load_checkpoint,
+                         read_checkpoint_state, save_checkpoint, verify_optimizer_state, verify_params)
 from .data import check_token_ids, collate_preferences, collate_sft
 from .distributed import (SingleProcess, all_reduce_step, collective, local_shard, make_optimizer, on_rank0,
                           shard_range)
@@ -628,10 +628,11 @@ def _resume(L: _Loop, resume: bool, stale: str) -> int | None:
         return None
     ck = load_checkpoint(L.ckpt_dir, backend=L.backend)
     verify_params(ck.params, L.model_config, L.ckpt_dir, like=L.params)
+    _verify_loop_state(ck)
+    verify_optimizer_state(ck, L.params, {k: getattr(L.opt, k) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")})
     for k in L.params:
         L.params[k][...] = ck.params[k]  # same shape and dtype: checked above
-    if ck.optimizer_state is not None:
-        L.opt.load_state_dict(ck.optimizer_state)
+    L.opt.load_state_dict(ck.optimizer_state)
     L.step = L.last_saved = int(ck.step)
     L.acc.load_state_dict(ck.extra.get("log_accumulator", {}))
     L.elapsed_s = float(ck.extra.get("elapsed_s", 0.0))
@@ -639,6 +640,24 @@ def _resume(L: _Loop, resume: bool, stale: str) -> int | None:
         kept = [r for r in read_metrics(L.metrics_path) if r.get("step", 0) <= L.step]
         atomic_write_text(L.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     return L.step
+
+
+def _verify_loop_state(ck) -> None:
+    """The loop's own entries of a checkpoint, checked before they are restored: its step within
+    the steps the run planned, the elapsed time a number, the logging sums numbers over a count.
+    CheckpointError naming trainer_state.json and the key."""
+    where = ck.path / "trainer_state.json"
+    train = ck.config.get("train")
+    planned = train.get("steps") if isinstance(train, dict) else None
+    if is_integer(planned) and ck.step > planned:
+        raise CheckpointError(f"{where}: 'step' is {ck.step}, beyond the {planned} steps the run planned ('train.steps')")
+    elapsed, acc = ck.extra.get("elapsed_s", 0.0), ck.extra.get("log_accumulator", {})
+    if not (is_number(elapsed) and elapsed >= 0):
+        raise CheckpointError(f"{where}: 'extra.elapsed_s' must be a number >= 0, got {elapsed!r}")
+    sums, n = (acc.get("sums", {}), acc.get("n", 0)) if isinstance(acc, dict) else (None, None)
+    if not (isinstance(sums, dict) and all(map(is_number, sums.values())) and is_integer(n) and n >= 0):
+        raise CheckpointError(f"{where}: 'extra.log_accumulator' must be {{\"sums\": {{name: number}}, \"n\": "
+                              f"integer >= 0}}, got {acc!r:.80}")
 
 
 def _check_finite(L: _Loop, since: int) -> None:

@@ -275,6 +275,77 @@ def test_weights_without_trainer_state_are_damaged_never_overwritten(files, tmp_
     assert (run_dir / "checkpoint" / "model.safetensors").read_bytes() == before
 
 
+def _edit_state(run_dir, change):
+    f = Path(run_dir) / "checkpoint" / "trainer_state.json"
+    state = json.loads(f.read_text())
+    change(state)
+    f.write_text(json.dumps(state))
+
+
+def _edit_tensors(run_dir, name, change, keep_metadata=True):
+    from safetensors import safe_open
+
+    f = Path(run_dir) / "checkpoint" / name
+    with safe_open(str(f), framework="np") as g:
+        metadata = g.metadata()
+    tensors = load_file(str(f))
+    change(tensors)
+    save_file(tensors, str(f), metadata=metadata if keep_metadata else None)
+
+
+WTE = "transformer.wte.weight"
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda d: _edit_state(d, lambda s: s.update(step=99)),
+     "trainer_state.json: 'step' is 99, but model.safetensors was saved at step 6"),
+    (lambda d: (_edit_state(d, lambda s: (s.update(step=99), s["optimizer"].update(step=99))),
+                [_edit_tensors(d, n, lambda t: None, keep_metadata=False) for n in ("model.safetensors",
+                                                                                    "optimizer.safetensors")]),
+     "trainer_state.json: 'step' is 99, beyond the 6 steps the run planned ('train.steps')"),
+    (lambda d: _edit_state(d, lambda s: (s.update(step=3), s["optimizer"].update(step=3))),
+     "trainer_state.json: 'step' is 3, but model.safetensors was saved at step 6"),
+    (lambda d: _edit_state(d, lambda s: s["optimizer"].update(step=5)),
+     "trainer_state.json: 'optimizer.step' is 5, not the checkpoint's 'step' 6"),
+    (lambda d: _edit_state(d, lambda s: s.update(optimizer=None)), "trainer_state.json: no 'optimizer' entry"),
+    (lambda d: _edit_state(d, lambda s: s.pop("optimizer")), "trainer_state.json: no 'optimizer' entry"),
+    (lambda d: _edit_state(d, lambda s: s["optimizer"].update(lr="0.001")),
+     "trainer_state.json: 'optimizer.lr' must be a number, got '0.001'"),
+    (lambda d: _edit_state(d, lambda s: s["optimizer"].update(beta1=0.5)),
+     "trainer_state.json: 'optimizer.beta1' is 0.5, this run's is 0.9"),
+    (lambda d: _edit_state(d, lambda s: s["optimizer"].update(momentum=0.9)),
+     "trainer_state.json: unknown entry 'optimizer.momentum'"),
+    (lambda d: _edit_state(d, lambda s: s["extra"].update(elapsed_s="1 min")),
+     "trainer_state.json: 'extra.elapsed_s' must be a number >= 0, got '1 min'"),
+    (lambda d: _edit_state(d, lambda s: s["extra"]["log_accumulator"].update(n="0")),
+     "trainer_state.json: 'extra.log_accumulator' must be"),
+    (lambda d: _edit_tensors(d, "optimizer.safetensors", lambda t: t.update({f"m.{WTE}": t[f"m.{WTE}"].astype(np.float64)})),
+     f"optimizer.safetensors: tensor m.{WTE} is float64 (300, 16), its parameter float32 (300, 16)"),
+    (lambda d: _edit_tensors(d, "optimizer.safetensors", lambda t: t[f"v.{WTE}"].__setitem__((0, 0), np.nan)),
+     f"optimizer.safetensors: tensor v.{WTE} holds non-finite values"),
+    (lambda d: _edit_tensors(d, "optimizer.safetensors", lambda t: t[f"v.{WTE}"].__setitem__((0, 0), -1.0)),
+     f"optimizer.safetensors: tensor v.{WTE} holds negative values"),
+    (lambda d: _edit_tensors(d, "optimizer.safetensors", lambda t: t.update({"m.lm_head.weight": t[f"m.{WTE}"]})),
+     "optimizer.safetensors: unknown ['m.lm_head.weight']"),
+    (lambda d: (_edit_tensors(d, "optimizer.safetensors", lambda t: t.pop("v.transformer.ln_f.bias")),
+                _edit_state(d, lambda s: s["tensors"]["optimizer"].remove("v.transformer.ln_f.bias"))),
+     "optimizer.safetensors: missing ['v.transformer.ln_f.bias']"),
+])
+def test_an_edited_training_state_is_refused_naming_file_and_key(files, tmp_path, capsys, tamper, message):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(files / "sft", run_dir)
+    tamper(run_dir)
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    code, out, err = run(["sft", "--data", files / "sft.jsonl", "--tokenizer", files / "tok", "--out", run_dir, *MODEL,
+                          *TRAIN], capsys)
+    assert code == 1 and err.count("\n") == 1 and err.startswith(f"minidpo: error: {run_dir / 'checkpoint'}/{message}"), err
+    assert "already complete" not in out and "resuming" not in out
+    after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # nothing rewritten, trimmed or replaced
+
+
 def test_malformed_trainer_state_is_one_line(files, tmp_path, capsys):
     import shutil
 
