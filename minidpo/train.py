@@ -374,7 +374,8 @@ _HELD: dict[str, tuple[int, int]] = {}  # lock path -> (fd, depth): the lock is 
 @contextlib.contextmanager
 def run_lock(out_dir: str | Path):
     """Hold ``out_dir/.lock`` (an advisory ``flock``, holding our pid) while a stage writes the
-    folder; another process asking for it gets a RunFolderError naming the holder's pid. The lock
+    folder; another process asking for it gets a RunFolderError naming the holder's pid. The file
+    is removed when the lock is released (a finished run leaves no .lock behind); the lock itself
     goes with the process, so a killed run never leaves the folder locked. (No-op where
     ``fcntl`` is missing.)"""
     try:
@@ -394,14 +395,21 @@ def run_lock(out_dir: str | Path):
             fd, depth = _HELD[key]
             _HELD[key] = (fd, depth - 1)
         return
-    fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        os.close(fd)
-        raise RunFolderError(f"{out_dir} is in use by another process (pid {holder}); wait for it to finish, "
-                             f"or use another --out") from None
+    while True:
+        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunFolderError(f"{out_dir} is in use by another process (pid {holder}); wait for it to finish, "
+                                 f"or use another --out") from None
+        try:
+            if os.stat(key).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # we locked a .lock its holder removed on release: lock the file now in its place
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD[key] = (fd, 1)
@@ -409,6 +417,8 @@ def run_lock(out_dir: str | Path):
         yield
     finally:
         del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.unlink(key)  # removed while still held, so no other process holds a lock on a removed file
         os.close(fd)  # releases the flock
 
 

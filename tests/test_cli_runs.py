@@ -224,6 +224,18 @@ def test_two_processes_on_one_out_the_second_is_told_who_holds_it(files, tmp_pat
         holder.wait()
 
 
+def test_a_run_leaves_no_lock_file_behind(files, tmp_path, capsys, monkeypatch):
+    args = ["sft", "--data", files / "sft.jsonl", "--tokenizer", files / "tok", *MODEL, *TRAIN]
+    assert run(args + ["--out", tmp_path / "done"], capsys)[0] == 0  # finished
+    monkeypatch.setenv("MINIDPO_TEST_INTERRUPT_AT", "sft:step=2")
+    assert run(args + ["--out", tmp_path / "stopped"], capsys)[0] == 130  # interrupted
+    monkeypatch.delenv("MINIDPO_TEST_INTERRUPT_AT")
+    assert run(args + ["--out", tmp_path / "stopped", "--lr", "0.5"], capsys)[0] == 1  # refused: other options
+    for d in ("done", "stopped"):
+        assert (tmp_path / d / "checkpoint").is_dir() and not (tmp_path / d / ".lock").exists(), d
+    assert run(args + ["--out", tmp_path / "stopped"], capsys)[0] == 0  # and the folder is free again
+
+
 # ------------------------------------------------------------------ 3, 4, 9. checkpoints are checked on load
 
 
