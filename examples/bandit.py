@@ -146,11 +146,9 @@ def compare(name: str, log_pi, reward, log_pi_ref, beta: float, log_pi_opt, log_
 
 
 def plot(path: str, results: dict, reward, log_pi_opt) -> None:
-    import matplotlib
+    from minidpo.plots import _pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.5))
     markers = {"sampled": ("o", "tab:blue"), "exact": ("x", "tab:red")}
     r_centred = reward - reward.mean(axis=1, keepdims=True)
@@ -171,8 +169,7 @@ def plot(path: str, results: dict, reward, log_pi_opt) -> None:
     ax2.set_title("implicit reward vs true reward")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     print(f"\nplot written to {path}")
 
 

@@ -187,7 +187,7 @@ def describe(c: dict) -> str:
 def plot_frontier(records: list[dict], out_png: Path, title: str) -> Path:
     """Every method's points (error bars: one standard error each way) and its upper frontier.
     The KL axis ends past the furthest DPO / PPO point; points beyond it are listed in a note."""
-    from minidpo.plots import _pyplot
+    from minidpo.plots import _pyplot, save_figure
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9.5, 5.5))
@@ -217,9 +217,7 @@ def plot_frontier(records: list[dict], out_png: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=90)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -231,15 +231,20 @@ def _note_skipped(data, path) -> None:
 
 def _finish(res, out: Path, title: str, comm) -> int:
     """Exit status and last words of a training command: 130 after an interrupt (no "done:").
-    Rank 0 alone draws the curves and prints."""
+    Rank 0 alone draws the curves (also for a run already complete whose curves are missing,
+    as after a Ctrl-C while they were drawn) and prints."""
     from .plots import plot_training_curves
     from .train import read_metrics
 
     if res.stopped_early:
         return EXIT_INTERRUPTED
-    if res.already_complete or comm.rank > 0:
+    png = out / "training_curves.png"
+    if comm.rank > 0 or (res.already_complete and png.exists()):
         return EXIT_OK
-    plot_training_curves(read_metrics(out / "metrics.jsonl"), out / "training_curves.png", title=title)
+    plot_training_curves(read_metrics(out / "metrics.jsonl"), png, title=title)
+    if res.already_complete:
+        print(f"drew the missing {png}")
+        return EXIT_OK
     print(f"done: {out}/checkpoint (model.safetensors, trainer_state.json), {out}/metrics.jsonl, "
           f"{out}/training_curves.png")
     return EXIT_OK

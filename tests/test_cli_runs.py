@@ -592,6 +592,31 @@ def test_a_read_only_disk_while_saving_a_tokenizer_names_the_file(files, tmp_pat
     assert not [p for p in (tmp_path / "tok").iterdir() if p.name.startswith(".")]  # no temp file left
 
 
+def test_ctrl_c_while_the_curves_are_drawn_then_a_rerun_draws_them(files, tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    out = tmp_path / "sft"
+    args = ["sft", "--data", files / "sft.jsonl", "--tokenizer", files / "tok", "--out", out, *MODEL, *TRAIN]
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def interrupted(self, fname, **kw):  # half the PNG written, then a Ctrl-C
+        Path(fname).write_bytes(b"\x89PNG\r\n\x1a\n half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted)
+    code, stdout, err = run(args, capsys)
+    assert code == 130 and err == "minidpo: interrupted\n" and "done:" not in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "metrics.jsonl", "tokenizer.json",
+                                                     "tokenizer_config.json"]  # no half PNG, no temporary
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", real_savefig)
+    code, stdout, _ = run(args, capsys)
+    assert code == 0 and "already complete at step 6" in stdout and f"drew the missing {out / 'training_curves.png'}" in stdout
+    png = (out / "training_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    code, stdout, _ = run(args, capsys)  # complete with its curves: nothing to do
+    assert code == 0 and "drew" not in stdout and (out / "training_curves.png").read_bytes() == png
+
+
 def test_a_closed_pipe_and_an_ascii_terminal_give_no_traceback(files):
     p = subprocess.Popen([sys.executable, "-m", "minidpo", "sample", "--model", str(files / "sft"), "--prompt", "hi",
                           "--n", "4", "--max-new-tokens", "4"],
