@@ -57,7 +57,11 @@ def _die(msg: str):
     raise CLIError(msg)
 
 
-_RANK = 0  # under mpiexec (sft, dpo): this process's rank; rank 0 alone prints notes and shared errors
+_COMM = None  # under mpiexec (sft, dpo): this process's communicator; rank 0 alone prints notes and shared errors
+
+
+def _rank() -> int:
+    return _COMM.rank if _COMM is not None else 0
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -203,15 +207,14 @@ def _average_logps(args) -> bool:
 
 def _communicator(args):
     """SingleProcess, or the MPI/NCCL communicator when started by ``mpiexec -n K`` (distributed.py)."""
-    global _RANK
+    global _COMM
     from .distributed import from_environment
 
     try:
-        comm = from_environment(args.device, zero1=args.zero1)
+        _COMM = from_environment(args.device, zero1=args.zero1)
     except (RuntimeError, ValueError) as err:
         _die(str(err))
-    _RANK = comm.rank
-    return comm
+    return _COMM
 
 
 def _save_tokenizer(tokenizer, out: Path) -> None:
@@ -225,7 +228,7 @@ def _save_tokenizer(tokenizer, out: Path) -> None:
 
 
 def _note_skipped(data, path) -> None:
-    if getattr(data, "skipped", 0) and _RANK == 0:
+    if getattr(data, "skipped", 0) and _rank() == 0:
         print(f"{path}: skipped {data.skipped} bad line(s) (--on-error warn); {len(data)} kept", file=sys.stderr)
 
 
@@ -296,32 +299,37 @@ def cmd_sft(args) -> int:
     from .data import build_sft_dataset, read_sft_corpus
     from .model import GPTConfig, init_params, num_params
     from .tokenizer import BPETokenizer
-    from .distributed import on_rank0
+    from .distributed import on_every_rank, on_rank0
     from .train import check_run_folder, discard_stage, fingerprint, run_lock, stage_inputs, train_sft
 
     comm = _communicator(args)
-    backend = get_backend(comm.device or args.device)  # under NCCL: this rank's own GPU
     out = Path(args.out)
     tc = _train_config(args)
-    if args.model:
-        params, config, tokenizer = load_model(args.model, backend)
-        start = f"model {fingerprint(params)}"
-    else:
-        tokenizer = BPETokenizer.load(args.tokenizer)
-        config = GPTConfig(vocab_size=tokenizer.vocab_size, n_ctx=args.n_ctx, n_layer=args.n_layer,
-                           n_head=args.n_head, n_embd=args.n_embd)
-        _check_fits(config, backend)
-        params = init_params(config, backend, seed=args.seed)
-        start = f"random init, seed {args.seed}"
-    data = read_sft_corpus(args.data, on_error=args.on_error)
-    _note_skipped(data, args.data)
-    items, stats = build_sft_dataset(data, tokenizer, max_length=min(args.max_length, config.n_ctx))
-    if args.eval_data:
-        eval_data = read_sft_corpus(args.eval_data, on_error=args.on_error)
-        _note_skipped(eval_data, args.eval_data)
-        eval_items, _ = build_sft_dataset(eval_data, tokenizer, max_length=min(args.max_length, config.n_ctx))
-    else:
-        items, eval_items = _split_eval(items, args)
+
+    def read_inputs():  # every rank alike; a failure on any rank is reported once (distributed.on_every_rank)
+        backend = get_backend(comm.device or args.device)  # under NCCL: this rank's own GPU
+        if args.model:
+            params, config, tokenizer = load_model(args.model, backend)
+            start = f"model {fingerprint(params)}"
+        else:
+            tokenizer = BPETokenizer.load(args.tokenizer)
+            config = GPTConfig(vocab_size=tokenizer.vocab_size, n_ctx=args.n_ctx, n_layer=args.n_layer,
+                               n_head=args.n_head, n_embd=args.n_embd)
+            _check_fits(config, backend)
+            params = init_params(config, backend, seed=args.seed)
+            start = f"random init, seed {args.seed}"
+        data = read_sft_corpus(args.data, on_error=args.on_error)
+        _note_skipped(data, args.data)
+        items, _ = build_sft_dataset(data, tokenizer, max_length=min(args.max_length, config.n_ctx))
+        if args.eval_data:
+            eval_data = read_sft_corpus(args.eval_data, on_error=args.on_error)
+            _note_skipped(eval_data, args.eval_data)
+            eval_items, _ = build_sft_dataset(eval_data, tokenizer, max_length=min(args.max_length, config.n_ctx))
+        else:
+            items, eval_items = _split_eval(items, args)
+        return backend, params, config, tokenizer, items, eval_items, start
+
+    backend, params, config, tokenizer, items, eval_items, start = on_every_rank(comm, read_inputs)
     inputs = {"start": start, "tokenizer": tokenizer_fingerprint(tokenizer)}
 
     def prepare_folder():  # rank 0 alone: the lock (held until training ends), the checks, then the writes
@@ -350,7 +358,7 @@ def _preference_pairs(path, tokenizer, config, args):
     pairs, stats = build_preference_dataset(examples, tokenizer, max_length=max_length,
                                             max_prompt_length=min(args.max_prompt_length, max_length // 2),
                                             truncation_mode=args.truncation_mode)
-    if stats.n_dropped and _RANK == 0:
+    if stats.n_dropped and _rank() == 0:
         print(f"{path}: {stats.n_dropped} pair(s) dropped (empty or identical responses after truncation)")
     if not pairs:
         _die(f"{path}: no usable preference pairs")
@@ -359,37 +367,42 @@ def _preference_pairs(path, tokenizer, config, args):
 
 def cmd_dpo(args) -> int:
     from .backend import get_backend
-    from .distributed import on_rank0
+    from .distributed import on_every_rank, on_rank0
     from .train import check_run_folder, discard_stage, fingerprint, run_lock, stage_inputs, train_dpo
 
     comm = _communicator(args)
-    backend = get_backend(comm.device or args.device)  # under NCCL: this rank's own GPU
     out = Path(args.out)
     ref_path = args.ref or args.model
     tc = _train_config(args, beta=args.beta, loss_type=args.loss, label_smoothing=args.label_smoothing,
                        rpo_alpha=args.rpo_alpha, reference_free=args.reference_free,
                        average_logps=_average_logps(args), cache_reference=not args.recompute_reference,
                        share_prompt=not args.no_share_prompt)
-    for what, path in (("--ref" if args.ref else "--model", ref_path), ("--policy", args.policy)):
-        stopped = _unfinished(path) if path else None
-        if stopped and not args.allow_unfinished_ref:
-            _die(f"{what} {path} stopped at step {stopped[0]} of its {stopped[1]} (interrupted?); finish it by "
-                 f"re-running its command, or pass --allow-unfinished-ref to use it as it is")
-    reference, config, tokenizer = load_model(ref_path, backend)
-    if args.policy:
-        policy, pconfig, ptokenizer = load_model(args.policy, backend)
-        same_tokenizer(ptokenizer, tokenizer, args.policy, ref_path)
-        if pconfig != config:
-            _die("--policy and --ref have different model configs")
-        start = f"policy {fingerprint(policy)}"
-    else:
-        policy = {k: v.copy() for k, v in reference.items()}
-        start = "a copy of the reference"
-    pairs = _preference_pairs(args.data, tokenizer, config, args)
-    if args.eval_data:
-        eval_pairs = _preference_pairs(args.eval_data, tokenizer, config, args)
-    else:
-        pairs, eval_pairs = _split_eval(pairs, args)
+
+    def read_inputs():  # every rank alike; a failure on any rank is reported once (distributed.on_every_rank)
+        backend = get_backend(comm.device or args.device)  # under NCCL: this rank's own GPU
+        for what, path in (("--ref" if args.ref else "--model", ref_path), ("--policy", args.policy)):
+            stopped = _unfinished(path) if path else None
+            if stopped and not args.allow_unfinished_ref:
+                _die(f"{what} {path} stopped at step {stopped[0]} of its {stopped[1]} (interrupted?); finish it by "
+                     f"re-running its command, or pass --allow-unfinished-ref to use it as it is")
+        reference, config, tokenizer = load_model(ref_path, backend)
+        if args.policy:
+            policy, pconfig, ptokenizer = load_model(args.policy, backend)
+            same_tokenizer(ptokenizer, tokenizer, args.policy, ref_path)
+            if pconfig != config:
+                _die("--policy and --ref have different model configs")
+            start = f"policy {fingerprint(policy)}"
+        else:
+            policy = {k: v.copy() for k, v in reference.items()}
+            start = "a copy of the reference"
+        pairs = _preference_pairs(args.data, tokenizer, config, args)
+        if args.eval_data:
+            eval_pairs = _preference_pairs(args.eval_data, tokenizer, config, args)
+        else:
+            pairs, eval_pairs = _split_eval(pairs, args)
+        return backend, reference, policy, config, tokenizer, pairs, eval_pairs, start
+
+    backend, reference, policy, config, tokenizer, pairs, eval_pairs, start = on_every_rank(comm, read_inputs)
     inputs = {"start": start, "tokenizer": tokenizer_fingerprint(tokenizer)}
 
     def prepare_folder():  # rank 0 alone: the lock (held until training ends), the checks, then the writes
@@ -866,8 +879,8 @@ def main(argv=None) -> int:
     from .data import DataError
     from .train import NonFiniteError, RunFolderError
 
-    global _RANK
-    _RANK = 0
+    global _COMM
+    _COMM = None
     for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 terminal gets escapes, not a traceback
         try:
             stream.reconfigure(errors="backslashreplace")
@@ -886,6 +899,10 @@ def main(argv=None) -> int:
             args.lr = args.lr_default
         return _run(args)
     except KeyboardInterrupt:
+        if _COMM is not None and _COMM.size > 1:
+            from .distributed import stop_interrupted
+
+            stop_interrupted(_COMM)  # one line from rank 0, every rank ends with 130
         print("minidpo: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -907,7 +924,7 @@ def main(argv=None) -> int:
 def _report(err: BaseException, line: str) -> None:
     """The one error line; under mpiexec an error every rank raised alike (rank 0's run-folder
     check, handed to all) is printed by rank 0 alone."""
-    if _RANK == 0 or not getattr(err, "same_on_every_rank", False):
+    if _rank() == 0 or not getattr(err, "same_on_every_rank", False):
         print(f"minidpo: error: {line}", file=sys.stderr)
 
 
