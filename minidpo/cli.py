@@ -483,8 +483,14 @@ def cmd_sample(args) -> int:
     s = sample_continuations(params, config, tokenizer, prompts, args.n, max_new_tokens=max_new,
                              temperature=args.temperature, top_k=args.top_k, greedy=args.greedy,
                              rng=np.random.default_rng(args.seed), backend=backend)
-    for p, t in zip(s.prompts, s.texts):
-        print(json.dumps({"prompt": p, "completion": t}) if args.jsonl else f"{p}{t}")
+    for k, (p, t) in enumerate(zip(s.prompts, s.texts)):
+        if args.jsonl:
+            print(json.dumps({"prompt": p, "completion": t}))
+            continue
+        if len(s.texts) > 1:  # a sample may span lines: each one under its own header
+            print(f"--- sample {k % args.n + 1} of {args.n}" + (f", prompt {k // args.n + 1} of {len(prompts)}"
+                                                               if len(prompts) > 1 else "") + " ---")
+        print(f"{p}{t}")
     return EXIT_OK
 
 
@@ -782,7 +788,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompts-file",
                     help='prompts: .jsonl with a JSON string or {"prompt": ...} a line (newlines allowed), '
                          "or any other text file with one prompt a line")
-    sp.add_argument("--n", type=_int_at_least(1), default=1, help="samples per prompt")
+    sp.add_argument("--n", type=_int_at_least(1), default=1,
+                    help="samples per prompt (more than one sample in all: each under a '--- sample i of n ---' line)")
     sp.add_argument("--max-new-tokens", type=_int_at_least(1), default=64,
                     help="tokens generated per sample at most (lowered to fit the context)")
     sp.add_argument("--temperature", type=_float_in(0, INF, lo_open=True, hi_open=True), default=1.0,

@@ -684,6 +684,19 @@ def test_multi_line_prompts(files, tmp_path, capsys):
     assert [json.loads(l)["prompt"] for l in out.splitlines()] == ["a\nb", "line one\nline two", "x\ny"]
 
 
+def test_several_samples_each_get_a_header_line(files, capsys):
+    code, out, _ = run(["sample", "--model", files / "sft", "--prompt", "the movie", "--prompt", "so i", "--n", 3,
+                        "--max-new-tokens", 3], capsys)
+    lines = out.splitlines()
+    headers = [l for l in lines if l.startswith("--- sample ")]
+    assert code == 0 and headers == [f"--- sample {k} of 3, prompt {p} of 2 ---" for p in (1, 2) for k in (1, 2, 3)]
+    for i, l in enumerate(lines):
+        if l in headers:
+            assert lines[i + 1].startswith("the movie" if "prompt 1" in l else "so i"), out
+    code, out, _ = run(["sample", "--model", files / "sft", "--prompt", "the movie", "--max-new-tokens", 3], capsys)
+    assert code == 0 and "---" not in out and out.startswith("the movie")
+
+
 def test_skipped_lines_are_counted_and_a_small_vocabulary_explained(files, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     good = (files / "prefs.jsonl").read_text().splitlines()
