@@ -252,30 +252,13 @@ class BPETokenizer:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """Text of ``ids`` (a list, tuple or 1-D integer array); special tokens dropped by default.
-
-        The whole sequence is decoded at once, so a character whose bytes span several tokens
-        comes out whole. Bytes that form no UTF-8 character (a byte-level model can sample any
-        byte, and one trained on ASCII text sometimes does; a sample cut by its token limit can
-        end inside a character) appear as ``\\xNN`` escapes, naming the bytes the model produced,
-        instead of the library's U+FFFD, which names none."""
+        """Text of ``ids`` (a list, tuple or 1-D integer array); special tokens dropped by default."""
         ids = [int(i) for i in ids]
         n = self.vocab_size
         bad = [i for i in ids if not 0 <= i < n]
         if bad:
             raise ValueError(f"token ids out of range [0, {n}): {bad[:10]}")
-        text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-        if "\ufffd" not in text or not isinstance(self._tok.decoder, decoders.ByteLevel):
-            return text
-        added = self._tok.get_added_tokens_decoder()  # {id: AddedToken}: whole strings, not byte symbols
-        raw = bytearray()
-        for i in ids:
-            if i in added:
-                if not (skip_special_tokens and added[i].special):
-                    raw += added[i].content.encode("utf-8")
-            else:
-                raw += bytes(_BYTE_OF_SYMBOL[c] for c in self._tok.id_to_token(i))
-        return raw.decode("utf-8", errors="backslashreplace")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -336,17 +319,6 @@ def read_tokenizer_files(directory: Path) -> Tokenizer | None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return tok
-
-
-def _byte_symbols() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, symbol -> byte: printable bytes stand for themselves, the
-    other 68 are shifted to code points 256 and up (the ByteLevel pre-tokenizer's mapping)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
-    shifted = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(shifted)}}
-
-
-_BYTE_OF_SYMBOL = _byte_symbols()
 
 
 def read_special_names(directory: Path) -> dict:
