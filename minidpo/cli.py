@@ -465,6 +465,7 @@ def cmd_sample(args) -> int:
 
     from .backend import get_backend
     from .evaluate import sample_continuations
+    from .tokenizer import UNDECODABLE_NOTE
 
     backend = get_backend(args.device)
     prompts = [unescape_prompt(p) for p in (args.prompt or [])]
@@ -491,6 +492,8 @@ def cmd_sample(args) -> int:
             print(f"--- sample {k % args.n + 1} of {args.n}" + (f", prompt {k // args.n + 1} of {len(prompts)}"
                                                                if len(prompts) > 1 else "") + " ---")
         print(f"{p}{t}")
+    if any("\ufffd" in t for t in s.texts):
+        print(f"note: {UNDECODABLE_NOTE}", file=sys.stderr)
     return EXIT_OK
 
 

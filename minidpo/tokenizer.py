@@ -44,6 +44,10 @@ DEFAULT_PAD = "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+# what a U+FFFD in a sample means, said wherever samples are shown
+UNDECODABLE_NOTE = ("\ufffd (U+FFFD) marks bytes the model sampled that form no UTF-8 character: a byte-level model "
+                    "can emit any byte, and a small one trained on ASCII text sometimes does (each sample is decoded "
+                    "whole, so no character is split between tokens)")
 # the largest vocabulary train() asks for: `tokenizers` allocates about 71 bytes per requested
 # token before it starts (1e9 asked for 71 GB and aborted the process); GPT-2 has 50,257 tokens
 MAX_VOCAB_SIZE = 2**20
@@ -252,7 +256,12 @@ class BPETokenizer:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """Text of ``ids`` (a list, tuple or 1-D integer array); special tokens dropped by default."""
+        """Text of ``ids`` (a list, tuple or 1-D integer array); special tokens dropped by default.
+
+        The whole sequence is decoded at once, so a character whose bytes span several tokens
+        comes out whole. A U+FFFD in the text stands for bytes that form no UTF-8 character
+        (:data:`UNDECODABLE_NOTE`); it is kept rather than escaped because sampled texts are
+        tokenized again (preference pairs), and the text must stay what the library decodes."""
         ids = [int(i) for i in ids]
         n = self.vocab_size
         bad = [i for i in ids if not 0 <= i < n]

@@ -745,7 +745,7 @@ def _evaluate(L: _Loop, eval_fn: Callable, bar) -> None:
     rec = {"stage": L.stage, "step": L.step, **eval_fn(L.params)}
     _write_record(L, rec)
     if L.step > 0 and L.comm.rank == 0:
-        bar.write(f"[{L.stage} step {L.step}] " + "  ".join(
+        bar.write(f"[{L.stage} step {L.step}] held-out " + "  ".join(
             f"{k[5:]}={v:.4f}" for k, v in rec.items() if k.startswith("eval/")))
 
 

@@ -697,6 +697,27 @@ def test_several_samples_each_get_a_header_line(files, capsys):
     assert code == 0 and "---" not in out and out.startswith("the movie")
 
 
+def test_a_sample_with_undecodable_bytes_says_what_they_are(files, capsys, monkeypatch):
+    import minidpo.evaluate as E
+    from minidpo.tokenizer import UNDECODABLE_NOTE
+
+    real = E.sample_continuations
+
+    def with_a_stray_byte(*a, **kw):  # what a model sampling the lone byte 0xC3 gives
+        s = real(*a, **kw)
+        s.texts[0] += "\ufffd"
+        return s
+
+    monkeypatch.setattr(E, "sample_continuations", with_a_stray_byte)
+    code, out, err = run(["sample", "--model", files / "sft", "--prompt", "the movie", "--max-new-tokens", 2], capsys)
+    assert code == 0 and "\ufffd" in out and err == f"note: {UNDECODABLE_NOTE}\n"
+    assert "form no UTF-8 character" in UNDECODABLE_NOTE
+    monkeypatch.setattr(E, "sample_continuations", real)
+    code, out, err = run(["sample", "--model", files / "sft", "--prompt", "the movie", "--max-new-tokens", 2, "--greedy"],
+                         capsys)
+    assert code == 0 and ("\ufffd" in out) == ("note:" in err)
+
+
 def test_skipped_lines_are_counted_and_a_small_vocabulary_explained(files, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     good = (files / "prefs.jsonl").read_text().splitlines()
