@@ -56,7 +56,7 @@ from minidpo.plots import plot_reward_vs_kl, plot_training_curves
 from minidpo.tasks import sentiment
 from minidpo.tokenizer import UNDECODABLE_NOTE, BPETokenizer
 from minidpo.scoring import batched_sequence_logps
-from minidpo.train import (RunFolderError, TrainConfig, evaluate_preferences, fingerprint, interrupt_hook,
+from minidpo.train import (TrainConfig, check_run_options, evaluate_preferences, fingerprint, interrupt_hook,
                            read_metrics, run_lock, train_dpo, train_sft)
 
 # Two sizes of the same experiment. "default" is sized for a 2-core CPU in under 10 minutes.
@@ -74,6 +74,9 @@ PRESETS = {
 # values stops (new --out, or --overwrite). --dpo-steps may grow (DPO's constant schedule resumes),
 # and each --beta/--betas value is its own dpo_beta*/ folder, so neither is in this list.
 RESULT_OPTIONS = ("quick", "seed", "loss", "label_smoothing", "pair_mode", "bt_temperature", "n_samples", "sft_steps")
+# what this script writes in --out (fnmatch patterns): all that --overwrite removes
+OUTPUTS = ("sft", "dpo_beta*", "tokenizer.json", "tokenizer_config.json", "pairs_train.jsonl", "pairs_eval.jsonl",
+           "pairs.json", "summary.json", "training_curves.png", "reward_vs_kl.png")
 
 
 def parse_args(argv=None):
@@ -162,36 +165,6 @@ def main(argv=None) -> dict | None:
     return run(args)
 
 
-def check_run_options(out: Path, args) -> None:
-    """--out/run.json records the options that change the result; a re-run with other values
-    stops here, naming them, before anything is written."""
-    now = {k: getattr(args, k) for k in RESULT_OPTIONS}
-    path = out / "run.json"
-    if not path.exists() and (out / "tokenizer.json").exists() and not args.overwrite:
-        raise RunFolderError(f"{out} holds a run without run.json (its options are unknown); "
-                             f"use another --out, or --overwrite to discard it")
-    if path.exists() and not args.overwrite:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {now[k]!r} now" for k in now if saved.get(k) != now[k]]
-        if diffs:
-            raise RunFolderError(f"{out} holds a run made with other options ({'; '.join(diffs)}); "
-                                 f"use another --out, or --overwrite to discard it")
-    elif path.exists() or (args.overwrite and out.exists()):
-        import shutil
-
-        for child in out.iterdir():  # --overwrite: only what this script writes
-            if child.name.startswith(("sft", "dpo_beta")) and child.is_dir():
-                shutil.rmtree(child)
-            elif child.name in ("tokenizer.json", "tokenizer_config.json", "pairs_train.jsonl", "pairs_eval.jsonl",
-                                "pairs.json", "summary.json", "training_curves.png", "reward_vs_kl.png", "run.json"):
-                child.unlink()
-    if not path.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "run.json.tmp"
-        tmp.write_text(json.dumps(now, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
-
-
 def build_pairs(out: Path, args, cfg, reference, mcfg, tokenizer, reward_fn, prompts_by_split, gen_kw, comm):
     """Preference pairs sampled from pi_ref and labelled by the ground-truth reward, both splits.
 
@@ -258,7 +231,7 @@ def run(args) -> dict | None:
 
         def claim_folder():  # rank 0 alone: the lock (held to the end), then run.json's check or write
             held.enter_context(run_lock(out))
-            check_run_options(out, args)
+            check_run_options(out, {k: getattr(args, k) for k in RESULT_OPTIONS}, args.overwrite, OUTPUTS)
 
         distributed.on_rank0(comm, claim_folder)
         return _run(args, cfg, betas, out, backend, comm)

@@ -522,6 +522,38 @@ def check_run_folder(out_dir: str | Path, stage: str, model_config: GPTConfig, t
     return step
 
 
+def check_run_options(out_dir: str | Path, options: dict, overwrite: bool, owned: Sequence[str]) -> None:
+    """A script's run folder (examples/train_tiny.py, frontier.py): ``out_dir/run.json`` records
+    the options that change its results. A re-run with other values raises RunFolderError naming
+    each, before anything is written; so does a folder holding the script's outputs (the entries
+    matching a pattern of ``owned``, fnmatch style) but no run.json. ``overwrite`` removes those
+    outputs and run.json first. Writes run.json when absent."""
+    import fnmatch
+
+    out_dir, path = Path(out_dir), Path(out_dir) / "run.json"
+    outputs = [c for c in out_dir.iterdir() if any(fnmatch.fnmatch(c.name, p) for p in owned)] if out_dir.is_dir() else []
+    if not overwrite and path.exists():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as err:
+            raise RunFolderError(f"{path}: corrupt JSON ({err}); use another --out, or --overwrite") from None
+        diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {v!r} now" for k, v in options.items() if saved.get(k) != v]
+        if diffs:
+            raise RunFolderError(f"{out_dir} holds a run made with other options ({'; '.join(diffs)}); "
+                                 f"use another --out, or --overwrite to discard it")
+        return
+    if not overwrite and outputs:
+        raise RunFolderError(f"{out_dir} holds a run without run.json (its options are unknown); "
+                             f"use another --out, or --overwrite to discard it")
+    for child in outputs + ([path] if path.exists() else []):  # --overwrite: only what the script writes
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(options, indent=2) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # the loop shared by both stages, in small pieces
 # ---------------------------------------------------------------------------------------------
