@@ -662,13 +662,14 @@ def test_eval_and_dpo_score_ipo_by_one_rule(files, tmp_path, capsys):
     np.testing.assert_allclose(m["loss"], last["eval/loss"], rtol=1e-6)
 
 
-def test_adam_betas_reach_the_optimizer(files, tmp_path, capsys):
+def test_adam_betas_and_weight_decay_reach_the_optimizer(files, tmp_path, capsys):
+    # neither the CLI's defaults (0.9,0.95; 0) nor AdamW's (0.9,0.999; 0): dropping an option shows
     code, _, _ = run(["dpo", "--data", files / "prefs.jsonl", "--ref", files / "sft", "--out", tmp_path / "d",
-                      "--adam-betas", "0.9,0.999", *TRAIN], capsys)
+                      "--adam-betas", "0.8,0.99", "--weight-decay", "0.05", *TRAIN], capsys)
     assert code == 0
     state = json.loads((tmp_path / "d" / "checkpoint" / "trainer_state.json").read_text())
-    assert state["config"]["train"]["adam_betas"] == [0.9, 0.999]
-    assert (state["optimizer"]["beta1"], state["optimizer"]["beta2"]) == (0.9, 0.999)
+    assert state["config"]["train"]["adam_betas"] == [0.8, 0.99] and state["config"]["train"]["weight_decay"] == 0.05
+    assert (state["optimizer"]["beta1"], state["optimizer"]["beta2"], state["optimizer"]["weight_decay"]) == (0.8, 0.99, 0.05)
 
 
 def test_multi_line_prompts(files, tmp_path, capsys):
