@@ -16,15 +16,17 @@ Run folders (--out of sft/dpo): re-running the same command resumes from its che
 ("resuming at step N of M"); a finished run says "already complete at step N"; more --steps
 extend a run (constant schedule); any other changed option, data file, tokenizer or model
 stops with the differences named: use a new --out, or --overwrite to discard the old run.
-Ctrl-C saves a checkpoint and exits with status 130.
+Ctrl-C saves a checkpoint and exits with status 130. A model is used only with the tokenizer
+its run recorded.
 
 Data parallel: ``mpiexec -n K minidpo sft|dpo ...`` splits every batch over K processes (CPU, MPI)
 or K GPUs (--device cuda, NCCL); --zero1 shards the optimizer state. Needs ``pip install -e ".[mpi]"``.
-Rank 0 alone writes the run folder and prints; an error during training stops every rank with
-one line and exit status 1.
+Rank 0 alone writes the run folder and prints; an error (in reading the inputs or in training)
+stops every rank with one line and exit status 1, a Ctrl-C with status 130.
 
 Exit status: 0 done (or already complete); 1 an error (bad data, model, checkpoint, run folder,
-file or disk; one line "minidpo: error: ..."); 2 a bad command line or option value; 3 training
+file, disk, device or memory; one line "minidpo: error: ..."); 2 a bad command line or option
+value (one line with a pointer to --help, and "did you mean" for a misspelt option); 3 training
 stopped on a non-finite loss, gradient or parameter (the last good checkpoint is kept; for
 `verify`: 1 a property failed, 3 the loss's framework is not installed); 130 interrupted (Ctrl-C; during training a checkpoint is saved first); 141 the output pipe was
 closed (e.g. piped into head).
