@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minidpo.backend import DeviceError, get_backend, parse_device, to_numpy
+from minidpo.backend import DeviceError, get_backend, parse_device
 from minidpo.baselines import (
     best_of_n_kl,
     best_of_n_select,
@@ -312,8 +312,8 @@ def _run(args, preset: str, cfg: dict, out: Path) -> dict | None:
 
     def sampler(params):
         def sample_fn(prompts, n):
-            s = sample_continuations(params, mcfg, tokenizer, prompts, n, rng=rng, on_batch=lambda: interrupt_hook("pairs"),
-                                     **gen_kw)
+            s = sample_continuations(params, mcfg, tokenizer, prompts, n, rng=rng,
+                                     on_batch=lambda: interrupt_hook("pairs"), **gen_kw)
             return [s.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
         return sample_fn
 

@@ -506,7 +506,8 @@ def verify_optimizer_state(ck: Checkpoint, params: dict, scalars: dict) -> None:
         if not bool(xp.isfinite(a).all()):
             raise CheckpointError(f"{tensor_file}: tensor {k} holds non-finite values (NaN or inf)")
         if k.startswith("v.") and bool((a < 0).any()):
-            raise CheckpointError(f"{tensor_file}: tensor {k} holds negative values (a second moment is a mean of squares)")
+            raise CheckpointError(f"{tensor_file}: tensor {k} holds negative values (a second moment is a mean "
+                                  f"of squares)")
 
 
 def has_checkpoint(path: str | os.PathLike) -> bool:
@@ -520,5 +521,6 @@ def has_checkpoint(path: str | os.PathLike) -> bool:
 __all__ = [
     "Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "has_checkpoint", "atomic_write_text",
     "write_safetensors",
-    "read_checkpoint_state", "verify_params", "verify_optimizer_state", "is_integer", "is_number", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE",
+    "read_checkpoint_state", "verify_params", "verify_optimizer_state", "is_integer", "is_number", "MODEL_FILE",
+    "OPTIMIZER_FILE", "STATE_FILE",
 ]

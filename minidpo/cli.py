@@ -87,7 +87,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return fingerprint(tokenizer.backend_tokenizer.to_str())
 
 
-def same_tokenizer(policy, reference, policy_path, reference_path) -> None:
+def _same_tokenizer(policy, reference, policy_path, reference_path) -> None:
     """Refuse a policy and a reference read with different tokenizers: token ids would mean
     different text, and every log-prob ratio would compare unrelated sequences."""
     a, b = tokenizer_fingerprint(policy), tokenizer_fingerprint(reference)
@@ -290,10 +290,10 @@ def _keep_a_models_tokenizer(out: Path, new) -> None:
     folder = file.parent
     if not file.is_file() or (_checkpoint_dir(folder) is None and not is_pretrained_dir(folder)):
         return
-    old, new = tokenizer_fingerprint(find_tokenizer(file)[0]), tokenizer_fingerprint(new)
-    if old != new:
-        _die(f"--out {out}: {file} belongs to the model in {folder} (tokenizer fingerprint {old}); the new tokenizer "
-             f"(fingerprint {new}) would not match its weights: choose another --out")
+    theirs, ours = tokenizer_fingerprint(find_tokenizer(file)[0]), tokenizer_fingerprint(new)
+    if theirs != ours:
+        _die(f"--out {out}: {file} belongs to the model in {folder} (tokenizer fingerprint {theirs}); the new tokenizer "
+             f"(fingerprint {ours}) would not match its weights: choose another --out")
 
 
 def cmd_sft(args) -> int:
@@ -390,7 +390,7 @@ def cmd_dpo(args) -> int:
         reference, config, tokenizer = load_model(ref_path, backend)
         if args.policy:
             policy, pconfig, ptokenizer = load_model(args.policy, backend)
-            same_tokenizer(ptokenizer, tokenizer, args.policy, ref_path)
+            _same_tokenizer(ptokenizer, tokenizer, args.policy, ref_path)
             if pconfig != config:
                 _die("--policy and --ref have different model configs")
             start = f"policy {fingerprint(policy)}"
@@ -510,7 +510,7 @@ def cmd_eval(args) -> int:
                      eval_batch_size=args.batch_size, share_prompt=not args.no_share_prompt, pack=not args.no_pack)
     policy, config, tokenizer = load_model(args.policy, backend)
     reference, rconfig, rtokenizer = load_model(args.ref, backend)
-    same_tokenizer(tokenizer, rtokenizer, args.policy, args.ref)
+    _same_tokenizer(tokenizer, rtokenizer, args.policy, args.ref)
     if rconfig != config:
         _die("--policy and --ref have different model configs")
     pairs = _preference_pairs(args.data, tokenizer, config, args)

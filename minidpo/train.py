@@ -69,8 +69,8 @@ import numpy as np
 
 from . import fast
 from .backend import Backend, get_array_module, get_backend, to_numpy
-from .checkpoint import (CheckpointError, atomic_write_text, has_checkpoint, is_integer, is_number, load_checkpoint,
-                         read_checkpoint_state, save_checkpoint, verify_optimizer_state, verify_params)
+from .checkpoint import (STATE_FILE, CheckpointError, atomic_write_text, has_checkpoint, is_integer, is_number,
+                         load_checkpoint, read_checkpoint_state, save_checkpoint, verify_optimizer_state, verify_params)
 from .data import check_token_ids, collate_preferences, collate_sft
 from .distributed import (SingleProcess, all_reduce_step, collective, local_shard, make_optimizer, on_rank0,
                           shard_range)
@@ -531,13 +531,14 @@ def check_run_options(out_dir: str | Path, options: dict, overwrite: bool, owned
     import fnmatch
 
     out_dir, path = Path(out_dir), Path(out_dir) / "run.json"
-    outputs = [c for c in out_dir.iterdir() if any(fnmatch.fnmatch(c.name, p) for p in owned)] if out_dir.is_dir() else []
+    outputs = [c for c in (out_dir.iterdir() if out_dir.is_dir() else []) if any(fnmatch.fnmatch(c.name, p) for p in owned)]
     if not overwrite and path.exists():
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, RecursionError) as err:
             raise RunFolderError(f"{path}: corrupt JSON ({err}); use another --out, or --overwrite") from None
-        diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {v!r} now" for k, v in options.items() if saved.get(k) != v]
+        diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {v!r} now"
+                 for k, v in options.items() if saved.get(k) != v]
         if diffs:
             raise RunFolderError(f"{out_dir} holds a run made with other options ({'; '.join(diffs)}); "
                                  f"use another --out, or --overwrite to discard it")
@@ -688,11 +689,12 @@ def _verify_loop_state(ck) -> None:
     """The loop's own entries of a checkpoint, checked before they are restored: its step within
     the steps the run planned, the elapsed time a number, the logging sums numbers over a count.
     CheckpointError naming trainer_state.json and the key."""
-    where = ck.path / "trainer_state.json"
+    where = ck.path / STATE_FILE
     train = ck.config.get("train")
     planned = train.get("steps") if isinstance(train, dict) else None
     if is_integer(planned) and ck.step > planned:
-        raise CheckpointError(f"{where}: 'step' is {ck.step}, beyond the {planned} steps the run planned ('train.steps')")
+        raise CheckpointError(f"{where}: 'step' is {ck.step}, beyond the {planned} steps the run planned "
+                              f"('train.steps')")
     elapsed, acc = ck.extra.get("elapsed_s", 0.0), ck.extra.get("log_accumulator", {})
     if not (is_number(elapsed) and elapsed >= 0):
         raise CheckpointError(f"{where}: 'extra.elapsed_s' must be a number >= 0, got {elapsed!r}")
