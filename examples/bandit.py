@@ -121,14 +121,16 @@ def train_on_expectation(W, log_pi_ref, beta: float, steps: int, lr: float):
     return log_softmax(theta), losses
 
 
-def compare(name: str, log_pi, reward, log_pi_ref, beta: float, log_pi_opt, log_Z) -> dict:
-    """Print the learned policy against eq. (4) and the implicit reward against r, return the gaps."""
+def compare(name: str, training: str, log_pi, reward, log_pi_ref, beta: float, log_pi_opt, log_Z) -> dict:
+    """Print, under a header naming the mode, how training went (``training``: one line), the
+    learned policy against eq. (4) and the implicit reward against r; return the gaps."""
     r_hat = reward_from_policy(log_pi, log_pi_ref, beta)  # (X, Y) eq. (8)
     shift = (reward - r_hat).mean(axis=1)  # (X,) the per-prompt shift; eq. (5) says beta log Z(x)
     reward_gap = float(np.abs(reward - r_hat - shift[:, None]).max())
     policy_gap = float(np.abs(log_pi - log_pi_opt).max())
     X, Y = reward.shape
     print(f"\n== {name} ==")
+    print(training)
     for xi in range(X):
         print(f" prompt {xi}:  shift r - r_hat = {shift[xi]:+.4f}   beta log Z(x) = {beta * log_Z[xi]:+.4f}")
         print("   y   r(x,y)  r_hat+shift   log pi_r (eq.4)   log pi (learned)")
@@ -146,11 +148,9 @@ def compare(name: str, log_pi, reward, log_pi_ref, beta: float, log_pi_opt, log_
 
 
 def plot(path: str, results: dict, reward, log_pi_opt) -> None:
-    import matplotlib
+    from minidpo.plots import _pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.5))
     markers = {"sampled": ("o", "tab:blue"), "exact": ("x", "tab:red")}
     r_centred = reward - reward.mean(axis=1, keepdims=True)
@@ -171,8 +171,7 @@ def plot(path: str, results: dict, reward, log_pi_opt) -> None:
     ax2.set_title("implicit reward vs true reward")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     print(f"\nplot written to {path}")
 
 
@@ -208,14 +207,17 @@ def main(argv=None) -> dict:
         x, chosen, rejected = sample_preferences(rng, reward, args.pairs)
         W_emp = empirical_weights(x, chosen, rejected, reward.shape)
         log_pi, losses = train_on_samples(x, chosen, rejected, log_pi_ref, beta, args.steps, step_size(W_emp, beta))
-        print(f"\nsampled: {args.pairs} pairs, loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps")
-        results["sampled"] = compare(f"sampled pairs (N={args.pairs})", log_pi, reward, log_pi_ref, beta, log_pi_opt, log_Z)
+        results["sampled"] = compare(f"sampled pairs (N={args.pairs})",
+                                     f" loss {losses[0]:.4f} -> {losses[-1]:.4f} in {args.steps} steps",
+                                     log_pi, reward, log_pi_ref, beta, log_pi_opt, log_Z)
     if args.mode in ("both", "exact"):
         W = preference_distribution(reward)  # (X, Y, Y) the Bradley-Terry pair distribution
         log_pi, losses = train_on_expectation(W, log_pi_ref, beta, args.steps, step_size(W, beta))
         loss_opt = float(expected_dpo_loss(log_pi_opt, log_pi_ref, W, beta)[0])
-        print(f"\nexact: expected loss {losses[0]:.6f} -> {losses[-1]:.6f} in {args.steps} steps (at eq. 4's optimum: {loss_opt:.6f})")
-        results["exact"] = compare("exact expected preferences", log_pi, reward, log_pi_ref, beta, log_pi_opt, log_Z)
+        results["exact"] = compare("exact expected preferences",
+                                   f" expected loss {losses[0]:.6f} -> {losses[-1]:.6f} in {args.steps} steps "
+                                   f"(at eq. 4's optimum: {loss_opt:.6f})",
+                                   log_pi, reward, log_pi_ref, beta, log_pi_opt, log_Z)
 
     print("\nsummary (max gaps):")
     for name, res in results.items():

@@ -1,7 +1,7 @@
 """The paper's sentiment frontier (Fig. 2, left), with its baselines, in miniature.
 
     python examples/frontier.py                    # the default grid, about 30 minutes on 2 CPU cores
-    python examples/frontier.py --quick            # the pipeline end to end, under 2 minutes
+    python examples/frontier.py --quick            # a smoke test of the pipeline, seconds (runs/frontier-quick)
     python examples/frontier.py --device cuda      # the same on a GPU
 
 One shared SFT model (pi_ref) and one shared preference set (pairs of SFT samples labelled by the
@@ -23,10 +23,19 @@ Every policy is evaluated on the same held-out prompts with the same sampling se
 ground-truth reward of its samples (standard error over samples) and KL(pi || pi_ref) estimated
 from them (standard error likewise; Best-of-N's KL is the analytic value, standard error 0).
 
-Output in --out (default runs/frontier): tokenizer.json, sft/, pairs_*.jsonl, reward_model/, one
-record per finished run in records/ (a re-run skips finished runs; an interrupted run is redone
-from its start), frontier.json (every run: method, setting, reward +- se, KL +- se, wall time) and
-frontier.png (every method's points with error bars and its upper frontier).
+Output in --out (default runs/frontier, runs/frontier-quick with --quick): run.json (the options),
+tokenizer.json, sft/, pairs_*.jsonl with pairs.json (the SFT model they were sampled from),
+reward_model/, one record per finished run in records/, frontier.json (every run: method,
+setting, reward +- se, KL +- se, wall time) and frontier.png (every method's points with error
+bars and its upper frontier).
+
+Re-running with the same --out resumes: the SFT model continues from its checkpoint, and a
+finished run is skipped. Each stage records what it was built from (the pairs the SFT model's
+fingerprint, the reward model and every record the SFT model's, the pairs' and the reward
+model's), and is rebuilt when that differs, so nothing built from an unfinished or replaced
+stage is kept. Ctrl-C exits with status 130 (in SFT after saving a checkpoint; an interrupted
+run is redone from its start) and runs nothing after it. Another --seed or --quick on an existing
+--out stops with the difference named (use another --out, or --overwrite).
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minidpo.backend import get_backend, to_numpy
+from minidpo.backend import DeviceError, get_backend, parse_device
 from minidpo.baselines import (
     best_of_n_kl,
     best_of_n_select,
@@ -50,7 +59,8 @@ from minidpo.baselines import (
     preferred_ft_step,
     unlikelihood_step,
 )
-from minidpo.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from minidpo.checkpoint import atomic_write_text, has_checkpoint, load_checkpoint, save_checkpoint
+from minidpo.cli import ArgumentParser
 from minidpo.data import PreferenceExample, TokenizedSFT, build_preference_dataset, build_sft_dataset
 from minidpo.evaluate import kl_from_samples, mean_and_stderr, sample_continuations
 from minidpo.model import GPTConfig, init_params, num_params
@@ -61,7 +71,8 @@ from minidpo.tasks import sentiment
 from minidpo.tokenizer import BPETokenizer
 from minidpo.packing import Batcher
 from minidpo.scoring import batched_sequence_logps
-from minidpo.train import TrainConfig, dpo_step, train_sft
+from minidpo.train import (TrainConfig, check_run_options, dpo_step, fingerprint, interrupt_hook, run_lock,
+                           train_sft)
 
 # Sizes. "default" fits in about 30 minutes on 2 shared CPU cores; "quick" in under 2 minutes.
 PRESETS = {
@@ -84,21 +95,45 @@ PRESETS = {
     ),
 }
 
+# options that change the results, recorded in --out/run.json; what this script writes in --out
+RESULT_OPTIONS = ("quick", "seed")
+OUTPUTS = ("tokenizer.json", "tokenizer_config.json", "sft", "pairs_train.jsonl", "pairs_eval.jsonl", "pairs.json",
+           "reward_model", "records", "frontier.json", "frontier.md", "frontier.png")
+SMOKE_TEST = ("quick preset: a smoke test of the pipeline on tiny data and a few steps; its numbers are not results "
+              "(run without --quick for those)")
+
 METHODS = ["SFT", "DPO", "Online DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood", "Best-of-N"]
 STYLE = {"SFT": ("gray", "s"), "DPO": ("C0", "o"), "Online DPO": ("C9", "D"), "PPO": ("C1", "^"),
          "PPO-GT": ("C3", "v"), "Preferred-FT": ("C2", "P"), "Unlikelihood": ("C4", "X"), "Best-of-N": ("C5", "*")}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="frontier.py", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda / cuda:N (CuPy)")
-    p.add_argument("--out", default="runs/frontier", help="output folder (re-use it to resume)")
-    p.add_argument("--quick", action="store_true", help="a tiny grid that finishes in under 2 minutes on CPU")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None,
+                   help="output folder (default runs/frontier, runs/frontier-quick with --quick); re-use it to resume")
+    p.add_argument("--overwrite", action="store_true", help="discard a run with other options already in --out")
+    p.add_argument("--quick", action="store_true", help="a smoke test: a tiny grid that finishes in seconds on CPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corpus, the models, the batches and the sampling")
     p.add_argument("--only", default=None, help="comma-separated methods to run (default: all), e.g. DPO,PPO")
     p.add_argument("--threads", type=int, default=1, help="CPU BLAS threads (0 = the library default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("threads", "seed"):
+        if getattr(args, name) < 0:
+            p.error(f"argument --{name}: must be >= 0, got {getattr(args, name)}")
+    try:
+        parse_device(args.device)
+    except ValueError as err:
+        p.error(f"argument --device: {err}")
+    only = {m.strip() for m in args.only.split(",")} if args.only else None
+    if only and not only <= set(METHODS):
+        p.error(f"argument --only: unknown methods {sorted(only - set(METHODS))}; known: {', '.join(METHODS)}")
+    args.only = only
+    if args.out is None:
+        args.out = str(Path("runs") / ("frontier-quick" if args.quick else "frontier"))
+    return args
 
 
 T_START = time.perf_counter()
@@ -110,12 +145,17 @@ def log(msg: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     """Atomic write: a half-written file never replaces a good one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def main(argv=None) -> dict:
+def seconds(s: float) -> str:
+    """A wall time in seconds for the log and the tables: '0.4' below 10 s (not '0'), '25' above."""
+    return f"{s:.1f}" if s < 10 else f"{s:.0f}"
+
+
+def main(argv=None) -> dict | None:
+    """Run the comparison; the summary dict, or None when an interrupt stopped SFT (a checkpoint
+    was saved: the same command resumes)."""
     args = parse_args(argv)
     if args.threads > 0:
         from threadpoolctl import threadpool_limits
@@ -179,7 +219,8 @@ def compare(records: list[dict], a: str, b: str) -> dict:
 
 
 def describe(c: dict) -> str:
-    return (f"{c['b']}'s {c['b_points']} points vs {c['a']}'s best at no more KL: {c['a']} higher at "
+    return (f"{c['b']}'s {c['b_points']} point{'s' if c['b_points'] != 1 else ''} vs {c['a']}'s best at no more KL: "
+            f"{c['a']} higher at "
             f"{c['a_higher']} ({c['a_higher_by_2se']} by > 2 s.e.), {c['b']} higher at {c['b_higher']} "
             f"({c['b_higher_by_2se']} by > 2 s.e.), no {c['a']} point at that little KL for "
             f"{c['no_a_point_at_that_kl']}")
@@ -188,7 +229,7 @@ def describe(c: dict) -> str:
 def plot_frontier(records: list[dict], out_png: Path, title: str) -> Path:
     """Every method's points (error bars: one standard error each way) and its upper frontier.
     The KL axis ends past the furthest DPO / PPO point; points beyond it are listed in a note."""
-    from minidpo.plots import _pyplot
+    from minidpo.plots import _pyplot, save_figure
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9.5, 5.5))
@@ -218,9 +259,7 @@ def plot_frontier(records: list[dict], out_png: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=90)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,17 +267,23 @@ def plot_frontier(records: list[dict], out_png: Path, title: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(args) -> dict:
+def run(args) -> dict | None:
     preset = "quick" if args.quick else "default"
     cfg = PRESETS[preset]
     out = Path(args.out)
+    with run_lock(out):  # one process at a time; run.json checked before anything is written
+        check_run_options(out, {k: getattr(args, k) for k in RESULT_OPTIONS}, args.overwrite, OUTPUTS)
+        return _run(args, preset, cfg, out)
+
+
+def _run(args, preset: str, cfg: dict, out: Path) -> dict | None:
     (out / "records").mkdir(parents=True, exist_ok=True)
     backend = get_backend(args.device)
-    only = set(m.strip() for m in args.only.split(",")) if args.only else None
-    if only and not only <= set(METHODS):
-        raise SystemExit(f"--only: unknown methods {sorted(only - set(METHODS))}; known: {', '.join(METHODS)}")
+    only = args.only
     progress = not args.no_progress
     log(f"sentiment frontier: preset={preset} device={backend.device} out={out}")
+    if args.quick:
+        log(SMOKE_TEST)
 
     # 1. corpus, tokenizer, SFT = pi_ref --------------------------------------------------------
     corpus = sentiment.sft_corpus(cfg["n_reviews"], seed=args.seed)
@@ -259,7 +304,9 @@ def run(args) -> dict:
     reference = init_params(mcfg, backend, seed=args.seed)
     log(f"[1/4] SFT: GPT-2 {mcfg.n_layer} layers x {mcfg.n_embd} channels ({num_params(reference):,} params), "
         f"{len(sft_items)} reviews, {sft_tc.steps} steps")
-    train_sft(reference, mcfg, sft_items, tokenizer.pad_id, sft_tc, out / "sft", backend=backend)
+    if train_sft(reference, mcfg, sft_items, tokenizer.pad_id, sft_tc, out / "sft", backend=backend).stopped_early:
+        return None  # nothing is built from an unfinished pi_ref
+    made_from = {"reference": fingerprint(reference)}  # what every later stage is built from, growing
 
     # 2. the shared preference set: SFT samples labelled by the ground truth ------------------
     rng = np.random.default_rng([args.seed, 4])
@@ -267,38 +314,50 @@ def run(args) -> dict:
 
     def sampler(params):
         def sample_fn(prompts, n):
-            s = sample_continuations(params, mcfg, tokenizer, prompts, n, rng=rng, **gen_kw)
+            s = sample_continuations(params, mcfg, tokenizer, prompts, n, rng=rng,
+                                     on_batch=lambda: interrupt_hook("pairs"), **gen_kw)
             return [s.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
         return sample_fn
 
     prompts_train = sentiment.make_prompts(cfg["n_train_prompts"], seed=args.seed + 1)
     prompts_eval = sentiment.make_prompts(cfg["n_eval_prompts"], seed=args.seed + 2)
-    pair_sets, raw_pairs = {}, {}
-    for split, prompts in (("train", prompts_train), ("eval", prompts_eval)):
-        path = out / f"pairs_{split}.jsonl"
-        if path.exists():
-            pairs = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-        else:
-            pairs, _ = sentiment.build_preference_pairs(prompts, sampler(reference), reward_fn, n_samples=2,
-                                                        mode="argmax", rng=rng)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-            tmp.replace(path)
-        examples = [PreferenceExample(p["prompt"], p["chosen"], p["rejected"], f"{path.name}:{i + 1}")
+    splits = {"train": prompts_train, "eval": prompts_eval}
+    paths = {split: out / f"pairs_{split}.jsonl" for split in splits}
+    meta = out / "pairs.json"  # written last: the pairs on disk are whole and sampled from this pi_ref
+    if meta.exists() and json.loads(meta.read_text(encoding="utf-8")) == made_from and all(
+            p.exists() for p in paths.values()):
+        raw_pairs = {split: [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+                     for split, path in paths.items()}
+    else:
+        if meta.exists():
+            log("    the pairs were sampled from another pi_ref: sampling them again")
+            meta.unlink()
+        raw_pairs = {}
+        for split, prompts in splits.items():
+            raw_pairs[split], _ = sentiment.build_preference_pairs(prompts, sampler(reference), reward_fn, n_samples=2,
+                                                                   mode="argmax", rng=rng)
+            atomic_write_text(paths[split], "".join(json.dumps(p) + "\n" for p in raw_pairs[split]))
+        write_json(meta, made_from)
+    pair_sets = {}
+    for split, pairs in raw_pairs.items():
+        examples = [PreferenceExample(p["prompt"], p["chosen"], p["rejected"], f"{paths[split].name}:{i + 1}")
                     for i, p in enumerate(pairs)]
         pair_sets[split], _ = build_preference_dataset(examples, tokenizer, max_length=mcfg.n_ctx,
                                                        max_prompt_length=mcfg.n_ctx // 2)
-        raw_pairs[split] = pairs
-        log(f"[2/4] {split}: {len(pair_sets[split])} preference pairs from {len(prompts)} prompts -> {path}")
+        log(f"[2/4] {'training' if split == 'train' else 'held-out'}: {len(pair_sets[split])} preference pairs from "
+            f"{len(splits[split])} prompts -> {paths[split]}")
     train_pairs = pair_sets["train"]
+    made_from["pairs"] = fingerprint(raw_pairs)
 
     # 3. the reward model (eq. 2) on the same pairs -------------------------------------------
     rm_dir = out / "reward_model"
-    if has_checkpoint(rm_dir):
-        ck = load_checkpoint(rm_dir, backend=backend)
+    ck = load_checkpoint(rm_dir, backend=backend) if has_checkpoint(rm_dir) else None
+    if ck is not None and ck.config.get("made_from") == made_from:
         rm = {k: backend.asarray(v) for k, v in ck.params.items()}
         rm_eval = ck.config["eval"]
     else:
+        if ck is not None:
+            log("    the reward model was trained on other pairs or from another pi_ref: training it again")
         t0 = time.perf_counter()
         rm = init_reward_model(reference, mcfg, seed=args.seed)
 
@@ -317,9 +376,12 @@ def run(args) -> dict:
         rm_eval = {"heldout_pair_accuracy": pair_accuracy(rw, rl), "heldout_pairs": len(ev),
                    "pearson_with_ground_truth": pearson(np.concatenate([rw, rl]), gt_all),
                    "train_steps": cfg["rm_steps"], "time_s": round(time.perf_counter() - t0, 1)}
-        save_checkpoint(rm_dir, rm, {"model": mcfg.to_dict(), "eval": rm_eval}, step=cfg["rm_steps"])
-    log(f"[3/4] reward model: held-out pair accuracy {rm_eval['heldout_pair_accuracy']:.3f}, "
-        f"Pearson r with the ground truth {rm_eval['pearson_with_ground_truth']:.3f}")
+        save_checkpoint(rm_dir, rm, {"model": mcfg.to_dict(), "eval": rm_eval, "made_from": made_from},
+                        step=cfg["rm_steps"])
+    log(f"[3/4] reward model: held-out pair accuracy {rm_eval['heldout_pair_accuracy']:.3f} on "
+        f"{rm_eval['heldout_pairs']} pairs, Pearson r with the ground truth {rm_eval['pearson_with_ground_truth']:.3f}"
+        + (" (quick preset: a smoke test)" if args.quick else ""))
+    made_from = dict(made_from, reward_model=fingerprint(rm))
 
     # 4. every method ----------------------------------------------------------------------------
     eval_seed = [args.seed, 5]
@@ -328,6 +390,7 @@ def run(args) -> dict:
     def evaluate_policy(policy) -> dict:
         samples = sample_continuations(policy, mcfg, tokenizer, prompts_eval, n_eval,
                                        rng=np.random.default_rng(eval_seed), **gen_kw)
+        interrupt_hook("evaluation")
         rewards = reward_fn([p + t for p, t in zip(samples.prompts, samples.texts)])
         kls = kl_from_samples(policy, reference, mcfg, samples, tokenizer.pad_id, backend=backend)
         r, r_se = mean_and_stderr(rewards)
@@ -443,28 +506,29 @@ def run(args) -> dict:
     for k, (method, setting, fn) in enumerate(jobs):
         name = f"{method}_{setting}".replace(" ", "").replace(",", "_").replace("=", "")
         path = out / "records" / f"{name}.json"
-        if path.exists():
-            rec = json.loads(path.read_text(encoding="utf-8"))
+        rec = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+        if rec is not None and rec.get("made_from") == made_from:
             log(f"[4/4] run {k + 1}/{len(jobs)} {method} {setting}: done before (skipped)")
         elif only and method not in only and method != "SFT":
-            continue  # not asked for this time; a record from an earlier run still counts
+            continue  # not asked for this time (a record of an earlier run with these inputs counts above)
         else:
-            log(f"[4/4] run {k + 1}/{len(jobs)} {method} {setting} ...")
+            log(f"[4/4] run {k + 1}/{len(jobs)} {method} {setting} ..."
+                + (" (its record was built from other inputs: run again)" if rec is not None else ""))
             t0 = time.perf_counter()
             policy, extra = fn()
             point = evaluate_policy(policy) if policy is not None else {}
             rec = {"method": method, "setting": setting, **point, **extra,
-                   "wall_s": round(time.perf_counter() - t0, 1)}
+                   "wall_s": round(time.perf_counter() - t0, 1), "made_from": made_from}
             write_json(path, rec)
         records.append(rec)
         log(f"    {method} {setting}: reward {rec['reward_mean']:+.3f} ± {rec['reward_se']:.3f}, "
-            f"KL {rec['kl']:.3f} ± {rec['kl_se']:.3f}  ({rec['wall_s']:.0f} s)")
+            f"KL {rec['kl']:.3f} ± {rec['kl_se']:.3f}  ({seconds(rec['wall_s'])} s)")
 
     summary = {
         "preset": preset, "device": backend.device, "model": mcfg.to_dict(), "n_params": num_params(reference),
         "n_pairs": {k: len(v) for k, v in pair_sets.items()}, "n_eval_prompts": len(prompts_eval),
         "n_eval_samples_per_prompt": n_eval, "reward_model": rm_eval, "settings": {k: v for k, v in cfg.items()},
-        "runs": [{k: v for k, v in r.items() if k not in ("rounds", "example")} for r in records],
+        "runs": [{k: v for k, v in r.items() if k not in ("rounds", "example", "made_from")} for r in records],
         "comparisons": [compare(records, "DPO", "PPO"), compare(records, "DPO", "PPO-GT"),
                         compare(records, "PPO", "DPO"), compare(records, "PPO-GT", "DPO"),
                         compare(records, "Online DPO", "PPO-GT"), compare(records, "Online DPO", "DPO")],
@@ -476,6 +540,8 @@ def run(args) -> dict:
     (out / "frontier.md").write_text(markdown_table(summary), encoding="utf-8")
     plot_frontier(records, out / "frontier.png",
                   f"Sentiment: reward vs KL ({preset} preset, {backend.device}, {len(prompts_eval)} held-out prompts)")
+    if args.quick:
+        log(SMOKE_TEST)
     print_table(records)
     for c in summary["comparisons"]:
         log(describe(c))
@@ -500,12 +566,13 @@ def machine() -> str:
 
 def markdown_table(summary: dict) -> str:
     """The figure's numbers as a Markdown table (reward and KL with one standard error)."""
-    lines = ["| method | setting | mean ground-truth reward | KL(pi \\|\\| pi_ref), nats | wall time, s |",
-             "|---|---|---|---|---|"]
+    lines = [f"> {SMOKE_TEST}", ""] if summary["preset"] == "quick" else []
+    lines += ["| method | setting | mean ground-truth reward | KL(pi \\|\\| pi_ref), nats | wall time, s |",
+              "|---|---|---|---|---|"]
     for r in summary["runs"]:
         kl = f"{r['kl']:.2f} (analytic)" if r.get("kl_note") else f"{r['kl']:.2f} ± {r['kl_se']:.2f}"
         lines.append(f"| {r['method']} | {r['setting']} | {r['reward_mean']:+.3f} ± {r['reward_se']:.3f} | {kl} "
-                     f"| {r['wall_s']:.0f} |")
+                     f"| {seconds(r['wall_s'])} |")
     rm = summary["reward_model"]
     lines += ["", f"Reward model: held-out pair accuracy {rm['heldout_pair_accuracy']:.3f} on {rm['heldout_pairs']} "
               f"pairs, Pearson r with the ground-truth reward {rm['pearson_with_ground_truth']:.3f}.", ""]
@@ -517,9 +584,15 @@ def print_table(records: list[dict]) -> None:
     log(f"{'method':14s} {'setting':24s} {'reward':>16s} {'KL':>16s} {'wall s':>7s}")
     for r in records:
         log(f"{r['method']:14s} {r['setting']:24s} {r['reward_mean']:+8.3f} ± {r['reward_se']:.3f} "
-            f"{r['kl']:8.3f} ± {r['kl_se']:.3f} {r['wall_s']:7.0f}")
+            f"{r['kl']:8.3f} ± {r['kl_se']:.3f} {seconds(r['wall_s']):>7s}")
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    try:
+        sys.exit(0 if main() is not None else 130)  # 130: interrupted in SFT, a checkpoint saved; re-run to resume
+    except KeyboardInterrupt:
+        print("interrupted (nothing half-written is kept); run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError, DeviceError) as err:  # RunFolderError, CheckpointError, disk errors, device
+        print(f"frontier.py: error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -46,17 +46,18 @@ from pathlib import Path
 import numpy as np
 
 from minidpo import distributed
-from minidpo.backend import get_backend
+from minidpo.backend import DeviceError, get_backend, parse_device
+from minidpo.cli import ArgumentParser, tokenizer_fingerprint
 from minidpo.data import PreferenceExample, build_preference_dataset, build_sft_dataset
 from minidpo.evaluate import kl_from_samples, mean_and_stderr, sample_continuations
 from minidpo.model import GPTConfig, init_params, num_params
 from minidpo.losses import LOSS_TABLE
 from minidpo.plots import plot_reward_vs_kl, plot_training_curves
 from minidpo.tasks import sentiment
-from minidpo.tokenizer import BPETokenizer
+from minidpo.tokenizer import UNDECODABLE_NOTE, BPETokenizer
 from minidpo.scoring import batched_sequence_logps
-from minidpo.train import (RunFolderError, TrainConfig, batcher_for, evaluate_preferences, fingerprint, interrupt_hook,
-                           read_metrics, run_lock, train_dpo, train_sft)
+from minidpo.train import (TrainConfig, batcher_for, check_run_options, evaluate_preferences, fingerprint,
+                           interrupt_hook, read_metrics, run_lock, train_dpo, train_sft)
 
 # Two sizes of the same experiment. "default" is sized for a 2-core CPU in under 10 minutes.
 PRESETS = {
@@ -73,11 +74,15 @@ PRESETS = {
 # values stops (new --out, or --overwrite). --dpo-steps may grow (DPO's constant schedule resumes),
 # and each --beta/--betas value is its own dpo_beta*/ folder, so neither is in this list.
 RESULT_OPTIONS = ("quick", "seed", "loss", "label_smoothing", "pair_mode", "bt_temperature", "n_samples", "sft_steps")
+# what this script writes in --out (fnmatch patterns): all that --overwrite removes
+OUTPUTS = ("sft", "dpo_beta*", "tokenizer.json", "tokenizer_config.json", "pairs_train.jsonl", "pairs_eval.jsonl",
+           "pairs.json", "summary.json", "training_curves.png", "reward_vs_kl.png")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = ArgumentParser(prog="train_tiny.py", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False)
     p.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda / cuda:N (CuPy)")
     p.add_argument("--out", default=None,
                    help="output folder (default: runs/tiny, plus the options that differ from the defaults, "
@@ -105,10 +110,14 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("--zero1", action="store_true", help="under mpiexec: shard the AdamW moments across the ranks")
     args = p.parse_args(argv)
-    for name in ("n_samples", "sft_steps", "dpo_steps"):
+    for name, lo in (("n_samples", 2), ("sft_steps", 1), ("dpo_steps", 1), ("threads", 0), ("seed", 0)):
         v = getattr(args, name)
-        if v is not None and v < (2 if name == "n_samples" else 1):
-            p.error(f"--{name.replace('_', '-')} must be >= {2 if name == 'n_samples' else 1}, got {v}")
+        if v is not None and v < lo:
+            p.error(f"argument --{name.replace('_', '-')}: must be >= {lo}, got {v}")
+    try:
+        parse_device(args.device)
+    except ValueError as err:
+        p.error(f"argument --device: {err}")
     betas = args.betas.split(",") if args.betas else [str(args.beta)]
     try:
         args.beta_list = [float(b) for b in betas]
@@ -154,36 +163,6 @@ def main(argv=None) -> dict | None:
         with runtime.use_threads(args.threads):  # the fast path's pool threads, the BLAS on one each
             return run(args)
     return run(args)
-
-
-def check_run_options(out: Path, args) -> None:
-    """--out/run.json records the options that change the result; a re-run with other values
-    stops here, naming them, before anything is written."""
-    now = {k: getattr(args, k) for k in RESULT_OPTIONS}
-    path = out / "run.json"
-    if not path.exists() and (out / "tokenizer.json").exists() and not args.overwrite:
-        raise RunFolderError(f"{out} holds a run without run.json (its options are unknown); "
-                             f"use another --out, or --overwrite to discard it")
-    if path.exists() and not args.overwrite:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {now[k]!r} now" for k in now if saved.get(k) != now[k]]
-        if diffs:
-            raise RunFolderError(f"{out} holds a run made with other options ({'; '.join(diffs)}); "
-                                 f"use another --out, or --overwrite to discard it")
-    elif path.exists() or (args.overwrite and out.exists()):
-        import shutil
-
-        for child in out.iterdir():  # --overwrite: only what this script writes
-            if child.name.startswith(("sft", "dpo_beta")) and child.is_dir():
-                shutil.rmtree(child)
-            elif child.name in ("tokenizer.json", "tokenizer_config.json", "pairs_train.jsonl", "pairs_eval.jsonl",
-                                "pairs.json", "summary.json", "training_curves.png", "reward_vs_kl.png", "run.json"):
-                child.unlink()
-    if not path.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "run.json.tmp"
-        tmp.write_text(json.dumps(now, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
 
 
 def build_pairs(out: Path, args, cfg, reference, mcfg, tokenizer, reward_fn, prompts_by_split, gen_kw, comm):
@@ -252,7 +231,7 @@ def run(args) -> dict | None:
 
         def claim_folder():  # rank 0 alone: the lock (held to the end), then run.json's check or write
             held.enter_context(run_lock(out))
-            check_run_options(out, args)
+            check_run_options(out, {k: getattr(args, k) for k in RESULT_OPTIONS}, args.overwrite, OUTPUTS)
 
         distributed.on_rank0(comm, claim_folder)
         return _run(args, cfg, betas, out, backend, comm)
@@ -298,8 +277,10 @@ def _run(args, cfg, betas, out, backend, comm) -> dict | None:
     log(f"[2/5] SFT of a GPT-2 ({mcfg.n_layer} layers, {mcfg.n_embd} channels, {num_params(reference):,} params) "
         f"on {len(sft_train)} reviews for {sft_tc.steps} steps")
     t0 = time.perf_counter()
+    tok_id = {"tokenizer": tokenizer_fingerprint(tokenizer)}  # checked when a stage's model is loaded (cli.load_model)
     res = train_sft(reference, mcfg, sft_train, tokenizer.pad_id, sft_tc, out / "sft", backend=backend,
-                    eval_items=sft_eval, inputs={"start": f"random init, seed {args.seed}"}, stale="rebuild", comm=comm)
+                    eval_items=sft_eval, inputs={"start": f"random init, seed {args.seed}", **tok_id}, stale="rebuild",
+                    comm=comm)
     if res.stopped_early:
         return None
     timings["sft_s"] = time.perf_counter() - t0
@@ -319,13 +300,33 @@ def _run(args, cfg, betas, out, backend, comm) -> dict | None:
         tokenized, pstats = build_preference_dataset(examples, tokenizer, max_length=mcfg.n_ctx,
                                                      max_prompt_length=mcfg.n_ctx // 2)
         pair_sets[split] = tokenized
-        log(f"[3/5] {split}: {len(tokenized)} preference pairs from {len(pairs)} labelled samples "
-            f"({pstats.n_dropped} dropped) -> {path}")
+        log(f"[3/5] {'training' if split == 'train' else 'held-out'}: {len(tokenized)} preference pairs from "
+            f"{len(pairs)} labelled samples ({pstats.n_dropped} dropped) -> {path}")
     timings["pairs_s"] = time.perf_counter() - t0
 
-    # 5. DPO for each beta, then evaluation on held-out prompts --------------------------------
+    # 4. DPO for each beta ----------------------------------------------------------------------
+    policies = {}
+    for beta in betas:
+        run_dir = out / f"dpo_beta{beta:g}"
+        tc = TrainConfig(steps=cfg["dpo_steps"], batch_size=cfg["dpo_batch"], lr=cfg["dpo_lr"], warmup_steps=10,
+                         schedule="constant", seed=args.seed, log_every=10, eval_every=max(cfg["dpo_steps"] // 5, 1),
+                         save_every=100, beta=beta, loss_type=args.loss,
+                         loss_options={"label_smoothing": args.label_smoothing} if args.label_smoothing else {},
+                         progress=show)
+        policy = {k: v.copy() for k, v in reference.items()}
+        log(f"[4/5] DPO beta={beta:g} loss={args.loss} on {len(pair_sets['train'])} pairs for {tc.steps} steps")
+        t0 = time.perf_counter()
+        res = train_dpo(policy, reference, mcfg, pair_sets["train"], tokenizer.pad_id, tc, run_dir, backend=backend,
+                        eval_pairs=pair_sets["eval"], inputs=tok_id, stale="rebuild", comm=comm)
+        if res.stopped_early:
+            return None
+        timings[f"dpo_beta{beta:g}_s"] = time.perf_counter() - t0
+        policies[beta] = (policy, tc, run_dir)
+
+    # 5. evaluation on held-out prompts: SFT, then each DPO policy ------------------------------
+    t0 = time.perf_counter()
     eval_rng_seed = [args.seed, 5]
-    log(f"[5/5] held-out evaluation: {len(prompts_eval) * 2} samples from the SFT model")
+    log(f"[5/5] held-out evaluation of SFT (pi_ref): {len(prompts_eval) * 2} samples")
     sft_samples = sample_continuations(reference, mcfg, tokenizer, prompts_eval, 2,
                                        rng=np.random.default_rng(eval_rng_seed),
                                        progress="sampling SFT" if show else None, **gen_kw)
@@ -338,22 +339,9 @@ def _run(args, cfg, betas, out, backend, comm) -> dict | None:
                "sft": {"reward_mean": sft_mean, "reward_se": sft_se, "n_samples": len(sft_rewards)}}
     runs = []
     curves = {}
-    for beta in betas:
-        run_dir = out / f"dpo_beta{beta:g}"
-        tc = TrainConfig(steps=cfg["dpo_steps"], batch_size=cfg["dpo_batch"], lr=cfg["dpo_lr"], warmup_steps=10,
-                         schedule="constant", seed=args.seed, log_every=10, eval_every=max(cfg["dpo_steps"] // 5, 1),
-                         save_every=100, beta=beta, loss_type=args.loss, progress=show,
-                         loss_options={"label_smoothing": args.label_smoothing} if args.label_smoothing else {})
-        policy = {k: v.copy() for k, v in reference.items()}
-        log(f"[4/5] DPO beta={beta:g} loss={args.loss} on {len(pair_sets['train'])} pairs for {tc.steps} steps")
-        t0 = time.perf_counter()
-        res = train_dpo(policy, reference, mcfg, pair_sets["train"], tokenizer.pad_id, tc, run_dir, backend=backend,
-                        eval_pairs=pair_sets["eval"], stale="rebuild", comm=comm)
-        if res.stopped_early:
-            return None
-        timings[f"dpo_beta{beta:g}_s"] = time.perf_counter() - t0
-
-        log(f"[5/5] held-out evaluation of DPO beta={beta:g}: samples, their reward, KL, implicit-reward accuracy")
+    for beta, (policy, tc, run_dir) in policies.items():
+        log(f"[5/5] held-out evaluation of DPO beta={beta:g}: {len(prompts_eval) * 2} samples, their reward, KL, "
+            f"implicit-reward accuracy on {len(pair_sets['eval'])} held-out pairs")
         samples = sample_continuations(policy, mcfg, tokenizer, prompts_eval, 2,
                                        rng=np.random.default_rng(eval_rng_seed),
                                        progress=f"sampling DPO beta={beta:g}" if show else None, **gen_kw)
@@ -373,6 +361,7 @@ def _run(args, cfg, betas, out, backend, comm) -> dict | None:
         if comm.rank == 0:
             curves[f"beta={beta:g}"] = read_metrics(run_dir / "metrics.jsonl")
             plot_training_curves(curves[f"beta={beta:g}"], run_dir / "training_curves.png", title=f"DPO, beta={beta:g}")
+    timings["evaluation_s"] = time.perf_counter() - t0
     summary["dpo"] = {k: v for k, v in runs[0].items() if k != "examples"}
     summary["sweep"] = [{k: v for k, v in r.items() if k != "examples"} for r in runs]
     summary["examples"] = runs[0]["examples"]
@@ -401,15 +390,17 @@ def print_report(s: dict) -> None:
     log(f"  {'mean ground-truth reward':28s}{s['sft']['reward_mean']:>+11.3f} ± {s['sft']['reward_se']:.3f}"
         f"{d['reward_mean']:>+15.3f} ± {d['reward_se']:.3f}")
     log(f"  {'KL(pi || pi_ref), nats':28s}{0.0:>18.3f}{d['kl']:>15.3f} ± {d['kl_se']:.3f}")
-    log(f"  {'implicit-reward accuracy':28s}{'':>18s}{d['accuracy']:>22.3f}")
+    log(f"  {'held-out pair accuracy':28s}{'':>18s}{d['accuracy']:>22.3f}   (implicit reward, eq. 8)")
     if len(s["sweep"]) > 1:
         log("\n  beta sweep (the reward-vs-KL frontier):")
         for r in s["sweep"]:
             log(f"    beta={r['beta']:<6g} reward {r['reward_mean']:+.3f} ± {r['reward_se']:.3f}   "
-                f"KL {r['kl']:.3f} ± {r['kl_se']:.3f}   accuracy {r['accuracy']:.3f}")
-    log("\n  examples (prompt | SFT continuation | DPO continuation):")
+                f"KL {r['kl']:.3f} ± {r['kl_se']:.3f}   held-out pair accuracy {r['accuracy']:.3f}")
+    log("\n  held-out examples (prompt | SFT continuation | DPO continuation):")
     for e in s["examples"]:
         log(f"    {e['prompt']!r}\n      SFT:{e['sft']}\n      DPO:{e['dpo']}")
+    if any("\ufffd" in e["sft"] + e["dpo"] for e in s["examples"]):
+        log(f"    ({UNDECODABLE_NOTE})")
     log(f"\n  total time {s['timings_s']['total_s']:.0f} s; summary.json, training_curves.png and reward_vs_kl.png written.")
 
 
@@ -419,6 +410,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("interrupted (nothing half-written is kept); run the same command again to resume", file=sys.stderr)
         sys.exit(130)
-    except (ValueError, OSError) as err:  # RunFolderError, CheckpointError, DataError, disk errors
+    except (ValueError, OSError, DeviceError) as err:  # RunFolderError, CheckpointError, DataError, disk, device
         print(f"train_tiny.py: error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -69,37 +69,44 @@ def scatter_add(target, indices, values) -> None:
     get_array_module(target).add.at(target, indices, values)  # numpy.add.at or cupy.add.at
 
 
+class DeviceError(RuntimeError):
+    """The device asked for cannot be used here (no CuPy, no driver, no such GPU); the message
+    says what to install or pass instead."""
+
+
 def _import_cupy():
     try:
         import cupy  # noqa: F401
-    except ImportError as err:  # the common case on a CPU-only machine
-        raise RuntimeError(f"device 'cuda' needs CuPy, which is not installed: {_CUDA_INSTALL_HINT}") from err
+    except ImportError:  # the common case on a CPU-only machine
+        raise DeviceError(f"device 'cuda' needs CuPy, which is not installed: {_CUDA_INSTALL_HINT}") from None
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as err:  # CuPy present but no driver / no GPU
-        raise RuntimeError(
+        raise DeviceError(
             f"device 'cuda' was asked for but CUDA is not usable here ({type(err).__name__}: {err}); "
             f"check the NVIDIA driver, or use --device cpu"
-        ) from err
+        ) from None
     if n == 0:
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
+        raise DeviceError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
     return cupy
 
 
 def parse_device(device: str) -> tuple[str, int]:
-    """'cpu' -> ('cpu', 0); 'cuda' -> ('cuda', 0); 'cuda:N' -> ('cuda', N). Anything else is an error."""
+    """'cpu' -> ('cpu', 0); 'cuda' -> ('cuda', 0); 'cuda:N' -> ('cuda', N). Anything else is a
+    ValueError (also 'gpu': one name for each device, never a guess)."""
     if not isinstance(device, str):
         raise TypeError(f"device must be a string like 'cpu' or 'cuda:0', got {device!r}")
     d = device.strip().lower()
     if d == "cpu":
         return "cpu", 0
-    if d == "cuda" or d == "gpu":
+    if d == "cuda":
         return "cuda", 0
     if d.startswith("cuda:"):
         idx = d[5:]
         if idx.isdigit():
             return "cuda", int(idx)
-    raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    hint = "; did you mean 'cuda'?" if d.startswith("gpu") else ""
+    raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'{hint}")
 
 
 def cuda_available() -> bool:
@@ -131,7 +138,7 @@ class Backend:
             cupy = _import_cupy()
             n = cupy.cuda.runtime.getDeviceCount()
             if index >= n:
-                raise ValueError(f"device 'cuda:{index}' asked for, but only {n} GPU(s) are visible")
+                raise DeviceError(f"device 'cuda:{index}' asked for, but only {n} GPU(s) are visible")
             cupy.cuda.Device(index).use()
             self.xp = cupy
             self.device = f"cuda:{index}"

@@ -5,6 +5,7 @@ A checkpoint is a directory:
     <path>/
       model.safetensors      the parameters, host NumPy copies, dtypes as given (float32 in training)
       optimizer.safetensors  the optimizer's array state ("m.<name>", "v.<name>"), when given
+                             (both files record the step in their metadata, checked on load)
       trainer_state.json     {"format", "version", "step", "config", "optimizer" (its scalars),
                               "extra", "tensors": {"model": [names], "optimizer": [names]}}
 
@@ -29,7 +30,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from .backend import get_array_module, get_backend, is_cuda_array, to_numpy
@@ -177,7 +180,9 @@ def atomic_directory(path: str | os.PathLike):
     Yields a sibling temporary directory to fill. On a normal exit its files and the directory
     are fsynced and it replaces ``path`` (the previous ``path`` moved aside to ``<path>.old``
     first and removed last); on an exception the temporary directory is removed and ``path`` is
-    left as it was. Used for checkpoints and for GPT-2 model directories alike.
+    left as it was, and an OSError (a full or read-only disk) is raised again naming ``path``
+    and the file being written, not the temporary directory. Used for checkpoints and for GPT-2
+    model directories alike.
     """
     path = Path(path)
     parent = path.parent
@@ -193,6 +198,10 @@ def atomic_directory(path: str | os.PathLike):
             if f.is_file():
                 _fsync_file(f)
         _fsync_dir(tmp)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = f" while writing {Path(err.filename).name}" if err.filename else ""
+        raise OSError(err.errno, f"{err.strerror or err}{what}", str(path)) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -212,6 +221,18 @@ def atomic_directory(path: str | os.PathLike):
     _fsync_dir(parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_safetensors(file: Path, tensors: dict, metadata: dict) -> None:
+    """``safetensors.numpy.save_file``, whose I/O failures (a full disk) arrive as a
+    SafetensorError: raised as the OSError they are ("... (os error 28)": ENOSPC), naming ``file``."""
+    try:
+        save_file(tensors, str(file), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(file)) from err
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -274,9 +295,10 @@ def save_checkpoint(
     json.dumps(state)  # fail here, not half-way, on anything the checks above missed
 
     with atomic_directory(path) as tmp:
-        save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": "np", "writer": FORMAT})
+        metadata = {"format": "np", "writer": FORMAT, "step": str(int(step))}
+        write_safetensors(tmp / MODEL_FILE, model_tensors, metadata)
         if opt_tensors is not None:
-            save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "np", "writer": FORMAT})
+            write_safetensors(tmp / OPTIMIZER_FILE, opt_tensors, metadata)
         _write_json(tmp / STATE_FILE, state)
     return path
 
@@ -284,13 +306,20 @@ def save_checkpoint(
 # ============================================================================ loading
 
 
-def _read_tensors(file: Path, expected: list[str] | None, what: str) -> dict[str, np.ndarray]:
+def _read_tensors(file: Path, expected: list[str] | None, what: str, step: int) -> dict[str, np.ndarray]:
+    """The tensors of ``file``; CheckpointError when one listed in ``expected`` is missing, or when
+    the step the file was saved at (its metadata, where recorded) is not trainer_state.json's ``step``."""
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint file missing: {file}")
     try:
         tensors = load_file(str(file))
+        with safe_open(str(file), framework="np") as f:
+            saved_at = (f.metadata() or {}).get("step")
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{file}: cannot read safetensors ({err})") from err
+    if saved_at is not None and saved_at != str(step):
+        raise CheckpointError(f"{file.parent / STATE_FILE}: 'step' is {step}, but {file.name} was saved at step "
+                              f"{saved_at}: the state and the {what} tensors are from different steps")
     if expected is not None:
         missing = [n for n in expected if n not in tensors]
         if missing:
@@ -314,8 +343,8 @@ def read_checkpoint_state(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"checkpoint file missing: {state_file}")
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{state_file}: corrupt JSON ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{state_file}: corrupt JSON ({err})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{state_file}: not a {FORMAT} file")
     if state.get("version") != VERSION:
@@ -324,7 +353,7 @@ def read_checkpoint_state(path: str | os.PathLike) -> dict:
         if key not in state:
             raise CheckpointError(f"{state_file}: missing key {key!r}")
     step, names = state["step"], state["tensors"]
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+    if not is_integer(step) or step < 0:
         raise CheckpointError(f"{state_file}: 'step' must be an integer >= 0, got {step!r}")
     if not isinstance(state["config"], dict):
         raise CheckpointError(f"{state_file}: 'config' must be an object, got {state['config']!r:.40}")
@@ -375,12 +404,12 @@ def load_checkpoint(path: str | os.PathLike, backend="cpu") -> Checkpoint:
     names = state["tensors"]
 
     be = get_backend(backend)
-    host = _read_tensors(path / MODEL_FILE, names.get("model"), "model")
+    host = _read_tensors(path / MODEL_FILE, names.get("model"), "model", state["step"])
     params = {k: be.asarray(v, dtype=v.dtype) for k, v in host.items()}
 
     optimizer_state = None
     if state.get("optimizer") is not None:
-        opt_host = _read_tensors(path / OPTIMIZER_FILE, names.get("optimizer"), "optimizer")
+        opt_host = _read_tensors(path / OPTIMIZER_FILE, names.get("optimizer"), "optimizer", state["step"])
         optimizer_state = {k: be.asarray(v, dtype=v.dtype) for k, v in opt_host.items()}
         optimizer_state.update(state["optimizer"])
 
@@ -427,6 +456,60 @@ def verify_params(params: dict, model_config, where, like: dict | None = None) -
             raise CheckpointError(f"{where}: tensor {k} holds non-finite values (NaN or inf)")
 
 
+def is_integer(v) -> bool:
+    """A JSON value that is an integer (not a boolean)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """A JSON value that is a finite number (not a boolean)."""
+    return (is_integer(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def verify_optimizer_state(ck: Checkpoint, params: dict, scalars: dict) -> None:
+    """Check the AdamW state of a checkpoint against the parameters it will update, before any of
+    it is restored: trainer_state.json's "optimizer" entry present, its "step" the checkpoint's
+    step and its other entries exactly the numbers in ``scalars`` (the run's lr, beta1, beta2, eps,
+    weight_decay); optimizer.safetensors holding exactly "m.<name>" and "v.<name>" for each
+    parameter, with the parameter's shape and dtype, m finite, v finite and >= 0. Raises
+    CheckpointError naming the file and the key: nothing is cast, reset or dropped silently."""
+    state_file, tensor_file = ck.path / STATE_FILE, ck.path / OPTIMIZER_FILE
+    opt = ck.optimizer_state
+    if opt is None:
+        raise CheckpointError(f"{state_file}: no 'optimizer' entry: AdamW's step and moments are missing (resuming "
+                              f"would restart them from zero)")
+    entries = {k: v for k, v in opt.items() if not _is_array(v)}  # from trainer_state.json
+    if not is_integer(entries.get("step")) or entries["step"] != ck.step:
+        raise CheckpointError(f"{state_file}: 'optimizer.step' is {entries.get('step')!r}, not the checkpoint's "
+                              f"'step' {ck.step}")
+    for k in sorted(set(entries) - {"step"} | set(scalars)):
+        v = entries.get(k)
+        if k not in scalars:
+            raise CheckpointError(f"{state_file}: unknown entry 'optimizer.{k}'")
+        if not is_number(v):
+            raise CheckpointError(f"{state_file}: 'optimizer.{k}' must be a number, got {v!r}")
+        if v != scalars[k]:
+            raise CheckpointError(f"{state_file}: 'optimizer.{k}' is {v!r}, this run's is {scalars[k]!r}")
+    tensors = {k: v for k, v in opt.items() if _is_array(v)}
+    want = {f"{c}.{n}": n for n in params for c in ("m", "v")}
+    missing, unknown = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or unknown:
+        raise CheckpointError(f"{tensor_file}: " + "; ".join(
+            ([f"missing {missing[:3]}" + (" ..." if len(missing) > 3 else "")] if missing else []) +
+            ([f"unknown {unknown[:3]}" + (" ..." if len(unknown) > 3 else "")] if unknown else [])))
+    for k, name in want.items():
+        a, p = tensors[k], params[name]
+        if tuple(a.shape) != tuple(p.shape) or a.dtype != p.dtype:
+            raise CheckpointError(f"{tensor_file}: tensor {k} is {a.dtype} {tuple(a.shape)}, its parameter "
+                                  f"{p.dtype} {tuple(p.shape)}")
+        xp = get_array_module(a)
+        if not bool(xp.isfinite(a).all()):
+            raise CheckpointError(f"{tensor_file}: tensor {k} holds non-finite values (NaN or inf)")
+        if k.startswith("v.") and bool((a < 0).any()):
+            raise CheckpointError(f"{tensor_file}: tensor {k} holds negative values (a second moment is a mean "
+                                  f"of squares)")
+
+
 def has_checkpoint(path: str | os.PathLike) -> bool:
     """True when :func:`load_checkpoint` would find a checkpoint at ``path``: its
     trainer_state.json exists, or an interrupted save left ``<path>.old`` holding one.
@@ -437,5 +520,7 @@ def has_checkpoint(path: str | os.PathLike) -> bool:
 
 __all__ = [
     "Checkpoint", "CheckpointError", "save_checkpoint", "load_checkpoint", "has_checkpoint", "atomic_write_text",
-    "read_checkpoint_state", "verify_params", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE",
+    "write_safetensors",
+    "read_checkpoint_state", "verify_params", "verify_optimizer_state", "is_integer", "is_number", "MODEL_FILE",
+    "OPTIMIZER_FILE", "STATE_FILE",
 ]

@@ -16,15 +16,17 @@ Run folders (--out of sft/dpo): re-running the same command resumes from its che
 ("resuming at step N of M"); a finished run says "already complete at step N"; more --steps
 extend a run (constant schedule); any other changed option, data file, tokenizer or model
 stops with the differences named: use a new --out, or --overwrite to discard the old run.
-Ctrl-C saves a checkpoint and exits with status 130.
+Ctrl-C saves a checkpoint and exits with status 130. A model is used only with the tokenizer
+its run recorded.
 
 Data parallel: ``mpiexec -n K minidpo sft|dpo ...`` splits every batch over K processes (CPU, MPI)
 or K GPUs (--device cuda, NCCL); --zero1 shards the optimizer state. Needs ``pip install -e ".[mpi]"``.
-Rank 0 alone writes the run folder and prints; an error during training stops every rank with
-one line and exit status 1.
+Rank 0 alone writes the run folder and prints; an error (in reading the inputs or in training)
+stops every rank with one line and exit status 1, a Ctrl-C with status 130.
 
 Exit status: 0 done (or already complete); 1 an error (bad data, model, checkpoint, run folder,
-file or disk; one line "minidpo: error: ..."); 2 a bad command line or option value; 3 training
+file, disk, device or memory; one line "minidpo: error: ..."); 2 a bad command line or option
+value (one line with a pointer to --help, and "did you mean" for a misspelt option); 3 training
 stopped on a non-finite loss, gradient or parameter (the last good checkpoint is kept; for
 `verify`: 1 a property failed, 3 the loss's framework is not installed); 130 interrupted (Ctrl-C; during training a checkpoint is saved first); 141 the output pipe was
 closed (e.g. piped into head).
@@ -66,19 +68,41 @@ def _die(msg: str):
     raise CLIError(msg)
 
 
-_RANK = 0  # under mpiexec (sft, dpo): this process's rank; rank 0 alone prints notes and shared errors
+_COMM = None  # under mpiexec (sft, dpo): this process's communicator; rank 0 alone prints notes and shared errors
+
+
+def _rank() -> int:
+    return _COMM.rank if _COMM is not None else 0
 
 
 # ------------------------------------------------------------------------------------------ models
 
 
 def find_tokenizer(path: Path):
+    """(the tokenizer beside a model in ``path``, the file it was read from: tokenizer.json, or
+    the folder holding GPT-2's vocab.json and merges.txt)."""
     from .tokenizer import BPETokenizer
 
     for cand in (path, path / "tokenizer.json", path.parent / "tokenizer.json"):
         if cand.is_file() or (cand.is_dir() and ((cand / "tokenizer.json").exists() or (cand / "vocab.json").exists())):
-            return BPETokenizer.load(cand)
+            return BPETokenizer.load(cand), (cand / "tokenizer.json" if (cand / "tokenizer.json").is_file() else cand)
     _die(f"{path}: no tokenizer.json found beside the model (pass --tokenizer)")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """The fingerprint a run folder records of its tokenizer (train.fingerprint of tokenizer.json's text)."""
+    from .train import fingerprint
+
+    return fingerprint(tokenizer.backend_tokenizer.to_str())
+
+
+def _same_tokenizer(policy, reference, policy_path, reference_path) -> None:
+    """Refuse a policy and a reference read with different tokenizers: token ids would mean
+    different text, and every log-prob ratio would compare unrelated sequences."""
+    a, b = tokenizer_fingerprint(policy), tokenizer_fingerprint(reference)
+    if a != b:
+        _die(f"--policy {policy_path} and --ref {reference_path} use different tokenizers (fingerprints {a} and {b}); "
+             f"a policy is scored against the reference it was trained from, with the same tokenizer")
 
 
 def _checkpoint_dir(path: Path) -> Path | None:
@@ -117,11 +141,35 @@ def load_model(path: str | Path, backend):
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{ck_dir}: no usable model config in trainer_state.json ({err})") from None
     verify_params(ck.params, config, ck_dir)
-    tokenizer = find_tokenizer(path if ck_dir != path else path.parent)
+    tokenizer, where = find_tokenizer(path if ck_dir != path else path.parent)
     if tokenizer.vocab_size > config.vocab_size:
         _die(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}; "
              f"they do not belong together")
+    inputs = ck.config.get("inputs")
+    recorded, now = inputs.get("tokenizer") if isinstance(inputs, dict) else None, tokenizer_fingerprint(tokenizer)
+    if recorded is not None and recorded != now:  # the run recorded the tokenizer it was trained with
+        _die(f"{where}: this tokenizer (fingerprint {now}) is not the one {path} was trained with (fingerprint "
+             f"{recorded} in {ck_dir / 'trainer_state.json'}); put that run's tokenizer.json back beside it")
     return ck.params, config, tokenizer
+
+
+def _check_fits(config, backend) -> None:
+    """Refuse a new model whose float32 weights, gradients and AdamW's two moments (16 bytes a
+    parameter, before any activation) exceed the device's memory, saying how much it would need."""
+    import math
+    import os
+
+    from .model import param_shapes
+
+    n = sum(math.prod(shape) for shape in param_shapes(config).values())
+    if backend.is_cuda:
+        have = backend.xp.cuda.runtime.memGetInfo()[1]
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 16 * n > have:
+        _die(f"a model of {n:,} parameters (n_layer {config.n_layer}, n_embd {config.n_embd}, n_ctx {config.n_ctx:,}, "
+             f"vocabulary {config.vocab_size:,}) needs {16 * n / 2**30:,.1f} GiB for its float32 weights, gradients "
+             f"and AdamW's two moments alone; {backend.device} has {have / 2**30:,.1f} GiB")
 
 
 def _unfinished(path: str | Path) -> tuple[int, int] | None:
@@ -171,13 +219,14 @@ def _loss_settings(args) -> dict:
     given = {name: getattr(args, name) for name in _loss_option_names() if getattr(args, name, None) is not None}
     for name, value in given.items():
         flag = f"--{name.replace('_', '-')}"
+        see = f" (see `minidpo {args.command} --help`)"
         if name not in row.options:
             takes = [n for n, r in LOSS_TABLE.items() if name in r.options]
-            raise UsageError(f"{flag} applies to --loss {' or '.join(takes)}, not {args.loss}")
+            raise UsageError(f"{flag} applies to --loss {' or '.join(takes)}, not {args.loss}{see}")
         try:
             row.options[name].check(flag, value, args.loss)
         except ValueError as err:
-            raise UsageError(str(err)) from None
+            raise UsageError(f"{err}{see}") from None
     return dict(loss_type=args.loss, loss_options=given, reference_free=args.reference_free,
                 average_logps=True if args.average_logps else None)
 
@@ -191,15 +240,14 @@ def _loss_option_names() -> list[str]:
 
 def _communicator(args):
     """SingleProcess, or the MPI/NCCL communicator when started by ``mpiexec -n K`` (distributed.py)."""
-    global _RANK
+    global _COMM
     from .distributed import from_environment
 
     try:
-        comm = from_environment(args.device, zero1=args.zero1)
+        _COMM = from_environment(args.device, zero1=args.zero1)
     except (RuntimeError, ValueError) as err:
         _die(str(err))
-    _RANK = comm.rank
-    return comm
+    return _COMM
 
 
 def _save_tokenizer(tokenizer, out: Path) -> None:
@@ -213,21 +261,26 @@ def _save_tokenizer(tokenizer, out: Path) -> None:
 
 
 def _note_skipped(data, path) -> None:
-    if getattr(data, "skipped", 0) and _RANK == 0:
+    if getattr(data, "skipped", 0) and _rank() == 0:
         print(f"{path}: skipped {data.skipped} bad line(s) (--on-error warn); {len(data)} kept", file=sys.stderr)
 
 
 def _finish(res, out: Path, title: str, comm) -> int:
     """Exit status and last words of a training command: 130 after an interrupt (no "done:").
-    Rank 0 alone draws the curves and prints."""
+    Rank 0 alone draws the curves (also for a run already complete whose curves are missing,
+    as after a Ctrl-C while they were drawn) and prints."""
     from .plots import plot_training_curves
     from .train import read_metrics
 
     if res.stopped_early:
         return EXIT_INTERRUPTED
-    if res.already_complete or comm.rank > 0:
+    png = out / "training_curves.png"
+    if comm.rank > 0 or (res.already_complete and png.exists()):
         return EXIT_OK
-    plot_training_curves(read_metrics(out / "metrics.jsonl"), out / "training_curves.png", title=title)
+    plot_training_curves(read_metrics(out / "metrics.jsonl"), png, title=title)
+    if res.already_complete:
+        print(f"drew the missing {png}")
+        return EXIT_OK
     print(f"done: {out}/checkpoint (model.safetensors, trainer_state.json), {out}/metrics.jsonl, "
           f"{out}/training_curves.png")
     return EXIT_OK
@@ -249,6 +302,7 @@ def cmd_tokenizer(args) -> int:
         _note_skipped(data, f)
         texts += [p + r for p, r in data]
     tok = BPETokenizer.train(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    _keep_a_models_tokenizer(out, tok)
     path = tok.save(out)
     print(f"trained a byte-level BPE with {tok.vocab_size} tokens on {len(texts)} texts -> {path}")
     if tok.vocab_size < args.vocab_size:
@@ -258,39 +312,58 @@ def cmd_tokenizer(args) -> int:
     return EXIT_OK
 
 
+def _keep_a_models_tokenizer(out: Path, new) -> None:
+    """Refuse to replace the tokenizer.json of a model's folder (a run, checkpoint or GPT-2
+    directory) by a different one: the model's token ids would silently mean other text."""
+    from .pretrained import is_pretrained_dir
+
+    file = out if out.suffix == ".json" else out / "tokenizer.json"
+    folder = file.parent
+    if not file.is_file() or (_checkpoint_dir(folder) is None and not is_pretrained_dir(folder)):
+        return
+    theirs, ours = tokenizer_fingerprint(find_tokenizer(file)[0]), tokenizer_fingerprint(new)
+    if theirs != ours:
+        _die(f"--out {out}: {file} belongs to the model in {folder} (tokenizer fingerprint {theirs}); the new tokenizer "
+             f"(fingerprint {ours}) would not match its weights: choose another --out")
+
+
 def cmd_sft(args) -> int:
     from .backend import get_backend
     from .data import build_sft_dataset, read_sft_corpus
     from .model import GPTConfig, init_params, num_params
     from .tokenizer import BPETokenizer
-    from .distributed import on_rank0
+    from .distributed import on_every_rank, on_rank0
     from .train import check_run_folder, discard_stage, fingerprint, run_lock, stage_inputs, train_sft
 
     comm = _communicator(args)
-    backend = get_backend(comm.device or args.device)  # under NCCL: this rank's own GPU
     out = Path(args.out)
     tc = _train_config(args)
-    if args.model:
-        params, config, tokenizer = load_model(args.model, backend)
-        start = f"model {fingerprint(params)}"
-    else:
-        if not args.tokenizer:
-            _die("sft needs --tokenizer (from `minidpo tokenizer`) or --model (a model to start from)")
-        tokenizer = BPETokenizer.load(args.tokenizer)
-        config = GPTConfig(vocab_size=tokenizer.vocab_size, n_ctx=args.n_ctx, n_layer=args.n_layer,
-                           n_head=args.n_head, n_embd=args.n_embd)
-        params = init_params(config, backend, seed=args.seed)
-        start = f"random init, seed {args.seed}"
-    data = read_sft_corpus(args.data, on_error=args.on_error)
-    _note_skipped(data, args.data)
-    items, stats = build_sft_dataset(data, tokenizer, max_length=min(args.max_length, config.n_ctx))
-    if args.eval_data:
-        eval_data = read_sft_corpus(args.eval_data, on_error=args.on_error)
-        _note_skipped(eval_data, args.eval_data)
-        eval_items, _ = build_sft_dataset(eval_data, tokenizer, max_length=min(args.max_length, config.n_ctx))
-    else:
-        items, eval_items = _split_eval(items, args)
-    inputs = {"start": start, "tokenizer": fingerprint(tokenizer.backend_tokenizer.to_str())}
+
+    def read_inputs():  # every rank alike; a failure on any rank is reported once (distributed.on_every_rank)
+        backend = get_backend(comm.device or args.device)  # under NCCL: this rank's own GPU
+        if args.model:
+            params, config, tokenizer = load_model(args.model, backend)
+            start = f"model {fingerprint(params)}"
+        else:
+            tokenizer = BPETokenizer.load(args.tokenizer)
+            config = GPTConfig(vocab_size=tokenizer.vocab_size, n_ctx=args.n_ctx, n_layer=args.n_layer,
+                               n_head=args.n_head, n_embd=args.n_embd)
+            _check_fits(config, backend)
+            params = init_params(config, backend, seed=args.seed)
+            start = f"random init, seed {args.seed}"
+        data = read_sft_corpus(args.data, on_error=args.on_error)
+        _note_skipped(data, args.data)
+        items, _ = build_sft_dataset(data, tokenizer, max_length=min(args.max_length, config.n_ctx))
+        if args.eval_data:
+            eval_data = read_sft_corpus(args.eval_data, on_error=args.on_error)
+            _note_skipped(eval_data, args.eval_data)
+            eval_items, _ = build_sft_dataset(eval_data, tokenizer, max_length=min(args.max_length, config.n_ctx))
+        else:
+            items, eval_items = _split_eval(items, args)
+        return backend, params, config, tokenizer, items, eval_items, start
+
+    backend, params, config, tokenizer, items, eval_items, start = on_every_rank(comm, read_inputs)
+    inputs = {"start": start, "tokenizer": tokenizer_fingerprint(tokenizer)}
 
     def prepare_folder():  # rank 0 alone: the lock (held until training ends), the checks, then the writes
         held.enter_context(run_lock(out))
@@ -318,7 +391,7 @@ def _preference_pairs(path, tokenizer, config, args):
     pairs, stats = build_preference_dataset(examples, tokenizer, max_length=max_length,
                                             max_prompt_length=min(args.max_prompt_length, max_length // 2),
                                             truncation_mode=args.truncation_mode)
-    if stats.n_dropped and _RANK == 0:
+    if stats.n_dropped and _rank() == 0:
         print(f"{path}: {stats.n_dropped} pair(s) dropped (empty or identical responses after truncation)")
     if not pairs:
         _die(f"{path}: no usable preference pairs")
@@ -327,37 +400,41 @@ def _preference_pairs(path, tokenizer, config, args):
 
 def cmd_dpo(args) -> int:
     from .backend import get_backend
-    from .distributed import on_rank0
+    from .distributed import on_every_rank, on_rank0
     from .train import check_run_folder, discard_stage, fingerprint, run_lock, stage_inputs, train_dpo
 
     comm = _communicator(args)
-    backend = get_backend(comm.device or args.device)  # under NCCL: this rank's own GPU
     out = Path(args.out)
-    if bool(args.ref) == bool(args.model):
-        _die("dpo needs exactly one of --ref or --model (the frozen reference and starting point)")
     ref_path = args.ref or args.model
     tc = _train_config(args, beta=args.beta, rpo_alpha=args.rpo_alpha, **_loss_settings(args),
                        cache_reference=not args.recompute_reference, share_prompt=not args.no_share_prompt)
-    for what, path in (("--ref" if args.ref else "--model", ref_path), ("--policy", args.policy)):
-        stopped = _unfinished(path) if path else None
-        if stopped and not args.allow_unfinished_ref:
-            _die(f"{what} {path} stopped at step {stopped[0]} of its {stopped[1]} (interrupted?); finish it by "
-                 f"re-running its command, or pass --allow-unfinished-ref to use it as it is")
-    reference, config, tokenizer = load_model(ref_path, backend)
-    if args.policy:
-        policy, pconfig, _ = load_model(args.policy, backend)
-        if pconfig != config:
-            _die("--policy and --ref have different model configs")
-        start = f"policy {fingerprint(policy)}"
-    else:
-        policy = {k: v.copy() for k, v in reference.items()}
-        start = "a copy of the reference"
-    pairs = _preference_pairs(args.data, tokenizer, config, args)
-    if args.eval_data:
-        eval_pairs = _preference_pairs(args.eval_data, tokenizer, config, args)
-    else:
-        pairs, eval_pairs = _split_eval(pairs, args)
-    inputs = {"start": start, "tokenizer": fingerprint(tokenizer.backend_tokenizer.to_str())}
+
+    def read_inputs():  # every rank alike; a failure on any rank is reported once (distributed.on_every_rank)
+        backend = get_backend(comm.device or args.device)  # under NCCL: this rank's own GPU
+        for what, path in (("--ref" if args.ref else "--model", ref_path), ("--policy", args.policy)):
+            stopped = _unfinished(path) if path else None
+            if stopped and not args.allow_unfinished_ref:
+                _die(f"{what} {path} stopped at step {stopped[0]} of its {stopped[1]} (interrupted?); finish it by "
+                     f"re-running its command, or pass --allow-unfinished-ref to use it as it is")
+        reference, config, tokenizer = load_model(ref_path, backend)
+        if args.policy:
+            policy, pconfig, ptokenizer = load_model(args.policy, backend)
+            _same_tokenizer(ptokenizer, tokenizer, args.policy, ref_path)
+            if pconfig != config:
+                _die("--policy and --ref have different model configs")
+            start = f"policy {fingerprint(policy)}"
+        else:
+            policy = {k: v.copy() for k, v in reference.items()}
+            start = "a copy of the reference"
+        pairs = _preference_pairs(args.data, tokenizer, config, args)
+        if args.eval_data:
+            eval_pairs = _preference_pairs(args.eval_data, tokenizer, config, args)
+        else:
+            pairs, eval_pairs = _split_eval(pairs, args)
+        return backend, reference, policy, config, tokenizer, pairs, eval_pairs, start
+
+    backend, reference, policy, config, tokenizer, pairs, eval_pairs, start = on_every_rank(comm, read_inputs)
+    inputs = {"start": start, "tokenizer": tokenizer_fingerprint(tokenizer)}
 
     def prepare_folder():  # rank 0 alone: the lock (held until training ends), the checks, then the writes
         held.enter_context(run_lock(out))
@@ -404,6 +481,8 @@ def read_prompts_file(path: str | Path) -> list[str]:
             v = json.loads(line)
         except ValueError as err:
             raise DataError(path, i, f"invalid JSON ({err})") from None
+        except RecursionError:
+            raise DataError(path, i, "invalid JSON: nested too deeply to read") from None
         if isinstance(v, dict):
             v = v.get("prompt")
         if not isinstance(v, str):
@@ -417,13 +496,14 @@ def cmd_sample(args) -> int:
 
     from .backend import get_backend
     from .evaluate import sample_continuations
+    from .tokenizer import UNDECODABLE_NOTE
 
     backend = get_backend(args.device)
     prompts = [unescape_prompt(p) for p in (args.prompt or [])]
     if args.prompts_file:
         prompts += read_prompts_file(args.prompts_file)
     if not prompts:
-        _die("give --prompt TEXT (repeatable) or --prompts-file FILE")
+        _die(f"{args.prompts_file}: no prompts in it")
     params, config, tokenizer = load_model(args.model, backend)
     longest = max(len(tokenizer.encode(p)) for p in prompts)
     max_new = min(args.max_new_tokens, config.n_ctx - longest)
@@ -435,8 +515,16 @@ def cmd_sample(args) -> int:
     s = sample_continuations(params, config, tokenizer, prompts, args.n, max_new_tokens=max_new,
                              temperature=args.temperature, top_k=args.top_k, greedy=args.greedy,
                              rng=np.random.default_rng(args.seed), backend=backend)
-    for p, t in zip(s.prompts, s.texts):
-        print(json.dumps({"prompt": p, "completion": t}) if args.jsonl else f"{p}{t}")
+    for k, (p, t) in enumerate(zip(s.prompts, s.texts)):
+        if args.jsonl:
+            print(json.dumps({"prompt": p, "completion": t}))
+            continue
+        if len(s.texts) > 1:  # a sample may span lines: each one under its own header
+            print(f"--- sample {k % args.n + 1} of {args.n}" + (f", prompt {k // args.n + 1} of {len(prompts)}"
+                                                               if len(prompts) > 1 else "") + " ---")
+        print(f"{p}{t}")
+    if any("\ufffd" in t for t in s.texts):
+        print(f"note: {UNDECODABLE_NOTE}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -449,7 +537,8 @@ def cmd_eval(args) -> int:
     tc = TrainConfig(beta=args.beta, rpo_alpha=args.rpo_alpha, **_loss_settings(args), eval_batch_size=args.batch_size,
                      share_prompt=not args.no_share_prompt, pack=not args.no_pack)
     policy, config, tokenizer = load_model(args.policy, backend)
-    reference, rconfig, _ = load_model(args.ref, backend)
+    reference, rconfig, rtokenizer = load_model(args.ref, backend)
+    _same_tokenizer(tokenizer, rtokenizer, args.policy, args.ref)
     if rconfig != config:
         _die("--policy and --ref have different model configs")
     pairs = _preference_pairs(args.data, tokenizer, config, args)
@@ -469,7 +558,12 @@ def cmd_export(args) -> int:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_pretrained_dir(out))):
         _die(f"--out {out} exists and is not an empty folder or a GPT-2 model directory; choose a new folder")
     params, config, tokenizer = load_model(args.model, get_backend("cpu"))
-    path = save_pretrained(out, params, config, tokenizer)
+    existed = is_pretrained_dir(out)
+    try:
+        path = save_pretrained(out, params, config, tokenizer)
+    except OSError as err:  # a full or read-only disk: atomic_directory left ``out`` as it was
+        _die(f"cannot write {out} ({err.strerror or err}); "
+             + ("the model directory there is intact" if existed else "nothing was written"))
     print(f"wrote a GPT-2 model directory (config.json, model.safetensors, tokenizer.json) -> {path or out}")
     return EXIT_OK
 
@@ -504,7 +598,7 @@ def cmd_verify(args) -> int:
             print(f"{args.function}: not checked: framework {err.name!r} is not installed")
             return EXIT_NO_FRAMEWORK
         _die(f"cannot import {args.function}: {err}")
-    except ImportError as err:
+    except ImportError as err:  # also a module that fails to run: a syntax error, an exception at import
         _die(f"cannot import {args.function}: {err}")
     try:
         report = check_loss(fn, framework=args.framework, variant=args.variant, label_smoothing=args.label_smoothing,
@@ -520,6 +614,38 @@ def cmd_verify(args) -> int:
 # ---------------------------------------------------------------------------------------- parser
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, ``PROG: error: MESSAGE (see `PROG --help`)`` and exit
+    status 2 (not the whole usage first), with "did you mean" for a misspelt option or command.
+    The ``minidpo`` command and the examples parse their options with it."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog.split()[0]}: error: {message}{_did_you_mean(self, message)} "
+                              f"(see `{self.prog} --help`)\n")
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
+    """"; did you mean --steps?" for an unrecognised option or an invalid choice close to a known one."""
+    import difflib
+
+    if message.startswith("unrecognized arguments:"):
+        known = [s for s in parser._option_string_actions if s.startswith("--")]
+        for word in message.split(":", 1)[1].split():
+            close = difflib.get_close_matches(word.split("=")[0], known, n=1) if word.startswith("--") else []
+            if close:
+                return f"; did you mean {close[0]}?"
+    m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if m:
+        close = difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'", m.group(2)), n=1)
+        if close:
+            return f"; did you mean {close[0]!r}?"
+    return ""
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return parser._subparsers._group_actions[0].choices[command]
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """The docstring's layout kept, and every option's default shown (unless the help already
     says it, or there is none: a required option, a flag that is off unless given)."""
@@ -532,14 +658,15 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _int_at_least(lo: int):
+def _int_at_least(lo: int, hi: int | None = None):
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be >= {lo}" + (f" and <= {hi:,}" if hi is not None else "") +
+                                             f", got {v}")
         return v
     parse.__name__ = f"integer >= {lo}"
     return parse
@@ -557,6 +684,17 @@ def _float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
         return v
     parse.__name__ = "number"
     return parse
+
+
+def _device(text: str) -> str:
+    """--device: cpu, cuda or cuda:N (checked here, so a typo is a usage error before any work)."""
+    from .backend import parse_device
+
+    try:
+        parse_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _adam_betas(text: str) -> tuple[float, float]:
@@ -580,7 +718,9 @@ def verify_variants() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minidpo", description="Direct Preference Optimization from scratch: "
+    from .tokenizer import MAX_VOCAB_SIZE
+
+    p = ArgumentParser(prog="minidpo", description="Direct Preference Optimization from scratch: "
                                 "SFT a GPT-2, then DPO it against the frozen SFT model.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
                                 allow_abbrev=False)
@@ -590,8 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, formatter_class=_Formatter, allow_abbrev=False, **kw)
 
     def common(sp, train: bool):
-        sp.add_argument("--device", default="cpu", help="cpu (NumPy) or cuda / cuda:N (CuPy)")
-        sp.add_argument("--seed", type=int, default=0, help="random seed (init, batch order, sampling)")
+        sp.add_argument("--device", type=_device, default="cpu", help="cpu (NumPy) or cuda / cuda:N (CuPy)")
+        sp.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (init, batch order, sampling)")
         sp.add_argument("--on-error", choices=["raise", "warn"], default="raise",
                         help="bad data lines: stop with file:line (raise) or skip them with a warning and a count (warn)")
         sp.add_argument("--max-length", type=_int_at_least(2), default=512,
@@ -642,8 +782,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("tokenizer", help="train a byte-level BPE tokenizer on text/JSONL files")
     sp.add_argument("--corpus", nargs="+", required=True, help=".txt (one document a line) or .jsonl files")
-    sp.add_argument("--vocab-size", type=_int_at_least(257), default=8000,
-                    help="largest vocabulary (256 bytes + EOS + merges); a small corpus may give fewer")
+    sp.add_argument("--vocab-size", type=_int_at_least(257, MAX_VOCAB_SIZE), default=8000,
+                    help=f"largest vocabulary (256 bytes + EOS + merges), at most {MAX_VOCAB_SIZE:,}; "
+                         f"a small corpus may give fewer")
     sp.add_argument("--min-frequency", type=_int_at_least(1), default=2,
                     help="merge only pairs seen at least this often")
     sp.add_argument("--on-error", choices=["raise", "warn"], default="raise",
@@ -654,9 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("sft", help="supervised fine-tuning (NLL on responses): makes pi_ref")
     common(sp, train=True)
     sp.add_argument("--data", required=True, help='JSONL {"prompt","response"} or {"text"}, or .txt')
-    sp.add_argument("--tokenizer", help="tokenizer.json or its folder (for a new model)")
-    sp.add_argument("--model", help="start from this model (run folder, checkpoint or GPT-2 directory) "
-                                    "instead of a new one")
+    start = sp.add_mutually_exclusive_group(required=True)
+    start.add_argument("--tokenizer", help="tokenizer.json or its folder (for a new model)")
+    start.add_argument("--model", help="start from this model (run folder, checkpoint or GPT-2 directory) "
+                                       "instead of a new one")
     sp.add_argument("--n-layer", type=_int_at_least(1), default=4, help="transformer blocks of a new model")
     sp.add_argument("--n-head", type=_int_at_least(1), default=4, help="attention heads of a new model")
     sp.add_argument("--n-embd", type=_int_at_least(1), default=128,
@@ -667,8 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("dpo", help="Direct Preference Optimization against a frozen reference (eq. 7)")
     common(sp, train=True)
     sp.add_argument("--data", required=True, help='preference JSONL: {"prompt","chosen","rejected"} or HH {"chosen","rejected"}')
-    sp.add_argument("--ref", help="the frozen reference pi_ref (usually the SFT run)")
-    sp.add_argument("--model", help="the starting point, used as both pi_ref and the initial policy (same as --ref)")
+    start = sp.add_mutually_exclusive_group(required=True)
+    start.add_argument("--ref", help="the frozen reference pi_ref (usually the SFT run)")
+    start.add_argument("--model", help="the starting point, used as both pi_ref and the initial policy (same as --ref)")
     sp.add_argument("--policy", help="initial policy (default: a copy of the reference)")
     sp.add_argument("--allow-unfinished-ref", action="store_true",
                     help="accept a reference (or --policy) run that stopped before its planned steps")
@@ -685,7 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompts-file",
                     help='prompts: .jsonl with a JSON string or {"prompt": ...} a line (newlines allowed), '
                          "or any other text file with one prompt a line")
-    sp.add_argument("--n", type=_int_at_least(1), default=1, help="samples per prompt")
+    sp.add_argument("--n", type=_int_at_least(1), default=1,
+                    help="samples per prompt (more than one sample in all: each under a '--- sample i of n ---' line)")
     sp.add_argument("--max-new-tokens", type=_int_at_least(1), default=64,
                     help="tokens generated per sample at most (lowered to fit the context)")
     sp.add_argument("--temperature", type=_float_in(0, INF, lo_open=True, hi_open=True), default=1.0,
@@ -693,7 +837,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample among the k most likely tokens")
     sp.add_argument("--greedy", action="store_true", help="argmax decoding")
     sp.add_argument("--jsonl", action="store_true", help="print JSON lines")
-    sp.set_defaults(func=cmd_sample)
+    sp.set_defaults(func=cmd_sample, usage_check=lambda a: None if a.prompt or a.prompts_file else
+                    "give --prompt TEXT (repeatable) or --prompts-file FILE")
 
     sp = add("eval", help="DPO loss and implicit-reward accuracy/margins of a policy on preference pairs")
     common(sp, train=False)
@@ -713,14 +858,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("verify", help="check a DPO loss function (yours, in NumPy/PyTorch/JAX) against the paper's properties")
     sp.add_argument("function", help="MODULE:FUNCTION or path/to/file.py:FUNCTION, called as "
                     "fn(pi_w, pi_l, ref_w, ref_l, beta, **hyper-parameters) on (N,) arrays")
-    sp.add_argument("--framework", choices=["numpy", "torch", "jax"], default="torch",
-                    help="the function's array library (gradients by its autograd; NumPy: central differences)")
+    sp.add_argument("--framework", choices=["numpy", "torch", "jax"], default=None,
+                    help="the function's array library (gradients by its autograd; NumPy: central differences); "
+                         "default: read from what the function's module imports (torch, jax, else numpy)")
     sp.add_argument("--variant", choices=verify_variants(), default="dpo", metavar="VARIANT",
                     help=f"which loss the function claims to compute (its laws are checked): "
                          f"{', '.join(verify_variants())}")
     sp.add_argument("--label-smoothing", type=float, default=0.1, help="eps for cdpo/robust, passed as label_smoothing=")
     sp.add_argument("--arg", action="append", metavar="KEY=VALUE", help="a fixed keyword argument (JSON value), e.g. ipo=true")
-    sp.add_argument("--max-examples", type=int, default=25, help="hypothesis examples per property")
+    sp.add_argument("--max-examples", type=_int_at_least(1), default=25, help="hypothesis examples per property")
     sp.add_argument("--reduction", choices=["none", "mean", "sum"], default=None, help="require this batch reduction (default: detect and report it)")
     sp.add_argument("--ipo-convention", choices=["summed", "per_token"], default=None, help="require this IPO log-prob convention (default: detect and report it)")
     sp.add_argument("--require-detached-reference", action="store_true",
@@ -787,12 +933,13 @@ def _run(args) -> int:
 
 def main(argv=None) -> int:
     """Run one ``minidpo`` command; returns its exit status (see the module docstring)."""
+    from .backend import DeviceError
     from .checkpoint import CheckpointError
     from .data import DataError
     from .train import NonFiniteError, RunFolderError
 
-    global _RANK
-    _RANK = 0
+    global _COMM
+    _COMM = None
     for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 terminal gets escapes, not a traceback
         try:
             stream.reconfigure(errors="backslashreplace")
@@ -800,11 +947,21 @@ def main(argv=None) -> int:
             pass
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        sub = _subparser(parser, args.command)
+        if unknown:
+            sub.error(f"unrecognized arguments: {' '.join(unknown)}")
+        problem = getattr(args, "usage_check", lambda a: None)(args)
+        if problem:
+            sub.error(problem)
         if getattr(args, "lr", "absent") is None:
             args.lr = args.lr_default
         return _run(args)
     except KeyboardInterrupt:
+        if _COMM is not None and _COMM.size > 1:
+            from .distributed import stop_interrupted
+
+            stop_interrupted(_COMM)  # one line from rank 0, every rank ends with 130
         print("minidpo: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -816,9 +973,12 @@ def main(argv=None) -> int:
     except UsageError as err:
         _report(err, str(err))
         return EXIT_USAGE
-    except (CLIError, DataError, CheckpointError, RunFolderError, OSError, ValueError) as err:
+    except MemoryError as err:
+        _report(err, f"out of memory: {err}")
+        return EXIT_ERROR
+    except (CLIError, DataError, CheckpointError, RunFolderError, DeviceError, OSError, ValueError) as err:
         # the project's own errors (DataError, CheckpointError, PretrainedError, RunFolderError are
-        # ValueErrors) and the file system's, one line each
+        # ValueErrors), a device that cannot be used, and the file system's, one line each
         _report(err, _error_line(err))
         return EXIT_ERROR
 
@@ -826,7 +986,7 @@ def main(argv=None) -> int:
 def _report(err: BaseException, line: str) -> None:
     """The one error line; under mpiexec an error every rank raised alike (rank 0's run-folder
     check, handed to all) is printed by rank 0 alone."""
-    if _RANK == 0 or not getattr(err, "same_on_every_rank", False):
+    if _rank() == 0 or not getattr(err, "same_on_every_rank", False):
         print(f"minidpo: error: {line}", file=sys.stderr)
 
 

@@ -165,6 +165,8 @@ def _parse_object(display: str, i: int, text: str) -> dict:
         raise DataError(display, i, f"invalid JSON: {err.msg} (column {err.colno})") from None
     except _DuplicateKey as err:
         raise DataError(display, i, str(err)) from None
+    except RecursionError:
+        raise DataError(display, i, "invalid JSON: nested too deeply to read") from None
     if not isinstance(obj, dict):
         raise DataError(display, i, f"expected a JSON object, got {_json_type(obj)}")
     return obj

@@ -52,7 +52,7 @@ from .optim import AdamW, check_hparams, SCALAR_KEYS, adamw_update, default_deca
 __all__ = [
     "SingleProcess", "MPIComm", "NCCLComm", "from_environment", "launched_ranks",
     "shard_range", "local_shard", "all_reduce_step", "gather_concat", "gather_scatter", "make_optimizer", "ZeroAdamW",
-    "abort_on_error", "on_rank0",
+    "abort_on_error", "on_rank0", "on_every_rank", "stop_interrupted",
 ]
 
 _ABORT_GRACE_S = 20.0  # how long a rank waits for rank 0 to report an error every rank raised
@@ -524,18 +524,32 @@ class ZeroAdamW:
 
 
 def _describe(err: BaseException) -> str:
-    if isinstance(err, KeyboardInterrupt):
-        return "interrupted (a second Ctrl-C)"
     return f"{type(err).__name__}: {err}"
+
+
+def stop_interrupted(comm) -> None:
+    """End a job of K ranks after a Ctrl-C raised KeyboardInterrupt on this rank (mpiexec hands the
+    signal to every rank): rank 0 says so once and MPI-aborts every rank with exit status 130;
+    another rank waits for that, and ends the job itself (saying which rank) if rank 0 was not
+    interrupted. Never returns."""
+    if comm.rank > 0:
+        time.sleep(_ABORT_GRACE_S)  # rank 0's abort, if it was interrupted too, ends this process here
+        print(f"minidpo: rank {comm.rank} of {comm.size} interrupted; stopping all ranks", file=sys.stderr, flush=True)
+    else:
+        print(f"minidpo: interrupted (all {comm.size} ranks stopped)", file=sys.stderr, flush=True)
+    time.sleep(_FORWARD_S)  # mpiexec relays output asynchronously; an immediate abort can lose it
+    comm.abort(130)
+    os._exit(130)  # pragma: no cover - in case the launcher's kill arrives after abort returned
 
 
 @contextlib.contextmanager
 def abort_on_error(comm):
     """With K > 1 ranks, an exception on any rank would leave the others waiting forever in the
     next collective. This prints ONE line naming the rank and the error (the traceback only with
-    MINIDPO_TRACEBACK=1), then MPI-aborts every rank (exit code 1). Checkpoints are written
-    atomically (checkpoint.atomic_directory), so an abort during a save leaves the previous one
-    whole. On one process the exception propagates unchanged."""
+    MINIDPO_TRACEBACK=1), then MPI-aborts every rank (exit code 1; a Ctrl-C: one line and exit
+    code 130, :func:`stop_interrupted`). Checkpoints are written atomically
+    (checkpoint.atomic_directory), so an abort during a save leaves the previous one whole. On
+    one process the exception propagates unchanged."""
     if comm.size == 1:
         yield
         return
@@ -544,6 +558,8 @@ def abort_on_error(comm):
     except BaseException as err:  # noqa: BLE001 - every rank must stop, whatever it was
         if isinstance(err, SystemExit) and not err.code:
             raise
+        if isinstance(err, KeyboardInterrupt):
+            stop_interrupted(comm)
         if os.environ.get("MINIDPO_TRACEBACK"):
             traceback.print_exc()
         if getattr(err, "same_on_every_rank", False) and comm.rank > 0:
@@ -584,6 +600,28 @@ def on_rank0(comm, fn: Callable[[], object]):
         error.same_on_every_rank = True
         raise error
     return result if comm.rank == 0 else shared
+
+
+def on_every_rank(comm, fn: Callable[[], object]):
+    """Run ``fn()`` on every rank (work each rank does alike on the same inputs: reading the data,
+    loading the models) and agree on failure, as one collective that every rank reaches whether
+    or not ``fn`` raised: when any rank raised, every rank raises the lowest such rank's exception,
+    marked ``same_on_every_rank``, so rank 0 alone reports it and no rank waits in a later
+    collective. Returns this rank's own result. On one process this is ``fn()``."""
+    if comm.size == 1:
+        return fn()
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 - agreed on below, raised on every rank
+        error = err
+    travelling = None if error is None else (type(error).__module__, type(error).__qualname__, str(error))
+    first = next((e for e in comm.allgather_host(travelling) if e is not None), None)
+    if first is not None:
+        error = error if travelling == first else _rebuild_error(*first)
+        error.same_on_every_rank = True
+        raise error
+    return result
 
 
 def _rebuild_error(module: str, qualname: str, text: str) -> BaseException:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +16,20 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, out_png: str | Path, dpi: int) -> Path:
+    """Write ``fig`` to ``out_png`` whole or not at all (a sibling temporary file, then a rename:
+    a Ctrl-C or a full disk while drawing never leaves half a PNG), and close it."""
+    out_png = Path(out_png)
+    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=dpi, format=out_png.suffix[1:] or "png")
+        os.replace(tmp, out_png)
+    finally:
+        tmp.unlink(missing_ok=True)
+        _pyplot().close(fig)
+    return out_png
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -76,10 +91,7 @@ def plot_training_curves(records: Sequence[dict] | dict, out_png: str | Path, ti
             ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=110)
 
 
 def plot_reward_vs_kl(points: Sequence[dict], out_png: str | Path, sft: dict | None = None,
@@ -107,7 +119,4 @@ def plot_reward_vs_kl(points: Sequence[dict], out_png: str | Path, sft: dict | N
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=110)

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import get_backend, to_numpy
-from .checkpoint import atomic_directory
+from .checkpoint import atomic_directory, write_safetensors
 from .model import GPTConfig, check_params, param_shapes
 
 __all__ = [
@@ -98,8 +98,8 @@ class PretrainedError(ValueError):
 def _read_json(file: Path) -> dict:
     try:
         d = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PretrainedError(f"{file}: invalid JSON ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise PretrainedError(f"{file}: invalid JSON ({err})") from None
     if not isinstance(d, dict):
         raise PretrainedError(f"{file}: expected a JSON object, got {type(d).__name__}")
     return d
@@ -682,11 +682,9 @@ def save_pretrained(path: str | os.PathLike, params: Mapping, config: GPTConfig,
                 f"{path} exists and holds files that are not model-directory files ({_list(foreign)}); "
                 f"refusing to replace it: choose another path or remove them"
             )
-    from safetensors.numpy import save_file
-
     with atomic_directory(path) as tmp:
         _write_json(tmp / CONFIG_FILE, config_to_hf(config, eos_id, pad_id))
-        save_file(host, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_safetensors(tmp / WEIGHTS_FILE, host, {"format": "pt"})
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
         for f in tmp.iterdir():

@@ -44,6 +44,13 @@ DEFAULT_PAD = "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+# what a U+FFFD in a sample means, said wherever samples are shown
+UNDECODABLE_NOTE = ("\ufffd (U+FFFD) marks bytes the model sampled that form no UTF-8 character: a byte-level model "
+                    "can emit any byte, and a small one trained on ASCII text sometimes does (each sample is decoded "
+                    "whole, so no character is split between tokens)")
+# the largest vocabulary train() asks for: `tokenizers` allocates about 71 bytes per requested
+# token before it starts (1e9 asked for 71 GB and aborted the process); GPT-2 has 50,257 tokens
+MAX_VOCAB_SIZE = 2**20
 
 
 class BPETokenizer:
@@ -98,7 +105,8 @@ class BPETokenizer:
 
         Args:
             texts: an iterable of strings (documents or lines).
-            vocab_size: the largest vocabulary wanted, >= 256 + len(special_tokens).
+            vocab_size: the largest vocabulary wanted, >= 256 + len(special_tokens) and at most
+                MAX_VOCAB_SIZE (2**20).
             min_frequency: the fewest occurrences a pair needs to be merged.
             special_tokens: special_tokens[0] is EOS; special_tokens[1], when given, is pad
                 (otherwise pad == EOS); any further ones are registered but have no role.
@@ -110,10 +118,10 @@ class BPETokenizer:
             raise ValueError("special_tokens must hold at least the EOS token")
         if len(set(special_tokens)) != len(special_tokens):
             raise ValueError(f"special_tokens has duplicates: {special_tokens}")
-        if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
+        if not isinstance(vocab_size, int) or not 256 + len(special_tokens) <= vocab_size <= MAX_VOCAB_SIZE:
             raise ValueError(
                 f"vocab_size must be an int >= 256 + {len(special_tokens)} special tokens "
-                f"(the byte alphabet must fit), got {vocab_size!r}"
+                f"(the byte alphabet must fit) and <= {MAX_VOCAB_SIZE:,}, got {vocab_size!r}"
             )
         if not isinstance(min_frequency, int) or min_frequency < 1:
             raise ValueError(f"min_frequency must be a positive int, got {min_frequency!r}")
@@ -248,7 +256,12 @@ class BPETokenizer:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """Text of ``ids`` (a list, tuple or 1-D integer array); special tokens dropped by default."""
+        """Text of ``ids`` (a list, tuple or 1-D integer array); special tokens dropped by default.
+
+        The whole sequence is decoded at once, so a character whose bytes span several tokens
+        comes out whole. A U+FFFD in the text stands for bytes that form no UTF-8 character
+        (:data:`UNDECODABLE_NOTE`); it is kept rather than escaped because sampled texts are
+        tokenized again (preference pairs), and the text must stay what the library decodes."""
         ids = [int(i) for i in ids]
         n = self.vocab_size
         bad = [i for i in ids if not 0 <= i < n]
@@ -327,8 +340,8 @@ def read_special_names(directory: Path) -> dict:
             continue
         try:
             raw = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{file}: invalid JSON ({err})") from err
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise ValueError(f"{file}: invalid JSON ({err})") from None
         for key in ("eos_token", "pad_token"):
             v = raw.get(key) if isinstance(raw, dict) else None
             if isinstance(v, dict):

@@ -70,8 +70,8 @@ import numpy as np
 
 from . import fast
 from .backend import Backend, get_array_module, get_backend, to_numpy
-from .checkpoint import (CheckpointError, atomic_write_text, has_checkpoint, load_checkpoint, read_checkpoint_state,
-                         save_checkpoint, verify_params)
+from .checkpoint import (STATE_FILE, CheckpointError, atomic_write_text, has_checkpoint, is_integer, is_number,
+                         load_checkpoint, read_checkpoint_state, save_checkpoint, verify_optimizer_state, verify_params)
 from .data import check_token_ids
 from .distributed import (SingleProcess, all_reduce_step, collective, gather_scatter, local_shard, make_optimizer,
                           on_rank0, shard_range)
@@ -387,7 +387,8 @@ _HELD: dict[str, tuple[int, int]] = {}  # lock path -> (fd, depth): the lock is 
 @contextlib.contextmanager
 def run_lock(out_dir: str | Path):
     """Hold ``out_dir/.lock`` (an advisory ``flock``, holding our pid) while a stage writes the
-    folder; another process asking for it gets a RunFolderError naming the holder's pid. The lock
+    folder; another process asking for it gets a RunFolderError naming the holder's pid. The file
+    is removed when the lock is released (a finished run leaves no .lock behind); the lock itself
     goes with the process, so a killed run never leaves the folder locked. (No-op where
     ``fcntl`` is missing.)"""
     try:
@@ -407,14 +408,21 @@ def run_lock(out_dir: str | Path):
             fd, depth = _HELD[key]
             _HELD[key] = (fd, depth - 1)
         return
-    fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        os.close(fd)
-        raise RunFolderError(f"{out_dir} is in use by another process (pid {holder}); wait for it to finish, "
-                             f"or use another --out") from None
+    while True:
+        fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunFolderError(f"{out_dir} is in use by another process (pid {holder}); wait for it to finish, "
+                                 f"or use another --out") from None
+        try:
+            if os.stat(key).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # we locked a .lock its holder removed on release: lock the file now in its place
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _HELD[key] = (fd, 1)
@@ -422,6 +430,8 @@ def run_lock(out_dir: str | Path):
         yield
     finally:
         del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.unlink(key)  # removed while still held, so no other process holds a lock on a removed file
         os.close(fd)  # releases the flock
 
 
@@ -525,6 +535,39 @@ def check_run_folder(out_dir: str | Path, stage: str, model_config: GPTConfig, t
         raise RunFolderError(f"{out_dir}: its {state['config'].get('stage', stage)} run was made with other settings: "
                              + "; ".join(diffs) + ". Use a new --out, or --overwrite to discard that run")
     return step
+
+
+def check_run_options(out_dir: str | Path, options: dict, overwrite: bool, owned: Sequence[str]) -> None:
+    """A script's run folder (examples/train_tiny.py, frontier.py): ``out_dir/run.json`` records
+    the options that change its results. A re-run with other values raises RunFolderError naming
+    each, before anything is written; so does a folder holding the script's outputs (the entries
+    matching a pattern of ``owned``, fnmatch style) but no run.json. ``overwrite`` removes those
+    outputs and run.json first. Writes run.json when absent."""
+    import fnmatch
+
+    out_dir, path = Path(out_dir), Path(out_dir) / "run.json"
+    outputs = [c for c in (out_dir.iterdir() if out_dir.is_dir() else []) if any(fnmatch.fnmatch(c.name, p) for p in owned)]
+    if not overwrite and path.exists():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as err:
+            raise RunFolderError(f"{path}: corrupt JSON ({err}); use another --out, or --overwrite") from None
+        diffs = [f"--{k.replace('_', '-')} {saved.get(k)!r} there, {v!r} now"
+                 for k, v in options.items() if saved.get(k) != v]
+        if diffs:
+            raise RunFolderError(f"{out_dir} holds a run made with other options ({'; '.join(diffs)}); "
+                                 f"use another --out, or --overwrite to discard it")
+        return
+    if not overwrite and outputs:
+        raise RunFolderError(f"{out_dir} holds a run without run.json (its options are unknown); "
+                             f"use another --out, or --overwrite to discard it")
+    for child in outputs + ([path] if path.exists() else []):  # --overwrite: only what the script writes
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(options, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,10 +686,11 @@ def _resume(L: _Loop, resume: bool, stale: str) -> int | None:
         return None
     ck = load_checkpoint(L.ckpt_dir, backend=L.backend)
     verify_params(ck.params, L.model_config, L.ckpt_dir, like=L.params)
+    _verify_loop_state(ck)
+    verify_optimizer_state(ck, L.params, {k: getattr(L.opt, k) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")})
     for k in L.params:
         L.params[k][...] = ck.params[k]  # same shape and dtype: checked above
-    if ck.optimizer_state is not None:
-        L.opt.load_state_dict(ck.optimizer_state)
+    L.opt.load_state_dict(ck.optimizer_state)
     L.step = L.last_saved = int(ck.step)
     L.acc.load_state_dict(ck.extra.get("log_accumulator", {}))
     L.elapsed_s = float(ck.extra.get("elapsed_s", 0.0))
@@ -654,6 +698,25 @@ def _resume(L: _Loop, resume: bool, stale: str) -> int | None:
         kept = [r for r in read_metrics(L.metrics_path) if r.get("step", 0) <= L.step]
         atomic_write_text(L.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     return L.step
+
+
+def _verify_loop_state(ck) -> None:
+    """The loop's own entries of a checkpoint, checked before they are restored: its step within
+    the steps the run planned, the elapsed time a number, the logging sums numbers over a count.
+    CheckpointError naming trainer_state.json and the key."""
+    where = ck.path / STATE_FILE
+    train = ck.config.get("train")
+    planned = train.get("steps") if isinstance(train, dict) else None
+    if is_integer(planned) and ck.step > planned:
+        raise CheckpointError(f"{where}: 'step' is {ck.step}, beyond the {planned} steps the run planned "
+                              f"('train.steps')")
+    elapsed, acc = ck.extra.get("elapsed_s", 0.0), ck.extra.get("log_accumulator", {})
+    if not (is_number(elapsed) and elapsed >= 0):
+        raise CheckpointError(f"{where}: 'extra.elapsed_s' must be a number >= 0, got {elapsed!r}")
+    sums, n = (acc.get("sums", {}), acc.get("n", 0)) if isinstance(acc, dict) else (None, None)
+    if not (isinstance(sums, dict) and all(map(is_number, sums.values())) and is_integer(n) and n >= 0):
+        raise CheckpointError(f"{where}: 'extra.log_accumulator' must be {{\"sums\": {{name: number}}, \"n\": "
+                              f"integer >= 0}}, got {acc!r:.80}")
 
 
 def _check_finite(L: _Loop, since: int) -> None:
@@ -731,7 +794,7 @@ def _evaluate(L: _Loop, eval_fn: Callable, bar) -> None:
     rec = {"stage": L.stage, "step": L.step, **eval_fn(L.params)}
     _write_record(L, rec)
     if L.step > 0 and L.comm.rank == 0:
-        bar.write(f"[{L.stage} step {L.step}] " + "  ".join(
+        bar.write(f"[{L.stage} step {L.step}] held-out " + "  ".join(
             f"{k[5:]}={v:.4f}" for k, v in rec.items() if k.startswith("eval/")))
 
 

@@ -52,7 +52,9 @@ import importlib
 import importlib.util
 import inspect
 import math
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -67,6 +69,7 @@ __all__ = [
     "Report",
     "FrameworkUnavailable",
     "check_loss",
+    "detect_framework",
     "load_function",
 ]
 
@@ -223,7 +226,8 @@ class _Torch:
         try:
             import torch
         except ImportError as err:
-            raise FrameworkUnavailable(f"framework 'torch' is not installed ({err})") from None
+            raise FrameworkUnavailable(f"framework 'torch' is not installed ({err}); for a loss written in NumPy "
+                                       f"pass --framework numpy") from None
         self.torch = torch
 
     def tensor(self, a, dtype: str = "float64", requires_grad: bool = False):
@@ -298,6 +302,31 @@ class _Jax:
 
         g = self.jax.grad(rewards, argnums=(0, 1))(*xs)
         return max(float(np.max(np.abs(self.numpy(gi)))) for gi in g)
+
+
+def detect_framework(fn: Callable) -> str:
+    """The array library ``fn`` is written in, read from what its module imports (and its
+    closure holds): "torch" or "jax" when it refers to that library or to anything from it,
+    otherwise "numpy". ValueError when it refers to both PyTorch and JAX."""
+    import types
+
+    module = inspect.getmodule(fn)
+    refs = list(vars(module).values()) if module is not None else []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            refs.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    found = set()
+    for v in refs:
+        name = v.__name__ if isinstance(v, types.ModuleType) else getattr(v, "__module__", None)
+        root = name.split(".")[0] if isinstance(name, str) else ""
+        if root in ("torch", "jax", "jaxlib"):
+            found.add("torch" if root == "torch" else "jax")
+    if len(found) > 1:
+        raise ValueError(f"{getattr(fn, '__qualname__', fn)!r} refers to both PyTorch and JAX: name its framework "
+                         f"(--framework torch or jax)")
+    return found.pop() if found else "numpy"
 
 
 def _framework(name: str):
@@ -455,7 +484,10 @@ class _Checker:
                 counts = (np.ones(np.shape(pw)[0], dtype=np.float64), np.ones(np.shape(pw)[0], dtype=np.float64))
             kw["chosen_token_counts"] = self.fw.tensor(counts[0], "int64")
             kw["rejected_token_counts"] = self.fw.tensor(counts[1], "int64")
-        return self.fn(pw, pl, rw, rl, beta, **kw)
+        try:
+            return self.fn(pw, pl, rw, rl, beta, **kw)
+        except SystemExit as err:  # reported as a failure of every property, never taken for a verdict
+            raise RuntimeError(f"the function called sys.exit({err.code!r})") from None
 
     def run(self, pw, pl, rw, rl, beta, dtype="float64", eps=None, counts=None):
         """Call in `dtype` with NumPy float64 inputs; return (_Out, loss as float64 NumPy)."""
@@ -483,9 +515,11 @@ class _Checker:
             return False
         return bool(np.all(np.isfinite(got)) and np.allclose(got, want, rtol=rtol, atol=atol))
 
-    def expect(self, got, want, what, rtol=1e-9, atol=1e-9):
+    def expect(self, got, want, what, rtol=1e-9, atol=1e-9, labels=("got", "correct")):
+        """_Broken(what: got ..., correct ...) unless got and want are close. ``labels`` name the two
+        values where both are the function's own (an invariance: "shifted ..., unshifted ...")."""
         if not self.close(got, want, rtol, atol):
-            raise _Broken(f"{what}: got {_fmt(got)}, correct {_fmt(want)}")
+            raise _Broken(f"{what}: {labels[0]} {_fmt(got)}, {labels[1]} {_fmt(want)}")
 
     # -- hypothesis, called from inside a library
     def hypothesis(self, strategy, check):
@@ -629,7 +663,9 @@ def _prop_margin_only(ck):
         base = ck.loss_of(c)
         moved = ck.loss_of(dict(c, pw=c["pw"] + s1, pl=c["pl"] + s2, rw=c["rw"] + s3, rl=c["rl"] + s4))
         scale = 1e-9 * max(1.0, float(np.max(np.abs(base))))
-        ck.expect(moved, base, "shifting the log-probs without changing h changed the loss", 1e-8, scale)
+        ck.expect(moved, base, "adding shift = (s1, s2, s3) to log pi_w, log pi_l, log ref_w and s2 + s3 - s1 to "
+                  "log ref_l leaves h unchanged but changed the loss", 1e-8, scale,
+                  labels=("shifted", "unshifted (the function's own value)"))
 
     return check, ck.strategy(extra=extra)
 
@@ -651,7 +687,8 @@ def _prop_beta_scaling(ck):
         scale = 1e-9 * max(1.0, float(np.max(np.abs(base))))
         what = ("beta -> k*beta with h -> h/k should leave the loss unchanged"
                 if ck.variant != "ipo" else "beta -> k*beta with h -> h/k should scale the loss by 1/k^2")
-        ck.expect(got, base, what, 1e-8, scale)
+        ck.expect(got, base, what, 1e-8, scale, labels=("scaled" + (" x k^2" if ck.variant == "ipo" else ""),
+                                                          "unscaled (the function's own value)"))
 
     return check, ck.strategy(extra=extra)
 
@@ -763,7 +800,8 @@ def _prop_cdpo_mixture(ck):
     def check(c):
         got = ck.loss_of(c)
         want = (1 - ck.eps) * ck.loss_of(c, eps=0.0) + ck.eps * ck.loss_of(_swap(c), eps=0.0)
-        ck.expect(got, want, f"cDPO(eps={ck.eps:g}) should be (1 - eps) DPO(pair) + eps DPO(swapped pair)", 1e-8, 1e-10)
+        ck.expect(got, want, f"cDPO(eps={ck.eps:g}) should be (1 - eps) DPO(pair) + eps DPO(swapped pair)", 1e-8, 1e-10,
+                  labels=("got", "the mixture of the function's own eps = 0 values"))
 
     return check, ck.strategy()
 
@@ -995,7 +1033,7 @@ def _detect(ck) -> str | None:
 # the API
 
 
-def check_loss(fn: Callable, framework: str = "numpy", variant: str = "dpo", *, label_smoothing: float = 0.1,
+def check_loss(fn: Callable, framework: str | None = None, variant: str = "dpo", *, label_smoothing: float = 0.1,
                kwargs: dict | None = None, max_examples: int = 25, reduction: str | None = None,
                ipo_convention: str | None = None, require_detached_reference: bool = False,
                properties=None) -> Report:
@@ -1004,7 +1042,8 @@ def check_loss(fn: Callable, framework: str = "numpy", variant: str = "dpo", *, 
     Args:
         fn: the loss, called as fn(pi_w, pi_l, ref_w, ref_l, beta, **hyper_parameters) with (N,)
             arrays of `framework` (module docstring: what it may return).
-        framework: "numpy", "torch" or "jax" (raises FrameworkUnavailable if not installed).
+        framework: "numpy", "torch" or "jax" (raises FrameworkUnavailable if not installed);
+            None: :func:`detect_framework` reads it from the function's module.
         variant: "dpo" (eq. 7), "cdpo" (label-smoothed eq. 7), or the name of any other loss of
             losses.LOSS_TABLE ("robust", "ipo", "hinge", ...; :func:`variants`).
         label_smoothing: eps for "cdpo" and the losses with that option ("robust"), passed as
@@ -1036,6 +1075,7 @@ def check_loss(fn: Callable, framework: str = "numpy", variant: str = "dpo", *, 
         import hypothesis  # noqa: F401
     except ImportError:
         raise RuntimeError("minidpo verify needs hypothesis: pip install 'minidpo[verify]'") from None
+    framework = framework if framework is not None else detect_framework(fn)
     fw = _framework(framework)
     ck = _Checker(fn, fw, variant, label_smoothing, kwargs, max_examples, reduction, ipo_convention,
                   require_detached_reference)
@@ -1085,25 +1125,26 @@ def check_loss(fn: Callable, framework: str = "numpy", variant: str = "dpo", *, 
 
 
 def load_function(spec: str) -> Callable:
-    """'package.module:function' (or 'path/to/file.py:function') -> the function."""
+    """'package.module:function' (or 'path/to/file.py:function') -> the function. A module that
+    fails to import (a syntax error, an exception while it runs) raises ImportError naming why."""
     if ":" not in spec:
         raise ValueError(f"expected MODULE:FUNCTION, got {spec!r}")
     mod_name, _, attr = spec.rpartition(":")
-    if mod_name.endswith(".py"):
-        from pathlib import Path
-
-        path = Path(mod_name)
-        if not path.is_file():
-            raise FileNotFoundError(f"{mod_name}: no such file")
-        spec_ = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec_)
-        spec_.loader.exec_module(module)
-    else:
-        import sys
-
-        if "" not in sys.path and "." not in sys.path:  # MODULE is looked up from the current directory too
-            sys.path.insert(0, "")
-        module = importlib.import_module(mod_name)
+    if mod_name.endswith(".py") and not Path(mod_name).is_file():
+        raise FileNotFoundError(f"{mod_name}: no such file")
+    try:
+        if mod_name.endswith(".py"):
+            spec_ = importlib.util.spec_from_file_location(Path(mod_name).stem, Path(mod_name))
+            module = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(module)
+        else:
+            if "" not in sys.path and "." not in sys.path:  # MODULE is looked up from the current directory too
+                sys.path.insert(0, "")
+            module = importlib.import_module(mod_name)
+    except ImportError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's module failed while it ran
+        raise ImportError(f"{type(err).__name__}: {err}") from err
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):

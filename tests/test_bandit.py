@@ -28,6 +28,13 @@ def test_both_modes_print_their_gaps(bandit, capsys):
     assert printed == pytest.approx([res["sampled"]["policy_gap"], res["exact"]["policy_gap"]], rel=1e-3)
     assert len(re.findall(r"max \|r_hat - r\| after removing per-prompt shift = \S+", text)) == 2
     assert "summary (max gaps)" in text
+    # each mode's training line comes under its own header, never above it
+    lines = text.splitlines()
+    for header, follows in (("== sampled pairs (N=4000) ==", " loss 0.6931 -> "),
+                            ("== exact expected preferences ==", " expected loss 0.693147 -> ")):
+        assert lines[lines.index(header) + 1].startswith(follows), text
+    assert [l for l in lines if l.startswith("==")] == ["== sampled pairs (N=4000) ==", "== exact expected preferences =="]
+    assert all(l.startswith(("bandit:", "==", " ", "summary")) or not l for l in lines), text
     # exact expected preferences: the optimum, to rounding level
     assert res["exact"]["policy_gap"] < 1e-6
     assert res["exact"]["reward_gap"] < 1e-6

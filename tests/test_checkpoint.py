@@ -251,3 +251,22 @@ def test_cuda_roundtrip(tmp_path):  # pragma: no cover - needs a GPU
     opt2 = AdamW(c.params)
     opt2.load_state_dict(c.optimizer_state)
     assert opt2.step_count == 1
+
+
+def test_verify_params_refuses_a_float16_tensor_when_no_dtype_is_given():
+    """Without a dtype to match, a float16 tensor is refused by name: the
+    training dtype is float32 (or float64 in checks), and a half tensor would be trained as one."""
+    from minidpo.checkpoint import CheckpointError, verify_params
+    from minidpo.model import GPTConfig, init_params
+
+    cfg = GPTConfig(**CONFIG)
+    params = init_params(cfg, seed=0)
+    verify_params(params, cfg, "ck")  # float32: accepted
+    verify_params({k: v.astype(np.float64) for k, v in params.items()}, cfg, "ck")
+    half = dict(params, **{"transformer.ln_f.weight": params["transformer.ln_f.weight"].astype(np.float16)})
+    with pytest.raises(CheckpointError, match=r"ck: tensor transformer.ln_f.weight has dtype float16, expected "
+                                              r"float32 or float64"):
+        verify_params(half, cfg, "ck")
+    all_half = {k: v.astype(np.float16) for k, v in params.items()}
+    with pytest.raises(CheckpointError, match="has dtype float16, expected float32 or float64"):
+        verify_params(all_half, cfg, "ck")

@@ -671,3 +671,36 @@ def test_train_tiny_under_mpiexec_matches_one_process(tmp_path):
     assert a["sft"] == b["sft"] and a["n_pairs"] == b["n_pairs"]
     for k in ("reward_mean", "kl", "accuracy"):
         assert b["dpo"][k] == pytest.approx(a["dpo"][k], rel=1e-3, abs=1e-4), k
+
+
+@needs_mpi
+def test_an_input_error_under_mpiexec_is_printed_once(tmp_path):
+    """Every rank reads the same bad line; the ranks agree (distributed.on_every_rank) and rank 0
+    alone prints it, every rank exiting with status 1."""
+    from minidpo.tasks import sentiment
+    from minidpo.tokenizer import BPETokenizer
+
+    corpus = sentiment.sft_corpus(20, seed=0)
+    BPETokenizer.train([p + r for p, r in corpus], vocab_size=280).save(tmp_path / "tok")
+    lines = [json.dumps({"prompt": p, "response": r}) for p, r in corpus]
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines[:2] + ["{oops"] + lines[2:]) + "\n")
+    r = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "minidpo", "sft", "--data", str(tmp_path / "bad.jsonl"),
+                        "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "run"), "--no-progress"],
+                       capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.count("minidpo: error: ") == 1 and f"{tmp_path / 'bad.jsonl'}:3: invalid JSON" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@needs_mpi
+def test_an_interrupt_outside_training_under_mpiexec_exits_130_with_one_line(tmp_path):
+    """A Ctrl-C while train_tiny.py samples its pairs (every rank gets it, as from mpiexec): exit
+    status 130, one line, no rank reporting a failure."""
+    env = dict(_env(), MINIDPO_TEST_INTERRUPT_AT="pairs")
+    r = subprocess.run(["mpiexec", "-n", "2", sys.executable, str(ROOT / "examples" / "train_tiny.py"), "--quick",
+                        "--sft-steps", "10", "--dpo-steps", "4", "--no-progress", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert r.stderr.count("minidpo: interrupted (all 2 ranks stopped)") == 1, r.stderr
+    assert "failed" not in r.stderr and "Traceback" not in r.stderr and "rank 1" not in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "pairs.json").exists()

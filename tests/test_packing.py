@@ -403,7 +403,7 @@ def test_cli_flags_turn_the_layout_off():
     args = parse(base + ["--no-pack", "--no-share-prompt"])
     tc = _train_config(args, share_prompt=not args.no_share_prompt)
     assert not tc.pack and not tc.share_prompt
-    args = parse(["sft", "--data", "d.jsonl", "--out", "o", "--no-pack"])
+    args = parse(["sft", "--data", "d.jsonl", "--tokenizer", "t", "--out", "o", "--no-pack"])
     assert not _train_config(args).pack
     args = parse(["eval", "--policy", "p", "--ref", "r", "--data", "d", "--no-pack", "--no-share-prompt"])
     assert args.no_pack and args.no_share_prompt

@@ -248,3 +248,40 @@ def test_float32_in_float32_out():
     loss, stats, grads = ppo_loss_and_grads(params, TINY, mb)
     assert loss.dtype == f and all(g.dtype == f for g in grads.values())
     assert all(s.dtype == f for s in stats.values())
+
+
+def test_the_rollout_reward_is_the_kl_penalty_on_every_token_and_the_score_on_the_last():
+    """collect_rollout's per-token reward against one written here: -beta_KL (log pi - log pi_ref)
+    on every response token, plus R(x, y) on the last one, with a stub score and a policy that is
+    not the reference (so the penalty's sign shows)."""
+    from minidpo.backend import get_backend
+    from minidpo.model import gpt_forward
+    from minidpo.ppo import PPOConfig, collect_rollout
+
+    class Tok:  # ids are their own text; EOS = pad = 0
+        eos_id = pad_id = 0
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    policy, reference = random_params(TINY, 1), random_params(TINY, 2)
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    scores = np.array([10.0, -20.0, 30.0])
+    pc = PPOConfig(kl_coef=0.3, max_new_tokens=4)
+    ro = collect_rollout(add_value_head(policy, TINY), reference, TINY, prompts, ["a", "b", "c"],
+                         lambda texts_x, texts_y, items: scores, Tok(), pc, np.random.default_rng(0), get_backend("cpu"))
+
+    def logp(params):  # log pi(y_t | ...) of every next token, written out: log_softmax and gather
+        logits, _ = gpt_forward(params, ro.input_ids, TINY)
+        z = logits[:, :-1] - logits[:, :-1].max(axis=-1, keepdims=True)
+        lsm = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+        return np.take_along_axis(lsm, ro.input_ids[:, 1:, None], axis=-1)[..., 0]  # (B, S)
+
+    mask = np.asarray(ro.mask, dtype=np.float64)
+    want = -0.3 * (logp(policy) - logp(reference)) * mask
+    for b in range(len(prompts)):
+        last = int(np.flatnonzero(mask[b])[-1])  # the row's last response token
+        want[b, last] += scores[b]
+    assert np.abs(logp(policy) - logp(reference)).max() > 1e-2  # the penalty is not trivially 0
+    np.testing.assert_allclose(np.asarray(ro.rewards), want, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(ro.scores, scores)

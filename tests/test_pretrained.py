@@ -649,12 +649,12 @@ def test_save_replaces_an_earlier_export_atomically(model_dir, tiny_tok, tmp_pat
     got, _, _ = load_pretrained(d)
     assert all(np.array_equal(got[k], newer[k]) for k in params)
 
-    import safetensors.numpy
+    import minidpo.checkpoint
 
     def fail(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", fail)
+    monkeypatch.setattr(minidpo.checkpoint, "save_file", fail)  # the writer of checkpoints and exports
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(d, params, CFG, tiny_tok)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # temp directory removed

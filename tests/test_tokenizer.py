@@ -63,6 +63,13 @@ def test_decode_encode_roundtrip_any_text(s):
     assert t.decode(t.encode(s)) == s
 
 
+def test_a_character_split_between_tokens_is_decoded_whole(tok):
+    e, caf = tok.encode("é"), tok.encode("caf")
+    assert len(e) == 2  # this corpus leaves é as its two bytes, 0xC3 0xA9: one token each
+    assert tok.decode(caf + e) == "café"  # the sequence is decoded at once, not token by token
+    assert tok.decode(caf + e[:1]) == "caf\ufffd"  # a lone lead byte is no character: U+FFFD
+
+
 @given(st.text(alphabet=st.characters(codec="utf-8"), max_size=60), st.text(max_size=60))
 def test_encode_batch_matches_encode(a, b):
     t = _ROUNDTRIP_TOK

@@ -65,6 +65,12 @@ def test_batch_order_is_a_function_of_seed_and_step():
     epoch0 = np.concatenate(a[:6])  # 50 // 8 = 6 batches an epoch, no repeats inside an epoch
     assert len(set(epoch0.tolist())) == 48
     assert not np.array_equal(batch_for_step(0, 50, 8, seed=3), batch_for_step(0, 50, 8, seed=4))
+    # every epoch is a fresh permutation: each covers 48 distinct examples, in another order than the last
+    epochs = [np.concatenate(a[e * 6 : (e + 1) * 6]) for e in range(3)]
+    assert all(len(set(e.tolist())) == 48 for e in epochs)
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    for e in range(3):  # the order of epoch e is default_rng([seed, e])'s permutation, cut into batches of 8
+        np.testing.assert_array_equal(epochs[e], np.random.default_rng([3, e]).permutation(50)[:48])
 
 
 @pytest.mark.slow

@@ -237,6 +237,55 @@ def test_the_loop_follows_the_schedule(tmp_path, monkeypatch):
     assert [u["lr"] for u in rec.updates] == pytest.approx([0.05, 0.1] + cosine, rel=1e-12)
 
 
+def test_the_loop_hands_weight_decay_and_betas_to_the_optimizer(tmp_path, monkeypatch):
+    """One step from the same start with and without decay: decoupled decay subtracts lr * wd * p
+    from every matrix (biases and layernorm gains are not decayed) and changes nothing else. And
+    the optimizer that takes the steps holds the configured, non-default betas."""
+    pairs = random_pairs(12, seed=8)
+    seen = []
+    original = AdamW.step
+
+    def step(opt, params, grads, lr=None):
+        seen.append((opt.beta1, opt.beta2, opt.weight_decay))
+        return original(opt, params, grads, lr=lr)
+
+    monkeypatch.setattr(AdamW, "step", step)
+    lr, wd = 5e-2, 0.5
+    after = {}
+    for decay in (0.0, wd):
+        policy = init_params(CFG, seed=9)
+        tc = T.TrainConfig(steps=1, batch_size=4, lr=lr, warmup_steps=0, weight_decay=decay, adam_betas=(0.8, 0.99),
+                           log_every=1, eval_every=100, save_every=100, progress=False)
+        T.train_dpo(policy, init_params(CFG, seed=10), CFG, pairs, 0, tc, tmp_path / f"wd{decay}", resume=False)
+        after[decay] = policy
+    assert seen == [(0.8, 0.99, 0.0), (0.8, 0.99, wd)]
+    start = init_params(CFG, seed=9)
+    for k, p0 in start.items():
+        want = -lr * wd * p0 if p0.ndim >= 2 else np.zeros_like(p0)
+        np.testing.assert_allclose(after[wd][k] - after[0.0][k], want, rtol=1e-3, atol=1e-8, err_msg=k)
+    assert max(np.abs(after[wd][k] - after[0.0][k]).max() for k in start) > 1e-4
+
+
+def test_a_record_is_the_mean_of_its_interval(tmp_path):
+    """A log_every=2 record equals the mean of the two log_every=1 records it spans (not their sum)."""
+    pairs = random_pairs(12, seed=8)
+    logs = {}
+    for every in (1, 2):
+        tc = T.TrainConfig(steps=4, batch_size=4, lr=5e-2, warmup_steps=0, log_every=every, eval_every=100,
+                           save_every=100, progress=False)
+        res = T.train_dpo(init_params(CFG, seed=9), init_params(CFG, seed=10), CFG, pairs, 0, tc, tmp_path / str(every),
+                          resume=False)
+        logs[every] = {r["step"]: r for r in res.history if "loss" in r and "eval/loss" not in r}
+    assert sorted(logs[1]) == [1, 2, 3, 4] and sorted(logs[2]) == [2, 4]
+    keys = [k for k in logs[2][2] if k not in ("stage", "step", "lr", "time_s")]
+    assert {"loss", "grad_norm", "rewards/accuracies", "rewards/margins"} <= set(keys)
+    for step in (2, 4):
+        for k in keys:
+            mean = (logs[1][step - 1][k] + logs[1][step][k]) / 2
+            assert logs[2][step][k] == pytest.approx(mean, rel=1e-6, abs=1e-7), (step, k)
+    assert logs[1][1]["loss"] != pytest.approx(logs[1][2]["loss"], rel=1e-3)  # the two steps differ
+
+
 # ------------------------------------------------------------------------------------- metrics
 
 

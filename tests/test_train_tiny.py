@@ -27,6 +27,25 @@ def test_quick_run_improves_the_ground_truth_reward(tmp_path, capsys):
     summary = load_example().main(["--quick", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert "held-out prompts: before (SFT = pi_ref) vs after (DPO)" in printed
+    # the stages print in their order, and every held-out number says it is one
+    import re
+
+    stages = [int(k) for k in re.findall(r"^\[(\d)/5\]", printed, flags=re.M)]
+    assert stages == sorted(stages) and set(stages) == {1, 2, 3, 4, 5}, stages
+    evals = [l for l in printed.splitlines() if re.match(r"\[(sft|dpo) step \d+\]", l)]
+    assert evals and all("] held-out " in l for l in evals), evals
+    assert "[3/5] held-out: " in printed and "held-out pair accuracy" in printed and "held-out examples" in printed
+    from minidpo.cli import tokenizer_fingerprint
+    from minidpo.tokenizer import BPETokenizer
+
+    from minidpo.tokenizer import UNDECODABLE_NOTE
+
+    shown = "".join(e["sft"] + e["dpo"] for e in summary["examples"])
+    assert ("\ufffd" in shown) == (UNDECODABLE_NOTE in printed)  # a U+FFFD shown is explained
+    tok_id = tokenizer_fingerprint(BPETokenizer.load(out / "tokenizer.json"))
+    for stage in ("sft", "dpo_beta0.1"):  # recorded, so `minidpo sample --model` checks the tokenizer beside it
+        state = json.loads((out / stage / "checkpoint" / "trainer_state.json").read_text())
+        assert state["config"]["inputs"]["tokenizer"] == tok_id, stage
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["dpo"]["reward_mean"] == summary["dpo"]["reward_mean"]
     for name in ["tokenizer.json", "training_curves.png", "reward_vs_kl.png", "pairs_train.jsonl", "pairs_eval.jsonl",
@@ -117,6 +136,19 @@ def test_default_out_follows_the_options():
     assert mod.parse_args(["--quick"]).out == str(Path("runs") / "tiny-quick")
     assert mod.parse_args(["--quick", "--seed", "1", "--loss", "ipo"]).out == str(Path("runs") / "tiny-quick-seed1-lossipo")
     assert mod.parse_args(["--out", "x", "--quick"]).out == "x"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--threads", "-1"], "argument --threads: must be >= 0, got -1"),
+    (["--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["--device", "gpu"], "argument --device: unknown device 'gpu'"),
+    (["--sft-step", "5"], "unrecognized arguments: --sft-step 5; did you mean --sft-steps?"),
+])
+def test_bad_options_are_one_line_usage_errors(capsys, argv, says):
+    with pytest.raises(SystemExit) as e:
+        load_example().parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"train_tiny.py: error: {says}"), err
 
 
 def test_plots_tell_sft_from_dpo_and_skip_the_step_0_accuracy(tmp_path):

@@ -4,6 +4,7 @@ The corpus is in tests/verify_corpus/: NumPy, PyTorch and (when installed) JAX l
 people write them, and the official repository's preference_loss written out in PyTorch.
 """
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def _corpus(name):
 
 def _cases(kind):
     """(framework, index) pairs; the module is imported inside the test so a missing framework skips."""
-    sizes = {"numpy": (12, 17), "torch": (12, 18), "jax": (4, 5)}  # len(CORRECT), len(BROKEN)
+    sizes = {"numpy": (12, 20), "torch": (12, 19), "jax": (4, 5)}  # len(CORRECT), len(BROKEN)
     return [pytest.param(fw, i, id=f"{fw}-{i}") for fw, n in sizes.items() for i in range(n[0 if kind == "correct" else 1])]
 
 
@@ -257,3 +258,54 @@ def test_cli_without_hypothesis_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "hypothesis", None)  # import hypothesis now raises ImportError
     assert main(["verify", "tests.verify_corpus.numpy_losses:dpo", "--framework", "numpy"]) == 1
     assert "pip install 'minidpo[verify]'" in capsys.readouterr().err
+
+
+def test_a_function_that_calls_sys_exit_fails_every_property_saying_so(tmp_path, capsys):
+    def exits(pw, pl, rw, rl, beta):
+        sys.exit(0)
+
+    r = check_loss(exits, framework="numpy")
+    assert not r.ok and len(r.failed) == len(r.results)
+    assert all("the function called sys.exit(0)" in x.detail for x in r.results)
+    (tmp_path / "exits.py").write_text("import sys\ndef loss(pw, pl, rw, rl, beta):\n    sys.exit(0)\n")
+    assert main(["verify", f"{tmp_path / 'exits.py'}:loss"]) == 1
+    out = capsys.readouterr().out
+    assert "the function called sys.exit(0)" in out and "0 passed" in out
+
+
+@pytest.mark.parametrize("source, says", [
+    ("def loss(pw, pl, rw, rl, beta:\n    return pw\n", "SyntaxError: "),
+    ("raise RuntimeError('no GPU found')\n", "RuntimeError: no GPU found"),
+])
+def test_a_module_that_fails_to_import_is_one_line(tmp_path, capsys, source, says):
+    (tmp_path / "bad.py").write_text(source)
+    assert main(["verify", f"{tmp_path / 'bad.py'}:loss", "--framework", "numpy"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"minidpo: error: cannot import {tmp_path / 'bad.py'}:loss: {says}") and err.count("\n") == 1
+
+
+def test_the_framework_is_read_from_the_module_without_framework(capsys, monkeypatch):
+    from minidpo.verify import detect_framework
+
+    assert detect_framework(numpy_losses.dpo) == "numpy"
+    assert main(["verify", "tests.verify_corpus.numpy_losses:dpo"]) == 0
+    assert "numpy_losses:dpo  [numpy, variant dpo]" in capsys.readouterr().out
+    if importlib.util.find_spec("torch") is not None:
+        from tests.verify_corpus import torch_losses
+
+        assert detect_framework(torch_losses.dpo) == "torch"
+    # a NumPy loss checked as PyTorch where PyTorch is missing: the message says what to pass
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert main(["verify", "tests.verify_corpus.numpy_losses:dpo", "--framework", "torch"]) == 3
+    assert "for a loss written in NumPy pass --framework numpy" in capsys.readouterr().out
+
+
+def test_invariance_rows_name_both_values_as_the_functions_own():
+    r = check_loss(numpy_losses.reference_forgotten, framework="numpy")
+    row = r.result("margin only (Z(x) shift)")
+    assert row.verdict == "FAIL" and row.detail.startswith(
+        "adding shift = (s1, s2, s3) to log pi_w, log pi_l, log ref_w and s2 + s3 - s1 to log ref_l leaves h unchanged "
+        "but changed the loss: shifted [") and "unshifted (the function's own value) [" in row.detail
+    assert " shift=[" in row.counterexample and "correct" not in row.detail
+    row = check_loss(numpy_losses.beta_twice, framework="numpy").result("beta only through beta*h")
+    assert row.verdict == "FAIL" and "scaled [" in row.detail and "unscaled (the function's own value) [" in row.detail

@@ -102,6 +102,21 @@ def reference_gets_gradient(pw, pl, rw, rl, beta):
     return {"losses": _nls(z), "grad_policy_chosen_logps": beta * w / n, "grad_policy_rejected_logps": -beta * w / n}
 
 
+def rejected_gradient_wrong_sign(pw, pl, rw, rl, beta):
+    """Hand-written backward whose rejected-side gradient has the chosen side's sign (values right)."""
+    n, z = pw.shape[0], beta * _h(pw, pl, rw, rl)
+    w = 1 / (1 + np.exp(z))
+    return {"losses": _nls(z), "grad_policy_chosen_logps": -beta * w / n, "grad_policy_rejected_logps": -beta * w / n}
+
+
+def ipo_flat_below_target(pw, pl, rw, rl, beta):
+    return np.maximum(_h(pw, pl, rw, rl) - 1 / (2 * beta), 0) ** 2  # a one-sided square: no pull up from below
+
+
+def ipo_flat_above_target(pw, pl, rw, rl, beta):
+    return np.minimum(_h(pw, pl, rw, rl) - 1 / (2 * beta), 0) ** 2  # a one-sided square: no push back from above
+
+
 def beta_twice(pw, pl, rw, rl, beta):
     cr, rr = _rewards(pw, pl, rw, rl, beta)
     return _nls(beta * (cr - rr))  # the rewards already carry beta
@@ -161,6 +176,9 @@ BROKEN = [
     Case(ipo_reference_left_summed, "ipo", "log-probs: summed or per-token", bug="IPO: policy per-token, reference summed"),
     Case(dpo_per_token_mean, "dpo", "log-probs: summed or per-token", bug="a mean over tokens where a sum is meant"),
     Case(reference_gets_gradient, "dpo", "gradient (eq. 9)", bug="the reference's gradient returned for the policy"),
+    Case(rejected_gradient_wrong_sign, "dpo", "gradient (eq. 9)", bug="the rejected side's gradient with the wrong sign"),
+    Case(ipo_flat_below_target, "ipo", "IPO: minimum at h = 1/(2 beta)", bug="IPO flat below its minimum"),
+    Case(ipo_flat_above_target, "ipo", "IPO: minimum at h = 1/(2 beta)", bug="IPO flat above its minimum"),
     Case(beta_twice, "dpo", "beta only through beta*h", bug="beta applied twice"),
     Case(batch_mean_margin, "dpo", "agrees with minidpo", bug="a batch mean inside the log-sigmoid"),
     Case(naive_log_sigmoid, "dpo", "numerics (large margins, dtypes)", bug="naive log(sigmoid): overflow at large margins"),

@@ -87,6 +87,10 @@ def policy_detached(pw, pl, rw, rl, beta):
     return -F.logsigmoid(beta * ((pw - pl).detach() - (rw - rl)))  # detached the wrong side: gradient goes to the reference only
 
 
+def rejected_detached(pw, pl, rw, rl, beta):
+    return -F.logsigmoid(beta * ((pw - rw) - (pl.detach() - rl)))  # no gradient reaches the rejected response
+
+
 def reference_not_detached(pw, pl, rw, rl, beta):
     return -F.logsigmoid(beta * _h(pw, pl, rw, rl))  # correct if the caller uses no_grad; checked strictly below
 
@@ -149,6 +153,7 @@ BROKEN = [
     Case(ipo_reference_left_summed, "ipo", "log-probs: summed or per-token", bug="IPO: policy per-token, reference summed"),
     Case(dpo_per_token_mean, "dpo", "log-probs: summed or per-token", bug="a mean over tokens where a sum is meant"),
     Case(policy_detached, "dpo", "gradient (eq. 9)", bug="the gradient flows to the reference, not the policy"),
+    Case(rejected_detached, "dpo", "gradient (eq. 9)", bug="the rejected response detached"),
     Case(reference_not_detached, "dpo", "reference gets no gradient", check=dict(require_detached_reference=True),
          bug="reference receives gradient (strict check)"),
     Case(beta_twice, "dpo", "beta only through beta*h", bug="beta applied twice"),
