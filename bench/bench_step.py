@@ -1110,6 +1110,13 @@ def _cpu_kernels_on(device: Device):
     return runtime.cpu_kernels() is not None if device.kind == "cpu" else None
 
 
+def _gemm(device: Device):
+    """Which library did minidpo's CPU matrix products ("mkl" or "numpy"; None on CUDA)."""
+    from minidpo import runtime
+
+    return runtime.gemm_choice()["gemm"] if device.kind == "cpu" else None
+
+
 def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params: int, ceiling: dict,
              steps: int, warmup: int, threads, gap: float = 0.0) -> dict:
     flops = step_flops(cfg, n_params, variant)
@@ -1124,7 +1131,7 @@ def make_row(cfg: BenchConfig, device: Device, variant: str, res: dict, n_params
         "matmul_ceiling_flops": ceiling["array_flops"], "torch_matmul_flops": ceiling["torch_flops"],
         "steps": steps, "warmup": warmup, "threads": threads, "gap_s": gap,
         "fast_threads": _fast_threads(device), "blas_threads": _blas_threads(device),
-        "cpu_kernels": _cpu_kernels_on(device),
+        "cpu_kernels": _cpu_kernels_on(device), "gemm": _gemm(device),
     }
     for impl in ("minidpo", "torch"):
         r = dict(res[impl])

@@ -165,6 +165,14 @@ def main(argv=None) -> dict | None:
     return run(args)
 
 
+def cpu_path_of(backend) -> str | None:
+    """What the CPU fast path ran on (runtime.describe_cpu_path), None on a GPU: figures differ in
+    their last digits between the compiled kernels and the NumPy passes, and between BLAS libraries."""
+    from minidpo import runtime
+
+    return runtime.describe_cpu_path() if backend.device == "cpu" else None
+
+
 def build_pairs(out: Path, args, cfg, reference, mcfg, tokenizer, reward_fn, prompts_by_split, gen_kw, comm):
     """Preference pairs sampled from pi_ref and labelled by the ground-truth reward, both splits.
 
@@ -242,6 +250,8 @@ def _run(args, cfg, betas, out, backend, comm) -> dict | None:
     timings = {}
     show = not args.no_progress and comm.rank == 0  # progress bars: rank 0's
     log(f"minidpo controlled-sentiment run: device={backend.device} out={out} preset={'quick' if args.quick else 'default'}")
+    if backend.device == "cpu":
+        log(f"  cpu path: {cpu_path_of(backend)}")
 
     # 1. corpus --------------------------------------------------------------------------------
     corpus = sentiment.sft_corpus(cfg["n_reviews"], seed=args.seed)  # [(prompt, continuation)]
@@ -334,6 +344,7 @@ def _run(args, cfg, betas, out, backend, comm) -> dict | None:
     sft_rewards = reward_fn([p + t for p, t in zip(sft_samples.prompts, sft_samples.texts)])
     sft_mean, sft_se = mean_and_stderr(sft_rewards)
     summary = {"device": backend.device, "preset": "quick" if args.quick else "default", "model": mcfg.to_dict(),
+               "cpu_path": cpu_path_of(backend),
                "n_params": num_params(reference), "pair_mode": args.pair_mode, "loss": args.loss,
                "n_pairs": {k: len(v) for k, v in pair_sets.items()},
                "sft": {"reward_mean": sft_mean, "reward_se": sft_se, "n_samples": len(sft_rewards)}}

@@ -1,17 +1,21 @@
-"""Matrix products through Intel MKL's GEMM, for the fast path on the CPU (the ``fast`` extra).
+"""Matrix products through Intel MKL's GEMM, for the fast path on the CPU (the opt-in ``mkl`` extra).
 
 NumPy's wheels multiply matrices with OpenBLAS. On the 2-core Xeon where minidpo is measured
 (bench/README.md), MKL's sgemm, which PyTorch's CPU build uses, was 10-16% faster on the
 model's shapes (N x 384 @ 384 x 1152: 45.0 ms against 51.0; the 2048^3 ceiling 159 GFLOP/s
-against 149), and the matrix products are about 80% of a training step. This module calls
+against 149), and the matrix products are about 80% of a training step; on an AMD EPYC it was
+0-15% slower. So it is used only where it measures faster: :func:`calibrate` times both
+libraries on the model's shapes once per machine and runtime.gemm_lib caches the verdict
+(runtime.gemm_choice). This module calls
 ``cblas_sgemm`` / ``cblas_dgemm`` of the ``mkl`` package's ``libmkl_rt`` through ctypes, with
 MKL's sequential threading layer: the fast path's thread pool shares each product among its
 threads (fast.py), as it does with NumPy's BLAS on one thread.
 
 :func:`matmul` takes the 2-D operands NumPy's matmul does and gives the same numbers to float
 round-off; an operand in a layout a GEMM cannot read (no unit stride) goes to ``np.matmul``.
-fast.py imports this module on first use only; without the ``mkl`` package, or with
-``MINIDPO_CPU_KERNELS=0``, ``np.matmul`` does all products.
+fast.py imports this module on first use only; without the ``mkl`` package, with
+``MINIDPO_CPU_KERNELS=0``, or where the calibration found MKL no faster, ``np.matmul`` does all
+products.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import os
+import time
 
 import numpy as np
 
-__all__ = ["load", "matmul", "bmm"]
+__all__ = ["load", "version", "matmul", "bmm", "calibrate", "CALIBRATION_SHAPES"]
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
@@ -41,6 +46,14 @@ def _library_path() -> str | None:
             if os.path.exists(path):
                 return path
     return None
+
+
+def version() -> str | None:
+    """The installed ``mkl`` package's version, or None."""
+    try:
+        return importlib.metadata.version("mkl")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def load():
@@ -174,3 +187,44 @@ def bmm(a, b, out, alpha: float = 1.0, beta: float = 0.0):
                 out *= out.dtype.type(beta)
             out += tgt
     return out
+
+
+# The products of a training step, (M, K, N) for out (M, N) = a (M, K) @ b (K, N), at 2048 tokens:
+# C = 128 (the main job's model) and C = 384 (C1 in bench/): the attention and MLP projections,
+# the weight gradient (a transposed operand) and the unembedding. About 9.6 GFLOP a library a round.
+CALIBRATION_SHAPES = (
+    (2048, 128, 384), (2048, 128, 512), (2048, 512, 128),  # C = 128: qkv, fc, proj
+    (2048, 384, 1152), (2048, 1536, 384),                   # C = 384: qkv, MLP proj
+    (384, 2048, 1152),                                      # dW = x^T (C, N) @ dy (N, 3C)
+    (2048, 384, 2048),                                      # logits (N, C) @ wte^T (C, V)
+)
+
+
+def calibrate(shapes=CALIBRATION_SHAPES, rounds: int = 3, seed: int = 0) -> dict:
+    """Time MKL's sgemm (this module's :func:`matmul`) against ``np.matmul`` on float32 products of
+    the given (M, K, N) shapes, A/B interleaved shape by shape for ``rounds`` rounds, each product
+    once untimed first. Call it with NumPy's BLAS on the threads it will run on (runtime's
+    use_threads: one). Returns {"mkl_s": [median seconds per shape], "numpy_s": [...], "shapes":
+    [...], "rounds": rounds}; raises RuntimeError when MKL does not load."""
+    if load() is None:
+        raise RuntimeError("MKL's GEMM does not load here (is the `mkl` extra installed?)")
+    rng = np.random.default_rng(seed)
+    mkl_s, np_s = [], []
+    for M, K, N in shapes:
+        a = rng.standard_normal((M, K), dtype=np.float32)
+        b = rng.standard_normal((K, N), dtype=np.float32)
+        if M < K:  # the weight-gradient form: a is read transposed, as x.T is
+            a = np.ascontiguousarray(a.T).T
+        out = np.empty((M, N), dtype=np.float32)
+        fns = (lambda: matmul(a, b, out), lambda: np.matmul(a, b, out=out))
+        for f in fns:
+            f()
+        times = ([], [])
+        for _ in range(rounds):
+            for j, f in enumerate(fns):
+                t0 = time.perf_counter()
+                f()
+                times[j].append(time.perf_counter() - t0)
+        mkl_s.append(float(np.median(times[0])))
+        np_s.append(float(np.median(times[1])))
+    return {"shapes": [list(s) for s in shapes], "rounds": rounds, "mkl_s": mkl_s, "numpy_s": np_s}

@@ -10,7 +10,8 @@ part); it decides where and how fast fast.py's functions run:
     memory     keep_freed_memory (glibc's mallopt), set_hugepage_advice (NumPy's madvise),
                cpu_defaults (both, and the threads, for a training or benchmark run)
     loaders    cpu_kernels (the Numba kernels of cpu_kernels.py: loaded once, on first use, and
-               whether they should run on given arrays), gemm_lib (MKL's GEMM, mkl_blas.py),
+               whether they should run on given arrays), gemm_lib (MKL's GEMM, mkl_blas.py, where
+               its one-time calibration measured it faster), set_gemm / gemm_choice,
                set_cpu_kernels / no_cpu_kernels (``MINIDPO_CPU_KERNELS=0``: NumPy passes only)
 
 NumPy's ufuncs, reductions and BLAS calls release the GIL, so a long elementwise pass cut into
@@ -34,7 +35,8 @@ from . import layers
 __all__ = [
     "set_threads", "get_threads", "default_threads", "use_threads", "parallel_for", "parts", "half_threads",
     "flat_parts", "cache_blocks", "BLOCK", "MIN_PAR", "cpu_defaults", "hugepage_advice", "set_hugepage_advice",
-    "keep_freed_memory", "cpu_kernels", "set_cpu_kernels", "no_cpu_kernels", "gemm_lib",
+    "keep_freed_memory", "cpu_kernels", "set_cpu_kernels", "no_cpu_kernels", "gemm_lib", "gemm_choice",
+    "set_gemm", "describe_cpu_path", "calibration_path", "gemm_machine_key", "GEMM_CHOICES", "GEMM_MARGIN",
 ]
 
 # ------------------------------------------------------------------------------------ threads
@@ -147,12 +149,14 @@ def cpu_defaults(threads: int | None = None) -> None:
     """The fast path's CPU settings, for a training or benchmark run (the CLI and bench/ call it):
 
     - ``threads`` for the elementwise passes (:func:`set_threads`; None: :func:`default_threads`);
+    - the GEMM library decided now (:func:`gemm_lib`: a first run on this machine calibrates);
     - NumPy's transparent-hugepage advice off, unless NUMPY_MADVISE_HUGEPAGE is set. Every step
       allocates fresh activation arrays; on a VM a hugepage fault may first compact memory, and
       C1's step (bench/README.md) took 12.0 s with the advice and 8.8 s without (1 thread);
     - freed memory kept for reuse (:func:`keep_freed_memory`), unless MINIDPO_KEEP_MEMORY=0.
     """
     set_threads(threads)
+    gemm_lib()  # a first run's GEMM calibration now, not inside a timed step or a thread's part
     if "NUMPY_MADVISE_HUGEPAGE" not in os.environ:
         set_hugepage_advice(False)
     if os.environ.get("MINIDPO_KEEP_MEMORY", "1") != "0":
@@ -292,26 +296,164 @@ _DONE = object()
 
 # ------------------------------------------------------------------------------------ matrix products
 
-# On NumPy the fast path does its own matrix products: through MKL's GEMM when the ``mkl``
-# package is installed (mkl_blas.py: 10-16% faster than NumPy's OpenBLAS on the model's shapes
-# here), else np.matmul; with several threads each product is shared among them, each part one
-# GEMM on its own rows (or its own rows of dw), the BLAS on one thread (see use_threads), so that
-# no BLAS worker spins on a core the pool's thread wants.
+# On NumPy the fast path does its own matrix products: through MKL's GEMM where the opt-in ``mkl``
+# extra is installed and MKL measures faster than NumPy's BLAS on this machine (mkl_blas.py: 10-16%
+# faster than OpenBLAS on the model's shapes on the Xeon here, 0-15% slower on an AMD EPYC), else
+# np.matmul; with several threads each product is shared among them, each part one GEMM on its own
+# rows (or its own rows of dw), the BLAS on one thread (see use_threads), so that no BLAS worker
+# spins on a core the pool's thread wants.
+#
+# Which library: MINIDPO_GEMM=auto (the default) times both once on this machine
+# (mkl_blas.calibrate, about a second) and caches the verdict in gemm-calibration.json beside
+# Numba's cache of the compiled kernels (see calibration_path), keyed by the CPU, NumPy, its BLAS
+# and MKL's version, so a changed install calibrates again; MINIDPO_GEMM=mkl or =numpy decides
+# without timing. MKL must be faster by more than GEMM_MARGIN: within the timing noise NumPy stays.
 
-_MKL = None  # the mkl_blas module once it loaded MKL; False: not available
+GEMM_CHOICES = ("auto", "mkl", "numpy")
+GEMM_MARGIN = 0.97  # MKL only when its total time is under 97% of NumPy's on the calibration shapes
+_GEMM = os.environ.get("MINIDPO_GEMM", "auto")
+_MKL = None  # the mkl_blas module when it does the products; False: np.matmul
+_GEMM_RECORD: dict | None = None  # how that was decided (gemm_choice)
+_GEMM_LOCK = threading.Lock()
+
+
+def set_gemm(choice: str) -> str:
+    """Which library multiplies on the CPU fast path: "auto" (MKL where it loads and its
+    calibration measured it faster), "mkl" (MKL where it loads) or "numpy". Returns the previous
+    choice; the next product decides again."""
+    global _GEMM, _MKL, _GEMM_RECORD
+    if choice not in GEMM_CHOICES:
+        raise ValueError(f"the GEMM choice must be one of {', '.join(GEMM_CHOICES)}, got {choice!r}")
+    with _GEMM_LOCK:
+        old, _GEMM, _MKL, _GEMM_RECORD = _GEMM, choice, None, None
+    return old
+
+
+def calibration_path() -> str:
+    """Where the GEMM calibration is cached: $NUMBA_CACHE_DIR when set (Numba keeps the compiled
+    kernels there), else minidpo's own __pycache__ (where Numba caches them by default), else
+    ~/.cache/minidpo when the package folder is read-only."""
+    name = "gemm-calibration.json"
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.path.join(os.environ["NUMBA_CACHE_DIR"], name)
+    here = os.path.dirname(os.path.abspath(__file__))
+    pycache = os.path.join(here, "__pycache__")
+    if os.access(pycache if os.path.isdir(pycache) else here, os.W_OK):
+        return os.path.join(pycache, name)
+    return os.path.join(os.path.expanduser("~"), ".cache", "minidpo", name)
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gemm_machine_key() -> dict:
+    """What a calibration holds for: the CPU, NumPy's version and BLAS, MKL's version."""
+    from threadpoolctl import threadpool_info
+
+    from . import mkl_blas
+
+    blas = sorted(f"{i.get('internal_api')} {i.get('version')}" for i in threadpool_info() if i.get("user_api") == "blas")
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "numpy": np.__version__, "blas": blas, "mkl": mkl_blas.version()}
+
+
+def _read_calibration(path: str, key: dict) -> dict | None:
+    import json
+
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(rec, dict) and rec.get("key") == key and isinstance(rec.get("mkl_s"), list)
+          and isinstance(rec.get("numpy_s"), list) and len(rec["mkl_s"]) == len(rec["numpy_s"]) > 0)
+    return rec if ok else None
+
+
+def _write_calibration(path: str, rec: dict) -> None:
+    """Atomically (a temporary file renamed over it); a folder that cannot be written is skipped:
+    the next run calibrates again."""
+    import json
+    import tempfile
+
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".gemm-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(rec, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _decide_gemm():
+    """(mkl_blas or False, record) by the current choice; the record says why."""
+    from threadpoolctl import threadpool_limits
+
+    from . import mkl_blas
+
+    if _GEMM not in GEMM_CHOICES:
+        raise ValueError(f"MINIDPO_GEMM must be one of {', '.join(GEMM_CHOICES)}, got {_GEMM!r}")
+    if _GEMM == "numpy":
+        return False, {"gemm": "numpy", "why": "MINIDPO_GEMM=numpy"}
+    if mkl_blas.load() is None:
+        return False, {"gemm": "numpy", "why": "MKL is not installed (pip install minidpo[mkl])"}
+    if _GEMM == "mkl":
+        return mkl_blas, {"gemm": "mkl", "why": "MINIDPO_GEMM=mkl"}
+    key = gemm_machine_key()
+    path = calibration_path()
+    rec = _read_calibration(path, key)
+    cached = rec is not None
+    if not cached:
+        with threadpool_limits(limits=1, user_api="blas"):  # as the fast path runs them
+            rec = dict(mkl_blas.calibrate(), key=key)
+        _write_calibration(path, rec)
+    ratio = sum(rec["mkl_s"]) / sum(rec["numpy_s"])
+    use = ratio < GEMM_MARGIN
+    why = (f"calibrated{' (cached in ' + path + ')' if cached else ''}: MKL takes {ratio:.3f}x NumPy's time "
+           f"on the model's shapes ({'under' if use else 'not under'} {GEMM_MARGIN})")
+    return (mkl_blas if use else False), {"gemm": "mkl" if use else "numpy", "why": why, "mkl_over_numpy": ratio,
+                                          "cached": cached, "path": path}
 
 
 def gemm_lib():
-    """mkl_blas when MKL's GEMM should do the products (the CPU kernels are on and the ``mkl``
-    package loads), else None (np.matmul)."""
-    global _MKL
+    """mkl_blas when MKL's GEMM should do the products (the CPU kernels are on, the ``mkl``
+    package loads and the choice, by default its calibration, says so), else None (np.matmul).
+    Decided once (thread-safe); :func:`set_gemm` decides again."""
+    global _MKL, _GEMM_RECORD
     if not _CPU_KERNELS:
         return None
     if _MKL is None:
-        from . import mkl_blas
-
-        _MKL = mkl_blas if mkl_blas.load() is not None else False
+        with _GEMM_LOCK:
+            if _MKL is None:
+                _MKL, _GEMM_RECORD = _decide_gemm()
     return _MKL or None
+
+
+def gemm_choice() -> dict:
+    """How the CPU fast path multiplies, and why: {"gemm": "mkl" | "numpy", "why": ..., and for a
+    calibration "mkl_over_numpy" (time ratio), "cached", "path"}."""
+    if not _CPU_KERNELS:
+        return {"gemm": "numpy", "why": "the compiled CPU kernels are off (MINIDPO_CPU_KERNELS=0)"}
+    gemm_lib()
+    return dict(_GEMM_RECORD)
+
+
+def describe_cpu_path() -> str:
+    """One line: what the CPU fast path runs on here (compiled kernels or NumPy passes, and which
+    library multiplies), for a run's log and summary."""
+    kernels = "compiled CPU kernels" if cpu_kernels() is not None else "NumPy passes (no compiled CPU kernels)"
+    g = gemm_choice()
+    return f"{kernels}; matrix products by {'MKL' if g['gemm'] == 'mkl' else 'NumPy'} ({g['why']})"
 
 
 # ------------------------------------------------------------------------------------ blocks

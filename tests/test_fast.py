@@ -40,12 +40,14 @@ def cpu_path(request):
         return
     pytest.importorskip("numba", reason="the compiled CPU kernels need Numba (pip install minidpo[fast])")
     old = rt.set_cpu_kernels(True)
+    old_gemm = rt.set_gemm("mkl")  # MKL's GEMM wherever it is installed, whatever its calibration here
     try:
         assert rt.cpu_kernels() is not None
         with mock.patch.object(fast, "_MKL_ATTENTION_T", 1):  # MKL's batched GEMM (if installed) at every T
             yield
     finally:
         rt.set_cpu_kernels(old)
+        rt.set_gemm(old_gemm)
 seeds = st.integers(0, 2**32 - 1)
 
 

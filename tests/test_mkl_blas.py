@@ -1,5 +1,6 @@
 """minidpo/mkl_blas.py: MKL's GEMM through ctypes against np.matmul, in every operand layout the
-fast path passes (C- and F-ordered, row-strided views, transposed views), float32 and float64."""
+fast path passes (C- and F-ordered, row-strided views, transposed views), float32 and float64;
+its calibration (tests/test_gemm_choice.py holds the choice made from it)."""
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from minidpo import fast, mkl_blas, runtime
 
 pytestmark = pytest.mark.skipif(mkl_blas.load() is None,
-                                reason="MKL's GEMM needs the mkl package (pip install minidpo[fast])")
+                                reason="MKL's GEMM needs the mkl package (pip install minidpo[mkl])")
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -56,7 +57,14 @@ def test_the_layouts_it_reads_itself_and_the_ones_it_leaves_to_numpy():
     np.testing.assert_array_equal(mkl_blas.matmul(a.astype(np.float32), b), a @ b)  # mixed dtypes: NumPy
 
 
-def test_the_fast_path_uses_it_and_the_switch_turns_it_off(monkeypatch):
+@pytest.fixture
+def mkl_chosen():
+    old = runtime.set_gemm("mkl")  # whatever this machine's calibration says
+    yield
+    runtime.set_gemm(old)
+
+
+def test_the_fast_path_uses_it_and_the_switches_turn_it_off(monkeypatch, mkl_chosen):
     calls = []
     real = mkl_blas.matmul
     monkeypatch.setattr(mkl_blas, "matmul", lambda *a: (calls.append(1), real(*a))[1])
@@ -68,6 +76,20 @@ def test_the_fast_path_uses_it_and_the_switch_turns_it_off(monkeypatch):
         y2 = fast.linear_forward(x, w)[0]
     assert calls == [1]
     np.testing.assert_allclose(y, y2, rtol=1e-6, atol=1e-6)
+    runtime.set_gemm("numpy")
+    fast.linear_forward(x, w)
+    assert calls == [1]
+    runtime.set_gemm("mkl")
+    fast.linear_forward(x, w)
+    assert calls == [1, 1]
+
+
+def test_calibrate_times_both_libraries_on_every_shape():
+    shapes = ((64, 32, 48), (32, 64, 16))
+    r = mkl_blas.calibrate(shapes, rounds=2)
+    assert r["shapes"] == [list(s) for s in shapes] and r["rounds"] == 2
+    assert len(r["mkl_s"]) == len(r["numpy_s"]) == 2
+    assert all(t > 0 for t in r["mkl_s"] + r["numpy_s"])
 
 
 @given(P=st.integers(1, 3), Q=st.integers(1, 4), M=st.integers(1, 6), K=st.integers(1, 6), N=st.integers(1, 6),

@@ -61,6 +61,9 @@ def test_quick_run_improves_the_ground_truth_reward(tmp_path, capsys):
     assert 0 < dpo["kl"] < float("inf")
     assert dpo["accuracy"] > 0.5
     assert len(summary["examples"]) == 3
+    from minidpo import runtime
+
+    assert summary["cpu_path"] == runtime.describe_cpu_path() and f"  cpu path: {summary['cpu_path']}" in printed
 
 
 SMALL = ["--quick", "--sft-steps", "60", "--dpo-steps", "30", "--no-progress"]
