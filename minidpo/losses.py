@@ -312,15 +312,15 @@ def _saturation(dtype) -> float:
 
 
 def _exp_saturated(t):
-    """(exp(clip(t)), whether t was inside): exp of t clipped to [-c, cap] (c = log(1/tiny) - 1, cap =
-    _saturation), so neither an overflow nor an underflow event happens. The derivative of the clipped
-    function is exp(t) inside and 0 where t > cap (saturated); below -c the value is exp(-c) < 1e-300
-    (float64) in place of the rounding-level exp(t)."""
+    """(exp(t) saturated, whether t was at most the cap): exp of t clipped to [-cap, cap] (cap =
+    _saturation), and exactly 0 below -cap, so neither an overflow nor an underflow event happens (nor
+    one in a product of it). Its derivative is exp(t) inside, 0 where t > cap (saturated) and below
+    -cap (where exp(t) < exp(-cap), about 1e-153 in float64 and 6e-19 in float32, is rounding level
+    next to the 1 it is added to)."""
     xp = get_array_module(t)
-    lo = -math.log(float(np.finfo(t.dtype).tiny)) + 1.0
-    cap = _saturation(t.dtype)
-    inside = t <= cap
-    return xp.exp(xp.clip(t, t.dtype.type(-lo), t.dtype.type(cap))), inside
+    cap = t.dtype.type(_saturation(t.dtype))
+    e = xp.exp(xp.clip(t, -cap, cap))
+    return xp.where(t < -cap, t.dtype.type(0), e), t <= cap
 
 
 def _log1mexp(a):
@@ -588,8 +588,9 @@ def _log_odds(a):
     inside = a <= top
     a = xp.minimum(a, top)
     one_minus_p = -_log1mexp(a)  # -log(1 - p)
-    d = xp.where(a > a.dtype.type(-math.log(2.0)), -1.0 / xp.expm1(xp.maximum(a, a.dtype.type(-math.log(2.0)))),
-                 1.0 / (1.0 - _exp_nonpos(a)))  # 1 / (1 - p)
+    ln2 = a.dtype.type(-math.log(2.0))
+    d = xp.where(a > ln2, -1.0 / xp.expm1(xp.maximum(a, ln2)),  # a in [-log 2, 0): 1 / (1 - p) = -1 / expm1(a)
+                 1.0 / (1.0 - _exp_nonpos(xp.minimum(a, ln2))))  # a < -log 2: p <= 1/2
     return a + one_minus_p, xp.where(inside, d, a.dtype.type(0))
 
 
