@@ -323,6 +323,19 @@ def _exp_saturated(t):
     return xp.where(t < -cap, t.dtype.type(0), e), t <= cap
 
 
+def _product(a, b, scale: float = 1.0):
+    """scale * a * b, with each product whose magnitude would fall below 2^20 times the smallest
+    normal number set to exactly 0 (about 2e-302 in float64, 1e-32 in float32, rounding level next
+    to any other pair's gradient), so that neither the product nor dpo_loss's division by N raises
+    an underflow event when two small factors meet (a saturated loss's slope and a saturated
+    score's). scale > 0 is a Python float."""
+    xp = get_array_module(a, b)
+    tiny = float(np.finfo(a.dtype).tiny) * 2.0 ** 20
+    c = xp.clip(xp.abs(b), a.dtype.type(tiny), a.dtype.type(1))  # |b| in [tiny, 1]
+    keep = xp.abs(a) >= (tiny / c) / min(scale, 1.0)  # then |scale a b| >= tiny (thresholds >= tiny: no event)
+    return (xp.where(keep, a, a.dtype.type(0)) * b) * scale
+
+
 def _log1mexp(a):
     """log(1 - exp(a)) for a < 0, stable on both sides of -log 2 (Maechler 2012): log(-expm1(a)) near 0,
     log1p(-exp(a)) below. The arguments of expm1 and exp are kept where they raise no event."""
@@ -1012,7 +1025,7 @@ class Loss:
             s_w, ds_w = f_divergence_score(chosen, divergence, options.get("f_alpha", 0.5))
             s_l, ds_l = f_divergence_score(rejected, divergence, options.get("f_alpha", 0.5))
             losses, dloss_dz = self.margin(s_w - s_l, beta, **fn_options)
-            d_chosen, d_rejected = beta * dloss_dz * ds_w, -beta * dloss_dz * ds_l
+            d_chosen, d_rejected = _product(dloss_dz, ds_w, beta), -_product(dloss_dz, ds_l, beta)
             return losses, d_chosen, d_rejected, (d_rejected - d_chosen) / (2.0 * beta)
         losses, dloss_dz = self.margin(chosen - rejected, beta, **fn_options)
         weight = -dloss_dz

@@ -728,7 +728,7 @@ def _central_differences(ck, arrays, beta, counts=None, step=1e-6):
         dn[j][i] -= e
         return (total(up) - total(dn)) / (2 * e)
 
-    floor = 1e-8 * max(1.0, abs(total(arrays)))  # the rounding level of the differences
+    size = max(1.0, abs(total(arrays)))  # a difference quotient at step e rounds to about 1e-16 * size / e
     grads = []
     for j in (0, 1):
         g = np.zeros(len(arrays[j]), dtype=np.float64)
@@ -736,7 +736,7 @@ def _central_differences(ck, arrays, beta, counts=None, step=1e-6):
             e, prev = step, None
             for _ in range(6):
                 est = (4.0 * diff(j, i, e / 2) - diff(j, i, e)) / 3.0
-                if prev is not None and abs(est - prev) <= 1e-6 * abs(est) + floor:
+                if prev is not None and abs(est - prev) <= 1e-6 * abs(est) + 1e-14 * size / e:
                     est = prev  # the larger step agrees: keep it (less rounding)
                     break
                 prev, e = est, e / 4
