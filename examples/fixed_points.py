@@ -131,8 +131,8 @@ def table(rows) -> str:
         gap = f"{r['derived_gap']:.1e}" if "derived_gap" in r else "-"
         how = f"stationary in {r['steps']} steps" if r["converged"] else f"{r['note']} (|grad| {r['grad']:.0e} after {r['steps']})"
         moving = "" if r["converged"] else " (still moving)"
-        out.append(f"| {r['label']} | {r['kl_ref']:.4f}{moving} | {r['reward']:+.4f} | {r['kl_opt']:.2e} | {rec} | "
-                   f"{r['below_frontier']:.4f} | {r['beta_star']:.3g}, {r['kl_star']:.1e} | {gap} | {how} |")
+        out.append(f"| {r['label']} | {r['kl_ref']:.4f}{moving} | {r['reward']:+.4f} | {max(r['kl_opt'], 0.0):.2e} | {rec} | "
+                   f"{max(r['below_frontier'], 0.0):.4f} | {r['beta_star']:.3g}, {max(r['kl_star'], 0.0):.1e} | {gap} | {how} |")
     return "\n".join(out)
 
 
