@@ -750,7 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--variant", choices=verify_variants(), default="dpo", metavar="VARIANT",
                     help=f"which loss the function claims to compute (its laws are checked): "
                          f"{', '.join(verify_variants())}")
-    sp.add_argument("--label-smoothing", type=float, default=0.1, help="eps for cdpo/robust, passed as label_smoothing=")
+    sp.add_argument("--label-smoothing", type=float, default=0.1,
+                    help="eps for the variants with label smoothing (cdpo, robust, exo_pair, aot, aot_unpaired), "
+                         "passed as label_smoothing=")
     sp.add_argument("--arg", action="append", metavar="KEY=VALUE", help="a fixed keyword argument (JSON value), e.g. ipo=true")
     sp.add_argument("--max-examples", type=int, default=25, help="hypothesis examples per property")
     sp.add_argument("--reduction", choices=["none", "mean", "sum"], default=None, help="require this batch reduction (default: detect and report it)")

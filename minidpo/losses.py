@@ -23,6 +23,12 @@ Notation used in every docstring below (N = number of preference pairs, shapes (
 so eq. (7) is -log sigma(z), and the official code computes it in this beta-factored form.
 All gradients are of the MEAN loss over the N pairs (hence the 1/N factors).
 
+The family after eq. (7) (EXO, NCA, BCO, SPPO, AOT, APO, DiscoPOP, sigmoid_norm, SFT, weighted
+sums, SimPO, CPO, AlphaPO, ORPO, KTO; f-DPO's scores; LD-DPO's and WPO's log-prob rules) follows,
+each one free function with its per-pair derivatives and its paper, and each one row of
+LOSS_TABLE: name, function, options (default, help, range), whether it needs pi_ref, its log-prob
+rule, what the trainer supplies each step (Loss.inputs), its source. dpo_loss runs any row.
+
 Numerics. log_sigmoid and sigmoid are stable for |x| up to the dtype's range, with no
 overflow, underflow or invalid-value floating-point events (they pass under
 ``np.errstate(all="raise")``). Float32 in gives float32 out; float64 in gives float64 out;
@@ -211,18 +217,22 @@ class DPOOutput:
     """What dpo_loss returns. All arrays are (N,) in the policy log-probs' dtype, on their device.
 
     Attributes:
-        losses: per-pair losses (including the rpo_alpha NLL term when used).
-        chosen_rewards: r_hat_w = beta (log pi_w - log pi_ref_w), eq. (8); a constant (no gradient).
+        losses: per-pair losses (including the rpo_alpha or the row's NLL term; for AOT, per rank
+            of the batch's sort; times WPO's pair weights when given).
+        chosen_rewards: r_hat_w = beta (log pi_w - log pi_ref_w), eq. (8); a constant (no gradient);
+            beta log pi_w for a loss without a reference.
         rejected_rewards: r_hat_l = beta (log pi_l - log pi_ref_l), eq. (8).
         grad_policy_chosen_logps: d mean(losses) / d log pi(y_w|x).
         grad_policy_rejected_logps: d mean(losses) / d log pi(y_l|x).
-        gradient_weight: eq. (9)'s per-pair weight, for every variant: -d loss_i / d z_i, so
+        gradient_weight: eq. (9)'s per-pair weight: for a loss of the margin -d loss_i / d z_i, so
             without the NLL term grad_policy_chosen_logps = -beta * gradient_weight / N and
-            grad_policy_rejected_logps = +beta * gradient_weight / N. For plain DPO it is
+            grad_policy_rejected_logps = +beta * gradient_weight / N; for any other loss (d loss_i /
+            d log pi_l - d loss_i / d log pi_w) / (2 beta). For plain DPO it is
             sigma(r_hat_l - r_hat_w) in (0, 1): large when the implicit reward model orders the
             pair wrongly, small when it is already right.
         log_ratio_margin: h = log pi_w/pi_ref_w - log pi_l/pi_ref_l (z = beta h is the reward margin).
-        nll_losses: per-pair per-token NLL of the chosen response when rpo_alpha > 0, else None.
+        nll_losses: per-pair per-token NLL of the chosen response when rpo_alpha > 0 or the row has
+            an NLL term (CPO, ORPO), else None.
     """
 
     losses: Any

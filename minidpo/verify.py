@@ -33,6 +33,12 @@ Each property runs its function on inputs hypothesis draws (a fixed seed and a b
 of examples, so a run is reproducible and takes seconds); a failure comes with hypothesis's
 shrunk counterexample and one line naming what broke and the value it should have had.
 
+Every loss of minidpo.losses.LOSS_TABLE is a variant (variants()); what a loss needs besides the
+log-probs (KTO's reference_point, BCO's reward_mean) is passed by name, and the paper's identities
+(IDENTITIES: the value at the reference, dependence on h only, eq. 5-6's per-prompt shift, beta only
+through beta*h, swap symmetry) are checked where minidpo's own loss of the variant has them
+(IDENTITY_TABLE lists which) and reported as not a property of it otherwise.
+
 Properties (see PROPERTIES): the worked example (beta 0.1; log-probs -30/-35, reference
 -34/-31: loss 0.3711, rewards +0.4/-0.4, eq. 9 weight 0.310); the value at the reference (ln 2
 for DPO); dependence on the inputs only through h (a per-prompt shift Z(x) of the implicit
