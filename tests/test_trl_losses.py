@@ -140,7 +140,7 @@ def _dpo_trl(loss_type, token_logps, ref_token_logps, cm, weights=None, dtype=to
     trainer = _trainer(DPOTrainer, **{**defaults, **settings, "args": args})
     loss = DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
     loss.backward()
-    return float(loss), lp.grad.numpy()
+    return float(loss.detach()), lp.grad.numpy()
 
 
 def _dpo_minidpo(loss_type, token_logps, ref_token_logps, shift_mask, per_token=False, beta=0.3, ld_alpha=None,
@@ -371,7 +371,7 @@ def test_kto_matches_trl(seed, kl_shift):
     z0 = kto_reference_point(kl_lp.sum(1), ref_kl)
     assert (float(z0) > 0) == (kl_shift > 0)
     losses, d = kto_loss(lp.sum(1) - ref_seq, labels, 0.2, z0, 1.2, 0.9)
-    assert float(loss) == pytest.approx(float(np.mean(losses)), rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(float(np.mean(losses)), rel=1e-12)
     np.testing.assert_allclose(np.where(sm, t_lp.grad.numpy(), 0.0), (d / m)[:, None] * sm, rtol=1e-10, atol=1e-15)
     # TRL's mismatch: KL_completion_ids = [completion_ids[-1]] + completion_ids[:-1], i.e. kto_mismatched
     completions = list(range(m))
@@ -459,7 +459,7 @@ def test_cpo_trainer_step_from_logits(case):
     loss, _ = cls.get_batch_loss_metrics(trainer, LogitsModel(t_logits), batch)
     loss.backward()
     mine, dlogits = _minidpo_from_logits(batch, logits, name, average, **options)
-    assert float(loss) == pytest.approx(mine, rel=1e-12)
+    assert float(loss.detach()) == pytest.approx(mine, rel=1e-12)
     np.testing.assert_allclose(t_logits.grad.numpy(), dlogits, rtol=1e-9, atol=1e-14)
 
 
@@ -503,10 +503,10 @@ def test_orpo_trainer_step_counts_the_prompt_in_its_nll():
     full[:, 0] = False
     lp_full, cache_full = sequence_logps(logits[:N], ids, full)
     nll_trl = -lp_full.sum() / full.sum()
-    assert float(loss) == pytest.approx(odds + nll_trl, rel=2e-6)
+    assert float(loss.detach()) == pytest.approx(odds + nll_trl, rel=2e-6)
     d_nll = sequence_logps_backward(np.full(N, -1.0 / full.sum()), cache_full)
     want = d_odds.copy()
     want[:N] += d_nll
     np.testing.assert_allclose(t_logits.grad.numpy(), want, rtol=2e-5, atol=1e-8)
     mine, _ = _minidpo_from_logits(batch, logits, "orpo", True, beta=0.1)  # minidpo's own NLL: the response only
-    assert abs(mine - float(loss)) > 1e-2
+    assert abs(mine - float(loss.detach())) > 1e-2
