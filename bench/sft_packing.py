@@ -1,7 +1,7 @@
 """SFT step time with and without packing (minidpo.packing.pack_sft vs data.collate_sft), one thread.
 
 Random items whose prompt and response lengths are drawn uniformly from the ranges below; the
-step is train.sft_step (which runs packed_model.packed_sft_step on a packed batch). Interleaved
+step is train.sft_step on each packing.Batch: the same model, the layout as data. Interleaved
 A B A B; the first round is a warm-up; prints the medians.
 
     python bench/sft_packing.py
@@ -50,7 +50,7 @@ def main() -> None:
                 t = time.perf_counter()
                 sft_step(p, cfg, b)
                 ts[k].append(time.perf_counter() - t)
-        shapes = f"padded {tuple(batches['padded']['input_ids'].shape)}, packed {batches['packed'].shape}"
+        shapes = f"padded {batches['padded'].shape}, packed {batches['packed'].shape}"
         med = {k: statistics.median(v[1:]) * 1e3 for k, v in ts.items()}
         print(f"{name}: {shapes}: padded {med['padded']:.1f} ms, packed {med['packed']:.1f} ms "
               f"({med['padded'] / med['packed']:.2f}x)")

@@ -21,6 +21,10 @@ Two kinds of training data:
 
     python examples/bandit.py                          # both modes, plot to runs/bandit.png
     python examples/bandit.py --beta 0.1 --pairs 2000 --no-plot
+    python examples/bandit.py --mode exact --loss ipo  # another loss of the table: where it ends instead
+
+Every loss of the family on this world, with its fixed point against eq. (4) and the derived ones:
+examples/fixed_points.py.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from minidpo.logprobs import log_softmax, log_softmax_backward
 from minidpo.losses import dpo_loss
 from minidpo.theory import (
     expected_dpo_loss,
+    expected_loss,
     kl_regularized_objective,
     log_partition,
     optimal_policy,
@@ -110,12 +115,16 @@ def train_on_samples(x, chosen, rejected, log_pi_ref, beta: float, steps: int, l
     return log_softmax(theta), losses
 
 
-def train_on_expectation(W, log_pi_ref, beta: float, steps: int, lr: float):
-    """Gradient descent on the expected DPO loss sum W L (theory.expected_dpo_loss)."""
+def train_on_expectation(W, log_pi_ref, beta: float, steps: int, lr: float, loss_type: str = "sigmoid"):
+    """Gradient descent on the expected loss sum W L (theory.expected_dpo_loss for eq. 7; another row
+    of the loss table through theory.expected_loss)."""
     theta = log_pi_ref.copy()  # (X, Y)
     losses = []
     for _ in range(steps):
-        loss, dtheta = expected_dpo_loss(theta, log_pi_ref, W, beta)
+        if loss_type == "sigmoid":
+            loss, dtheta = expected_dpo_loss(theta, log_pi_ref, W, beta)
+        else:
+            loss, dtheta = expected_loss(theta, log_pi_ref, W, beta, loss_type)
         theta -= lr * dtheta
         losses.append(float(loss))
     return log_softmax(theta), losses
@@ -185,6 +194,8 @@ def main(argv=None) -> dict:
     p.add_argument("--pairs", type=int, default=20000, help="sampled preference pairs (sampled mode)")
     p.add_argument("--steps", type=int, default=1000, help="gradient-descent steps")
     p.add_argument("--mode", choices=("both", "sampled", "exact"), default="both")
+    p.add_argument("--loss", default="sigmoid", help="exact mode: the loss of minidpo.losses.LOSS_TABLE to minimise "
+                   "(eq. 7 recovers eq. 4; most others end elsewhere: examples/fixed_points.py)")
     p.add_argument("--out", default=str(Path("runs") / "bandit.png"), help="PNG path for the plot (its folder is created)")
     p.add_argument("--no-plot", action="store_true", help="skip the plot")
     args = p.parse_args(argv)
@@ -194,6 +205,12 @@ def main(argv=None) -> dict:
         p.error("need --prompts >= 1 and --responses >= 2")
     if args.steps < 1 or args.pairs < 1:
         p.error("need --steps >= 1 and --pairs >= 1")
+    from minidpo.losses import LOSS_TABLE
+
+    if args.loss not in LOSS_TABLE or args.loss in ("aot", "aot_unpaired") or LOSS_TABLE[args.loss].inputs:
+        p.error(f"--loss must be a loss of the table with a per-pair expectation and no per-step input, got {args.loss!r}")
+    if args.loss != "sigmoid" and args.mode != "exact":
+        p.error("--loss applies to --mode exact")
 
     rng = np.random.default_rng(args.seed)
     beta = args.beta
@@ -212,11 +229,20 @@ def main(argv=None) -> dict:
                                      log_pi, reward, log_pi_ref, beta, log_pi_opt, log_Z)
     if args.mode in ("both", "exact"):
         W = preference_distribution(reward)  # (X, Y, Y) the Bradley-Terry pair distribution
-        log_pi, losses = train_on_expectation(W, log_pi_ref, beta, args.steps, step_size(W, beta))
-        loss_opt = float(expected_dpo_loss(log_pi_opt, log_pi_ref, W, beta)[0])
-        results["exact"] = compare("exact expected preferences",
-                                   f" expected loss {losses[0]:.6f} -> {losses[-1]:.6f} in {args.steps} steps "
-                                   f"(at eq. 4's optimum: {loss_opt:.6f})",
+        if args.loss == "sigmoid":
+            log_pi, losses = train_on_expectation(W, log_pi_ref, beta, args.steps, step_size(W, beta))
+            loss_opt = float(expected_dpo_loss(log_pi_opt, log_pi_ref, W, beta)[0])
+            how = f"in {args.steps} steps "
+        else:  # another loss: descent to its own fixed point (theory.fixed_point), reported against eq. 4
+            from minidpo.theory import fixed_point
+
+            fp = fixed_point(reward, log_pi_ref, beta, args.loss, pair_weights=W)
+            log_pi, losses = fp["log_pi"], [float(expected_loss(log_pi_ref, log_pi_ref, W, beta, args.loss)[0]), fp["loss"]]
+            loss_opt = float(expected_loss(log_pi_opt, log_pi_ref, W, beta, args.loss)[0])
+            how = "at its fixed point "
+        title = "exact expected preferences" + ("" if args.loss == "sigmoid" else f", loss {args.loss}")
+        results["exact"] = compare(title, f" expected loss {losses[0]:.6f} -> {losses[-1]:.6f} {how}"
+                                          f"(at eq. 4's optimum: {loss_opt:.6f})",
                                    log_pi, reward, log_pi_ref, beta, log_pi_opt, log_Z)
 
     print("\nsummary (max gaps):")

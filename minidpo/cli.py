@@ -50,10 +50,14 @@ def losses_description() -> str:
     w = max(len(n) for n in LOSS_TABLE)
     rows = []
     for name, row in LOSS_TABLE.items():
-        extra = [f"--{o.replace('_', '-')}" for o in row.options] + ([] if row.reference else ["no pi_ref"])
+        own = [o for o, opt in row.options.items() if opt.role != "score"]
+        extra = [f"--{o.replace('_', '-')}" for o in own] + ([] if row.reference else ["no pi_ref"])
         extra += ["per-token mean log-probs"] if row.average_logps else []
+        extra += ["f-DPO"] if any(opt.role == "score" for opt in row.options.values()) else []
+        extra += [f"needs {k}" for k, spec in row.inputs.items() if spec.default is None and spec.units != "count"]
         rows.append(f"  {name:<{w}}  {row.help}" + (f" ({', '.join(extra)})" if extra else ""))
-    return ("losses (--loss), h = (log pi_w - log ref_w) - (log pi_l - log ref_l):\n" + "\n".join(rows))
+    return ("losses (--loss), h = (log pi_w - log ref_w) - (log pi_l - log ref_l), r = beta log pi/pi_ref; "
+            "f-DPO: --f-divergence\n" + "\n".join(rows))
 
 
 class CLIError(Exception):
@@ -220,11 +224,15 @@ def _loss_settings(args) -> dict:
     for name, value in given.items():
         flag = f"--{name.replace('_', '-')}"
         see = f" (see `minidpo {args.command} --help`)"
-        if name not in row.options:
+        try:
+            opt = row.accepts(name, given)
+        except ValueError as err:  # a weighted sum's terms are themselves bad
+            raise UsageError(f"{err}{see}") from None
+        if opt is None:
             takes = [n for n, r in LOSS_TABLE.items() if name in r.options]
             raise UsageError(f"{flag} applies to --loss {' or '.join(takes)}, not {args.loss}{see}")
         try:
-            row.options[name].check(flag, value, args.loss)
+            given[name] = opt.check(flag, value, args.loss)
         except ValueError as err:
             raise UsageError(f"{err}{see}") from None
     return dict(loss_type=args.loss, loss_options=given, reference_free=args.reference_free,
@@ -236,6 +244,30 @@ def _loss_option_names() -> list[str]:
     from .losses import LOSS_TABLE
 
     return list(dict.fromkeys(n for row in LOSS_TABLE.values() for n in row.options))
+
+
+def _loss_option_flag(name: str, rows: list) -> dict:
+    """argparse keywords of one loss option's flag, from the rows that have it: its help (the
+    losses, each's range and default) and its parser (a number, a name among choices, or a string a
+    row checks later)."""
+    from .losses import _show
+
+    first = rows[0][1]
+    kinds = {f"{o.interval()} (default {_show(o.default)})": None for _, o in rows}  # the distinct ones
+    where = (f"{next(iter(kinds))}" if len(kinds) == 1 else
+             "; ".join(f"{n}: {o.interval()} (default {_show(o.default)})" for n, o in rows))
+    if len(rows) > 4:
+        losses = f"{len(rows)} losses ({', '.join(n for n, _ in rows[:3])}, ...)"
+    else:
+        losses = f"--loss {' or '.join(n for n, _ in rows)}"
+    kw = dict(default=None, help=f"{first.help}; for {losses}; {where}")
+    if first.choices:
+        kw.update(choices=list(first.choices), metavar="NAME")
+    elif first.weights:
+        kw.update(type=str, metavar="NAME=WEIGHT,...")
+    else:
+        kw.update(type=_float_in(-INF, INF, True, True))
+    return kw
 
 
 def _communicator(args):
@@ -864,7 +896,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--variant", choices=verify_variants(), default="dpo", metavar="VARIANT",
                     help=f"which loss the function claims to compute (its laws are checked): "
                          f"{', '.join(verify_variants())}")
-    sp.add_argument("--label-smoothing", type=float, default=0.1, help="eps for cdpo/robust, passed as label_smoothing=")
+    sp.add_argument("--label-smoothing", type=float, default=0.1,
+                    help="eps for the variants with label smoothing (cdpo, robust, exo_pair, aot, aot_unpaired), "
+                         "passed as label_smoothing=")
     sp.add_argument("--arg", action="append", metavar="KEY=VALUE", help="a fixed keyword argument (JSON value), e.g. ipo=true")
     sp.add_argument("--max-examples", type=_int_at_least(1), default=25, help="hypothesis examples per property")
     sp.add_argument("--reduction", choices=["none", "mean", "sum"], default=None, help="require this batch reduction (default: detect and report it)")
@@ -894,11 +928,7 @@ def _dpo_options(sp, train: bool) -> None:
                     help="the preference loss, one of the list above")
     for name in _loss_option_names():
         rows = [(n, r.options[name]) for n, r in LOSS_TABLE.items() if name in r.options]
-        ranges = {f"{o.interval()} (default {o.default:g})": None for _, o in rows}  # the distinct ones
-        where = (f"in {next(iter(ranges))}" if len(ranges) == 1 else
-                 "; ".join(f"{n}: in {o.interval()} (default {o.default:g})" for n, o in rows))
-        sp.add_argument(f"--{name.replace('_', '-')}", type=_float_in(-INF, INF, True, True), default=None,
-                        help=f"{rows[0][1].help}; for --loss {' or '.join(n for n, _ in rows)}; {where}")
+        sp.add_argument(f"--{name.replace('_', '-')}", **_loss_option_flag(name, rows))
     sp.add_argument("--rpo-alpha", type=_float_in(0, INF, hi_open=True), default=0.0,
                     help="add alpha * NLL of the chosen responses (RPO-style SFT term)")
     sp.add_argument("--reference-free", action="store_true",

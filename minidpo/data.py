@@ -27,6 +27,8 @@ Data formats (one JSON object a line; blank lines skipped):
         prompt = text up to and including the last "\\n\\nAssistant:" (must agree in both)
     SFT: {"prompt": str, "response": str} or {"text": str}   (prompt "" for "text"),
          or a .txt file with one document a line.
+    KTO: {"prompt": str, "completion": str, "label": bool}   one unpaired completion, desirable
+         (true) or undesirable (false); read_kto reads and validates it.
 
 Every bad line is reported as ``file:line: reason`` (:class:`DataError`); with
 ``on_error="warn"`` bad lines are skipped with that message as a warning and counted.
@@ -323,6 +325,65 @@ def read_sft_corpus(path: str | os.PathLike, on_error: str = "raise") -> SFTData
         parse = lambda d, i, t: _sft_from_object(_parse_object(d, i, t), d, i)  # noqa: E731
     good, sources, errors = _read_records(path, on_error, parse, "SFT")
     return SFTData(good, skipped=len(errors), errors=errors, sources=sources)
+
+
+@dataclass
+class KTOExample:
+    """One unpaired example for KTO (Ethayarajh et al. 2024): a ``completion`` of ``prompt`` labelled
+    desirable (``label`` True) or undesirable (False). ``source`` is "file:line"."""
+
+    prompt: str
+    completion: str
+    label: bool
+    source: str
+
+
+class KTOData(list):
+    """The list of :class:`KTOExample` from :func:`read_kto`, with ``skipped`` and ``errors`` (as
+    :class:`PreferenceData`), and the counts ``n_desirable``, ``n_undesirable`` (KTO's weights are
+    advised from their ratio: lambda_D n_D / (lambda_U n_U) in [1, 4/3])."""
+
+    def __init__(self, items=(), skipped: int = 0, errors: list[DataError] | None = None):
+        super().__init__(items)
+        self.skipped = skipped
+        self.errors = errors or []
+        self.n_desirable = sum(1 for e in self if e.label)
+        self.n_undesirable = len(self) - self.n_desirable
+
+
+def _kto_from_object(obj: dict, display: str, i: int) -> KTOExample:
+    prompt = _get_str(obj, "prompt", display, i)
+    completion = _get_str(obj, "completion", display, i)
+    if "label" not in obj:
+        raise DataError(display, i, "missing key 'label' (true: a desirable completion, false: undesirable)")
+    label = obj["label"]
+    if not isinstance(label, bool):  # 0/1, "true", null: never guessed
+        raise DataError(display, i, f"key 'label' must be true or false, got {_json_type(label)} {json.dumps(label)}")
+    if not completion.strip():
+        raise DataError(display, i, "the 'completion' is empty")
+    return KTOExample(prompt=prompt, completion=completion, label=label, source=f"{display}:{i}")
+
+
+def read_kto(path: str | os.PathLike, on_error: str = "raise") -> KTOData:
+    """Read and validate an unpaired (KTO) JSONL file: one ``{"prompt": str, "completion": str,
+    "label": bool}`` a line, the label true for a desirable completion, false for an undesirable one.
+    Extra keys are ignored.
+
+    A line is bad when it is not UTF-8, not JSON, not an object, has a key twice, misses a key, has a
+    non-string prompt or completion (or a lone surrogate in one), a label that is not a JSON boolean
+    (0/1, "true" or null are refused, not guessed), or an empty (whitespace-only) completion.
+
+    Args:
+        path: the .jsonl file. on_error: "raise" (the first bad line raises :class:`DataError`,
+            "file:line: reason") or "warn" (each bad line is a :class:`DataWarning` and is skipped).
+    Returns:
+        :class:`KTOData` in file order, with ``.skipped``, ``.errors``, ``.n_desirable``, ``.n_undesirable``.
+    Raises:
+        DataError (line None) when no valid example is left; FileNotFoundError.
+    """
+    good, _, errors = _read_records(path, on_error, lambda d, i, t: _kto_from_object(_parse_object(d, i, t), d, i),
+                                    "KTO")
+    return KTOData(good, skipped=len(errors), errors=errors)
 
 
 # ============================================================================ tokenization

@@ -36,6 +36,11 @@ __all__ = [
     "bradley_terry_prob",
     "preference_distribution",
     "expected_dpo_loss",
+    "expected_loss",
+    "response_marginal",
+    "fixed_point",
+    "derived_fixed_point",
+    "policy_summary",
 ]
 
 
@@ -299,3 +304,255 @@ def expected_dpo_loss(policy_logits, log_pi_ref, pair_weights, beta, loss_type: 
     g_l = (w * n * out.grad_policy_rejected_logps).reshape(X, Y, Y)  # (X, Y, Y) on log pi(j|x)
     dlog_pi = xp.sum(g_w, axis=2) + xp.sum(g_l, axis=1)  # (X, Y) as winner + as loser
     return loss, log_softmax_backward(dlog_pi, log_pi, axis=-1)  # (X, Y)
+
+
+# ----------------------------------------------------------------------------------------------
+# every loss of the family: its expected loss, where gradient descent on it ends, and what that is
+
+
+def _lengths(lengths, shape, dtype):
+    xp = np
+    if lengths is None:
+        return xp.ones(shape, dtype=dtype)
+    L = xp.asarray(lengths).astype(dtype)
+    if L.shape != shape or bool(xp.any(L < 1)):
+        raise ValueError(f"lengths must be {shape} token counts >= 1, got shape {tuple(L.shape)}")
+    return L
+
+
+def response_marginal(pair_weights):
+    """m(y): how often response y appears in the data, over prompts (the distribution a mismatched
+    completion is drawn from: KTO's reference point scores another example's completion). (Y,)"""
+    W = np.asarray(pair_weights)
+    m = W.sum(axis=(0, 2)) + W.sum(axis=(0, 1))  # as winner and as loser
+    return m / m.sum()
+
+
+def expected_loss(policy_logits, log_pi_ref, pair_weights, beta, loss_type: str = "sigmoid", lengths=None,
+                  loss_inputs=None, **options):
+    """Any loss of losses.LOSS_TABLE in expectation over the labelled pairs W, and its gradient:
+
+        L = sum_{x, i, j} W[x, i, j] loss(x, i, j)        (i the chosen, j the rejected response)
+
+    as expected_dpo_loss, for every row: the row's log-prob rule with response lengths L(x, y)
+    (a per-token row sees log pi(y|x) / L(x, y), and log pi_ref / L likewise), its NLL term with the
+    chosen response's length as its token count, its inputs (KTO's z0, BCO's delta) as given. The
+    gradient is the row's hand-written per-pair gradient carried through the table's log-softmax.
+    A loss that couples the pairs of a batch (AOT) has no such expectation: ValueError.
+
+    Args:
+        policy_logits: (X, Y) theta. log_pi_ref: (X, Y) normalised. pair_weights: (X, Y, Y) W.
+        beta: > 0. loss_type: a row of LOSS_TABLE. lengths: optional (X, Y) token counts (default 1).
+        loss_inputs, options: as losses.dpo_loss's.
+    Returns:
+        loss (0-d), dpolicy_logits (X, Y).
+    """
+    from .losses import loss_row
+
+    row = loss_row(loss_type)
+    if any(r.name in ("aot", "aot_unpaired") for r in row.components(row.resolve(options))):
+        raise ValueError(f"the {loss_type!r} loss couples the pairs of a batch (a sort): it has no per-pair expectation")
+    theta = _table(policy_logits, "policy_logits")
+    X, Y = theta.shape
+    dt = theta.dtype
+    log_ref = _log_policy(log_pi_ref, "log_pi_ref", (X, Y)).astype(dt, copy=False)
+    W = np.asarray(pair_weights).astype(dt, copy=False)
+    if W.shape != (X, Y, Y):
+        raise ValueError(f"pair_weights must be (X, Y, Y) = {(X, Y, Y)}, got {tuple(W.shape)}")
+    L = _lengths(lengths, (X, Y), dt)
+    per_token = row.average_logps
+    scale = 1.0 / L if per_token else np.ones_like(L)  # (X, Y) d logp / d log pi
+
+    log_pi = log_softmax(theta, axis=-1)  # (X, Y)
+    lp, lr = log_pi * scale, log_ref * scale  # (X, Y) the row's log-probs
+    pairs = [np.broadcast_to(a, (X, Y, Y)).reshape(-1) for a in (lp[:, :, None], lp[:, None, :], lr[:, :, None], lr[:, None, :])]
+    counts = np.ones(X * Y * Y, dtype=dt) if per_token else np.broadcast_to(L[:, :, None], (X, Y, Y)).reshape(-1)
+    out = dpo_loss(*pairs, beta=beta, loss_type=loss_type, chosen_token_counts=counts, loss_inputs=loss_inputs, **options)
+    n = pairs[0].shape[0]
+    w = W.reshape(-1)
+    loss = np.sum(w * out.losses)
+    g_w = (w * n * out.grad_policy_chosen_logps).reshape(X, Y, Y)  # on logp(i|x)
+    g_l = (w * n * out.grad_policy_rejected_logps).reshape(X, Y, Y)  # on logp(j|x)
+    dlog_pi = (np.sum(g_w, axis=2) + np.sum(g_l, axis=1)) * scale  # (X, Y) through logp = log pi * scale
+    return loss, log_softmax_backward(dlog_pi, log_pi, axis=-1)
+
+
+def _step_inputs(loss_type, log_pi, log_pi_ref, W, beta, lengths, options):
+    """The per-step constants of KTO (z0) and BCO (delta) at the current policy, as a trainer computes
+    them per batch (no gradient), here in expectation:
+        KTO  z0 = max(0, E_x E_{y ~ m} [log pi(y|x) - log pi_ref(y|x)]),  m = response_marginal(W)
+             (mismatched completions: another example's response, independent of the prompt)
+        BCO  delta = E_W [(r_hat_w + r_hat_l) / 2],  r_hat = beta (log pi - log pi_ref) (the running mean's limit)."""
+    from .losses import loss_row
+
+    row = loss_row(loss_type)
+    names = set(row.required_inputs(row.resolve(options)))
+    out = {}
+    if "reference_point" in names:
+        rho = W.sum(axis=(1, 2))  # (X,) prompt weights
+        m = response_marginal(W)
+        out["reference_point"] = max(0.0, float(np.sum(rho[:, None] * m[None, :] * (log_pi - log_pi_ref))))
+    if "reward_mean" in names:
+        r = beta * (log_pi - log_pi_ref)  # (X, Y)
+        out["reward_mean"] = float(np.sum(W * 0.5 * (r[:, :, None] + r[:, None, :])))
+    return out
+
+
+def fixed_point(reward, log_pi_ref, beta, loss_type: str = "sigmoid", pair_weights=None, lengths=None,
+                steps: int = 300, tol: float = 1e-10, **options):
+    """Where descent on the exact expected loss ends: the loss's fixed point on this world.
+
+    The policy starts at pi_ref. Each step recomputes KTO's z0 and BCO's delta from the current
+    policy (held constant in the step, as in training), takes the exact gradient of expected_loss,
+    and moves along Newton's direction with the Hessian's eigenvalues taken in absolute value
+    (downhill also where the loss is not convex; H from central differences of the exact gradient,
+    a tabular policy has X * Y logits) with a backtracking (Armijo) step, or along -g where that is
+    not a descent direction (a hinge's flat or kinked parts). It stops when
+    the largest gradient entry is below ``tol`` (a stationary point), or after ``steps`` steps; a
+    loss whose minimiser is at infinity (a policy that puts 0 on some response) does not stop, and
+    ``converged`` says so.
+
+    Args:
+        reward, log_pi_ref: (X, Y). beta: > 0. loss_type, options: a row of LOSS_TABLE and its options.
+        pair_weights: (X, Y, Y) W, default preference_distribution(reward) (Bradley-Terry on uniform
+        pairs). lengths: optional (X, Y) response lengths in tokens.
+    Returns:
+        dict: log_pi (X, Y), steps (taken), grad (the largest |gradient| entry at the end), loss,
+        converged (grad < tol), inputs (the last z0 / delta).
+    """
+    r = _table(reward, "reward")
+    log_ref = _log_policy(log_pi_ref, "log_pi_ref", r.shape)
+    W = preference_distribution(r) if pair_weights is None else np.asarray(pair_weights, dtype=r.dtype)
+    theta = np.array(log_ref, dtype=np.float64, copy=True)
+    inputs, g_max, loss = {}, math.inf, math.nan
+
+    def at(th):
+        return expected_loss(th, log_ref, W, beta, loss_type, lengths, inputs or None, **options)
+
+    k = 0
+    for k in range(1, steps + 1):
+        inputs = _step_inputs(loss_type, log_softmax(theta), log_ref, W, beta, lengths, options)
+        loss, g = at(theta)
+        g_max = float(np.max(np.abs(g)))
+        if g_max < tol:
+            break
+        n = theta.size
+        H = np.empty((n, n))
+        e = 1e-5
+        for i in range(n):  # the Hessian, a column per logit, from the exact gradient
+            d = np.zeros(n)
+            d[i] = e
+            H[:, i] = (at(theta + d.reshape(theta.shape))[1] - at(theta - d.reshape(theta.shape))[1]).ravel() / (2 * e)
+        lam, V = np.linalg.eigh(0.5 * (H + H.T))
+        # Newton with |eigenvalues| (downhill also where the loss is not convex); the directions of
+        # (near) zero curvature -- adding a constant to a prompt's logits, which changes nothing -- left out
+        big = np.abs(lam) > 1e-9 * max(1.0, float(np.max(np.abs(lam))))
+        coef = np.where(big, (V.T @ g.ravel()) / np.where(big, np.abs(lam), 1.0), 0.0)
+        step = -(V @ coef).reshape(theta.shape)
+        if not float(np.sum(step * g)) < 0:  # not downhill: the gradient instead
+            step = -g
+        t, slope = 1.0, float(np.sum(step * g))
+        while True:  # Armijo: at least a tenth of the decrease the slope promises
+            trial = theta + t * step
+            if at(trial)[0] <= loss + 0.1 * t * slope or t < 1e-12:
+                break
+            t *= 0.5
+        theta = trial
+    return {"log_pi": log_softmax(theta), "steps": k, "grad": g_max, "loss": float(loss),
+            "converged": g_max < tol, "inputs": inputs}
+
+
+def _solve_shift(f, lo, hi, iters=200):
+    """The c with f(c) = 0 for f increasing on (lo, hi), by bisection (hi may be an open bound)."""
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if f(mid) > 0:
+            hi = mid
+        else:
+            lo = mid
+    return 0.5 * (lo + hi)
+
+
+def derived_fixed_point(reward, log_pi_ref, beta, loss_type: str = "sigmoid", lengths=None, **options):
+    """The fixed point derived in closed form (up to one normalising constant c(x) per prompt, found by
+    bisection), for the losses where it is known, on Bradley-Terry pairs drawn uniformly
+    (preference_distribution's default); g = log pi/pi_ref, L = lengths, p_ij = sigma(r_i - r_j):
+
+      sigmoid, cpo-free eq. 7 (summed):  g = r/beta + c                       eq. (4)
+      sigmoid_norm (per-token):          g = L (r/beta + c)                   (eq. 4 per token: length-scaled)
+      f-DPO sigmoid (f_divergence):      f'(exp g) = r/beta + c               (Wang et al. 2023, Thm. 1)
+      ipo (per-token means):             g / L = (p(y > U) - 1/2) / beta + c,  p(y > U) = mean_j p_yj (p_yy = 1/2)
+                                         (Azar et al. 2023: pi ~ pi_ref exp(p(y > mu) / tau), mu uniform)
+      simpo, all rewards equal:          log pi(y) = c L(y), whatever pi_ref (its length bias)
+      sft; orpo as beta -> 0:            pi(y) ~ q(y) / L(y), q(y) = P(y chosen | x)
+                                         (the per-token NLL's minimiser: ORPO's SFT pull)
+    ValueError for another loss. Returns (X, Y) log pi."""
+    r = _table(reward, "reward")
+    log_ref = _log_policy(log_pi_ref, "log_pi_ref", r.shape)
+    X, Y = r.shape
+    L = _lengths(lengths, (X, Y), np.float64)
+    div = options.get("f_divergence", "reverse_kl")
+    out = np.empty((X, Y))
+    for x in range(X):
+        ref, rx, Lx = np.exp(log_ref[x]), r[x], L[x]
+        if loss_type == "sigmoid" and div == "reverse_kl" and not options.get("label_smoothing"):
+            g = rx / beta
+            out[x] = log_ref[x] + g - logsumexp(log_ref[x] + g)
+            continue
+        if loss_type == "sigmoid":  # f-DPO: u = (f')^-1(r / beta + c)
+            v0 = rx / beta
+            alpha = options.get("f_alpha", 0.5)
+            if div == "forward_kl":  # f'(u) = 1 - 1/u
+                inv, top = (lambda v: 1.0 / (1.0 - v)), 1.0
+            elif div == "js_divergence":  # f'(u) = log(2u / (1 + u))
+                inv, top = (lambda v: np.exp(v) / (2.0 - np.exp(v))), math.log(2.0)
+            elif div == "alpha_divergence":  # f'(u) = (1 - u^-alpha) / alpha
+                inv, top = (lambda v: (1.0 - alpha * v) ** (-1.0 / alpha)), 1.0 / alpha
+            else:
+                raise ValueError(f"no derived fixed point for f_divergence {div!r}")
+            hi = top - float(np.max(v0))
+            c = _solve_shift(lambda c: float(np.sum(ref * inv(v0 + c))) - 1.0, hi - 1e3, hi)
+            out[x] = log_ref[x] + np.log(inv(v0 + c))
+            continue
+        if loss_type in ("sigmoid_norm", "ipo"):
+            if loss_type == "sigmoid_norm":
+                a = rx / beta
+            else:
+                p = 1.0 / (1.0 + np.exp(-(rx[:, None] - rx[None, :])))  # (Y, Y), p_yy = 1/2
+                a = (p.mean(axis=1) - 0.5) / beta
+            top = float(np.min(-a + 600.0 / Lx))  # keeps every exponent below 600: no overflow
+            c = _solve_shift(lambda c: float(np.sum(ref * np.exp(Lx * (a + c)))) - 1.0, top - 1e3, top)
+            out[x] = log_ref[x] + Lx * (a + c)
+            continue
+        if loss_type == "simpo":
+            if np.ptp(rx) > 0:
+                raise ValueError("SimPO's fixed point is derived for a world of equal rewards only")
+            c = _solve_shift(lambda c: float(np.sum(np.exp(c * Lx))) - 1.0, -1e3, 0.0)
+            out[x] = c * Lx
+            continue
+        if loss_type in ("sft", "orpo"):
+            W = preference_distribution(r)
+            q = W[x].sum(axis=1)
+            w = q / Lx
+            out[x] = np.log(w / w.sum())
+            continue
+        raise ValueError(f"no derived fixed point for the {loss_type!r} loss")
+    return out
+
+
+def policy_summary(log_pi, reward, log_pi_ref, beta) -> dict:
+    """A policy against eq. (4)'s optimum pi_r, in the units the paper's Fig. 2 uses (means over prompts):
+    kl_ref = KL(pi || pi_ref), reward = E_pi r, objective = eq. (3), kl_opt = KL(pi || pi_r) (0 only at
+    pi_r), and the same for pi_r itself (kl_ref_opt, reward_opt, objective_opt)."""
+    lp = _log_policy(log_pi, "log_pi")
+    r = _table(reward, "reward", lp.shape)
+    log_ref = _log_policy(log_pi_ref, "log_pi_ref", lp.shape)
+    opt = optimal_policy(r, log_ref, beta)
+
+    def kl(a, b):
+        return float(np.mean(np.sum(np.exp(a) * (a - b), axis=-1)))
+
+    return {"kl_ref": kl(lp, log_ref), "reward": float(np.mean(np.sum(np.exp(lp) * r, axis=-1))),
+            "objective": float(kl_regularized_objective(lp, r, log_ref, beta, mean=True)), "kl_opt": kl(lp, opt),
+            "kl_ref_opt": kl(opt, log_ref), "reward_opt": float(np.mean(np.sum(np.exp(opt) * r, axis=-1))),
+            "objective_opt": float(kl_regularized_objective(opt, r, log_ref, beta, mean=True))}

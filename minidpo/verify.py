@@ -33,6 +33,12 @@ Each property runs its function on inputs hypothesis draws (a fixed seed and a b
 of examples, so a run is reproducible and takes seconds); a failure comes with hypothesis's
 shrunk counterexample and one line naming what broke and the value it should have had.
 
+Every loss of minidpo.losses.LOSS_TABLE is a variant (variants()); what a loss needs besides the
+log-probs (KTO's reference_point, BCO's reward_mean) is passed by name, and the paper's identities
+(IDENTITIES: the value at the reference, dependence on h only, eq. 5-6's per-prompt shift, beta only
+through beta*h, swap symmetry) are checked where minidpo's own loss of the variant has them
+(IDENTITY_TABLE lists which) and reported as not a property of it otherwise.
+
 Properties (see PROPERTIES): the worked example (beta 0.1; log-probs -30/-35, reference
 -34/-31: loss 0.3711, rewards +0.4/-0.4, eq. 9 weight 0.310); the value at the reference (ln 2
 for DPO); dependence on the inputs only through h (a per-prompt shift Z(x) of the implicit
@@ -68,8 +74,12 @@ __all__ = [
     "PropertyResult",
     "Report",
     "FrameworkUnavailable",
+    "IDENTITIES",
+    "IDENTITY_TABLE",
     "check_loss",
     "detect_framework",
+    "check_identity",
+    "minidpo_function",
     "load_function",
 ]
 
@@ -97,12 +107,15 @@ def _smoothed(variant: str) -> bool:
 
 
 ALL = "every variant"  # a property that applies to whatever loss is claimed
+IDENTITY = "the variants whose loss has it"  # one of the paper's identities: checked where minidpo's own loss has it
 # property name -> the variants it applies to
 PROPERTIES = {
     "worked example": ALL,
-    "value at the reference": ALL,
-    "margin only (Z(x) shift)": ALL,
-    "beta only through beta*h": ALL,
+    "value at the reference": IDENTITY,
+    "margin only (Z(x) shift)": IDENTITY,
+    "per-prompt shift (eq. 5-6)": IDENTITY,
+    "beta only through beta*h": IDENTITY,
+    "swap = flipped log-ratios": IDENTITY,
     "agrees with minidpo": ALL,
     "rewards (eq. 8)": ALL,
     "gradient (eq. 9)": ALL,
@@ -117,9 +130,44 @@ PROPERTIES = {
     "numerics (large margins, dtypes)": ALL,
 }
 
+# The paper's identities, one property each. Which of them a loss has is a fact about the loss:
+#   value at the reference      at pi = pi_ref the loss is one constant (ln 2 for eq. 7), whatever the log-probs
+#   margin only (Z(x) shift)    the four log-probs enter only through h (any shift that keeps h changes nothing)
+#   per-prompt shift (eq. 5-6)  log pi(y_w|x) and log pi(y_l|x) moved by one s(x) change nothing (Z(x) cancels)
+#   beta only through beta*h    beta -> k beta with the log-ratios -> 1/k changes nothing (IPO, SPPO: scales by 1/k^2)
+#   swap = flipped log-ratios   swapping chosen and rejected equals negating both log-ratios, L(r, c) = L(-c, -r):
+#                               raising y_w and lowering y_l are treated alike
+IDENTITIES = ("value at the reference", "margin only (Z(x) shift)", "per-prompt shift (eq. 5-6)",
+              "beta only through beta*h", "swap = flipped log-ratios")
+_ALL_FIVE = frozenset(IDENTITIES)
+_AT_REF, _MARGIN, _SHIFT, _BETA, _SWAP = IDENTITIES
+# Which identities hold for each built-in loss, at its defaults and verify's (label smoothing 0.1 where the
+# loss has it, each Input's probe value: KTO's z0 = 0.25, BCO's delta = 0). check_loss does not read this
+# table: it runs each identity on minidpo's own loss first and checks the function only where that holds;
+# tests/test_loss_properties.py holds the two to each other, cell by cell, each failing cell with its numbers.
+IDENTITY_TABLE = {
+    "sigmoid": _ALL_FIVE, "robust": _ALL_FIVE, "ipo": _ALL_FIVE, "hinge": _ALL_FIVE, "exo_pair": _ALL_FIVE,
+    "discopop": _ALL_FIVE, "sigmoid_norm": _ALL_FIVE,
+    "nca_pair": frozenset({_AT_REF, _BETA}),  # each response scored against 0, chosen and rejected unlike
+    "bco_pair": frozenset({_AT_REF, _BETA, _SWAP}),  # against delta (0 here), not against each other
+    "sppo_hard": frozenset({_AT_REF, _BETA, _SWAP}),  # each log-ratio to its own target
+    "aot": frozenset({_AT_REF, _SHIFT}),  # sorts policy and reference differences apart: not a function of beta h
+    "aot_unpaired": frozenset({_AT_REF, _BETA, _SWAP}),  # sorting couples the pairs: a per-pair shift reorders
+    "apo_zero": frozenset({_AT_REF, _BETA, _SWAP}),
+    "apo_down": frozenset({_AT_REF, _BETA}),
+    "sft": frozenset(), "weighted_sum": frozenset(),  # an NLL term (MPO's sft) has none of them
+    "simpo": frozenset({_SHIFT}),  # no reference: only what does not involve pi_ref survives
+    "cpo": frozenset(), "alphapo": frozenset(), "orpo": frozenset(),  # no reference, and an NLL term or a power reward
+    "kto": frozenset({_AT_REF, _BETA}),  # not pairwise: each example against z0
+}
+_BETA_POWER = {"ipo": 2, "sppo_hard": 2}  # beta -> k beta, log-ratios / k: the loss times 1/k^power
+
 # the worked example: beta 0.1; policy -30 / -35; reference -34 / -31  ->  h = 8, z = 0.8
 WORKED = dict(pw=-30.0, pl=-35.0, rw=-34.0, rl=-31.0, beta=0.1)
 LARGE_MARGINS = (1.0, 10.0, 100.0, 1e3, 1e4)  # and, per dtype, 1e-4 of its largest finite value
+# past this minidpo's exponentials saturate (losses.f_divergence_score, alphapo_loss: exp(352) in float64):
+# the exact loss needs a larger exponent than float64 holds, so such a margin has no correct value to check
+_SATURATED = 1e-3 * math.exp(0.5 * math.log(float(np.finfo(np.float64).max)) - 2.0)
 
 
 class FrameworkUnavailable(RuntimeError):
@@ -403,10 +451,44 @@ def _parse(out) -> _Out:
 # the oracle: minidpo's loss in float64, and the closed forms written out with math
 
 
-def _oracle(ck, pw, pl, rw, rl, beta):
-    """minidpo.losses.dpo_loss in float64: the DPOOutput of the claimed variant, with its options."""
+def _oracle(ck, pw, pl, rw, rl, beta, counts=None, inputs=None):
+    """minidpo.losses.dpo_loss in float64: the DPOOutput of the claimed variant, with its options and
+    inputs (token counts: ones unless given, i.e. per-token mean log-probs for an NLL term)."""
     a = [np.asarray(v, dtype=np.float64) for v in (pw, pl, rw, rl)]
-    return dpo_loss(*a, beta=beta, loss_type=_loss_name(ck.variant), label_smoothing=ck.eps, **ck.options)
+    n = len(a[0])
+    cw = np.ones(n) if counts is None else np.asarray(counts[0], dtype=np.float64)
+    cl = np.ones(n) if counts is None else np.asarray(counts[1], dtype=np.float64)
+    return dpo_loss(*a, beta=beta, loss_type=_loss_name(ck.variant), label_smoothing=ck.eps, chosen_token_counts=cw,
+                    rejected_token_counts=cl, loss_inputs=dict(ck.inputs if inputs is None else inputs), **ck.options)
+
+
+def _oracle_grads(ck, pw, pl, rw, rl, beta, counts=None):
+    """d sum(per-pair losses) / d log pi_w and / d log pi_l of minidpo's loss, float64 (N times the
+    gradient of the mean; for a loss of the margin: -beta weight and +beta weight, eq. 9)."""
+    out = _oracle(ck, pw, pl, rw, rl, beta, counts)
+    n = len(out.losses)
+    return out, n * out.grad_policy_chosen_logps, n * out.grad_policy_rejected_logps
+
+
+def minidpo_function(loss_type: str, **fixed):
+    """minidpo's own loss ``loss_type`` in verify's calling convention, fn(pi_w, pi_l, ref_w, ref_l, beta,
+    **hyper_parameters) -> DPOOutput (losses, rewards and hand-written gradients); the row's options
+    and inputs are taken by name (``fixed`` gives defaults), token counts when passed."""
+    from .losses import loss_row
+
+    row = loss_row(loss_type)
+
+    def fn(pw, pl, rw, rl, beta, chosen_token_counts=None, rejected_token_counts=None, **kw):
+        kw = {**fixed, **kw}
+        opts = {k: v for k, v in kw.items() if k not in row.required_inputs(kw)}
+        inputs = {k: v for k, v in kw.items() if k in row.required_inputs(kw)}
+        n = len(pw)
+        cw = np.ones(n) if chosen_token_counts is None else chosen_token_counts
+        return dpo_loss(pw, pl, rw, rl, beta=beta, loss_type=loss_type, chosen_token_counts=cw,
+                        rejected_token_counts=rejected_token_counts, loss_inputs=inputs, **opts)
+
+    fn.__qualname__ = f"minidpo_function({loss_type!r})"
+    return fn
 
 
 def _softplus(x: float) -> float:
@@ -429,8 +511,12 @@ def _closed_form(ck, h, beta):
     if variant == "hinge":
         return max(0.0, 1 - z), float(z < 1)
     # a loss of the table without a formula written out here: its own row, in float64
-    out = _oracle(ck, np.array([h]), np.zeros(1, dtype=np.float64), np.zeros(1, dtype=np.float64), np.zeros(1, dtype=np.float64), beta)
+    out = _oracle(ck, np.array([h - 1.0], dtype=np.float64), np.array([-1.0], dtype=np.float64),
+                  np.zeros(1, dtype=np.float64), np.zeros(1, dtype=np.float64), beta)
     return float(out.losses[0]), float(out.gradient_weight[0])
+
+
+_WRITTEN_OUT = ("dpo", "cdpo", "robust", "ipo", "hinge")  # the variants _closed_form writes out
 
 
 def _fmt(v) -> str:
@@ -459,8 +545,16 @@ class _Checker:
         self.kwargs = dict(kwargs or {})
         # the fixed keyword arguments that are options of the claimed loss's table row (such as a
         # temperature) are the oracle's options too
-        row_options = LOSS_TABLE[_loss_name(variant)].options
-        self.options = {k: v for k, v in self.kwargs.items() if k in row_options and k != "label_smoothing"}
+        row = LOSS_TABLE[_loss_name(variant)]
+        self.row = row
+        self.options = {k: v for k, v in self.kwargs.items() if row.accepts(k, self.kwargs) and k != "label_smoothing"}
+        # what the loss needs besides the log-probs (KTO's z0, BCO's delta): given, else the default or the probe
+        self.inputs = {k: self.kwargs.get(k, spec.probe if spec.default is None else spec.default)
+                       for k, spec in row.required_inputs(self.options).items() if spec.units != "count"}
+        self.input_units = {k: row.required_inputs(self.options)[k].units for k in self.inputs}
+        self.coupled = any(r.name in ("aot", "aot_unpaired") for r in row.components(self.options))
+        # the written-out formulas and the variant laws are those of the plain loss, not of its f-DPO form
+        self.plain = self.options.get("f_divergence", "reverse_kl") == "reverse_kl"
         self.max_examples = int(max_examples)
         self.want_reduction = reduction
         self.want_ipo = ipo_convention
@@ -475,8 +569,8 @@ class _Checker:
         self.ref_grad = (0.0, "")  # the largest |d loss / d log ref| seen by the gradient property, and where
 
     # -- calling the function
-    def call(self, pw, pl, rw, rl, beta, eps=None, counts=None):
-        kw = dict(self.kwargs)
+    def call(self, pw, pl, rw, rl, beta, eps=None, counts=None, inputs=None):
+        kw = {**self.inputs, **self.kwargs, **(inputs or {})}
         if _smoothed(self.variant):
             kw["label_smoothing"] = self.eps if eps is None else eps
         if self.takes_counts:
@@ -489,10 +583,10 @@ class _Checker:
         except SystemExit as err:  # reported as a failure of every property, never taken for a verdict
             raise RuntimeError(f"the function called sys.exit({err.code!r})") from None
 
-    def run(self, pw, pl, rw, rl, beta, dtype="float64", eps=None, counts=None):
+    def run(self, pw, pl, rw, rl, beta, dtype="float64", eps=None, counts=None, inputs=None):
         """Call in `dtype` with NumPy float64 inputs; return (_Out, loss as float64 NumPy)."""
         t = [self.fw.tensor(a, dtype) for a in (pw, pl, rw, rl)]
-        out = _parse(self.call(*t, beta, eps=eps, counts=counts))
+        out = _parse(self.call(*t, beta, eps=eps, counts=counts, inputs=inputs))
         return out, self.fw.numpy(out.loss)
 
     def reduce(self, per_pair):
@@ -520,6 +614,15 @@ class _Checker:
         values where both are the function's own (an invariance: "shifted ..., unshifted ...")."""
         if not self.close(got, want, rtol, atol):
             raise _Broken(f"{what}: {labels[0]} {_fmt(got)}, {labels[1]} {_fmt(want)}")
+
+    def same(self, got, want, what, rtol=1e-8, labels=("got", "correct")):
+        """An identity between two evaluations of the function: equal per pair (as a multiset for a loss
+        that couples the pairs, whose per-pair losses belong to ranks)."""
+        got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+        if self.coupled and got.ndim == 1:
+            got, want = np.sort(got), np.sort(want)
+        scale = 1e-9 * max(1.0, float(np.max(np.abs(want))) if want.size else 1.0)
+        self.expect(got, want, what, rtol, scale, labels=labels)
 
     # -- hypothesis, called from inside a library
     def hypothesis(self, strategy, check):
@@ -560,7 +663,10 @@ class _Checker:
     def strategy(self, max_n=4, extra=None):
         from hypothesis import strategies as st
 
-        logp = st.floats(-80.0, -0.5, allow_nan=False, allow_infinity=False)
+        # sequence log-probs; a loss defined on per-token means (SimPO, ORPO, AlphaPO, ...) gets per-token
+        # values, which lie in [-12, 0) in practice (AlphaPO's power reward is exp(-alpha a))
+        lo, hi = (-12.0, -0.05) if self.row.average_logps else (-80.0, -0.5)
+        logp = st.floats(lo, hi, allow_nan=False, allow_infinity=False)
         betas = st.sampled_from((0.1, 0.5, 1.0, 0.05, 2.0))
 
         @st.composite
@@ -582,8 +688,10 @@ class _Checker:
 def _prop_worked_example(ck):
     w = WORKED
     h = (w["pw"] - w["rw"]) - (w["pl"] - w["rl"])  # 8
-    loss, weight = _closed_form(ck, h, w["beta"])
     arrays = [np.array([w[k]]) for k in ("pw", "pl", "rw", "rl")]
+    if ck.variant not in _WRITTEN_OUT or not ck.plain:  # a loss of the table: its own row at the worked example
+        return _worked_example_of_the_row(ck, arrays)
+    loss, weight = _closed_form(ck, h, w["beta"])
     case = _case_str(dict(zip(("pw", "pl", "rw", "rl"), arrays), beta=w["beta"]))
     try:
         with _x64(ck.fw), _quiet():
@@ -604,6 +712,33 @@ def _prop_worked_example(ck):
     return "pass", f"loss {loss:.4f}, rewards +0.4/-0.4, weight {weight:.3f}", ""
 
 
+def _worked_example_of_the_row(ck, arrays):
+    """The worked example for a loss written out only in its table row: loss, rewards (eq. 8; beta log pi
+    for a loss without a reference) and both gradients against minidpo's row in float64."""
+    beta = WORKED["beta"]
+    ref, gw_want, gl_want = _oracle_grads(ck, *arrays, beta)
+    loss = float(ref.losses[0])
+    case = _case_str(dict(zip(("pw", "pl", "rw", "rl"), arrays), beta=beta))
+    try:
+        with _x64(ck.fw), _quiet():
+            out, got = ck.run(*arrays, beta)
+            got = np.ravel(got)
+            if got.shape != (1,) or abs(got[0] - loss) > 1e-6 * max(1.0, abs(loss)):
+                return "FAIL", f"loss {_fmt(got)}, correct {loss:.4f}", case
+            if out.chosen_rewards is not None:
+                r = (ck.fw.numpy(out.chosen_rewards).ravel(), ck.fw.numpy(out.rejected_rewards).ravel())
+                if not (ck.close(r[0], ref.chosen_rewards, 1e-6, 1e-9) and ck.close(r[1], ref.rejected_rewards, 1e-6, 1e-9)):
+                    return "FAIL", (f"rewards {_fmt(r[0])} / {_fmt(r[1])}, correct {_fmt(ref.chosen_rewards)} / "
+                                    f"{_fmt(ref.rejected_rewards)}"), case
+            gw, gl = _policy_grads(ck, arrays, beta)
+            if not (ck.close(gw, gw_want, 1e-5, 1e-9) and ck.close(gl, gl_want, 1e-5, 1e-9)):
+                return "FAIL", f"gradient {_fmt(gw)} / {_fmt(gl)}, correct {_fmt(gw_want)} / {_fmt(gl_want)}", case
+    except Exception as err:
+        return "FAIL", f"raised {type(err).__name__}: {err}", case
+    return "pass", (f"loss {loss:.4f}, rewards {float(ref.chosen_rewards[0]):+.4g}/{float(ref.rejected_rewards[0]):+.4g}, "
+                    f"gradients {float(gw_want[0]):+.4g}/{float(gl_want[0]):+.4g}"), ""
+
+
 def _policy_grads(ck, arrays, beta, counts=None):
     """d(returned loss, summed if per-pair)/d log pi_w and / d log pi_l, in float64."""
     if ck.fw.autograd:
@@ -620,18 +755,33 @@ def _policy_grads(ck, arrays, beta, counts=None):
 
 
 def _central_differences(ck, arrays, beta, counts=None, step=1e-6):
+    """Central differences with a Richardson step, R(e) = (4 D(e/2) - D(e)) / 3 (error O(e^4) times the
+    fifth derivative), e = step, step/4, ... until two agree (to 1e-6 and the rounding level): a
+    sharply curved loss (AlphaPO's power reward at low log-probs varies on a scale of 1e-6 in the
+    log-prob) gets a smaller step, a smooth one keeps the first."""
     def total(a):
         return float(np.sum(ck.run(*a, beta, counts=counts)[1]))
 
+    def diff(j, i, e):
+        up = [a.copy() for a in arrays]
+        dn = [a.copy() for a in arrays]
+        up[j][i] += e
+        dn[j][i] -= e
+        return (total(up) - total(dn)) / (2 * e)
+
+    size = max(1.0, abs(total(arrays)))  # a difference quotient at step e rounds to about 1e-16 * size / e
     grads = []
     for j in (0, 1):
         g = np.zeros(len(arrays[j]), dtype=np.float64)
         for i in range(len(arrays[j])):
-            up = [a.copy() for a in arrays]
-            dn = [a.copy() for a in arrays]
-            up[j][i] += step
-            dn[j][i] -= step
-            g[i] = (total(up) - total(dn)) / (2 * step)
+            e, prev = step, None
+            for _ in range(6):
+                est = (4.0 * diff(j, i, e / 2) - diff(j, i, e)) / 3.0
+                if prev is not None and abs(est - prev) <= 1e-6 * abs(est) + 1e-14 * size / e:
+                    est = prev  # the larger step agrees: keep it (less rounding)
+                    break
+                prev, e = est, e / 4
+            g[i] = est
         grads.append(g)
     return grads
 
@@ -640,10 +790,15 @@ def _prop_at_reference(ck):
     at_h0 = _closed_form(ck, 0.0, 1.0)[0]  # depends on beta for IPO only
 
     def check(c):
-        want_each = np.full(len(c["pw"]), (1 / (4 * c["beta"] ** 2)) if ck.variant == "ipo" else at_h0, dtype=np.float64)
+        n = len(c["pw"])
+        if ck.variant in _WRITTEN_OUT and ck.plain:
+            want_each = np.full(n, (1 / (4 * c["beta"] ** 2)) if ck.variant == "ipo" else at_h0, dtype=np.float64)
+        else:  # the row's value at one canonical pi = pi_ref, which every other pi = pi_ref must share
+            canon = np.full(n, -1.0)
+            want_each = _oracle(ck, canon, canon, canon, canon, c["beta"]).losses
         got = ck.loss_of(dict(c, rw=c["pw"].copy(), rl=c["pl"].copy()))
         label = ("ln 2 = 0.6931" if ck.variant in ("dpo", "cdpo", "robust") else "1/(4 beta^2)" if ck.variant == "ipo"
-                 else "1" if ck.variant == "hinge" else f"{at_h0:.6g}")
+                 else "1" if ck.variant == "hinge" else f"{float(np.ravel(want_each)[0]):.6g}")
         ck.expect(got, ck.reduce(want_each), f"at policy = reference (h = 0) the loss should be {label} per pair", 1e-9, 1e-12)
 
     return check, ck.strategy()
@@ -654,20 +809,50 @@ def _prop_margin_only(ck):
 
     shifts = st.floats(-20.0, 20.0, allow_nan=False)
 
-    def extra(draw, n):
-        return {"shift": [draw(shifts) for _ in range(3)]}
+    def extra(draw, n):  # three shifts per pair (the fourth follows), each pair its own
+        return {"shift": [draw(shifts) for _ in range(3 * n)]}
 
     def check(c):
-        s1, s2, s3 = c["shift"]
+        n = len(c["pw"])
+        s1, s2, s3 = (np.array(c["shift"][k * n:(k + 1) * n], dtype=np.float64) for k in range(3))
         s4 = s2 + s3 - s1  # keeps h = (pw - rw) - (pl - rl) unchanged
         base = ck.loss_of(c)
         moved = ck.loss_of(dict(c, pw=c["pw"] + s1, pl=c["pl"] + s2, rw=c["rw"] + s3, rl=c["rl"] + s4))
-        scale = 1e-9 * max(1.0, float(np.max(np.abs(base))))
-        ck.expect(moved, base, "adding shift = (s1, s2, s3) to log pi_w, log pi_l, log ref_w and s2 + s3 - s1 to "
-                  "log ref_l leaves h unchanged but changed the loss", 1e-8, scale,
-                  labels=("shifted", "unshifted (the function's own value)"))
+        ck.same(moved, base, "shifting the log-probs without changing h changed the loss",
+                labels=("shifted", "unshifted (the function's own value)"))
 
     return check, ck.strategy(extra=extra)
+
+
+def _prop_prompt_shift(ck):
+    """Eq. 5-6: the implicit reward is the true one up to beta log Z(x), a shift per prompt; a loss
+    built on differences of rewards of one prompt does not see it. Each pair's two policy log-probs
+    move by one drawn s (its own per pair)."""
+    from hypothesis import strategies as st
+
+    def extra(draw, n):
+        return {"shift": [draw(st.floats(-20.0, 20.0, allow_nan=False)) for _ in range(n)]}
+
+    def check(c):
+        s = np.array(c["shift"], dtype=np.float64)
+        base = ck.loss_of(c)
+        moved = ck.loss_of(dict(c, pw=c["pw"] + s, pl=c["pl"] + s))
+        ck.same(moved, base, "moving log pi(y_w|x) and log pi(y_l|x) by one s(x) per pair changed the loss")
+
+    return check, ck.strategy(extra=extra)
+
+
+def _prop_swap(ck):
+    """Swapping chosen and rejected equals negating both log-ratios: L(r, c) = L(-c, -r) with
+    c = log pi_w - log ref_w, r = log pi_l - log ref_l (the loss treats raising y_w and lowering y_l
+    alike; for a loss of h both sides are L(-h))."""
+
+    def check(c):
+        swapped = ck.loss_of(_swap(c))
+        flipped = ck.loss_of(dict(c, pw=2.0 * c["rw"] - c["pw"], pl=2.0 * c["rl"] - c["pl"]))
+        ck.same(swapped, flipped, "swapping chosen and rejected should equal negating both log-ratios, L(r, c) = L(-c, -r)")
+
+    return check, ck.strategy()
 
 
 def _prop_beta_scaling(ck):
@@ -676,19 +861,22 @@ def _prop_beta_scaling(ck):
     def extra(draw, n):
         return {"k": draw(st.sampled_from((2.0, 4.0, 10.0)))}
 
+    power = _BETA_POWER.get(_loss_name(ck.variant), 0)
+
     def check(c):
         k = c["k"]
         base = ck.loss_of(c)
-        # beta -> k beta, h -> h / k: the policy's log-ratios divided by k, the reference kept
+        # beta -> k beta, h -> h / k: the policy's log-ratios divided by k, the reference kept (and an input
+        # in log-ratio units, KTO's z0, divided by k; one in reward units kept)
         scaled = dict(c, beta=k * c["beta"], pw=c["rw"] + (c["pw"] - c["rw"]) / k, pl=c["rl"] + (c["pl"] - c["rl"]) / k)
-        got = ck.loss_of(scaled)
-        if ck.variant == "ipo":  # (h - 1/(2 beta))^2 = (beta h - 1/2)^2 / beta^2: beta^2 L depends on beta h only
-            got = got * k * k
-        scale = 1e-9 * max(1.0, float(np.max(np.abs(base))))
-        what = ("beta -> k*beta with h -> h/k should leave the loss unchanged"
-                if ck.variant != "ipo" else "beta -> k*beta with h -> h/k should scale the loss by 1/k^2")
-        ck.expect(got, base, what, 1e-8, scale, labels=("scaled" + (" x k^2" if ck.variant == "ipo" else ""),
-                                                          "unscaled (the function's own value)"))
+        inputs = {n: (v / k if ck.input_units[n] == "log-ratio" else v) for n, v in ck.inputs.items()}
+        got = ck.loss_of(scaled, inputs=inputs)
+        if power:  # IPO: (h - 1/(2 beta))^2 = (beta h - 1/2)^2 / beta^2: beta^2 L depends on beta h only
+            got = got * k ** power
+        what = ("beta -> k*beta with h -> h/k should leave the loss unchanged" if not power else
+                f"beta -> k*beta with h -> h/k should scale the loss by 1/k^{power}")
+        ck.same(got, base, what, labels=("scaled" + (f" x k^{power}" if power else ""),
+                                          "unscaled (the function's own value)"))
 
     return check, ck.strategy(extra=extra)
 
@@ -723,8 +911,10 @@ def _prop_rewards(ck):
     def check(c):
         out, _ = ck.run(c["pw"], c["pl"], c["rw"], c["rl"], c["beta"])
         rw, rl = ck.fw.numpy(out.chosen_rewards), ck.fw.numpy(out.rejected_rewards)
-        ck.expect(rw, c["beta"] * (c["pw"] - c["rw"]), "chosen reward should be beta (log pi_w - log ref_w)", 1e-9, 1e-12)
-        ck.expect(rl, c["beta"] * (c["pl"] - c["rl"]), "rejected reward should be beta (log pi_l - log ref_l)", 1e-9, 1e-12)
+        ref_w, ref_l = (c["rw"], c["rl"]) if ck.row.needs_reference(ck.options) else (0.0 * c["rw"], 0.0 * c["rl"])
+        what = "" if ck.row.needs_reference(ck.options) else " (no reference: log pi_ref = 0)"
+        ck.expect(rw, c["beta"] * (c["pw"] - ref_w), "chosen reward should be beta (log pi_w - log ref_w)" + what, 1e-9, 1e-12)
+        ck.expect(rl, c["beta"] * (c["pl"] - ref_l), "rejected reward should be beta (log pi_l - log ref_l)" + what, 1e-9, 1e-12)
         if ck.fw.name == "torch":
             t = [ck.fw.tensor(c[k], requires_grad=True) for k in ("pw", "pl", "rw", "rl")]
             o = _parse(ck.call(*t, c["beta"]))
@@ -742,13 +932,16 @@ def _prop_gradient(ck):
     def check(c):
         arrays = [c[k] for k in ("pw", "pl", "rw", "rl")]
         ref = _oracle(ck, *arrays, c["beta"])
-        if ck.variant == "hinge":  # no derivative at the kink beta h = 1
-            from hypothesis import assume
+        from hypothesis import assume
 
+        if ck.variant == "hinge":  # no derivative at the kink beta h = 1
             assume(bool(np.all(np.abs(c["beta"] * ref.log_ratio_margin - 1.0) > 1e-3)))
+        if ck.coupled:  # AOT's sort has no derivative where two sorted values tie
+            for v in (c["pw"] - c["pl"], c["rw"] - c["rl"], c["pw"] - c["rw"], c["pl"] - c["rl"]):
+                assume(bool(np.all(np.diff(np.sort(v)) > 1e-3)))
         n = len(c["pw"])
         per = 1.0 / n if ck.reduction == "mean" else 1.0
-        want_w, want_l = -c["beta"] * ref.gradient_weight * per, c["beta"] * ref.gradient_weight * per
+        want_w, want_l = n * ref.grad_policy_chosen_logps * per, n * ref.grad_policy_rejected_logps * per
         if ck.fw.autograd:
             _, g = ck.fw.grads(lambda *t: ck.call(*t, c["beta"]), arrays)
             gw, gl = g[0], g[1]
@@ -759,8 +952,10 @@ def _prop_gradient(ck):
         else:
             gw, gl = _policy_grads(ck, arrays, c["beta"])
             rtol, atol = 1e-5, 1e-8 * max(1.0, float(np.max(np.abs(ref.losses))))
-        ck.expect(gw, want_w, "d loss / d log pi_w should be -beta * weight" + (" / N" if per != 1.0 else ""), rtol, atol)
-        ck.expect(gl, want_l, "d loss / d log pi_l should be +beta * weight" + (" / N" if per != 1.0 else ""), rtol, atol)
+        margin = ck.row.margin is not None and ck.options.get("f_divergence", "reverse_kl") == "reverse_kl"
+        ww, wl = ("-beta * weight", "+beta * weight") if margin else ("minidpo's", "minidpo's")
+        ck.expect(gw, want_w, f"d loss / d log pi_w should be {ww}" + (" / N" if per != 1.0 else ""), rtol, atol)
+        ck.expect(gl, want_l, f"d loss / d log pi_l should be {wl}" + (" / N" if per != 1.0 else ""), rtol, atol)
 
     return check, ck.strategy()
 
@@ -868,7 +1063,7 @@ def _prop_logp_convention(ck):
     def check(c):
         nw, nl = np.array(c["counts_w"], dtype=np.float64), np.array(c["counts_l"], dtype=np.float64)
         got = ck.loss_of(c, counts=(nw, nl))
-        summed = ck.reduce(_oracle(ck, c["pw"], c["pl"], c["rw"], c["rl"], c["beta"]).losses)
+        summed = ck.reduce(_oracle(ck, c["pw"], c["pl"], c["rw"], c["rl"], c["beta"], counts=(nw, nl)).losses)
         per_tok = ck.reduce(_oracle(ck, c["pw"] / nw, c["pl"] / nl, c["rw"] / nw, c["rl"] / nl, c["beta"]).losses)
         tol = 1e-9 * max(1.0, float(np.max(np.abs(summed))))
         conv = [name for name, want in (("summed", summed), ("per_token", per_tok)) if ck.close(got, want, 1e-8, tol)]
@@ -877,7 +1072,7 @@ def _prop_logp_convention(ck):
                           f"nor the per-token means ({_fmt(per_tok)})")
         if len(conv) == 1:
             found.add(conv[0])
-            if ck.variant != "ipo" and conv[0] == "per_token":
+            if not ck.row.average_logps and conv[0] == "per_token":
                 raise _Broken(f"the loss averages log-probs over tokens (a mean where eq. 7's sum log pi(y|x) is meant): "
                               f"got {_fmt(got)}, correct {_fmt(summed)}")
         if len(found) > 1:
@@ -934,7 +1129,7 @@ def _prop_numerics(ck):
                     rw = rl = np.array([-1.0])
                     with _quiet():  # IPO's square overflows at the dtype's range: that margin is skipped below
                         ref = _oracle(ck, pw, pl, rw, rl, beta)
-                    if not np.all(np.abs(ref.losses) < big / 16):  # the correct value itself does not fit the dtype
+                    if not np.all(np.abs(ref.losses) < min(big / 16, _SATURATED)):  # the correct value does not fit
                         continue
                     case = _case_str(dict(pw=pw, pl=pl, rw=rw, rl=rl, beta=beta)) + f" dtype={dtype}"
                     try:
@@ -958,7 +1153,7 @@ def _prop_numerics(ck):
                             if gw is not None:
                                 if not np.all(np.isfinite(gw)):
                                     return "FAIL", f"non-finite gradient {_fmt(gw)} at beta h = {beta * h:g} in {dtype}", case
-                                gwant = float(-beta * ref.gradient_weight[0])
+                                gwant = float(ref.grad_policy_chosen_logps[0])  # N = 1: the pair's own derivative
                                 # weights below the dtype's epsilon may round to 0 (harmless next to weights near 1)
                                 unit = {"float64": 2.0 ** -52, "float32": 2.0 ** -23, "bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}[dtype]
                                 if ck.variant != "hinge" and abs(float(gw[0]) - gwant) > rel * abs(gwant) + beta * unit:
@@ -978,6 +1173,8 @@ _CHECKS = {
     "agrees with minidpo": _prop_agrees,
     "rewards (eq. 8)": _prop_rewards,
     "gradient (eq. 9)": _prop_gradient,
+    "per-prompt shift (eq. 5-6)": _prop_prompt_shift,
+    "swap = flipped log-ratios": _prop_swap,
     "DPO: L(h) - L(-h) = -beta*h": _prop_dpo_law,
     "cDPO: label-mixture law": _prop_cdpo_mixture,
     "cDPO at 0.5: symmetric, min at h = 0": _prop_cdpo_half,
@@ -1036,7 +1233,7 @@ def _detect(ck) -> str | None:
 def check_loss(fn: Callable, framework: str | None = None, variant: str = "dpo", *, label_smoothing: float = 0.1,
                kwargs: dict | None = None, max_examples: int = 25, reduction: str | None = None,
                ipo_convention: str | None = None, require_detached_reference: bool = False,
-               properties=None) -> Report:
+               properties=None, gate_identities: bool = True) -> Report:
     """Check a DPO loss function against the paper's properties; see the module docstring.
 
     Args:
@@ -1056,6 +1253,8 @@ def check_loss(fn: Callable, framework: str | None = None, variant: str = "dpo",
         require_detached_reference: fail if gradient reaches the reference inputs when they
             require grad (by default that is reported: correct when the caller uses no_grad).
         properties: an iterable of property names to run (default: all that apply).
+        gate_identities: run one of the paper's identities (IDENTITIES) only where minidpo's own loss
+            of the variant has it (else it is reported as a skip naming why); False runs them all.
     Returns:
         Report (``.ok``, ``.failed``, ``.table()``, ``.conventions``).
     """
@@ -1081,7 +1280,8 @@ def check_loss(fn: Callable, framework: str | None = None, variant: str = "dpo",
                   require_detached_reference)
     name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
     report = Report(name, framework, variant)
-    wanted = [p for p, vs in PROPERTIES.items() if (vs == ALL or variant in vs) and (properties is None or p in properties)]
+    wanted = [p for p, vs in PROPERTIES.items()
+              if (vs in (ALL, IDENTITY) or variant in vs) and (properties is None or p in properties)]
     if properties is not None:
         unknown = set(properties) - set(PROPERTIES)
         if unknown:
@@ -1096,6 +1296,16 @@ def check_loss(fn: Callable, framework: str | None = None, variant: str = "dpo",
                                              f"expected reduction {reduction!r}"))
 
     for prop in wanted:
+        if PROPERTIES[prop] == IDENTITY and gate_identities:
+            held, why = _minidpo_has(ck, prop)
+            if not held:
+                report.results.append(PropertyResult(prop, "skip", f"not a property of {variant}: minidpo's own "
+                                                      f"{_loss_name(variant)} breaks it ({why})"))
+                continue
+        if PROPERTIES[prop] not in (ALL, IDENTITY) and not ck.plain:
+            report.results.append(PropertyResult(prop, "skip", f"a law of plain {variant}; f_divergence="
+                                                 f"{ck.options['f_divergence']} replaces its log-ratios"))
+            continue
         if prop == "worked example":
             report.results.append(PropertyResult(prop, *_prop_worked_example(ck)))
             continue
@@ -1122,6 +1332,37 @@ def check_loss(fn: Callable, framework: str | None = None, variant: str = "dpo",
             report.results.append(PropertyResult(prop, "FAIL", found[0], _case_str(found[1])))
     report.conventions = dict(ck.conventions)
     return report
+
+
+_HAS_CACHE: dict = {}
+
+
+def _minidpo_has(ck, prop: str) -> tuple[bool, str]:
+    """Whether minidpo's own loss of the claimed variant (its options, label smoothing and inputs as
+    given) has the identity ``prop``: (True, "") or (False, the one-line counterexample). Cached."""
+    key = (ck.variant, ck.eps, repr(sorted(ck.options.items())), repr(sorted(ck.inputs.items())), prop, ck.max_examples)
+    if key not in _HAS_CACHE:
+        name = _loss_name(ck.variant)
+        own = _Checker(minidpo_function(name), _Numpy(), ck.variant, ck.eps, {**ck.options, **ck.inputs},
+                       ck.max_examples, None, None, False)
+        own.conventions["rewards"] = "reported"
+        if prop == "value at the reference":
+            made = _prop_at_reference(own)
+        else:
+            made = _CHECKS[prop](own)
+        check, strategy = made[0], made[1]
+        found = own.hypothesis(strategy, check)
+        _HAS_CACHE[key] = (True, "") if found is None else (False, found[0])
+    return _HAS_CACHE[key]
+
+
+def check_identity(fn: Callable, identity: str, framework: str = "numpy", variant: str = "dpo", **kw) -> PropertyResult:
+    """One of the paper's identities (IDENTITIES) on ``fn``, whether or not the claimed loss has it:
+    the PropertyResult ("pass", or "FAIL" with the broken equation's numbers and hypothesis's shrunk
+    counterexample). ``kw``: as check_loss's."""
+    if identity not in IDENTITIES:
+        raise ValueError(f"unknown identity {identity!r}; choose one of {', '.join(IDENTITIES)}")
+    return check_loss(fn, framework, variant, properties=(identity,), gate_identities=False, **kw).result(identity)
 
 
 def load_function(spec: str) -> Callable:

@@ -216,3 +216,29 @@ def test_layout_run_writes_one_row_a_layout(tmp_path, capsys):
     assert "| micro-lp | 1 | minidpo shared_packed |" in md and md.count("torch padded") == 2  # header + row
     with pytest.raises(SystemExit):
         bs.parse_args(["--configs", "C0", "--layouts", "padded"])  # C0 has no per-pair lengths
+
+
+def test_sft_packing_bench_times_the_same_step_on_both_layouts(monkeypatch, capsys):
+    """bench/sft_packing.py on a tiny shape: both layouts run train.sft_step to the same loss (the
+    packed batch is the padded one's examples, laid out differently), and the line it prints."""
+    from bench import sft_packing
+    from minidpo import train
+    from minidpo.model import GPTConfig
+
+    losses = {}
+    real = train.sft_step
+
+    def recording(params, cfg, batch, *a, **k):
+        out = real(params, cfg, batch, *a, **k)
+        losses.setdefault(batch.shape, []).append(float(out[0]))
+        return out
+
+    monkeypatch.setattr(sft_packing, "sft_step", recording)
+    monkeypatch.setattr(sft_packing, "SHAPES", (("tiny", GPTConfig(64, 32, 2, 2, 16), (2, 9), (2, 9), 6, 2),))
+    monkeypatch.setattr(sft_packing.time, "sleep", lambda s: None)
+    sft_packing.main()
+    line = capsys.readouterr().out
+    assert line.startswith("tiny: padded (6, ") and "packed (" in line and line.rstrip().endswith("x)")
+    (a, la), (b, lb) = losses.items()
+    assert a != b and len(la) == len(lb) == 2
+    np.testing.assert_allclose(la, lb, rtol=1e-5)

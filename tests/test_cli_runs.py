@@ -159,7 +159,7 @@ def test_a_different_tokenizer_is_refused_before_anything_is_written(files, tmp_
     for bad in (["--loss", "ipo", "--label-smoothing", "0.2"],):
         code, _, err = run(["dpo", "--data", d / "prefs.jsonl", "--ref", d / "sft", "--out", tmp_path / "new", *TRAIN,
                             *bad], capsys)
-        assert code == 2 and "--label-smoothing applies to --loss sigmoid or robust, not ipo" in err
+        assert code == 2 and "--label-smoothing applies to --loss sigmoid or robust or exo_pair or aot or aot_unpaired, not ipo" in err
         assert not (tmp_path / "new").exists()
 
 

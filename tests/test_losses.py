@@ -461,9 +461,13 @@ def test_average_logps_for_makes_the_convention_explicit():
     assert average_logps_for("ipo", ipo_convention="summed") is False
     for t in ("sigmoid", "robust", "hinge"):
         assert average_logps_for(t) is False and average_logps_for(t, "per_token") is False
-    assert set(LOSS_TYPES) == {"sigmoid", "robust", "ipo", "hinge"}
+    assert {"sigmoid", "robust", "ipo", "hinge"} <= set(LOSS_TYPES)
+    for t in LOSS_TYPES:  # the table's rule, for every row
+        from minidpo.losses import LOSS_TABLE
+
+        assert average_logps_for(t) is LOSS_TABLE[t].average_logps
     with pytest.raises(ValueError, match="loss_type"):
-        average_logps_for("kto")
+        average_logps_for("no_such_loss")
     with pytest.raises(ValueError, match="ipo_convention"):
         average_logps_for("ipo", "mean")
 

@@ -166,7 +166,7 @@ def test_a_function_that_raises_fails_every_property_with_the_reason():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown variant"):
-        check_loss(numpy_losses.dpo, variant="kto")
+        check_loss(numpy_losses.dpo, variant="no_such_loss")
     with pytest.raises(ValueError, match="unknown framework"):
         check_loss(numpy_losses.dpo, framework="mxnet")
     with pytest.raises(ValueError, match=r"cdpo needs label_smoothing"):
