@@ -236,7 +236,7 @@ def _loss_settings(args) -> dict:
         except ValueError as err:
             raise UsageError(f"{err}{see}") from None
     return dict(loss_type=args.loss, loss_options=given, reference_free=args.reference_free,
-                average_logps=True if args.average_logps else None)
+                average_logps=True if args.average_logps else None, ld_alpha=args.ld_alpha, wpo=args.wpo)
 
 
 def _loss_option_names() -> list[str]:
@@ -430,23 +430,48 @@ def _preference_pairs(path, tokenizer, config, args):
     return pairs
 
 
+def _kto_examples(path, tokenizer, config, args):
+    from .data import build_kto_dataset, read_kto
+
+    examples = read_kto(path, on_error=args.on_error)
+    _note_skipped(examples, path)
+    max_length = min(args.max_length, config.n_ctx)
+    items, stats = build_kto_dataset(examples, tokenizer, max_length=max_length,
+                                     max_prompt_length=min(args.max_prompt_length, max_length // 2))
+    if stats["dropped_empty"] and _rank() == 0:
+        print(f"{path}: {stats['dropped_empty']} example(s) dropped (empty completion)")
+    return items
+
+
 def cmd_dpo(args) -> int:
     from .backend import get_backend
+    from .data import is_kto_file
     from .distributed import on_every_rank, on_rank0
-    from .train import check_run_folder, discard_stage, fingerprint, run_lock, stage_inputs, train_dpo
+    from .train import check_run_folder, discard_stage, fingerprint, run_lock, stage_inputs, train_dpo, train_kto
 
     comm = _communicator(args)
     out = Path(args.out)
     ref_path = args.ref or args.model
     tc = _train_config(args, beta=args.beta, rpo_alpha=args.rpo_alpha, **_loss_settings(args),
                        cache_reference=not args.recompute_reference, share_prompt=not args.no_share_prompt)
+    # KTO learns from unpaired examples ({"prompt", "completion", "label"}); preference pairs are
+    # KTO data too (each pair one desirable and one undesirable completion), trained as pairs
+    unpaired = is_kto_file(args.data)
+    if unpaired and args.loss != "kto":
+        raise UsageError(f"{args.data} holds unpaired KTO examples (prompt, completion, label); they train with "
+                         f"--loss kto, not {args.loss} (see `minidpo dpo --help`)")
+    if args.eval_data and is_kto_file(args.eval_data) != unpaired:
+        raise UsageError(f"--eval-data {args.eval_data} is not in --data's format "
+                         f"({'unpaired KTO examples' if unpaired else 'preference pairs'})")
+    read_items = _kto_examples if unpaired else _preference_pairs
+    what = "examples" if unpaired else "pairs"
 
     def read_inputs():  # every rank alike; a failure on any rank is reported once (distributed.on_every_rank)
         backend = get_backend(comm.device or args.device)  # under NCCL: this rank's own GPU
-        for what, path in (("--ref" if args.ref else "--model", ref_path), ("--policy", args.policy)):
+        for flag, path in (("--ref" if args.ref else "--model", ref_path), ("--policy", args.policy)):
             stopped = _unfinished(path) if path else None
             if stopped and not args.allow_unfinished_ref:
-                _die(f"{what} {path} stopped at step {stopped[0]} of its {stopped[1]} (interrupted?); finish it by "
+                _die(f"{flag} {path} stopped at step {stopped[0]} of its {stopped[1]} (interrupted?); finish it by "
                      f"re-running its command, or pass --allow-unfinished-ref to use it as it is")
         reference, config, tokenizer = load_model(ref_path, backend)
         if args.policy:
@@ -458,31 +483,36 @@ def cmd_dpo(args) -> int:
         else:
             policy = {k: v.copy() for k, v in reference.items()}
             start = "a copy of the reference"
-        pairs = _preference_pairs(args.data, tokenizer, config, args)
+        items = read_items(args.data, tokenizer, config, args)
         if args.eval_data:
-            eval_pairs = _preference_pairs(args.eval_data, tokenizer, config, args)
+            eval_items = read_items(args.eval_data, tokenizer, config, args)
         else:
-            pairs, eval_pairs = _split_eval(pairs, args)
-        return backend, reference, policy, config, tokenizer, pairs, eval_pairs, start
+            items, eval_items = _split_eval(items, args)
+        if not tc.uses_reference:  # a loss without pi_ref: the model only started the policy
+            reference = None
+        return backend, reference, policy, config, tokenizer, items, eval_items, start
 
-    backend, reference, policy, config, tokenizer, pairs, eval_pairs, start = on_every_rank(comm, read_inputs)
+    backend, reference, policy, config, tokenizer, items, eval_items, start = on_every_rank(comm, read_inputs)
     inputs = {"start": start, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    stage = "kto" if unpaired else "dpo"
 
     def prepare_folder():  # rank 0 alone: the lock (held until training ends), the checks, then the writes
         held.enter_context(run_lock(out))
         if args.overwrite:
             discard_stage(out)
-        check_run_folder(out, "dpo", config, tc,
-                         stage_inputs(pairs, eval_pairs, inputs, reference=fingerprint(reference)))
-        print(f"DPO: {len(pairs)} training / {len(eval_pairs)} held-out pairs; beta={args.beta} loss={args.loss}; "
-              f"device {backend.device}" + (f"; {comm.size} ranks" if comm.size > 1 else ""), flush=True)
+        check_run_folder(out, stage, config, tc, stage_inputs(
+            items, eval_items, inputs, reference=fingerprint(reference) if reference is not None else None))
+        print(f"{stage.upper()}: {len(items)} training / {len(eval_items)} held-out {what}; beta={args.beta} "
+              f"loss={args.loss}; device {backend.device}" + (f"; {comm.size} ranks" if comm.size > 1 else "")
+              + ("" if reference is not None else "; no reference model (the loss has none)"), flush=True)
         _save_tokenizer(tokenizer, out)
 
+    train = train_kto if unpaired else train_dpo
     with contextlib.ExitStack() as held:
         on_rank0(comm, prepare_folder)  # also the barrier before training: the other ranks wait for it
-        res = train_dpo(policy, reference, config, pairs, tokenizer.pad_id, tc, out, backend=backend,
-                        eval_pairs=eval_pairs or None, inputs=inputs, comm=comm)
-    return _finish(res, out, f"DPO, beta={args.beta:g}, loss={args.loss}", comm)
+        res = train(policy, reference, config, items, tokenizer.pad_id, tc, out, backend,
+                    eval_items or None, inputs=inputs, comm=comm)
+    return _finish(res, out, f"{stage.upper()}, beta={args.beta:g}, loss={args.loss}", comm)
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
@@ -575,8 +605,15 @@ def cmd_eval(args) -> int:
         _die("--policy and --ref have different model configs")
     pairs = _preference_pairs(args.data, tokenizer, config, args)
     batcher = batcher_for(tc, tokenizer.pad_id, backend)
-    rc, rr = batched_sequence_logps(reference, config, pairs, batcher, args.batch_size)
-    m = evaluate_preferences(policy, config, pairs, rc, rr, batcher, tc)
+    rc, rr = (batched_sequence_logps(reference, config, pairs, batcher, args.batch_size) if tc.uses_reference
+              else (None, None))
+    inputs = {}
+    if args.loss == "kto":  # the held-out set's own reference point, as training's held-out evaluation takes it
+        from .train import pair_examples, kto_batch_reference_point
+
+        inputs["reference_point"] = kto_batch_reference_point(policy, reference, config, *pair_examples(pairs),
+                                                              batcher, tc)
+    m = evaluate_preferences(policy, config, pairs, rc, rr, batcher, tc, inputs=inputs)
     m = {"n_pairs": len(pairs), "average_logps": tc.logps_averaged, **{k[5:]: v for k, v in m.items()}}
     print(json.dumps(m, indent=2))
     return EXIT_OK
@@ -936,6 +973,12 @@ def _dpo_options(sp, train: bool) -> None:
     sp.add_argument("--average-logps", action="store_true",
                     help="use per-token mean log-probs instead of sums (a loss marked 'per-token mean log-probs' "
                          "always does)")
+    sp.add_argument("--ld-alpha", type=_float_in(0, 1), default=1.0,
+                    help="LD-DPO (Liu et al. 2024): a pair's longer response counts its tokens past the shorter "
+                         "one's length times this, in [0, 1] (default 1: plain sums)")
+    sp.add_argument("--wpo", action="store_true",
+                    help="WPO (Zhou et al. 2024): weight each pair's loss by its responses' length-normalised "
+                         "probability under the policy (a constant; not with aot)")
     sp.add_argument("--max-prompt-length", type=_int_at_least(1), default=128,
                     help="prompt tokens kept when truncating (at most half of --max-length)")
     sp.add_argument("--truncation-mode", choices=["keep_end", "keep_start"], default="keep_end",

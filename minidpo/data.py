@@ -364,6 +364,21 @@ def _kto_from_object(obj: dict, display: str, i: int) -> KTOExample:
     return KTOExample(prompt=prompt, completion=completion, label=label, source=f"{display}:{i}")
 
 
+def is_kto_file(path: str | os.PathLike) -> bool:
+    """Whether a JSONL file holds unpaired KTO examples rather than preference pairs: its first
+    non-blank line is a JSON object with "completion" and "label" keys (and no "chosen"). A file
+    that cannot be read this way is not (the preference reader then reports what is wrong)."""
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    obj = json.loads(raw)
+                    return isinstance(obj, dict) and {"completion", "label"} <= set(obj) and "chosen" not in obj
+    except (OSError, ValueError, RecursionError):
+        return False
+    return False
+
+
 def read_kto(path: str | os.PathLike, on_error: str = "raise") -> KTOData:
     """Read and validate an unpaired (KTO) JSONL file: one ``{"prompt": str, "completion": str,
     "label": bool}`` a line, the label true for a desirable completion, false for an undesirable one.
@@ -428,6 +443,62 @@ class TokenizedSFT:
     response_ids: list[int]
     source: str = ""
     truncated: bool = False
+
+
+@dataclass
+class TokenizedKTO:
+    """A tokenized unpaired (KTO) example: ``prompt_ids``, ``response_ids`` (the completion, then
+    EOS unless truncation cut it; the name packing.Batcher.sft reads), ``desirable`` (the label),
+    ``source``, ``truncated``."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    desirable: bool
+    source: str = ""
+    truncated: bool = False
+
+
+def build_kto_dataset(examples, tokenizer: _Tokenizer, max_length: int = 512, max_prompt_length: int | None = None):
+    """KTO examples (read_kto's) tokenized as SFT items are (:func:`tokenize_sft`'s truncation),
+    each with its label. Returns (list[TokenizedKTO], stats {"n_examples", "n_kept",
+    "dropped_empty", "truncated", "n_desirable", "n_undesirable"}); ValueError when none is left."""
+    examples = list(examples)
+    if not examples:
+        raise ValueError("build_kto_dataset: no examples given")
+    if max_prompt_length is None:
+        max_prompt_length = max(1, max_length // 2)
+    _check_lengths(max_length, max_prompt_length, "keep_end")
+    n = len(examples)
+    ids = _encode_many(tokenizer, [e.prompt for e in examples] + [e.completion for e in examples])
+    out, dropped, truncated = [], [], 0
+    for k, e in enumerate(examples):
+        t = _assemble_sft(ids[k], ids[n + k], tokenizer.eos_id, max_length, max_prompt_length, e.source)
+        if t is None:
+            dropped.append((e.source, "the completion has zero tokens"))
+            continue
+        truncated += t.truncated
+        out.append(TokenizedKTO(t.prompt_ids, t.response_ids, bool(e.label), t.source, t.truncated))
+    _warn_dropped("KTO examples", dropped, n)
+    if not out:
+        raise ValueError(f"all {n} KTO examples were dropped")
+    n_d = sum(t.desirable for t in out)
+    return out, {"n_examples": n, "n_kept": len(out), "dropped_empty": len(dropped), "truncated": truncated,
+                 "n_desirable": n_d, "n_undesirable": len(out) - n_d}
+
+
+def kto_mismatched_items(prompts: list, responses: list, max_length: int) -> list:
+    """KTO's mismatched examples (losses.kto_mismatched: example i's prompt with example i-1's
+    completion, TRL's rotation of the batch by one), as TokenizedSFT items, the completion cut to
+    fit ``max_length`` tokens after its new prompt (at least one token is kept: each prompt was
+    already cut to leave room for one)."""
+    from .losses import kto_mismatched
+
+    order = kto_mismatched(len(prompts))
+    out = []
+    for i, j in enumerate(order):
+        x, y = list(prompts[i]), list(responses[int(j)])
+        out.append(TokenizedSFT(x, y[: max(1, max_length - len(x))], "mismatched", len(x) + len(y) > max_length))
+    return out
 
 
 @dataclass

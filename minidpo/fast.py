@@ -791,7 +791,8 @@ def sequence_logps_backward(dlogps, cache, *, overwrite_logits: bool = False):
 
 # ------------------------------------------------------------------------------------ the two namespaces
 
-_NAMES = [n for n in layers.__all__ if n not in ("sees", "split_heads")] + logprobs.__all__
+_NAMES = ([n for n in layers.__all__ if n not in ("sees", "split_heads")]
+          + [n for n in logprobs.__all__ if n != "token_log_sum_sq"])  # WPO's constant: one plain function
 """The functions with a fast twin: every layer's forward and backward, the softmax, the log-probs."""
 PLAIN = SimpleNamespace(name="plain", **{n: getattr(layers, n, None) or getattr(logprobs, n) for n in _NAMES})
 """The plain reference: layers.py and logprobs.py."""

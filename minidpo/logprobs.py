@@ -26,7 +26,7 @@ from . import checks
 from .backend import get_array_module
 
 __all__ = ["logsumexp", "log_softmax", "log_softmax_backward", "token_logps", "token_logps_backward",
-           "sequence_logps", "sequence_logps_backward"]
+           "sequence_logps", "sequence_logps_backward", "token_log_sum_sq"]
 
 
 def logsumexp(x, axis: int = -1, keepdims: bool = False):
@@ -117,3 +117,13 @@ def sequence_logps_backward(dlogps, cache, *, overwrite_logits: bool = False):
     checks.dlogps(dlogps, w.shape[0])
     dlp = w.T @ get_array_module(w).asarray(dlogps).astype(w.dtype)  # (M,)
     return token_logps_backward(dlp, cache, overwrite_logits=overwrite_logits)
+
+
+def token_log_sum_sq(logits, lse):
+    """log sum_v pi(v|.)^2 at each scored position, a constant for WPO's weights (Zhou et al. 2024):
+
+        pi(v|.) = exp(logits[m, v] - lse[m])  so  log sum_v pi(v|.)^2 = logsumexp_v(2 logits[m, v]) - 2 lse[m]
+
+    logits (M, V), lse (M,) (token_logps' cache). Returns (M,) in the logits' dtype. No backward:
+    WPO's weights carry no gradient."""
+    return logsumexp(2 * logits, axis=-1) - 2 * lse

@@ -92,7 +92,7 @@ __all__ = [
     "kto_mismatched",
     "weighted_sum_loss",
     "ld_logps",
-    "wpo_weights",
+    "wpo_weights", "wpo_pair_weights",
 ]
 
 IPO_CONVENTIONS = ("per_token", "summed")
@@ -778,6 +778,17 @@ def wpo_weights(token_logps, token_log_sum_sq, mask, n_pairs: int):
     m = xp.asarray(mask).astype(token_logps.dtype)
     n = xp.maximum(xp.sum(m, axis=1), token_logps.dtype.type(1))
     w = xp.exp(xp.sum((token_logps - token_log_sum_sq) * m, axis=1) / n)  # (2N,)
+    return w[:n_pairs] * w[n_pairs:]
+
+
+def wpo_pair_weights(token_logps, token_log_sum_sq, mean_weights, n_pairs: int):
+    """:func:`wpo_weights` on a batch's scored tokens (the trainer's form): the same
+    w(y) = exp(mean_t [log pi(y_t|.) - log sum_v pi(v|.)^2]), each example's mean taken with
+    ``mean_weights`` (E, M) (packing.Batch.mean_weights: 1 / n_e on its tokens), E = 2N.
+
+    token_logps, token_log_sum_sq: (M,). Returns (N,) pair weights w(y_w) w(y_l), constants."""
+    xp = get_array_module(token_logps)
+    w = xp.exp(mean_weights @ (token_logps - token_log_sum_sq))  # (2N,)
     return w[:n_pairs] * w[n_pairs:]
 
 

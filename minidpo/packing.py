@@ -7,7 +7,8 @@ Every batch the model sees, in training and evaluation, for SFT and DPO, is one 
     logits_at     (M,)     the flat row position r * L + t whose logits predict scored token m
     labels        (M,)     the scored token m itself
     example       (M,)     the example token m belongs to (DPO: chosen 0..N-1, rejected N..2N-1)
-    weights       (E, M)   log pi(y_e|x) = sum_m weights[e, m] lp[m]    eq. (7)'s sum (1 / n_e: the mean)
+    weights       (E, M)   log pi(y_e|x) = sum_m weights[e, m] lp[m]    eq. (7)'s sum (1 / n_e: the mean;
+                           LD-DPO: ld_alpha on a response's tokens past its pair's shorter length)
 
 How the rows are filled is the batch's layout, decided once (:class:`Batcher`, from
 TrainConfig's ``share_prompt`` and ``pack``); nothing downstream asks which one it holds:
@@ -272,6 +273,8 @@ class Batch:
         ``host_at`` (each scored token's own flat position) on the host.
     parts: (R, L) host ints, PROMPT / CHOSEN / REJECTED of each token (pads: PROMPT).
     n_examples: E. n_tokens: real tokens in the rows. average: whether :meth:`weights` averages.
+    ld_alpha: LD-DPO's weight on the tokens of a preference pair's longer response past the shorter
+        one's length (1: eq. 7's plain sum; a pairs batch only).
     """
 
     input_ids: Any
@@ -287,6 +290,7 @@ class Batch:
     n_examples: int
     n_tokens: int
     average: bool = False
+    ld_alpha: float = 1.0
     _weights: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -306,19 +310,57 @@ class Batch:
         np.maximum.at(last, self.host_example, self.host_at)  # an example's tokens come in order
         return last if isinstance(self.logits_at, np.ndarray) else get_array_module(self.logits_at).asarray(last)
 
+    def response_positions(self) -> np.ndarray:
+        """(M,) host int64: each scored token's index within its own response (0, 1, ...), the
+        tokens of an example coming in order."""
+        order = np.lexsort((self.host_at, self.host_example))  # by example, then left to right
+        first = np.concatenate([[0], np.cumsum(self.host_token_counts)[:-1]])  # (E,) each example's first slot
+        pos = np.empty(self.host_example.size, dtype=np.int64)
+        pos[order] = np.arange(order.size, dtype=np.int64) - first[self.host_example[order]]
+        return pos
+
+    def token_scale(self) -> np.ndarray:
+        """(M,) host float64: what each scored token's log-prob counts for in its example's sum.
+        1, except under LD-DPO (Liu et al. 2024, arXiv:2409.06411): in pair i, with l_p =
+        min(|y_w|, |y_l|), a response's tokens past l_p count ld_alpha,
+
+            log pi_ld(y|x) = sum_{k < l_p} log pi(y_k|.) + ld_alpha sum_{k >= l_p} log pi(y_k|.)"""
+        scale = np.ones(self.host_example.size, dtype=np.float64)
+        if self.ld_alpha != 1.0:
+            n = self.host_token_counts  # (2N,) [chosen; rejected]
+            half = self.n_examples // 2
+            shared = np.minimum(n, np.roll(n, half))  # (2N,) l_p of each example's pair
+            scale[self.response_positions() >= shared[self.host_example]] = self.ld_alpha
+        return scale
+
     def weights(self, dtype):
-        """(E, M) of ``dtype`` on the batch's device: weights[e, m] = 1 if scored token m belongs
-        to example e (1 / n_e when the batch averages), else 0. Built on the host, once per dtype."""
+        """(E, M) of ``dtype`` on the batch's device: weights[e, m] = token_scale[m] if scored token
+        m belongs to example e (divided by n_e when the batch averages), else 0. Built on the host,
+        once per dtype."""
         key = np.dtype(dtype).str
         if key not in self._weights:
             E, M = self.n_examples, self.host_example.size
-            val = np.ones(M, dtype=np.float64)
+            val = self.token_scale()
             if self.average:
                 val /= np.maximum(self.host_token_counts, 1)[self.host_example]
             w = np.zeros((E, M), dtype=dtype)
             w[self.host_example, np.arange(M)] = val.astype(dtype)
-            self._weights[key] = w if isinstance(self.logits_at, np.ndarray) else get_array_module(self.logits_at).asarray(w)
+            self._weights[key] = self._on_device(w)
         return self._weights[key]
+
+    def mean_weights(self, dtype):
+        """(E, M): 1 / n_e where scored token m belongs to example e, else 0: each example's plain
+        per-token mean, whatever the batch's own rule (WPO's length-normalised weight reads it)."""
+        key = "mean" + np.dtype(dtype).str
+        if key not in self._weights:
+            E, M = self.n_examples, self.host_example.size
+            w = np.zeros((E, M), dtype=dtype)
+            w[self.host_example, np.arange(M)] = (1.0 / np.maximum(self.host_token_counts, 1)[self.host_example]).astype(dtype)
+            self._weights[key] = self._on_device(w)
+        return self._weights[key]
+
+    def _on_device(self, a):
+        return a if isinstance(self.logits_at, np.ndarray) else get_array_module(self.logits_at).asarray(a)
 
 
 def pack_sequences(seqs: list[Sequence], n_examples: int, pad_id: int, pack: bool = True,
@@ -399,14 +441,19 @@ def _plain_rows(seqs) -> bool:
 
 
 def pack_preferences(pairs, pad_id: int, share_prompt: bool = True, pack: bool = True, backend=None,
-                     pack_length: int | None = None, average: bool = False) -> Batch:
+                     pack_length: int | None = None, average: bool = False, ld_alpha: float = 1.0) -> Batch:
     """N preference pairs as a :class:`Batch` with E = 2N examples (chosen 0..N-1, then rejected
-    N..2N-1). ``share_prompt=False, pack=False`` is the padded batch of data.collate_preferences."""
+    N..2N-1). ``share_prompt=False, pack=False`` is the padded batch of data.collate_preferences.
+    ``ld_alpha``: LD-DPO's weight on the longer response's excess tokens (Batch.token_scale)."""
     pairs = list(pairs)
     if not pairs:
         raise ValueError("pack_preferences: no pairs given")
-    return pack_sequences(pair_sequences(pairs, share_prompt), 2 * len(pairs), pad_id, pack, pack_length,
-                          backend, average)
+    if not (isinstance(ld_alpha, (int, float, np.floating)) and 0.0 <= ld_alpha <= 1.0):
+        raise ValueError(f"ld_alpha must be a number in [0, 1], got {ld_alpha!r}")
+    batch = pack_sequences(pair_sequences(pairs, share_prompt), 2 * len(pairs), pad_id, pack, pack_length,
+                           backend, average)
+    batch.ld_alpha = float(ld_alpha)
+    return batch
 
 
 def pack_sft(items, pad_id: int, pack: bool = True, backend=None, pack_length: int | None = None) -> Batch:
@@ -458,17 +505,20 @@ class Batcher:
 
     pad_id: the padding token. share_prompt: DPO pairs as one [x | y_w | y_l] sequence. pack:
     sequences packed into rows (else one a row, right-padded). average: DPO log-probs as
-    per-token means. backend: where the arrays go (None: NumPy)."""
+    per-token means. ld_alpha: LD-DPO's weight on a pair's longer response past the shorter's
+    length (1: plain sums). backend: where the arrays go (None: NumPy)."""
 
     pad_id: int
     share_prompt: bool = True
     pack: bool = True
     average: bool = False
     backend: Any = None
+    ld_alpha: float = 1.0
 
     def pairs(self, pairs) -> Batch:
         """N tokenized preference pairs -> a Batch of 2N examples [chosen; rejected]."""
-        return pack_preferences(pairs, self.pad_id, self.share_prompt, self.pack, self.backend, average=self.average)
+        return pack_preferences(pairs, self.pad_id, self.share_prompt, self.pack, self.backend, average=self.average,
+                                ld_alpha=self.ld_alpha)
 
     def sft(self, items) -> Batch:
         """B tokenized SFT items -> a Batch of B examples (summed log-probs)."""

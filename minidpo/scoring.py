@@ -15,10 +15,12 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .backend import to_numpy
+from .backend import get_array_module, to_numpy
 from .data import check_token_ids
 from .distributed import gather_concat, shard_range
 from .fast import ops
+from .logprobs import token_log_sum_sq
+from .losses import wpo_pair_weights
 from .model import GPTConfig, gpt_forward
 from .packing import Batch, Batcher
 
@@ -78,3 +80,52 @@ def batched_sequence_logps(
     if comm is None or comm.size == 1:
         return c, r
     return gather_concat(comm, c), gather_concat(comm, r)
+
+
+def item_logps(params: dict, config: GPTConfig, items: Sequence, batcher: Batcher, batch_size: int,
+               desc: str | None = None, comm=None) -> np.ndarray:
+    """log pi(y|x) (summed) of every SFT-like item (prompt_ids, response_ids: data.TokenizedSFT,
+    TokenizedKTO), in chunks of ``batch_size`` laid out by ``batcher.sft``; with a ``comm`` of K
+    ranks each scores its contiguous share and every rank gets all. (E,) NumPy, the model's dtype."""
+    from tqdm.auto import tqdm
+
+    lo, hi = (0, len(items)) if comm is None else shard_range(len(items), comm.rank, comm.size)
+    show = desc is not None and (comm is None or comm.rank == 0)
+    parts = []
+    with tqdm(total=hi - lo, desc=desc, disable=not show, dynamic_ncols=True) as bar:
+        for logps, _ in chunked_logps(params, config, items[lo:hi], batcher.sft, batch_size, progress=bar):
+            parts.append(logps)
+    out = np.concatenate(parts) if parts else np.zeros(0, dtype=next(iter(params.values())).dtype)
+    if comm is None or comm.size == 1:
+        return out
+    return gather_concat(comm, out)
+
+
+
+def wpo_step_weights(lp_cache: dict, batch: Batch):
+    """WPO's (N,) pair weights (losses.wpo_pair_weights, Zhou et al. 2024 eq. 2) from a forward's
+    log-prob cache (token_logps': logits (M, V), labels, lse): each token's log pi(y_t|.) and
+    log sum_v pi(v|.)^2 (logprobs.token_log_sum_sq), averaged per response. Constants: nothing
+    flows back through them. Device arrays."""
+    logits, labels, lse = lp_cache["logits"], lp_cache["labels"], lp_cache["lse"]
+    xp = get_array_module(logits)
+    lp = logits[xp.arange(logits.shape[0]), labels] - lse  # (M,) log pi(y_t|.)
+    lss = token_log_sum_sq(logits, lse)  # (M,)
+    return wpo_pair_weights(lp, lss, batch.mean_weights(logits.dtype), batch.n_examples // 2)
+
+
+def batched_wpo_weights(params: dict, config: GPTConfig, pairs: Sequence, batcher: Batcher, batch_size: int,
+                        comm=None) -> np.ndarray:
+    """WPO's weight of every preference pair under the policy ``params`` (:func:`wpo_step_weights`),
+    in chunks of ``batch_size`` pairs, no gradient; with a ``comm`` of K ranks each scores its
+    share and every rank gets all. (N,) NumPy."""
+    lo, hi = (0, len(pairs)) if comm is None else shard_range(len(pairs), comm.rank, comm.size)
+    out = []
+    for start in range(lo, hi, batch_size):
+        batch = batcher.pairs(list(pairs[start:min(start + batch_size, hi)]))
+        logits, _ = gpt_forward(params, batch.input_ids, config, batch.layout, logits_at=batch.logits_at,
+                                keep_cache=False, validate=False)  # (M, V)
+        _, cache = ops().sequence_logps(logits, batch.labels, batch.weights(logits.dtype))
+        out.append(to_numpy(wpo_step_weights(cache, batch)))
+    w = np.concatenate(out) if out else np.zeros(0, dtype=next(iter(params.values())).dtype)
+    return w if comm is None or comm.size == 1 else gather_concat(comm, w)

@@ -73,13 +73,13 @@ from .backend import Backend, get_array_module, get_backend, to_numpy
 from .checkpoint import (STATE_FILE, CheckpointError, atomic_write_text, has_checkpoint, is_integer, is_number,
                          load_checkpoint, read_checkpoint_state, save_checkpoint, verify_optimizer_state, verify_params)
 from .data import check_token_ids
-from .distributed import (SingleProcess, all_reduce_step, collective, gather_scatter, local_shard, make_optimizer,
-                          on_rank0, shard_range)
+from .distributed import (SingleProcess, all_reduce_step, collective, gather_concat, gather_scatter, local_shard,
+                          make_optimizer, on_rank0, shard_range)
 from .losses import dpo_step_loss, preference_metrics
 from .model import GPTConfig, gpt_backward, gpt_forward
 from .optim import AdamW, clip_grad_norm, lr_at
 from .packing import Batch, Batcher
-from .scoring import batch_logps, batched_sequence_logps, chunked_logps
+from .scoring import batch_logps, batched_sequence_logps, chunked_logps, wpo_step_weights
 
 
 class NonFiniteError(RuntimeError):
@@ -104,9 +104,9 @@ class TrainConfig:
     """Hyperparameters of one training stage (SFT or DPO).
 
     DPO-specific fields (ignored by SFT): beta, loss_type, loss_options, rpo_alpha, reference_free,
-    average_logps, cache_reference. The defaults follow the paper's (beta 0.1, sigmoid loss). What a
-    loss accepts (its options, their ranges, its log-prob rule) comes from its row of
-    losses.LOSS_TABLE.
+    average_logps, ld_alpha (LD-DPO), wpo (WPO), cache_reference. The defaults follow the paper's
+    (beta 0.1, sigmoid loss). What a loss accepts (its options, their ranges, its log-prob rule,
+    whether it has a reference) comes from its row of losses.LOSS_TABLE.
     ``adam_betas`` are AdamW's moment decay rates (beta1, beta2), unrelated to DPO's ``beta``.
     Every field is checked on construction (a ValueError names the field).
     """
@@ -132,6 +132,8 @@ class TrainConfig:
     rpo_alpha: float = 0.0
     reference_free: bool = False  # treat log pi_ref as 0 (the reference-free variant)
     average_logps: bool | None = None  # per-token mean log-probs; None: the loss's own rule (IPO: True)
+    ld_alpha: float = 1.0  # LD-DPO: weight of a pair's longer response past the shorter's length (1: off)
+    wpo: bool = False  # WPO: each pair's loss weighted by its responses' length-normalised probability
     cache_reference: bool = True
     # layout (minidpo.packing): the prompt once per pair, and sequences packed into rows instead
     # of padded to the longest; the same numbers as the padded batch, less work
@@ -179,6 +181,22 @@ class TrainConfig:
         need(is_num(self.rpo_alpha) and self.rpo_alpha >= 0, "rpo_alpha", "a finite number >= 0")
         need(self.average_logps is None or isinstance(self.average_logps, (bool, np.bool_)), "average_logps",
              "True, False or None (the loss's own rule)")
+        need(is_num(self.ld_alpha) and 0 <= self.ld_alpha <= 1, "ld_alpha", "a number in [0, 1] (LD-DPO; 1: off)")
+        self.ld_alpha = float(self.ld_alpha)
+        need(isinstance(self.wpo, (bool, np.bool_)), "wpo", "True or False")
+        row = LOSS_TABLE[self.loss_type]
+        if self.wpo and any(r.batch is not None and not r.combines for r in row.components(self.loss_options)):
+            raise ValueError(f"wpo: WPO's per-pair weights do not apply to the {self.loss_type!r} loss, which sorts "
+                             "the batch's pairs (its per-pair losses are not the pairs')")
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss reads log pi_ref: not for reference_free, nor for a loss without a
+        reference (SimPO, CPO, ORPO, ...), whose runs skip the reference model entirely."""
+        from .losses import LOSS_TABLE
+
+        row = LOSS_TABLE[self.loss_type]
+        return not self.reference_free and row.needs_reference(row.resolve(self.loss_options))
 
     @property
     def logps_averaged(self) -> bool:
@@ -235,24 +253,30 @@ def batch_for_step(step: int, n_items: int, batch_size: int, seed: int) -> np.nd
 
 def batcher_for(tc: TrainConfig, pad_id: int, backend) -> Batcher:
     """The one place a stage's batch layout is decided: ``tc.share_prompt`` and ``tc.pack``, and
-    for DPO the loss's log-prob rule (``tc.logps_averaged``). Every batch of the stage, its
+    for DPO the log-prob rule (the loss's ``tc.logps_averaged``, LD-DPO's ``tc.ld_alpha``). Every batch of the stage, its
     steps, its reference log-probs and its held-out evaluation, comes from the returned Batcher."""
     return Batcher(pad_id, share_prompt=tc.share_prompt, pack=tc.pack, average=tc.logps_averaged,
-                   backend=get_backend(backend))
+                   backend=get_backend(backend), ld_alpha=tc.ld_alpha)
 
 
 def evaluate_preferences(
     policy: dict, model_config: GPTConfig, pairs: Sequence, ref_chosen: np.ndarray,
-    ref_rejected: np.ndarray, batcher: Batcher, tc: TrainConfig, comm=None,
+    ref_rejected: np.ndarray, batcher: Batcher, tc: TrainConfig, comm=None, inputs: dict | None = None,
 ) -> dict:
     """The DPO loss (the training step's: :func:`losses.dpo_step_loss`) and the preference metrics
     (rewards/accuracies, margins, ...) on held-out pairs, as host floats; keys are prefixed with
     ``eval/``. The pairs are laid out by ``batcher`` in chunks of ``tc.eval_batch_size``; with a
     ``comm`` of K ranks the log-probs are computed in shares and gathered: every rank returns the
-    same numbers."""
+    same numbers. ``inputs``: what the loss's row needs (KTO's z0, BCO's mean: constants); with
+    ``tc.wpo`` the pairs' WPO weights are computed here, as the step computes them."""
     pc, pr = batched_sequence_logps(policy, model_config, pairs, batcher, tc.eval_batch_size, comm=comm)
     counts = np.array([len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs], dtype=np.int64)
-    out, _ = dpo_step_loss(np.concatenate([pc, pr]), counts, ref_chosen, ref_rejected, tc)  # the step's loss
+    inputs = dict(inputs or {})
+    if tc.wpo:
+        from .scoring import batched_wpo_weights
+
+        inputs["pair_weights"] = batched_wpo_weights(policy, model_config, pairs, batcher, tc.eval_batch_size, comm)
+    out, _ = dpo_step_loss(np.concatenate([pc, pr]), counts, ref_chosen, ref_rejected, tc, inputs)  # the step's loss
     m = {"loss": float(np.mean(out.losses))}
     m.update({k: float(v) for k, v in preference_metrics(out, pc, pr).items()})
     return {f"eval/{k}": v for k, v in m.items()}
@@ -263,11 +287,17 @@ def evaluate_preferences(
 # ---------------------------------------------------------------------------------------------
 
 
-def dpo_step(params: dict, model_config: GPTConfig, batch: Batch, ref_chosen, ref_rejected, tc: TrainConfig):
+def dpo_step(params: dict, model_config: GPTConfig, batch: Batch, ref_chosen, ref_rejected, tc: TrainConfig,
+             inputs: dict | None = None, before_loss: Callable | None = None):
     """Loss, metrics and gradients of one DPO step on a batch of N pairs, in any layout.
 
     batch: packing.Batch with E = 2N examples [chosen; rejected] (Batcher.pairs).
-    ref_chosen, ref_rejected: (N,) device arrays of log pi_ref(y|x), constants.
+    ref_chosen, ref_rejected: (N,) device arrays of log pi_ref(y|x), constants (None for a loss
+        without a reference: ``tc.uses_reference`` False).
+    inputs: the constants of the step the loss's row names (losses.Loss.inputs: KTO's
+        reference_point); with ``tc.wpo`` the step adds WPO's pair_weights from its own logits.
+    before_loss: (logps (2N,), ref_chosen, ref_rejected) -> more inputs, called between the forward
+        and the loss on the step's own log-probs (BCO's running reward mean is updated there).
     Returns (loss (0-d device array), metrics dict of 0-d device arrays, grads dict)."""
     n = batch.n_examples // 2
     ops = fast.ops()
@@ -277,7 +307,12 @@ def dpo_step(params: dict, model_config: GPTConfig, batch: Batch, ref_chosen, re
                                       logits_at=batch.logits_at, validate=False)  # (M, V)
     logps, lp_cache = ops.sequence_logps(logits, batch.labels, batch.weights(logits.dtype))  # (2N,) eq. 7
     del logits
-    out, dlogps = dpo_step_loss(logps, batch.token_counts, ref_chosen, ref_rejected, tc)  # eq. 7, eq. 9
+    inputs = dict(inputs or {})
+    if tc.wpo:  # WPO: a constant weight per pair from the policy's own token distribution
+        inputs["pair_weights"] = wpo_step_weights(lp_cache, batch)
+    if before_loss is not None:
+        inputs.update(before_loss(logps, ref_chosen, ref_rejected))
+    out, dlogps = dpo_step_loss(logps, batch.token_counts, ref_chosen, ref_rejected, tc, inputs)  # eq. 7, eq. 9
     # the logits are not needed again: their buffer becomes dlogits (one (M, V) array, not two)
     dlogits = ops.sequence_logps_backward(dlogps, lp_cache, overwrite_logits=True)  # (M, V)
     grads = gpt_backward(dlogits, model_cache)
@@ -640,6 +675,7 @@ class _Loop:
     t0: float = 0.0
     last_saved: int | None = None  # step of the last good checkpoint on disk
     history: list = field(default_factory=list)
+    state: dict | None = None  # the stage's own numbers carried across steps (BCO's running mean), checkpointed
 
     @property
     def ckpt_dir(self) -> Path:
@@ -694,6 +730,8 @@ def _resume(L: _Loop, resume: bool, stale: str) -> int | None:
     L.step = L.last_saved = int(ck.step)
     L.acc.load_state_dict(ck.extra.get("log_accumulator", {}))
     L.elapsed_s = float(ck.extra.get("elapsed_s", 0.0))
+    if L.state is not None:
+        _restore_stage_state(L, ck)
     if L.comm.rank == 0:  # drop records logged after the checkpoint (they will be redone), through a temporary file
         kept = [r for r in read_metrics(L.metrics_path) if r.get("step", 0) <= L.step]
         atomic_write_text(L.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -719,6 +757,22 @@ def _verify_loop_state(ck) -> None:
                               f"integer >= 0}}, got {acc!r:.80}")
 
 
+def _restore_stage_state(L: _Loop, ck) -> None:
+    """The stage's state (its keys, each a number; "count" an integer >= 0) from the checkpoint,
+    into L.state; CheckpointError naming trainer_state.json and the key otherwise."""
+    where = ck.path / STATE_FILE
+    saved = ck.extra.get("stage_state")
+    if not isinstance(saved, dict) or set(saved) != set(L.state):
+        raise CheckpointError(f"{where}: 'extra.stage_state' must hold {sorted(L.state)} (this loss's state), "
+                              f"got {saved!r:.80}")
+    for k, v in saved.items():
+        ok = is_integer(v) and v >= 0 if k == "count" else is_number(v)
+        if not ok:
+            raise CheckpointError(f"{where}: 'extra.stage_state.{k}' must be "
+                                  f"{'an integer >= 0' if k == 'count' else 'a finite number'}, got {v!r}")
+        L.state[k] = v
+
+
 def _check_finite(L: _Loop, since: int) -> None:
     """The device flag of the accumulator: every loss and gradient norm since ``since`` finite."""
     if not bool(L.acc.finite):
@@ -741,6 +795,8 @@ def _save(L: _Loop) -> None:
                              f"{L.kept_checkpoint()[0].upper()}{L.kept_checkpoint()[1:]}; try a lower learning rate.")
     config = {"model": L.model_config.to_dict(), "train": L.tc.to_dict(), "stage": L.stage, "inputs": L.inputs}
     extra = {"log_accumulator": L.acc.state_dict(), "elapsed_s": L.elapsed_s + time.perf_counter() - L.t0}
+    if L.state is not None:  # a float32 device scalar read as a Python float is exact: resume is bit for bit
+        extra["stage_state"] = {k: int(v) if k == "count" else float(v) for k, v in L.state.items()}
     opt_state = L.opt.state_dict()  # with ZeRO-1 a collective (the moments gathered): every rank calls it
     if L.comm.rank == 0:
         try:
@@ -802,7 +858,7 @@ def _run_loop(
     stage: str, params: dict, model_config: GPTConfig, tc: TrainConfig, n_items: int,
     make_batch: Callable[[np.ndarray], object], step_fn: Callable, out_dir: Path, backend: Backend,
     eval_fn: Callable[[dict], dict] | None = None, resume: bool = True, inputs: dict | None = None,
-    stale: str = "raise", prepare: Callable[[], None] | None = None, comm=None,
+    stale: str = "raise", prepare: Callable[[], None] | None = None, comm=None, state: dict | None = None,
 ) -> StageResult:
     """Train ``params`` in place from the folder's checkpoint (if any) to ``tc.steps``: each step
     :func:`_train_step`, then a metrics record every ``log_every`` steps, a held-out evaluation
@@ -810,9 +866,12 @@ def _run_loop(
 
     With a ``comm`` of K ranks every rank runs this loop in step; rank 0 alone holds the folder's
     lock and writes (metrics, checkpoints, messages), and the Ctrl-C flag is all-reduced after
-    each step, so every rank stops after the same one."""
+    each step, so every rank stops after the same one.
+
+    ``state``: the stage's numbers carried from step to step (a dict the step functions update in
+    place, e.g. BCO's running reward mean): saved in every checkpoint and restored on resume."""
     comm = comm if comm is not None else SingleProcess()
-    L = _Loop(stage, params, model_config, tc, Path(out_dir), backend, dict(inputs or {}), comm)
+    L = _Loop(stage, params, model_config, tc, Path(out_dir), backend, dict(inputs or {}), comm, state=state)
     if comm.rank == 0:
         L.out_dir.mkdir(parents=True, exist_ok=True)
     # AdamW, or ZeRO-1's sharded AdamW (its params[k] become views of one flat buffer)
@@ -939,44 +998,82 @@ def train_sft(
                      comm=comm)
 
 
-def reference_logps(reference: dict, model_config: GPTConfig, pairs: Sequence, batcher: Batcher, tc: TrainConfig,
-                    comm=None, desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """log pi_ref(y_w|x) and log pi_ref(y_l|x) of every training pair, computed once (the cache of
-    ``tc.cache_reference``), on the very batches the first epoch trains on (batch_for_step 0 ..
-    steps_per_epoch - 1, each rank its share), then the pairs that epoch leaves out. So at step 0,
-    where policy = reference, the step's log-probs of its batch equal the cached ones bit for bit
-    (the same forward on the same batch) and every implicit reward is exactly 0.
+def reference_logps(reference: dict, model_config: GPTConfig, items: Sequence, to_batch: Callable[[list], Batch],
+                    tc: TrainConfig, comm=None, desc: str | None = None):
+    """log pi_ref(y|x) of every training item, computed once (the cache of ``tc.cache_reference``),
+    on the very batches the first epoch trains on (batch_for_step 0 .. steps_per_epoch - 1, each
+    rank its share), then the items that epoch leaves out. So at step 0, where policy = reference,
+    the step's log-probs of its batch equal the cached ones bit for bit (the same forward on the
+    same batch) and every implicit reward is exactly 0.
 
-    Returns host arrays (N,) in the model's dtype (a float64 model keeps float64)."""
+    items: preference pairs with ``to_batch`` = Batcher.pairs (2 examples an item: returns
+    (chosen (N,), rejected (N,))), or unpaired KTO examples with Batcher.sft (returns (N,)).
+    Host arrays in the model's dtype (a float64 model keeps float64)."""
     comm = comm if comm is not None else SingleProcess()
-    n = len(pairs)
+    n = len(items)
     bs = min(tc.batch_size, n)
     epoch = [batch_for_step(s, n, tc.batch_size, tc.seed) for s in range(n // bs)]
     left = np.setdiff1d(np.arange(n, dtype=np.int64), np.concatenate(epoch))
     batches = epoch + [left[i:i + bs] for i in range(0, len(left), bs)]
-    mine, chosen, rejected = [], [], []
+    k = to_batch([items[0]]).n_examples  # examples an item: 2 for a pair, 1 for an unpaired example
+    mine, cols = [], []
     bar = _progress(n, 0, desc, desc is not None and comm.rank == 0)
     for idx in batches:
         lo, hi = shard_range(len(idx), comm.rank, comm.size)  # this rank's share, as local_shard cuts it
         local = idx[lo:hi]
         if len(local):
-            logps, _ = batch_logps(reference, model_config, batcher.pairs([pairs[i] for i in local]))
+            logps, _ = batch_logps(reference, model_config, to_batch([items[i] for i in local]))
             logps = to_numpy(logps)
             mine.append(local)
-            chosen.append(logps[: len(local)])
-            rejected.append(logps[len(local):])
+            cols.append(logps.reshape(k, len(local)))
         bar.update(len(idx))
     bar.close()
-    dt = next((c.dtype for c in chosen), np.dtype(np.float64))
+    dt = next((c.dtype for c in cols), np.dtype(np.float64))
     idx = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
-    c = np.concatenate(chosen) if chosen else np.zeros(0, dtype=dt)
-    r = np.concatenate(rejected) if rejected else np.zeros(0, dtype=dt)
-    return gather_scatter(comm, idx, c, n, dt), gather_scatter(comm, idx, r, n, dt)
+    out = []
+    for j in range(k):
+        v = np.concatenate([c[j] for c in cols]) if cols else np.zeros(0, dtype=dt)
+        out.append(gather_scatter(comm, idx, v, n, dt))
+    return tuple(out) if len(out) > 1 else out[0]
+
+
+def mismatched_logps(params: dict, model_config: GPTConfig, prompts: list, responses: list, batcher: Batcher,
+                     batch_size: int, comm=None, desc: str | None = None) -> np.ndarray:
+    """log pi(y_m(i)|x_i) (summed) of KTO's mismatched examples of the given ones (example i's prompt
+    with example i-1's completion, data.kto_mismatched_items), no gradient, in the order of the
+    examples; with a ``comm`` of K ranks each scores its share and every rank gets all. (E,) host."""
+    from .data import kto_mismatched_items
+    from .scoring import item_logps
+
+    items = kto_mismatched_items(prompts, responses, model_config.n_ctx)
+    return item_logps(params, model_config, items, batcher, batch_size, desc=desc, comm=comm)
+
+
+def kto_batch_reference_point(policy: dict, reference: dict | None, model_config: GPTConfig, prompts: list,
+                              responses: list, batcher: Batcher, tc: TrainConfig, comm=None, ref_mismatched=None):
+    """KTO's reference point z0 for one set of examples (losses.kto_reference_point, Ethayarajh et al.
+    2024 eq. 7): the policy's KL from pi_ref estimated on their mismatched prompt/completion pairs,
+    clamped at 0, a constant (no gradient). ``ref_mismatched``: the reference's log-probs of the same
+    mismatched examples when they were cached (held-out sets); a reference-free run takes pi_ref = 1.
+    Returns a host float."""
+    from .losses import kto_reference_point
+
+    pol = mismatched_logps(policy, model_config, prompts, responses, batcher, tc.eval_batch_size, comm)
+    if ref_mismatched is None:
+        ref_mismatched = (mismatched_logps(reference, model_config, prompts, responses, batcher, tc.eval_batch_size,
+                                           comm) if tc.uses_reference else np.zeros_like(pol))
+    return float(kto_reference_point(pol, ref_mismatched))
+
+
+def pair_examples(pairs: Sequence) -> tuple[list, list]:
+    """The 2N examples of N pairs, [chosen; rejected], as (prompts, responses) (KTO on pairs)."""
+    prompts = [p.prompt_ids for p in pairs] * 2
+    return prompts, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
 
 
 @collective
 def train_dpo(
-    policy: dict, reference: dict, model_config: GPTConfig, pairs: Sequence, pad_id: int, tc: TrainConfig,
+    policy: dict, reference: dict | None, model_config: GPTConfig, pairs: Sequence, pad_id: int, tc: TrainConfig,
     out_dir: str | Path, backend: Backend | str = "cpu", eval_pairs: Sequence | None = None, resume: bool = True,
     inputs: dict | None = None, stale: str = "raise", comm=None,
 ) -> StageResult:
@@ -986,53 +1083,238 @@ def train_dpo(
     ``policy`` is updated in place; ``reference`` is never written. With
     ``tc.cache_reference`` the reference log-probs of every training and held-out pair are
     computed once, before the first step (with a progress bar; :func:`reference_logps`);
-    otherwise each step runs the reference forward pass on its batch. The reference's
-    fingerprint is one of the recorded inputs, so a run folder built against another reference
-    is never resumed (see train_sft for ``resume``, ``inputs`` and ``stale``).
+    otherwise each step runs the reference forward pass on its batch. A loss without a reference
+    (``tc.uses_reference`` False: SimPO, CPO, ORPO, reference_free, ...) runs no reference pass at
+    all, and ``reference`` may be None. The reference's fingerprint is one of the recorded inputs,
+    so a run folder built against another reference is never resumed (see train_sft for
+    ``resume``, ``inputs`` and ``stale``).
+
+    What a loss's row needs each step besides the log-probs (losses.Loss.inputs) is made here:
+    KTO's reference point z0 from the batch's mismatched examples (:func:`kto_batch_reference_point`),
+    BCO's running reward mean (kept across steps and in the checkpoints); WPO's weights (``tc.wpo``)
+    come from the step's own logits (:func:`dpo_step`).
 
     ``comm`` (minidpo.distributed): with K ranks each takes its share of every global batch,
     weighted n_r / B before the step's all-reduce; the reference cache and the held-out
-    evaluation are computed in shares and gathered. Rank 0 alone writes ``out_dir``."""
+    evaluation are computed in shares and gathered; z0 and BCO's mean are taken over the whole
+    global batch. Rank 0 alone writes ``out_dir``."""
+    from .losses import LOSS_TABLE, bco_update_reward_mean
+
     backend = get_backend(backend)
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
+    uses_ref = tc.uses_reference
+    if uses_ref and reference is None:
+        raise ValueError(f"the {tc.loss_type!r} loss needs the reference model (reference=None given)")
     check_token_ids(pairs, model_config.vocab_size, "preference pair")
     if eval_pairs:
         check_token_ids(eval_pairs, model_config.vocab_size, "held-out preference pair")
     batcher = batcher_for(tc, pad_id, backend)
+    row = LOSS_TABLE[tc.loss_type]
+    needs = row.required_inputs(row.resolve(tc.loss_options))
     cache: dict = {}
+    state = {"reward_mean": 0.0, "count": 0} if "reward_mean" in needs else None  # BCO's running mean
+    comm_ = comm if comm is not None else SingleProcess()
 
     def prepare():
         show = "reference log-probs" if tc.progress else None
-        if tc.cache_reference:
-            c, r = reference_logps(reference, model_config, pairs, batcher, tc, comm, desc=show)
+        if uses_ref and tc.cache_reference:
+            c, r = reference_logps(reference, model_config, pairs, batcher.pairs, tc, comm, desc=show)
             cache["c"], cache["r"] = backend.asarray(c, dtype=c.dtype), backend.asarray(r, dtype=r.dtype)
         if eval_pairs:
-            cache["eval"] = batched_sequence_logps(reference, model_config, eval_pairs, batcher, tc.eval_batch_size,
-                                                   desc=show and "held-out " + show, comm=comm)
+            cache["eval"] = (batched_sequence_logps(reference, model_config, eval_pairs, batcher, tc.eval_batch_size,
+                                                    desc=show and "held-out " + show, comm=comm)
+                             if uses_ref else (None, None))
+            if "reference_point" in needs and uses_ref:  # the held-out set's mismatched examples, once
+                cache["eval_mismatched"] = mismatched_logps(reference, model_config, *pair_examples(eval_pairs),
+                                                            batcher, tc.eval_batch_size, comm)
 
     def make_batch(idx):
+        global_idx = idx
         idx, weight = local_shard(idx, comm)  # this rank's share of the global batch
         batch = batcher.pairs([pairs[i] for i in idx])
-        if tc.cache_reference:
+        if not uses_ref:
+            ref = None, None
+        elif tc.cache_reference:
             didx = backend.asarray(idx)
             ref = cache["c"][didx], cache["r"][didx]
         else:
             logps, _ = batch_logps(reference, model_config, batch)
             ref = logps[: len(idx)], logps[len(idx):]
-        return batch, ref, weight
+        return batch, ref, weight, global_idx
+
+    def bco_mean(logps, ref_c, ref_r):
+        """BCO's delta: the running mean of every reward seen, this global batch's included."""
+        xp = get_array_module(logps)
+        rewards = tc.beta * (logps if ref_c is None else logps - xp.concatenate([ref_c, ref_r]))  # (2N,) eq. 8
+        if comm_.size > 1:  # the whole global batch's rewards, in its order, on every rank
+            rewards = backend.asarray(gather_concat(comm_, to_numpy(rewards)))
+        state["reward_mean"], state["count"] = bco_update_reward_mean(state["reward_mean"], state["count"],
+                                                                      rewards, rewards[:0])
+        return {"reward_mean": state["reward_mean"]}
 
     def step_fn(p, step_batch):
-        batch, (ref_c, ref_r), weight = step_batch
-        loss, metrics, grads = dpo_step(p, model_config, batch, ref_c, ref_r, tc)
+        batch, (ref_c, ref_r), weight, global_idx = step_batch
+        step_inputs = {}
+        if "reference_point" in needs:  # KTO: z0 of this global batch, before the step moves p
+            step_inputs["reference_point"] = kto_batch_reference_point(
+                p, reference, model_config, *pair_examples([pairs[i] for i in global_idx]), batcher, tc, comm)
+        loss, metrics, grads = dpo_step(p, model_config, batch, ref_c, ref_r, tc, step_inputs,
+                                        before_loss=bco_mean if state is not None else None)
         loss, metrics = all_reduce_step(comm, loss, metrics, grads, weight)  # grads: in place
         return loss, metrics, grads
 
     eval_fn = None
     if eval_pairs:
         def eval_fn(p):
-            return evaluate_preferences(p, model_config, eval_pairs, *cache["eval"], batcher, tc, comm=comm)
+            eval_inputs = {}
+            if "reference_point" in needs:
+                eval_inputs["reference_point"] = kto_batch_reference_point(
+                    p, reference, model_config, *pair_examples(eval_pairs), batcher, tc, comm,
+                    ref_mismatched=cache.get("eval_mismatched"))
+            if state is not None:
+                eval_inputs["reward_mean"] = float(state["reward_mean"])
+            return evaluate_preferences(p, model_config, eval_pairs, *cache["eval"], batcher, tc, comm=comm,
+                                        inputs=eval_inputs)
 
     return _run_loop("dpo", policy, model_config, tc, len(pairs), make_batch, step_fn, Path(out_dir), backend,
+                     eval_fn=eval_fn, resume=resume, stale=stale, prepare=prepare, comm=comm, state=state,
+                     inputs=stage_inputs(pairs, eval_pairs, inputs,
+                                         reference=fingerprint(reference) if uses_ref else None))
+
+
+# ---------------------------------------------------------------------------------------------
+# KTO on unpaired examples
+# ---------------------------------------------------------------------------------------------
+
+
+def kto_step(params: dict, model_config: GPTConfig, batch: Batch, ref_logps, desirable, reference_point,
+             tc: TrainConfig):
+    """Loss, metrics and gradients of one KTO step (Ethayarajh et al. 2024, eq. 7) on B unpaired
+    examples laid out as SFT items (Batcher.sft), each completion desirable or not:
+
+        rho_b  = log pi(y_b|x_b) - log pi_ref(y_b|x_b)                       (B,)
+        loss_b = losses.kto_loss(rho, desirable, beta, z0, lambda_D, lambda_U)
+        L      = mean_b loss_b,   dL/d log pi(y_b|x_b) = dloss_b/drho_b / B
+
+    ref_logps: (B,) constants (None: reference-free, pi_ref = 1); desirable: (B,) bool device
+    array; reference_point: z0 (a float, no gradient). Returns (loss, metrics, grads) as
+    :func:`dpo_step`: metrics "rewards/desirable", "rewards/undesirable" (beta rho's means over
+    each kind in the batch, 0 where the batch has none) and "kl" (z0)."""
+    from .losses import LOSS_TABLE, kto_loss
+
+    ops = fast.ops()
+    logits, model_cache = gpt_forward(params, batch.input_ids, model_config, batch.layout,
+                                      logits_at=batch.logits_at, validate=False)  # (M, V)
+    logps, lp_cache = ops.sequence_logps(logits, batch.labels, batch.weights(logits.dtype))  # (B,)
+    del logits
+    xp = get_array_module(logps)
+    rho = logps if ref_logps is None else logps - xp.asarray(ref_logps).astype(logps.dtype, copy=False)
+    opts = LOSS_TABLE["kto"].resolve(tc.loss_options)
+    losses, dloss = kto_loss(rho, desirable, tc.beta, reference_point, opts["desirable_weight"],
+                             opts["undesirable_weight"])
+    B = logps.shape[0]
+    dlogits = ops.sequence_logps_backward(dloss / B, lp_cache, overwrite_logits=True)  # (M, V)
+    grads = gpt_backward(dlogits, model_cache)
+    d = desirable.astype(logps.dtype)
+    n_d, n_u = xp.maximum(d.sum(), 1), xp.maximum((1 - d).sum(), 1)
+    r = tc.beta * rho  # (B,) eq. 8's implicit rewards
+    metrics = {"rewards/desirable": (r * d).sum() / n_d, "rewards/undesirable": (r * (1 - d)).sum() / n_u,
+               "kl": xp.asarray(reference_point, dtype=logps.dtype)}
+    return losses.mean(), metrics, grads
+
+
+@collective
+def train_kto(
+    policy: dict, reference: dict | None, model_config: GPTConfig, examples: Sequence, pad_id: int, tc: TrainConfig,
+    out_dir: str | Path, backend: Backend | str = "cpu", eval_examples: Sequence | None = None, resume: bool = True,
+    inputs: dict | None = None, stale: str = "raise", comm=None,
+) -> StageResult:
+    """KTO (``tc.loss_type == "kto"``) on unpaired examples (data.TokenizedKTO: a prompt, a
+    completion and whether it is desirable), against the frozen ``reference``: each step
+    :func:`kto_step` on a batch of ``tc.batch_size`` examples, its reference point z0 the policy's
+    KL from pi_ref on the batch's mismatched examples (:func:`kto_batch_reference_point`).
+
+    The loop, the run folder, resume, Ctrl-C, the reference cache on the first epoch's batches and
+    data parallelism are train_dpo's (see it and train_sft). Held-out: the loss with the held-out
+    set's own z0, and each kind's mean reward."""
+    from .losses import LOSS_TABLE, kto_loss
+
+    backend = get_backend(backend)
+    if tc.loss_type != "kto":
+        raise ValueError(f"train_kto trains the 'kto' loss, got loss_type {tc.loss_type!r}")
+    if not examples:
+        raise ValueError("KTO needs at least one example")
+    if len(examples) < 2 or min(tc.batch_size, len(examples)) < 2:
+        raise ValueError("KTO's reference point needs batches of at least 2 examples (batch_size >= 2)")
+    uses_ref = tc.uses_reference
+    if uses_ref and reference is None:
+        raise ValueError("KTO needs the reference model (reference=None given)")
+    check_token_ids(examples, model_config.vocab_size, "KTO example")
+    if eval_examples:
+        check_token_ids(eval_examples, model_config.vocab_size, "held-out KTO example")
+        if len(eval_examples) < 2:
+            raise ValueError("KTO's held-out reference point needs at least 2 held-out examples")
+    batcher = batcher_for(tc, pad_id, backend)
+    cache: dict = {}
+
+    def split(items):
+        return [t.prompt_ids for t in items], [t.response_ids for t in items]
+
+    def prepare():
+        show = "reference log-probs" if tc.progress else None
+        if uses_ref and tc.cache_reference:
+            ref = reference_logps(reference, model_config, examples, batcher.sft, tc, comm, desc=show)
+            cache["ref"] = backend.asarray(ref, dtype=ref.dtype)
+        if eval_examples:
+            from .scoring import item_logps
+
+            cache["eval"] = (item_logps(reference, model_config, eval_examples, batcher, tc.eval_batch_size,
+                                        desc=show and "held-out " + show, comm=comm) if uses_ref else None)
+            cache["eval_mismatched"] = (mismatched_logps(reference, model_config, *split(eval_examples), batcher,
+                                                         tc.eval_batch_size, comm) if uses_ref else None)
+
+    def make_batch(idx):
+        global_idx = idx
+        idx, weight = local_shard(idx, comm)
+        items = [examples[i] for i in idx]
+        batch = batcher.sft(items)
+        if not uses_ref:
+            ref = None
+        elif tc.cache_reference:
+            ref = cache["ref"][backend.asarray(idx)]
+        else:
+            ref, _ = batch_logps(reference, model_config, batch)
+        desirable = backend.asarray(np.array([t.desirable for t in items], dtype=bool))
+        return batch, ref, desirable, weight, global_idx
+
+    def step_fn(p, step_batch):
+        batch, ref, desirable, weight, global_idx = step_batch
+        z0 = kto_batch_reference_point(p, reference, model_config, *split([examples[i] for i in global_idx]),
+                                       batcher, tc, comm)
+        loss, metrics, grads = kto_step(p, model_config, batch, ref, desirable, z0, tc)
+        loss, metrics = all_reduce_step(comm, loss, metrics, grads, weight)
+        return loss, metrics, grads
+
+    eval_fn = None
+    if eval_examples:
+        def eval_fn(p):
+            from .scoring import item_logps
+
+            pol = item_logps(p, model_config, eval_examples, batcher, tc.eval_batch_size, comm=comm)
+            z0 = kto_batch_reference_point(p, reference, model_config, *split(eval_examples), batcher, tc, comm,
+                                           ref_mismatched=cache["eval_mismatched"])
+            rho = pol - cache["eval"] if cache["eval"] is not None else pol
+            d = np.array([t.desirable for t in eval_examples], dtype=bool)
+            opts = LOSS_TABLE["kto"].resolve(tc.loss_options)
+            losses, _ = kto_loss(rho, d, tc.beta, z0, opts["desirable_weight"], opts["undesirable_weight"])
+            r = tc.beta * rho
+            out = {"eval/loss": float(losses.mean()), "eval/kl": z0}
+            out["eval/rewards/desirable"] = float(r[d].mean()) if d.any() else 0.0
+            out["eval/rewards/undesirable"] = float(r[~d].mean()) if (~d).any() else 0.0
+            return out
+
+    return _run_loop("kto", policy, model_config, tc, len(examples), make_batch, step_fn, Path(out_dir), backend,
                      eval_fn=eval_fn, resume=resume, stale=stale, prepare=prepare, comm=comm,
-                     inputs=stage_inputs(pairs, eval_pairs, inputs, reference=fingerprint(reference)))
+                     inputs=stage_inputs(examples, eval_examples, inputs,
+                                         reference=fingerprint(reference) if uses_ref else None))
