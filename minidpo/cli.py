@@ -200,7 +200,10 @@ def _train_config(args, **extra):
                save_every=args.save_every, eval_batch_size=args.eval_batch_size, progress=not args.no_progress,
                plain=args.plain, pack=not args.no_pack)
     kw.update(extra)
-    return TrainConfig(**kw)
+    try:
+        return TrainConfig(**kw)
+    except ValueError as err:  # options that do not go together (each alone passed argparse)
+        raise UsageError(f"{err} (see `minidpo {args.command} --help`)") from None
 
 
 def _split_eval(items: list, args):
@@ -596,8 +599,11 @@ def cmd_eval(args) -> int:
     from .train import TrainConfig, batcher_for, evaluate_preferences
 
     backend = get_backend(args.device)
-    tc = TrainConfig(beta=args.beta, rpo_alpha=args.rpo_alpha, **_loss_settings(args), eval_batch_size=args.batch_size,
-                     share_prompt=not args.no_share_prompt, pack=not args.no_pack)
+    try:
+        tc = TrainConfig(beta=args.beta, rpo_alpha=args.rpo_alpha, **_loss_settings(args),
+                         eval_batch_size=args.batch_size, share_prompt=not args.no_share_prompt, pack=not args.no_pack)
+    except ValueError as err:
+        raise UsageError(f"{err} (see `minidpo eval --help`)") from None
     policy, config, tokenizer = load_model(args.policy, backend)
     reference, rconfig, rtokenizer = load_model(args.ref, backend)
     _same_tokenizer(tokenizer, rtokenizer, args.policy, args.ref)

@@ -933,6 +933,8 @@ class Loss:
             d sum / d pi_l (N,)). Exactly one of ``margin``, ``pair`` and ``batch`` is given.
         inputs: what the trainer must supply each step besides the log-probs, name -> :class:`Input`
             (passed to ``pair``/``batch`` by name), e.g. KTO's reference point.
+        couples: the loss couples the pairs of a batch (AOT's sort): its per-pair losses are not
+            functions of each pair alone, so per-pair weights (WPO) and per-pair identities do not apply.
     """
 
     name: str
@@ -945,6 +947,7 @@ class Loss:
     pair: Callable | None = None
     batch: Callable | None = None
     inputs: Mapping[str, Input] = field(default_factory=dict)
+    couples: bool = False
 
     def __post_init__(self):
         if sum(f is not None for f in (self.margin, self.pair, self.batch)) != 1:
@@ -1135,10 +1138,10 @@ for _row in (
     Loss("sppo_hard", None, "SPPO, hard labels: (log-ratio_w - 1/(2 beta))^2 + (log-ratio_l + 1/(2 beta))^2",
          pair=sppo_hard_loss, source="Wu et al. 2024, arXiv:2405.00675, eq. 4.7"),
     Loss("aot", None, "AOT: eq. 7 on the batch's sorted policy log-ratios minus the sorted reference ones",
-         {"label_smoothing": Option(0.0, _EPS, 0.0, 0.5)}, batch=aot_loss,
+         {"label_smoothing": Option(0.0, _EPS, 0.0, 0.5)}, batch=aot_loss, couples=True,
          source="Melnyk et al. 2024, arXiv:2406.05882"),
     Loss("aot_unpaired", None, "AOT, unpaired: eq. 7 on sorted chosen minus sorted rejected log-ratios",
-         {"label_smoothing": Option(0.0, _EPS, 0.0, 0.5)}, pair=aot_unpaired_loss,
+         {"label_smoothing": Option(0.0, _EPS, 0.0, 0.5)}, pair=aot_unpaired_loss, couples=True,
          source="Melnyk et al. 2024, arXiv:2406.05882"),
     Loss("apo_zero", None, "APO-zero: 1 - sigma(r_w) + sigma(r_l), chosen up and rejected down",
          pair=apo_zero_loss, source="D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 7"),

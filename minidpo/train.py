@@ -185,7 +185,7 @@ class TrainConfig:
         self.ld_alpha = float(self.ld_alpha)
         need(isinstance(self.wpo, (bool, np.bool_)), "wpo", "True or False")
         row = LOSS_TABLE[self.loss_type]
-        if self.wpo and any(r.batch is not None and not r.combines for r in row.components(self.loss_options)):
+        if self.wpo and any(r.couples for r in row.components(self.loss_options)):
             raise ValueError(f"wpo: WPO's per-pair weights do not apply to the {self.loss_type!r} loss, which sorts "
                              "the batch's pairs (its per-pair losses are not the pairs')")
 

@@ -552,7 +552,7 @@ class _Checker:
         self.inputs = {k: self.kwargs.get(k, spec.probe if spec.default is None else spec.default)
                        for k, spec in row.required_inputs(self.options).items() if spec.units != "count"}
         self.input_units = {k: row.required_inputs(self.options)[k].units for k in self.inputs}
-        self.coupled = any(r.name in ("aot", "aot_unpaired") for r in row.components(self.options))
+        self.coupled = any(r.couples for r in row.components(self.options))
         # the written-out formulas and the variant laws are those of the plain loss, not of its f-DPO form
         self.plain = self.options.get("f_divergence", "reverse_kl") == "reverse_kl"
         self.max_examples = int(max_examples)

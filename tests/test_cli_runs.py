@@ -764,3 +764,84 @@ def test_a_full_disk_while_logging_names_metrics_jsonl(files, tmp_path, capsys, 
     code, _, err = run(base, capsys)
     assert code == 1 and err.count("\n") == 1 and err.startswith("minidpo: error: cannot write")
     assert f"cannot write {out / 'metrics.jsonl'} (No space left on device)" in err and "(step 4), intact" in err
+
+
+# ------------------------------------------------------------------ the loss family on the command line
+
+
+def _kto_file(files, path, n=80):
+    corpus = sentiment.sft_corpus(200, seed=0)
+    with open(path, "w") as f:
+        for i in range(n):
+            p, r = corpus[i] if i % 2 == 0 else (corpus[i][0], corpus[100 + i][1])
+            f.write(json.dumps({"prompt": p, "completion": r, "label": i % 2 == 0}) + "\n")
+    return path
+
+
+def test_kto_trains_on_unpaired_examples_through_dpo_loss_kto(files, tmp_path, capsys):
+    data = _kto_file(files, tmp_path / "kto.jsonl")
+    out = tmp_path / "kto"
+    code, printed, _ = run(["dpo", "--data", data, "--ref", files / "sft", "--out", out, "--loss", "kto",
+                            "--desirable-weight", "1.2", *TRAIN], capsys)
+    assert code == 0, printed
+    assert "KTO: 76 training / 4 held-out examples; beta=0.1 loss=kto" in printed
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["config"]["stage"] == "kto" and state["step"] == 6
+    assert state["config"]["train"]["loss_options"] == {"desirable_weight": 1.2}
+    recs = records(out / "metrics.jsonl")
+    assert recs[0]["step"] == 0 and recs[0]["eval/loss"] == pytest.approx(0.5 * (1.2 + 1.0) / 2, rel=1e-5)
+    assert {"loss", "kl", "rewards/desirable", "rewards/undesirable"} <= set(recs[1])
+    assert (out / "training_curves.png").exists()
+
+
+def test_kto_data_with_another_loss_is_a_usage_error(files, tmp_path, capsys):
+    data = _kto_file(files, tmp_path / "kto.jsonl")
+    code, _, err = run(["dpo", "--data", data, "--ref", files / "sft", "--out", tmp_path / "x", *TRAIN], capsys)
+    assert code == 2 and err.count("\n") == 1 and "holds unpaired KTO examples" in err
+    assert "--loss kto, not sigmoid" in err and not (tmp_path / "x").exists()
+
+
+def test_a_loss_without_a_reference_says_so_and_records_none(files, tmp_path, capsys):
+    out = tmp_path / "simpo"
+    code, printed, _ = run(["dpo", "--data", files / "prefs.jsonl", "--ref", files / "sft", "--out", out,
+                            "--loss", "simpo", "--gamma", "0.3", *TRAIN], capsys)
+    assert code == 0 and "no reference model (the loss has none)" in printed
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["config"]["inputs"]["reference"] is None
+    # the same command again finds its run complete (the recorded inputs match)
+    code, printed, _ = run(["dpo", "--data", files / "prefs.jsonl", "--ref", files / "sft", "--out", out,
+                            "--loss", "simpo", "--gamma", "0.3", *TRAIN], capsys)
+    assert code == 0 and "already complete" in printed
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--ld-alpha", "1.5"], "argument --ld-alpha: must lie in [0, 1], got 1.5"),
+    (["--wpo", "--loss", "aot"], "WPO's per-pair weights do not apply to the 'aot' loss"),
+])
+def test_ld_and_wpo_options_are_checked(files, tmp_path, capsys, extra, says):
+    try:  # argparse's own check exits; one of TrainConfig's returns the usage status
+        code, _, err = run(["dpo", "--data", files / "prefs.jsonl", "--ref", files / "sft", "--out", tmp_path / "x",
+                            *extra, *TRAIN], capsys)
+    except SystemExit as e:
+        code, err = e.code, capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and says in err and err.endswith("(see `minidpo dpo --help`)\n"), err
+    assert not (tmp_path / "x").exists()
+
+
+def test_ld_alpha_and_wpo_train_and_are_recorded(files, tmp_path, capsys):
+    out = tmp_path / "ldwpo"
+    code, _, _ = run(["dpo", "--data", files / "prefs.jsonl", "--ref", files / "sft", "--out", out,
+                      "--ld-alpha", "0.5", "--wpo", *TRAIN], capsys)
+    assert code == 0
+    train = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["config"]["train"]
+    assert train["ld_alpha"] == 0.5 and train["wpo"] is True
+
+
+def test_eval_takes_kto_with_the_held_out_sets_own_reference_point(files, capsys):
+    args = ["eval", "--policy", str(files / "sft"), "--ref", str(files / "sft"), "--data", str(files / "prefs.jsonl")]
+    code, out, _ = run(args + ["--loss", "kto"], capsys)
+    assert code == 0
+    m = json.loads(out)
+    assert m["loss"] == pytest.approx(0.5, rel=1e-6)  # policy = reference: z0 = 0, each example sigma(0)
+    code, out, _ = run(args + ["--loss", "simpo"], capsys)
+    assert code == 0 and json.loads(out)["loss"] > 0

@@ -6,8 +6,7 @@ along a random direction.
 
 A loss without a reference gets None for pi_ref (nothing to compute). KTO's reference point is
 supplied the way the trainer will supply it, per batch: here through dpo_step_loss's ``inputs``.
-(The step is called as ``dpo_step(params, config, batch, ref_chosen, ref_rejected, tc)``; if that
-signature changes, ``STEP`` below is the one line to adapt.)
+(The step is called as ``dpo_step(params, config, batch, ref_chosen, ref_rejected, tc, inputs)``.)
 """
 
 import numpy as np
@@ -22,7 +21,7 @@ from tests.verify_corpus import family_losses as paper
 
 CFG = GPTConfig(vocab_size=23, n_ctx=16, n_layer=2, n_head=2, n_embd=8)
 N = 5
-STEP = T.dpo_step  # (params, config, batch, ref_chosen, ref_rejected, tc) -> (loss, metrics, grads)
+STEP = T.dpo_step  # (params, config, batch, ref_chosen, ref_rejected, tc, inputs) -> (loss, metrics, grads)
 Z0 = 0.15  # KTO's reference point for the batch
 
 # loss -> (the paper's formula, TrainConfig fields, whether the formula takes token counts)
@@ -47,9 +46,12 @@ def random_pairs(n, seed):
 
 
 def logps_of(params, batch, average):
-    logits, _ = gpt_forward(params, batch["input_ids"], CFG)
-    lp, cache = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], average=average)
-    return lp, cache["token_counts"].astype(np.float64)
+    """A separate forward's log pi(y|x) (sums, or per-token means) and the token counts, (2N,) each."""
+    logits, _ = gpt_forward(params, batch.input_ids, CFG, batch.layout, logits_at=batch.logits_at)
+    counts = batch.host_token_counts.astype(np.float64)
+    w = batch.mean_weights(np.float64) * counts[:, None]  # each example's plain sum
+    lp, _ = sequence_logps(logits, batch.labels, w / counts[:, None] if average else w)
+    return lp, counts
 
 
 def formula_loss(name, params, batch, ref, ref_sum, tc):
@@ -76,14 +78,13 @@ def test_one_training_step_of_the_whole_network(name, monkeypatch):
     tc = T.TrainConfig(loss_type=name, beta=0.4, **extra)
     policy = init_params(CFG, seed=1, dtype=np.float64)
     reference = init_params(CFG, seed=2, dtype=np.float64)
-    batch = collate_preferences(random_pairs(N, seed=3), pad_id=0)
+    batch = collate_preferences(random_pairs(N, seed=3), pad_id=0, average=tc.logps_averaged)  # the loss's rule
     ref, _ = logps_of(reference, batch, tc.logps_averaged)
     ref_sum, _ = logps_of(reference, batch, False)
     row = LOSS_TABLE[name]
     ref_c, ref_r = (ref[:N], ref[N:]) if row.needs_reference(row.resolve(tc.loss_options)) else (None, None)
-    if name == "kto":  # the trainer's part: the batch's reference point, a constant of the step
-        monkeypatch.setattr(T, "dpo_step_loss", lambda *a: dpo_step_loss(*a, inputs={"reference_point": Z0}))
-    loss, metrics, grads = STEP({k: v.copy() for k, v in policy.items()}, CFG, batch, ref_c, ref_r, tc)
+    inputs = {"reference_point": Z0} if name == "kto" else None  # the trainer's part: a constant of the step
+    loss, metrics, grads = STEP({k: v.copy() for k, v in policy.items()}, CFG, batch, ref_c, ref_r, tc, inputs)
     if ref_c is None:  # what the formula sees for a loss without a reference: nothing (it reads pi only)
         ref = np.zeros(2 * N)
     f = lambda p: formula_loss(name, p, batch, ref, ref_sum, tc)  # noqa: E731
