@@ -44,12 +44,12 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def run(config: str, reps: int, steps: int, seed: int = 0) -> dict:
-    from minidpo import fast
-    from minidpo.data import TokenizedPair, collate_preferences
+    from minidpo import runtime
+    from minidpo.data import TokenizedPair
     from minidpo.losses import LOSS_TABLE, dpo_step_loss
     from minidpo.model import init_params
     from minidpo.scoring import batch_logps
-    from minidpo.train import TrainConfig, dpo_step
+    from minidpo.train import TrainConfig, batcher_for, dpo_step
 
     cfg = CONFIGS[config]
     mc = cfg.model_config()
@@ -60,18 +60,18 @@ def run(config: str, reps: int, steps: int, seed: int = 0) -> dict:
                            [int(t) for t in rng.integers(1, cfg.vocab, int(rng.integers(half // 2, half)))],
                            [int(t) for t in rng.integers(1, cfg.vocab, int(rng.integers(half // 2, half)))])
              for _ in range(n)]
-    batch = collate_preferences(pairs, pad_id=0)
+    batch = batcher_for(TrainConfig(), 0, "cpu").pairs(pairs)  # the default layout, as training runs it
     policy = init_params(mc, seed=1, dtype=np.float32)
     reference = init_params(mc, seed=2, dtype=np.float32)
     rows = []
-    with fast.use_threads(1):
-        ref, counts = batch_logps(reference, mc, batch, validate=False)
+    with runtime.use_threads(1):
+        ref, counts = batch_logps(reference, mc, batch)
         ref_c, ref_r = ref[:n], ref[n:]
         tc = TrainConfig()
         dpo_step(policy, mc, batch, ref_c, ref_r, tc)  # warm-up (kernel compilation, allocator)
         step_ms = statistics.median(_median_ms(lambda: dpo_step(policy, mc, batch, ref_c, ref_r, tc), 1)
                                     for _ in range(steps))
-        ref_ms = statistics.median(_median_ms(lambda: batch_logps(reference, mc, batch, validate=False), 1)
+        ref_ms = statistics.median(_median_ms(lambda: batch_logps(reference, mc, batch), 1)
                                    for _ in range(steps))
         logps = np.concatenate([ref_c + rng.normal(0, 1, n), ref_r + rng.normal(0, 1, n)]).astype(np.float32)
         for name, row in LOSS_TABLE.items():
@@ -84,7 +84,7 @@ def run(config: str, reps: int, steps: int, seed: int = 0) -> dict:
                          "reference": row.needs_reference()})
     machine = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": 1, "numpy": np.__version__,
                "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    return {"config": config, "pairs": n, "T": int(batch["input_ids"].shape[1]), "dtype": "float32",
+    return {"config": config, "pairs": n, "T": int(batch.shape[1]), "dtype": "float32",
             "step_ms": step_ms, "reference_forward_ms": ref_ms,
             "reference_free_saving_recomputed": ref_ms / (ref_ms + step_ms), "rows": rows, "machine": machine}
 
