@@ -449,9 +449,15 @@ def fixed_point(reward, log_pi_ref, beta, loss_type: str = "sigmoid", pair_weigh
         big = np.abs(lam) > 1e-9 * max(1.0, float(np.max(np.abs(lam))))
         coef = np.where(big, (V.T @ g.ravel()) / np.where(big, np.abs(lam), 1.0), 0.0)
         step = -(V @ coef).reshape(theta.shape)
-        if not float(np.sum(step * g)) < 0:  # not downhill: the gradient instead
+        newton = float(np.sum(step * g)) < 0
+        if not newton:  # not downhill: the gradient instead
             step = -g
         t, slope = 1.0, float(np.sum(step * g))
+        if newton and -slope <= 1e-13 * max(1.0, abs(loss)):
+            # the decrease it promises is below the loss's float64 round-off, where Armijo's test
+            # cannot judge a step: the full Newton step, which near a minimum only shrinks g
+            theta = theta + step
+            continue
         while True:  # Armijo: at least a tenth of the decrease the slope promises
             trial = theta + t * step
             if at(trial)[0] <= loss + 0.1 * t * slope or t < 1e-12:

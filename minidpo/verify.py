@@ -818,7 +818,8 @@ def _prop_margin_only(ck):
         s4 = s2 + s3 - s1  # keeps h = (pw - rw) - (pl - rl) unchanged
         base = ck.loss_of(c)
         moved = ck.loss_of(dict(c, pw=c["pw"] + s1, pl=c["pl"] + s2, rw=c["rw"] + s3, rl=c["rl"] + s4))
-        ck.same(moved, base, "shifting the log-probs without changing h changed the loss",
+        ck.same(moved, base, "adding shift = (s1, s2, s3) to log pi_w, log pi_l, log ref_w and s2 + s3 - s1 to "
+                "log ref_l leaves h unchanged but changed the loss",
                 labels=("shifted", "unshifted (the function's own value)"))
 
     return check, ck.strategy(extra=extra)

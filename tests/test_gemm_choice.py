@@ -52,8 +52,10 @@ def test_the_verdict_is_cached_and_measured_again_when_the_machine_changes(cache
     assert runtime.gemm_lib() is mkl_blas and calls == [1]
     rec = json.loads(cache.read_text())
     assert rec["key"] == runtime.gemm_machine_key() and rec["mkl_s"] == [0.5]
+    first = runtime.gemm_choice()["why"]
     runtime.set_gemm("auto")  # a new process: decided again, from the cache
     assert runtime.gemm_lib() is mkl_blas and calls == [1] and runtime.gemm_choice()["cached"]
+    assert runtime.gemm_choice()["why"] == first  # a run's log and summary say the same either way
     rec["key"]["numpy"] = "0.0.other"  # another NumPy (or CPU, BLAS, MKL) measured that
     cache.write_text(json.dumps(rec))
     calls2 = timed(monkeypatch, [2.0], [1.0])

@@ -121,6 +121,7 @@ def _strip(summary: dict) -> dict:
     """The summary without what names the device or the folders, or times the run."""
     s = json.loads(json.dumps(summary))
     s.pop("device", None)
+    s.pop("cpu_path", None)
     s.pop("timings_s", None)
     for rec in [s.get("dpo", {}), *s.get("sweep", [])]:
         rec.pop("dir", None)

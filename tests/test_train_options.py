@@ -155,9 +155,9 @@ class Recorder:
         self.steps, self.updates = [], []
         original_step, original_update = T.dpo_step, AdamW.step
 
-        def step(params, model_config, batch, ref_chosen, ref_rejected, tc):
+        def step(params, model_config, batch, ref_chosen, ref_rejected, tc, *rest, **kw):
             before = {k: np.array(v, copy=True) for k, v in params.items()}
-            out = original_step(params, model_config, batch, ref_chosen, ref_rejected, tc)
+            out = original_step(params, model_config, batch, ref_chosen, ref_rejected, tc, *rest, **kw)
             self.steps.append(dict(params=before, batch=batch,
                                    ref=(np.array(ref_chosen), np.array(ref_rejected)), loss=float(out[0])))
             return out

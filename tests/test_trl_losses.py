@@ -429,18 +429,36 @@ def _logits_batch(rng, prompt_lens, chosen_lens, rejected_lens, V=7):
     return batch, logits
 
 
+def _dense_logps(logits, ids, mask, average=False):
+    """log pi(y|x) of right-padded rows from full (B, T, V) logits, the label at t scored by the logits
+    at t - 1 where mask[:, t] (packing.padded_batch's convention), and a backward giving (B, T, V):
+    (logps (B,), token counts (B,), backward(dlogps) -> dlogits)."""
+    from minidpo.packing import padded_batch
+
+    b = padded_batch(ids, mask, average=average)
+    B, T, V = logits.shape
+    rows = logits.reshape(-1, V)[b.logits_at]  # (M, V)
+    logps, cache = sequence_logps(rows, b.labels, b.weights(logits.dtype))
+
+    def backward(dlogps):
+        out = np.zeros_like(logits).reshape(-1, V)
+        np.add.at(out, b.logits_at, sequence_logps_backward(dlogps, cache))
+        return out.reshape(B, T, V)
+
+    return logps, b.host_token_counts, backward
+
+
 def _minidpo_from_logits(batch, logits, name, average, beta=0.3, **options):
     """minidpo on TRL's batch: sequence_logps of the concatenated rows, the loss, and its gradient
     carried back to the logits by sequence_logps_backward."""
     ids = np.concatenate([batch["chosen_input_ids"].numpy(), batch["rejected_input_ids"].numpy()])
     labels = np.concatenate([batch["chosen_labels"].numpy(), batch["rejected_labels"].numpy()])
     mask = labels != -100
-    logps, cache = sequence_logps(logits, ids, mask, average=average)
-    counts = cache["token_counts"][:N]
+    logps, counts, backward = _dense_logps(logits, ids, mask, average)
+    counts = counts[:N]
     out = dpo_loss(logps[:N], logps[N:], None, None, beta=beta, loss_type=name,
                    chosen_token_counts=np.ones(N) if average else counts, **options)
-    dlogits = sequence_logps_backward(np.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps]),
-                                      cache)
+    dlogits = backward(np.concatenate([out.grad_policy_chosen_logps, out.grad_policy_rejected_logps]))
     return float(np.mean(out.losses)), dlogits
 
 
@@ -501,10 +519,10 @@ def test_orpo_trainer_step_counts_the_prompt_in_its_nll():
     ids = batch["chosen_input_ids"].numpy()
     full = batch["chosen_attention_mask"].numpy().astype(bool)
     full[:, 0] = False
-    lp_full, cache_full = sequence_logps(logits[:N], ids, full)
+    lp_full, _, back_full = _dense_logps(logits[:N], ids, full)
     nll_trl = -lp_full.sum() / full.sum()
     assert float(loss.detach()) == pytest.approx(odds + nll_trl, rel=2e-6)
-    d_nll = sequence_logps_backward(np.full(N, -1.0 / full.sum()), cache_full)
+    d_nll = back_full(np.full(N, -1.0 / full.sum()))
     want = d_odds.copy()
     want[:N] += d_nll
     np.testing.assert_allclose(t_logits.grad.numpy(), want, rtol=2e-5, atol=1e-8)
