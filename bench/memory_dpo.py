@@ -161,6 +161,10 @@ class BatchShape:
         return {"R": self.R, "L": self.L, "M": self.M, "E": self.E, "blocks": [list(b) for b in self.blocks],
                 "causal": self.causal}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "BatchShape":
+        return cls(d["R"], d["L"], d["M"], d["E"], tuple(tuple(b) for b in d["blocks"]), d["causal"])
+
 
 def shape_of(batch: Batch) -> BatchShape:
     """The :class:`BatchShape` of a packing.Batch (host ints only: no device read-back)."""
@@ -808,6 +812,7 @@ def analytic_breakdown(config: GPTConfig, steps: list[BatchShape], *, reference_
                           "gradients": kinds.get("grads", 0)},
         "phases": {mode: led.phases for mode, led in ledgers.items()},
         "steps": per_step,
+        "eval_chunk": None if chunk is None else chunk.to_dict(),
         "peaks": peaks,
         "path": dataclasses.asdict(path),
         "shapes": {"N": s0.E // 2, "E": s0.E, "R": s0.R, "L": s0.L, "M": s0.M, "C": config.n_embd,
@@ -841,16 +846,17 @@ def predicted_eval_chunk_peak(config: GPTConfig, pairs: int, seq: int, layout: s
 
 def max_pairs_that_fit(config: GPTConfig, seq: int, capacity_bytes: float, layout: str = DEFAULT_LAYOUT,
                        key: str = "cached", limit: int = 1024, path: CodePath = CodePath(fused=True, gpu=True),
-                       prompt: int | None = None, ragged: bool = False) -> int:
+                       prompt: int | None = None, ragged: bool = False, seed: int = 0) -> int:
     """Largest N <= ``limit`` whose predicted peak fits in ``capacity_bytes`` (0 if none): a
     step's ("cached", "as_train_dpo", "recompute": see :func:`predicted_step_peak`) or a held-out
     chunk's ("evaluation_pass_train_dpo": N is then eval_batch_size). The batches are the
-    synthetic pairs' (seed 0), laid out by ``layout``; the peaks grow with N: gallop, then bisect."""
+    synthetic pairs' (of ``seed``), laid out by ``layout``; the peaks grow with N: gallop, then bisect."""
     def fits(n):
+        kw = dict(prompt=prompt, path=path, ragged=ragged, seed=seed)
         if key == "evaluation_pass_train_dpo":
-            peak = predicted_eval_chunk_peak(config, n, seq, layout, prompt=prompt, path=path, ragged=ragged)
+            peak = predicted_eval_chunk_peak(config, n, seq, layout, **kw)
         else:
-            peak = predicted_step_peak(config, n, seq, layout, prompt=prompt, mode=key, path=path, ragged=ragged)
+            peak = predicted_step_peak(config, n, seq, layout, mode=key, **kw)
         return peak <= capacity_bytes
 
     if not fits(1):
@@ -1473,9 +1479,10 @@ def format_report(res: dict, gpu_gb: float = 80.0) -> str:
     lines.append(f"    {'one block:':<60}{num(sum(a['per_layer_bytes'].values()))}")
     for label, b in a["per_layer_bytes"].items():
         lines.append(f"      {label:<58}{num(b)}")
+    batch_arrays = "batch arrays (ids, layout, scored-token maps)"
     for label, key in (("logits (M,V); the same buffer becomes dlogits", "logits (M,V)"),
                        ("lse (M,)", "lse (M,)"),
-                       ("batch arrays (ids, layout, scored-token maps)", "batch arrays (ids, layout, scored-token maps)"),
+                       (batch_arrays, batch_arrays),
                        ("batch weights (E,M)", "batch weights (E,M)"),
                        ("backward workspace at the cached step's peak", "backward workspace at the peak"),
                        ("gradients alive then", "gradients alive at the peak"),
@@ -1538,28 +1545,32 @@ def format_report(res: dict, gpu_gb: float = 80.0) -> str:
     cap = gpu_gb * 1e9
     cfg = GPTConfig(**mc)
     gpu = CodePath(fused=True, gpu=True)
-    kw = dict(prompt=c["prompt"], path=gpu, ragged=c.get("ragged", False))
-    g_c = predicted_step_peak(cfg, c["pairs"], c["seq"], c["layout"], **kw)
-    g_t = predicted_step_peak(cfg, c["pairs"], c["seq"], c["layout"], mode="as_train_dpo", **kw)
-    g_e = predicted_eval_chunk_peak(cfg, c["eval_batch_pairs"], c["seq"], c["layout"], **kw)
+    P = s["P"] * s["itemsize"]
+    step1 = BatchShape.from_dict(a["steps"][0]["shape"])  # the measured batches, on CuPy's path
+    g_c = step_ledger(cfg, step1, "cached", pk["resident_cached"], s["itemsize"], gpu).peak
+    g_t = g_c + P
+    chunk = a.get("eval_chunk")
+    g_e = None if chunk is None else pass_ledger(cfg, [BatchShape.from_dict(chunk)], 4 * P, s["itemsize"], gpu).peak
 
     def verdict(b):
         return "fits" if b <= cap else "does NOT fit"
 
     def most(key):
-        n = max_pairs_that_fit(cfg, c["seq"], cap, c["layout"], key, prompt=c["prompt"], ragged=c.get("ragged", False))
+        n = max_pairs_that_fit(cfg, c["seq"], cap, c["layout"], key, prompt=c["prompt"], ragged=c.get("ragged", False),
+                               seed=c["seed"] + (key == "evaluation_pass_train_dpo"))
         return f"{n}+" if n == 1024 else str(n)
 
     lines += [
         "",
         f"Predicted for a GPU with {gpu_gb:g} GB (CuPy: the same arrays; its fused kernels keep no NumPy "
         f"temporaries; CUDA context, cuBLAS workspace and pool rounding not counted), {c['layout']} layout",
-        f"  training step ({c['pairs']} pairs): {g_c / 1e9:.2f} GB cached, {g_t / 1e9:.2f} GB as train_dpo runs it: "
+        f"  training step 1 ({c['pairs']} pairs): {g_c / 1e9:.2f} GB cached, {g_t / 1e9:.2f} GB as train_dpo runs it: "
         f"{verdict(g_t)}; at T={c['seq']} up to {most('cached')} pairs (cached) / {most('as_train_dpo')} "
         f"(as train_dpo) fit",
-        f"  held-out chunk of {c['eval_batch_pairs']} pairs with the reference kept: {g_e / 1e9:.2f} GB, "
-        f"{verdict(g_e)}; chunks of up to {most('evaluation_pass_train_dpo')} pairs fit",
     ]
+    if g_e is not None:
+        lines.append(f"  held-out chunk of {c['eval_batch_pairs']} pairs with the reference kept: {g_e / 1e9:.2f} GB, "
+                     f"{verdict(g_e)}; chunks of up to {most('evaluation_pass_train_dpo')} pairs fit")
     return "\n".join(lines)
 
 
