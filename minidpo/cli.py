@@ -570,6 +570,7 @@ def cmd_export(args) -> int:
 
 
 EXPLAIN_TINY_DIR = Path("runs") / "explain-tiny"
+_SEE_EXPLAIN = " (see `minidpo explain --help`)"
 
 
 def _dpo_run_settings(path: Path):
@@ -607,10 +608,10 @@ def _explain_models(run: Path, args):
         if want in dpos:
             return want, ref, None
         raise UsageError(f"{run} holds {len(dpos)} policies ({', '.join(d.name for d in dpos)}): choose one with "
-                         f"--beta, or give its folder as RUN with --ref {run / 'sft'}")
+                         f"--beta, or give its folder as RUN with --ref {run / 'sft'}{_SEE_EXPLAIN}")
     if args.ref is None:
         raise UsageError(f"{run} is one model, the policy: give its reference with --ref (the SFT run it was "
-                         f"trained from), or a folder holding sft/ and dpo_beta*/")
+                         f"trained from), or a folder holding sft/ and dpo_beta*/{_SEE_EXPLAIN}")
     return run, Path(args.ref), None
 
 
@@ -621,20 +622,22 @@ def _explain_pairs(args, tokenizer, max_length: int, default_data: Path | None):
     from .explain import ExplainError, tokenize_pair
 
     pairs = []
+    if not (args.prompt is None) == (args.chosen is None) == (args.rejected is None):
+        raise UsageError(f"give --prompt, --chosen and --rejected together{_SEE_EXPLAIN}")
     if args.prompt is not None:
         texts = [unescape_prompt(t) for t in (args.prompt, args.chosen, args.rejected)]
         pairs.append(tokenize_pair(tokenizer, *texts, max_length=max_length, source="--prompt/--chosen/--rejected"))
     data = args.data or (str(default_data) if not pairs and default_data is not None and default_data.is_file() else None)
     if data is None:
         if not pairs:
-            raise UsageError("give the pair: --data FILE (with --index I), or --prompt, --chosen and --rejected")
+            raise UsageError(f"give the pair: --data FILE (with --index I), or --prompt, --chosen and --rejected{_SEE_EXPLAIN}")
         return pairs, None
     examples = read_preferences(data, on_error=args.on_error)
     _note_skipped(examples, data)
     n = len(examples)
     if not 0 <= args.index < n:
         raise UsageError(f"--index {args.index} is out of range: {data} has {n} preference pair{'s' if n != 1 else ''} "
-                         f"(indices 0 to {n - 1})")
+                         f"(indices 0 to {n - 1}){_SEE_EXPLAIN}")
     for j in range(min(args.batch_size, n + len(pairs)) - len(pairs)):
         e = examples[(args.index + j) % n]
         try:
@@ -1019,8 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tiny-dir", default=str(EXPLAIN_TINY_DIR), help="where the default small model is trained")
     sp.add_argument("--no-bandit", action="store_true", help="leave out the tabular world (examples/bandit.py)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bars while training the small model")
-    sp.set_defaults(func=cmd_explain, lr_default=None, usage_check=lambda a: None if (a.prompt is None) == (a.chosen is None) == (
-        a.rejected is None) else "give --prompt, --chosen and --rejected together")
+    sp.set_defaults(func=cmd_explain, lr_default=None)
 
     sp = add("verify", help="check a DPO loss function (yours, in NumPy/PyTorch/JAX) against the paper's properties")
     sp.add_argument("function", help="MODULE:FUNCTION or path/to/file.py:FUNCTION, called as "

@@ -123,7 +123,7 @@ PALETTE: dict[str, str] = {
     "rejected": "#a3261d",    # y_l
     "reference": "#4a4f9a",   # pi_ref
     "accent": "#0b5cad",      # links, focus, the slider
-    "grid": "#8a939c",        # axes and guide lines (graphics)
+    "grid": "#7b848d",        # axes and guide lines (graphics)
     "prompt_bg": "#e3e7eb",   # prompt token chips
     "chosen_bg": "#e0f1e4",
     "rejected_bg": "#f9e1de",
