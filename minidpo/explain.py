@@ -60,6 +60,11 @@ SOURCES: dict[str, dict[str, str]] = {
                        "what": "the same term under the frozen reference pi_ref"},
     "token_ratio": {"fn": "logprobs.token_logps", "eq": "8",
                     "what": "log pi - log pi_ref of one token; beta times their sum is the implicit reward"},
+    "mask": {"fn": "packing.Batch.weights", "eq": "7",
+             "what": "the loss mask: the token's weight in log pi(y|x), 1 for every response token (the prompt's "
+                     "tokens are context, never scored)"},
+    "seq_ratio": {"fn": "logprobs.sequence_logps", "eq": "8",
+                  "what": "log pi(y|x) - log pi_ref(y|x); beta times it is the implicit reward"},
     "seq_logp": {"fn": "logprobs.sequence_logps", "eq": "7",
                  "what": "log pi(y|x) = sum over the response's tokens of log pi(y_k | x, y_<k)"},
     "seq_ref_logp": {"fn": "scoring.batch_logps", "eq": "7",
@@ -92,6 +97,11 @@ SOURCES: dict[str, dict[str, str]] = {
                        "what": "log pi(y|x) under the policy after the optimizer step"},
     "delta": {"fn": "logprobs.sequence_logps", "eq": "7",
               "what": "log pi(y|x) after the step minus before it"},
+    "token_delta": {"fn": "logprobs.token_logps", "eq": "7",
+                    "what": "log pi(y_k | x, y_<k) after the step minus before it"},
+    "change": {"fn": "losses.dpo_loss", "eq": "7-8",
+               "what": "after the step minus before: losses.dpo_loss of the updated policy's log-probs against "
+                       "those of the policy before it"},
     "check": {"fn": "train.dpo_step", "eq": "7-9",
               "what": "the trainer's own step (fast path) on the same batch, compared with the numbers shown"},
     "slider": {"fn": "losses.dpo_loss", "eq": "7-9",

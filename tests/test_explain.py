@@ -1,8 +1,8 @@
 """minidpo explain: the page's numbers are the library's for one real DPO step, its page is
 self-contained and readable, and `minidpo explain` reports bad input in one line.
 
-The small default model is trained once for this module (about 10 s on 2 cores). The tests in
-tests/test_explain_browser.py load the same page in headless Chromium."""
+The small default model is trained once per test session (tests/conftest.py's explain_run, about
+10 s on 2 cores). tests/test_explain_browser.py loads the page in headless Chromium."""
 
 import importlib.util
 import json
@@ -26,13 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """The default small model (explain.tiny_run), trained once."""
-    out = tmp_path_factory.mktemp("explain") / "tiny"
-    runtime.cpu_defaults()
-    with runtime.use_threads(1):
-        ex.tiny_run(out, seed=0, say=lambda msg: None)
-    return out
+def run_dir(explain_run):
+    """The default small model (explain.tiny_run), trained once per session (tests/conftest.py)."""
+    return explain_run
 
 
 @pytest.fixture(scope="module")
