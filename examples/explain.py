@@ -56,7 +56,9 @@ def main(argv=None) -> Path:
         expl = explain_step(policy, reference, config, tokenizer, pairs, beta=args.beta, lr=args.lr,
                             bandit=bandit_world(seed=args.seed),
                             meta={"command": "python examples/explain.py " + " ".join(argv or sys.argv[1:]),
-                                  "run": str(run), "policy_steps": TINY["dpo_steps"]})
+                                  "run": str(run), "policy": str(run / f"dpo_beta{TINY['beta']:g}"),
+                                  "policy_steps": TINY["dpo_steps"], "reference": str(run / "sft"),
+                                  "data": str(run / "pairs_eval.jsonl")})
     html = render_html(expl)
     page = write_page(args.page or run / "explain.html", html)
     print(f"wrote {page} ({page_weight(html) / 1024:.0f} KB) in {time.perf_counter() - t0:.1f} s; open it in a browser")
