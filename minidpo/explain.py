@@ -184,7 +184,7 @@ def _token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str, max_length: int, source: str = ""):
-    """One preference pair as the trainer tokenizes it (data.build_preference_dataset's rule:
+    """One preference pair (x, y_w, y_l) as the trainer tokenizes it (data.build_preference_dataset's rule:
     prompt and responses encoded apart, EOS after each response, the prompt cut to half of
     ``max_length`` first), or ExplainError naming the pair and why it cannot be used: a response
     that tokenizes to nothing, or chosen and rejected identical after truncation."""
@@ -223,14 +223,27 @@ def _step_config(beta: float, lr: float, n_pairs: int, train_config=None):
 
 def explain_step(policy: dict, reference: dict, config, tokenizer, pairs: Sequence, *, beta: float, lr: float,
                  train_config=None, backend=None, meta: dict | None = None, bandit: dict | None = None) -> Explanation:
-    """One DPO step on ``pairs`` (data.TokenizedPair; N >= 1, the first is followed token by token),
-    with every number the page shows (module docstring for the chain of calls).
+    """One DPO step on ``pairs``, eq. 7 (loss), eq. 8 (implicit rewards) and eq. 9 (gradient), with
+    every number the page shows (the module docstring gives the chain of calls).
 
-    policy, reference: parameter dicts of one model ``config`` (the policy is not modified: the
-    step is applied to a copy). beta: eq. 7's beta; lr: the optimizer step's learning rate.
-    train_config: the policy's run's TrainConfig, whose AdamW betas, weight decay, gradient
-    clipping and batch layout the step keeps (None: TrainConfig's defaults). meta: entries for
-    the page's header. bandit: :func:`bandit_world`'s data, or None for no tabular section.
+    Args:
+        policy, reference: parameter dicts of one model ``config``, on ``backend`` (the policy is
+            not modified: the step is applied to a copy).
+        tokenizer: the models' tokenizer (each token's text, for the page).
+        pairs: N >= 1 data.TokenizedPair (see :func:`tokenize_pair`); the first is followed token
+            by token, the step is taken on all N.
+        beta: eq. 7's beta. lr: the optimizer step's learning rate.
+        train_config: the policy's run's TrainConfig, whose AdamW betas, weight decay, gradient
+            clipping and batch layout the step keeps (None: TrainConfig's defaults).
+        meta: entries for the page's header. bandit: :func:`bandit_world`'s data, or None.
+    Returns:
+        :class:`Explanation`. Per pair i and response s (chosen, rejected) of n tokens: ``ids``,
+        ``text``, ``mask`` and ``tokens.{logp, ref_logp, grad_row, grad_label, logp_after}``, each
+        (n,); the sums ``logp``, ``ref_logp``, ``logp_after`` (eq. 7's log pi(y|x)), ``reward``,
+        ``reward_after`` (eq. 8), ``grad_logp`` (eq. 9), ``delta``; per pair ``h``, ``margin``,
+        ``loss``, ``weight`` and their values after the step; ``step``: the batch's mean loss
+        before and after, the global gradient norm, the largest parameter change, the layout and
+        ``check`` (train.dpo_step's loss and gradient against these).
     """
     from . import fast
     from .backend import get_backend, to_numpy
@@ -347,7 +360,9 @@ def explain_step(policy: dict, reference: dict, config, tokenizer, pairs: Sequen
 
 def bandit_world(seed: int = 0, n_prompts: int = 3, n_responses: int = 5, beta: float = 0.5,
                  reward_scale: float = 1.0, n_pairs: int = 4000, steps: int = 600) -> dict:
-    """examples/bandit.py's world and its two trainings, as data for the page.
+    """examples/bandit.py's world and its two trainings, as data for the page: eq. 1 (the
+    preferences), eq. 4 (the optimum), eq. 5 (the reward recovered with beta log Z(x)), eq. 7
+    (the loss minimised). Tables are (X, Y) = (n_prompts, n_responses) nested lists.
 
     The world (bandit.make_world with ``default_rng(seed)``): a true reward r(x, y) and a
     reference pi_ref, (X, Y) tables. Two policies trained by full-batch gradient descent on the

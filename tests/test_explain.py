@@ -18,6 +18,7 @@ from minidpo import explain as ex
 from minidpo import runtime
 from minidpo.cli import load_model, main
 from minidpo.data import read_preferences
+from tests.conftest import requires_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,6 +173,29 @@ def test_at_the_reference_every_reward_is_zero_and_every_weight_one_half(models,
         assert p["chosen"]["grad_logp"] == pytest.approx(-0.3 * 0.5 / 3)
 
 
+@requires_cuda
+def test_the_step_on_the_gpu_path_gives_the_cpu_numbers(models, pairs):
+    """explain_step with CuPy arrays (a GPU, or the strict stand-in): the same page data."""
+    from minidpo.backend import get_backend
+
+    policy, reference, config, tokenizer = models
+    be = get_backend("cuda")
+    dev = {k: be.asarray(v) for k, v in policy.items()}
+    dref = {k: be.asarray(v) for k, v in reference.items()}
+    gpu = ex.explain_step(dev, dref, config, tokenizer, pairs[:3], beta=0.1, lr=5e-4, backend=be).data
+    cpu = ex.explain_step(policy, reference, config, tokenizer, pairs[:3], beta=0.1, lr=5e-4).data
+    json.dumps(gpu, allow_nan=False)  # plain host numbers, no device arrays
+    for i in range(3):
+        for s in ("chosen", "rejected"):
+            for f in ("logp", "ref_logp", "logp_after", "reward", "grad_logp"):
+                assert gpu["pairs"][i][s][f] == pytest.approx(cpu["pairs"][i][s][f], rel=1e-4, abs=1e-4), (i, s, f)
+            np.testing.assert_allclose(gpu["pairs"][i][s]["tokens"]["grad_row"], cpu["pairs"][i][s]["tokens"]["grad_row"],
+                                       rtol=1e-4)
+        assert gpu["pairs"][i]["weight"] == pytest.approx(cpu["pairs"][i]["weight"], abs=1e-5)
+    assert gpu["step"]["grad_norm"] == pytest.approx(cpu["step"]["grad_norm"], rel=1e-4)
+    assert gpu["meta"]["device"] != cpu["meta"]["device"]
+
+
 def test_the_tabular_world_is_bandit_pys(expl):
     """bandit_world's world and both trainings equal examples/bandit.py's functions; exact
     expected preferences reach eq. 4 and the reward (beta log Z(x) added back) to rounding."""
@@ -322,6 +346,11 @@ def test_the_command_writes_the_page_of_explain_step(run_dir, models, pairs, exp
     d = embedded_data(page.read_text(encoding="utf-8"))
     assert code == 0 and len(d["pairs"]) == 1 and d["step"]["beta"] == 0.5 and d["step"]["lr"] == 1e-4
     assert "".join(d["pairs"][0]["chosen"]["text"]) == " was great.<|endoftext|>"
+    # without RUN: the small model of --tiny-dir (trained first when missing; here it is finished, and reused)
+    code, out, err = run_cli(["explain", "--tiny-dir", run_dir, "--batch-size", 2, "--out", page, "--no-bandit",
+                              "--no-progress"], capsys)
+    assert code == 0 and "[sft] already complete" in out and "[dpo] already complete" in out, err
+    assert embedded_data(page.read_text(encoding="utf-8"))["meta"]["data"] == str(run_dir / "pairs_eval.jsonl")
     # a single model folder with --ref
     code, out, err = run_cli(["explain", run_dir / "dpo_beta0.1", "--ref", run_dir / "sft", "--data",
                               run_dir / "pairs_eval.jsonl", "--batch-size", 2, "--out", page, "--no-bandit"], capsys)
