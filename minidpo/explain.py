@@ -464,12 +464,11 @@ def tiny_run(out: str | Path, seed: int = 0, backend="cpu", overwrite: bool = Fa
     (held-out pairs: the page's default data). A re-run with the same folder reuses what is
     finished (train.train_sft/train_dpo resume); run.json pins ``seed`` (train.check_run_options)."""
     from .checkpoint import atomic_write_text
-    from .cli import tokenizer_fingerprint
     from .data import PreferenceExample, build_preference_dataset, build_sft_dataset
     from .model import GPTConfig, init_params
     from .tasks import sentiment
     from .tokenizer import BPETokenizer
-    from .train import TrainConfig, check_run_options, run_lock, train_dpo, train_sft
+    from .train import TrainConfig, check_run_options, fingerprint, run_lock, train_dpo, train_sft
 
     c, out = TINY, Path(out)
     with run_lock(out):
@@ -482,7 +481,8 @@ def tiny_run(out: str | Path, seed: int = 0, backend="cpu", overwrite: bool = Fa
             tokenizer.save(out)
         config = GPTConfig(vocab_size=tokenizer.vocab_size, n_ctx=c["n_ctx"], n_layer=c["n_layer"],
                            n_head=c["n_head"], n_embd=c["n_embd"])
-        inputs = {"tokenizer": tokenizer_fingerprint(tokenizer)}
+        # the tokenizer's fingerprint as cli.tokenizer_fingerprint records it (cli.load_model checks it)
+        inputs = {"tokenizer": fingerprint(tokenizer.backend_tokenizer.to_str())}
         items, _ = build_sft_dataset(corpus, tokenizer, max_length=config.n_ctx)
         reference = init_params(config, backend, seed=seed)
         say(f"[explain] SFT of a {config.n_layer}-layer GPT-2 on {len(items)} synthetic reviews, "

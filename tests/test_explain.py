@@ -32,6 +32,16 @@ def run_dir(explain_run):
     return explain_run
 
 
+def test_the_small_model_records_its_tokenizer_as_the_command_does(run_dir):
+    from minidpo.cli import tokenizer_fingerprint
+    from minidpo.tokenizer import BPETokenizer
+
+    want = tokenizer_fingerprint(BPETokenizer.load(run_dir / "tokenizer.json"))
+    for stage in ("sft", "dpo_beta0.1"):
+        state = json.loads((run_dir / stage / "checkpoint" / "trainer_state.json").read_text())
+        assert state["config"]["inputs"]["tokenizer"] == want, stage
+
+
 @pytest.fixture(scope="module")
 def models(run_dir):
     reference, config, tokenizer = load_model(run_dir / "sft", "cpu")
