@@ -1,4 +1,4 @@
-"""The ``minidpo`` command: tokenizer, sft, dpo, sample, eval, export over your own files.
+"""The ``minidpo`` command: tokenizer, sft, dpo, sample, eval, export, explain over your own files.
 
     minidpo tokenizer --corpus reviews.txt --vocab-size 4000 --out tok/
     minidpo sft   --data sft.jsonl --tokenizer tok/ --out runs/sft
@@ -7,6 +7,7 @@
     minidpo eval  --policy runs/dpo --ref runs/sft --data heldout.jsonl
     minidpo export --model runs/dpo --out gpt2-dpo/        # a Hugging Face GPT-2 directory
     minidpo verify mypkg.losses:dpo_loss --framework torch # property-check anyone's DPO loss
+    minidpo explain runs/tiny --index 3 --out step.html   # one DPO step as a page, with its own numbers
 
 A model argument (--model, --ref, --policy) is any of: a run folder written by ``sft``/``dpo``
 (it holds checkpoint/ and tokenizer.json), a checkpoint folder, or a GPT-2 model directory
@@ -643,6 +644,143 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+EXPLAIN_TINY_DIR = Path("runs") / "explain-tiny"
+_SEE_EXPLAIN = " (see `minidpo explain --help`)"
+
+
+def _dpo_run_settings(path: Path):
+    """(TrainConfig, step) of the DPO run that made the model in ``path``; (None, None) for any
+    other model (an SFT run, a GPT-2 directory)."""
+    from .checkpoint import has_checkpoint, read_checkpoint_state
+    from .train import TrainConfig
+
+    ck_dir = _checkpoint_dir(path)
+    if ck_dir is None or not has_checkpoint(ck_dir):
+        return None, None
+    state = read_checkpoint_state(ck_dir)
+    if state["config"].get("stage") != "dpo":
+        return None, None
+    try:
+        return TrainConfig.from_dict(state["config"].get("train", {})), int(state["step"])
+    except (TypeError, ValueError):
+        return None, int(state["step"])
+
+
+def _explain_models(run: Path, args):
+    """(policy path, reference path, note) for ``minidpo explain RUN``: a folder holding sft/ (pi_ref)
+    and dpo_beta*/ (the policy), as examples/train_tiny.py and the default model write it, or one
+    model folder (the policy) with --ref."""
+    if not run.exists():
+        _die(f"{run}: no such run folder")
+    dpos = sorted(d for d in run.glob("dpo_beta*") if d.is_dir()) if run.is_dir() else []
+    if (run / "sft").is_dir() and (dpos or args.ref is None):
+        ref = Path(args.ref) if args.ref else run / "sft"
+        if not dpos:
+            return ref, ref, f"{run} holds no dpo_beta*/ policy: the policy is pi_ref itself (DPO's first step)"
+        if len(dpos) == 1:
+            return dpos[0], ref, None
+        want = run / f"dpo_beta{args.beta:g}" if args.beta is not None else None
+        if want in dpos:
+            return want, ref, None
+        raise UsageError(f"{run} holds {len(dpos)} policies ({', '.join(d.name for d in dpos)}): choose one with "
+                         f"--beta, or give its folder as RUN with --ref {run / 'sft'}{_SEE_EXPLAIN}")
+    if args.ref is None:
+        raise UsageError(f"{run} is one model, the policy: give its reference with --ref (the SFT run it was "
+                         f"trained from), or a folder holding sft/ and dpo_beta*/{_SEE_EXPLAIN}")
+    return run, Path(args.ref), None
+
+
+def _explain_pairs(args, tokenizer, max_length: int, default_data: Path | None):
+    """The batch to explain: the --prompt/--chosen/--rejected pair and/or pairs of --data from
+    --index on (wrapping round), --batch-size in all; the first is shown token by token."""
+    from .data import read_preferences
+    from .explain import ExplainError, tokenize_pair
+
+    pairs = []
+    if not (args.prompt is None) == (args.chosen is None) == (args.rejected is None):
+        raise UsageError(f"give --prompt, --chosen and --rejected together{_SEE_EXPLAIN}")
+    if args.prompt is not None:
+        texts = [unescape_prompt(t) for t in (args.prompt, args.chosen, args.rejected)]
+        pairs.append(tokenize_pair(tokenizer, *texts, max_length=max_length, source="--prompt/--chosen/--rejected"))
+    data = args.data or (str(default_data) if not pairs and default_data is not None and default_data.is_file() else None)
+    if data is None:
+        if not pairs:
+            raise UsageError(f"give the pair: --data FILE (with --index I), or --prompt, --chosen and --rejected{_SEE_EXPLAIN}")
+        return pairs, None
+    examples = read_preferences(data, on_error=args.on_error)
+    _note_skipped(examples, data)
+    n = len(examples)
+    if not 0 <= args.index < n:
+        raise UsageError(f"--index {args.index} is out of range: {data} has {n} preference pair{'s' if n != 1 else ''} "
+                         f"(indices 0 to {n - 1}){_SEE_EXPLAIN}")
+    for j in range(min(args.batch_size, n + len(pairs)) - len(pairs)):
+        e = examples[(args.index + j) % n]
+        try:
+            pairs.append(tokenize_pair(tokenizer, e.prompt, e.chosen, e.rejected, max_length=max_length, source=e.source))
+        except ExplainError as err:
+            if not pairs:  # the pair the page follows: an error
+                raise
+            print(f"note: left out of the batch: {err}", file=sys.stderr)
+    return pairs, data
+
+
+def cmd_explain(args) -> int:
+    import time
+
+    from .backend import get_backend
+    from .explain import bandit_world, explain_step, page_weight, render_html, tiny_run, write_page
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    if out.is_dir():
+        _die(f"--out {out} is a folder; give the page's file name, e.g. {out / 'explain.html'}")
+    backend = get_backend(args.device)
+    if args.run is None:
+        run = Path(args.tiny_dir)
+        tiny_run(run, seed=args.seed, backend=backend, progress=not args.no_progress)
+    else:
+        run = Path(args.run)
+    policy_path, ref_path, note = _explain_models(run, args)
+    for path in {policy_path, ref_path}:  # a run folder's tokenizer lies in it or in the folder above
+        if _checkpoint_dir(path) not in (None, path) and not any(
+                (d / "tokenizer.json").is_file() or (d / "vocab.json").is_file() for d in (path, path.parent)):
+            _die(f"{path}: no tokenizer.json in it or in {path.parent}: the page needs the tokenizer its model "
+                 f"was trained with")
+    reference, config, tokenizer = load_model(ref_path, backend)
+    if policy_path == ref_path:
+        policy = {k: v.copy() for k, v in reference.items()}
+    else:
+        policy, pconfig, ptokenizer = load_model(policy_path, backend)
+        _same_tokenizer(ptokenizer, tokenizer, policy_path, ref_path)
+        if pconfig != config:
+            _die(f"the policy {policy_path} and the reference {ref_path} have different model configs")
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    run_tc, steps = _dpo_run_settings(policy_path)
+    beta = args.beta if args.beta is not None else (run_tc.beta if run_tc is not None else 0.1)
+    lr = args.lr if args.lr is not None else (run_tc.lr if run_tc is not None else 1e-5)
+    max_length = min(args.max_length, config.n_ctx)
+    pairs, data = _explain_pairs(args, tokenizer, max_length, run / "pairs_eval.jsonl" if run.is_dir() else None)
+    argv = ["minidpo", "explain"] + ([str(args.run)] if args.run else [])
+    for flag, value in (("--ref", args.ref), ("--data", args.data), ("--index", args.index if data else None),
+                        ("--beta", args.beta), ("--lr", args.lr), ("--out", args.out)):
+        if value is not None:
+            argv += [flag, str(value)]
+    meta = {"command": " ".join(argv) + (" --prompt ..." if args.prompt is not None else ""),
+            "run": str(run), "policy": str(policy_path), "reference": str(ref_path), "data": data,
+            "policy_steps": steps if policy_path != ref_path else 0,
+            "beta_from": "--beta" if args.beta is not None else ("the policy's run" if run_tc else "the default"),
+            "lr_from": "--lr" if args.lr is not None else ("the policy's run" if run_tc else "minidpo dpo's default")}
+    bandit = None if args.no_bandit else bandit_world(seed=args.seed)
+    expl = explain_step(policy, reference, config, tokenizer, pairs, beta=beta, lr=lr, train_config=run_tc,
+                        backend=backend, meta=meta, bandit=bandit)
+    html = render_html(expl)
+    write_page(out, html)
+    print(f"wrote {out} ({page_weight(html) / 1024:.0f} KB, {time.perf_counter() - t0:.1f} s): one DPO step on "
+          f"{len(pairs)} pair{'s' if len(pairs) != 1 else ''} at beta {beta:g}, lr {lr:g}; open it in a browser")
+    return EXIT_OK
+
+
 EXIT_NO_FRAMEWORK = 3  # verify: the loss's framework is not installed (nothing was checked)
 
 
@@ -929,6 +1067,37 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True, help="run folder, checkpoint or GPT-2 directory")
     sp.add_argument("--out", required=True, help="a new or empty folder (or a GPT-2 directory to replace)")
     sp.set_defaults(func=cmd_export)
+
+    sp = add("explain", help="one real DPO step, drawn with its own numbers: a self-contained HTML page")
+    sp.description = ("Runs one DPO step (eq. 7-9) on a batch of preference pairs through minidpo's own functions and "
+                      "writes a single HTML file that shows it: the pair as tokens, log pi and log pi_ref per token, "
+                      "the implicit rewards, loss and weight with a beta slider, the gradient on each token's logits, "
+                      "the log-probs before and after one optimizer step, the batch sorted by weight, and the tabular "
+                      "world of eq. 4-6. Without RUN it first trains a small model (seconds) into --tiny-dir.")
+    common(sp, train=False)
+    sp.add_argument("run", nargs="?", metavar="RUN",
+                    help="a folder holding sft/ (pi_ref) and dpo_beta*/ (the policy), as examples/train_tiny.py "
+                         "writes it; or one model folder (the policy) with --ref. Default: the small model of "
+                         "--tiny-dir, trained first if needed")
+    sp.add_argument("--ref", help="the reference pi_ref (run folder, checkpoint or GPT-2 directory)")
+    sp.add_argument("--data", help="preference JSONL (default: RUN/pairs_eval.jsonl when there)")
+    sp.add_argument("--index", type=_int_at_least(0), default=0,
+                    help="the pair of --data to follow token by token (0-based, in file order); the batch is it "
+                         "and the pairs after it")
+    sp.add_argument("--prompt", help=r"a pair typed in: the prompt (with --chosen and --rejected; \n is a newline)")
+    sp.add_argument("--chosen", help="the preferred response y_w")
+    sp.add_argument("--rejected", help="the dispreferred response y_l")
+    sp.add_argument("--batch-size", type=_int_at_least(1), default=8, help="preference pairs in the step's batch")
+    sp.add_argument("--beta", type=_float_in(0, INF, lo_open=True, hi_open=True), default=None,
+                    help="DPO's beta (default: the policy's run's, else 0.1); with several dpo_beta*/ in RUN it "
+                         "also picks the policy")
+    sp.add_argument("--lr", type=_float_in(0, INF, lo_open=True, hi_open=True), default=None,
+                    help="the optimizer step's learning rate (default: the policy's run's, else 1e-5)")
+    sp.add_argument("--out", default="explain.html", help="the page to write (atomically)")
+    sp.add_argument("--tiny-dir", default=str(EXPLAIN_TINY_DIR), help="where the default small model is trained")
+    sp.add_argument("--no-bandit", action="store_true", help="leave out the tabular world (examples/bandit.py)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars while training the small model")
+    sp.set_defaults(func=cmd_explain, lr_default=None)
 
     sp = add("verify", help="check a DPO loss function (yours, in NumPy/PyTorch/JAX) against the paper's properties")
     sp.add_argument("function", help="MODULE:FUNCTION or path/to/file.py:FUNCTION, called as "

@@ -97,3 +97,17 @@ def numeric_grad_richardson(f, x, h=1e-6, rtol=1e-7):
             prev, e = est, e / 4
         g[i] = est
     return g
+
+
+@pytest.fixture(scope="session")
+def explain_run(tmp_path_factory):
+    """The small model of ``minidpo explain`` (minidpo.explain.tiny_run: SFT, then a few DPO steps),
+    trained once per test session for tests/test_explain*.py (about 10 s on 2 cores)."""
+    from minidpo import runtime
+    from minidpo.explain import tiny_run
+
+    out = tmp_path_factory.mktemp("explain") / "tiny"
+    runtime.cpu_defaults()
+    with runtime.use_threads(1):
+        tiny_run(out, seed=0, say=lambda msg: None)
+    return out
