@@ -140,7 +140,8 @@ SIZES = {  # size -> its world, its grid, its methods (None: every baseline and 
 
 # A loss's own grid where the shared one does not suit it (its beta lives on another scale), by its
 # name in LOSS_TABLE; a name not in the table is ignored. Any of the row's options may be swept the
-# same way (e.g. "gamma": (0.5, 1.0)); the rest stay at the row's defaults.
+# same way (e.g. "gamma": (0.5, 1.0)); the rest stay at the row's defaults. Keep 4 runs a seed like
+# every method: an option swept in place of beta gives beta one value ("beta": (2.0,)).
 LOSS_GRIDS = {
     "ipo": dict(beta=(0.3, 3.0)),  # per-token mean log-ratios pulled to 1/(2 beta): 1.7 and 0.17 nats a token
     "simpo": dict(beta=(2.0, 10.0)),  # per-token mean log pi, no reference (SimPO's paper: 2 to 10)
