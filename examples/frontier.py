@@ -26,7 +26,8 @@ VADER's sentiment score), a reward model fit to it (eq. 2), and every method tra
 Training length is covered by checkpoints along one run (1/4, 1/2 and all of the longest run), so a
 method's points are its settings x its checkpoints, alike for all. What a training seed varies: the
 pairs (sampled from pi_ref), the reward model, and every method's initialisation, batch order and
-sampling; pi_ref, the prompts and the evaluation's sampling stream are the same for every seed.
+sampling; pi_ref, the prompts and the evaluation's sampling stream (Best-of-N's candidates among
+them) are the same for every seed.
 
 Every checkpoint is evaluated twice, with separate prompts and sampling streams: on VALIDATION
 prompts (an independent draw of prompts) and on EVALUATION prompts, each giving the mean
@@ -733,6 +734,25 @@ def _run(args, out: Path) -> dict | None:
         do_job(0, None, "SFT", {}, {"reference": ref_fp}, run_sft)
         k = 1
 
+    bon_cache: dict = {}
+
+    def bon_candidates(nmax: int) -> dict:
+        """{split: (samples, their TokenizedSFT items, ground-truth rewards (P * n_per, nmax))}: Best-of-N's
+        candidates, max(N) samples of pi_ref per evaluated sample, drawn once for every seed."""
+        if nmax not in bon_cache:
+            out = {}
+            for split, (prompts, n_per, rng_seed) in split_spec.items():
+                samples = sample_continuations(reference, mcfg, tokenizer, prompts, n_per * nmax,
+                                               rng=np.random.default_rng([*rng_seed, 9]), **gen_kw)
+                interrupt_hook("evaluation")
+                items = [TokenizedSFT(prompt_ids=list(p), response_ids=list(y))
+                         for p, y in zip(samples.prompt_ids, samples.ids)]
+                gt = np.asarray(reward_fn([p + t for p, t in zip(samples.prompts, samples.texts)]),
+                                dtype=np.float64).reshape(-1, nmax)
+                out[split] = (samples, items, gt)
+            bon_cache[nmax] = out
+        return bon_cache[nmax]
+
     prompt_ids_train = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts_train]
     for seed in seeds:
         t_world = time.perf_counter()
@@ -874,21 +894,15 @@ def _run(args, out: Path) -> dict | None:
                      on_log=lambda s, l: (log(f"    step {s}/{steps}: loss {l:.4f}"), at(s, policy)), log_every=every)
 
         def run_bon(knobs, pts, t0):
-            """Best-of-N for every N of the grid from one draw of max(N) samples per evaluated sample
-            (the first N of them make Best-of-N): validation and evaluation prompts alike."""
+            """Best-of-N for every N of the grid from one draw of max(N) samples of pi_ref per evaluated
+            sample (the first N of them make Best-of-N), on validation and evaluation prompts alike.
+            The draw is pi_ref's, from the data seed's stream like every evaluation: the training seed
+            changes the reward model that picks."""
             ns = [s["N"] for s in the_plan["methods"]["Best-of-N"]["settings"]]
             nmax = max(ns)
             by_split = {}
-            for split, (prompts, n_per, _) in split_spec.items():
-                samples = sample_continuations(reference, mcfg, tokenizer, prompts, n_per * nmax,
-                                               rng=np.random.default_rng([seed, 9, 0 if split == "eval" else 1]),
-                                               **gen_kw)
-                interrupt_hook("evaluation")
-                items = [TokenizedSFT(prompt_ids=list(p), response_ids=list(y))
-                         for p, y in zip(samples.prompt_ids, samples.ids)]
+            for split, (samples, items, gt) in bon_candidates(nmax).items():
                 scores = score_batch(rm, mcfg, items, pad, backend).reshape(-1, nmax)  # (P * n_per, Nmax)
-                gt = np.asarray(reward_fn([p + t for p, t in zip(samples.prompts, samples.texts)]),
-                                dtype=np.float64).reshape(-1, nmax)
                 by_split[split] = (scores, gt, samples)
             for n in ns:
                 res = {}
@@ -1028,7 +1042,8 @@ def summarize(runs, args, size, the_plan, grid, world, world_info, stage_s, fail
         "data_seed": args.seed, "train_seeds": args.seed_list,
         "what_a_training_seed_varies": "the pairs (sampled from pi_ref), the reward model, every method's "
                                        "initialisation, batch order and sampling; pi_ref, the prompts and the "
-                                       "evaluation's sampling stream are shared",
+                                       "evaluation's sampling stream (Best-of-N's candidates among them) are "
+                                       "shared",
         "model": mcfg.to_dict(), "n_params": num_params(reference), "world": world,
         "evaluation": dict(evaluation, train_prompts=world["n_train_prompts"],
                            val_prompts_also_in_eval=sum(p in eval_set for p in prompts_val) / max(n_val, 1)),
