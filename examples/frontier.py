@@ -647,8 +647,9 @@ def _run(args, out: Path) -> dict | None:
 
     def eta(remaining: list) -> str:
         """The time the runs left will take: each at the mean wall time of its method's runs so far
-        (of all runs, for a method not run yet); a run whose record is on disk counts 0."""
-        allw = [w for ws in walls.values() for w in ws]
+        (of all trained methods' runs, for a method not run yet); a run whose record is on disk
+        counts 0. SFT's evaluation alone says nothing of a training run's time."""
+        allw = [w for m, ws in walls.items() if m != "SFT" for w in ws]
         todo = [(s, m, kn) for s, m, kn in remaining if not record_path(s, m, kn).exists()
                 and not (args.only and m not in args.only)]
         if not todo:
