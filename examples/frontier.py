@@ -554,14 +554,265 @@ def run_unpaired_loss(name: str, **_):
     raise NotImplementedError(UNPAIRED_LOSSES.get(name, f"{name}: no unpaired trainer"))
 
 
+class Shared:
+    """What every seed's runs share: the sizes, pi_ref, the tokenizer, the ground truth, the prompts,
+    and the evaluation of a policy on the validation or the evaluation prompts."""
+
+    def __init__(self, args, world, grid, the_plan, backend, mcfg, tokenizer, reference, reward_fn):
+        self.args, self.world, self.grid, self.plan = args, world, grid, the_plan
+        self.backend, self.mcfg, self.tokenizer, self.reference, self.reward_fn = (backend, mcfg, tokenizer,
+                                                                                 reference, reward_fn)
+        self.pad = tokenizer.pad_id
+        self.batcher = Batcher(self.pad, backend=backend)  # shared prompts, packed rows: the reward model, Unlikelihood
+        self.gen_kw = dict(max_new_tokens=world["max_new_tokens"], temperature=1.0, backend=backend)
+        # the prompts: training, validation (selects), evaluation (reports); fixed by the data seed
+        seed = args.seed
+        self.prompts_train = sentiment.make_prompts(world["n_train_prompts"], seed=seed + 1)
+        self.prompts_eval = sentiment.make_prompts(world["n_eval_prompts"], seed=seed + 2)
+        self.prompts_val = sentiment.make_prompts(world["n_val_prompts"], seed=seed + 3)
+        self.prompt_ids_train = [tokenizer.encode(p) or [tokenizer.eos_id] for p in self.prompts_train]
+        self.splits = {"val": (self.prompts_val, world["n_val_samples"], [seed, 6]),
+                       "eval": (self.prompts_eval, world["n_eval_samples"], [seed, 5])}
+        self.evaluation = {"val_prompts": len(self.prompts_val), "val_samples_per_prompt": world["n_val_samples"],
+                           "eval_prompts": len(self.prompts_eval), "eval_samples_per_prompt": world["n_eval_samples"],
+                           "max_new_tokens": world["max_new_tokens"]}
+        self._bon: dict = {}
+
+    def evaluate(self, policy, split: str) -> dict:
+        """Mean ground-truth reward of the policy's samples on ``split``'s prompts ("val" or "eval",
+        each its own sampling stream) and KL(pi || pi_ref) estimated from them, each with its
+        standard error."""
+        prompts, n, rng_seed = self.splits[split]
+        samples = sample_continuations(policy, self.mcfg, self.tokenizer, prompts, n,
+                                       rng=np.random.default_rng(rng_seed), **self.gen_kw)
+        interrupt_hook("evaluation")
+        rewards = self.reward_fn([p + t for p, t in zip(samples.prompts, samples.texts)])
+        kls = kl_from_samples(policy, self.reference, self.mcfg, samples, self.pad, backend=self.backend)
+        r, r_se = mean_and_stderr(rewards)
+        k, k_se = mean_and_stderr(kls)
+        return {"reward_mean": r, "reward_se": r_se, "kl": k, "kl_se": k_se, "n_samples": len(rewards),
+                "example": samples.texts[0]}
+
+    @staticmethod
+    def point(val: dict, ev: dict) -> dict:
+        """One checkpoint's numbers: evaluation prompts plain, validation prompts prefixed val_."""
+        return {**{k: ev[k] for k in ("reward_mean", "reward_se", "kl", "kl_se", "n_samples", "example")},
+                **{f"val_{k}": val[k] for k in ("reward_mean", "reward_se", "kl", "kl_se", "n_samples")}}
+
+    def bon_candidates(self, nmax: int) -> dict:
+        """{split: (samples, their TokenizedSFT items, ground-truth rewards (P * n_per, nmax))}:
+        Best-of-N's candidates, max(N) samples of pi_ref per evaluated sample from the split's own
+        stream, drawn once for every seed (a seed changes the reward model that picks)."""
+        if nmax not in self._bon:
+            out = {}
+            for split, (prompts, n_per, rng_seed) in self.splits.items():
+                samples = sample_continuations(self.reference, self.mcfg, self.tokenizer, prompts, n_per * nmax,
+                                               rng=np.random.default_rng([*rng_seed, 9]), **self.gen_kw)
+                interrupt_hook("evaluation")
+                items = [TokenizedSFT(prompt_ids=list(p), response_ids=list(y))
+                         for p, y in zip(samples.prompt_ids, samples.ids)]
+                gt = np.asarray(self.reward_fn([p + t for p, t in zip(samples.prompts, samples.texts)]),
+                                dtype=np.float64).reshape(-1, nmax)
+                out[split] = (samples, items, gt)
+            self._bon[nmax] = out
+        return self._bon[nmax]
+
+
+class SeedRuns:
+    """One training seed: its pairs and reward model, and one runner per kind of method. A runner
+    trains from pi_ref with the setting's knobs and appends each checkpoint's numbers to ``pts``
+    (:meth:`checkpointer`); it returns what else its record keeps."""
+
+    def __init__(self, sh: Shared, seed: int, train_pairs, rm):
+        self.sh, self.seed, self.pairs, self.rm = sh, seed, train_pairs, rm
+        self.n_pairs = len(train_pairs)
+        self._ref: dict = {}
+        self.steps, self.B = sh.grid["steps"], sh.world["batch"]
+        self.every = math.gcd(*checkpoint_lengths(self.steps, sh.grid["fractions"]))  # log (and check) this often
+
+    def run(self, method: str, knobs: dict, pts: list, t0: float) -> dict:
+        kind = self.sh.plan["methods"][method]["kind"]
+        return getattr(self, kind)(method, knobs, pts, t0) or {}
+
+    def copy_ref(self) -> dict:
+        return {k: v.copy() for k, v in self.sh.reference.items()}
+
+    def ref_logps(self, bt):
+        """pi_ref's log-probs of the pairs under ``bt``'s log-prob rule (sums or per-token means), once each."""
+        if bt.average not in self._ref:
+            c, r = batched_sequence_logps(self.sh.reference, self.sh.mcfg, self.pairs, bt, 32)
+            self._ref[bt.average] = (self.sh.backend.asarray(c, dtype=c.dtype), self.sh.backend.asarray(r, dtype=r.dtype))
+        return self._ref[bt.average]
+
+    def checkpointer(self, method: str, knobs: dict, pts: list, t0: float, total: int):
+        """The callback a run calls after each step (iteration, round) with its policy: at a
+        checkpoint, both evaluations and the labels used so far go into ``pts``."""
+        sh, spec = self.sh, self.sh.plan["methods"][method]
+
+        def at(length, policy):
+            if length not in spec["checkpoints"]:
+                return
+            p = sh.point(sh.evaluate(policy, "val"), sh.evaluate(policy, "eval"))
+            pts.append({"checkpoint": length, "fraction": length / total, **p,
+                        "labels": labels_used(spec["kind"], method, knobs, length, sh.world, self.n_pairs, sh.grid),
+                        "checkpoint_s": round(time.perf_counter() - t0, 1)})
+            log(f"      {spec['unit']}={length}: reward {p['reward_mean']:+.3f}, KL {p['kl']:.3f} "
+                f"(val {p['val_reward_mean']:+.3f} at KL {p['val_kl']:.3f})")
+            interrupt_hook(f"checkpoint:{method}:seed{self.seed}")  # tests: a Ctrl-C between a run's checkpoints
+        return at
+
+    def _optimize(self, policy, step_fn, lr, at, what):
+        optimize(policy, self.n_pairs, step_fn, self.steps, self.B, lr, seed=self.seed, warmup_steps=10,
+                 on_log=lambda s, l: (log(f"    step {s}/{self.steps}: {what} {l:.4f}"), at(s, policy)),
+                 log_every=self.every)
+
+    def loss(self, method, knobs, pts, t0):
+        """DPO or another loss of the table: its eq. 7-like step on the pairs, pi_ref cached."""
+        sh = self.sh
+        opts = {k: v for k, v in knobs.items() if k not in ("loss", "beta", "lr")}
+        tc = TrainConfig(steps=self.steps, batch_size=self.B, lr=knobs["lr"], beta=knobs["beta"],
+                         loss_type=knobs["loss"], loss_options=opts, grad_clip=1.0, seed=self.seed, progress=False)
+        bt = batcher_for(tc, sh.pad, sh.backend)  # the loss's log-prob rule
+        ref_c, ref_r = self.ref_logps(bt)
+
+        def step_fn(p, idx):
+            didx = sh.backend.asarray(idx)
+            loss, _, grads = dpo_step(p, sh.mcfg, bt.pairs([self.pairs[i] for i in idx]), ref_c[didx], ref_r[didx], tc)
+            return loss, grads
+
+        policy = self.copy_ref()
+        self._optimize(policy, step_fn, knobs["lr"], self.checkpointer(method, knobs, pts, t0, self.steps), "loss")
+
+    def online(self, method, knobs, pts, t0):
+        """Online DPO: rounds of fresh pairs from the current policy, labelled by the ground truth."""
+        sh, rounds = self.sh, self.sh.grid["online"]["rounds"]
+        policy = self.copy_ref()
+        label_rng = np.random.default_rng([self.seed, 7])
+        tc = TrainConfig(steps=self.steps, batch_size=self.B, lr=knobs["lr"], beta=knobs["beta"], grad_clip=1.0,
+                         progress=False)
+        at = self.checkpointer(method, knobs, pts, t0, rounds)
+
+        def sample_fn(params, prompts, n):
+            s = sample_continuations(params, sh.mcfg, sh.tokenizer, prompts, n, rng=label_rng, **sh.gen_kw)
+            return [s.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+        def label_fn(prompts, sample):
+            return sentiment.build_preference_pairs(prompts, sample, sh.reward_fn, n_samples=2, mode="argmax",
+                                                    rng=label_rng)
+
+        def on_round(r):
+            log(f"    round {r['round']}/{rounds}: {r['pairs']} fresh pairs, mean sampled reward "
+                f"{r['mean_sample_reward']:+.3f}, DPO loss {r.get('dpo_loss') or float('nan'):.4f}")
+            at(r["round"], policy)
+
+        hist = online_dpo(policy, sh.reference, sh.mcfg, sh.tokenizer, sh.prompts_train, sample_fn, label_fn, tc,
+                          rounds=rounds, prompts_per_round=len(sh.prompts_train) // rounds,
+                          steps_per_round=self.steps // rounds, backend=sh.backend, seed=self.seed, on_round=on_round)
+        for p in pts:  # the pairs the rounds made so far
+            p["labels"]["pairs"] = sum(h["pairs"] for h in hist[: p["checkpoint"]])
+        return {"rounds": hist}
+
+    def ppo(self, method, knobs, pts, t0):
+        """PPO on the reward model (PPO) or on the ground truth (PPO-GT)."""
+        sh, g = self.sh, self.sh.grid["ppo"]
+        params = add_value_head(self.copy_ref(), sh.mcfg)
+        pc = PPOConfig(kl_coef=knobs["beta_KL"], lr=knobs["lr"], iterations=g["iterations"], rollout_batch=g["rollout"],
+                       minibatch=self.B, epochs=g["epochs"], max_new_tokens=sh.world["max_new_tokens"], seed=self.seed)
+        at = self.checkpointer(method, knobs, pts, t0, pc.iterations)
+
+        def rm_score(prompts, texts, items):
+            return score_batch(self.rm, sh.mcfg, items, sh.pad, sh.backend)
+
+        def gt_score(prompts, texts, items):
+            return sh.reward_fn.score(prompts, texts)
+
+        def on_iteration(r):
+            if r["iteration"] in sh.plan["methods"][method]["checkpoints"]:
+                log(f"    iteration {r['iteration']}/{pc.iterations}: score {r['score']:+.3f}, "
+                    f"rollout KL {r['kl']:.3f}, clipfrac {r['clipfrac']:.3f}")
+            at(r["iteration"], split_head(params, "value")[0])
+
+        hist = train_ppo(params, sh.reference, sh.mcfg, sh.prompt_ids_train, sh.prompts_train,
+                         gt_score if method == "PPO-GT" else rm_score, sh.tokenizer, pc, sh.backend,
+                         progress=on_iteration)
+        return {"ppo": pc.to_dict(), "last_iteration": hist[-1]}
+
+    def pft(self, method, knobs, pts, t0):
+        """Preferred-FT: the SFT loss on the chosen responses."""
+        sh = self.sh
+        policy = self.copy_ref()
+        self._optimize(policy, lambda p, idx: preferred_ft_step(p, sh.mcfg, self.pairs, idx, sh.pad, sh.backend),
+                       knobs["lr"], self.checkpointer(method, knobs, pts, t0, self.steps), "NLL")
+
+    def ul(self, method, knobs, pts, t0):
+        """Unlikelihood: likelihood of the chosen tokens, alpha x unlikelihood of the rejected ones."""
+        sh = self.sh
+
+        def step_fn(p, idx):
+            return unlikelihood_step(p, sh.mcfg, sh.batcher.pairs([self.pairs[i] for i in idx]), knobs["alpha"])
+
+        policy = self.copy_ref()
+        self._optimize(policy, step_fn, knobs["lr"], self.checkpointer(method, knobs, pts, t0, self.steps), "loss")
+
+    def bon(self, method, knobs, pts, t0):
+        """Best-of-N for every N of the grid: the reward model scores the shared candidates, and the
+        first N of each evaluated sample's candidates make its Best-of-N, on both prompt sets."""
+        sh = self.sh
+        ns = [s["N"] for s in sh.plan["methods"][method]["settings"]]
+        nmax = max(ns)
+        by_split = {split: (score_batch(self.rm, sh.mcfg, items, sh.pad, sh.backend).reshape(-1, nmax), gt, samples)
+                    for split, (samples, items, gt) in sh.bon_candidates(nmax).items()}  # scores (P * n_per, Nmax)
+        for n in ns:
+            res = {}
+            for split, (scores, gt, samples) in by_split.items():
+                pick = best_of_n_select(scores[:, :n])  # (P * n_per,)
+                r, r_se = mean_and_stderr(gt[np.arange(len(pick)), pick])
+                res[split] = {"reward_mean": r, "reward_se": r_se, "kl": best_of_n_kl(n), "kl_se": 0.0,
+                              "n_samples": len(pick), "example": samples.texts[int(pick[0])]}
+            pts.append({"setting": f"N={n}", "knobs": {"N": n}, "checkpoint": None, "fraction": None,
+                        **sh.point(res["val"], res["eval"]), "kl_note": "analytic: log N - (N - 1)/N",
+                        "labels": labels_used("bon", method, {"N": n}, None, sh.world, self.n_pairs, sh.grid)})
+        return {"n_max": nmax}
+
+
+def jobs_of(the_plan: dict, seeds: list[int]) -> list[tuple]:
+    """Every run, in order: (None, "SFT", {}) first, then each seed's runs, (seed, method, knobs);
+    Best-of-N is one run a seed (every N from one draw)."""
+    jobs = [(None, "SFT", {})] if "SFT" in the_plan["methods"] else []
+    for s in seeds:
+        for method, spec in the_plan["methods"].items():
+            if spec["kind"] == "bon":
+                ns = [x["N"] for x in spec["settings"]]
+                jobs.append((s, method, {"N": f"{min(ns)}..{max(ns)}"}))
+            elif spec["kind"] != "reference":
+                jobs.extend((s, method, k) for k in spec["settings"])
+    return jobs
+
+
+def record_path(records_dir: Path, seed, method: str, knobs: dict) -> Path:
+    name = f"{method}_{setting_name(knobs)}".replace(" ", "").replace(",", "_").replace("=", "")
+    return records_dir / ("" if seed is None else f"seed{seed}") / f"{name}.json"
+
+
+def flatten(rec: dict) -> list[dict]:
+    """A run's record as one entry per checkpoint (frontier.json's "runs")."""
+    out = []
+    for p in rec["points"]:
+        ck = p.get("checkpoint")
+        setting = p.get("setting") or (rec["setting"] if ck is None else f"{rec['setting']}, {rec['unit']}={ck}")
+        out.append({"method": rec["method"], "kind": rec["kind"], "setting": setting, "run_setting": rec["setting"],
+                    "knobs": p.get("knobs", rec["knobs"]), "seed": rec["seed"], "checkpoint": ck,
+                    "fraction": p.get("fraction"),
+                    **{k: v for k, v in p.items() if k not in ("setting", "knobs", "checkpoint", "fraction")},
+                    "wall_s": rec["wall_s"], "diverged": rec.get("diverged")})
+    return out
+
+
 def _run(args, out: Path) -> dict | None:
-    size = args.size
-    world = WORLDS[SIZES[size]["world"]]
-    grid = GRIDS[SIZES[size]["grid"]]
+    size, seeds = args.size, args.seed_list
+    world, grid = WORLDS[SIZES[size]["world"]], GRIDS[SIZES[size]["grid"]]
     the_plan = plan(size)
     backend = get_backend(args.device)
-    progress = not args.no_progress
-    seeds = args.seed_list
     log(f"sentiment frontier: size={size} device={backend.device} out={out} data seed {args.seed}, training seeds "
         f"{', '.join(map(str, seeds))}")
     cpu_path = None
@@ -578,7 +829,6 @@ def _run(args, out: Path) -> dict | None:
 
     # 1. corpus, tokenizer, SFT = pi_ref (shared by every seed) ---------------------------------
     corpus = sentiment.sft_corpus(world["n_reviews"], seed=args.seed)
-    reward_fn = sentiment.SentimentReward()
     tok_path = out / "tokenizer.json"
     if tok_path.exists():
         tokenizer = BPETokenizer.load(tok_path)
@@ -587,96 +837,56 @@ def _run(args, out: Path) -> dict | None:
         tokenizer.save(tok_path)
     mcfg = GPTConfig(vocab_size=tokenizer.vocab_size, n_ctx=world["n_ctx"], n_layer=world["n_layer"],
                      n_head=world["n_head"], n_embd=world["n_embd"])
-    pad = tokenizer.pad_id
-    batcher = Batcher(pad, backend=backend)  # the reward model's and Unlikelihood's batches: shared prompts, packed
     sft_items, _ = build_sft_dataset(corpus, tokenizer, max_length=mcfg.n_ctx)
     sft_tc = TrainConfig(steps=world["sft_steps"], batch_size=world["sft_batch"], lr=world["sft_lr"], warmup_steps=20,
                          schedule="cosine", weight_decay=0.01, seed=args.seed, log_every=20,
-                         eval_every=world["sft_steps"], save_every=max(world["sft_steps"] // 2, 1), progress=progress)
+                         eval_every=world["sft_steps"], save_every=max(world["sft_steps"] // 2, 1),
+                         progress=not args.no_progress)
     reference = init_params(mcfg, backend, seed=args.seed)
     log(f"[1/4] SFT: GPT-2 {mcfg.n_layer} layers x {mcfg.n_embd} channels ({num_params(reference):,} params), "
         f"{len(sft_items)} reviews, {sft_tc.steps} steps")
     t0 = time.perf_counter()
-    sft_res = train_sft(reference, mcfg, sft_items, pad, sft_tc, out / "sft", backend=backend)
-    if sft_res.stopped_early:
+    if train_sft(reference, mcfg, sft_items, tokenizer.pad_id, sft_tc, out / "sft", backend=backend).stopped_early:
         return None  # nothing is built from an unfinished pi_ref
     stage_s["sft"] = round(time.perf_counter() - t0, 1)
+    sh = Shared(args, world, grid, the_plan, backend, mcfg, tokenizer, reference, sentiment.SentimentReward())
     ref_fp = fingerprint(reference)
-    gen_kw = dict(max_new_tokens=world["max_new_tokens"], temperature=1.0, backend=backend)
 
-    # the prompts: training, validation (selects), evaluation (reports); fixed by the data seed
-    prompts_train = sentiment.make_prompts(world["n_train_prompts"], seed=args.seed + 1)
-    prompts_eval = sentiment.make_prompts(world["n_eval_prompts"], seed=args.seed + 2)
-    prompts_val = sentiment.make_prompts(world["n_val_prompts"], seed=args.seed + 3)
-    split_spec = {"val": (prompts_val, world["n_val_samples"], [args.seed, 6]),
-                  "eval": (prompts_eval, world["n_eval_samples"], [args.seed, 5])}
-    evaluation = {"val_prompts": len(prompts_val), "val_samples_per_prompt": world["n_val_samples"],
-                  "eval_prompts": len(prompts_eval), "eval_samples_per_prompt": world["n_eval_samples"],
-                  "max_new_tokens": world["max_new_tokens"]}
-
-    def evaluate(policy, split: str) -> dict:
-        prompts, n, rng_seed = split_spec[split]
-        samples = sample_continuations(policy, mcfg, tokenizer, prompts, n, rng=np.random.default_rng(rng_seed),
-                                       **gen_kw)
-        interrupt_hook("evaluation")
-        rewards = reward_fn([p + t for p, t in zip(samples.prompts, samples.texts)])
-        kls = kl_from_samples(policy, reference, mcfg, samples, pad, backend=backend)
-        r, r_se = mean_and_stderr(rewards)
-        k, k_se = mean_and_stderr(kls)
-        return {"reward_mean": r, "reward_se": r_se, "kl": k, "kl_se": k_se, "n_samples": len(rewards),
-                "example": samples.texts[0]}
-
-    def point(val: dict, ev: dict) -> dict:
-        """One checkpoint's numbers: evaluation prompts plain, validation prompts prefixed val_."""
-        return {**{k: ev[k] for k in ("reward_mean", "reward_se", "kl", "kl_se", "n_samples", "example")},
-                **{f"val_{k}": val[k] for k in ("reward_mean", "reward_se", "kl", "kl_se", "n_samples")}}
-
-    # the runs, with an ETA from the runs finished so far --------------------------------------
+    # 2-4. each seed's pairs and reward model, then its runs; one record a run --------------------
     records_dir = out / "records"
     records_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(None, "SFT", {})] if "SFT" in the_plan["methods"] else []
-    for s in seeds:
-        for method, spec in the_plan["methods"].items():
-            if spec["kind"] == "bon":  # one run a seed: every N from one draw of samples
-                ns = [x["N"] for x in spec["settings"]]
-                jobs.append((s, method, {"N": f"{min(ns)}..{max(ns)}"}))
-            elif spec["kind"] != "reference":
-                jobs.extend((s, method, k) for k in spec["settings"])
+    jobs = jobs_of(the_plan, seeds)
+    log(f"plan: {sum(j[0] is not None for j in jobs) // max(len(seeds), 1)} runs a seed x {len(seeds)} seeds + SFT; "
+        "points a seed: " + ", ".join(f"{m} {g['points_per_seed']}" for m, g in grid_table(size).items()
+                                      if m != "SFT"))
     walls: dict = {}  # method -> wall times of its runs (finished before or now)
-    state = {"done": 0, "ran": 0, "ran_s": 0.0}
+    state = {"ran": 0, "ran_s": 0.0}
+    runs: list = []  # flat: one entry per (run, checkpoint)
+    failed: list = []
+    world_info: dict = {}
 
     def eta(remaining: list) -> str:
         """The time the runs left will take: each at the mean wall time of its method's runs so far
         (of all trained methods' runs, for a method not run yet); a run whose record is on disk
         counts 0. SFT's evaluation alone says nothing of a training run's time."""
         allw = [w for m, ws in walls.items() if m != "SFT" for w in ws]
-        todo = [(s, m, kn) for s, m, kn in remaining if not record_path(s, m, kn).exists()
+        todo = [(s, m) for s, m, kn in remaining if not record_path(records_dir, s, m, kn).exists()
                 and not (args.only and m not in args.only)]
         if not todo:
             return "nothing left to run"
         if not allw:
             return f"{len(todo)} runs left"
         mean_all = float(np.mean(allw))
-        left = sum(float(np.mean(walls[m])) if walls.get(m) else mean_all for _, m, _ in todo)
+        left = sum(float(np.mean(walls[m])) if walls.get(m) else mean_all for _, m in todo)
         return f"ETA {duration(left)} for {len(todo)} runs left"
 
-    n_seed_runs = sum(1 for j in jobs if j[0] is not None)
-    log(f"plan: {n_seed_runs // max(len(seeds), 1)} runs a seed x {len(seeds)} seeds"
-        + (" + SFT" if jobs and jobs[0][1] == "SFT" else "") + "; points a seed: "
-        + ", ".join(f"{m} {g['points_per_seed']}" for m, g in grid_table(size).items() if m != "SFT"))
-    runs: list = []  # flat: one entry per (run, checkpoint)
-    failed: list = []
-    world_info: dict = {}
-
-    def record_path(seed, method, knobs):
-        name = f"{method}_{setting_name(knobs)}".replace(" ", "").replace(",", "_").replace("=", "")
-        return records_dir / ("" if seed is None else f"seed{seed}") / f"{name}.json"
-
-    def do_job(k: int, seed, method: str, knobs: dict, made_from: dict, fn) -> None:
+    def do_job(k: int, made_from: dict, fn) -> None:
+        """Run job k (or find its record), keep its points, log its result and the ETA."""
+        seed, method, knobs = jobs[k]
         spec = the_plan["methods"][method]
-        path = record_path(seed, method, knobs)
+        path = record_path(records_dir, seed, method, knobs)
         want = {"method": method, "knobs": knobs, "seed": seed, "checkpoints": spec["checkpoints"],
-                "constants": run_constants(spec["kind"], world, grid), "evaluation": evaluation}
+                "constants": run_constants(spec["kind"], world, grid), "evaluation": sh.evaluation}
         rec = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
         label = f"{method} {setting_name(knobs) if knobs else ''}".strip() + ("" if seed is None else f" seed {seed}")
         if rec is not None and rec.get("made_from") == made_from and rec.get("spec") == want:
@@ -689,8 +899,7 @@ def _run(args, out: Path) -> dict | None:
             t0 = time.perf_counter()
             pts: list = []
             try:
-                extra = fn(knobs, pts, t0) or {}
-                diverged = None
+                extra, diverged = fn(method, knobs, pts, t0), None
             except (FloatingPointError, NonFiniteError) as err:  # a diverged setting: its checkpoints so far count
                 extra, diverged = {}, str(err)
                 log(f"    diverged: {err}")
@@ -709,225 +918,42 @@ def _run(args, out: Path) -> dict | None:
             state["ran"] += 1
             state["ran_s"] += rec["wall_s"]
         walls.setdefault(method, []).append(rec["wall_s"])
-        for p in rec["points"]:
-            ck = p.get("checkpoint")
-            run_setting = rec["setting"]
-            setting = p.get("setting") or (run_setting if ck is None else f"{run_setting}, {rec['unit']}={ck}")
-            runs.append({"method": method, "kind": rec["kind"], "setting": setting, "run_setting": run_setting,
-                         "knobs": p.get("knobs", rec["knobs"]), "seed": seed, "checkpoint": ck,
-                         "fraction": p.get("fraction"), **{k: v for k, v in p.items() if k not in (
-                             "setting", "knobs", "checkpoint", "fraction")},
-                         "wall_s": rec["wall_s"], "diverged": rec.get("diverged")})
+        runs.extend(flatten(rec))
         last = rec["points"][-1] if rec["points"] else None
         shown = (f"reward {last['reward_mean']:+.3f} ± {last['reward_se']:.3f}, KL {last['kl']:.3f} ± "
                  f"{last['kl_se']:.3f} (val {last['val_reward_mean']:+.3f} at KL {last['val_kl']:.3f})"
                  if last else "no checkpoint reached")
-        state["done"] = k + 1
         log(f"    {label}: {shown}  ({seconds(rec['wall_s'])} s); {eta(jobs[k + 1:])}")
 
-    # SFT: pi_ref's own point (no training seed changes it)
+    def run_sft(method, knobs, pts, t0):  # pi_ref's own point (no training seed changes it)
+        pts.append({"checkpoint": None, "fraction": None,
+                    **sh.point(sh.evaluate(reference, "val"), sh.evaluate(reference, "eval")),
+                    "labels": labels_used("reference", "SFT", {}, None, world, 0, grid)})
+
     k = 0
     if jobs and jobs[0][1] == "SFT":
-        def run_sft(knobs, pts, t0):
-            pts.append({"checkpoint": None, "fraction": None, **point(evaluate(reference, "val"),
-                                                                      evaluate(reference, "eval")),
-                        "labels": labels_used("reference", "SFT", {}, None, world, 0, grid)})
-        do_job(0, None, "SFT", {}, {"reference": ref_fp}, run_sft)
+        do_job(0, {"reference": ref_fp}, run_sft)
         k = 1
-
-    bon_cache: dict = {}
-
-    def bon_candidates(nmax: int) -> dict:
-        """{split: (samples, their TokenizedSFT items, ground-truth rewards (P * n_per, nmax))}: Best-of-N's
-        candidates, max(N) samples of pi_ref per evaluated sample, drawn once for every seed."""
-        if nmax not in bon_cache:
-            out = {}
-            for split, (prompts, n_per, rng_seed) in split_spec.items():
-                samples = sample_continuations(reference, mcfg, tokenizer, prompts, n_per * nmax,
-                                               rng=np.random.default_rng([*rng_seed, 9]), **gen_kw)
-                interrupt_hook("evaluation")
-                items = [TokenizedSFT(prompt_ids=list(p), response_ids=list(y))
-                         for p, y in zip(samples.prompt_ids, samples.ids)]
-                gt = np.asarray(reward_fn([p + t for p, t in zip(samples.prompts, samples.texts)]),
-                                dtype=np.float64).reshape(-1, nmax)
-                out[split] = (samples, items, gt)
-            bon_cache[nmax] = out
-        return bon_cache[nmax]
-
-    prompt_ids_train = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts_train]
     for seed in seeds:
         t_world = time.perf_counter()
         wdir = out / f"seed{seed}"
         made_from = {"reference": ref_fp, "train_seed": seed}
-        raw_pairs, pair_sets = build_pairs(wdir, seed, made_from, reference, mcfg, tokenizer, reward_fn,
-                                           {"train": prompts_train, "eval": prompts_eval}, gen_kw)
-        train_pairs = pair_sets["train"]
+        raw_pairs, pair_sets = build_pairs(wdir, seed, made_from, reference, mcfg, tokenizer, sh.reward_fn,
+                                           {"train": sh.prompts_train, "eval": sh.prompts_eval}, sh.gen_kw)
         made_from = dict(made_from, pairs=fingerprint(raw_pairs))
-        rm, rm_eval = build_reward_model(wdir, seed, made_from, reference, mcfg, tokenizer, world, batcher,
+        rm, rm_eval = build_reward_model(wdir, seed, made_from, reference, mcfg, tokenizer, world, sh.batcher,
                                          raw_pairs, pair_sets, backend)
         made_from = dict(made_from, reward_model=fingerprint(rm))
         world_info[str(seed)] = {"pairs": {s: len(v) for s, v in pair_sets.items()}, "reward_model": rm_eval,
                                  "wall_s": round(time.perf_counter() - t_world, 1)}
-        n_pairs = len(train_pairs)
-        ref_cache: dict = {}
-
-        def ref_logps(bt):  # pi_ref's log-probs of the pairs, once per log-prob rule
-            key = bt.average
-            if key not in ref_cache:
-                c, r = batched_sequence_logps(reference, mcfg, train_pairs, bt, 32)
-                ref_cache[key] = (backend.asarray(c, dtype=c.dtype), backend.asarray(r, dtype=r.dtype))
-            return ref_cache[key]
-
-        def copy_ref():
-            return {k: v.copy() for k, v in reference.items()}
-
-        def rm_score(prompts, texts, items, rm=rm):
-            return score_batch(rm, mcfg, items, pad, backend)
-
-        def gt_score(prompts, texts, items):
-            return reward_fn.score(prompts, texts)
-
-        def checkpointer(method, knobs, pts, t0, unit_total):
-            """The callback a run calls after each step (iteration, round): at a checkpoint, both
-            evaluations and the labels used so far."""
-            spec = the_plan["methods"][method]
-
-            def at(length, policy):
-                if length not in spec["checkpoints"]:
-                    return
-                p = point(evaluate(policy, "val"), evaluate(policy, "eval"))
-                pts.append({"checkpoint": length, "fraction": length / unit_total, **p,
-                            "labels": labels_used(spec["kind"], method, knobs, length, world, n_pairs, grid),
-                            "checkpoint_s": round(time.perf_counter() - t0, 1)})
-                log(f"      {spec['unit']}={length}: reward {p['reward_mean']:+.3f}, KL {p['kl']:.3f} "
-                    f"(val {p['val_reward_mean']:+.3f} at KL {p['val_kl']:.3f})")
-                interrupt_hook(f"checkpoint:{method}:seed{seed}")  # tests: a Ctrl-C between a run's checkpoints
-            return at
-
-        B, steps = world["batch"], grid["steps"]
-        every = math.gcd(*checkpoint_lengths(steps, grid["fractions"]))
-
-        def run_loss(method):
-            def fn(knobs, pts, t0):
-                opts = {k: v for k, v in knobs.items() if k not in ("loss", "beta", "lr")}
-                tc = TrainConfig(steps=steps, batch_size=B, lr=knobs["lr"], beta=knobs["beta"], loss_type=knobs["loss"],
-                                 loss_options=opts, grad_clip=1.0, seed=seed, progress=False)
-                bt = batcher_for(tc, pad, backend)
-                ref_c, ref_r = ref_logps(bt)
-                policy = copy_ref()
-                at = checkpointer(method, knobs, pts, t0, steps)
-
-                def step_fn(p, idx):
-                    didx = backend.asarray(idx)
-                    loss, _, grads = dpo_step(p, mcfg, bt.pairs([train_pairs[i] for i in idx]), ref_c[didx],
-                                              ref_r[didx], tc)
-                    return loss, grads
-
-                optimize(policy, n_pairs, step_fn, steps, B, knobs["lr"], seed=seed, warmup_steps=10,
-                         on_log=lambda s, l: (log(f"    step {s}/{steps}: loss {l:.4f}"), at(s, policy)),
-                         log_every=every)
-            return fn
-
-        def run_online(knobs, pts, t0):
-            rounds = grid["online"]["rounds"]
-            policy = copy_ref()
-            label_rng = np.random.default_rng([seed, 7])
-            tc = TrainConfig(steps=steps, batch_size=B, lr=knobs["lr"], beta=knobs["beta"], grad_clip=1.0,
-                             progress=False)
-            at = checkpointer("Online DPO", knobs, pts, t0, rounds)
-
-            def sample_fn(params, prompts, n):
-                s = sample_continuations(params, mcfg, tokenizer, prompts, n, rng=label_rng, **gen_kw)
-                return [s.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
-
-            def label_fn(prompts, sample):
-                return sentiment.build_preference_pairs(prompts, sample, reward_fn, n_samples=2, mode="argmax",
-                                                        rng=label_rng)
-
-            def on_round(r):
-                log(f"    round {r['round']}/{rounds}: {r['pairs']} fresh pairs, mean sampled reward "
-                    f"{r['mean_sample_reward']:+.3f}, DPO loss {r.get('dpo_loss') or float('nan'):.4f}")
-                at(r["round"], policy)
-
-            hist = online_dpo(policy, reference, mcfg, tokenizer, prompts_train, sample_fn, label_fn, tc,
-                              rounds=rounds, prompts_per_round=len(prompts_train) // rounds,
-                              steps_per_round=steps // rounds, backend=backend, seed=seed, on_round=on_round)
-            for p in pts:  # the pairs the rounds made so far
-                p["labels"]["pairs"] = sum(h["pairs"] for h in hist[: p["checkpoint"]])
-            return {"rounds": hist}
-
-        def run_ppo(method):
-            def fn(knobs, pts, t0):
-                params = add_value_head(copy_ref(), mcfg)
-                g = grid["ppo"]
-                pc = PPOConfig(kl_coef=knobs["beta_KL"], lr=knobs["lr"], iterations=g["iterations"],
-                               rollout_batch=g["rollout"], minibatch=B, epochs=g["epochs"],
-                               max_new_tokens=world["max_new_tokens"], seed=seed)
-                at = checkpointer(method, knobs, pts, t0, pc.iterations)
-
-                def on_iteration(r):
-                    if r["iteration"] in the_plan["methods"][method]["checkpoints"]:
-                        log(f"    iteration {r['iteration']}/{pc.iterations}: score {r['score']:+.3f}, "
-                            f"rollout KL {r['kl']:.3f}, clipfrac {r['clipfrac']:.3f}")
-                    at(r["iteration"], split_head(params, "value")[0])
-
-                hist = train_ppo(params, reference, mcfg, prompt_ids_train, prompts_train,
-                                 gt_score if method == "PPO-GT" else rm_score, tokenizer, pc, backend,
-                                 progress=on_iteration)
-                return {"ppo": pc.to_dict(), "last_iteration": hist[-1]}
-            return fn
-
-        def run_pft(knobs, pts, t0):
-            policy = copy_ref()
-            at = checkpointer("Preferred-FT", knobs, pts, t0, steps)
-            optimize(policy, n_pairs, lambda p, idx: preferred_ft_step(p, mcfg, train_pairs, idx, pad, backend),
-                     steps, B, knobs["lr"], seed=seed, warmup_steps=10,
-                     on_log=lambda s, l: (log(f"    step {s}/{steps}: NLL {l:.4f}"), at(s, policy)), log_every=every)
-
-        def run_ul(knobs, pts, t0):
-            policy = copy_ref()
-            at = checkpointer("Unlikelihood", knobs, pts, t0, steps)
-
-            def step_fn(p, idx):
-                return unlikelihood_step(p, mcfg, batcher.pairs([train_pairs[i] for i in idx]), knobs["alpha"])
-
-            optimize(policy, n_pairs, step_fn, steps, B, knobs["lr"], seed=seed, warmup_steps=10,
-                     on_log=lambda s, l: (log(f"    step {s}/{steps}: loss {l:.4f}"), at(s, policy)), log_every=every)
-
-        def run_bon(knobs, pts, t0):
-            """Best-of-N for every N of the grid from one draw of max(N) samples of pi_ref per evaluated
-            sample (the first N of them make Best-of-N), on validation and evaluation prompts alike.
-            The draw is pi_ref's, from the data seed's stream like every evaluation: the training seed
-            changes the reward model that picks."""
-            ns = [s["N"] for s in the_plan["methods"]["Best-of-N"]["settings"]]
-            nmax = max(ns)
-            by_split = {}
-            for split, (samples, items, gt) in bon_candidates(nmax).items():
-                scores = score_batch(rm, mcfg, items, pad, backend).reshape(-1, nmax)  # (P * n_per, Nmax)
-                by_split[split] = (scores, gt, samples)
-            for n in ns:
-                res = {}
-                for split, (scores, gt, samples) in by_split.items():
-                    pick = best_of_n_select(scores[:, :n])  # (P * n_per,)
-                    r, r_se = mean_and_stderr(gt[np.arange(len(pick)), pick])
-                    res[split] = {"reward_mean": r, "reward_se": r_se, "kl": best_of_n_kl(n), "kl_se": 0.0,
-                                  "n_samples": len(pick), "example": samples.texts[int(pick[0])]}
-                pts.append({"setting": f"N={n}", "knobs": {"N": n}, "checkpoint": None, "fraction": None,
-                            **point(res["val"], res["eval"]), "kl_note": "analytic: log N - (N - 1)/N",
-                            "labels": labels_used("bon", "Best-of-N", {"N": n}, None, world, n_pairs, grid)})
-            return {"n_max": nmax}
-
-        runners = {"online": lambda m: run_online, "ppo": run_ppo, "pft": lambda m: run_pft, "ul": lambda m: run_ul,
-                   "bon": lambda m: run_bon, "loss": run_loss}
+        seed_runs = SeedRuns(sh, seed, pair_sets["train"], rm)
         while k < len(jobs) and jobs[k][0] == seed:
-            _, method, knobs = jobs[k]
-            kind = the_plan["methods"][method]["kind"]
-            do_job(k, seed, method, knobs, made_from, runners[kind](method))
+            do_job(k, made_from, seed_runs.run)
             k += 1
 
     # 5. seeds averaged, frontiers chosen on validation, the read-out ---------------------------
     summary = summarize(runs, args, size, the_plan, grid, world, world_info, stage_s, failed, backend, mcfg,
-                        reference, evaluation, cpu_path, len(prompts_val), prompts_val, prompts_eval)
+                        reference, sh.evaluation, cpu_path, sh.prompts_val, sh.prompts_eval)
     write_json(out / "frontier.json", summary)
     (out / "frontier.md").write_text(markdown_table(summary), encoding="utf-8")
     figure_module().draw(summary, out / "frontier.png")
@@ -938,7 +964,7 @@ def _run(args, out: Path) -> dict | None:
         log(describe(c))
     if summary["matched_budget"]:
         mb = summary["matched_budget"]
-        log(f"matched budget ({mb['gt_scores']} ground-truth scores each):")
+        log(f"matched budget (at most {mb['gt_scores']} ground-truth scores each):")
         for c in mb["comparisons"]:
             log("  " + describe(c))
     log(f"{state['ran']} runs this time ({duration(state['ran_s'])}); all runs {duration(summary['total_wall_s'])}; "
@@ -1025,7 +1051,7 @@ def build_reward_model(wdir: Path, seed: int, made_from: dict, reference, mcfg, 
 
 
 def summarize(runs, args, size, the_plan, grid, world, world_info, stage_s, failed, backend, mcfg, reference,
-              evaluation, cpu_path, n_val, prompts_val, prompts_eval) -> dict:
+              evaluation, cpu_path, prompts_val, prompts_eval) -> dict:
     """frontier.json: what ran, every run and checkpoint, the seed averages, the frontiers chosen on
     validation, the comparisons, the matched-budget comparison, the grids and the budgets."""
     points = aggregate(runs)
@@ -1047,7 +1073,7 @@ def summarize(runs, args, size, the_plan, grid, world, world_info, stage_s, fail
                                        "shared",
         "model": mcfg.to_dict(), "n_params": num_params(reference), "world": world,
         "evaluation": dict(evaluation, train_prompts=world["n_train_prompts"],
-                           val_prompts_also_in_eval=sum(p in eval_set for p in prompts_val) / max(n_val, 1)),
+                           val_prompts_also_in_eval=sum(p in eval_set for p in prompts_val) / max(len(prompts_val), 1)),
         "selection": "each method's frontier: its points (setting x checkpoint, averaged over the seeds) that no "
                      "other of its points beats in VALIDATION reward at no more validation KL; the reported numbers "
                      "are those points' EVALUATION-prompt numbers; reward_se and kl_se are standard errors over the "
