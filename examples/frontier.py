@@ -899,7 +899,7 @@ def _run(args, out: Path) -> dict | None:
             t0 = time.perf_counter()
             pts: list = []
             try:
-                extra, diverged = fn(method, knobs, pts, t0), None
+                extra, diverged = fn(method, knobs, pts, t0) or {}, None
             except (FloatingPointError, NonFiniteError) as err:  # a diverged setting: its checkpoints so far count
                 extra, diverged = {}, str(err)
                 log(f"    diverged: {err}")

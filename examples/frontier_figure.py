@@ -76,6 +76,7 @@ def draw(summary: dict, out_png: str | Path, bars: str = "se") -> Path:
             def err(p, what):
                 return p[f"{what}_seed_std"] if bars == "std" and p["n_seeds"] > 1 else p[f"{what}_se"]
 
+            pts = sorted(pts, key=lambda p: p["kl"])  # chosen on validation, drawn at evaluation KL
             ax.errorbar([p["kl"] for p in pts], [p["reward_mean"] for p in pts],
                         xerr=[err(p, "kl") for p in pts], yerr=[err(p, "reward") for p in pts],
                         fmt=marker + "-", color=colour, ms=7, capsize=2, lw=1.3, alpha=0.9, label=m)
