@@ -4,6 +4,7 @@
     python examples/train_tiny.py --quick              # about 30 s: the pipeline end to end
     python examples/train_tiny.py --device cuda        # the same on a GPU (pip install 'minidpo[cuda12]')
     python examples/train_tiny.py --betas 0.05,0.1,0.5 # the reward-vs-KL frontier (Fig. 2, left)
+    python examples/train_tiny.py --seeds 0,1,2        # the job once per training seed: mean and spread
     mpiexec -n 2 python examples/train_tiny.py         # SFT and DPO data-parallel on 2 processes
 
 What happens, as in the paper:
@@ -28,6 +29,19 @@ after the interrupted stage runs. Each stage records what it was built from (the
 fingerprint for the pairs; reference and data fingerprints for DPO) and is rebuilt when that
 differs. Other options on an existing --out stop with the differences named (use another
 --out, or --overwrite); more --dpo-steps extend the DPO runs, a new beta adds a dpo_beta* folder.
+
+Two seeds. --seed (the data seed) draws the corpus (hence the tokenizer), the training and
+held-out prompts and the evaluation's sampling stream. --train-seed (default: --seed) draws
+everything training does: the model's initialisation, the SFT and DPO batch orders and the
+continuations sampled from pi_ref to make the pairs. --seeds 0,1,2 runs the job once per training
+seed, the data seed fixed, in <out>/train_seed<S>/ (each an ordinary run folder: it resumes, and
+the one whose training seed equals --seed is the plain run, bit for bit), then writes
+<out>/summary.json with each figure's mean, sample standard deviation and min-max over the seeds
+beside the default seed's value. Why the data stay fixed: another CPU or BLAS rounds the last bits
+differently, which changes every trained model and everything sampled from one, but not the corpus
+or the prompts; the spread over training seeds is the yardstick for such a re-run, and the
+held-out prompts (and the evaluation's sampling stream) being the same, it is the spread of
+training, not of the evaluation set (that is the standard error beside each mean).
 
 Under mpiexec every rank computes the same corpus, tokenizer, pairs and samples (same seeds), SFT
 and DPO split each batch over the ranks, and rank 0 alone prints and writes --out; an error on
@@ -73,7 +87,7 @@ PRESETS = {
 # options that change what the run computes, recorded in --out/run.json; a re-run with other
 # values stops (new --out, or --overwrite). --dpo-steps may grow (DPO's constant schedule resumes),
 # and each --beta/--betas value is its own dpo_beta*/ folder, so neither is in this list.
-RESULT_OPTIONS = ("quick", "seed", "loss", "label_smoothing", "pair_mode", "bt_temperature", "n_samples", "sft_steps")
+RESULT_OPTIONS = ("quick", "seed", "train_seed", "loss", "label_smoothing", "pair_mode", "bt_temperature", "n_samples", "sft_steps")
 # what this script writes in --out (fnmatch patterns): all that --overwrite removes
 OUTPUTS = ("sft", "dpo_beta*", "tokenizer.json", "tokenizer_config.json", "pairs_train.jsonl", "pairs_eval.jsonl",
            "pairs.json", "summary.json", "training_curves.png", "reward_vs_kl.png")
@@ -89,7 +103,14 @@ def parse_args(argv=None):
                         "e.g. runs/tiny-quick); re-use it to resume")
     p.add_argument("--overwrite", action="store_true", help="discard a run with other options already in --out")
     p.add_argument("--quick", action="store_true", help="a smaller run (about 30 s on 2 CPU cores)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the corpus, the model, the batches and the sampling")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the data seed: the corpus, the tokenizer, the prompts and the evaluation's sampling")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="the training seed: the model's initialisation, the SFT and DPO batch orders and the "
+                        "sampling of the pairs (default: --seed)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated training seeds, e.g. 0,1,2: the job once per seed (data seed fixed), "
+                        "then each figure's mean and spread over them")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's KL strength beta (eq. 7); small = further from pi_ref")
     p.add_argument("--betas", default=None, help="comma-separated betas for a sweep, e.g. 0.05,0.1,0.5 (first is the main run)")
     p.add_argument("--loss", default="sigmoid", choices=list(LOSS_TABLE),
@@ -110,7 +131,8 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("--zero1", action="store_true", help="under mpiexec: shard the AdamW moments across the ranks")
     args = p.parse_args(argv)
-    for name, lo in (("n_samples", 2), ("sft_steps", 1), ("dpo_steps", 1), ("threads", 0), ("seed", 0)):
+    for name, lo in (("n_samples", 2), ("sft_steps", 1), ("dpo_steps", 1), ("threads", 0), ("seed", 0),
+                     ("train_seed", 0)):
         v = getattr(args, name)
         if v is not None and v < lo:
             p.error(f"argument --{name.replace('_', '-')}: must be >= {lo}, got {v}")
@@ -125,6 +147,18 @@ def parse_args(argv=None):
         p.error(f"--betas: expected numbers separated by commas, got {args.betas!r}")
     if not all(b > 0 for b in args.beta_list):
         p.error("every beta must be > 0")
+    if args.train_seed == args.seed:
+        args.train_seed = None  # the default: one run, one name, one run.json
+    args.seed_list = None
+    if args.seeds is not None:
+        try:
+            args.seed_list = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            p.error(f"argument --seeds: expected integers separated by commas, got {args.seeds!r}")
+        if not args.seed_list or min(args.seed_list) < 0 or len(set(args.seed_list)) != len(args.seed_list):
+            p.error(f"argument --seeds: expected distinct integers >= 0, got {args.seeds!r}")
+        if args.train_seed is not None:
+            p.error("argument --seeds: not with --train-seed (--seeds runs each training seed)")
     if args.out is None:
         args.out = default_out(args, p)
     return args
@@ -141,7 +175,15 @@ def default_out(args, parser) -> str:
                 parts.append(name)
             else:
                 parts.append(f"{name.replace('_', '')}{v:g}" if isinstance(v, float) else f"{name.replace('_', '')}{v}")
+    if args.seeds is not None:
+        parts.append("seeds")
     return str(Path("runs") / "-".join(parts))
+
+
+def training_seed(args) -> int:
+    """The seed of everything training draws (init, batch orders, the pairs' sampling): --train-seed,
+    or --seed when it is not given."""
+    return args.seed if args.train_seed is None else args.train_seed
 
 
 _RANK = 0  # under mpiexec, rank 0 alone prints and writes
@@ -159,10 +201,11 @@ def main(argv=None) -> dict | None:
     from minidpo import runtime
 
     runtime.cpu_defaults()  # NumPy's hugepage advice off, freed memory kept for reuse (minidpo/runtime.py)
+    go = run_seeds if args.seed_list is not None else run
     if args.threads > 0:
         with runtime.use_threads(args.threads):  # the fast path's pool threads, the BLAS on one each
-            return run(args)
-    return run(args)
+            return go(args)
+    return go(args)
 
 
 def cpu_path_of(backend) -> str | None:
@@ -181,7 +224,7 @@ def build_pairs(out: Path, args, cfg, reference, mcfg, tokenizer, reward_fn, pro
     rebuilt, so a re-run never reuses pairs of another or a half-trained pi_ref. Under mpiexec
     rank 0 decides and writes; every rank samples the same pairs (same model, same seeds)."""
     made_from = {"reference": fingerprint(reference), "pair_mode": args.pair_mode,
-                 "bt_temperature": args.bt_temperature, "n_samples": cfg["n_samples"], "seed": args.seed,
+                 "bt_temperature": args.bt_temperature, "n_samples": cfg["n_samples"], "seed": training_seed(args),
                  "max_new_tokens": cfg["max_new_tokens"]}
     meta = out / "pairs.json"
     paths = {split: out / f"pairs_{split}.jsonl" for split in prompts_by_split}
@@ -198,7 +241,7 @@ def build_pairs(out: Path, args, cfg, reference, mcfg, tokenizer, reward_fn, pro
     if distributed.on_rank0(comm, reusable):
         return {split: [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
                 for split, path in paths.items()}
-    rng = np.random.default_rng([args.seed, 4])
+    rng = np.random.default_rng([training_seed(args), 4])
 
     def sample_fn(prompts, n):
         s = sample_continuations(reference, mcfg, tokenizer, prompts, n, rng=rng, progress=progress_name,
@@ -247,9 +290,11 @@ def run(args) -> dict | None:
 
 def _run(args, cfg, betas, out, backend, comm) -> dict | None:
     t_start = time.perf_counter()
+    train_seed = training_seed(args)
     timings = {}
     show = not args.no_progress and comm.rank == 0  # progress bars: rank 0's
-    log(f"minidpo controlled-sentiment run: device={backend.device} out={out} preset={'quick' if args.quick else 'default'}")
+    log(f"minidpo controlled-sentiment run: device={backend.device} out={out} preset={'quick' if args.quick else 'default'} "
+        f"data seed {args.seed}, training seed {train_seed}")
     if backend.device == "cpu":
         log(f"  cpu path: {cpu_path_of(backend)}")
 
@@ -281,15 +326,15 @@ def _run(args, cfg, betas, out, backend, comm) -> dict | None:
     sft_items, _ = build_sft_dataset(corpus, tokenizer, max_length=mcfg.n_ctx)
     sft_train, sft_eval = sft_items[n_eval_sft:], sft_items[:n_eval_sft]
     sft_tc = TrainConfig(steps=cfg["sft_steps"], batch_size=cfg["sft_batch"], lr=cfg["sft_lr"], warmup_steps=20,
-                         schedule="cosine", weight_decay=0.01, seed=args.seed, log_every=20,
+                         schedule="cosine", weight_decay=0.01, seed=train_seed, log_every=20,
                          eval_every=max(cfg["sft_steps"] // 4, 1), save_every=200, progress=show)
-    reference = init_params(mcfg, backend, seed=args.seed)
+    reference = init_params(mcfg, backend, seed=train_seed)
     log(f"[2/5] SFT of a GPT-2 ({mcfg.n_layer} layers, {mcfg.n_embd} channels, {num_params(reference):,} params) "
         f"on {len(sft_train)} reviews for {sft_tc.steps} steps")
     t0 = time.perf_counter()
     tok_id = {"tokenizer": tokenizer_fingerprint(tokenizer)}  # checked when a stage's model is loaded (cli.load_model)
     res = train_sft(reference, mcfg, sft_train, tokenizer.pad_id, sft_tc, out / "sft", backend=backend,
-                    eval_items=sft_eval, inputs={"start": f"random init, seed {args.seed}", **tok_id}, stale="rebuild",
+                    eval_items=sft_eval, inputs={"start": f"random init, seed {train_seed}", **tok_id}, stale="rebuild",
                     comm=comm)
     if res.stopped_early:
         return None
@@ -319,7 +364,7 @@ def _run(args, cfg, betas, out, backend, comm) -> dict | None:
     for beta in betas:
         run_dir = out / f"dpo_beta{beta:g}"
         tc = TrainConfig(steps=cfg["dpo_steps"], batch_size=cfg["dpo_batch"], lr=cfg["dpo_lr"], warmup_steps=10,
-                         schedule="constant", seed=args.seed, log_every=10, eval_every=max(cfg["dpo_steps"] // 5, 1),
+                         schedule="constant", seed=train_seed, log_every=10, eval_every=max(cfg["dpo_steps"] // 5, 1),
                          save_every=100, beta=beta, loss_type=args.loss,
                          loss_options={"label_smoothing": args.label_smoothing} if args.label_smoothing else {},
                          progress=show)
@@ -335,7 +380,7 @@ def _run(args, cfg, betas, out, backend, comm) -> dict | None:
 
     # 5. evaluation on held-out prompts: SFT, then each DPO policy ------------------------------
     t0 = time.perf_counter()
-    eval_rng_seed = [args.seed, 5]
+    eval_rng_seed = [args.seed, 5]  # the data seed's: every training seed is evaluated on the same samples' stream
     log(f"[5/5] held-out evaluation of SFT (pi_ref): {len(prompts_eval) * 2} samples")
     sft_samples = sample_continuations(reference, mcfg, tokenizer, prompts_eval, 2,
                                        rng=np.random.default_rng(eval_rng_seed),
@@ -344,7 +389,8 @@ def _run(args, cfg, betas, out, backend, comm) -> dict | None:
     sft_rewards = reward_fn([p + t for p, t in zip(sft_samples.prompts, sft_samples.texts)])
     sft_mean, sft_se = mean_and_stderr(sft_rewards)
     summary = {"device": backend.device, "preset": "quick" if args.quick else "default", "model": mcfg.to_dict(),
-               "cpu_path": cpu_path_of(backend),
+               "cpu_path": cpu_path_of(backend), "data_seed": args.seed, "train_seed": train_seed,
+               "ran": what_ran(args),
                "n_params": num_params(reference), "pair_mode": args.pair_mode, "loss": args.loss,
                "n_pairs": {k: len(v) for k, v in pair_sets.items()},
                "sft": {"reward_mean": sft_mean, "reward_se": sft_se, "n_samples": len(sft_rewards)}}
@@ -392,6 +438,137 @@ def _run(args, cfg, betas, out, backend, comm) -> dict | None:
     tmp.replace(out / "summary.json")
     print_report(summary)
     return summary
+
+
+def what_ran(args) -> dict:
+    """The options that made the figures and the software and machine that computed them (beside
+    summary.json's "cpu_path"): what a reader needs to reproduce the run or to see why its last
+    digits differ."""
+    import platform
+
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    try:
+        import numba
+
+        versions["numba"] = numba.__version__
+    except ImportError:
+        versions["numba"] = None
+    options = {k: getattr(args, k) for k in RESULT_OPTIONS}
+    options.update(train_seed=training_seed(args), betas=args.beta_list, dpo_steps=args.dpo_steps)
+    return {"options": options, "versions": versions, "machine": machine()}
+
+
+def machine() -> str:
+    """The CPU model and its logical core count."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical cores"
+
+
+# ---------------------------------------------------------------------------------------------
+# --seeds: the job once per training seed, each figure's mean and spread
+# ---------------------------------------------------------------------------------------------
+
+
+def figures_of(summary: dict) -> dict:
+    """The figures of the main job's table, by name: the SFT reward, then for each beta the DPO
+    reward, KL and held-out implicit-reward accuracy."""
+    out = {"SFT reward": summary["sft"]["reward_mean"]}
+    for r in summary["sweep"]:
+        b = format(r["beta"], "g")
+        out[f"DPO beta={b} reward"] = r["reward_mean"]
+        out[f"DPO beta={b} KL"] = r["kl"]
+        out[f"DPO beta={b} accuracy"] = r["accuracy"]
+    return out
+
+
+def spread(values) -> dict:
+    """n, mean, sample standard deviation (ddof 1; None for one value), min and max of a figure
+    over seeds, and the values themselves."""
+    v = np.asarray(values, dtype=np.float64)
+    std = float(v.std(ddof=1)) if len(v) > 1 else None
+    return {"n": int(len(v)), "mean": float(v.mean()), "std": std, "min": float(v.min()), "max": float(v.max()),
+            "values": [float(x) for x in v]}
+
+
+def seed_spread(summaries: dict, default_seed: int | None) -> dict:
+    """{figure: spread over the seeds, plus "default": the default seed's value (None if that seed
+    did not run)}, from {training seed: summary}. Every summary must hold the same figures."""
+    per_seed = {s: figures_of(x) for s, x in summaries.items()}
+    names = list(next(iter(per_seed.values())))
+    for s, f in per_seed.items():
+        if list(f) != names:
+            raise ValueError(f"training seed {s} has the figures {list(f)}, the others {names}")
+    out = {}
+    for name in names:
+        out[name] = spread([per_seed[s][name] for s in summaries])
+        out[name]["default"] = per_seed[default_seed][name] if default_seed in per_seed else None
+    return out
+
+
+def run_seeds(args) -> dict | None:
+    """The job once per training seed in --out/train_seed<S>/ (the data seed fixed), then
+    --out/summary.json: every seed's figures, their mean and spread, what ran. None when an
+    interrupt stopped a seed's run (the same command resumes)."""
+    import copy
+
+    out = Path(args.out)
+    summaries, walls = {}, {}
+    for s in args.seed_list:
+        sub = copy.copy(args)
+        sub.train_seed = None if s == args.seed else s
+        sub.seeds, sub.seed_list, sub.out = None, None, str(out / f"train_seed{s}")
+        log(f"=== training seed {s} ({args.seed_list.index(s) + 1} of {len(args.seed_list)}) -> {sub.out}")
+        t0 = time.perf_counter()
+        res = run(sub)
+        if res is None:
+            return None
+        summaries[s], walls[s] = res, round(time.perf_counter() - t0, 1)
+    if _RANK > 0:
+        return {"spread": seed_spread(summaries, args.seed)}
+    first = summaries[args.seed_list[0]]
+    summary = {
+        "what": "the main job once per training seed (model init, SFT and DPO batch orders, the pairs' sampling), "
+                "the data seed (corpus, tokenizer, prompts, evaluation sampling) fixed",
+        "data_seed": args.seed, "train_seeds": args.seed_list, "default_seed": args.seed,
+        "cpu_path": first.get("cpu_path"), "device": first["device"], "preset": first["preset"],
+        "ran": dict(what_ran(args), command="python examples/train_tiny.py " + " ".join(sys.argv[1:])),
+        "spread": seed_spread(summaries, args.seed),
+        "per_seed": {str(s): {"figures": figures_of(x), "sft_se": x["sft"]["reward_se"],
+                              "dpo_se": {format(r["beta"], "g"): {"reward_se": r["reward_se"], "kl_se": r["kl_se"]}
+                                         for r in x["sweep"]},
+                              "wall_s": walls[s], "dir": str(out / f"train_seed{s}")}
+                     for s, x in summaries.items()},
+    }
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    tmp.replace(out / "summary.json")
+    print_spread(summary)
+    return summary
+
+
+def print_spread(summary: dict) -> None:
+    seeds = summary["train_seeds"]
+    d = summary["default_seed"]
+    log(f"\n  over {len(seeds)} training seeds ({', '.join(map(str, seeds))}; data seed {summary['data_seed']}); "
+        f"std: sample standard deviation over the seeds")
+    log(f"  {'figure':28s}{'seed ' + str(d):>12s}{'mean ± std':>22s}{'min .. max':>22s}")
+    for name, f in summary["spread"].items():
+        fmt = "+.3f" if name.endswith("reward") else ".3f"  # a reward has a sign; a KL or an accuracy does not
+        default = "-" if f["default"] is None else format(f["default"], fmt)
+        std = "-" if f["std"] is None else f"{f['std']:.3f}"
+        log(f"  {name:28s}{default:>12s}{format(f['mean'], fmt):>13s} ± {std:<6s}"
+            f"{format(f['min'], fmt):>11s} .. {format(f['max'], fmt)}")
+    log(f"\n  {Path(summary['per_seed'][str(seeds[0])]['dir']).parent / 'summary.json'} written.")
 
 
 def print_report(s: dict) -> None:

@@ -20,6 +20,23 @@ settings.register_profile(
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reproduce", action="store_true", default=False,
+                     help="also run the tests marked reproduce: re-run the main job's --quick and hold its figures "
+                          "to the spread recorded in docs/quick_spread.json (minutes; not in the default run)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``reproduce`` run only with --reproduce (they re-run a whole job and compare it
+    with a recorded spread: a check of the science, not of the code, and slow)."""
+    if config.getoption("--reproduce"):
+        return
+    skip = pytest.mark.skip(reason="a reproduction check: run with python -m pytest --reproduce tests/test_reproduce.py")
+    for item in items:
+        if "reproduce" in item.keywords:
+            item.add_marker(skip)
+
+
 def _cuda_ok() -> bool:
     from minidpo.backend import cuda_available
 

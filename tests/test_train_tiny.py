@@ -168,3 +168,82 @@ def test_plots_tell_sft_from_dpo_and_skip_the_step_0_accuracy(tmp_path):
     for recs in (sft, dpo, {"beta=0.1": dpo, "beta=0.5": dpo}):
         out = plot_training_curves(recs, tmp_path / "c.png")
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seed_options_and_their_folders(capsys):
+    mod = load_example()
+    a = mod.parse_args(["--quick", "--seeds", "0,1,2"])
+    assert a.seed_list == [0, 1, 2] and a.out == str(Path("runs") / "tiny-quick-seeds")
+    assert mod.parse_args(["--seeds", "2,0"]).seed_list == [2, 0]
+    # --train-seed equal to --seed is the default run (one folder, one run.json); another is its own folder
+    assert mod.parse_args(["--train-seed", "0"]).out == str(Path("runs") / "tiny")
+    assert mod.parse_args(["--train-seed", "0"]).train_seed is None
+    b = mod.parse_args(["--quick", "--train-seed", "2"])
+    assert b.out == str(Path("runs") / "tiny-quick-trainseed2") and mod.training_seed(b) == 2
+    assert mod.training_seed(mod.parse_args(["--seed", "3"])) == 3
+    for argv, says in ((["--seeds", "0,0"], "argument --seeds: expected distinct integers >= 0, got '0,0'"),
+                       (["--seeds", "0,x"], "argument --seeds: expected integers separated by commas"),
+                       (["--seeds", "0,1", "--train-seed", "1"], "argument --seeds: not with --train-seed"),
+                       (["--train-seed", "-1"], "argument --train-seed: must be >= 0, got -1")):
+        with pytest.raises(SystemExit) as e:
+            mod.parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"train_tiny.py: error: {says}"), err
+
+
+def _summary(sft, sweep):
+    return {"sft": {"reward_mean": sft, "reward_se": 0.02},
+            "sweep": [{"beta": b, "reward_mean": r, "reward_se": 0.01, "kl": k, "kl_se": 0.1, "accuracy": a}
+                      for b, r, k, a in sweep]}
+
+
+def test_seed_spread_is_the_mean_sample_std_and_range_of_each_figure():
+    mod = load_example()
+    summaries = {0: _summary(0.1, [(0.1, 0.8, 8.0, 0.80), (0.5, 0.7, 3.0, 0.85)]),
+                 1: _summary(0.2, [(0.1, 0.6, 10.0, 0.70), (0.5, 0.7, 3.0, 0.85)]),
+                 2: _summary(0.6, [(0.1, 0.7, 12.0, 0.75), (0.5, 0.7, 3.0, 0.85)])}
+    s = mod.seed_spread(summaries, default_seed=0)
+    assert list(s) == ["SFT reward", "DPO beta=0.1 reward", "DPO beta=0.1 KL", "DPO beta=0.1 accuracy",
+                       "DPO beta=0.5 reward", "DPO beta=0.5 KL", "DPO beta=0.5 accuracy"]
+    sft = s["SFT reward"]  # 0.1, 0.2, 0.6: mean 0.3, deviations -0.2, -0.1, 0.3: var 0.14 / 2
+    assert (sft["n"], sft["default"], sft["min"], sft["max"]) == (3, 0.1, 0.1, 0.6)
+    assert sft["mean"] == pytest.approx(0.3) and sft["std"] == pytest.approx(0.07 ** 0.5)
+    kl = s["DPO beta=0.1 KL"]  # 8, 10, 12: std 2
+    assert kl["mean"] == pytest.approx(10.0) and kl["std"] == pytest.approx(2.0) and kl["default"] == 8.0
+    assert s["DPO beta=0.5 reward"]["std"] == pytest.approx(0.0)
+    assert mod.seed_spread(summaries, default_seed=7)["SFT reward"]["default"] is None
+    assert mod.seed_spread({0: summaries[0]}, 0)["SFT reward"]["std"] is None  # one seed: no spread
+    with pytest.raises(ValueError, match="training seed 1 has the figures"):
+        mod.seed_spread({0: summaries[0], 1: _summary(0.2, [(0.1, 0.6, 10.0, 0.70)])}, 0)
+
+
+@pytest.mark.slow
+def test_seeds_run_each_training_seed_and_the_default_one_is_the_plain_run(tmp_path):
+    plain = tmp_path / "plain"
+    assert tiny(plain).returncode == 0
+    seeds = tmp_path / "seeds"
+    p = tiny(seeds, "--seeds", "0,1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "over 2 training seeds (0, 1; data seed 0)" in p.stdout
+    # the default training seed's run is the plain run, bit for bit
+    assert results(seeds / "train_seed0") == results(plain)
+    # another training seed: the same prompts (data seed), other samples and another model
+    pairs = {s: [json.loads(l) for l in (seeds / f"train_seed{s}" / "pairs_train.jsonl").read_text().splitlines()]
+             for s in (0, 1)}
+    from minidpo.tasks import sentiment
+
+    prompts = set(sentiment.make_prompts(load_example().PRESETS["quick"]["n_train_prompts"], seed=1))
+    assert {x["prompt"] for x in pairs[0]} <= prompts and {x["prompt"] for x in pairs[1]} <= prompts
+    assert [x["chosen"] for x in pairs[0]] != [x["chosen"] for x in pairs[1]]
+    one = json.loads((seeds / "train_seed1" / "summary.json").read_text())
+    assert (one["data_seed"], one["train_seed"]) == (0, 1) and one["sft"] != results(plain)["sft"]
+    top = json.loads((seeds / "summary.json").read_text())
+    mod = load_example()
+    subs = {s: json.loads((seeds / f"train_seed{s}" / "summary.json").read_text()) for s in (0, 1)}
+    assert top["spread"] == mod.seed_spread(subs, 0)
+    assert top["train_seeds"] == [0, 1] and top["cpu_path"] == subs[0]["cpu_path"]
+    assert top["spread"]["SFT reward"]["default"] == results(plain)["sft"]["reward_mean"]
+    assert top["ran"]["options"]["quick"] is True and top["ran"]["command"].startswith("python examples/train_tiny.py")
+    # a re-run finds every seed's run complete
+    p = tiny(seeds, "--seeds", "0,1")
+    assert p.returncode == 0 and p.stdout.count("[dpo] already complete") == 2
