@@ -14,7 +14,7 @@ VADER's sentiment score), a reward model fit to it (eq. 2), and every method tra
   DPO           eq. (7) on the preference set: beta x learning rate x training length
   each loss     every other row of minidpo.losses.LOSS_TABLE (IPO, SLiC, robust DPO, ... as the table
                 grows), trained and tuned exactly as DPO: beta x learning rate x training length
-                (per-loss beta grids in LOSS_GRIDS; KTO's unpaired trainer is a hook, UNPAIRED_LOSSES)
+                (per-loss beta grids in LOSS_GRIDS; KTO on the pairs split into unpaired examples, UNPAIRED_LOSSES)
   Online DPO    the same labels and steps in rounds of fresh pairs from the current policy:
                 beta x learning rate x rounds
   PPO           RLHF on the reward model, per-token KL penalty beta_KL: beta_KL x learning rate x iterations
@@ -78,7 +78,7 @@ from minidpo.baselines import (
 )
 from minidpo.checkpoint import atomic_write_text, has_checkpoint, load_checkpoint, save_checkpoint
 from minidpo.cli import ArgumentParser
-from minidpo.data import PreferenceExample, TokenizedSFT, build_preference_dataset, build_sft_dataset
+from minidpo.data import PreferenceExample, TokenizedKTO, TokenizedSFT, build_preference_dataset, build_sft_dataset
 from minidpo.evaluate import kl_from_samples, mean_and_stderr, sample_continuations
 from minidpo.losses import LOSS_TABLE
 from minidpo.model import GPTConfig, init_params, num_params
@@ -86,11 +86,11 @@ from minidpo.packing import Batcher
 from minidpo.ppo import PPOConfig, add_value_head, train_ppo
 from minidpo.reward_model import init_reward_model, pair_accuracy, pearson, reward_model_step, score_batch, score_pairs
 from minidpo.reward_model import split_head
-from minidpo.scoring import batched_sequence_logps
+from minidpo.scoring import batched_sequence_logps, item_logps
 from minidpo.tasks import sentiment
 from minidpo.tokenizer import BPETokenizer
 from minidpo.train import (NonFiniteError, TrainConfig, batcher_for, check_run_options, dpo_step, fingerprint,
-                           interrupt_hook, run_lock, train_sft)
+                           interrupt_hook, kto_batch_reference_point, kto_step, pair_examples, run_lock, train_sft)
 
 # ---------------------------------------------------------------------------------------------
 # sizes: a world (model, data, evaluation) and a grid (each method's knobs and longest run)
@@ -147,10 +147,11 @@ LOSS_GRIDS = {
     "ipo": dict(beta=(0.3, 3.0)),  # per-token mean log-ratios pulled to 1/(2 beta): 1.7 and 0.17 nats a token
     "simpo": dict(beta=(2.0, 10.0)),  # per-token mean log pi, no reference (SimPO's paper: 2 to 10)
 }
-# Losses that train on unpaired examples (prompt, completion, desirable?) through their own trainer
-# entry point: the frontier gives them the same grid through run_unpaired_loss, once that exists.
-UNPAIRED_LOSSES = {"kto": "KTO trains on unpaired examples, through a trainer entry point minidpo.train does not "
-                          "have yet (hook: run_unpaired_loss in examples/frontier.py)"}
+# Losses that train on unpaired examples (prompt, completion, desirable?): each pair becomes two
+# examples (the chosen one desirable, the rejected one not), trained by train.kto_step with the
+# batch's own reference point (SeedRuns.unpaired). A batch holds 2 x batch examples, so each step
+# reads as many sequences as a paired loss's step and a run covers the same epochs of the same data.
+UNPAIRED_LOSSES = {"kto": "KTO (Ethayarajh et al. 2024): the pairs split into 2N unpaired examples"}
 COMPARISONS = [("DPO", "PPO"), ("DPO", "PPO-GT"), ("PPO", "DPO"), ("PPO-GT", "DPO"), ("DPO", "Best-of-N"),
                ("Online DPO", "DPO"), ("Online DPO", "PPO-GT"), ("Preferred-FT", "DPO"), ("Unlikelihood", "DPO")]
 
@@ -312,9 +313,6 @@ def plan(size: str, methods: list[str] | None = None) -> dict:
     add("SFT", "reference", [{}], None, None)
     for name in LOSS_TABLE:
         if loss_method(name) not in wanted:
-            continue
-        if name in UNPAIRED_LOSSES:
-            skipped[loss_method(name)] = UNPAIRED_LOSSES[name]
             continue
         add(loss_method(name), "loss", [dict(loss=name, **k) for k in loss_grid(name, grid)], "steps", steps)
     add("Online DPO", "online", [{"beta": b, "lr": l} for b in grid["online"]["beta"] for l in grid["online"]["lr"]],
@@ -546,14 +544,6 @@ def run(args) -> dict | None:
         return _run(args, out)
 
 
-def run_unpaired_loss(name: str, **_):
-    """The hook for a loss that trains on unpaired examples (UNPAIRED_LOSSES, e.g. KTO): split each
-    seed's pairs into desirable (chosen) and undesirable (rejected) examples, train through the
-    trainer's unpaired entry point with the knobs of loss_grid(name) and call ``checkpoint`` at each
-    checkpoint, as run_loss does. Not written yet: the trainer has no such entry point."""
-    raise NotImplementedError(UNPAIRED_LOSSES.get(name, f"{name}: no unpaired trainer"))
-
-
 class Shared:
     """What every seed's runs share: the sizes, pi_ref, the tokenizer, the ground truth, the prompts,
     and the evaluation of a policy on the validation or the evaluation prompts."""
@@ -667,7 +657,10 @@ class SeedRuns:
                  log_every=self.every)
 
     def loss(self, method, knobs, pts, t0):
-        """DPO or another loss of the table: its eq. 7-like step on the pairs, pi_ref cached."""
+        """DPO or another loss of the table: its eq. 7-like step on the pairs, pi_ref cached (a loss
+        of UNPAIRED_LOSSES: :meth:`unpaired`)."""
+        if knobs["loss"] in UNPAIRED_LOSSES:
+            return self.unpaired(method, knobs, pts, t0)
         sh = self.sh
         opts = {k: v for k, v in knobs.items() if k not in ("loss", "beta", "lr")}
         tc = TrainConfig(steps=self.steps, batch_size=self.B, lr=knobs["lr"], beta=knobs["beta"],
@@ -682,6 +675,37 @@ class SeedRuns:
 
         policy = self.copy_ref()
         self._optimize(policy, step_fn, knobs["lr"], self.checkpointer(method, knobs, pts, t0, self.steps), "loss")
+
+    def unpaired(self, method, knobs, pts, t0):
+        """KTO on the pairs split into 2N unpaired examples (chosen desirable, rejected not): each
+        step kto_step on 2 x batch examples, z0 from the batch's mismatched examples
+        (train.kto_batch_reference_point), pi_ref's log-probs of the examples cached."""
+        sh = self.sh
+        opts = {k: v for k, v in knobs.items() if k not in ("loss", "beta", "lr")}
+        B = 2 * self.B
+        tc = TrainConfig(steps=self.steps, batch_size=B, lr=knobs["lr"], beta=knobs["beta"], loss_type=knobs["loss"],
+                         loss_options=opts, grad_clip=1.0, seed=self.seed, progress=False)
+        bt = batcher_for(tc, sh.pad, sh.backend)
+        prompts, responses = pair_examples(self.pairs)
+        examples = [TokenizedKTO(list(x), list(y), k < self.n_pairs) for k, (x, y) in enumerate(zip(prompts, responses))]
+        if "kto" not in self._ref:
+            ref = item_logps(sh.reference, sh.mcfg, examples, bt, 32)
+            self._ref["kto"] = sh.backend.asarray(ref, dtype=ref.dtype)
+        ref = self._ref["kto"]
+
+        def step_fn(p, idx):
+            items = [examples[i] for i in idx]
+            desirable = sh.backend.asarray(np.array([t.desirable for t in items], dtype=bool))
+            z0 = kto_batch_reference_point(p, sh.reference, sh.mcfg, [t.prompt_ids for t in items],
+                                           [t.response_ids for t in items], bt, tc)
+            loss, _, grads = kto_step(p, sh.mcfg, bt.sft(items), ref[sh.backend.asarray(idx)], desirable, z0, tc)
+            return loss, grads
+
+        policy = self.copy_ref()
+        at = self.checkpointer(method, knobs, pts, t0, self.steps)
+        optimize(policy, len(examples), step_fn, self.steps, B, knobs["lr"], seed=self.seed, warmup_steps=10,
+                 on_log=lambda s, l: (log(f"    step {s}/{self.steps}: loss {l:.4f}"), at(s, policy)),
+                 log_every=self.every)
 
     def online(self, method, knobs, pts, t0):
         """Online DPO: rounds of fresh pairs from the current policy, labelled by the ground truth."""

@@ -105,23 +105,20 @@ def test_labels_used_by_each_method_and_the_matched_budget():
 
 
 def test_the_loss_family_comes_from_the_table():
-    """A row added to LOSS_TABLE joins the frontier with DPO's grid; a loss with unpaired data is
-    left out with the reason and its hook named."""
+    """A row added to LOSS_TABLE joins the frontier with DPO's grid; KTO (unpaired data) joins it
+    too, trained on the pairs split into unpaired examples."""
     fr = load_example()
     from minidpo.losses import LOSS_TABLE, Loss, Option, register_loss, sigmoid_loss
 
     row = register_loss(Loss("test_margin", sigmoid_loss, "a test row",
                              {"label_smoothing": Option(0.0, "eps", 0.0, 0.5)}))
-    kto = register_loss(Loss("kto", sigmoid_loss, "a stand-in named kto"))
     try:
         p = fr.plan("full")
         spec = p["methods"]["test_margin"]
         assert spec["kind"] == "loss" and len(spec["settings"]) == 4 and spec["checkpoints"] == [64, 128, 256]
         assert spec["settings"][0] == {"loss": "test_margin", "beta": 0.1, "lr": 1e-4}
-        assert "kto" not in p["methods"] and "run_unpaired_loss" in p["skipped"]["kto"]
+        assert p["methods"]["kto"]["settings"][0] == {"loss": "kto", "beta": 0.1, "lr": 1e-4} and not p["skipped"]
         assert "test_margin" in fr.all_methods() and "test_margin" not in fr.plan("middle")["methods"]
-        with pytest.raises(NotImplementedError, match="unpaired"):
-            fr.run_unpaired_loss("kto")
         fr.LOSS_GRIDS["test_margin"] = {"label_smoothing": (0.0, 0.1)}  # an option swept, checked by the row
         try:
             grid = fr.loss_grid("test_margin", fr.GRIDS["default"])  # beta x the option x lr
@@ -136,7 +133,7 @@ def test_the_loss_family_comes_from_the_table():
         finally:
             del fr.LOSS_GRIDS["test_margin"]
     finally:
-        del LOSS_TABLE[row.name], LOSS_TABLE[kto.name]
+        del LOSS_TABLE[row.name]
     assert fr.checkpoint_lengths(256, (0.25, 0.5, 1.0)) == [64, 128, 256]
     assert fr.checkpoint_lengths(2, (0.25, 0.5, 1.0)) == [1, 2]
 
@@ -412,3 +409,38 @@ def test_quick_run_end_to_end_and_its_resume(tmp_path, capsys):
         [{k: v for k, v in r.items() if k not in TIMES} for r in on_disk["runs"]],
         [{k: v for k, v in p.items() if k not in TIMES} for p in on_disk["points"]], on_disk["frontiers"])
     assert np.isfinite(json.loads((out / "frontier.json").read_text())["total_wall_s"])
+
+
+def test_kto_trains_on_the_pairs_split_into_desirable_and_undesirable(tmp_path, monkeypatch):
+    """KTO on the frontier: its examples are the pairs' chosen completions (desirable) then their
+    rejected ones, a step reads 2 x batch of them (batch_for_step over 2N), z0 is the batch's own
+    clamped mismatched KL, and the reference log-probs are pi_ref's of those very examples."""
+    fr = load_example()
+    from minidpo.scoring import item_logps
+    from minidpo.train import batch_for_step
+
+    seen: dict = {"calls": []}
+    real_pairs, real_step = fr.pair_examples, fr.kto_step
+
+    def pair_examples(pairs):
+        seen["pairs"] = list(pairs)
+        return real_pairs(pairs)
+
+    def kto_step(p, mcfg, batch, ref, desirable, z0, tc):
+        seen["calls"].append((np.asarray(desirable).copy(), np.asarray(ref).copy(), z0, tc.batch_size, tc.loss_type))
+        return real_step(p, mcfg, batch, ref, desirable, z0, tc)
+
+    monkeypatch.setattr(fr, "pair_examples", pair_examples)
+    monkeypatch.setattr(fr, "kto_step", kto_step)
+    monkeypatch.setattr(fr, "item_logps", lambda *a, **k: seen.setdefault("ref", item_logps(*a, **k)))
+    summary = fr.main(["--quick", "--out", str(tmp_path / "run"), "--only", "kto", "--seeds", "0", "--no-progress"])
+    N, B = len(seen["pairs"]), fr.WORLDS["quick"]["batch"]
+    assert len(seen["calls"]) == fr.GRIDS["quick"]["steps"] and not summary["skipped"]
+    for step, (desirable, ref, z0, bs, loss) in enumerate(seen["calls"]):
+        idx = batch_for_step(step, 2 * N, 2 * B, 0)
+        assert bs == 2 * B and loss == "kto" and desirable.tolist() == (np.asarray(idx) < N).tolist()
+        np.testing.assert_array_equal(ref, seen["ref"][idx])
+        assert math.isfinite(z0) and z0 >= 0.0
+    assert seen["ref"].shape == (2 * N,)
+    kto = [r for r in summary["runs"] if r["method"] == "kto"]
+    assert [r["checkpoint"] for r in kto] == [8, 16] and all(r["labels"]["pairs"] == N for r in kto)
