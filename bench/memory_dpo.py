@@ -1154,7 +1154,7 @@ def run_mode(mode: str, spec: RunSpec, backend: Backend, meter) -> dict:
             cache: dict = {}
             if tc.cache_reference:  # prepare(): log pi_ref of every training pair, once
                 rec.stage = "reference cache pass"
-                c, r = reference_logps(reference, cfg, pairs, batcher, tc, comm)  # (N,), (N,) host
+                c, r = reference_logps(reference, cfg, pairs, batcher.pairs, tc, comm)  # (N,), (N,) host
                 cache["c"], cache["r"] = backend.asarray(c, dtype=c.dtype), backend.asarray(r, dtype=r.dtype)
                 out["reference_pass_peak_bytes"] = rec.peak_of("reference cache pass")
             if eval_pairs:  # prepare(): log pi_ref of every held-out pair, in either mode
