@@ -393,7 +393,7 @@ def bandit_world(seed: int = 0, n_prompts: int = 3, n_responses: int = 5, beta: 
     y2 = (y1 + rng.integers(1, Y, size=n_pairs)) % Y  # a uniform other response
     y1_wins = rng.random(n_pairs) < 1.0 / (1.0 + np.exp(-(reward[x, y1] - reward[x, y2])))  # eq. 1
     yw, yl = np.where(y1_wins, y1, y2), np.where(y1_wins, y2, y1)
-    W_emp = np.zeros((X, Y, Y))
+    W_emp = np.zeros((X, Y, Y), dtype=np.float64)
     np.add.at(W_emp, (x, yw, yl), 1.0 / n_pairs)
     theta, lr = log_ref.copy(), step_size(W_emp)
     for _ in range(steps):

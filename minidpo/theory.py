@@ -437,10 +437,10 @@ def fixed_point(reward, log_pi_ref, beta, loss_type: str = "sigmoid", pair_weigh
         if g_max < tol:
             break
         n = theta.size
-        H = np.empty((n, n))
+        H = np.empty((n, n), dtype=np.float64)
         e = 1e-5
         for i in range(n):  # the Hessian, a column per logit, from the exact gradient
-            d = np.zeros(n)
+            d = np.zeros(n, dtype=np.float64)
             d[i] = e
             H[:, i] = (at(theta + d.reshape(theta.shape))[1] - at(theta - d.reshape(theta.shape))[1]).ravel() / (2 * e)
         lam, V = np.linalg.eigh(0.5 * (H + H.T))
@@ -498,7 +498,7 @@ def derived_fixed_point(reward, log_pi_ref, beta, loss_type: str = "sigmoid", le
     X, Y = r.shape
     L = _lengths(lengths, (X, Y), np.float64)
     div = options.get("f_divergence", "reverse_kl")
-    out = np.empty((X, Y))
+    out = np.empty((X, Y), dtype=np.float64)
     for x in range(X):
         ref, rx, Lx = np.exp(log_ref[x]), r[x], L[x]
         if loss_type == "sigmoid" and div == "reverse_kl" and not options.get("label_smoothing"):

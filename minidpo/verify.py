@@ -483,7 +483,7 @@ def minidpo_function(loss_type: str, **fixed):
         opts = {k: v for k, v in kw.items() if k not in row.required_inputs(kw)}
         inputs = {k: v for k, v in kw.items() if k in row.required_inputs(kw)}
         n = len(pw)
-        cw = np.ones(n) if chosen_token_counts is None else chosen_token_counts
+        cw = np.ones(n, dtype=np.float64) if chosen_token_counts is None else chosen_token_counts
         return dpo_loss(pw, pl, rw, rl, beta=beta, loss_type=loss_type, chosen_token_counts=cw,
                         rejected_token_counts=rejected_token_counts, loss_inputs=inputs, **opts)
 
@@ -794,7 +794,7 @@ def _prop_at_reference(ck):
         if ck.variant in _WRITTEN_OUT and ck.plain:
             want_each = np.full(n, (1 / (4 * c["beta"] ** 2)) if ck.variant == "ipo" else at_h0, dtype=np.float64)
         else:  # the row's value at one canonical pi = pi_ref, which every other pi = pi_ref must share
-            canon = np.full(n, -1.0)
+            canon = np.full(n, -1.0, dtype=np.float64)
             want_each = _oracle(ck, canon, canon, canon, canon, c["beta"]).losses
         got = ck.loss_of(dict(c, rw=c["pw"].copy(), rl=c["pl"].copy()))
         label = ("ln 2 = 0.6931" if ck.variant in ("dpo", "cdpo", "robust") else "1/(4 beta^2)" if ck.variant == "ipo"
