@@ -48,8 +48,22 @@ def panels(summary: dict) -> list[tuple[str, list[str]]]:
     return out
 
 
-def draw(summary: dict, out_png: str | Path, bars: str = "se") -> Path:
-    """Write the figure of ``summary`` (a frontier.json) to ``out_png``; ``bars`` "se" or "std"."""
+def kl_axis(summary: dict, kl_max: float | None = None) -> float:
+    """The KL axis's end: ``kl_max`` when given, else 1.12 x the largest frontier KL of the
+    methods in AXIS_METHODS and of the loss family."""
+    if kl_max is not None:
+        if not kl_max > 0:
+            raise ValueError(f"kl_max must be > 0, got {kl_max!r}")
+        return float(kl_max)
+    by = {(p["method"], p["setting"]): p for p in summary["points"]}
+    axis = [by[(m, s)]["kl"] for m, settings in summary["frontiers"].items() for s in settings
+            if m in AXIS_METHODS or m not in STYLE]
+    return 1.12 * max(axis + [1.0])
+
+
+def draw(summary: dict, out_png: str | Path, bars: str = "se", kl_max: float | None = None) -> Path:
+    """Write the figure of ``summary`` (a frontier.json) to ``out_png``; ``bars`` "se" or "std";
+    ``kl_max`` the KL axis's end (:func:`kl_axis`; frontier points past it are listed in a note)."""
     from minidpo.plots import _pyplot, save_figure
 
     if bars not in ("se", "std"):
@@ -57,8 +71,7 @@ def draw(summary: dict, out_png: str | Path, bars: str = "se") -> Path:
     plt = _pyplot()
     by = {(p["method"], p["setting"]): p for p in summary["points"]}
     front = {m: [by[(m, s)] for s in settings] for m, settings in summary["frontiers"].items()}
-    axis = [p["kl"] for m, pts in front.items() for p in pts if m in AXIS_METHODS or m not in STYLE]
-    x_max = 1.12 * max(axis + [1.0])
+    x_max = kl_axis(summary, kl_max)
     lay = panels(summary)
     fig, axes = plt.subplots(1, len(lay), figsize=(9.5 * len(lay), 6), squeeze=False)
     family_colours = plt.get_cmap("tab20").colors
@@ -107,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("json", nargs="?", default=str(ROOT / "docs" / "frontier.json"), help="a frontier.json")
     p.add_argument("--out", default=None, help="the PNG (default: frontier.png beside the JSON)")
     p.add_argument("--bars", default="se", choices=["se", "std"], help="error bars over the seeds: se or std")
+    p.add_argument("--kl-max", type=float, default=None,
+                   help="the KL axis's end (default: 1.12 x the largest frontier KL); points past it are listed")
     args = p.parse_args(argv)
     try:
         summary = load(args.json)
@@ -114,7 +129,11 @@ def main(argv=None) -> int:
         print(f"frontier_figure.py: error: {err}", file=sys.stderr)
         return 1
     out = Path(args.out) if args.out else Path(args.json).with_name("frontier.png")
-    print(draw(summary, out, args.bars))
+    try:
+        print(draw(summary, out, args.bars, args.kl_max))
+    except ValueError as err:
+        print(f"frontier_figure.py: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

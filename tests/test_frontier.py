@@ -244,6 +244,14 @@ def test_the_figure_script_draws_the_json(tmp_path, capsys):
         img = matplotlib.image.imread(png)[..., :3]
         assert (img.min(axis=2) < 0.5).mean() > 0.01  # not blank: lines, markers and text drawn
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "frontier.png").read_bytes()  # std bars differ from se
+    # the KL axis: 1.12 x the largest frontier KL of the axis methods and the family, or --kl-max
+    kls = [p["kl"] for p in summary["points"] for m, ss in summary["frontiers"].items()
+           if p["method"] == m and p["setting"] in ss and (m in fig.AXIS_METHODS or m not in fig.STYLE)]
+    assert fig.kl_axis(summary) == pytest.approx(1.12 * max(kls + [1.0])) and fig.kl_axis(summary, 3.0) == 3.0
+    assert fig.main([str(path), "--out", str(tmp_path / "b.png"), "--kl-max", "0.5"]) == 0
+    assert (tmp_path / "b.png").read_bytes() != (tmp_path / "a.png").read_bytes()
+    capsys.readouterr()
+    assert fig.main([str(path), "--kl-max", "0"]) == 2 and "kl_max must be > 0" in capsys.readouterr().err
     # a frontier.json of the old single-seed format: one line, status 1
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"runs": []}))
