@@ -41,10 +41,12 @@ import numpy as np
 root, config, layout, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 sys.path.insert(0, root)
 import bench.bench_step as bs
-try:
-    from minidpo import runtime as rt          # the settings' home after the one-model change
-except ImportError:
-    from minidpo import fast as rt             # before it
+# the settings' home: runtime.py after the one-model change, fast.py before it (asked of the checkout's
+# own files: an editable install's import hook would find another checkout's runtime.py)
+if os.path.exists(os.path.join(root, "minidpo", "runtime.py")):
+    from minidpo import runtime as rt
+else:
+    from minidpo import fast as rt
 rt.cpu_defaults(threads)
 from threadpoolctl import threadpool_limits
 limiter = threadpool_limits(limits=1 if threads > 1 else threads, user_api="blas")
