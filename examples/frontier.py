@@ -60,13 +60,13 @@ import importlib.util
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from minidpo import runtime
 from minidpo.backend import DeviceError, get_backend, parse_device
 from minidpo.baselines import (
     best_of_n_kl,
@@ -841,8 +841,6 @@ def _run(args, out: Path) -> dict | None:
         f"{', '.join(map(str, seeds))}")
     cpu_path = None
     if backend.device == "cpu":
-        from minidpo import runtime
-
         cpu_path = runtime.describe_cpu_path()
         log(f"cpu path: {cpu_path}")
     if args.quick:
@@ -1123,18 +1121,8 @@ def figure_module():
 
 
 def machine() -> str:
-    """The CPU model and core count (for the record beside measured times)."""
-    import platform
-
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} logical cores"
+    """The CPU model and its logical core count (runtime.machine)."""
+    return runtime.machine()
 
 
 def markdown_table(summary: dict) -> str:

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minidpo import distributed
+from minidpo import distributed, runtime
 from minidpo.backend import DeviceError, get_backend, parse_device
 from minidpo.cli import ArgumentParser, tokenizer_fingerprint
 from minidpo.data import PreferenceExample, build_preference_dataset, build_sft_dataset
@@ -198,8 +198,6 @@ def main(argv=None) -> dict | None:
     """Run the experiment; the summary dict, or None when an interrupt stopped it (a checkpoint
     was saved: the same command resumes)."""
     args = parse_args(argv)
-    from minidpo import runtime
-
     runtime.cpu_defaults()  # NumPy's hugepage advice off, freed memory kept for reuse (minidpo/runtime.py)
     go = run_seeds if args.seed_list is not None else run
     if args.threads > 0:
@@ -211,8 +209,6 @@ def main(argv=None) -> dict | None:
 def cpu_path_of(backend) -> str | None:
     """What the CPU fast path ran on (runtime.describe_cpu_path), None on a GPU: figures differ in
     their last digits between the compiled kernels and the NumPy passes, and between BLAS libraries."""
-    from minidpo import runtime
-
     return runtime.describe_cpu_path() if backend.device == "cpu" else None
 
 
@@ -459,19 +455,8 @@ def what_ran(args) -> dict:
 
 
 def machine() -> str:
-    """The CPU model and its logical core count."""
-    import os
-    import platform
-
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} logical cores"
+    """The CPU model and its logical core count (runtime.machine)."""
+    return runtime.machine()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from . import layers
 __all__ = [
     "set_threads", "get_threads", "default_threads", "use_threads", "parallel_for", "parts", "half_threads",
     "flat_parts", "cache_blocks", "BLOCK", "MIN_PAR", "cpu_defaults", "hugepage_advice", "set_hugepage_advice",
-    "keep_freed_memory", "cpu_kernels", "set_cpu_kernels", "no_cpu_kernels", "gemm_lib", "gemm_choice",
+    "keep_freed_memory", "cpu_kernels", "cpu_name", "machine", "set_cpu_kernels", "no_cpu_kernels", "gemm_lib", "gemm_choice",
     "set_gemm", "describe_cpu_path", "calibration_path", "gemm_machine_key", "GEMM_CHOICES", "GEMM_MARGIN",
 ]
 
@@ -343,7 +343,8 @@ def calibration_path() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "minidpo", name)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo's, else the platform's), for records beside measured times."""
     import platform
 
     try:
@@ -356,6 +357,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine() -> str:
+    """'<CPU model>, <n> logical cores': the machine a measured time or result came from."""
+    return f"{cpu_name()}, {os.cpu_count()} logical cores"
+
+
 def gemm_machine_key() -> dict:
     """What a calibration holds for: the CPU, NumPy's version and BLAS, MKL's version."""
     from threadpoolctl import threadpool_info
@@ -363,7 +369,7 @@ def gemm_machine_key() -> dict:
     from . import mkl_blas
 
     blas = sorted(f"{i.get('internal_api')} {i.get('version')}" for i in threadpool_info() if i.get("user_api") == "blas")
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "numpy": np.__version__, "blas": blas, "mkl": mkl_blas.version()}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "numpy": np.__version__, "blas": blas, "mkl": mkl_blas.version()}
 
 
 def _read_calibration(path: str, key: dict) -> dict | None:
