@@ -651,10 +651,18 @@ class SeedRuns:
             interrupt_hook(f"checkpoint:{method}:seed{self.seed}")  # tests: a Ctrl-C between a run's checkpoints
         return at
 
-    def _optimize(self, policy, step_fn, lr, at, what):
-        optimize(policy, self.n_pairs, step_fn, self.steps, self.B, lr, seed=self.seed, warmup_steps=10,
-                 on_log=lambda s, l: (log(f"    step {s}/{self.steps}: {what} {l:.4f}"), at(s, policy)),
-                 log_every=self.every)
+    def _optimize(self, policy, step_fn, lr, at, what, n_items=None, batch=None):
+        """``self.steps`` AdamW steps of ``step_fn`` on batches of ``batch`` (default: the world's)
+        of ``n_items`` items (default: the pairs), calling ``at`` at each log step."""
+        optimize(policy, n_items or self.n_pairs, step_fn, self.steps, batch or self.B, lr, seed=self.seed,
+                 warmup_steps=10, log_every=self.every,
+                 on_log=lambda s, l: (log(f"    step {s}/{self.steps}: {what} {l:.4f}"), at(s, policy)))
+
+    def _loss_config(self, knobs: dict, batch: int) -> TrainConfig:
+        """The TrainConfig of a loss of the table at ``knobs`` (loss, beta, lr and the row's swept options)."""
+        opts = {k: v for k, v in knobs.items() if k not in ("loss", "beta", "lr")}
+        return TrainConfig(steps=self.steps, batch_size=batch, lr=knobs["lr"], beta=knobs["beta"],
+                           loss_type=knobs["loss"], loss_options=opts, grad_clip=1.0, seed=self.seed, progress=False)
 
     def loss(self, method, knobs, pts, t0):
         """DPO or another loss of the table: its eq. 7-like step on the pairs, pi_ref cached (a loss
@@ -662,9 +670,7 @@ class SeedRuns:
         if knobs["loss"] in UNPAIRED_LOSSES:
             return self.unpaired(method, knobs, pts, t0)
         sh = self.sh
-        opts = {k: v for k, v in knobs.items() if k not in ("loss", "beta", "lr")}
-        tc = TrainConfig(steps=self.steps, batch_size=self.B, lr=knobs["lr"], beta=knobs["beta"],
-                         loss_type=knobs["loss"], loss_options=opts, grad_clip=1.0, seed=self.seed, progress=False)
+        tc = self._loss_config(knobs, self.B)
         bt = batcher_for(tc, sh.pad, sh.backend)  # the loss's log-prob rule
         ref_c, ref_r = self.ref_logps(bt)
 
@@ -681,10 +687,7 @@ class SeedRuns:
         step kto_step on 2 x batch examples, z0 from the batch's mismatched examples
         (train.kto_batch_reference_point), pi_ref's log-probs of the examples cached."""
         sh = self.sh
-        opts = {k: v for k, v in knobs.items() if k not in ("loss", "beta", "lr")}
-        B = 2 * self.B
-        tc = TrainConfig(steps=self.steps, batch_size=B, lr=knobs["lr"], beta=knobs["beta"], loss_type=knobs["loss"],
-                         loss_options=opts, grad_clip=1.0, seed=self.seed, progress=False)
+        tc = self._loss_config(knobs, 2 * self.B)
         bt = batcher_for(tc, sh.pad, sh.backend)
         prompts, responses = pair_examples(self.pairs)
         examples = [TokenizedKTO(list(x), list(y), k < self.n_pairs) for k, (x, y) in enumerate(zip(prompts, responses))]
@@ -702,10 +705,8 @@ class SeedRuns:
             return loss, grads
 
         policy = self.copy_ref()
-        at = self.checkpointer(method, knobs, pts, t0, self.steps)
-        optimize(policy, len(examples), step_fn, self.steps, B, knobs["lr"], seed=self.seed, warmup_steps=10,
-                 on_log=lambda s, l: (log(f"    step {s}/{self.steps}: loss {l:.4f}"), at(s, policy)),
-                 log_every=self.every)
+        self._optimize(policy, step_fn, knobs["lr"], self.checkpointer(method, knobs, pts, t0, self.steps), "loss",
+                       n_items=len(examples), batch=tc.batch_size)
 
     def online(self, method, knobs, pts, t0):
         """Online DPO: rounds of fresh pairs from the current policy, labelled by the ground truth."""
